@@ -1,0 +1,112 @@
+"""Entry point of the processes psctl starts: ``python -m psctl.child shard|worker``.
+
+Kept free of the CLI's imports (typer, rich) so a cluster starts quickly.
+A child started with ``--parent-watch`` exits when its stdin closes, so it
+never outlives the process that started it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+from psctl import net
+from psctl.errors import PsctlError
+from psctl.wire import DEFAULT_MAX_FRAME_BYTES
+
+READY = "PSCTL_READY"
+
+
+class _StdinWatch(asyncio.Protocol):
+    def __init__(self, stop: asyncio.Event):
+        self.stop = stop
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stop.set()
+
+
+async def _until_stopped(work: Coroutine[Any, Any, Any], parent_watch: bool) -> Any:
+    """Run ``work`` until it ends, SIGTERM/SIGINT arrives, or (with parent_watch) stdin closes."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if parent_watch:
+        await loop.connect_read_pipe(lambda: _StdinWatch(stop), sys.stdin)
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if not task.done():
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        return None
+    return task.result()
+
+
+def announce(address: str) -> None:
+    print(f"{READY} {address}", flush=True)
+
+
+async def shard_main(args: argparse.Namespace) -> None:
+    from psctl.shard import run_shard
+
+    await run_shard(
+        args.coordinator,
+        args.host,
+        args.port,
+        advertise_host=args.advertise_host,
+        max_frame_bytes=args.max_frame_bytes,
+        on_ready=announce,
+    )
+
+
+async def worker_main(args: argparse.Namespace) -> None:
+    from psctl.worker import Worker
+
+    announce(args.server)
+    await Worker(args.server, max_frame_bytes=args.max_frame_bytes, data_path=args.data).run()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m psctl.child")
+    sub = p.add_subparsers(dest="role", required=True)
+    s = sub.add_parser("shard")
+    s.add_argument("--coordinator", required=True)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=0)
+    s.add_argument("--advertise-host", default=None)
+    w = sub.add_parser("worker")
+    w.add_argument("--server", required=True)
+    w.add_argument("--data", default=None)
+    for sp in (s, w):
+        sp.add_argument("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES)
+        sp.add_argument("--parent-watch", action="store_true")
+        sp.add_argument("--log-level", default="WARNING")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format=f"%(asctime)s {args.role} %(name)s %(levelname)s %(message)s")
+    role_main = shard_main if args.role == "shard" else worker_main
+    try:
+        net.run(lambda: _until_stopped(role_main(args), args.parent_watch))
+    except PsctlError as exc:
+        print(f"psctl {args.role}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""The psctl command line: parse, build a config, call the library, render."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from psctl import net
+from psctl.errors import PsctlError
+from psctl.wire import DEFAULT_MAX_FRAME_BYTES, MsgType
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="psctl: a parameter server for machine learning.",
+)
+out = Console()
+err = Console(stderr=True)
+
+MaxFrame = typer.Option(DEFAULT_MAX_FRAME_BYTES, "--max-frame-bytes", help="Largest frame accepted from a peer.")
+
+
+def _run(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    """Run a command's coroutine; one sentence and a non-zero exit for every user-facing error."""
+    try:
+        return net.run(main)
+    except PsctlError as exc:
+        err.print(f"psctl: error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("psctl: interrupted; every process it started has been stopped")
+        raise typer.Exit(130) from None
+
+
+async def _wait_for_signal() -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def _split(values: list[str] | None) -> tuple[str, ...]:
+    return tuple(v.strip() for item in values or [] for v in item.split(",") if v.strip())
+
+
+# -- train --------------------------------------------------------------------
+@app.command()
+def train(
+    model: str = typer.Argument(..., help="Model kind: logreg."),
+    data: str = typer.Argument(..., help="Training data (CSV)."),
+    workers: int = typer.Option(8, "--workers", "-w", help="Number of workers."),
+    shards: int = typer.Option(2, "--shards", help="Shard processes of the embedded cluster."),
+    server: str | None = typer.Option(None, "--server", help="HOST:PORT of a running psctl server."),
+    local_workers: int | None = typer.Option(
+        None, "--local-workers", help="With --server: workers to start here (the rest join with 'psctl worker')."
+    ),
+    mode: str = typer.Option("sync", "--mode", help="sync, async or ssp."),
+    staleness: int = typer.Option(0, "--staleness", help="Bound on clock lag in ssp mode."),
+    epochs: int = typer.Option(10, "--epochs"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    lr: float = typer.Option(0.1, "--lr", help="Learning rate of the shards' SGD."),
+    l2: float = typer.Option(0.0, "--l2", help="L2 regularization strength."),
+    seed: int = typer.Option(0, "--seed"),
+    label: str | None = typer.Option(None, "--label", help="Label column (name or index); default 'label' or the first."),
+    drop: list[str] | None = typer.Option(None, "--drop", help="Columns to ignore (names or indices, repeatable or comma-separated)."),
+    no_header: bool = typer.Option(False, "--no-header", help="The CSV has no header row."),
+    no_standardize: bool = typer.Option(False, "--no-standardize", help="Do not standardize features."),
+    out_path: str = typer.Option("model.npz", "--out", "-o", help="Where to write the model."),
+    max_frame_bytes: int = MaxFrame,
+) -> None:
+    """Train a model on the parameter server (an embedded cluster unless --server is given)."""
+    from psctl.train import TrainConfig
+    from psctl.train import train as run_train
+
+    cfg = TrainConfig(
+        model=model,
+        data=data,
+        workers=workers,
+        shards=shards,
+        server=server,
+        local_workers=local_workers,
+        mode=mode,
+        staleness=staleness,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        l2=l2,
+        seed=seed,
+        label=label,
+        drop=_split(drop),
+        has_header=not no_header,
+        standardize=not no_standardize,
+        out=out_path,
+        max_frame_bytes=max_frame_bytes,
+    )
+    view = _TrainView(cfg.epochs, interactive=out.is_terminal)
+    try:
+        result = _run(lambda: run_train(cfg, view.on_event))
+    finally:
+        view.close()
+    m = result.metrics
+    out.print(
+        f"done: mode {cfg.mode}, {cfg.workers} workers, {m['seconds']:.2f} s; "
+        f"train loss {m['train_loss']:.4f}, train accuracy {m['train_accuracy']:.4f} "
+        f"over {m['samples']} rows; model written to {result.model_path}",
+        highlight=False,
+    )
+    if m["lost_workers"]:
+        out.print(f"warning: workers lost during training: {m['lost_workers']}", highlight=False)
+
+
+class _TrainView:
+    """Renders driver events: a rich progress bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, epochs: int, interactive: bool):
+        self.epochs = epochs
+        self.interactive = interactive
+        self.clocks: dict[int, int] = {}
+        self.samples = 0
+        self.loss = float("nan")
+        self.started = time.monotonic()
+        self.progress: Progress | None = None
+        self.task: Any = None
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        kind = event["kind"]
+        if kind == "planned":
+            self._plain(f"planned: {event['rows']} rows, {event['features']} features, {event['workers']} workers")
+            if self.interactive:
+                self.progress = Progress(
+                    TextColumn("[bold]training"),
+                    BarColumn(),
+                    TextColumn("{task.completed}/{task.total} steps"),
+                    TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(),
+                    console=out,
+                    transient=True,
+                )
+                self.progress.start()
+                self.task = self.progress.add_task("train", total=None, info="starting")
+        elif kind == "cluster_up":
+            self._plain(f"cluster up in {event['seconds']:.2f} s at {event['address']}")
+        elif kind == "submitted":
+            self.started = time.monotonic()
+            self._plain(f"job {event['job_id']} on {len(event['shards'])} shards")
+        elif kind == "progress":
+            self.clocks[event["worker_id"]] = event["clock"]
+            self.samples += event["samples"]
+            if event["samples"]:
+                self.loss = event["loss_sum"] / event["samples"]
+            self._update(f"epoch {event['epoch'] + 1}/{self.epochs}")
+        elif kind == "epoch":
+            line = (
+                f"epoch {event['epoch'] + 1}/{self.epochs}: loss {event['loss']:.4f} "
+                f"accuracy {event['accuracy']:.4f} samples/s {self._rate():.0f}"
+            )
+            if self.progress is not None:
+                self.progress.console.print(line, highlight=False)
+            self._plain(line)
+        elif kind == "worker_lost":
+            msg = f"warning: worker {event['worker_id']} lost after {event['at_s']:.1f} s"
+            (self.progress.console if self.progress else err).print(msg, highlight=False)
+        elif kind == "done":
+            self._plain(f"trained: loss {event['loss']:.4f} accuracy {event['accuracy']:.4f}")
+
+    def _rate(self) -> float:
+        return self.samples / max(time.monotonic() - self.started, 1e-9)
+
+    def _update(self, where: str) -> None:
+        if self.progress is not None:
+            info = f"{where} loss {self.loss:.4f} {self._rate():,.0f} samples/s"
+            self.progress.update(self.task, completed=sum(self.clocks.values()), info=info)
+
+    def _plain(self, line: str) -> None:
+        if not self.interactive:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+# -- predict ------------------------------------------------------------------
+@app.command()
+def predict(
+    model_path: str = typer.Argument(..., help="A model file written by 'psctl train'."),
+    data: str = typer.Argument(..., help="CSV with the model's feature columns (and optionally the label)."),
+    out_path: str | None = typer.Option(None, "--out", "-o", help="Write per-row predictions to this CSV."),
+) -> None:
+    """Apply a model file to data; print metrics when the data has labels."""
+    from psctl.predict import predict as run_predict
+    from psctl.predict import write_predictions
+
+    try:
+        pred = run_predict(model_path, data)
+        if out_path:
+            write_predictions(pred, out_path)
+    except PsctlError as exc:
+        err.print(f"psctl: error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    if pred.metrics is None:
+        out.print(f"{len(pred.predicted)} rows predicted (no label column, so no metrics)")
+    else:
+        table = Table(title=f"{pred.meta['kind']} on {data}")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for name, value in pred.metrics.items():
+            table.add_row(name, f"{value:.0f}" if name == "rows" else f"{value:.4f}")
+        out.print(table)
+    if out_path:
+        out.print(f"predictions written to {out_path}")
+
+
+# -- cluster roles ------------------------------------------------------------
+@app.command()
+def server(
+    shards: int = typer.Option(2, "--shards", help="Shard processes to start on this host."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
+    port: int = typer.Option(0, "--port", help="Coordinator port (0: any free port)."),
+    coordinator: str | None = typer.Option(None, "--coordinator", help="Join this coordinator instead of starting one."),
+    max_frame_bytes: int = MaxFrame,
+) -> None:
+    """Run a coordinator and N shard processes (or only shards, joining --coordinator)."""
+    from psctl.launch import LocalCluster
+
+    if shards < 1:
+        err.print("psctl: error: --shards must be at least 1")
+        raise typer.Exit(2)
+
+    async def main() -> None:
+        async with LocalCluster(host=host, max_frame_bytes=max_frame_bytes) as cluster:
+            address = coordinator or await cluster.start_coordinator(port)
+            shard_addresses = await cluster.start_shards(shards, address)
+            if coordinator:
+                print(f"psctl: {shards} shards joined the coordinator at {address}: {', '.join(shard_addresses)}", flush=True)
+            else:
+                print(f"psctl server listening on {address} (coordinator, {shards} shards)", flush=True)
+            exits = [asyncio.ensure_future(c.proc.wait()) for c in cluster.children]
+            stop = asyncio.ensure_future(_wait_for_signal())
+            done, _ = await asyncio.wait([stop, *exits], return_when=asyncio.FIRST_COMPLETED)
+            for fut in exits:
+                fut.cancel()
+            if stop not in done:
+                stop.cancel()
+                raise PsctlError("a shard process exited; stopping the server")
+        print("psctl server stopped", flush=True)
+
+    _run(main)
+
+
+@app.command("coordinator")
+def coordinator_cmd(
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(0, "--port"),
+    max_frame_bytes: int = MaxFrame,
+) -> None:
+    """Run the coordinator alone (shards join with 'psctl server --coordinator' or 'psctl shard')."""
+    from psctl.coordinator import start_coordinator
+
+    async def main() -> None:
+        srv, _, address = await start_coordinator(host, port, max_frame_bytes=max_frame_bytes)
+        print(f"psctl coordinator listening on {address}", flush=True)
+        try:
+            await _wait_for_signal()
+        finally:
+            await srv.close()
+
+    _run(main)
+
+
+@app.command()
+def shard(
+    coordinator: str = typer.Option(..., "--coordinator", help="HOST:PORT of the coordinator."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(0, "--port"),
+    advertise_host: str | None = typer.Option(None, "--advertise-host", help="Address workers should use for this shard."),
+    max_frame_bytes: int = MaxFrame,
+) -> None:
+    """Run one shard that joins a coordinator."""
+    from psctl.child import main as child_main
+
+    args = ["shard", "--coordinator", coordinator, "--host", host, "--port", str(port)]
+    if advertise_host:
+        args += ["--advertise-host", advertise_host]
+    raise typer.Exit(child_main([*args, "--max-frame-bytes", str(max_frame_bytes)]))
+
+
+@app.command()
+def worker(
+    server_address: str = typer.Option(..., "--server", help="HOST:PORT of the coordinator."),
+    data: str | None = typer.Option(None, "--data", help="Path of the job's data on this host, if it differs."),
+    max_frame_bytes: int = MaxFrame,
+) -> None:
+    """Join the next job of a running server as one worker."""
+    from psctl.worker import Worker
+
+    report = _run(lambda: Worker(server_address, max_frame_bytes=max_frame_bytes, data_path=data).run())
+    out.print(f"worker done: {report['n']} rows, {report['correct']} correct with the final model", highlight=False)
+
+
+@app.command()
+def status(
+    server_address: str = typer.Option(..., "--server", help="HOST:PORT of the coordinator."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Show the shards and the running job of a server."""
+
+    async def main() -> dict[str, Any]:
+        peer = await net.connect(server_address, what="psctl server")
+        try:
+            return (await peer.request(MsgType.STATUS, timeout_s=5.0)).body
+        finally:
+            peer.close()
+
+    body = _run(main)
+    if as_json:
+        print(json.dumps(body, indent=2))
+        return
+    table = Table(title=f"psctl server {server_address}")
+    for col in ("shard", "address", "pid"):
+        table.add_column(col)
+    for s in body["shards"]:
+        table.add_row(str(s["shard_id"]), s["address"], str(s["pid"]))
+    out.print(table)
+    job = body.get("job")
+    if job is None:
+        out.print("no job running")
+    else:
+        out.print(f"job {job['job_id']}: mode {job['mode']}, {job['state']}")
+        wt = Table()
+        for col in ("worker", "state", "host", "pid"):
+            wt.add_column(col)
+        for w in job["workers"]:
+            wt.add_row(str(w["worker_id"]), w["state"], str(w["host"]), str(w["pid"]))
+        out.print(wt)
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:  # e.g. piped into head
+        sys.exit(1)

@@ -1,0 +1,134 @@
+"""The clock gate and sync aggregation: pure bookkeeping, no I/O.
+
+Every worker has a clock c: the number of steps whose push a shard has
+received. A pull by a worker at clock c may be answered when
+
+    min(live clocks) >= c - staleness
+
+with staleness 0 for sync, s for ssp and None (infinity) for async. A
+worker that leaves is dropped from the live set, so no gate waits on it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+MODES = ("sync", "ssp", "async")
+
+
+def staleness_for(mode: str, staleness: int) -> int | None:
+    """The gate's bound for a mode: 0 (sync), s (ssp) or None (async)."""
+    if mode == "sync":
+        return 0
+    if mode == "ssp":
+        if staleness < 0:
+            raise ValueError("staleness must be >= 0")
+        return staleness
+    if mode == "async":
+        return None
+    raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+
+
+class ClockGate:
+    """Clocks of the live workers plus the pulls waiting on them.
+
+    Waiters are opaque tokens; :meth:`advance` and :meth:`remove` return the
+    tokens that became answerable, in the order they can be served.
+    """
+
+    def __init__(self, workers: Iterable[int], staleness: int | None):
+        self.staleness = staleness
+        self.clocks: dict[int, int] = {w: 0 for w in workers}
+        self._waiters: list[tuple[int, int, Any]] = []  # (needed min clock, seq, token)
+        self._seq = itertools.count()
+
+    def min_clock(self) -> int | None:
+        """Clock of the slowest live worker; None when nobody is live."""
+        return min(self.clocks.values()) if self.clocks else None
+
+    def can_read(self, clock: int) -> bool:
+        low = self.min_clock()
+        return self.staleness is None or low is None or low >= clock - self.staleness
+
+    def wait(self, clock: int, token: Any) -> bool:
+        """True if a pull at ``clock`` may be answered now; else queue ``token``."""
+        if self.can_read(clock):
+            return True
+        assert self.staleness is not None
+        heapq.heappush(self._waiters, (clock - self.staleness, next(self._seq), token))
+        return False
+
+    def advance(self, worker: int, clock: int) -> list[Any]:
+        """Record that ``worker`` reached ``clock``; return the tokens now ready."""
+        if worker in self.clocks:
+            if clock < self.clocks[worker]:
+                raise ValueError(f"worker {worker} clock went back from {self.clocks[worker]} to {clock}")
+            self.clocks[worker] = clock
+        return self._release()
+
+    def remove(self, worker: int) -> list[Any]:
+        """Drop ``worker`` from the live set; return the tokens now ready."""
+        self.clocks.pop(worker, None)
+        return self._release()
+
+    def drain(self) -> list[Any]:
+        """Every queued token (the job is ending: answer them all)."""
+        ready = [t for _, _, t in sorted(self._waiters)]
+        self._waiters.clear()
+        return ready
+
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def _release(self) -> list[Any]:
+        low = self.min_clock()
+        ready = []
+        while self._waiters and (low is None or self._waiters[0][0] <= low):
+            ready.append(heapq.heappop(self._waiters)[2])
+        return ready
+
+
+@dataclass
+class _Pending:
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    count: int = 0
+
+
+class SyncAccumulator:
+    """Sums pushes per clock and releases each clock's sample-weighted mean once.
+
+    Weighting by samples makes the applied update equal to the mean gradient
+    over the union of the workers' batches, even when batch sizes differ.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[int, _Pending] = {}
+
+    def add(self, clock: int, grads: dict[str, np.ndarray], count: int) -> None:
+        entry = self._pending.setdefault(clock, _Pending())
+        for name, grad in grads.items():
+            acc = entry.sums.get(name)
+            if acc is None:
+                entry.sums[name] = grad.astype(np.float64) * count
+            else:
+                acc += grad * count
+        entry.count += count
+
+    def complete(self, min_clock: int | None) -> list[tuple[int, dict[str, np.ndarray]]]:
+        """Pop every clock all live workers have pushed (all of them when nobody is live)."""
+        done = sorted(c for c in self._pending if min_clock is None or c < min_clock)
+        out = []
+        for clock in done:
+            entry = self._pending.pop(clock)
+            if entry.count:
+                out.append((clock, {name: acc / entry.count for name, acc in entry.sums.items()}))
+        return out
+
+    def __len__(self) -> int:
+        return len(self._pending)

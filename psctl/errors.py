@@ -1,0 +1,35 @@
+"""Typed errors. Every error a person can cause carries one clear sentence.
+
+The CLI prints ``str(error)`` of a :class:`PsctlError` and exits non-zero;
+anything else is a bug and keeps its traceback.
+"""
+
+
+class PsctlError(Exception):
+    """Base class: the message is one sentence meant for the person at the terminal."""
+
+    exit_code = 1
+
+
+class DataError(PsctlError):
+    """An input data file is missing, empty or malformed."""
+
+    exit_code = 2
+
+
+class ModelFileError(PsctlError):
+    """A model file is missing, damaged or not a psctl model of the expected kind."""
+
+    exit_code = 2
+
+
+class ConnectError(PsctlError):
+    """A server could not be reached."""
+
+    exit_code = 3
+
+
+class JobError(PsctlError):
+    """The job failed on the cluster (the message says where and why)."""
+
+    exit_code = 4

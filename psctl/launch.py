@@ -1,0 +1,132 @@
+"""The embedded local cluster: a coordinator in this process, shards and workers as child processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from psctl import net
+from psctl.child import READY
+from psctl.coordinator import CoordinatorService, start_coordinator
+from psctl.errors import PsctlError
+
+CHILD_READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 3.0
+
+
+@dataclass
+class Child:
+    role: str
+    index: int
+    proc: asyncio.subprocess.Process
+    log_path: Path
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+
+class LocalCluster:
+    """Starts and stops psctl processes on this host. Use ``async with``."""
+
+    def __init__(self, *, host: str = "127.0.0.1", max_frame_bytes: int, log_dir: str | None = None):
+        self.host = host
+        self.max_frame_bytes = max_frame_bytes
+        self._own_log_dir = log_dir is None
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="psctl-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.children: list[Child] = []
+        self.coordinator: CoordinatorService | None = None
+        self._server: net.Server | None = None
+
+    async def __aenter__(self) -> LocalCluster:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start_coordinator(self, port: int = 0) -> str:
+        self._server, self.coordinator, address = await start_coordinator(
+            self.host, port, max_frame_bytes=self.max_frame_bytes
+        )
+        return address
+
+    async def _spawn(self, role: str, index: int, args: list[str]) -> Child:
+        log_path = self.log_dir / f"{role}-{index}.log"
+        with open(log_path, "wb") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "psctl.child",
+                role,
+                *args,
+                "--parent-watch",
+                "--max-frame-bytes",
+                str(self.max_frame_bytes),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log_file,
+                start_new_session=True,  # Ctrl-C reaches us only; we stop the children in order
+            )
+        child = Child(role, index, proc, log_path)
+        self.children.append(child)
+        return child
+
+    async def _ready(self, child: Child) -> str:
+        assert child.proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(child.proc.stdout.readline(), CHILD_READY_TIMEOUT_S)
+        except TimeoutError:
+            line = b""
+        text = line.decode(errors="replace").strip()
+        if not text.startswith(READY):
+            tail = child.log_tail()
+            raise PsctlError(f"{child.role} {child.index} did not start" + (f": {tail.splitlines()[-1]}" if tail else ""))
+        return text.split(" ", 1)[1]
+
+    async def start_shards(self, n: int, coordinator: str, port: int = 0) -> list[str]:
+        """Start ``n`` shard processes and wait until each has registered."""
+        children = []
+        for i in range(n):
+            args = ["--coordinator", coordinator, "--host", self.host, "--port", str(port + i if port else 0)]
+            children.append(await self._spawn("shard", len([c for c in self.children if c.role == "shard"]), args))
+        return list(await asyncio.gather(*(self._ready(c) for c in children)))
+
+    async def start_workers(self, n: int, coordinator: str) -> list[Child]:
+        """Start ``n`` worker processes; they join the coordinator's next job."""
+        first = len([c for c in self.children if c.role == "worker"])
+        return [await self._spawn("worker", first + i, ["--server", coordinator]) for i in range(n)]
+
+    def workers(self) -> list[Child]:
+        return [c for c in self.children if c.role == "worker"]
+
+    async def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Ask every child to stop (stdin closes), wait with a bound, then kill; close the coordinator."""
+        for child in self.children:
+            if child.proc.returncode is None and child.proc.stdin is not None:
+                child.proc.stdin.close()
+        waits = [c.proc.wait() for c in self.children if c.proc.returncode is None]
+        if waits:
+            done, pending = await asyncio.wait([asyncio.ensure_future(w) for w in waits], timeout=timeout_s)
+            for child in self.children:
+                if child.proc.returncode is None:
+                    try:
+                        os.killpg(child.proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            if pending:
+                await asyncio.wait(pending, timeout=timeout_s)
+        if self._server is not None:
+            await self._server.close()
+            self._server = None
+        if self._own_log_dir:
+            shutil.rmtree(self.log_dir, ignore_errors=True)

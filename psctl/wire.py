@@ -1,0 +1,347 @@
+"""The psctl wire format: a sans-IO frame codec.
+
+Nothing here does I/O or imports asyncio. :func:`encode` turns a
+:class:`Message` into a list of buffers meant for ``writelines`` (array data
+is referenced, never copied); :class:`FrameParser` turns received bytes back
+into messages. The parser can hand out the buffer the next bytes should land
+in (:meth:`FrameParser.get_buffer`), so a ``BufferedProtocol`` receives large
+arrays straight into the memory numpy will use. See docs/PROTOCOL.md.
+
+Frame::
+
+    header   24 bytes, little-endian
+             magic    4s   b"PSCT"
+             version  u8   PROTOCOL_VERSION
+             type     u8   MsgType
+             flags    u16  Flag bits
+             req_id   u64  request id (0 for frames that are not requests/replies)
+             length   u64  payload bytes that follow
+    payload  body_len u32, n_arrays u32, body (UTF-8 JSON object), pad to 8,
+             then per array: dtype u8, ndim u8, 6 zero bytes, ndim x u64 dims,
+             raw C-order data, pad to 8.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+MAGIC = b"PSCT"
+PROTOCOL_VERSION = 1
+
+HEADER = struct.Struct("<4sBBHQQ")
+PAYLOAD_PREFIX = struct.Struct("<II")
+ARRAY_PREFIX = struct.Struct("<BB6x")
+ALIGN = 8
+
+DEFAULT_MAX_FRAME_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+MAX_ARRAYS = 64
+MAX_NDIM = 4
+
+# Received bytes are staged here; payloads larger than this get their own
+# buffer so the transport writes into it directly.
+STAGING_BYTES = 256 * 1024
+_MIN_FREE_BYTES = 64 * 1024
+_ZERO_PAD = bytes(ALIGN)
+
+
+class MsgType(enum.IntEnum):
+    """Every message psctl speaks. Replies reuse the request's type with Flag.REPLY."""
+
+    ERROR = 0
+    HELLO = 1
+    # control plane: coordinator
+    REGISTER_SHARD = 10
+    REGISTER_WORKER = 11
+    SUBMIT = 12
+    STATS = 13
+    EPOCH_REPORT = 14
+    PROGRESS = 15
+    TRAINED = 16
+    FINAL_REPORT = 17
+    EVENT = 18
+    JOB_END = 19
+    STATUS = 20
+    FAILED = 21
+    # control plane: coordinator -> shard
+    JOB_SETUP = 30
+    WORKER_LEFT = 31
+    JOB_CLEAR = 32
+    # data plane: worker/driver -> shard
+    PULL = 40
+    PUSH = 41
+    LEAVE = 42
+    PING = 50
+
+
+class Flag(enum.IntFlag):
+    NONE = 0
+    REPLY = 1  # this frame answers req_id
+    ONEWAY = 2  # no reply expected
+
+
+_DTYPES: dict[int, np.dtype] = {
+    1: np.dtype("<f4"),
+    2: np.dtype("<f8"),
+    3: np.dtype("<i4"),
+    4: np.dtype("<i8"),
+    5: np.dtype("<u8"),
+    6: np.dtype("<u1"),
+    7: np.dtype("<f2"),
+    8: np.dtype("<u4"),
+}
+_DTYPE_CODES: dict[np.dtype, int] = {dt: code for code, dt in _DTYPES.items()}
+
+
+class ProtocolError(Exception):
+    """Base of codec errors. The message is safe to send back to the peer."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes that are not a valid psctl frame."""
+
+
+class FrameTooLarge(RemoteProtocolError):
+    """A declared size exceeds the configured maximum; nothing was allocated."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We were asked to encode something the format cannot carry."""
+
+
+@dataclass(slots=True)
+class Message:
+    type: MsgType
+    body: dict[str, Any] = field(default_factory=dict)
+    arrays: list[np.ndarray] = field(default_factory=list)
+    req_id: int = 0
+    flags: Flag = Flag.NONE
+
+    @property
+    def is_reply(self) -> bool:
+        return bool(self.flags & Flag.REPLY)
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+
+def _pad(n: int) -> int:
+    return -n % ALIGN
+
+
+def encode(msg: Message) -> list[bytes | memoryview]:
+    """Return the frame for ``msg`` as buffers for ``writelines``.
+
+    Array data is passed by reference (a memoryview of a C-contiguous array);
+    the caller must not mutate the arrays until the buffers are written.
+    """
+    body = json.dumps(msg.body, separators=(",", ":"), allow_nan=False).encode()
+    if len(msg.arrays) > MAX_ARRAYS:
+        raise LocalProtocolError(f"a message carries at most {MAX_ARRAYS} arrays")
+    prefix = PAYLOAD_PREFIX.pack(len(body), len(msg.arrays)) + body + _ZERO_PAD[: _pad(len(body))]
+    parts: list[bytes | memoryview] = [b"", prefix]
+    length = len(prefix)
+    for arr in msg.arrays:
+        arr = np.asarray(arr)
+        code = _DTYPE_CODES.get(arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype)
+        if code is None:
+            raise LocalProtocolError(f"dtype {arr.dtype} cannot travel on the wire")
+        if arr.ndim > MAX_NDIM:
+            raise LocalProtocolError(f"arrays have at most {MAX_NDIM} dimensions")
+        if not arr.flags.c_contiguous or arr.dtype.byteorder == ">":
+            arr = np.ascontiguousarray(arr, dtype=_DTYPES[code])
+        head = ARRAY_PREFIX.pack(code, arr.ndim) + struct.pack(f"<{arr.ndim}Q", *arr.shape)
+        parts.append(head)
+        length += len(head)
+        if arr.nbytes:
+            parts.append(memoryview(arr).cast("B"))
+            length += arr.nbytes
+        pad = _pad(arr.nbytes)
+        if pad:
+            parts.append(_ZERO_PAD[:pad])
+            length += pad
+    parts[0] = HEADER.pack(MAGIC, PROTOCOL_VERSION, int(msg.type), int(msg.flags), msg.req_id, length)
+    return parts
+
+
+def encode_bytes(msg: Message) -> bytes:
+    """The frame as one bytes object (tests and tools; the hot path uses encode)."""
+    return b"".join(encode(msg))
+
+
+def error_message(text: str, req_id: int = 0, code: str = "error") -> Message:
+    flags = Flag.REPLY if req_id else Flag.ONEWAY
+    return Message(MsgType.ERROR, {"code": code, "message": text}, req_id=req_id, flags=flags)
+
+
+def decode_payload(msg_type: int, flags: int, req_id: int, payload: memoryview, max_body_bytes: int) -> Message:
+    """Parse one payload. Arrays are zero-copy views into ``payload``."""
+    try:
+        kind = MsgType(msg_type)
+    except ValueError:
+        raise RemoteProtocolError(f"unknown message type {msg_type}") from None
+    if flags & ~int(Flag.REPLY | Flag.ONEWAY):
+        raise RemoteProtocolError(f"unknown flag bits 0x{flags:x}")
+    size = len(payload)
+    if size < PAYLOAD_PREFIX.size:
+        raise RemoteProtocolError("payload shorter than its prefix")
+    body_len, n_arrays = PAYLOAD_PREFIX.unpack_from(payload, 0)
+    if body_len > max_body_bytes:
+        raise FrameTooLarge(f"control body of {body_len} bytes exceeds the limit of {max_body_bytes}")
+    if n_arrays > MAX_ARRAYS:
+        raise RemoteProtocolError(f"{n_arrays} arrays exceed the limit of {MAX_ARRAYS}")
+    pos = PAYLOAD_PREFIX.size
+    end = pos + body_len
+    if end > size:
+        raise RemoteProtocolError("control body runs past the end of the frame")
+    try:
+        body = json.loads(bytes(payload[pos:end])) if body_len else {}
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise RemoteProtocolError("control body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise RemoteProtocolError("control body is not a JSON object")
+    pos = end + _pad(body_len)
+    arrays: list[np.ndarray] = []
+    for _ in range(n_arrays):
+        if pos + ARRAY_PREFIX.size > size:
+            raise RemoteProtocolError("array header runs past the end of the frame")
+        code, ndim = ARRAY_PREFIX.unpack_from(payload, pos)
+        pos += ARRAY_PREFIX.size
+        dtype = _DTYPES.get(code)
+        if dtype is None:
+            raise RemoteProtocolError(f"unknown dtype code {code}")
+        if ndim > MAX_NDIM:
+            raise RemoteProtocolError(f"array with {ndim} dimensions exceeds the limit of {MAX_NDIM}")
+        if pos + 8 * ndim > size:
+            raise RemoteProtocolError("array shape runs past the end of the frame")
+        shape = struct.unpack_from(f"<{ndim}Q", payload, pos)
+        pos += 8 * ndim
+        count = 1
+        for dim in shape:
+            count *= dim
+            if count * dtype.itemsize > size:  # checked as we go: no overflow, no huge allocation
+                raise RemoteProtocolError("array data runs past the end of the frame")
+        nbytes = count * dtype.itemsize
+        if pos + nbytes > size:
+            raise RemoteProtocolError("array data runs past the end of the frame")
+        arrays.append(np.frombuffer(payload, dtype=dtype, count=count, offset=pos).reshape(shape))
+        pos += nbytes + _pad(nbytes)
+    if pos != size:
+        raise RemoteProtocolError(f"{size - pos} unexpected bytes at the end of the payload")
+    return Message(kind, body, arrays, req_id, Flag(flags))
+
+
+class FrameParser:
+    """Incremental frame decoder, h11-style.
+
+    Feed bytes with :meth:`receive_data` (or :meth:`get_buffer` plus
+    :meth:`buffer_updated`), then call :meth:`next_event` until it returns
+    :data:`NEED_DATA`. Any :class:`RemoteProtocolError` is final: the parser
+    refuses further input, and the connection should be closed.
+    """
+
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+        self.max_frame_bytes = max_frame_bytes
+        self.max_body_bytes = max_body_bytes
+        self._staging = bytearray(STAGING_BYTES)
+        self._start = 0  # first unparsed byte in staging
+        self._end = 0  # one past the last received byte in staging
+        self._header: tuple[int, int, int, int] | None = None  # type, flags, req_id, length
+        self._big: bytearray | None = None  # payload too large for staging, filled in place
+        self._big_filled = 0
+        self._broken: ProtocolError | None = None
+        self._pending = bytearray()  # bytes given to receive_data, not yet staged
+
+    # -- receiving -----------------------------------------------------
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next received bytes should be written (never empty)."""
+        if self._big is not None:
+            return memoryview(self._big)[self._big_filled :]
+        if self._start and len(self._staging) - self._end < _MIN_FREE_BYTES:
+            self._compact()
+        return memoryview(self._staging)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Account for ``nbytes`` written into the last :meth:`get_buffer`."""
+        if self._big is not None:
+            self._big_filled += nbytes
+        else:
+            self._end += nbytes
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue ``data`` (for tests and stream transports); :meth:`next_event` consumes it."""
+        self._pending += data
+
+    def next_event(self) -> Message | _NeedData:
+        """The next complete message, or NEED_DATA."""
+        while True:
+            event = self._parse_one()
+            if event is not NEED_DATA or not self._pending:
+                return event
+            buf = self.get_buffer()
+            n = min(len(buf), len(self._pending))
+            buf[:n] = self._pending[:n]
+            self.buffer_updated(n)
+            del self._pending[:n]
+
+    def _parse_one(self) -> Message | _NeedData:
+        if self._broken is not None:
+            raise self._broken
+        try:
+            return self._parse()
+        except ProtocolError as exc:
+            self._broken = exc
+            raise
+
+    def _parse(self) -> Message | _NeedData:
+        if self._header is None:
+            if self._end - self._start < HEADER.size:
+                return NEED_DATA
+            magic, version, msg_type, flags, req_id, length = HEADER.unpack_from(self._staging, self._start)
+            if magic != MAGIC:
+                raise RemoteProtocolError("bad magic: this is not a psctl frame")
+            if version != PROTOCOL_VERSION:
+                raise RemoteProtocolError(f"protocol version {version} is not supported (this is {PROTOCOL_VERSION})")
+            if length > self.max_frame_bytes:
+                raise FrameTooLarge(f"frame of {length} bytes exceeds the limit of {self.max_frame_bytes}")
+            self._start += HEADER.size
+            self._header = (msg_type, flags, req_id, length)
+            if length > len(self._staging) // 2:
+                # Large payload: give it its own buffer and move what we have.
+                have = min(self._end - self._start, length)
+                self._big = bytearray(length)
+                self._big[:have] = self._staging[self._start : self._start + have]
+                self._big_filled = have
+                self._start += have
+        msg_type, flags, req_id, length = self._header
+        if self._big is not None:
+            if self._big_filled < length:
+                return NEED_DATA
+            payload = memoryview(self._big)
+            self._big = None
+        else:
+            if self._end - self._start < length:
+                return NEED_DATA
+            # Small payloads are copied out of staging so staging can be reused.
+            payload = memoryview(bytes(self._staging[self._start : self._start + length]))
+            self._start += length
+        self._header = None
+        if self._start == self._end:
+            self._start = self._end = 0
+        return decode_payload(msg_type, flags, req_id, payload, self.max_body_bytes)
+
+    def _compact(self) -> None:
+        unparsed = self._end - self._start
+        self._staging[:unparsed] = self._staging[self._start : self._end]
+        self._start, self._end = 0, unparsed
