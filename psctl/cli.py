@@ -128,7 +128,8 @@ class _TrainView:
         self.epochs = epochs
         self.interactive = interactive
         self.clocks: dict[int, int] = {}
-        self.samples = 0
+        self.samples = 0  # from progress reports (the bar)
+        self.epoch_samples = 0  # from completed epochs (the per-epoch lines)
         self.loss = float("nan")
         self.started = time.monotonic()
         self.progress: Progress | None = None
@@ -162,9 +163,10 @@ class _TrainView:
                 self.loss = event["loss_sum"] / event["samples"]
             self._update(f"epoch {event['epoch'] + 1}/{self.epochs}")
         elif kind == "epoch":
+            self.epoch_samples += event["samples"]
             line = (
                 f"epoch {event['epoch'] + 1}/{self.epochs}: loss {event['loss']:.4f} "
-                f"accuracy {event['accuracy']:.4f} samples/s {self._rate():.0f}"
+                f"accuracy {event['accuracy']:.4f} samples/s {self._rate(self.epoch_samples):.0f}"
             )
             if self.progress is not None:
                 self.progress.console.print(line, highlight=False)
@@ -175,12 +177,12 @@ class _TrainView:
         elif kind == "done":
             self._plain(f"trained: loss {event['loss']:.4f} accuracy {event['accuracy']:.4f}")
 
-    def _rate(self) -> float:
-        return self.samples / max(time.monotonic() - self.started, 1e-9)
+    def _rate(self, samples: int) -> float:
+        return samples / max(time.monotonic() - self.started, 1e-9)
 
     def _update(self, where: str) -> None:
         if self.progress is not None:
-            info = f"{where} loss {self.loss:.4f} {self._rate():,.0f} samples/s"
+            info = f"{where} loss {self.loss:.4f} {self._rate(self.samples):,.0f} samples/s"
             self.progress.update(self.task, completed=sum(self.clocks.values()), info=info)
 
     def _plain(self, line: str) -> None:
@@ -213,7 +215,8 @@ def predict(
     if pred.metrics is None:
         out.print(f"{len(pred.predicted)} rows predicted (no label column, so no metrics)")
     else:
-        table = Table(title=f"{pred.meta['kind']} on {data}")
+        out.print(f"{pred.meta['kind']} model {model_path} on {data}:", highlight=False)
+        table = Table()
         table.add_column("metric")
         table.add_column("value", justify="right")
         for name, value in pred.metrics.items():

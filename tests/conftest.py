@@ -1,0 +1,44 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+EXAMPLES = REPO / "examples"
+
+
+def run_psctl(*args: str, timeout_s: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real CLI in a fresh process; output captured as text."""
+    env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "psctl", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=cwd or REPO,
+        env=env,
+    )
+
+
+def write_logreg_csv(path: Path, rows: int, features: int = 4, seed: int = 0, header: bool = True) -> Path:
+    """A learnable binary problem with named columns."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(rows, features))
+    w = np.linspace(1, -1, features)
+    y = (X @ w + 0.1 * rng.normal(size=rows) > 0).astype(int)
+    lines = []
+    if header:
+        lines.append(",".join(["label"] + [f"x{i}" for i in range(features)]))
+    for label, row in zip(y, X):
+        lines.append(",".join([str(label)] + [repr(float(v)) for v in row]))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def logreg_csv(tmp_path: Path) -> Path:
+    return write_logreg_csv(tmp_path / "train.csv", rows=300)
