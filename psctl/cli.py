@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import signal
 import sys
 import time
@@ -351,6 +353,9 @@ def status(
 
 
 def main() -> None:
+    # The in-process coordinator logs for operators; people running commands see
+    # one-sentence errors instead. PSCTL_LOG=INFO shows everything.
+    logging.basicConfig(level=os.environ.get("PSCTL_LOG", "ERROR").upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         app()
     except BrokenPipeError:  # e.g. piped into head
