@@ -152,7 +152,7 @@ class _TrainView:
                     transient=True,
                 )
                 self.progress.start()
-                self.task = self.progress.add_task("train", total=None, info="starting")
+                self.task = self.progress.add_task("train", total=event["steps"], info="starting")
         elif kind == "cluster_up":
             self._plain(f"cluster up in {event['seconds']:.2f} s at {event['address']}")
         elif kind == "submitted":

@@ -23,6 +23,7 @@ from psctl.launch import LocalCluster
 from psctl.models import get_model
 from psctl.tables import TableSpec
 from psctl.wire import DEFAULT_MAX_FRAME_BYTES, Message, MsgType
+from psctl.worker import steps_per_epoch
 
 SUBMIT_TIMEOUT_S = 60.0
 FAILED_EVENT_GRACE_S = 2.0
@@ -122,7 +123,11 @@ async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = l
     schema = data.read_schema(cfg.data, cfg.label, cfg.drop, cfg.has_header)
     partitions = await asyncio.to_thread(data.plan_partitions, cfg.data, cfg.workers, cfg.has_header)
     spec = build_spec(cfg, schema, partitions)
-    on_event({"kind": "planned", "rows": sum(p.n_rows for p in partitions), "features": spec["n_features"], "workers": cfg.workers})
+    steps = cfg.epochs * sum(steps_per_epoch(p.n_rows, cfg.batch_size) for p in partitions)
+    on_event(
+        {"kind": "planned", "rows": sum(p.n_rows for p in partitions), "features": spec["n_features"],
+         "workers": cfg.workers, "steps": steps}
+    )
     started = time.monotonic()
     async with LocalCluster(max_frame_bytes=cfg.max_frame_bytes) as cluster:
         if cfg.server is None:

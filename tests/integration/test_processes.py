@@ -1,0 +1,85 @@
+"""Process life cycle: Ctrl-C stops everything psctl started; a worker joins from outside."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ..conftest import EXAMPLES, run_psctl
+from .cluster import ServerProcess
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+TRAIN = EXAMPLES / "breast_cancer" / "train.csv"
+
+
+def psctl_children(address: str) -> list[int]:
+    """Pids of live psctl child processes pointed at ``address``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().split()[2]
+        except OSError:
+            continue
+        if b"psctl.child" in cmd and address.encode() in cmd and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def wait_gone(address: str, timeout_s: float = 10) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while (left := psctl_children(address)) and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling /proc for a condition, bounded by the deadline
+    return left
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
+def test_ctrl_c_on_train_leaves_no_processes(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "psctl", "train", "logreg", str(TRAIN), "--workers", "4",
+         "--epochs", "100000", "--out", str(tmp_path / "m.npz")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    address = None
+    assert proc.stdout is not None
+    for line in proc.stdout:  # wait for training to start (bounded by the test timeout)
+        if line.startswith("cluster up"):
+            address = line.split(" at ")[1].strip()
+        if line.startswith("epoch 1/"):
+            break
+    assert address and psctl_children(address)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "interrupted" in err
+    assert wait_gone(address) == []
+    assert not (tmp_path / "m.npz").exists()
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
+def test_server_with_an_external_worker_and_clean_stop(tmp_path):
+    server = ServerProcess(2)
+    try:
+        shard_pids = psctl_children(server.address)
+        assert len(shard_pids) == 2
+        outside = subprocess.Popen([sys.executable, "-m", "psctl", "worker", "--server", server.address],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        r = run_psctl("train", "logreg", str(TRAIN), "--workers", "3", "--local-workers", "2", "--server",
+                      server.address, "--epochs", "5", "--lr", "0.5", "--out", str(tmp_path / "m.npz"))
+        assert r.returncode == 0, r.stderr
+        out, err = outside.communicate(timeout=20)
+        assert outside.returncode == 0, err
+        assert "worker done:" in out
+    finally:
+        code, _, err = server.stop()
+    assert code == 0 and "Traceback" not in err
+    assert wait_gone(server.address) == []
