@@ -184,8 +184,8 @@ class Peer(asyncio.BufferedProtocol):
             result = await pending
         except RequestError as exc:
             self._reply_error(msg, str(exc), exc.code)
-        except (ConnectionLost, asyncio.CancelledError):
-            raise
+        except ConnectionLost:
+            return  # the requester is gone; nobody to answer
         except Exception as exc:
             log.exception("handler for %s failed", msg.type.name)
             self._reply_error(msg, f"internal error: {exc}", "internal")
@@ -193,7 +193,7 @@ class Peer(asyncio.BufferedProtocol):
             self._reply(msg, result)
 
     def _reply(self, request: Message, result: Reply) -> None:
-        if request.flags & Flag.ONEWAY or self.transport is None:
+        if request.flags & Flag.ONEWAY or not self.is_open:
             return
         reply = result if result is not None else Message(request.type)
         reply.req_id = request.req_id
@@ -206,7 +206,7 @@ class Peer(asyncio.BufferedProtocol):
         if request.flags & Flag.ONEWAY:
             log.warning("%s: one-way %s failed: %s", self.name, request.type.name, text)
             return
-        if self.transport is not None:
+        if self.is_open:
             self.send(error_message(text, request.req_id, code))
 
     # -- outgoing ----------------------------------------------------------
