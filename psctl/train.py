@@ -161,48 +161,51 @@ async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = l
 async def _follow(
     cluster: LocalCluster, service: _DriverService, on_event: Callable[[dict[str, Any]], None]
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Relay events until the job is done; fail fast if it fails or a local worker dies silently."""
+    """Relay events until the job is done or failed.
+
+    A local worker process that dies is fine once the coordinator reports it
+    lost (the job goes on without it); one that dies unexplained (say, before it
+    ever registered) fails the job after a short grace, instead of a hang.
+    """
     events: list[dict[str, Any]] = []
     exits = {asyncio.ensure_future(c.proc.wait()): c for c in cluster.workers()}
+    dead: list[Any] = []
+    lost = 0
+    deadline: float | None = None
+    get: asyncio.Future[dict[str, Any] | None] | None = None
     try:
         while True:
-            get = asyncio.ensure_future(service.events.get())
-            await asyncio.wait({get, *exits}, return_when=asyncio.FIRST_COMPLETED)
-            if not get.done():
-                get.cancel()
-                for fut in [f for f in exits if f.done()]:
-                    child = exits.pop(fut)
-                    if fut.result() != 0:
-                        await _raise_failed_or(service, child.log_tail(), child.index)
-                continue
-            event = get.result()
-            if event is None:
-                raise JobError("lost the connection to the psctl server")
-            if event["kind"] != "progress":
-                events.append(event)
-            on_event(event)
-            if event["kind"] == "failed":
-                raise JobError(f"training failed: {event['reason']}")
-            if event["kind"] == "done":
-                return events, event
+            get = get or asyncio.ensure_future(service.events.get())
+            timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
+            await asyncio.wait({get, *exits}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            for fut in [f for f in exits if f.done()]:
+                child = exits.pop(fut)
+                if fut.result() != 0:
+                    dead.append(child)
+                    deadline = deadline or time.monotonic() + FAILED_EVENT_GRACE_S
+            if get.done():
+                event, get = get.result(), None
+                if event is None:
+                    raise JobError("lost the connection to the psctl server")
+                lost += event["kind"] == "worker_lost"
+                if event["kind"] != "progress":
+                    events.append(event)
+                on_event(event)
+                if event["kind"] == "failed":
+                    raise JobError(f"training failed: {event['reason']}")
+                if event["kind"] == "done":
+                    return events, event
+            if len(dead) <= lost:
+                deadline = None
+            elif deadline is not None and time.monotonic() >= deadline:
+                child = dead[lost]
+                last = child.log_tail().splitlines()[-1:] or ["no output"]
+                raise JobError(f"worker process {child.index} exited before the job finished: {last[0]}")
     finally:
         for fut in exits:
             fut.cancel()
-
-
-async def _raise_failed_or(service: _DriverService, log_tail: str, index: int) -> None:
-    """A worker process died: prefer the coordinator's reason, which may be on its way."""
-    try:
-        while True:
-            event = await asyncio.wait_for(service.events.get(), FAILED_EVENT_GRACE_S)
-            if event is None or event["kind"] == "failed":
-                break
-    except TimeoutError:
-        event = None
-    if event is not None:
-        raise JobError(f"training failed: {event['reason']}")
-    last = log_tail.splitlines()[-1] if log_tail else "no output"
-    raise JobError(f"worker process {index} exited before the job finished: {last}")
+        if get is not None:
+            get.cancel()
 
 
 async def _final_pull(submitted: dict[str, Any], job_id: str, max_frame_bytes: int) -> dict[str, np.ndarray]:

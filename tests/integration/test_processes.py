@@ -83,3 +83,28 @@ def test_server_with_an_external_worker_and_clean_stop(tmp_path):
         code, _, err = server.stop()
     assert code == 0 and "Traceback" not in err
     assert wait_gone(server.address) == []
+
+
+@pytest.mark.fault
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
+@pytest.mark.parametrize("mode", ["sync", "ssp", "async"])
+def test_killed_worker_leaves_the_live_set_and_the_job_finishes(tmp_path, mode):
+    data = EXAMPLES / "seed_pytorch" / "data.csv"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "psctl", "train", "logreg", str(data), "--label", "1", "--drop", "0",
+         "--workers", "4", "--mode", mode, "--staleness", "1", "--epochs", "40", "--out", str(tmp_path / "m.npz")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    address = None
+    for line in proc.stdout:
+        if line.startswith("cluster up"):
+            address = line.split(" at ")[1].strip()
+        if line.startswith("epoch 2/"):
+            break
+    workers = [p for p in psctl_children(address) if b"worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    os.kill(workers[0], signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "warning: workers lost during training" in out
+    assert (tmp_path / "m.npz").exists()
