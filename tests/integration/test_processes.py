@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -36,10 +37,18 @@ def psctl_children(address: str) -> list[int]:
 
 
 def wait_gone(address: str, timeout_s: float = 10) -> list[int]:
+    """Wait (on pidfds, no polling) until those processes exit; return the ones still alive."""
     deadline = time.monotonic() + timeout_s
-    while (left := psctl_children(address)) and time.monotonic() < deadline:
-        time.sleep(0.05)  # polling /proc for a condition, bounded by the deadline
-    return left
+    for pid in psctl_children(address):
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+        finally:
+            os.close(fd)
+    return psctl_children(address)
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")

@@ -1,5 +1,6 @@
 """The codec, fed whole, one byte at a time and with trailing bytes (h11-style)."""
 
+import contextlib
 import struct
 
 import numpy as np
@@ -182,13 +183,11 @@ def test_body_over_limit_is_refused():
 def test_any_bytes_decode_or_raise_protocol_error(data):
     parser = FrameParser(max_frame_bytes=4096)
     parser.receive_data(data)
-    try:
+    with contextlib.suppress(ProtocolError):  # any other exception fails the test
         for msg in drain(parser):
             again = FrameParser()
             again.receive_data(encode_bytes(msg))
             assert_same(drain(again)[0], msg)
-    except ProtocolError:
-        pass
 
 
 @settings(max_examples=200, deadline=None)
@@ -199,7 +198,5 @@ def test_mutated_valid_frames_never_escape_the_error_type(pos, byte, data):
     raw[pos] = byte
     parser = FrameParser()
     parser.receive_data(bytes(raw))
-    try:
+    with contextlib.suppress(ProtocolError):  # any other exception fails the test
         drain(parser)
-    except ProtocolError:
-        pass
