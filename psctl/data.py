@@ -1,30 +1,36 @@
-"""CSV input: schema, byte-range partitions aligned to lines, parsing, statistics, labels.
+"""CSV input: the schema from the first line, byte-range partitions, fast row parsing,
+mergeable column statistics and label handling.
 
-Pure functions over files and arrays. A worker reads only its partition's
-byte range; the driver's planning pass streams the file in chunks.
+A *row* is a non-blank line after the header. Partitions are byte ranges aligned to
+line starts, so a worker reads its own range and nothing else.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from psctl.errors import DataError
 
-CHUNK_BYTES = 4 * 1024 * 1024
+CHUNK_BYTES = 4 << 20
+_UTF8_BOM = b"\xef\xbb\xbf"
+# What bytes.strip() removes; a line made only of these is blank, not a row.
+_BLANK = b" \t\n\r\x0b\x0c"
+_BLANK_STR = _BLANK.decode()
+_BLANK_CODES = np.frombuffer(_BLANK, np.uint8)
 
 
 @dataclass(frozen=True)
 class CsvSchema:
-    columns: tuple[str, ...]
-    label_index: int | None
+    """Which columns of a CSV are the label and the features (by 0-based index)."""
+
+    columns: tuple[str, ...]  # header names, or "0".."n-1" without a header
+    label_index: int | None  # None: the file has no label column (predict input)
     feature_indices: tuple[int, ...]
     has_header: bool
 
@@ -37,18 +43,30 @@ class CsvSchema:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CsvSchema:
-        return cls(tuple(d["columns"]), d["label_index"], tuple(d["feature_indices"]), bool(d["has_header"]))
+        label = d["label_index"]
+        return cls(
+            tuple(str(c) for c in d["columns"]),
+            None if label is None else int(label),
+            tuple(int(i) for i in d["feature_indices"]),
+            bool(d["has_header"]),
+        )
 
 
 @dataclass(frozen=True)
 class Partition:
+    """Bytes [start, end) of a data file, aligned to line starts, holding ``n_rows`` rows.
+
+    ``first_line`` is the 1-based file line number of the first row (of the line at
+    ``start`` when the partition is empty), so errors can name real lines.
+    """
+
     index: int
     start: int
     end: int
     first_line: int
     n_rows: int
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
     @classmethod
@@ -56,241 +74,337 @@ class Partition:
         return cls(**{k: int(d[k]) for k in ("index", "start", "end", "first_line", "n_rows")})
 
 
-def _check_file(path: str) -> None:
-    if not os.path.exists(path):
-        raise DataError(f"data file '{path}' does not exist")
-    if os.path.isdir(path):
-        raise DataError(f"'{path}' is a folder, not a data file")
-    if os.path.getsize(path) == 0:
-        raise DataError(f"data file '{path}' is empty")
-
-
-def _first_line(path: str) -> str:
-    with open(path, "rb") as fh:
-        line = fh.readline(1 << 20)
+def _open(path: str | os.PathLike[str]) -> BinaryIO:
     try:
-        return line.decode("utf-8-sig").rstrip("\r\n")
-    except UnicodeDecodeError:
-        raise DataError(f"'{path}' is not a UTF-8 text file") from None
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise DataError(f"data file '{path}' does not exist") from None
+    except IsADirectoryError:
+        raise DataError(f"data file '{path}' is a directory, not a file") from None
+    except OSError as exc:
+        raise DataError(f"cannot read data file '{path}': {exc.strerror or exc}") from None
 
 
-def _shorten(names: Sequence[str], limit: int = 8) -> str:
-    shown = ", ".join(f"'{n}'" for n in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+def _first_line(fh: BinaryIO, path: str | os.PathLike[str]) -> bytes:
+    first = fh.readline()
+    if not first:
+        raise DataError(f"data file '{path}' is empty")
+    if b"\0" in first:
+        raise DataError(f"data file '{path}' is not a CSV text file")
+    return first
 
 
-def _find_column(columns: tuple[str, ...], ref: str, what: str, path: str) -> int:
-    if ref in columns:
-        return columns.index(ref)
-    if ref.lstrip("-").isdigit():
-        i = int(ref)
-        if 0 <= i < len(columns):
-            return i
-        raise DataError(f"{what} column {i} is out of range: '{path}' has {len(columns)} columns")
-    raise DataError(f"{what} column '{ref}' is not in '{path}'; its columns are {_shorten(columns)}")
+def _cell(text: str) -> str:
+    """A cell's value: surrounding whitespace and one pair of double quotes removed."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        return text[1:-1]
+    return text
 
 
-def read_schema(path: str, label: str | None = None, drop: Sequence[str] = (), has_header: bool = True) -> CsvSchema:
-    """Read the header (only the first line) and resolve the label and dropped columns."""
-    _check_file(path)
-    first = _first_line(path)
+def _quoted_list(values: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(f"'{v}'" for v in values[:limit])
+    return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
+
+
+def read_schema(
+    path: str | os.PathLike[str], label: str | None = None, drop: Sequence[str] = (), has_header: bool = True
+) -> CsvSchema:
+    """Read the first line of ``path`` and resolve the label and feature columns.
+
+    ``label`` and each ``drop`` entry are a column name or a 0-based index as a string.
+    Without ``label`` the column named ``label`` is used, else column 0. Every column
+    that is neither the label nor dropped is a feature. Raises DataError.
+    """
+    with _open(path) as fh:
+        first = _first_line(fh, path)
     if not first.strip():
-        raise DataError(f"the first line of '{path}' is empty")
-    cells = next(csv.reader([first]))
-    if has_header:
-        columns = tuple(c.strip() for c in cells)
-        dupes = sorted({c for c in columns if columns.count(c) > 1})
-        if dupes:
-            raise DataError(f"'{path}' has duplicate column names: {_shorten(dupes)}")
-    else:
-        columns = tuple(str(i) for i in range(len(cells)))
+        raise DataError(f"the first line of '{path}' is blank")
+    cells = [_cell(c) for c in first.decode("utf-8-sig", errors="replace").split(",")]
+    columns = tuple(cells) if has_header else tuple(str(i) for i in range(len(cells)))
+    duplicates = sorted({c for c in columns if columns.count(c) > 1})
+    if duplicates:
+        raise DataError(f"'{path}' has duplicate column names: {_quoted_list(duplicates)}")
     if label is None:
-        label_index = columns.index("label") if "label" in columns else 0
-    else:
-        label_index = _find_column(columns, label, "label", path)
-    dropped = {_find_column(columns, d, "--drop", path) for d in drop}
+        label = "label" if "label" in columns else "0"
+    label_index = _column_index(columns, label, "label", path)
+    dropped = {_column_index(columns, d, "--drop", path) for d in drop}
     features = tuple(i for i in range(len(columns)) if i != label_index and i not in dropped)
     if not features:
         raise DataError(f"'{path}' has no feature columns left after the label and --drop")
     return CsvSchema(columns, label_index, features, has_header)
 
 
-def plan_partitions(path: str, n_parts: int, has_header: bool = True) -> list[Partition]:
-    """Split the data rows into ``n_parts`` byte ranges aligned to line starts, balanced by bytes.
-
-    Streams the file once in chunks, counting rows per range.
-    """
-    _check_file(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as fh:
-        data_start = len(fh.readline()) if has_header else 0
-        header_lines = 1 if has_header else 0
-        targets = [data_start + (size - data_start) * i // n_parts for i in range(1, n_parts)]
-        # Walk every line once; cut at the first line starting at or after each target.
-        bounds, first_lines, rows = [data_start], [header_lines + 1], [0]
-        line_no = header_lines
-        pos = data_start
-        fh.seek(data_start)
-        t = 0
-        for line in fh:
-            while t < len(targets) and pos >= targets[t]:
-                bounds.append(pos)
-                first_lines.append(line_no + 1)
-                rows.append(0)
-                t += 1
-            line_no += 1
-            if line.strip():
-                rows[-1] += 1
-            pos += len(line)
-        while len(bounds) < n_parts:
-            bounds.append(size)
-            first_lines.append(line_no + 1)
-            rows.append(0)
-    if sum(rows) == 0:
-        raise DataError(f"'{path}' has no data rows")
-    bounds.append(size)
-    return [Partition(i, bounds[i], bounds[i + 1], first_lines[i], rows[i]) for i in range(n_parts)]
+def _column_index(columns: tuple[str, ...], ref: str, what: str, path: str | os.PathLike[str]) -> int:
+    """A name wins over an index, so a header name like "3" still means that column."""
+    if ref in columns:
+        return columns.index(ref)
+    if ref.strip().lstrip("-").isdigit():
+        index = int(ref)
+        if not 0 <= index < len(columns):
+            raise DataError(f"{what} column {index} is out of range: '{path}' has {len(columns)} columns")
+        return index
+    raise DataError(f"{what} column '{ref}' is not in '{path}'; its columns are {_quoted_list(columns)}")
 
 
-def _bad_cell(text: str, schema: CsvSchema, first_line: int, path: str) -> DataError:
-    """The slow, exact pass: name the first bad line or cell."""
-    n_cols = len(schema.columns)
-    line_no = first_line - 1
-    for raw in io.StringIO(text, newline=None):
-        line_no += 1
-        if not raw.strip():
+def _scan_lines(fh: BinaryIO, offset: int, line_no: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Read ``fh`` from its position (file offset ``offset``, line ``line_no``) to the end
+    in chunks, yielding per chunk each complete line's start offset, line number and
+    whether it is a row (not blank)."""
+    carry = b""
+    while True:
+        chunk = fh.read(CHUNK_BYTES)
+        if not chunk:
+            if carry:  # a last line without a newline
+                yield np.array([offset]), np.array([line_no]), np.array([bool(carry.strip())])
+            return
+        buf = carry + chunk
+        arr = np.frombuffer(buf, np.uint8)
+        newlines = np.flatnonzero(arr == ord("\n"))
+        if not len(newlines):
+            carry = buf
             continue
-        cells = next(csv.reader([raw]))
-        if len(cells) != n_cols:
-            return DataError(f"'{path}' line {line_no} has {len(cells)} cells; the header has {n_cols}")
-        for i in schema.feature_indices:
-            cell = cells[i].strip()
-            if not cell:
-                return DataError(f"'{path}' line {line_no}, column '{schema.columns[i]}': the cell is empty")
-            try:
-                value = float(cell)
-            except ValueError:
-                return DataError(f"'{path}' line {line_no}, column '{schema.columns[i]}': '{cell[:40]}' is not a number")
-            if not math.isfinite(value):
-                return DataError(f"'{path}' line {line_no}, column '{schema.columns[i]}': '{cell[:40]}' is not finite")
-    return DataError(f"'{path}' could not be parsed as CSV")
+        starts = np.concatenate(([0], newlines[:-1] + 1))
+        # A line starting with a visible byte is a row; only the rare others need a full look.
+        is_row = ~np.isin(arr[starts], _BLANK_CODES)
+        for i in np.flatnonzero(~is_row):
+            is_row[i] = bool(buf[starts[i] : newlines[i]].strip())
+        yield offset + starts, line_no + np.arange(len(starts)), is_row
+        used = int(newlines[-1]) + 1
+        offset, line_no, carry = offset + used, line_no + len(newlines), buf[used:]
 
 
-def read_partition(path: str, schema: CsvSchema, part: Partition) -> tuple[np.ndarray, np.ndarray]:
-    """Features (float64, rows x features) and raw label strings of one partition's rows."""
-    n_features = len(schema.feature_indices)
-    if part.n_rows == 0:
-        return np.empty((0, n_features)), np.empty(0, dtype=str)
-    with open(path, "rb") as fh:
+def plan_partitions(path: str | os.PathLike[str], n_parts: int, has_header: bool = True) -> list[Partition]:
+    """Split the rows of ``path`` into exactly ``n_parts`` contiguous byte ranges of about
+    equal size, aligned to line starts, counting the rows in each, in one streaming pass.
+
+    The ranges cover everything after the header. With fewer rows than parts some
+    partitions are empty. Raises DataError if the file has no rows.
+    """
+    if n_parts < 1:
+        raise ValueError("n_parts must be at least 1")
+    with _open(path) as fh:
+        first = _first_line(fh, path)
+        if has_header:
+            data_start, line_no = len(first), 2
+        else:
+            data_start, line_no = (len(_UTF8_BOM) if first.startswith(_UTF8_BOM) else 0), 1
+        size = os.fstat(fh.fileno()).st_size
+        # Partition k > 0 starts at the first line start at or after targets[k - 1].
+        targets = data_start + np.arange(1, n_parts) * (size - data_start) // n_parts
+        starts = np.full(n_parts, size)
+        start_lines = np.zeros(n_parts, np.int64)  # 0 until the start is found
+        starts[0], start_lines[0] = data_start, line_no
+        n_rows = np.zeros(n_parts, np.int64)
+        first_rows = np.zeros(n_parts, np.int64)  # 0 until a row is seen
+        next_line = line_no
+        fh.seek(data_start)
+        for offsets, line_nos, is_row in _scan_lines(fh, data_start, line_no):
+            at = np.searchsorted(offsets, targets)
+            found = (at < len(offsets)) & (start_lines[1:] == 0)
+            starts[1:][found] = offsets[at[found]]
+            start_lines[1:][found] = line_nos[at[found]]
+            # A line belongs to the partition whose start is the last one at or before it;
+            # for line starts that is the count of targets at or before it.
+            part_of = np.searchsorted(targets, offsets[is_row], side="right")
+            n_rows += np.bincount(part_of, minlength=n_parts)
+            seen, first_at = np.unique(part_of, return_index=True)
+            fresh = first_rows[seen] == 0
+            first_rows[seen[fresh]] = line_nos[is_row][first_at[fresh]]
+            next_line = int(line_nos[-1]) + 1
+    if not n_rows.sum():
+        raise DataError(f"data file '{path}' has no data rows")
+    start_lines[start_lines == 0] = next_line
+    ends = [*starts[1:], size]
+    return [
+        Partition(k, int(starts[k]), int(ends[k]), int(first_rows[k] if n_rows[k] else start_lines[k]), int(n_rows[k]))
+        for k in range(n_parts)
+    ]
+
+
+def read_partition(path: str | os.PathLike[str], schema: CsvSchema, part: Partition) -> tuple[np.ndarray, np.ndarray]:
+    """Read only bytes [part.start, part.end) of ``path``.
+
+    Returns ``X`` (float64, one row per data row, the schema's feature columns in order)
+    and the stripped label cells as an array of str (empty without a label column).
+    Raises DataError naming the file line and column of the first bad cell.
+    """
+    with _open(path) as fh:
         fh.seek(part.start)
         raw = fh.read(part.end - part.start)
+    if len(raw) != part.end - part.start:
+        raise DataError(f"data file '{path}' is shorter than when it was partitioned")
+    # Undecodable bytes become U+FFFD: harmless in a dropped column, "not a number" in a feature.
+    lines = raw.decode("utf-8", errors="replace").split("\n")
+    rows = [line for line in lines if line.strip(_BLANK_STR)]
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"'{path}' is not a UTF-8 text file") from None
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    cells_per_row = len(schema.columns)
-    try:
-        table = np.loadtxt(
-            lines, delimiter=",", dtype=str, quotechar='"', ndmin=2, comments=None
-        )
-        if table.shape[1] != cells_per_row:
-            raise ValueError("column count")
-        X = table[:, list(schema.feature_indices)].astype(np.float64)
-        if not np.isfinite(X).all():
-            raise ValueError("not finite")
+        X = _features_fast(rows, schema)
     except ValueError:
-        raise _bad_cell(text, schema, part.first_line, path) from None
+        X = _features_exact(_numbered_rows(lines, part.first_line), schema, path)
     if schema.label_index is None:
-        labels = np.empty(0, dtype=str)
-    else:
-        labels = np.char.strip(table[:, schema.label_index])
-        empty = np.flatnonzero(labels == "")
-        if empty.size:
-            raise DataError(f"'{path}' row {int(empty[0]) + 1} of partition {part.index}: the label cell is empty")
+        return X, np.array([], dtype=str)
+    label = schema.label_index
+    labels = np.array([_cell(row.split(",", label + 1)[label]) for row in rows], dtype=str)
+    empty = np.flatnonzero(labels == "")
+    if len(empty):
+        line_no = _numbered_rows(lines, part.first_line)[empty[0]][0]
+        raise DataError(f"'{path}' line {line_no}, column '{schema.columns[label]}': the label cell is empty")
     return X, labels
 
 
-def read_csv(path: str, schema: CsvSchema) -> tuple[np.ndarray, np.ndarray]:
-    """The whole file as one partition."""
-    (part,) = plan_partitions(path, 1, schema.has_header)
-    return read_partition(path, schema, part)
+def read_csv(path: str | os.PathLike[str], schema: CsvSchema) -> tuple[np.ndarray, np.ndarray]:
+    """Read every row of ``path``, as :func:`read_partition` does for one partition."""
+    [whole] = plan_partitions(path, 1, schema.has_header)
+    return read_partition(path, schema, whole)
+
+
+def _numbered_rows(lines: list[str], first_line: int) -> list[tuple[int, str]]:
+    """(file line number, text) of each row; ``first_line`` numbers the first row,
+    which may follow blank lines."""
+    numbered = [(i, line) for i, line in enumerate(lines) if line.strip(_BLANK_STR)]
+    shift = first_line - numbered[0][0] if numbered else 0
+    return [(i + shift, line) for i, line in numbered]
+
+
+def _features_fast(rows: list[str], schema: CsvSchema) -> np.ndarray:
+    """numpy's C parser; raises ValueError on anything it or the checks here dislike."""
+    if not rows:  # loadtxt warns on empty input
+        return np.empty((0, len(schema.feature_indices)))
+    # loadtxt with usecols ignores extra cells, so count them first.
+    n_commas = len(schema.columns) - 1
+    if any(row.count(",") != n_commas for row in rows):
+        raise ValueError("wrong number of cells")
+    X = np.loadtxt(
+        rows, delimiter=",", usecols=schema.feature_indices, dtype=np.float64, comments=None, quotechar='"', ndmin=2
+    )
+    if not np.isfinite(X).all():
+        raise ValueError("a feature is not finite")
+    return X
+
+
+def _features_exact(rows: list[tuple[int, str]], schema: CsvSchema, path: str | os.PathLike[str]) -> np.ndarray:
+    """Cell by cell in Python: slow, but it names the line and column of the first bad cell.
+
+    It is the reference: where the fast path refuses a cell that this accepts
+    (``1_000``, a space before a quote), the values come from here.
+    """
+    names = schema.columns
+    reference = "the header" if schema.has_header else "the first line"
+    X = np.empty((len(rows), len(schema.feature_indices)))
+    for r, (line_no, line) in enumerate(rows):
+        cells = line.split(",")
+        if len(cells) != len(names):
+            raise DataError(f"'{path}' line {line_no} has {len(cells)} cells; {reference} has {len(names)}")
+        for c, j in enumerate(schema.feature_indices):
+            where = f"'{path}' line {line_no}, column '{names[j]}'"
+            text = _cell(cells[j])
+            if not text:
+                raise DataError(f"{where}: the cell is empty")
+            try:
+                X[r, c] = float(text)
+            except ValueError:
+                raise DataError(f"{where}: '{text[:40]}' is not a number") from None
+            if not math.isfinite(X[r, c]):
+                raise DataError(f"{where}: '{text[:40]}' is not finite")
+    return X
 
 
 def partial_stats(X: np.ndarray) -> dict[str, Any]:
-    """Count, mean and sum of squared deviations (M2) per column, for merging."""
-    mean = X.mean(axis=0)
-    return {"count": int(X.shape[0]), "mean": mean.tolist(), "m2": ((X - mean) ** 2).sum(axis=0).tolist()}
+    """Per-column count, mean and M2 (sum of squared deviations) of one partition's rows."""
+    X = np.asarray(X, dtype=np.float64)
+    mean = X.mean(axis=0) if len(X) else np.zeros(X.shape[1])
+    return {"count": len(X), "mean": mean, "m2": ((X - mean) ** 2).sum(axis=0)}
 
 
 def merge_stats(parts: Iterable[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and population std over all parts (Chan et al.'s pairwise update); std 0 -> 1."""
-    count, mean, m2 = 0, None, None
-    for p in parts:
-        n_b, mean_b, m2_b = p["count"], np.asarray(p["mean"], dtype=np.float64), np.asarray(p["m2"], dtype=np.float64)
-        if n_b == 0:
+    """Column mean and population std of the union of the partitions' rows.
+
+    Merges with Chan et al.'s parallel update, which avoids the cancellation of
+    sum/sum-of-squares. A std of 0 (a constant column) becomes 1.0 so scaling is safe.
+    """
+    count, mean, m2 = 0, np.zeros(0), np.zeros(0)
+    for part in parts:
+        n = int(part["count"])
+        if n == 0:
             continue
-        if mean is None:
-            count, mean, m2 = n_b, mean_b, m2_b
+        part_mean, part_m2 = np.asarray(part["mean"], np.float64), np.asarray(part["m2"], np.float64)
+        if count == 0:
+            count, mean, m2 = n, part_mean, part_m2
             continue
-        total = count + n_b
-        delta = mean_b - mean
-        mean = mean + delta * n_b / total
-        m2 = m2 + m2_b + delta**2 * count * n_b / total
+        total = count + n
+        delta = part_mean - mean
+        mean = mean + delta * (n / total)
+        m2 = m2 + part_m2 + delta**2 * (count * n / total)
         count = total
-    if mean is None or m2 is None:
-        raise DataError("no rows to compute feature statistics from")
+    if count == 0:
+        raise ValueError("merge_stats needs at least one row")
     std = np.sqrt(m2 / count)
     std[std == 0] = 1.0
     return mean, std
 
 
-def _numeric(value: str) -> float | None:
+def _number(text: str) -> float | None:
     try:
-        return float(value)
+        value = float(text)
     except ValueError:
         return None
+    return value if math.isfinite(value) else None
 
 
-def _normalize(label: str) -> str:
-    number = _numeric(label)
-    if number is not None and number.is_integer():
-        return str(int(number))
-    return label
+def _normalize_label(label: str) -> str:
+    """One spelling per numeric label ("1", "1.0", "+1" -> "1"); other labels only stripped."""
+    text = label.strip()
+    try:
+        return str(int(text))  # exact for integers too large for a float
+    except ValueError:
+        pass
+    value = _number(text)
+    if value is None:
+        return text
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 def binary_classes(distinct_labels: Iterable[str]) -> tuple[str, str]:
-    """The (negative, positive) labels of a binary problem: 0/1, -1/+1 or two values in sorted order."""
-    values = sorted({_normalize(str(v).strip()) for v in distinct_labels})
+    """The two classes of a binary label, (class 0, class 1), in normalized spelling.
+
+    Both numeric: the smaller is class 0 (so 0/1 and -1/+1 map as expected); otherwise
+    string order. Raises DataError unless there are exactly two distinct values.
+    """
+    values = sorted({_normalize_label(v) for v in distinct_labels})
     if len(values) != 2:
-        found = ", ".join(f"'{v}'" for v in values[:5]) + (" ..." if len(values) > 5 else "")
-        raise DataError(f"logreg needs exactly two label values; found {len(values)}: {found}")
-    nums = [_numeric(v) for v in values]
-    if nums[0] is not None and nums[1] is not None:
-        values.sort(key=lambda v: float(v))
-    return values[0], values[1]
+        raise DataError(f"logreg needs exactly two label values; found {len(values)}: {_quoted_list(values)}")
+    low, high = values
+    a, b = _number(low), _number(high)
+    if a is not None and b is not None and b < a:
+        low, high = high, low
+    return low, high
 
 
 def encode_labels(labels: np.ndarray, classes: Sequence[str]) -> np.ndarray:
-    """0.0 for classes[0], 1.0 for classes[1]."""
-    norm = np.array([_normalize(str(v)) for v in labels.tolist()], dtype=str)
-    y = np.full(len(norm), np.nan)
-    for i, c in enumerate(classes):
-        y[norm == c] = i
-    unknown = np.flatnonzero(np.isnan(y))
-    if unknown.size:
-        raise DataError(f"label '{norm[unknown[0]]}' is not one of the model's classes {', '.join(classes)}")
-    return y
+    """Labels as float64 class indices (0.0 / 1.0) in ``classes`` order; DataError for a stranger."""
+    distinct, inverse = np.unique(np.asarray(labels, dtype=str), return_inverse=True)
+    index = {_normalize_label(c): float(i) for i, c in enumerate(classes)}
+    codes = np.empty(len(distinct))
+    for k, value in enumerate(distinct.tolist()):
+        code = index.get(_normalize_label(value))
+        if code is None:
+            raise DataError(f"label '{value}' is not one of the model's classes {_quoted_list(list(classes))}")
+        codes[k] = code
+    return codes[inverse.reshape(-1)]
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Train and test row indices (sorted), the test fraction taken from every class."""
+    """Sorted (train, test) row indices with each label value split in ``test_fraction``
+    (rounded), shuffled per class by ``np.random.default_rng(seed)``: same input, same split."""
+    if not 0 < test_fraction < 1:
+        raise ValueError("test_fraction must be between 0 and 1")
     rng = np.random.default_rng(seed)
-    train, test = [], []
-    for value in sorted(set(labels.tolist())):
-        rows = np.flatnonzero(labels == value)
-        rng.shuffle(rows)
-        n_test = int(round(len(rows) * test_fraction))
-        test.append(rows[:n_test])
-        train.append(rows[n_test:])
+    classes, inverse = np.unique(np.asarray(labels), return_inverse=True)
+    inverse = inverse.reshape(-1)
+    train, test = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    for k in range(len(classes)):
+        members = rng.permutation(np.flatnonzero(inverse == k))
+        n_test = round(len(members) * test_fraction)
+        test.append(members[:n_test])
+        train.append(members[n_test:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))

@@ -1,4 +1,8 @@
-"""model.npz: parameter arrays plus a ``__meta__`` JSON string. Never pickled."""
+"""model.npz: the parameter arrays plus a ``__meta__`` JSON document. Never pickled.
+
+``__meta__`` is the UTF-8 JSON text as a uint8 array, so the archive loads with
+``allow_pickle=False``. It always carries ``format`` and ``format_version``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from typing import Any
 
 import numpy as np
@@ -15,64 +20,95 @@ from psctl.errors import ModelFileError
 FORMAT = "psctl-model"
 FORMAT_VERSION = 1
 META_KEY = "__meta__"
+# Local file header (an archive with members) or end of central directory (an empty one).
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+_DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError)
 
 
 def save_model(path: str, params: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    """Write atomically: a temporary file in the same folder, fsync, rename."""
-    for name in params:
+    """Write ``params`` and ``meta`` (plus the format marker) to ``path`` atomically:
+    a temporary file in the same folder, fsync, then rename over ``path``.
+
+    Raises ValueError for a parameter name starting with "__" or an object array, and
+    ModelFileError when the file cannot be written.
+    """
+    arrays = {}
+    for name, value in params.items():
+        array = np.asarray(value)
         if name.startswith("__"):
             raise ValueError(f"parameter names may not start with '__': {name!r}")
+        if array.dtype.hasobject:
+            raise ValueError(f"parameter {name!r} is an object array; a model file holds numbers only")
+        arrays[name] = array
     meta = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION}
-    arrays = {**params, META_KEY: np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".psctl-model-", suffix=".npz")
+    arrays[META_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".psctl-model-", suffix=".npz")
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, **arrays)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except OSError as exc:
+        raise ModelFileError(f"cannot write model file '{path}': {exc.strerror or exc}") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
 
 
 def load_model(path: str, expect_kind: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Parameters and meta of a psctl model; ModelFileError with one sentence otherwise."""
-    if not os.path.exists(path):
-        raise ModelFileError(f"model file '{path}' does not exist")
-    if os.path.isdir(path):
-        raise ModelFileError(f"'{path}' is a folder, not a model file")
-    if not zipfile.is_zipfile(path):
-        raise ModelFileError(f"'{path}' is not a psctl model file (not an .npz archive)")
+    """The parameter arrays and the meta dict of a psctl model file.
+
+    Every way the file can be wrong (missing, not an archive, damaged, a plain numpy
+    archive, object arrays, bad meta, another kind than ``expect_kind``) raises
+    ModelFileError with one sentence.
+    """
+    arrays = _read_archive(path)
+    raw = arrays.pop(META_KEY, None)
+    if raw is None:
+        raise ModelFileError(f"'{path}' is a numpy archive but not a psctl model (no {META_KEY})")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if META_KEY not in archive.files:
-                raise ModelFileError(f"'{path}' is a numpy archive but not a psctl model (no {META_KEY})")
-            arrays = {name: archive[name] for name in archive.files}
-    except ModelFileError:
-        raise
-    except ValueError as exc:
-        if "pickle" in str(exc).lower() or "object" in str(exc).lower():
-            raise ModelFileError(f"'{path}' holds object arrays, which psctl never loads") from None
-        raise ModelFileError(f"'{path}' is damaged: {exc}") from None
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise ModelFileError(f"'{path}' is damaged or truncated ({type(exc).__name__})") from None
-    raw = arrays.pop(META_KEY)
-    try:
-        if raw.dtype != np.uint8:
-            raise ValueError
+        if raw.dtype != np.uint8 or raw.ndim != 1:
+            raise ValueError("not bytes")
         meta = json.loads(raw.tobytes().decode())
-    except (ValueError, UnicodeDecodeError):
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ModelFileError(f"'{path}' has a {META_KEY} block that is not JSON text") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelFileError(f"'{path}' is not a psctl model (wrong {META_KEY} format marker)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ModelFileError(
+            f"'{path}' is a psctl model of format version {meta.get('format_version')}; this psctl reads {FORMAT_VERSION}"
+        )
     if not isinstance(meta.get("kind"), str):
         raise ModelFileError(f"'{path}' does not say what kind of model it holds")
     if expect_kind is not None and meta["kind"] != expect_kind:
         raise ModelFileError(f"'{path}' is a {meta['kind']} model, not {expect_kind}")
-    for name, arr in arrays.items():
-        if arr.dtype.kind not in "fiu":
-            raise ModelFileError(f"'{path}' has a parameter '{name}' of type {arr.dtype}, not numbers")
+    for name, array in arrays.items():
+        if array.dtype.kind not in "fiu":
+            raise ModelFileError(f"'{path}' has a parameter '{name}' of type {array.dtype}, not numbers")
     return arrays, meta
+
+
+def _read_archive(path: str) -> dict[str, np.ndarray]:
+    try:
+        with open(path, "rb") as fh:
+            # np.load would try a non-zip file as a pickle; refuse it here with a clear word.
+            if fh.read(4) not in _ZIP_MAGICS:
+                raise ModelFileError(f"'{path}' is not a psctl model file (not an .npz archive)")
+            fh.seek(0)
+            with np.load(fh, allow_pickle=False) as archive:
+                return {name: archive[name] for name in archive.files}
+    except FileNotFoundError:
+        raise ModelFileError(f"model file '{path}' does not exist") from None
+    except IsADirectoryError:
+        raise ModelFileError(f"'{path}' is a folder, not a model file") from None
+    except PermissionError as exc:
+        raise ModelFileError(f"cannot read model file '{path}': {exc.strerror}") from None
+    except ValueError as exc:
+        # numpy refuses object (pickled) arrays with a plain ValueError naming allow_pickle.
+        if "allow_pickle" in str(exc):
+            raise ModelFileError(f"'{path}' holds object arrays, which psctl never loads") from None
+        raise ModelFileError(f"'{path}' is a damaged .npz archive ({exc})") from None
+    except _DAMAGED as exc:
+        raise ModelFileError(f"'{path}' is a damaged or truncated .npz archive ({type(exc).__name__})") from None
