@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from psctl import net
+from psctl.tables import split_keys
 from psctl.wire import MsgType
 
 
@@ -52,6 +53,51 @@ class ShardClient:
             self.bytes_pulled += sum(a.nbytes for a in parts)
             out[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return out
+
+    async def pull_rows(
+        self, keys: dict[str, np.ndarray], clock: int = 0, timeout_s: float | None = None
+    ) -> dict[str, np.ndarray]:
+        """The rows ``keys[table]`` (sorted, unique) of each table, in that order.
+
+        Only shards that own some of the keys are asked.
+        """
+        names = list(keys)
+        splits = {n: split_keys(keys[n], self.ranges[n]) for n in names}
+        asked = []
+        for i, peer in enumerate(self.peers):
+            arrays = [keys[n][splits[n][i]] for n in names]
+            if any(len(a) for a in arrays):
+                body = {"job_id": self.job_id, "tables": names, "clock": clock, "keyed": True}
+                asked.append((i, peer, peer.request_nowait(MsgType.PULL, body, arrays)))
+        replies = await asyncio.gather(*(p.wait_reply(f, timeout_s) for _, p, f in asked))
+        out: dict[str, np.ndarray] = {}
+        for t, name in enumerate(names):
+            parts = [(splits[name][i], r.arrays[t]) for (i, _, _), r in zip(asked, replies)]
+            template = parts[0][1] if parts else np.empty(0, dtype=np.float32)
+            rows = np.empty((len(keys[name]), *template.shape[1:]), dtype=template.dtype)
+            for where, values in parts:
+                rows[where] = values
+                self.bytes_pulled += values.nbytes
+            out[name] = rows
+        return out
+
+    def push_rows_nowait(
+        self, grads: dict[str, tuple[np.ndarray, np.ndarray]], clock: int, count: int
+    ) -> list[asyncio.Future[Any]]:
+        """Push (sorted unique keys, gradient rows) per table. Every shard gets a push
+        (perhaps empty) because a push is also how a shard learns the worker's clock."""
+        names = list(grads)
+        splits = {n: split_keys(grads[n][0], self.ranges[n]) for n in names}
+        futs = []
+        for i, peer in enumerate(self.peers):
+            arrays = []
+            for n in names:
+                keys, rows = grads[n]
+                arrays += [keys[splits[n][i]], rows[splits[n][i]]]
+            self.bytes_pushed += sum(a.nbytes for a in arrays)
+            body = {"job_id": self.job_id, "tables": names, "clock": clock, "count": count, "keyed": True}
+            futs.append(peer.request_nowait(MsgType.PUSH, body, arrays))
+        return futs
 
     def push_nowait(self, grads: dict[str, np.ndarray], clock: int, count: int) -> list[asyncio.Future[Any]]:
         """Send each shard its slice of every gradient; return the ack futures."""

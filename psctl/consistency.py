@@ -94,9 +94,13 @@ class ClockGate:
         return ready
 
 
+Grad = tuple[np.ndarray | None, np.ndarray]  # (sorted unique keys, or None for the whole table; values)
+
+
 @dataclass
 class _Pending:
-    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    dense: dict[str, np.ndarray] = field(default_factory=dict)
+    keyed: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
     count: int = 0
 
 
@@ -105,30 +109,49 @@ class SyncAccumulator:
 
     Weighting by samples makes the applied update equal to the mean gradient
     over the union of the workers' batches, even when batch sizes differ.
+    Keyed (sparse) pushes are merged by key: a key two workers touched gets
+    the sum of both contributions.
     """
 
     def __init__(self) -> None:
         self._pending: dict[int, _Pending] = {}
 
-    def add(self, clock: int, grads: dict[str, np.ndarray], count: int) -> None:
+    def add(self, clock: int, grads: dict[str, Grad], count: int) -> None:
         entry = self._pending.setdefault(clock, _Pending())
-        for name, grad in grads.items():
-            acc = entry.sums.get(name)
-            if acc is None:
-                entry.sums[name] = grad.astype(np.float64) * count
+        for name, (keys, grad) in grads.items():
+            if keys is not None:
+                entry.keyed.setdefault(name, []).append((keys, grad.astype(np.float64) * count))
+            elif name in entry.dense:
+                entry.dense[name] += grad * count
             else:
-                acc += grad * count
+                entry.dense[name] = grad.astype(np.float64) * count
         entry.count += count
 
-    def complete(self, min_clock: int | None) -> list[tuple[int, dict[str, np.ndarray]]]:
+    def complete(self, min_clock: int | None) -> list[tuple[int, dict[str, Grad]]]:
         """Pop every clock all live workers have pushed (all of them when nobody is live)."""
         done = sorted(c for c in self._pending if min_clock is None or c < min_clock)
         out = []
         for clock in done:
             entry = self._pending.pop(clock)
-            if entry.count:
-                out.append((clock, {name: acc / entry.count for name, acc in entry.sums.items()}))
+            if not entry.count:
+                continue
+            means: dict[str, Grad] = {name: (None, acc / entry.count) for name, acc in entry.dense.items()}
+            for name, parts in entry.keyed.items():
+                keys, sums = merge_rows(parts)
+                means[name] = (keys, sums / entry.count)
+            out.append((clock, means))
         return out
 
     def __len__(self) -> int:
         return len(self._pending)
+
+
+def merge_rows(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Sum row blocks given as (keys, rows) into one block with sorted unique keys."""
+    if len(parts) == 1:
+        return parts[0]
+    keys, inverse = np.unique(np.concatenate([k for k, _ in parts]), return_inverse=True)
+    rows = np.concatenate([r for _, r in parts])
+    sums = np.zeros((len(keys), *rows.shape[1:]), dtype=rows.dtype)
+    np.add.at(sums, inverse.reshape(-1), rows)
+    return keys, sums

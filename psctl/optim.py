@@ -1,4 +1,10 @@
-"""Server-side update rules. A rule turns (values, gradient) into new values in place."""
+"""Server-side update rules, applied by a shard to its slice of a table.
+
+A rule is stateless itself; per-key state (AdaGrad's accumulators, Adam's
+moments, ...) lives in arrays the shard keeps beside each table, created by
+``init_state`` with the table's row shape. ``apply`` updates the rows
+``rows`` (local row indices, unique) or, when ``rows`` is None, every row.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +14,43 @@ from typing import Any, Protocol
 import numpy as np
 
 
-class Optimizer(Protocol):
-    def apply(self, values: np.ndarray, grad: np.ndarray) -> None:
-        """Update ``values`` in place with ``grad`` (same shape)."""
+class UpdateRule(Protocol):
+    def init_state(self, values: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-row state arrays for a table holding ``values``."""
+
+    def apply(
+        self, values: np.ndarray, grad: np.ndarray, state: dict[str, np.ndarray], rows: np.ndarray | None, step: int
+    ) -> None:
+        """Update ``values`` (all rows, or ``rows``) in place with ``grad``; ``step`` counts this table's updates."""
 
 
 @dataclass
 class SGD:
-    """Plain SGD: ``values -= lr * grad``."""
+    """SGD with an optional decaying step: lr_t = lr / (1 + lr_decay * t)."""
 
     lr: float
+    lr_decay: float = 0.0
 
-    def apply(self, values: np.ndarray, grad: np.ndarray) -> None:
-        values -= (self.lr * grad).astype(values.dtype, copy=False)
+    def init_state(self, values: np.ndarray) -> dict[str, np.ndarray]:
+        return {}
+
+    def step_size(self, step: int) -> float:
+        return self.lr / (1.0 + self.lr_decay * step)
+
+    def apply(
+        self, values: np.ndarray, grad: np.ndarray, state: dict[str, np.ndarray], rows: np.ndarray | None, step: int
+    ) -> None:
+        delta = (self.step_size(step) * grad).astype(values.dtype, copy=False)
+        if rows is None:
+            values -= delta
+        else:
+            values[rows] -= delta  # rows are unique, so fancy-index -= is exact
 
 
-OPTIMIZERS = {"sgd": SGD}
+OPTIMIZERS: dict[str, type] = {"sgd": SGD}
 
 
-def make_optimizer(name: str, params: dict[str, Any]) -> Optimizer:
+def make_optimizer(name: str, params: dict[str, Any]) -> UpdateRule:
     try:
         cls = OPTIMIZERS[name]
     except KeyError:

@@ -10,17 +10,53 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from psctl import net
-from psctl.consistency import ClockGate, SyncAccumulator, staleness_for
-from psctl.optim import Optimizer, make_optimizer
+from psctl.consistency import ClockGate, Grad, SyncAccumulator, staleness_for
+from psctl.optim import UpdateRule, make_optimizer
 from psctl.tables import TableSpec, init_values
 from psctl.wire import Message, MsgType
 
 log = logging.getLogger("psctl.shard")
+
+
+class Table:
+    """This shard's rows [lo, hi) of one table, with the update rule's per-row state."""
+
+    def __init__(self, spec: TableSpec, lo: int, hi: int, seed: int, rule: UpdateRule):
+        self.spec, self.lo, self.hi = spec, lo, hi
+        self.values = init_values(spec, lo, hi, seed)
+        self.state = rule.init_state(self.values)
+        self.steps = 0  # updates applied, for learning-rate schedules
+
+    def locate(self, keys: np.ndarray) -> np.ndarray:
+        """Local row indices of global ``keys`` (sorted, unique, inside this shard's range)."""
+        if keys.ndim != 1 or keys.dtype.kind not in "iu":
+            raise net.RequestError(f"keys for {self.spec.name!r} must be a 1-d integer array")
+        if len(keys):
+            if keys[0] < self.lo or keys[-1] >= self.hi:
+                raise net.RequestError(f"keys for {self.spec.name!r} fall outside this shard's range [{self.lo}, {self.hi})")
+            if len(keys) > 1 and not (np.diff(keys) > 0).all():
+                raise net.RequestError(f"keys for {self.spec.name!r} must be sorted and unique")
+        return keys.astype(np.int64) - self.lo
+
+    def read(self, keys: np.ndarray | None) -> np.ndarray:
+        # A copy: the reply may sit in the transport's buffer while later pushes change the table.
+        return self.values.copy() if keys is None else self.values[self.locate(keys)]
+
+    def check_grad(self, keys: np.ndarray | None, grad: np.ndarray) -> None:
+        expected = self.values.shape if keys is None else (len(keys), *self.values.shape[1:])
+        if grad.shape != expected:
+            raise net.RequestError(f"gradient for {self.spec.name!r} has shape {grad.shape}, expected {expected}")
+
+    def apply(self, rule: UpdateRule, keys: np.ndarray | None, grad: np.ndarray) -> None:
+        rows = None if keys is None else self.locate(keys)
+        rule.apply(self.values, grad, self.state, rows, self.steps)
+        self.steps += 1
 
 
 class ShardState:
@@ -34,52 +70,48 @@ class ShardState:
         mode: str,
         staleness: int,
         workers: list[int],
-        optimizer: Optimizer,
+        rule: UpdateRule,
         seed: int,
     ):
         self.job_id = job_id
         self.mode = mode
-        self.specs = {t.name: t for t in tables}
         self.ranges = ranges
-        self.values = {t.name: init_values(t, *ranges[t.name], seed) for t in tables}
+        self.tables = {t.name: Table(t, *ranges[t.name], seed, rule) for t in tables}
         self.gate = ClockGate(workers, staleness_for(mode, staleness))
         self.acc = SyncAccumulator() if mode == "sync" else None
-        self.optimizer = optimizer
-        self.updates = 0  # optimizer applications
+        self.rule = rule
+        self.updates = 0  # optimizer applications (a sync clock counts once)
         self.pushes = 0
         self.left: set[int] = set()
 
-    def check_tables(self, names: list[Any]) -> list[str]:
+    def check_tables(self, names: Any) -> list[str]:
         if not isinstance(names, list) or not names:
             raise net.RequestError("'tables' must be a non-empty list of table names")
         for name in names:
-            if name not in self.values:
+            if name not in self.tables:
                 raise net.RequestError(f"unknown table {name!r}")
         return names
 
-    def read(self, names: list[str]) -> list[np.ndarray]:
-        # A copy: the reply may sit in the transport's buffer while later pushes change the table.
-        return [self.values[n].copy() for n in names]
+    def read(self, names: list[str], keys: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        return [self.tables[n].read(None if keys is None else keys[i]) for i, n in enumerate(names)]
 
-    def push(self, worker: int, clock: int, grads: dict[str, np.ndarray], count: int) -> list[Any]:
+    def push(self, worker: int, clock: int, grads: dict[str, Grad], count: int) -> list[Any]:
         """Apply (or, in sync mode, accumulate) one push; return the gate tokens now ready."""
         if worker not in self.gate.clocks:
             raise net.RequestError(f"worker {worker} is not in the live set of job {self.job_id}", code="not_live")
         expected = self.gate.clocks[worker]
         if clock != expected:
             raise net.RequestError(f"worker {worker} pushed clock {clock}, expected {expected}", code="bad_clock")
-        for name, grad in grads.items():
-            if grad.shape != self.values[name].shape:
-                raise net.RequestError(
-                    f"gradient for {name!r} has shape {grad.shape}, the shard holds {self.values[name].shape}"
-                )
+        for name, (keys, grad) in grads.items():
+            table = self.tables[name]
+            table.check_grad(keys, grad)
+            if keys is not None:
+                table.locate(keys)  # validate before anything is applied or accumulated
         self.pushes += 1
         if self.acc is not None:
             self.acc.add(clock, grads, count)
         else:
-            for name, grad in grads.items():
-                self.optimizer.apply(self.values[name], grad)
-            self.updates += 1
+            self._apply(grads)
         ready = self.gate.advance(worker, clock + 1)
         self._apply_completed()
         return ready
@@ -92,24 +124,46 @@ class ShardState:
         self._apply_completed()
         return ready
 
+    def _apply(self, grads: dict[str, Grad]) -> None:
+        for name, (keys, grad) in grads.items():
+            self.tables[name].apply(self.rule, keys, grad)
+        self.updates += 1
+
     def _apply_completed(self) -> None:
         if self.acc is None:
             return
         for _clock, means in self.acc.complete(self.gate.min_clock()):
-            for name, grad in means.items():
-                self.optimizer.apply(self.values[name], grad)
-            self.updates += 1
+            self._apply(means)
 
     def status(self) -> dict[str, Any]:
         return {
             "job_id": self.job_id,
-            "keys": int(sum(v.shape[0] for v in self.values.values())),
-            "bytes": int(sum(v.nbytes for v in self.values.values())),
+            "keys": int(sum(t.values.shape[0] for t in self.tables.values())),
+            "bytes": int(sum(t.values.nbytes for t in self.tables.values())),
             "updates": self.updates,
             "pushes": self.pushes,
             "clocks": {str(w): c for w, c in self.gate.clocks.items()},
             "waiting_pulls": self.gate.waiting(),
         }
+
+
+@dataclass
+class _PullToken:
+    fut: asyncio.Future[Message]
+    names: list[str]
+    keys: list[np.ndarray] | None
+    clock: int
+
+
+def _keyed_arrays(msg: Message, names: list[str], per_table: int) -> list[np.ndarray] | None:
+    """The keys arrays of a keyed request (None for whole-table requests); checks the array count."""
+    keyed = bool(msg.body.get("keyed", False))
+    expected = len(names) * (per_table if keyed else per_table - 1)
+    if len(msg.arrays) != expected:
+        raise net.RequestError(f"{msg.type.name} for {len(names)} tables carries {len(msg.arrays)} arrays, expected {expected}")
+    if not keyed:
+        return None
+    return msg.arrays[::per_table] if per_table > 1 else list(msg.arrays)
 
 
 def _require(body: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
@@ -164,22 +218,26 @@ class ShardService:
     def _pull(self, peer: net.Peer, msg: Message) -> net.Reply | asyncio.Future[Message]:
         state = self._job(msg.body)
         names = state.check_tables(msg.body.get("tables"))
+        keys = _keyed_arrays(msg, names, per_table=1)
+        if keys is not None:
+            for name, k in zip(names, keys):
+                state.tables[name].locate(k)  # refuse bad keys now, not when the gate opens
         if peer.info.get("role") == "driver" or peer.info.get("worker_id") in state.left:
-            return Message(MsgType.PULL, {}, state.read(names))
+            return Message(MsgType.PULL, {}, state.read(names, keys))
         if peer.info.get("role") != "worker":
             raise net.RequestError("say HELLO before PULL")
         clock = _require(msg.body, "clock", int)
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        token = (fut, names, clock)
+        token = _PullToken(fut, names, keys, clock)
         if state.gate.wait(clock, token):
             return self._answer_pull(state, token)
         return fut
 
-    def _answer_pull(self, state: ShardState, token: tuple[asyncio.Future[Message], list[str], int]) -> Message:
-        fut, names, clock = token
-        reply = Message(MsgType.PULL, {"min_clock": state.gate.min_clock(), "clock": clock}, state.read(names))
-        if not fut.done():
-            fut.set_result(reply)
+    def _answer_pull(self, state: ShardState, token: _PullToken) -> Message:
+        body = {"min_clock": state.gate.min_clock(), "clock": token.clock}
+        reply = Message(MsgType.PULL, body, state.read(token.names, token.keys))
+        if not token.fut.done():
+            token.fut.set_result(reply)
         return reply
 
     def _release(self, tokens: list[Any]) -> None:
@@ -193,13 +251,14 @@ class ShardService:
         if worker is None:
             raise net.RequestError("say HELLO as a worker before PUSH")
         names = state.check_tables(msg.body.get("tables"))
-        if len(msg.arrays) != len(names):
-            raise net.RequestError(f"PUSH names {len(names)} tables but carries {len(msg.arrays)} arrays")
+        keys = _keyed_arrays(msg, names, per_table=2)
+        grads = msg.arrays[1::2] if keys is not None else msg.arrays
         count = _require(msg.body, "count", int)
         if count < 1:
             raise net.RequestError("'count' must be >= 1")
         clock = _require(msg.body, "clock", int)
-        self._release(state.push(worker, clock, dict(zip(names, msg.arrays)), count))
+        table_grads = {n: (None if keys is None else keys[i], grads[i]) for i, n in enumerate(names)}
+        self._release(state.push(worker, clock, table_grads, count))
         return None
 
     def _leave(self, peer: net.Peer, msg: Message) -> net.Reply:

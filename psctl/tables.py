@@ -45,11 +45,11 @@ def shard_ranges(rows: int, n_shards: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(n_shards)]
 
 
-def split_keys(keys: np.ndarray, ranges: list[tuple[int, int]]) -> list[np.ndarray]:
-    """For sorted ``keys``, the index slice of ``keys`` each shard owns (ps-lite's Slice)."""
+def split_keys(keys: np.ndarray, ranges: list[tuple[int, int]]) -> list[slice]:
+    """For sorted ``keys``, the slice of ``keys`` each shard owns (ps-lite's Slice)."""
     starts = np.searchsorted(keys, [lo for lo, _ in ranges], side="left")
     ends = np.searchsorted(keys, [hi for _, hi in ranges], side="left")
-    return [np.arange(s, e) for s, e in zip(starts, ends)]
+    return [slice(int(s), int(e)) for s, e in zip(starts, ends)]
 
 
 def init_values(spec: TableSpec, lo: int, hi: int, seed: int) -> np.ndarray:

@@ -142,3 +142,18 @@ async def test_malformed_frame_gets_error_and_shard_keeps_serving(server):
         assert b"bad magic" in reply[HEADER.size :]
         w = await worker.pull(["w"], 1)
         np.testing.assert_allclose(w["w"], -0.1)
+
+
+async def test_keyed_rows_travel_to_the_shards_that_own_them(server):
+    spec = bare_spec(2, "sync", rows=8)
+    spec["tables"] = [{"name": "f", "rows": 1000, "dim": 3}]
+    async with job(server.address, spec) as (clients, sub):
+        a, b = clients
+        ka, kb = np.array([1, 499, 500, 999]), np.array([499, 700])
+        a.push_rows_nowait({"f": (ka, np.ones((4, 3), np.float32))}, 0, 1)
+        await b.wait_all(b.push_rows_nowait({"f": (kb, np.full((2, 3), 3.0, np.float32))}, 0, 1))
+        rows = (await a.pull_rows({"f": np.array([0, 1, 499, 500, 700, 999])}, 1))["f"]
+        np.testing.assert_allclose(rows[:, 0], -0.1 * np.array([0, 1, 4, 1, 3, 1]) / 2)
+        assert a.bytes_pulled == 6 * 3 * 4  # only the six rows asked for travelled
+        shards = [await status(addr) for addr in sub["shards"]]
+        assert [s["updates"] for s in shards] == [1, 1]

@@ -48,13 +48,23 @@ def test_clock_cannot_go_back():
 
 def test_sync_accumulator_weights_by_samples():
     acc = SyncAccumulator()
-    acc.add(0, {"w": np.array([1.0, 1.0])}, 1)
-    acc.add(0, {"w": np.array([4.0, 0.0])}, 3)
+    acc.add(0, {"w": (None, np.array([1.0, 1.0]))}, 1)
+    acc.add(0, {"w": (None, np.array([4.0, 0.0]))}, 3)
     assert acc.complete(0) == []
     ((clock, means),) = acc.complete(1)
-    assert clock == 0
-    np.testing.assert_allclose(means["w"], [(1 + 12) / 4, 1 / 4])
+    assert clock == 0 and means["w"][0] is None
+    np.testing.assert_allclose(means["w"][1], [(1 + 12) / 4, 1 / 4])
     assert len(acc) == 0
+
+
+def test_sync_accumulator_merges_keyed_rows_by_key():
+    acc = SyncAccumulator()
+    acc.add(0, {"f": (np.array([1, 5]), np.array([[1.0, 1.0], [2.0, 2.0]]))}, 2)
+    acc.add(0, {"f": (np.array([5, 9]), np.array([[4.0, 0.0], [1.0, 3.0]]))}, 2)
+    ((_, means),) = acc.complete(None)
+    keys, rows = means["f"]
+    assert keys.tolist() == [1, 5, 9]
+    np.testing.assert_allclose(rows, np.array([[2, 2], [4 + 8, 4], [2, 6]]) / 4)
 
 
 def test_shard_ranges_cover_keys_once():
@@ -70,6 +80,8 @@ def test_split_keys_at_range_edges():
     keys = np.array([0, 9, 10, 19, 20, 29])
     parts = split_keys(keys, ranges)
     assert [keys[p].tolist() for p in parts] == [[0, 9], [10, 19], [20, 29]]
+    few = np.array([3, 25])
+    assert [few[p].tolist() for p in split_keys(few, ranges)] == [[3], [], [25]]
 
 
 def test_init_values_independent_of_sharding():
