@@ -60,7 +60,7 @@ def _split(values: list[str] | None) -> tuple[str, ...]:
 # -- train --------------------------------------------------------------------
 @app.command()
 def train(
-    model: str = typer.Argument(..., help="Model kind: logreg."),
+    model: str = typer.Argument(..., help="logreg, softmax, svm, linreg, or a class as package.module:Class."),
     data: str = typer.Argument(..., help="Training data (CSV)."),
     workers: int = typer.Option(8, "--workers", "-w", help="Number of workers."),
     shards: int = typer.Option(2, "--shards", help="Shard processes of the embedded cluster."),
@@ -73,6 +73,9 @@ def train(
     epochs: int = typer.Option(10, "--epochs"),
     batch_size: int = typer.Option(32, "--batch-size"),
     lr: float = typer.Option(0.1, "--lr", help="Learning rate of the shards' SGD."),
+    lr_decay: float = typer.Option(0.0, "--lr-decay", help="Step size lr / (1 + lr_decay * t), t = updates applied."),
+    loss: str | None = typer.Option(None, "--loss", help="linreg: squared (default) or huber."),
+    huber_delta: float | None = typer.Option(None, "--huber-delta", help="linreg with --loss huber: the delta."),
     l2: float = typer.Option(0.0, "--l2", help="L2 regularization strength."),
     seed: int = typer.Option(0, "--seed"),
     label: str | None = typer.Option(None, "--label", help="Label column (name or index); default 'label' or the first."),
@@ -98,6 +101,8 @@ def train(
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
+        lr_decay=lr_decay,
+        model_params={k: v for k, v in (("loss", loss), ("huber_delta", huber_delta)) if v is not None},
         l2=l2,
         seed=seed,
         label=label,
@@ -115,12 +120,19 @@ def train(
     m = result.metrics
     out.print(
         f"done: mode {cfg.mode}, {cfg.workers} workers, {m['seconds']:.2f} s; "
-        f"train loss {m['train_loss']:.4f}, train accuracy {m['train_accuracy']:.4f} "
+        f"train loss {m['train_loss']:.4f}, {_figures(m, prefix='train_')} "
         f"over {m['samples']} rows; model written to {result.model_path}",
         highlight=False,
     )
     if m["lost_workers"]:
         out.print(f"warning: workers lost during training: {m['lost_workers']}", highlight=False)
+
+
+def _figures(metrics: dict[str, Any], prefix: str = "") -> str:
+    """'accuracy 0.9731' or 'rmse 0.41 mae 0.32' from a metrics dict."""
+    names = [n for n in ("accuracy", "rmse", "mae") if prefix + n in metrics]
+    label = prefix.replace("_", " ")
+    return " ".join(f"{label}{n} {metrics[prefix + n]:.4f}" for n in names)
 
 
 class _TrainView:
@@ -168,7 +180,7 @@ class _TrainView:
             self.epoch_samples += event["samples"]
             line = (
                 f"epoch {event['epoch'] + 1}/{self.epochs}: loss {event['loss']:.4f} "
-                f"accuracy {event['accuracy']:.4f} samples/s {self._rate(self.epoch_samples):.0f}"
+                f"{_figures(event['metrics'])} samples/s {self._rate(self.epoch_samples):.0f}"
             )
             if self.progress is not None:
                 self.progress.console.print(line, highlight=False)
@@ -177,7 +189,7 @@ class _TrainView:
             msg = f"warning: worker {event['worker_id']} lost after {event['at_s']:.1f} s"
             (self.progress.console if self.progress else err).print(msg, highlight=False)
         elif kind == "done":
-            self._plain(f"trained: loss {event['loss']:.4f} accuracy {event['accuracy']:.4f}")
+            self._plain(f"trained: loss {event['loss']:.4f} {_figures(event['metrics'])}")
 
     def _rate(self, samples: int) -> float:
         return samples / max(time.monotonic() - self.started, 1e-9)
@@ -202,13 +214,14 @@ def predict(
     model_path: str = typer.Argument(..., help="A model file written by 'psctl train'."),
     data: str = typer.Argument(..., help="CSV with the model's feature columns (and optionally the label)."),
     out_path: str | None = typer.Option(None, "--out", "-o", help="Write per-row predictions to this CSV."),
+    model_class: str | None = typer.Option(None, "--model-class", help="Allow loading a model of this user class."),
 ) -> None:
     """Apply a model file to data; print metrics when the data has labels."""
     from psctl.predict import predict as run_predict
     from psctl.predict import write_predictions
 
     try:
-        pred = run_predict(model_path, data)
+        pred = run_predict(model_path, data, model_class)
         if out_path:
             write_predictions(pred, out_path)
     except PsctlError as exc:
@@ -222,10 +235,23 @@ def predict(
         table.add_column("metric")
         table.add_column("value", justify="right")
         for name, value in pred.metrics.items():
-            table.add_row(name, f"{value:.0f}" if name == "rows" else f"{value:.4f}")
+            if name != "confusion":
+                table.add_row(name, f"{value:.0f}" if name == "rows" else f"{value:.4f}")
         out.print(table)
+        if "confusion" in pred.metrics:
+            out.print(_confusion_table(pred.metrics["confusion"], pred.meta["classes"]))
     if out_path:
         out.print(f"predictions written to {out_path}")
+
+
+def _confusion_table(cm: Any, classes: list[str]) -> Table:
+    table = Table(title="confusion matrix (rows: true, columns: predicted)")
+    table.add_column("true \\ predicted")
+    for c in classes:
+        table.add_column(c, justify="right")
+    for c, row in zip(classes, cm):
+        table.add_row(c, *(str(int(v)) for v in row))
+    return table
 
 
 # -- cluster roles ------------------------------------------------------------
@@ -312,7 +338,7 @@ def worker(
     from psctl.worker import Worker
 
     report = _run(lambda: Worker(server_address, max_frame_bytes=max_frame_bytes, data_path=data).run())
-    out.print(f"worker done: {report['n']} rows, {report['correct']} correct with the final model", highlight=False)
+    out.print(f"worker done: {report['n']} rows, final loss {report['loss_sum'] / max(report['n'], 1):.4f}", highlight=False)
 
 
 @app.command()

@@ -122,6 +122,24 @@ class ShardClient:
     async def leave(self) -> None:
         await asyncio.gather(*(p.request(MsgType.LEAVE, {"job_id": self.job_id}) for p in self.peers))
 
+    # -- what workers use: whole tables where keys are None, rows otherwise ----------
+    def _full_keys(self, keys: dict[str, np.ndarray | None]) -> dict[str, np.ndarray]:
+        # A model mixing keyed and whole tables sends everything keyed: one request per shard keeps one clock.
+        return {n: k if k is not None else np.arange(self.ranges[n][-1][1]) for n, k in keys.items()}
+
+    async def pull_for(self, keys: dict[str, np.ndarray | None], clock: int = 0) -> dict[str, np.ndarray]:
+        if all(k is None for k in keys.values()):
+            return await self.pull(list(keys), clock)
+        return await self.pull_rows(self._full_keys(keys), clock)
+
+    def push_for_nowait(
+        self, keys: dict[str, np.ndarray | None], grads: dict[str, np.ndarray], clock: int, count: int
+    ) -> list[asyncio.Future[Any]]:
+        if all(k is None for k in keys.values()):
+            return self.push_nowait(grads, clock, count)
+        full = self._full_keys(keys)
+        return self.push_rows_nowait({n: (full[n], grads[n]) for n in keys}, clock, count)
+
     def close(self) -> None:
         for peer in self.peers:
             peer.close()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from psctl import net
+from psctl.consistency import staleness_for
 from psctl.tables import TableSpec, shard_ranges
 from psctl.wire import Message, MsgType
 
@@ -83,6 +84,7 @@ class Job:
     ranges: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     epoch_reports: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)
     stats_sent: bool = False
+    tables_ready: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     state: str = "setup"  # setup -> running -> done | failed
     started_s: float = field(default_factory=time.monotonic)
 
@@ -148,6 +150,7 @@ class CoordinatorService:
 
     # -- the driver ----------------------------------------------------------
     async def _submit(self, peer: net.Peer, msg: Message) -> Message:
+        """Open a job: workers may register and run the statistics pass; tables come later (TABLES)."""
         if self.job is not None:
             raise net.RequestError(f"job {self.job.job_id} is still running on this server", code="busy")
         spec = msg.body.get("spec")
@@ -155,8 +158,8 @@ class CoordinatorService:
             raise net.RequestError("SUBMIT needs a job spec")
         try:
             n_workers = int(spec["n_workers"])
-            tables = [TableSpec.from_dict(t) for t in spec["tables"]]
             min_shards = int(spec.get("min_shards", 1))
+            staleness_for(str(spec["mode"]), int(spec.get("staleness", 0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise net.RequestError(f"bad job spec: {exc}") from None
         if n_workers < 1 or len(spec.get("partitions", [])) != n_workers:
@@ -170,52 +173,61 @@ class CoordinatorService:
                 ) from None
         if self.job is not None:
             raise net.RequestError(f"job {self.job.job_id} is still running on this server", code="busy")
-        shards = list(self.shards)
         job_id = f"{os.getpid()}-{next(self._job_ids)}"
         workers = set(range(n_workers))
-        job = Job(
+        self.job = Job(
             job_id,
             spec,
             peer,
-            shards,
+            list(self.shards),
             [WorkerSlot(i) for i in range(n_workers)],
             Barrier(workers),
             Barrier(workers),
             Barrier(workers),
         )
-        ranges = {t.name: shard_ranges(t.rows, len(shards)) for t in tables}
-        job.ranges = ranges
-        self.job = job
+        self.job.state = "running"
         peer.info.update(role="driver", job_id=job_id)
+        log.info("job %s: %d workers, %d shards, mode %s", job_id, n_workers, len(self.shards), spec["mode"])
+        self._changed_soon()
+        return Message(MsgType.SUBMIT, {"job_id": job_id, "shards": [s.address for s in self.job.shards]})
+
+    async def _tables(self, peer: net.Peer, msg: Message) -> Message:
+        """The driver names the job's tables (known once labels are): set them up on every shard."""
+        job = self.job
+        if job is None or job.driver is not peer or job.ranges:
+            raise net.RequestError("TABLES comes once, from the driver of the running job")
+        try:
+            tables = [TableSpec.from_dict(t) for t in msg.body["tables"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise net.RequestError(f"bad tables: {exc}") from None
+        ranges = {t.name: shard_ranges(t.rows, len(job.shards)) for t in tables}
+        spec = job.spec
         setups = [
             s.peer.request(
                 MsgType.JOB_SETUP,
                 {
-                    "job_id": job_id,
+                    "job_id": job.job_id,
                     "tables": [t.to_dict() for t in tables],
                     "ranges": {name: r[i] for name, r in ranges.items()},
                     "mode": spec["mode"],
                     "staleness": spec.get("staleness", 0),
-                    "workers": sorted(workers),
+                    "workers": [w.worker_id for w in job.workers],
                     "optimizer": spec["optimizer"],
                     "seed": spec.get("seed", 0),
                 },
                 timeout_s=SHARD_SETUP_TIMEOUT_S,
             )
-            for i, s in enumerate(shards)
+            for i, s in enumerate(job.shards)
         ]
         try:
             await asyncio.gather(*setups)
         except net.PsctlError as exc:
-            self._end_job(f"shard setup failed: {exc}")
+            self._fail(f"shard setup failed: {exc}")
             raise net.RequestError(f"shard setup failed: {exc}") from None
-        job.state = "running"
-        log.info("job %s: %d workers, %d shards, mode %s", job_id, n_workers, len(shards), spec["mode"])
-        self._changed_soon()
-        return Message(
-            MsgType.SUBMIT,
-            {"job_id": job_id, "shards": [s.address for s in shards], "ranges": ranges},
-        )
+        job.ranges = ranges
+        if not job.tables_ready.done():
+            job.tables_ready.set_result(None)
+        return Message(MsgType.TABLES, {"shards": [s.address for s in job.shards], "ranges": ranges})
 
     def _job_end(self, peer: net.Peer, msg: Message) -> None:
         if self.job is not None and self.job.driver is peer:
@@ -231,8 +243,12 @@ class CoordinatorService:
             for w in job.workers:
                 if w.peer is not None and w.peer.is_open:
                     w.peer.notify(MsgType.EVENT, {"kind": "abort", "reason": reason})
+        ended = net.RequestError(f"job {job.job_id} ended: {reason or 'done'}", code="job_ended")
         for barrier in (job.stats, job.trained, job.final):
-            barrier.fail(net.RequestError(f"job {job.job_id} ended: {reason or 'done'}", code="job_ended"))
+            barrier.fail(ended)
+        if not job.tables_ready.done():
+            job.tables_ready.set_exception(ended)
+            job.tables_ready.exception()  # retrieved: nobody may be waiting
         for s in job.shards:
             if s.peer.is_open:
                 s.peer.notify(MsgType.JOB_CLEAR, {"job_id": job.job_id})
@@ -270,8 +286,6 @@ class CoordinatorService:
                 "worker_id": slot.worker_id,
                 "spec": job.spec,
                 "partition": job.spec["partitions"][slot.worker_id],
-                "shards": [s.address for s in job.shards],
-                "ranges": job.ranges,
             },
         )
 
@@ -300,10 +314,12 @@ class CoordinatorService:
         parts = await job.stats.done
         stats = [p["stats"] for p in parts.values() if p.get("stats")]
         all_labels = sorted({str(lbl) for p in parts.values() for lbl in p.get("labels", [])})
-        body = {"stats": stats, "labels": all_labels[: MAX_LABELS + 1]}
-        if not job.stats_sent:  # the driver needs the same numbers for the model file
+        body: dict[str, Any] = {"stats": stats, "labels": all_labels[: MAX_LABELS + 1]}
+        if not job.stats_sent:  # the driver names the tables from these and keeps them for the model file
             job.stats_sent = True
             self._event(job, {"kind": "stats", **body})
+        await job.tables_ready
+        body.update(shards=[s.address for s in job.shards], ranges=job.ranges)
         return Message(MsgType.STATS, body)
 
     def _progress(self, peer: net.Peer, msg: Message) -> None:
@@ -330,7 +346,7 @@ class CoordinatorService:
                     "kind": "epoch",
                     "epoch": epoch,
                     "loss": sum(r["loss_sum"] for r in reports.values()) / max(n, 1),
-                    "accuracy": sum(r["correct"] for r in reports.values()) / max(n, 1),
+                    "sums": _sum_dicts(r.get("sums", {}) for r in reports.values()),
                     "samples": n,
                 },
             )
@@ -355,9 +371,11 @@ class CoordinatorService:
                 {
                     "kind": "done",
                     "loss": sum(r["loss_sum"] for r in reports) / max(n, 1),
-                    "accuracy": sum(r["correct"] for r in reports) / max(n, 1),
+                    "sums": _sum_dicts(r.get("sums", {}) for r in reports),
                     "samples": n,
                     "lost_workers": [w.worker_id for w in job.workers if w.state == "lost"],
+                    "bytes_pulled": sum(r.get("bytes_pulled", 0) for r in reports),
+                    "bytes_pushed": sum(r.get("bytes_pushed", 0) for r in reports),
                     "seconds": time.monotonic() - job.started_s,
                 },
             )
@@ -387,6 +405,7 @@ class CoordinatorService:
     _handlers: dict[MsgType, Callable[..., Any]] = {
         MsgType.REGISTER_SHARD: _register_shard,
         MsgType.SUBMIT: _submit,
+        MsgType.TABLES: _tables,
         MsgType.JOB_END: _job_end,
         MsgType.REGISTER_WORKER: _register_worker,
         MsgType.STATS: _stats,
@@ -398,6 +417,15 @@ class CoordinatorService:
         MsgType.STATUS: _status,
         MsgType.PING: _ping,
     }
+
+
+def _sum_dicts(parts: Any) -> dict[str, float]:
+    """Add up workers' additive figures (correct counts, squared errors, ...) key by key."""
+    total: dict[str, float] = {}
+    for part in parts:
+        for key, value in part.items():
+            total[key] = total.get(key, 0.0) + float(value)
+    return total
 
 
 async def start_coordinator(

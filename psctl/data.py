@@ -116,12 +116,7 @@ def read_schema(
     Without ``label`` the column named ``label`` is used, else column 0. Every column
     that is neither the label nor dropped is a feature. Raises DataError.
     """
-    with _open(path) as fh:
-        first = _first_line(fh, path)
-    if not first.strip():
-        raise DataError(f"the first line of '{path}' is blank")
-    cells = [_cell(c) for c in first.decode("utf-8-sig", errors="replace").split(",")]
-    columns = tuple(cells) if has_header else tuple(str(i) for i in range(len(cells)))
+    columns = read_columns(path, has_header)
     duplicates = sorted({c for c in columns if columns.count(c) > 1})
     if duplicates:
         raise DataError(f"'{path}' has duplicate column names: {_quoted_list(duplicates)}")
@@ -133,6 +128,16 @@ def read_schema(
     if not features:
         raise DataError(f"'{path}' has no feature columns left after the label and --drop")
     return CsvSchema(columns, label_index, features, has_header)
+
+
+def read_columns(path: str | os.PathLike[str], has_header: bool = True) -> tuple[str, ...]:
+    """The column names from the first line ("0".."n-1" without a header)."""
+    with _open(path) as fh:
+        first = _first_line(fh, path)
+    if not first.strip():
+        raise DataError(f"the first line of '{path}' is blank")
+    cells = [_cell(c) for c in first.decode("utf-8-sig", errors="replace").split(",")]
+    return tuple(cells) if has_header else tuple(str(i) for i in range(len(cells)))
 
 
 def _column_index(columns: tuple[str, ...], ref: str, what: str, path: str | os.PathLike[str]) -> int:
@@ -351,7 +356,7 @@ def _number(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _normalize_label(label: str) -> str:
+def normalize_label(label: str) -> str:
     """One spelling per numeric label ("1", "1.0", "+1" -> "1"); other labels only stripped."""
     text = label.strip()
     try:
@@ -370,7 +375,7 @@ def binary_classes(distinct_labels: Iterable[str]) -> tuple[str, str]:
     Both numeric: the smaller is class 0 (so 0/1 and -1/+1 map as expected); otherwise
     string order. Raises DataError unless there are exactly two distinct values.
     """
-    values = sorted({_normalize_label(v) for v in distinct_labels})
+    values = sorted({normalize_label(v) for v in distinct_labels})
     if len(values) != 2:
         raise DataError(f"logreg needs exactly two label values; found {len(values)}: {_quoted_list(values)}")
     low, high = values
@@ -383,10 +388,10 @@ def binary_classes(distinct_labels: Iterable[str]) -> tuple[str, str]:
 def encode_labels(labels: np.ndarray, classes: Sequence[str]) -> np.ndarray:
     """Labels as float64 class indices (0.0 / 1.0) in ``classes`` order; DataError for a stranger."""
     distinct, inverse = np.unique(np.asarray(labels, dtype=str), return_inverse=True)
-    index = {_normalize_label(c): float(i) for i, c in enumerate(classes)}
+    index = {normalize_label(c): float(i) for i, c in enumerate(classes)}
     codes = np.empty(len(distinct))
     for k, value in enumerate(distinct.tolist()):
-        code = index.get(_normalize_label(value))
+        code = index.get(normalize_label(value))
         if code is None:
             raise DataError(f"label '{value}' is not one of the model's classes {_quoted_list(list(classes))}")
         codes[k] = code

@@ -37,3 +37,29 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
     out = np.zeros((n_classes, n_classes), dtype=np.int64)
     np.add.at(out, (np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)), 1)
     return out
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Unweighted mean of per-class F1 (a class never predicted nor present counts as 0)."""
+    cm = confusion_matrix(y_true, y_pred, n_classes).astype(np.float64)
+    tp = np.diag(cm)
+    denom = cm.sum(axis=0) + cm.sum(axis=1)
+    f1 = np.divide(2 * tp, denom, out=np.zeros(n_classes), where=denom > 0)
+    return float(f1.mean())
+
+
+def rmse(y: np.ndarray, pred: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((np.asarray(pred, np.float64) - y) ** 2)))
+
+
+def mae(y: np.ndarray, pred: np.ndarray) -> float:
+    return float(np.mean(np.abs(np.asarray(pred, np.float64) - y)))
+
+
+def r2(y: np.ndarray, pred: np.ndarray) -> float:
+    """Coefficient of determination; NaN when y is constant."""
+    y = np.asarray(y, np.float64)
+    total = float(((y - y.mean()) ** 2).sum())
+    if total == 0:
+        return float("nan")
+    return 1.0 - float(((y - np.asarray(pred, np.float64)) ** 2).sum()) / total

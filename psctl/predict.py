@@ -8,24 +8,24 @@ from typing import Any
 
 import numpy as np
 
-from psctl import data, metrics, modelfile
-from psctl.errors import DataError, ModelFileError
-from psctl.models import get_model
+from psctl import data, modelfile
+from psctl.errors import DataError, ModelFileError, PsctlError
+from psctl.models.base import Model, encode_targets, evaluate, model_class, predicted_index
 
 
 @dataclass
 class Prediction:
     meta: dict[str, Any]
-    proba: np.ndarray
-    predicted: list[str]
-    metrics: dict[str, float] | None  # None when the file has no label column
+    outputs: np.ndarray  # P(class 1), per-class scores, or values: see models.base
+    predicted: list[str] | np.ndarray  # class labels, or values for regression
+    metrics: dict[str, Any] | None  # None when the file has no label column
 
 
 def schema_for(meta: dict[str, Any], path: str) -> data.CsvSchema:
     """Find the model's feature columns (and the label, if present) in ``path``."""
     trained = data.CsvSchema.from_dict(meta["schema"])
     if not trained.has_header:
-        columns = data.read_schema(path, label="0", has_header=False).columns
+        columns = data.read_columns(path, has_header=False)
         if len(columns) == len(trained.columns):
             return trained
         if len(columns) == len(trained.feature_indices):
@@ -34,7 +34,7 @@ def schema_for(meta: dict[str, Any], path: str) -> data.CsvSchema:
             f"'{path}' has {len(columns)} columns; the model expects {len(trained.columns)} (with label) "
             f"or {len(trained.feature_indices)} (without)"
         )
-    header = data.read_schema(path, label=None, has_header=True).columns
+    header = data.read_columns(path)
     index = {name: i for i, name in enumerate(header)}
     missing = [n for n in trained.feature_names if n not in index]
     if missing:
@@ -46,42 +46,61 @@ def schema_for(meta: dict[str, Any], path: str) -> data.CsvSchema:
     )
 
 
-def predict(model_path: str, data_path: str) -> Prediction:
+def load(model_path: str, model_class_path: str | None = None) -> tuple[Model, dict[str, np.ndarray], dict[str, Any]]:
+    """The model object, its parameters and meta from a model file.
+
+    A model of a user's own class is only imported when the caller names that
+    class: a model file alone never makes psctl import code.
+    """
     params, meta = modelfile.load_model(model_path)
-    kind = meta.get("kind")
+    kind = meta["kind"]
+    if ":" in kind and kind != model_class_path:
+        raise ModelFileError(f"'{model_path}' holds a model of class '{kind}'; pass --model-class {kind} to load it")
     try:
-        model = get_model(str(kind))
-        w = params["w"]
-        classes = list(meta["classes"])
-    except (KeyError, TypeError) as exc:
+        cls = model_class(kind)
+        model = cls(len(meta["feature_names"]), meta.get("classes") or [], **meta.get("model_params", {}))
+        expected = {t.name: t.shape(t.rows) for t in model.tables()}
+    except (KeyError, TypeError, PsctlError) as exc:
         raise ModelFileError(f"'{model_path}' is a psctl model without the parts a {kind} model needs ({exc})") from None
+    for name, shape in expected.items():
+        if name not in params or params[name].shape != shape:
+            got = params[name].shape if name in params else "none"
+            raise ModelFileError(f"'{model_path}' has table '{name}' of shape {got}; a {kind} model needs {shape}")
+    return model, params, meta
+
+
+def predict(model_path: str, data_path: str, model_class_path: str | None = None) -> Prediction:
+    model, params, meta = load(model_path, model_class_path)
     schema = schema_for(meta, data_path)
     X, labels = data.read_csv(data_path, schema)
     if meta.get("standardize"):
         X = (X - np.asarray(meta["standardize"]["mean"])) / np.asarray(meta["standardize"]["std"])
-    if X.shape[1] + 1 != w.shape[0]:
-        raise ModelFileError(f"'{model_path}' holds {w.shape[0] - 1} weights but the data has {X.shape[1]} features")
-    proba = model.predict_proba(w.astype(np.float64), X)
-    predicted_idx = (proba >= 0.5).astype(int)
-    predicted = [classes[i] for i in predicted_idx]
+    outputs = model.predict({k: v.astype(np.float64) for k, v in params.items()}, X)
+    task, classes = model.task, model.classes
+    predicted: list[str] | np.ndarray = (
+        outputs if task == "regression" else [classes[i] for i in predicted_index(task, outputs)]
+    )
     scores = None
     if schema.label_index is not None:
-        y = data.encode_labels(labels, classes)
-        scores = {
-            "rows": float(len(y)),
-            "accuracy": metrics.accuracy(y, predicted_idx),
-            "log_loss": metrics.log_loss(y, proba),
-            "roc_auc": metrics.roc_auc(y, proba),
-        }
-    return Prediction(meta, proba, predicted, scores)
+        y = encode_targets(task, labels, classes)
+        scores = {"rows": len(y), **evaluate(task, y, outputs, len(classes))}
+    return Prediction(meta, outputs, predicted, scores)
 
 
 def write_predictions(pred: Prediction, out: str) -> None:
+    task = pred.meta.get("task", "binary")
+    classes = pred.meta.get("classes") or []
     try:
         with open(out, "w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["probability", "predicted"])
-            for p, label in zip(pred.proba, pred.predicted):
-                writer.writerow([f"{p:.6f}", label])
+            if task == "regression":
+                writer.writerow(["predicted"])
+                writer.writerows([f"{v:.6g}"] for v in pred.outputs)
+            elif task == "binary":
+                writer.writerow(["probability", "predicted"])
+                writer.writerows([f"{p:.6f}", label] for p, label in zip(pred.outputs, pred.predicted))
+            else:
+                writer.writerow([*(f"score_{c}" for c in classes), "predicted"])
+                writer.writerows([*(f"{v:.6f}" for v in row), label] for row, label in zip(pred.outputs, pred.predicted))
     except OSError as exc:
         raise DataError(f"cannot write predictions to '{out}': {exc.strerror or exc}") from None

@@ -20,8 +20,7 @@ from psctl.client import ShardClient
 from psctl.consistency import staleness_for
 from psctl.errors import DataError, JobError, PsctlError
 from psctl.launch import LocalCluster
-from psctl.models import get_model
-from psctl.tables import TableSpec
+from psctl.models.base import Model, classes_for, model_class, summarize
 from psctl.wire import DEFAULT_MAX_FRAME_BYTES, Message, MsgType
 from psctl.worker import steps_per_epoch
 
@@ -48,6 +47,8 @@ class TrainConfig:
     drop: tuple[str, ...] = ()
     has_header: bool = True
     standardize: bool = True
+    model_params: dict[str, Any] = field(default_factory=dict)  # model-specific, e.g. linreg's loss
+    lr_decay: float = 0.0
     out: str = "model.npz"
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
 
@@ -62,6 +63,8 @@ class TrainConfig:
             raise PsctlError("--lr must be positive")
         if self.l2 < 0:
             raise PsctlError("--l2 must not be negative")
+        if self.lr_decay < 0:
+            raise PsctlError("--lr-decay must not be negative")
         if self.local_workers is not None and not 0 <= self.local_workers <= self.workers:
             raise PsctlError("--local-workers must be between 0 and --workers")
         try:
@@ -93,15 +96,12 @@ class _DriverService(net.NullService):
 
 
 def build_spec(cfg: TrainConfig, schema: data.CsvSchema, partitions: list[data.Partition]) -> dict[str, Any]:
-    """The job as the coordinator and workers see it (JSON)."""
-    model = get_model(cfg.model)
-    n_features = len(schema.feature_indices)
-    tables = [TableSpec(name, rows).to_dict() for name, rows in model.table_sizes(n_features).items()]
+    """The job as the coordinator and workers see it (JSON). Tables come after the statistics pass."""
     return {
         "model": cfg.model,
+        "model_params": cfg.model_params,
         "n_workers": cfg.workers,
-        "n_features": n_features,
-        "tables": tables,
+        "n_features": len(schema.feature_indices),
         "mode": cfg.mode,
         "staleness": cfg.staleness,
         "epochs": cfg.epochs,
@@ -109,18 +109,46 @@ def build_spec(cfg: TrainConfig, schema: data.CsvSchema, partitions: list[data.P
         "l2": cfg.l2,
         "seed": cfg.seed,
         "standardize": cfg.standardize,
-        "optimizer": {"name": "sgd", "params": {"lr": cfg.lr}},
+        "optimizer": {"name": "sgd", "params": {"lr": cfg.lr, "lr_decay": cfg.lr_decay}},
         "min_shards": cfg.shards if cfg.server is None else 1,
         "data": {"path": os.path.abspath(cfg.data), "size": os.path.getsize(cfg.data), "schema": schema.to_dict()},
         "partitions": [p.to_dict() for p in partitions],
     }
 
 
+class _Session:
+    """What the driver learns while a job runs: the statistics, the model, where its tables live."""
+
+    def __init__(self, cfg: TrainConfig, model_cls: type[Model], n_features: int, peer: net.Peer):
+        self.cfg, self.model_cls, self.n_features, self.peer = cfg, model_cls, n_features, peer
+        self.stats: dict[str, Any] | None = None
+        self.model: Model | None = None
+        self.placed: dict[str, Any] | None = None  # TABLES reply: shards and ranges
+
+    def make_model(self, classes: list[str]) -> Model:
+        return self.model_cls(self.n_features, classes, l2=self.cfg.l2, **self.cfg.model_params)
+
+    async def on_stats(self, event: dict[str, Any]) -> None:
+        """Labels are known: name the classes, size the tables, have the shards create them."""
+        self.stats = event
+        classes = classes_for(self.model_cls.task, event["labels"], self.model_cls.kind)
+        self.model = self.make_model(classes)
+        tables = [t.to_dict() for t in self.model.tables()]
+        self.placed = (await self.peer.request(MsgType.TABLES, {"tables": tables}, timeout_s=SUBMIT_TIMEOUT_S)).body
+
+    def with_metrics(self, event: dict[str, Any]) -> dict[str, Any]:
+        if "sums" in event:
+            return {**event, "metrics": summarize(self.model_cls.task, event["sums"], event["samples"])}
+        return event
+
+
 async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda e: None) -> TrainResult:
     """Run one training job end to end and write the model file."""
     cfg.validate()
     check_out_path(cfg.out)
+    model_cls = model_class(cfg.model)
     schema = data.read_schema(cfg.data, cfg.label, cfg.drop, cfg.has_header)
+    model_cls(len(schema.feature_indices), ["0", "1"], l2=cfg.l2, **cfg.model_params)  # bad parameters fail here, not on the cluster
     partitions = await asyncio.to_thread(data.plan_partitions, cfg.data, cfg.workers, cfg.has_header)
     spec = build_spec(cfg, schema, partitions)
     steps = cfg.epochs * sum(steps_per_epoch(p.n_rows, cfg.batch_size) for p in partitions)
@@ -138,6 +166,7 @@ async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = l
             shards_up = None
         driver_service = _DriverService()
         peer = await net.connect(coordinator, driver_service, max_frame_bytes=cfg.max_frame_bytes, what="psctl server")
+        session = _Session(cfg, model_cls, spec["n_features"], peer)
         try:
             n_local = cfg.workers if cfg.local_workers is None else cfg.local_workers
             await cluster.start_workers(n_local, coordinator)
@@ -147,19 +176,19 @@ async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = l
             reply = await peer.request(MsgType.SUBMIT, {"spec": spec}, timeout_s=SUBMIT_TIMEOUT_S)
             job_id = reply.body["job_id"]
             on_event({"kind": "submitted", "job_id": job_id, "shards": reply.body["shards"]})
-            events, done = await _follow(cluster, driver_service, on_event)
-            stats = next(e for e in events if e["kind"] == "stats")
-            params = await _final_pull(reply.body, job_id, cfg.max_frame_bytes)
+            events, done = await _follow(cluster, driver_service, session, on_event)
+            assert session.placed is not None and session.model is not None
+            params = await _final_pull(session.placed, job_id, cfg.max_frame_bytes)
             peer.notify(MsgType.JOB_END, {"job_id": job_id})
         finally:
             peer.close()
-    meta = _model_meta(cfg, schema, stats, done, time.monotonic() - started)
+    meta = _model_meta(cfg, schema, session, done, time.monotonic() - started)
     modelfile.save_model(cfg.out, params, meta)
     return TrainResult(cfg.out, meta["metrics"], meta, events)
 
 
 async def _follow(
-    cluster: LocalCluster, service: _DriverService, on_event: Callable[[dict[str, Any]], None]
+    cluster: LocalCluster, service: _DriverService, session: _Session, on_event: Callable[[dict[str, Any]], None]
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Relay events until the job is done or failed.
 
@@ -188,6 +217,9 @@ async def _follow(
                 if event is None:
                     raise JobError("lost the connection to the psctl server")
                 lost += event["kind"] == "worker_lost"
+                if event["kind"] == "stats":
+                    await session.on_stats(event)
+                event = session.with_metrics(event)
                 if event["kind"] != "progress":
                     events.append(event)
                 on_event(event)
@@ -217,28 +249,30 @@ async def _final_pull(submitted: dict[str, Any], job_id: str, max_frame_bytes: i
         client.close()
 
 
-def _model_meta(
-    cfg: TrainConfig, schema: data.CsvSchema, stats: dict[str, Any], done: dict[str, Any], seconds: float
-) -> dict[str, Any]:
-    classes = list(data.binary_classes(stats["labels"]))
+def _model_meta(cfg: TrainConfig, schema: data.CsvSchema, session: _Session, done: dict[str, Any], seconds: float) -> dict[str, Any]:
+    assert session.model is not None and session.stats is not None
     meta: dict[str, Any] = {
         "kind": cfg.model,
+        "task": session.model_cls.task,
+        "model_params": cfg.model_params,
         "schema": schema.to_dict(),
         "feature_names": list(schema.feature_names),
         "label": schema.columns[schema.label_index] if schema.label_index is not None else None,
-        "classes": classes,
+        "classes": session.model.classes,
         "standardize": None,
         "training": {k: v for k, v in asdict(cfg).items() if k not in ("out", "max_frame_bytes", "local_workers")},
         "metrics": {
             "train_loss": done["loss"],
-            "train_accuracy": done["accuracy"],
+            **{f"train_{k}": v for k, v in done["metrics"].items()},
             "samples": done["samples"],
             "lost_workers": done["lost_workers"],
+            "bytes_pulled": done.get("bytes_pulled", 0),
+            "bytes_pushed": done.get("bytes_pushed", 0),
             "seconds": seconds,
         },
     }
-    if cfg.standardize and stats["stats"]:
-        mean, std = data.merge_stats(stats["stats"])
+    if cfg.standardize and session.stats["stats"]:
+        mean, std = data.merge_stats(session.stats["stats"])
         meta["standardize"] = {"mean": np.asarray(mean).tolist(), "std": np.asarray(std).tolist()}
     return meta
 

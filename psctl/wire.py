@@ -69,6 +69,7 @@ class MsgType(enum.IntEnum):
     JOB_END = 19
     STATUS = 20
     FAILED = 21
+    TABLES = 22
     # control plane: coordinator -> shard
     JOB_SETUP = 30
     WORKER_LEFT = 31

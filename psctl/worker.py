@@ -22,7 +22,7 @@ import numpy as np
 from psctl import data, net
 from psctl.client import ShardClient
 from psctl.errors import DataError, JobError, PsctlError
-from psctl.models import get_model
+from psctl.models.base import Model, batch_sums, classes_for, encode_targets, model_class
 from psctl.wire import Message, MsgType
 
 log = logging.getLogger("psctl.worker")
@@ -60,27 +60,41 @@ class _ControlService(net.NullService):
 
 @dataclass
 class Prepared:
-    X: np.ndarray
+    """A worker's rows, ready for the model: features scaled, labels encoded."""
+
+    X: Any
     y: np.ndarray
     classes: list[str]
-    mean: np.ndarray | None
-    std: np.ndarray | None
 
 
-def prepare(raw_X: np.ndarray, labels: np.ndarray, stats_reply: dict[str, Any], spec: dict[str, Any]) -> Prepared:
+def load_partition(spec: dict[str, Any], path: str, part: data.Partition) -> tuple[Any, np.ndarray]:
+    """Features and raw labels of one partition, in the job's data format."""
+    schema = data.CsvSchema.from_dict(spec["data"]["schema"])
+    return data.read_partition(path, schema, part)
+
+
+def prepare(raw_X: Any, labels: np.ndarray, stats_reply: dict[str, Any], spec: dict[str, Any], model_cls: type[Model]) -> Prepared:
     """Standardize features and encode labels the same way on every worker."""
-    classes = list(data.binary_classes(stats_reply["labels"]))
-    y = data.encode_labels(labels, classes)
-    mean = std = None
+    classes = classes_for(model_cls.task, stats_reply["labels"], model_cls.kind)
+    y = encode_targets(model_cls.task, labels, classes)
     X = raw_X
-    if spec.get("standardize", True) and stats_reply["stats"]:
+    if spec.get("standardize", True) and stats_reply["stats"] and isinstance(raw_X, np.ndarray):
         mean, std = data.merge_stats(stats_reply["stats"])
-        X = (raw_X - mean) / std
-    return Prepared(X.astype(spec.get("dtype", "float32")), y.astype(spec.get("dtype", "float32")), classes, mean, std)
+        X = ((raw_X - mean) / std).astype(np.float32)
+    elif isinstance(raw_X, np.ndarray):
+        X = raw_X.astype(np.float32)
+    if model_cls.task != "classes":
+        y = y.astype(np.float32)
+    return Prepared(X, y, classes)
 
 
 def _jsonable(stats: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in stats.items()}
+
+
+def _add(total: dict[str, float], more: dict[str, float]) -> None:
+    for k, v in more.items():
+        total[k] = total.get(k, 0.0) + v
 
 
 class Worker:
@@ -115,29 +129,28 @@ class Worker:
     async def _job(self, coord: net.Peer, reg: dict[str, Any]) -> dict[str, Any]:
         spec = reg["spec"]
         worker_id = int(reg["worker_id"])
+        model_cls = model_class(spec["model"])
         part = data.Partition.from_dict(reg["partition"])
         path = self.data_path or spec["data"]["path"]
         if not os.path.exists(path):
             raise DataError(f"data file '{path}' does not exist on worker host {socket.gethostname()}")
         if os.path.getsize(path) != spec["data"]["size"]:
             raise DataError(f"data file '{path}' on this host differs in size from the job's ({spec['data']['size']} bytes)")
-        schema = data.CsvSchema.from_dict(spec["data"]["schema"])
-        raw_X, labels = await asyncio.to_thread(data.read_partition, path, schema, part)
+        raw_X, labels = await asyncio.to_thread(load_partition, spec, path, part)
 
-        stats = data.partial_stats(raw_X) if len(raw_X) else None
-        distinct = sorted(set(labels.tolist()))
+        dense = isinstance(raw_X, np.ndarray)
+        stats = data.partial_stats(raw_X) if dense and len(raw_X) and spec.get("standardize", True) else None
+        distinct = sorted(set(labels.tolist())) if model_cls.task != "regression" else []
         reply = await coord.request(
-            MsgType.STATS,
-            {"stats": _jsonable(stats) if stats else None, "labels": distinct},
-            timeout_s=None,
+            MsgType.STATS, {"stats": _jsonable(stats) if stats else None, "labels": distinct}, timeout_s=None
         )
-        prep = prepare(raw_X, labels, reply.body, spec)
-        model = get_model(spec["model"])
         self._check_abort()
+        prep = prepare(raw_X, labels, reply.body, spec, model_cls)
+        model = model_cls(spec["n_features"], prep.classes, l2=float(spec.get("l2", 0.0)), **spec.get("model_params", {}))
 
         client = await ShardClient.connect(
-            reg["shards"],
-            reg["ranges"],
+            reply.body["shards"],
+            reply.body["ranges"],
             reg["job_id"],
             {"role": "worker", "worker_id": worker_id},
             max_frame_bytes=self.max_frame_bytes,
@@ -147,42 +160,42 @@ class Worker:
             await client.leave()
             await coord.request(MsgType.TRAINED, {}, timeout_s=None)
             self._check_abort()
-            w = (await client.pull(["w"]))["w"]
-            n = len(prep.y)
-            report = {
-                "loss_sum": float(model.loss_grad(w, prep.X, prep.y, 0.0)[0]) * n if n else 0.0,
-                "correct": int(model.correct(w, prep.X, prep.y)) if n else 0,
-                "n": n,
-                "bytes_pulled": client.bytes_pulled,
-                "bytes_pushed": client.bytes_pushed,
-            }
+            report: dict[str, Any] = {"loss_sum": 0.0, "sums": {}, "n": len(prep.y)}
+            if len(prep.y):
+                keys = model.keys(prep.X)
+                params = await client.pull_for(keys)
+                loss, _, outputs = model.loss_grad(params, prep.X, prep.y)
+                report.update(loss_sum=float(loss) * len(prep.y), sums=batch_sums(model.task, outputs, prep.y))
+            report.update(bytes_pulled=client.bytes_pulled, bytes_pushed=client.bytes_pushed)
             coord.notify(MsgType.FINAL_REPORT, report)
             return report
         finally:
             client.close()
 
-    async def _train(self, coord: net.Peer, client: ShardClient, model: Any, prep: Prepared, spec: dict[str, Any], worker_id: int) -> None:
-        epochs, batch_size = int(spec["epochs"]), int(spec["batch_size"])
-        l2, seed = float(spec.get("l2", 0.0)), int(spec.get("seed", 0))
+    async def _train(
+        self, coord: net.Peer, client: ShardClient, model: Model, prep: Prepared, spec: dict[str, Any], worker_id: int
+    ) -> None:
+        epochs, batch_size, seed = int(spec["epochs"]), int(spec["batch_size"]), int(spec.get("seed", 0))
         n_rows = len(prep.y)
         clock = 0
         acks: list[asyncio.Future[Any]] = []
         last_progress = time.monotonic()
         recent_loss, recent_n = 0.0, 0
         for epoch in range(epochs):
-            loss_sum, correct = 0.0, 0
+            loss_sum, sums = 0.0, {}
             for idx in batch_indices(n_rows, batch_size, seed, worker_id, epoch):
                 self._check_abort()
                 X, y = prep.X[idx], prep.y[idx]
+                keys = model.keys(X)
                 # The pull goes out behind the previous push on each connection,
                 # so it sees that push; its ack is collected afterwards.
-                w = (await client.pull(["w"], clock))["w"]
+                params = await client.pull_for(keys, clock)
                 await client.wait_all(acks)
-                loss, grad = model.loss_grad(w, X, y, l2)
-                acks = client.push_nowait({"w": grad}, clock, len(idx))
+                loss, grads, outputs = model.loss_grad(params, X, y)
+                acks = client.push_for_nowait(keys, grads, clock, len(idx))
                 clock += 1
                 loss_sum += float(loss) * len(idx)
-                correct += int(model.correct(w, X, y))
+                _add(sums, batch_sums(model.task, outputs, y))
                 recent_loss += float(loss) * len(idx)
                 recent_n += len(idx)
                 now = time.monotonic()
@@ -192,7 +205,7 @@ class Worker:
                         {"epoch": epoch, "clock": clock, "samples": recent_n, "loss_sum": recent_loss},
                     )
                     recent_loss, recent_n, last_progress = 0.0, 0, now
-            coord.notify(MsgType.EPOCH_REPORT, {"epoch": epoch, "loss_sum": loss_sum, "correct": correct, "n": n_rows})
+            coord.notify(MsgType.EPOCH_REPORT, {"epoch": epoch, "loss_sum": loss_sum, "sums": sums, "n": n_rows})
         await client.wait_all(acks)
         if recent_n:
             coord.notify(MsgType.PROGRESS, {"epoch": epochs - 1, "clock": clock, "samples": recent_n, "loss_sum": recent_loss})

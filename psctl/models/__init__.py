@@ -1,17 +1,13 @@
-"""Models: pure numpy functions, one module per kind."""
+"""Models: each a small class over pure numpy functions (see base.Model)."""
 
 from __future__ import annotations
 
-from types import ModuleType
+from psctl.models.base import Model, model_class
+from psctl.models.linreg import LinReg
+from psctl.models.logreg import LogReg
+from psctl.models.softmax import Softmax
+from psctl.models.svm import SVM
 
-from psctl.errors import PsctlError
-from psctl.models import logreg
+MODELS: dict[str, type[Model]] = {m.kind: m for m in (LogReg, Softmax, SVM, LinReg)}
 
-MODELS: dict[str, ModuleType] = {"logreg": logreg}
-
-
-def get_model(kind: str) -> ModuleType:
-    try:
-        return MODELS[kind]
-    except KeyError:
-        raise PsctlError(f"unknown model '{kind}'; known models: {', '.join(sorted(MODELS))}") from None
+__all__ = ["MODELS", "Model", "model_class"]

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def table_sizes(n_features: int) -> dict[str, int]:
-    return {"w": n_features + 1}
+from psctl.models.base import Model
+from psctl.tables import TableSpec
 
 
 def _logits(w: np.ndarray, X: np.ndarray) -> np.ndarray:
@@ -36,6 +35,19 @@ def predict_proba(w: np.ndarray, X: np.ndarray) -> np.ndarray:
     return _sigmoid(_logits(w, X))
 
 
-def correct(w: np.ndarray, X: np.ndarray, y: np.ndarray) -> int:
-    """How many rows the 0.5 threshold classifies right."""
-    return int(np.count_nonzero((_logits(w, X) >= 0) == (y >= 0.5)))
+class LogReg(Model):
+    """Binary logistic regression on one weight vector (bias last)."""
+
+    kind = "logreg"
+    task = "binary"
+
+    def tables(self) -> list[TableSpec]:
+        return [TableSpec("w", self.n_features + 1)]
+
+    def loss_grad(self, params: dict[str, np.ndarray], X: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
+        w = params["w"]
+        loss, grad = loss_grad(w, X, y, self.l2)
+        return loss, {"w": grad}, predict_proba(w, X)
+
+    def predict(self, params: dict[str, np.ndarray], X: np.ndarray) -> np.ndarray:
+        return predict_proba(params["w"], X)

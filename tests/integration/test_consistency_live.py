@@ -35,13 +35,15 @@ async def job(address: str, spec: dict):
     driver = await net.connect(address)
     try:
         submitted = (await driver.request(MsgType.SUBMIT, {"spec": spec})).body
+        placed = (await driver.request(MsgType.TABLES, {"tables": spec["tables"]})).body
+        submitted.update(placed)
         clients, controls = [], []
         for _ in range(spec["n_workers"]):
             control = await net.connect(address)
             reg = (await control.request(MsgType.REGISTER_WORKER, {"pid": 0, "host": "test"})).body
             clients.append(
                 await ShardClient.connect(
-                    reg["shards"], reg["ranges"], reg["job_id"], {"role": "worker", "worker_id": reg["worker_id"]},
+                    placed["shards"], placed["ranges"], reg["job_id"], {"role": "worker", "worker_id": reg["worker_id"]},
                     max_frame_bytes=1 << 20,
                 )
             )

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from psctl.errors import PsctlError
-from psctl.models import get_model, logreg
+from psctl.models import logreg, model_class
+from psctl.models.logreg import LogReg
 
 
 def problem(seed: int, rows: int = 25, features: int = 4):
@@ -68,11 +69,14 @@ def test_predictions_and_correct():
     X = np.array([[1.0, 0.0], [0.0, 3.0], [-1.0, 0.0]])
     p = logreg.predict_proba(w, X)
     np.testing.assert_allclose(p, 1 / (1 + np.exp(-np.array([2.5, -2.5, -1.5]))))
-    assert logreg.correct(w, X, np.array([1.0, 0.0, 1.0])) == 2
+    model = LogReg(2)
+    loss, grads, outputs = model.loss_grad({"w": w}, X, np.array([1.0, 0.0, 1.0]))
+    np.testing.assert_allclose(outputs, p)
+    assert loss == logreg.loss_grad(w, X, np.array([1.0, 0.0, 1.0]), 0.0)[0]
 
 
 def test_registry():
-    assert logreg.table_sizes(30) == {"w": 31}
-    assert get_model("logreg") is logreg
-    with pytest.raises(PsctlError, match="unknown model 'x'; known models: logreg$"):
-        get_model("x")
+    assert [(t.name, t.rows, t.dim) for t in LogReg(30).tables()] == [("w", 31, 1)]
+    assert model_class("logreg") is LogReg
+    with pytest.raises(PsctlError, match="unknown model 'x'; known models: linreg, logreg, softmax, svm$"):
+        model_class("x")

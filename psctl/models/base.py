@@ -1,0 +1,167 @@
+"""What a model is to psctl, and the task-level pieces every model shares.
+
+A model is a small class over pure numpy functions. psctl calls:
+
+- ``tables()``: the parameter tables it needs (created on the shards);
+- ``keys(X)``: per table, the sorted unique keys a batch touches, or None for
+  the whole table (dense models);
+- ``loss_grad(params, X, y)``: mean loss, gradient per table (aligned with the
+  keys, or whole-table), and the batch's outputs (reused for metrics);
+- ``predict(params, X)``: outputs for new rows.
+
+Outputs by ``task``: "binary" -> P(class 1), shape (n,); "classes" -> a score
+or probability per class, shape (n, k); "regression" -> values, shape (n,).
+Adding a model means writing such a class; the wire, shards and coordinator
+never change.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from psctl import data, metrics
+from psctl.errors import DataError, PsctlError
+from psctl.tables import TableSpec
+
+TASKS = ("binary", "classes", "regression")
+
+
+class Model:
+    """Base class: override ``tables``, ``loss_grad`` and ``predict`` (and ``keys`` for sparse models)."""
+
+    kind: ClassVar[str] = "model"
+    task: ClassVar[str] = "regression"
+    #: Extra constructor parameters a user may set (name -> default), beside l2.
+    params: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, n_features: int, classes: Sequence[str] = (), l2: float = 0.0, **params: Any):
+        unknown = set(params) - set(self.params)
+        if unknown:
+            raise PsctlError(f"model {self.kind} has no parameter {', '.join(sorted(unknown))}")
+        self.n_features = n_features
+        self.classes = list(classes)
+        self.l2 = l2
+        self.options = {**self.params, **params}
+
+    def tables(self) -> list[TableSpec]:
+        raise NotImplementedError
+
+    def keys(self, X: Any) -> dict[str, np.ndarray | None]:
+        return {t.name: None for t in self.tables()}
+
+    def loss_grad(self, params: dict[str, np.ndarray], X: Any, y: np.ndarray) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
+        raise NotImplementedError
+
+    def predict(self, params: dict[str, np.ndarray], X: Any) -> np.ndarray:
+        raise NotImplementedError
+
+
+# -- labels and targets -----------------------------------------------------------
+def classes_for(task: str, distinct: Sequence[str], kind: str = "model") -> list[str]:
+    """The class list a task derives from the distinct label values of the whole data."""
+    if task == "binary":
+        try:
+            return list(data.binary_classes(distinct))
+        except DataError as exc:
+            raise DataError(str(exc).replace("logreg", kind)) from None
+    if task == "classes":
+        values = sorted({data.normalize_label(v) for v in distinct}, key=_label_order)
+        if len(values) < 2:
+            raise DataError(f"{kind} needs at least two label values; found {len(values)}")
+        return values
+    return []
+
+
+def _label_order(value: str) -> tuple[int, float, str]:
+    try:
+        number = float(value)
+    except ValueError:
+        return (1, 0.0, value)
+    return (0, number, value) if math.isfinite(number) else (1, 0.0, value)
+
+
+def encode_targets(task: str, labels: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+    """Labels as the numbers a model trains on: 0/1, a class index, or the value itself."""
+    if task == "binary":
+        return data.encode_labels(labels, classes)
+    if task == "classes":
+        return data.encode_labels(labels, classes).astype(np.int64)
+    try:
+        y = labels.astype(np.float64)
+    except ValueError:
+        bad = next(v for v in labels.tolist() if not _is_number(v))
+        raise DataError(f"regression needs numeric labels; found '{bad[:40]}'") from None
+    if not np.isfinite(y).all():
+        raise DataError("regression labels must be finite numbers")
+    return y
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def predicted_index(task: str, outputs: np.ndarray) -> np.ndarray:
+    """Class index per row for classifiers."""
+    if task == "binary":
+        return (outputs >= 0.5).astype(np.int64)
+    return np.argmax(outputs, axis=1)
+
+
+def batch_sums(task: str, outputs: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Additive per-batch figures for progress reports (summed over workers, divided by rows)."""
+    if task == "regression":
+        err = outputs - y
+        return {"sq_err": float(err @ err), "abs_err": float(np.abs(err).sum())}
+    return {"correct": float(np.count_nonzero(predicted_index(task, outputs) == y))}
+
+
+def summarize(task: str, sums: dict[str, float], n: int) -> dict[str, float]:
+    """Per-row figures from summed batch_sums: accuracy, or RMSE and MAE."""
+    n = max(n, 1)
+    if task == "regression":
+        return {"rmse": math.sqrt(sums.get("sq_err", 0.0) / n), "mae": sums.get("abs_err", 0.0) / n}
+    return {"accuracy": sums.get("correct", 0.0) / n}
+
+
+def evaluate(task: str, y: np.ndarray, outputs: np.ndarray, n_classes: int) -> dict[str, Any]:
+    """Full metrics for predict: per task, the figures people compare models by."""
+    if task == "regression":
+        return {"rmse": metrics.rmse(y, outputs), "mae": metrics.mae(y, outputs), "r2": metrics.r2(y, outputs)}
+    pred = predicted_index(task, outputs)
+    out: dict[str, Any] = {"accuracy": metrics.accuracy(y, pred), "macro_f1": metrics.macro_f1(y, pred, n_classes)}
+    if task == "binary":
+        out["log_loss"] = metrics.log_loss(y, outputs)
+        out["roc_auc"] = metrics.roc_auc(y, outputs)
+    out["confusion"] = metrics.confusion_matrix(y, pred, n_classes)
+    return out
+
+
+# -- the registry -------------------------------------------------------------------
+def model_class(kind: str) -> type[Model]:
+    """A built-in model by name, or a user's class given as 'package.module:Class'."""
+    from psctl.models import MODELS
+
+    if ":" in kind:
+        module_name, _, attr = kind.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise PsctlError(f"cannot load model class '{kind}': {exc}") from None
+        if not (isinstance(cls, type) and issubclass(cls, Model)):
+            raise PsctlError(f"'{kind}' is not a psctl.models.Model subclass")
+        if cls.task not in TASKS:
+            raise PsctlError(f"model class '{kind}' has task {cls.task!r}; use one of {', '.join(TASKS)}")
+        return cls
+    try:
+        return MODELS[kind]
+    except KeyError:
+        raise PsctlError(f"unknown model '{kind}'; known models: {', '.join(sorted(MODELS))}") from None
