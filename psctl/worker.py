@@ -78,11 +78,11 @@ def prepare(raw_X: Any, labels: np.ndarray, stats_reply: dict[str, Any], spec: d
     classes = classes_for(model_cls.task, stats_reply["labels"], model_cls.kind)
     y = encode_targets(model_cls.task, labels, classes)
     X = raw_X
-    if spec.get("standardize", True) and stats_reply["stats"] and isinstance(raw_X, np.ndarray):
-        mean, std = data.merge_stats(stats_reply["stats"])
-        X = ((raw_X - mean) / std).astype(np.float32)
-    elif isinstance(raw_X, np.ndarray):
-        X = raw_X.astype(np.float32)
+    if spec["data"].get("format", "csv") == "csv":  # dense numeric features: scaled, float32
+        if spec.get("standardize", True) and stats_reply["stats"]:
+            mean, std = data.merge_stats(stats_reply["stats"])
+            X = (raw_X - mean) / std
+        X = X.astype(np.float32)
     if model_cls.task != "classes":
         y = y.astype(np.float32)
     return Prepared(X, y, classes)
@@ -138,7 +138,7 @@ class Worker:
             raise DataError(f"data file '{path}' on this host differs in size from the job's ({spec['data']['size']} bytes)")
         raw_X, labels = await asyncio.to_thread(load_partition, spec, path, part)
 
-        dense = isinstance(raw_X, np.ndarray)
+        dense = spec["data"].get("format", "csv") == "csv"
         stats = data.partial_stats(raw_X) if dense and len(raw_X) and spec.get("standardize", True) else None
         distinct = sorted(set(labels.tolist())) if model_cls.task != "regression" else []
         reply = await coord.request(
