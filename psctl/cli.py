@@ -76,6 +76,9 @@ def train(
     lr_decay: float = typer.Option(0.0, "--lr-decay", help="Step size lr / (1 + lr_decay * t), t = updates applied."),
     loss: str | None = typer.Option(None, "--loss", help="linreg: squared (default) or huber."),
     huber_delta: float | None = typer.Option(None, "--huber-delta", help="linreg with --loss huber: the delta."),
+    validate: str | None = typer.Option(None, "--validate", help="Held-out CSV, evaluated every epoch."),
+    test_split: float = typer.Option(0.0, "--test-split", help="Hold out this fraction of the rows (stratified for classifiers)."),
+    patience: int = typer.Option(0, "--patience", help="Stop after N epochs without a better held-out loss; keep the best weights."),
     l2: float = typer.Option(0.0, "--l2", help="L2 regularization strength."),
     seed: int = typer.Option(0, "--seed"),
     label: str | None = typer.Option(None, "--label", help="Label column (name or index); default 'label' or the first."),
@@ -102,6 +105,9 @@ def train(
         batch_size=batch_size,
         lr=lr,
         lr_decay=lr_decay,
+        validate=validate,
+        test_split=test_split,
+        patience=patience,
         model_params={k: v for k, v in (("loss", loss), ("huber_delta", huber_delta)) if v is not None},
         l2=l2,
         seed=seed,
@@ -124,6 +130,9 @@ def train(
         f"over {m['samples']} rows; model written to {result.model_path}",
         highlight=False,
     )
+    if "best_epoch" in m:
+        weights = "the best epoch's" if m["weights_from_epoch"] != "last" else "the last epoch's"
+        out.print(f"best held-out loss {m['best_val_loss']:.4f} at epoch {m['best_epoch'] + 1}; saved {weights} weights", highlight=False)
     if m["lost_workers"]:
         out.print(f"warning: workers lost during training: {m['lost_workers']}", highlight=False)
 
@@ -178,13 +187,16 @@ class _TrainView:
             self._update(f"epoch {event['epoch'] + 1}/{self.epochs}")
         elif kind == "epoch":
             self.epoch_samples += event["samples"]
-            line = (
-                f"epoch {event['epoch'] + 1}/{self.epochs}: loss {event['loss']:.4f} "
-                f"{_figures(event['metrics'])} samples/s {self._rate(self.epoch_samples):.0f}"
-            )
+            line = f"epoch {event['epoch'] + 1}/{self.epochs}: loss {event['loss']:.4f} {_figures(event['metrics'])}"
+            if "val" in event:
+                line += f" | held-out loss {event['val']['loss']:.4f} {_figures(event['val']['metrics'])}"
+            line += f" | samples/s {self._rate(self.epoch_samples):.0f}"
             if self.progress is not None:
                 self.progress.console.print(line, highlight=False)
             self._plain(line)
+        elif kind == "early_stop":
+            msg = f"early stop after epoch {event['epoch'] + 1}: best held-out loss at epoch {event['best_epoch'] + 1}"
+            (self.progress.console if self.progress else out).print(msg, highlight=False)
         elif kind == "worker_lost":
             msg = f"warning: worker {event['worker_id']} lost after {event['at_s']:.1f} s"
             (self.progress.console if self.progress else err).print(msg, highlight=False)

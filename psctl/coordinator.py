@@ -229,6 +229,15 @@ class CoordinatorService:
             job.tables_ready.set_result(None)
         return Message(MsgType.TABLES, {"shards": [s.address for s in job.shards], "ranges": ranges})
 
+    def _stop(self, peer: net.Peer, msg: Message) -> None:
+        """The driver stops training early: workers finish their step and wrap up as usual."""
+        job = self.job
+        if job is None or job.driver is not peer:
+            return
+        for w in job.workers:
+            if w.peer is not None and w.peer.is_open:
+                w.peer.notify(MsgType.EVENT, {"kind": "stop"})
+
     def _job_end(self, peer: net.Peer, msg: Message) -> None:
         if self.job is not None and self.job.driver is peer:
             self._end_job(None)
@@ -339,17 +348,11 @@ class CoordinatorService:
             if not live <= reports.keys():
                 break
             del job.epoch_reports[epoch]
-            n = sum(r["n"] for r in reports.values())
-            self._event(
-                job,
-                {
-                    "kind": "epoch",
-                    "epoch": epoch,
-                    "loss": sum(r["loss_sum"] for r in reports.values()) / max(n, 1),
-                    "sums": _sum_dicts(r.get("sums", {}) for r in reports.values()),
-                    "samples": n,
-                },
-            )
+            event = {"kind": "epoch", "epoch": epoch, **_pool(list(reports.values()))}
+            vals = [r["val"] for r in reports.values() if r.get("val")]
+            if vals:
+                event["val"] = _pool(vals)
+            self._event(job, event)
 
     async def _trained(self, peer: net.Peer, msg: Message) -> Message:
         job, slot = self._job_of(peer)
@@ -363,16 +366,13 @@ class CoordinatorService:
         slot.state = "finished"
         job.final.arrive(slot.worker_id, msg.body)
         if job.final.done.done() and not job.final.done.exception():
-            reports = job.final.done.result().values()
-            n = sum(r["n"] for r in reports)
+            reports = list(job.final.done.result().values())
             job.state = "done"
             self._event(
                 job,
                 {
                     "kind": "done",
-                    "loss": sum(r["loss_sum"] for r in reports) / max(n, 1),
-                    "sums": _sum_dicts(r.get("sums", {}) for r in reports),
-                    "samples": n,
+                    **_pool(reports),
                     "lost_workers": [w.worker_id for w in job.workers if w.state == "lost"],
                     "bytes_pulled": sum(r.get("bytes_pulled", 0) for r in reports),
                     "bytes_pushed": sum(r.get("bytes_pushed", 0) for r in reports),
@@ -407,6 +407,7 @@ class CoordinatorService:
         MsgType.SUBMIT: _submit,
         MsgType.TABLES: _tables,
         MsgType.JOB_END: _job_end,
+        MsgType.STOP: _stop,
         MsgType.REGISTER_WORKER: _register_worker,
         MsgType.STATS: _stats,
         MsgType.PROGRESS: _progress,
@@ -416,6 +417,16 @@ class CoordinatorService:
         MsgType.FAILED: _failed,
         MsgType.STATUS: _status,
         MsgType.PING: _ping,
+    }
+
+
+def _pool(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Workers' (loss_sum, n, sums) reports as one: mean loss, summed figures, rows."""
+    n = sum(r["n"] for r in reports)
+    return {
+        "loss": sum(r["loss_sum"] for r in reports) / max(n, 1),
+        "sums": _sum_dicts(r.get("sums", {}) for r in reports),
+        "samples": n,
     }
 
 

@@ -49,10 +49,13 @@ class TrainConfig:
     standardize: bool = True
     model_params: dict[str, Any] = field(default_factory=dict)  # model-specific, e.g. linreg's loss
     lr_decay: float = 0.0
+    validate: str | None = None  # a held-out file with the training file's columns
+    test_split: float = 0.0  # or hold out this fraction of each worker's rows
+    patience: int = 0  # stop after this many epochs without a better held-out loss (0: never)
     out: str = "model.npz"
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if self.workers < 1:
             raise PsctlError("--workers must be at least 1")
         if self.shards < 1:
@@ -65,6 +68,14 @@ class TrainConfig:
             raise PsctlError("--l2 must not be negative")
         if self.lr_decay < 0:
             raise PsctlError("--lr-decay must not be negative")
+        if not 0 <= self.test_split < 1:
+            raise PsctlError("--test-split must be a fraction between 0 and 1")
+        if self.test_split and self.validate:
+            raise PsctlError("use either --validate or --test-split, not both")
+        if self.patience < 0:
+            raise PsctlError("--patience must not be negative")
+        if self.patience and not (self.validate or self.test_split):
+            raise PsctlError("--patience needs held-out rows: give --validate FILE or --test-split FRACTION")
         if self.local_workers is not None and not 0 <= self.local_workers <= self.workers:
             raise PsctlError("--local-workers must be between 0 and --workers")
         try:
@@ -113,6 +124,23 @@ def build_spec(cfg: TrainConfig, schema: data.CsvSchema, partitions: list[data.P
         "min_shards": cfg.shards if cfg.server is None else 1,
         "data": {"path": os.path.abspath(cfg.data), "size": os.path.getsize(cfg.data), "schema": schema.to_dict()},
         "partitions": [p.to_dict() for p in partitions],
+        "test_split": cfg.test_split,
+        "validation": None,
+    }
+
+
+def plan_validation(cfg: TrainConfig, schema: data.CsvSchema) -> dict[str, Any]:
+    """The --validate file, split over the workers like the training file."""
+    assert cfg.validate is not None
+    val_schema = data.read_schema(cfg.validate, cfg.label, cfg.drop, cfg.has_header)
+    if val_schema.columns != schema.columns:
+        raise DataError(f"'{cfg.validate}' does not have the training file's columns")
+    partitions = data.plan_partitions(cfg.validate, cfg.workers, cfg.has_header)
+    return {
+        "path": os.path.abspath(cfg.validate),
+        "size": os.path.getsize(cfg.validate),
+        "schema": val_schema.to_dict(),
+        "partitions": [p.to_dict() for p in partitions],
     }
 
 
@@ -124,6 +152,11 @@ class _Session:
         self.stats: dict[str, Any] | None = None
         self.model: Model | None = None
         self.placed: dict[str, Any] | None = None  # TABLES reply: shards and ranges
+        self.job_id = ""
+        self.client: ShardClient | None = None  # the driver's own connections to the shards
+        self.best_loss, self.best_epoch, self.since_best = float("inf"), -1, 0
+        self.best_params: dict[str, np.ndarray] | None = None
+        self.stopping = False
 
     def make_model(self, classes: list[str]) -> Model:
         return self.model_cls(self.n_features, classes, l2=self.cfg.l2, **self.cfg.model_params)
@@ -137,20 +170,56 @@ class _Session:
         self.placed = (await self.peer.request(MsgType.TABLES, {"tables": tables}, timeout_s=SUBMIT_TIMEOUT_S)).body
 
     def with_metrics(self, event: dict[str, Any]) -> dict[str, Any]:
+        task = self.model_cls.task
         if "sums" in event:
-            return {**event, "metrics": summarize(self.model_cls.task, event["sums"], event["samples"])}
+            event = {**event, "metrics": summarize(task, event["sums"], event["samples"])}
+        if "val" in event:
+            val = event["val"]
+            event = {**event, "val": {**val, "metrics": summarize(task, val["sums"], val["samples"])}}
         return event
+
+    async def on_epoch(self, event: dict[str, Any], on_event: Callable[[dict[str, Any]], None]) -> None:
+        """Track the best held-out loss; keep those weights; stop after --patience epochs without better."""
+        if "val" not in event or self.stopping:
+            return
+        loss = event["val"]["loss"]
+        if loss < self.best_loss:
+            self.best_loss, self.best_epoch, self.since_best = loss, event["epoch"], 0
+            if self.cfg.patience:
+                self.best_params = await self.pull_all()
+        else:
+            self.since_best += 1
+            if self.cfg.patience and self.since_best >= self.cfg.patience:
+                self.stopping = True
+                self.peer.notify(MsgType.STOP, {})
+                on_event({"kind": "early_stop", "epoch": event["epoch"], "best_epoch": self.best_epoch})
+
+    async def pull_all(self) -> dict[str, np.ndarray]:
+        """Every table, whole, as the shards hold it now."""
+        assert self.placed is not None
+        if self.client is None:
+            self.client = await ShardClient.connect(
+                self.placed["shards"], self.placed["ranges"], self.job_id, {"role": "driver"},
+                max_frame_bytes=self.cfg.max_frame_bytes,
+            )
+        return {k: v.copy() for k, v in (await self.client.pull(list(self.placed["ranges"]))).items()}
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
 
 
 async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda e: None) -> TrainResult:
     """Run one training job end to end and write the model file."""
-    cfg.validate()
+    cfg.check()
     check_out_path(cfg.out)
     model_cls = model_class(cfg.model)
     schema = data.read_schema(cfg.data, cfg.label, cfg.drop, cfg.has_header)
     model_cls(len(schema.feature_indices), ["0", "1"], l2=cfg.l2, **cfg.model_params)  # bad parameters fail here, not on the cluster
     partitions = await asyncio.to_thread(data.plan_partitions, cfg.data, cfg.workers, cfg.has_header)
     spec = build_spec(cfg, schema, partitions)
+    if cfg.validate:
+        spec["validation"] = await asyncio.to_thread(plan_validation, cfg, schema)
     steps = cfg.epochs * sum(steps_per_epoch(p.n_rows, cfg.batch_size) for p in partitions)
     on_event(
         {"kind": "planned", "rows": sum(p.n_rows for p in partitions), "features": spec["n_features"],
@@ -174,13 +243,13 @@ async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = l
                 await shards_up
             on_event({"kind": "cluster_up", "seconds": time.monotonic() - started, "address": coordinator})
             reply = await peer.request(MsgType.SUBMIT, {"spec": spec}, timeout_s=SUBMIT_TIMEOUT_S)
-            job_id = reply.body["job_id"]
+            job_id = session.job_id = reply.body["job_id"]
             on_event({"kind": "submitted", "job_id": job_id, "shards": reply.body["shards"]})
             events, done = await _follow(cluster, driver_service, session, on_event)
-            assert session.placed is not None and session.model is not None
-            params = await _final_pull(session.placed, job_id, cfg.max_frame_bytes)
+            params = session.best_params if session.best_params is not None else await session.pull_all()
             peer.notify(MsgType.JOB_END, {"job_id": job_id})
         finally:
+            session.close()
             peer.close()
     meta = _model_meta(cfg, schema, session, done, time.monotonic() - started)
     modelfile.save_model(cfg.out, params, meta)
@@ -223,6 +292,8 @@ async def _follow(
                 if event["kind"] != "progress":
                     events.append(event)
                 on_event(event)
+                if event["kind"] == "epoch":
+                    await session.on_epoch(event, on_event)
                 if event["kind"] == "failed":
                     raise JobError(f"training failed: {event['reason']}")
                 if event["kind"] == "done":
@@ -238,15 +309,6 @@ async def _follow(
             fut.cancel()
         if get is not None:
             get.cancel()
-
-
-async def _final_pull(submitted: dict[str, Any], job_id: str, max_frame_bytes: int) -> dict[str, np.ndarray]:
-    ranges = submitted["ranges"]
-    client = await ShardClient.connect(submitted["shards"], ranges, job_id, {"role": "driver"}, max_frame_bytes=max_frame_bytes)
-    try:
-        return await client.pull(list(ranges))
-    finally:
-        client.close()
 
 
 def _model_meta(cfg: TrainConfig, schema: data.CsvSchema, session: _Session, done: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -271,6 +333,11 @@ def _model_meta(cfg: TrainConfig, schema: data.CsvSchema, session: _Session, don
             "seconds": seconds,
         },
     }
+    if session.best_epoch >= 0:
+        meta["metrics"]["best_epoch"] = session.best_epoch
+        meta["metrics"]["best_val_loss"] = session.best_loss
+        meta["metrics"]["weights_from_epoch"] = session.best_epoch if session.best_params is not None else "last"
+
     if cfg.standardize and session.stats["stats"]:
         mean, std = data.merge_stats(session.stats["stats"])
         meta["standardize"] = {"mean": np.asarray(mean).tolist(), "std": np.asarray(std).tolist()}

@@ -70,6 +70,7 @@ class MsgType(enum.IntEnum):
     STATUS = 20
     FAILED = 21
     TABLES = 22
+    STOP = 23
     # control plane: coordinator -> shard
     JOB_SETUP = 30
     WORKER_LEFT = 31

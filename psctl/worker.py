@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import time
@@ -42,14 +43,18 @@ def steps_per_epoch(n_rows: int, batch_size: int) -> int:
 
 
 class _ControlService(net.NullService):
-    """Receives the coordinator's events (abort) on the worker's control connection."""
+    """Receives the coordinator's events (abort, early stop) on the worker's control connection."""
 
     def __init__(self) -> None:
         self.abort_reason: str | None = None
+        self.stop_requested = False
 
     def handle(self, peer: net.Peer, msg: Message) -> net.Reply:
         if msg.type is MsgType.EVENT and msg.body.get("kind") == "abort":
             self.abort_reason = str(msg.body.get("reason", "the job was aborted"))
+            return None
+        if msg.type is MsgType.EVENT and msg.body.get("kind") == "stop":
+            self.stop_requested = True
             return None
         return super().handle(peer, msg)
 
@@ -73,19 +78,24 @@ def load_partition(spec: dict[str, Any], path: str, part: data.Partition) -> tup
     return data.read_partition(path, schema, part)
 
 
-def prepare(raw_X: Any, labels: np.ndarray, stats_reply: dict[str, Any], spec: dict[str, Any], model_cls: type[Model]) -> Prepared:
+def prepare(raw_X: Any, labels: np.ndarray, classes: list[str], stats_reply: dict[str, Any], spec: dict[str, Any], task: str) -> Prepared:
     """Standardize features and encode labels the same way on every worker."""
-    classes = classes_for(model_cls.task, stats_reply["labels"], model_cls.kind)
-    y = encode_targets(model_cls.task, labels, classes)
+    y = encode_targets(task, labels, classes)
     X = raw_X
     if spec["data"].get("format", "csv") == "csv":  # dense numeric features: scaled, float32
         if spec.get("standardize", True) and stats_reply["stats"]:
             mean, std = data.merge_stats(stats_reply["stats"])
             X = (raw_X - mean) / std
         X = X.astype(np.float32)
-    if model_cls.task != "classes":
+    if task != "classes":
         y = y.astype(np.float32)
     return Prepared(X, y, classes)
+
+
+def split_validation(labels: np.ndarray, fraction: float, seed: int, worker_id: int, stratify: bool) -> tuple[np.ndarray, np.ndarray]:
+    """This worker's (train, held-out) row indices: stratified by label for classifiers."""
+    key = labels if stratify else np.zeros(len(labels), dtype=np.int8)
+    return data.stratified_split(key, fraction, seed * 1_000_003 + worker_id)
 
 
 def _jsonable(stats: dict[str, Any]) -> dict[str, Any]:
@@ -137,16 +147,32 @@ class Worker:
         if os.path.getsize(path) != spec["data"]["size"]:
             raise DataError(f"data file '{path}' on this host differs in size from the job's ({spec['data']['size']} bytes)")
         raw_X, labels = await asyncio.to_thread(load_partition, spec, path, part)
+        val_raw: tuple[Any, np.ndarray] | None = None
+        if spec.get("test_split"):
+            train_rows, val_rows = split_validation(
+                labels, float(spec["test_split"]), int(spec.get("seed", 0)), worker_id, model_cls.task != "regression"
+            )
+            val_raw = (raw_X[val_rows], labels[val_rows])
+            raw_X, labels = raw_X[train_rows], labels[train_rows]
+        elif spec.get("validation"):
+            val_part = data.Partition.from_dict(spec["validation"]["partitions"][worker_id])
+            val_raw = await asyncio.to_thread(
+                load_partition, {**spec, "data": spec["validation"]}, spec["validation"]["path"], val_part
+            )
 
         dense = spec["data"].get("format", "csv") == "csv"
         stats = data.partial_stats(raw_X) if dense and len(raw_X) and spec.get("standardize", True) else None
-        distinct = sorted(set(labels.tolist())) if model_cls.task != "regression" else []
+        distinct: list[str] = []
+        if model_cls.task != "regression":
+            distinct = sorted(set(labels.tolist()) | (set(val_raw[1].tolist()) if val_raw is not None else set()))
         reply = await coord.request(
             MsgType.STATS, {"stats": _jsonable(stats) if stats else None, "labels": distinct}, timeout_s=None
         )
         self._check_abort()
-        prep = prepare(raw_X, labels, reply.body, spec, model_cls)
-        model = model_cls(spec["n_features"], prep.classes, l2=float(spec.get("l2", 0.0)), **spec.get("model_params", {}))
+        classes = classes_for(model_cls.task, reply.body["labels"], model_cls.kind)
+        prep = prepare(raw_X, labels, classes, reply.body, spec, model_cls.task)
+        val = prepare(*val_raw, classes, reply.body, spec, model_cls.task) if val_raw is not None else None
+        model = model_cls(spec["n_features"], classes, l2=float(spec.get("l2", 0.0)), **spec.get("model_params", {}))
 
         client = await ShardClient.connect(
             reply.body["shards"],
@@ -156,7 +182,7 @@ class Worker:
             max_frame_bytes=self.max_frame_bytes,
         )
         try:
-            await self._train(coord, client, model, prep, spec, worker_id)
+            await self._train(coord, client, model, prep, val, spec, worker_id)
             await client.leave()
             await coord.request(MsgType.TRAINED, {}, timeout_s=None)
             self._check_abort()
@@ -173,7 +199,14 @@ class Worker:
             client.close()
 
     async def _train(
-        self, coord: net.Peer, client: ShardClient, model: Model, prep: Prepared, spec: dict[str, Any], worker_id: int
+        self,
+        coord: net.Peer,
+        client: ShardClient,
+        model: Model,
+        prep: Prepared,
+        val: Prepared | None,
+        spec: dict[str, Any],
+        worker_id: int,
     ) -> None:
         epochs, batch_size, seed = int(spec["epochs"]), int(spec["batch_size"]), int(spec.get("seed", 0))
         n_rows = len(prep.y)
@@ -182,9 +215,13 @@ class Worker:
         last_progress = time.monotonic()
         recent_loss, recent_n = 0.0, 0
         for epoch in range(epochs):
+            if self.control.stop_requested:
+                break
             loss_sum, sums = 0.0, {}
             for idx in batch_indices(n_rows, batch_size, seed, worker_id, epoch):
                 self._check_abort()
+                if self.control.stop_requested:
+                    break
                 X, y = prep.X[idx], prep.y[idx]
                 keys = model.keys(X)
                 # The pull goes out behind the previous push on each connection,
@@ -192,6 +229,8 @@ class Worker:
                 params = await client.pull_for(keys, clock)
                 await client.wait_all(acks)
                 loss, grads, outputs = model.loss_grad(params, X, y)
+                if not math.isfinite(loss):
+                    raise PsctlError(f"training diverged in epoch {epoch + 1}: the loss is {loss}; try a smaller --lr")
                 acks = client.push_for_nowait(keys, grads, clock, len(idx))
                 clock += 1
                 loss_sum += float(loss) * len(idx)
@@ -205,7 +244,20 @@ class Worker:
                         {"epoch": epoch, "clock": clock, "samples": recent_n, "loss_sum": recent_loss},
                     )
                     recent_loss, recent_n, last_progress = 0.0, 0, now
-            coord.notify(MsgType.EPOCH_REPORT, {"epoch": epoch, "loss_sum": loss_sum, "sums": sums, "n": n_rows})
+            if self.control.stop_requested:
+                break  # a partial epoch is not reported
+            report: dict[str, Any] = {"epoch": epoch, "loss_sum": loss_sum, "sums": sums, "n": n_rows}
+            if val is not None:
+                report["val"] = await self._evaluate(client, model, val, clock)
+            coord.notify(MsgType.EPOCH_REPORT, report)
         await client.wait_all(acks)
         if recent_n:
             coord.notify(MsgType.PROGRESS, {"epoch": epochs - 1, "clock": clock, "samples": recent_n, "loss_sum": recent_loss})
+
+    async def _evaluate(self, client: ShardClient, model: Model, rows: Prepared, clock: int) -> dict[str, Any]:
+        """Loss and additive figures of the current parameters on ``rows`` (held-out data)."""
+        if not len(rows.y):
+            return {"loss_sum": 0.0, "n": 0, "sums": {}}
+        params = await client.pull_for(model.keys(rows.X), clock)
+        loss, _, outputs = model.loss_grad(params, rows.X, rows.y)
+        return {"loss_sum": float(loss) * len(rows.y), "n": len(rows.y), "sums": batch_sums(model.task, outputs, rows.y)}
