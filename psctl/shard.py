@@ -84,8 +84,8 @@ class ShardState:
         self.pushes = 0
         self.left: set[int] = set()
 
-    def check_tables(self, names: Any) -> list[str]:
-        if not isinstance(names, list) or not names:
+    def check_tables(self, names: Any, allow_empty: bool = False) -> list[str]:
+        if not isinstance(names, list) or not (names or allow_empty):
             raise net.RequestError("'tables' must be a non-empty list of table names")
         for name in names:
             if name not in self.tables:
@@ -250,7 +250,7 @@ class ShardService:
         worker = peer.info.get("worker_id")
         if worker is None:
             raise net.RequestError("say HELLO as a worker before PUSH")
-        names = state.check_tables(msg.body.get("tables"))
+        names = state.check_tables(msg.body.get("tables"), allow_empty=True)  # empty: a clock tick only
         keys = _keyed_arrays(msg, names, per_table=2)
         grads = msg.arrays[1::2] if keys is not None else msg.arrays
         count = _require(msg.body, "count", int)

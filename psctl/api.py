@@ -1,0 +1,258 @@
+"""The Python API: your own training loop on a psctl server, in the spirit of ps-lite's KVWorker.
+
+A :class:`Job` (the driver side) declares the tables and the consistency mode;
+each :class:`KVWorker` joins it and runs its own loop::
+
+    async with await Job.submit(address, [TableSpec("w", 100)], workers=2, mode="ssp", staleness=1) as job:
+        ...                                  # workers run elsewhere (or as tasks here)
+        params = await job.wait()            # every worker closed: the final tables
+
+    async with await KVWorker.join(address) as kv:
+        for step in range(100):
+            w = await kv.pull("w")           # waits at the clock gate of the job's mode
+            kv.push("w", gradient(w))        # buffered for this clock
+            await kv.clock()                 # one push per shard, tagged with the clock; clock + 1
+
+Models for ``psctl train`` are classes (see :class:`psctl.models.Model`); this
+API is for loops that do not fit that shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from psctl import net
+from psctl.client import ShardClient
+from psctl.consistency import staleness_for
+from psctl.errors import JobError, PsctlError
+from psctl.launch import LocalCluster
+from psctl.tables import TableSpec
+from psctl.wire import DEFAULT_MAX_FRAME_BYTES, Message, MsgType
+
+__all__ = ["Job", "KVWorker", "LocalServer", "TableSpec"]
+
+
+class _Events(net.NullService):
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+    def handle(self, peer: net.Peer, msg: Message) -> net.Reply:
+        if msg.type is MsgType.EVENT:
+            self.queue.put_nowait(msg.body)
+            return None
+        return super().handle(peer, msg)
+
+    def peer_lost(self, peer: net.Peer, exc: BaseException | None) -> None:
+        self.queue.put_nowait(None)
+
+
+class Job:
+    """The driver of a job whose workers run their own loops."""
+
+    def __init__(self, peer: net.Peer, events: _Events, job_id: str, tables: list[TableSpec], max_frame_bytes: int):
+        self._peer, self._events, self.job_id = peer, events, job_id
+        self.tables = tables
+        self._max_frame_bytes = max_frame_bytes
+        self._placed: dict[str, Any] | None = None
+        self._placing = asyncio.ensure_future(self._place())
+
+    @classmethod
+    async def submit(
+        cls,
+        address: str,
+        tables: list[TableSpec],
+        workers: int,
+        *,
+        mode: str = "async",
+        staleness: int = 0,
+        lr: float = 0.1,
+        lr_decay: float = 0.0,
+        seed: int = 0,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    ) -> Job:
+        """Open a job for ``workers`` KVWorkers on the server at ``address``."""
+        try:
+            staleness_for(mode, staleness)
+        except ValueError as exc:
+            raise PsctlError(str(exc)) from None
+        events = _Events()
+        peer = await net.connect(address, events, max_frame_bytes=max_frame_bytes, what="psctl server")
+        spec = {
+            "model": "api",
+            "n_workers": workers,
+            "mode": mode,
+            "staleness": staleness,
+            "seed": seed,
+            "optimizer": {"name": "sgd", "params": {"lr": lr, "lr_decay": lr_decay}},
+            "partitions": [{} for _ in range(workers)],
+        }
+        try:
+            reply = await peer.request(MsgType.SUBMIT, {"spec": spec}, timeout_s=60)
+        except BaseException:
+            peer.close()
+            raise
+        return cls(peer, events, reply.body["job_id"], tables, max_frame_bytes)
+
+    async def _place(self) -> None:
+        """Once every worker has joined (the statistics barrier), create the tables on the shards."""
+        while True:
+            event = await self._events.queue.get()
+            if event is None:
+                raise JobError("lost the connection to the psctl server")
+            if event["kind"] == "failed":
+                raise JobError(f"job failed: {event['reason']}")
+            if event["kind"] == "stats":
+                body = {"tables": [t.to_dict() for t in self.tables]}
+                self._placed = (await self._peer.request(MsgType.TABLES, body, timeout_s=60)).body
+                return
+
+    async def wait(self, timeout_s: float | None = None) -> dict[str, np.ndarray]:
+        """Wait until every worker has closed; return the final tables."""
+
+        async def done() -> None:
+            await self._placing
+            while True:
+                event = await self._events.queue.get()
+                if event is None:
+                    raise JobError("lost the connection to the psctl server")
+                if event["kind"] == "failed":
+                    raise JobError(f"job failed: {event['reason']}")
+                if event["kind"] == "done":
+                    return
+
+        await asyncio.wait_for(done(), timeout_s)
+        assert self._placed is not None
+        client = await ShardClient.connect(
+            self._placed["shards"], self._placed["ranges"], self.job_id, {"role": "driver"},
+            max_frame_bytes=self._max_frame_bytes,
+        )
+        try:
+            return await client.pull([t.name for t in self.tables])
+        finally:
+            client.close()
+
+    async def close(self) -> None:
+        """End the job on the server (its tables are dropped) and disconnect."""
+        self._placing.cancel()
+        if self._peer.is_open:
+            self._peer.notify(MsgType.JOB_END, {"job_id": self.job_id})
+        self._peer.close()
+
+    async def __aenter__(self) -> Job:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class KVWorker:
+    """One worker of a :class:`Job`: pull, push, clock."""
+
+    def __init__(self, coord: net.Peer, control: _Events, client: ShardClient, worker_id: int, rows: dict[str, int]):
+        self._coord, self._control, self._client = coord, control, client
+        self.worker_id = worker_id
+        self._rows = rows
+        self._clock = 0
+        self._pending: dict[str, tuple[np.ndarray | None, np.ndarray]] = {}
+        self._acks: list[asyncio.Future[Any]] = []
+        self._closed = False
+
+    @classmethod
+    async def join(cls, address: str, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> KVWorker:
+        """Join the next job of the server at ``address`` that has a free worker slot.
+
+        Returns once every worker of the job has joined (the tables are created then).
+        """
+        control = _Events()
+        coord = await net.connect(address, control, max_frame_bytes=max_frame_bytes, what="psctl server")
+        try:
+            reg = (await coord.request(MsgType.REGISTER_WORKER, {"pid": os.getpid(), "host": socket.gethostname()}, timeout_s=None)).body
+            placed = (await coord.request(MsgType.STATS, {"stats": None, "labels": []}, timeout_s=None)).body
+            client = await ShardClient.connect(
+                placed["shards"], placed["ranges"], reg["job_id"], {"role": "worker", "worker_id": reg["worker_id"]},
+                max_frame_bytes=max_frame_bytes,
+            )
+        except BaseException:
+            coord.close()
+            raise
+        rows = {name: ranges[-1][1] for name, ranges in placed["ranges"].items()}
+        return cls(coord, control, client, int(reg["worker_id"]), rows)
+
+    @property
+    def clock_value(self) -> int:
+        """Completed clocks (pushes sent)."""
+        return self._clock
+
+    async def pull(self, table: str, keys: np.ndarray | None = None) -> np.ndarray:
+        """A whole table, or the rows ``keys`` (sorted, unique), as the job's mode allows at this clock."""
+        self._check(table)
+        await self._client.wait_all(self._acks)
+        self._acks = []
+        got = await self._client.pull_for({table: None if keys is None else np.asarray(keys, dtype=np.int64)}, self._clock)
+        return got[table]
+
+    def push(self, table: str, values: np.ndarray, keys: np.ndarray | None = None) -> None:
+        """Buffer a gradient for this clock: a whole table's, or the rows ``keys`` (sorted, unique)."""
+        self._check(table)
+        if table in self._pending:
+            raise PsctlError(f"table {table!r} was already pushed in clock {self._clock}")
+        self._pending[table] = (None if keys is None else np.asarray(keys, dtype=np.int64), np.asarray(values))
+
+    async def clock(self, count: int = 1) -> int:
+        """Send this clock's pushes (``count`` samples, for sync averaging) and advance the clock."""
+        keys = {n: k for n, (k, _) in self._pending.items()}
+        grads = {n: g for n, (_, g) in self._pending.items()}
+        self._acks = self._client.push_for_nowait(keys, grads, self._clock, count)
+        self._pending = {}
+        self._clock += 1
+        return self._clock
+
+    async def close(self) -> None:
+        """Leave the job: the gate stops waiting for this worker; the job ends when all have closed."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._client.wait_all(self._acks)
+            await self._client.leave()
+            # Not waiting for the TRAINED barrier: closing must not depend on the other workers.
+            self._coord.notify(MsgType.TRAINED, {})
+            self._coord.notify(MsgType.FINAL_REPORT, {"loss_sum": 0.0, "n": 0, "sums": {}})
+        finally:
+            self._client.close()
+            self._coord.close()
+
+    def _check(self, table: str) -> None:
+        if self._closed:
+            raise PsctlError("this worker has closed")
+        if table not in self._rows:
+            raise PsctlError(f"unknown table {table!r}; the job has {', '.join(sorted(self._rows))}")
+
+    async def __aenter__(self) -> KVWorker:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+
+class LocalServer:
+    """A coordinator (in this process) and shard processes on this host: ``psctl server`` as a context manager."""
+
+    def __init__(self, shards: int = 2, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+        self._cluster = LocalCluster(max_frame_bytes=max_frame_bytes)
+        self._shards = shards
+        self.address = ""
+
+    async def __aenter__(self) -> LocalServer:
+        self.address = await self._cluster.start_coordinator()
+        await self._cluster.start_shards(self._shards, self.address)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._cluster.stop()
