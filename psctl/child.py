@@ -73,7 +73,7 @@ async def worker_main(args: argparse.Namespace) -> None:
     from psctl.worker import Worker
 
     announce(args.server)
-    await Worker(args.server, max_frame_bytes=args.max_frame_bytes, data_path=args.data).run()
+    await Worker(args.server, max_frame_bytes=args.max_frame_bytes, data_path=args.data, model_classes=args.model_class).run()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -87,6 +87,7 @@ def parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker")
     w.add_argument("--server", required=True)
     w.add_argument("--data", default=None)
+    w.add_argument("--model-class", action="append", default=[])
     for sp in (s, w):
         sp.add_argument("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES)
         sp.add_argument("--parent-watch", action="store_true")

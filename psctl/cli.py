@@ -86,6 +86,7 @@ def train(
     no_header: bool = typer.Option(False, "--no-header", help="The CSV has no header row."),
     no_standardize: bool = typer.Option(False, "--no-standardize", help="Do not standardize features."),
     out_path: str = typer.Option("model.npz", "--out", "-o", help="Where to write the model."),
+    model_class: str | None = typer.Option(None, "--model-class", help="Train your own model class (pkg.module:Class) instead of MODEL."),
     max_frame_bytes: int = MaxFrame,
 ) -> None:
     """Train a model on the parameter server (an embedded cluster unless --server is given)."""
@@ -93,7 +94,7 @@ def train(
     from psctl.train import train as run_train
 
     cfg = TrainConfig(
-        model=model,
+        model=model_class or model,
         data=data,
         workers=workers,
         shards=shards,
@@ -344,12 +345,15 @@ def shard(
 def worker(
     server_address: str = typer.Option(..., "--server", help="HOST:PORT of the coordinator."),
     data: str | None = typer.Option(None, "--data", help="Path of the job's data on this host, if it differs."),
+    model_class: list[str] | None = typer.Option(None, "--model-class", help="Allow jobs of this user model class (pkg.module:Class)."),
     max_frame_bytes: int = MaxFrame,
 ) -> None:
     """Join the next job of a running server as one worker."""
     from psctl.worker import Worker
 
-    report = _run(lambda: Worker(server_address, max_frame_bytes=max_frame_bytes, data_path=data).run())
+    report = _run(
+        lambda: Worker(server_address, max_frame_bytes=max_frame_bytes, data_path=data, model_classes=model_class or []).run()
+    )
     out.print(f"worker done: {report['n']} rows, final loss {report['loss_sum'] / max(report['n'], 1):.4f}", highlight=False)
 
 

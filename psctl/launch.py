@@ -101,10 +101,11 @@ class LocalCluster:
             children.append(await self._spawn("shard", len([c for c in self.children if c.role == "shard"]), args))
         return list(await asyncio.gather(*(self._ready(c) for c in children)))
 
-    async def start_workers(self, n: int, coordinator: str) -> list[Child]:
-        """Start ``n`` worker processes; they join the coordinator's next job."""
+    async def start_workers(self, n: int, coordinator: str, model_class: str | None = None) -> list[Child]:
+        """Start ``n`` worker processes; they join the coordinator's next job (allowed to load ``model_class``)."""
         first = len([c for c in self.children if c.role == "worker"])
-        return [await self._spawn("worker", first + i, ["--server", coordinator]) for i in range(n)]
+        args = ["--server", coordinator] + (["--model-class", model_class] if model_class else [])
+        return [await self._spawn("worker", first + i, args) for i in range(n)]
 
     def workers(self) -> list[Child]:
         return [c for c in self.children if c.role == "worker"]

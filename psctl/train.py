@@ -238,7 +238,7 @@ async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = l
         session = _Session(cfg, model_cls, spec["n_features"], peer)
         try:
             n_local = cfg.workers if cfg.local_workers is None else cfg.local_workers
-            await cluster.start_workers(n_local, coordinator)
+            await cluster.start_workers(n_local, coordinator, cfg.model if ":" in cfg.model else None)
             if shards_up is not None:
                 await shards_up
             on_event({"kind": "cluster_up", "seconds": time.monotonic() - started, "address": coordinator})

@@ -14,7 +14,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,7 +108,17 @@ def _add(total: dict[str, float], more: dict[str, float]) -> None:
 
 
 class Worker:
-    def __init__(self, coordinator: str, *, max_frame_bytes: int, data_path: str | None = None):
+    def __init__(
+        self,
+        coordinator: str,
+        *,
+        max_frame_bytes: int,
+        data_path: str | None = None,
+        model_classes: Sequence[str] = (),
+    ):
+        # A job spec names its model; a user's class ('pkg.mod:Class') is imported only
+        # when this worker was started allowing it, so a job cannot make a worker import code.
+        self.model_classes = set(model_classes)
         self.coordinator_address = coordinator
         self.max_frame_bytes = max_frame_bytes
         self.data_path = data_path
@@ -139,6 +149,8 @@ class Worker:
     async def _job(self, coord: net.Peer, reg: dict[str, Any]) -> dict[str, Any]:
         spec = reg["spec"]
         worker_id = int(reg["worker_id"])
+        if ":" in spec["model"] and spec["model"] not in self.model_classes:
+            raise PsctlError(f"this worker does not load model class '{spec['model']}'; start it with --model-class {spec['model']}")
         model_cls = model_class(spec["model"])
         part = data.Partition.from_dict(reg["partition"])
         path = self.data_path or spec["data"]["path"]

@@ -134,7 +134,7 @@ def test_a_model_written_outside_psctl_trains_on_the_cluster(tmp_path):
     reg = EXAMPLES / "regression"
     kind = "tests.integration.custom_model:MeanModel"
     out = tmp_path / "m.npz"
-    r = run_psctl("train", kind, str(reg / "train.csv"), "--label", "target", "--workers", "4", "--epochs", "30",
+    r = run_psctl("train", "custom", str(reg / "train.csv"), "--model-class", kind, "--label", "target", "--workers", "4", "--epochs", "30",
                   "--lr", "0.5", "--out", str(out))
     assert r.returncode == 0, r.stderr
     params, meta = modelfile.load_model(str(out))
