@@ -144,3 +144,16 @@ def test_a_model_written_outside_psctl_trains_on_the_cluster(tmp_path):
     assert refused.returncode != 0 and "pass --model-class" in refused.stderr
     p = run_psctl("predict", str(out), str(reg / "test.csv"), "--model-class", kind)
     assert p.returncode == 0 and metric(p.stdout, "rmse") > 0
+
+
+def test_no_header_label_first_like_mnist_csv(tmp_path):
+    rows = (EXAMPLES / "digits" / "train.csv").read_text().splitlines()[1:400]
+    (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "m.npz"
+    r = run_psctl("train", "softmax", str(tmp_path / "d.csv"), "--no-header", "--workers", "4", "--epochs", "5",
+                  "--lr", "0.3", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    _, meta = modelfile.load_model(str(out))
+    assert meta["label"] == "0" and len(meta["feature_names"]) == 64 and len(meta["classes"]) == 10
+    p = run_psctl("predict", str(out), str(tmp_path / "d.csv"))
+    assert metric(p.stdout, "accuracy") > 0.9
