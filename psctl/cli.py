@@ -79,6 +79,8 @@ def train(
     validate: str | None = typer.Option(None, "--validate", help="Held-out CSV, evaluated every epoch."),
     test_split: float = typer.Option(0.0, "--test-split", help="Hold out this fraction of the rows (stratified for classifiers)."),
     patience: int = typer.Option(0, "--patience", help="Stop after N epochs without a better held-out loss; keep the best weights."),
+    heartbeat_interval_s: float = typer.Option(0.5, "--heartbeat-interval-s", help="How often workers report they are alive."),
+    failure_timeout_s: float = typer.Option(5.0, "--failure-timeout-s", help="A worker silent this long is declared lost."),
     l2: float = typer.Option(0.0, "--l2", help="L2 regularization strength."),
     seed: int = typer.Option(0, "--seed"),
     label: str | None = typer.Option(None, "--label", help="Label column (name or index); default 'label' or the first."),
@@ -109,6 +111,8 @@ def train(
         validate=validate,
         test_split=test_split,
         patience=patience,
+        heartbeat_interval_s=heartbeat_interval_s,
+        failure_timeout_s=failure_timeout_s,
         model_params={k: v for k, v in (("loss", loss), ("huber_delta", huber_delta)) if v is not None},
         l2=l2,
         seed=seed,
@@ -199,7 +203,7 @@ class _TrainView:
             msg = f"early stop after epoch {event['epoch'] + 1}: best held-out loss at epoch {event['best_epoch'] + 1}"
             (self.progress.console if self.progress else out).print(msg, highlight=False)
         elif kind == "worker_lost":
-            msg = f"warning: worker {event['worker_id']} lost after {event['at_s']:.1f} s"
+            msg = f"warning: worker {event['worker_id']} lost after {event['at_s']:.1f} s ({event.get('reason', 'gone')})"
             (self.progress.console if self.progress else err).print(msg, highlight=False)
         elif kind == "done":
             self._plain(f"trained: loss {event['loss']:.4f} {_figures(event['metrics'])}")

@@ -23,6 +23,8 @@ from psctl.wire import Message, MsgType
 log = logging.getLogger("psctl.coordinator")
 
 SHARD_WAIT_S = 30.0
+DEFAULT_HEARTBEAT_INTERVAL_S = 0.5
+DEFAULT_FAILURE_TIMEOUT_S = 5.0
 SHARD_SETUP_TIMEOUT_S = 30.0
 MAX_LABELS = 1000
 
@@ -69,6 +71,7 @@ class WorkerSlot:
     state: str = "waiting"  # waiting -> running -> trained -> finished | lost
     pid: int | None = None
     host: str | None = None
+    clock: int = 0  # as last reported by its heartbeat
 
 
 @dataclass
@@ -101,6 +104,7 @@ class CoordinatorService:
 
     # -- plumbing ------------------------------------------------------------
     def handle(self, peer: net.Peer, msg: Message) -> Any:
+        peer.info["last_seen"] = time.monotonic()  # any frame shows the peer is alive
         handler = self._handlers.get(msg.type)
         if handler is None:
             raise net.RequestError(f"the coordinator does not serve {msg.type.name}", code="unexpected")
@@ -298,16 +302,41 @@ class CoordinatorService:
             },
         )
 
-    def _worker_lost(self, slot: WorkerSlot) -> None:
+    async def monitor(self) -> None:
+        """Declare workers lost whose heartbeats stopped (a hung or partitioned host keeps its sockets open)."""
+        while True:
+            job = self.job
+            timeout_s = float(job.spec.get("failure_timeout_s", DEFAULT_FAILURE_TIMEOUT_S)) if job else DEFAULT_FAILURE_TIMEOUT_S
+            await asyncio.sleep(min(timeout_s / 4, 1.0))
+            job = self.job
+            if job is None or job.state != "running":
+                continue
+            now = time.monotonic()
+            for slot in job.workers:
+                if slot.peer is None or slot.state not in ("running", "trained"):
+                    continue
+                silent_s = now - slot.peer.info.get("last_seen", now)
+                if silent_s > timeout_s:
+                    self._worker_lost(slot, f"no heartbeat for {silent_s:.1f} s")
+                    slot.peer.abort(ConnectionError("declared lost: no heartbeat"))
+
+    def _heartbeat(self, peer: net.Peer, msg: Message) -> None:
+        job, slot = self._job_of(peer)
+        slot.clock = int(msg.body.get("clock", slot.clock))
+
+    def _worker_lost(self, slot: WorkerSlot, reason: str = "connection lost") -> None:
         job = self.job
         if job is None or slot.state in ("finished", "lost"):
             return
         slot.state = "lost"
-        log.warning("job %s: worker %d lost", job.job_id, slot.worker_id)
+        log.warning("job %s: worker %d lost (%s)", job.job_id, slot.worker_id, reason)
         for s in job.shards:
             if s.peer.is_open:
                 s.peer.notify(MsgType.WORKER_LEFT, {"job_id": job.job_id, "worker_id": slot.worker_id})
-        self._event(job, {"kind": "worker_lost", "worker_id": slot.worker_id, "at_s": time.monotonic() - job.started_s})
+        self._event(
+            job,
+            {"kind": "worker_lost", "worker_id": slot.worker_id, "reason": reason, "at_s": time.monotonic() - job.started_s},
+        )
         for barrier in (job.stats, job.trained, job.final):
             barrier.drop(slot.worker_id)
         self._check_epochs(job)
@@ -385,6 +414,7 @@ class CoordinatorService:
         self._fail(f"worker {slot.worker_id}: {msg.body.get('message', 'failed')}")
 
     def _status(self, peer: net.Peer, msg: Message) -> Message:
+        now = time.monotonic()
         body: dict[str, Any] = {
             "shards": [{"shard_id": s.shard_id, "address": s.address, "pid": s.pid} for s in self.shards],
             "job": None,
@@ -395,7 +425,17 @@ class CoordinatorService:
                 "job_id": job.job_id,
                 "mode": job.spec.get("mode"),
                 "state": job.state,
-                "workers": [{"worker_id": w.worker_id, "state": w.state, "pid": w.pid, "host": w.host} for w in job.workers],
+                "workers": [
+                    {
+                        "worker_id": w.worker_id,
+                        "state": w.state,
+                        "pid": w.pid,
+                        "host": w.host,
+                        "clock": w.clock,
+                        "last_heartbeat_s": now - w.peer.info.get("last_seen", now) if w.peer else None,
+                    }
+                    for w in job.workers
+                ],
             }
         return Message(MsgType.STATUS, body)
 
@@ -417,6 +457,7 @@ class CoordinatorService:
         MsgType.FAILED: _failed,
         MsgType.STATUS: _status,
         MsgType.PING: _ping,
+        MsgType.HEARTBEAT: _heartbeat,
     }
 
 
@@ -450,4 +491,5 @@ async def start_coordinator(
     service = CoordinatorService()
     server = net.Server(service, max_frame_bytes=max_frame_bytes, max_connections=max_connections, name="coordinator")
     bound_host, bound_port = await server.start(host, port)
+    server.tasks.add(asyncio.ensure_future(service.monitor()))
     return server, service, f"{bound_host}:{bound_port}"

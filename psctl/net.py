@@ -288,6 +288,7 @@ class Server:
         self.max_connections = max_connections
         self.name = name
         self.peers: set[Peer] = set()
+        self.tasks: set[asyncio.Future[None]] = set()  # background work that lives as long as the server
         self._server: asyncio.base_events.Server | None = None
 
     def _make_peer(self) -> Peer:
@@ -306,6 +307,8 @@ class Server:
         """Stop accepting, close every connection, wait for them with a bound."""
         if self._server is not None:
             self._server.close()
+        for task in self.tasks:
+            task.cancel()
         for peer in list(self.peers):
             peer.close()
         waits = [p.closed for p in self.peers]

@@ -52,6 +52,8 @@ class TrainConfig:
     validate: str | None = None  # a held-out file with the training file's columns
     test_split: float = 0.0  # or hold out this fraction of each worker's rows
     patience: int = 0  # stop after this many epochs without a better held-out loss (0: never)
+    heartbeat_interval_s: float = 0.5
+    failure_timeout_s: float = 5.0
     out: str = "model.npz"
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
 
@@ -72,6 +74,8 @@ class TrainConfig:
             raise PsctlError("--test-split must be a fraction between 0 and 1")
         if self.test_split and self.validate:
             raise PsctlError("use either --validate or --test-split, not both")
+        if not 0 < self.heartbeat_interval_s < self.failure_timeout_s:
+            raise PsctlError("--heartbeat-interval-s must be positive and below --failure-timeout-s")
         if self.patience < 0:
             raise PsctlError("--patience must not be negative")
         if self.patience and not (self.validate or self.test_split):
@@ -125,6 +129,8 @@ def build_spec(cfg: TrainConfig, schema: data.CsvSchema, partitions: list[data.P
         "data": {"path": os.path.abspath(cfg.data), "size": os.path.getsize(cfg.data), "schema": schema.to_dict()},
         "partitions": [p.to_dict() for p in partitions],
         "test_split": cfg.test_split,
+        "heartbeat_interval_s": cfg.heartbeat_interval_s,
+        "failure_timeout_s": cfg.failure_timeout_s,
         "validation": None,
     }
 

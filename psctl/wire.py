@@ -71,6 +71,7 @@ class MsgType(enum.IntEnum):
     FAILED = 21
     TABLES = 22
     STOP = 23
+    HEARTBEAT = 24
     # control plane: coordinator -> shard
     JOB_SETUP = 30
     WORKER_LEFT = 31

@@ -119,6 +119,7 @@ class Worker:
         # A job spec names its model; a user's class ('pkg.mod:Class') is imported only
         # when this worker was started allowing it, so a job cannot make a worker import code.
         self.model_classes = set(model_classes)
+        self.clock = 0
         self.coordinator_address = coordinator
         self.max_frame_bytes = max_frame_bytes
         self.data_path = data_path
@@ -186,6 +187,7 @@ class Worker:
         val = prepare(*val_raw, classes, reply.body, spec, model_cls.task) if val_raw is not None else None
         model = model_cls(spec["n_features"], classes, l2=float(spec.get("l2", 0.0)), **spec.get("model_params", {}))
 
+        beat = asyncio.ensure_future(self._heartbeat(coord, float(spec.get("heartbeat_interval_s", 0.5))))
         client = await ShardClient.connect(
             reply.body["shards"],
             reply.body["ranges"],
@@ -208,6 +210,7 @@ class Worker:
             coord.notify(MsgType.FINAL_REPORT, report)
             return report
         finally:
+            beat.cancel()
             client.close()
 
     async def _train(
@@ -222,7 +225,7 @@ class Worker:
     ) -> None:
         epochs, batch_size, seed = int(spec["epochs"]), int(spec["batch_size"]), int(spec.get("seed", 0))
         n_rows = len(prep.y)
-        clock = 0
+        clock = self.clock = 0
         acks: list[asyncio.Future[Any]] = []
         last_progress = time.monotonic()
         recent_loss, recent_n = 0.0, 0
@@ -244,7 +247,7 @@ class Worker:
                 if not math.isfinite(loss):
                     raise PsctlError(f"training diverged in epoch {epoch + 1}: the loss is {loss}; try a smaller --lr")
                 acks = client.push_for_nowait(keys, grads, clock, len(idx))
-                clock += 1
+                clock = self.clock = clock + 1
                 loss_sum += float(loss) * len(idx)
                 _add(sums, batch_sums(model.task, outputs, y))
                 recent_loss += float(loss) * len(idx)
@@ -265,6 +268,12 @@ class Worker:
         await client.wait_all(acks)
         if recent_n:
             coord.notify(MsgType.PROGRESS, {"epoch": epochs - 1, "clock": clock, "samples": recent_n, "loss_sum": recent_loss})
+
+    async def _heartbeat(self, coord: net.Peer, interval_s: float) -> None:
+        """Tell the coordinator this worker is alive, and its clock, every interval."""
+        while coord.is_open:
+            coord.notify(MsgType.HEARTBEAT, {"clock": self.clock})
+            await asyncio.sleep(interval_s)
 
     async def _evaluate(self, client: ShardClient, model: Model, rows: Prepared, clock: int) -> dict[str, Any]:
         """Loss and additive figures of the current parameters on ``rows`` (held-out data)."""

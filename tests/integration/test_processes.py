@@ -117,3 +117,31 @@ def test_killed_worker_leaves_the_live_set_and_the_job_finishes(tmp_path, mode):
     assert proc.returncode == 0, err
     assert "warning: workers lost during training" in out
     assert (tmp_path / "m.npz").exists()
+
+
+@pytest.mark.fault
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
+def test_stopped_worker_is_declared_dead_by_heartbeat_timeout(tmp_path):
+    """SIGSTOP keeps the sockets open (a partitioned host): only the missing heartbeats tell."""
+    data = EXAMPLES / "seed_pytorch" / "data.csv"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "psctl", "train", "logreg", str(data), "--label", "1", "--drop", "0",
+         "--workers", "4", "--mode", "sync", "--epochs", "60", "--heartbeat-interval-s", "0.2",
+         "--failure-timeout-s", "2", "--out", str(tmp_path / "m.npz")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    address = None
+    for line in proc.stdout:
+        if line.startswith("cluster up"):
+            address = line.split(" at ")[1].strip()
+        if line.startswith("epoch 2/"):
+            break
+    workers = [p for p in psctl_children(address) if b"worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    os.kill(workers[0], signal.SIGSTOP)
+    started = time.monotonic()
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, err
+    assert "no heartbeat for" in out + err
+    assert "warning: workers lost during training" in out
+    assert time.monotonic() - started < 60
