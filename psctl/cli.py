@@ -79,6 +79,7 @@ def train(
     validate: str | None = typer.Option(None, "--validate", help="Held-out CSV, evaluated every epoch."),
     test_split: float = typer.Option(0.0, "--test-split", help="Hold out this fraction of the rows (stratified for classifiers)."),
     patience: int = typer.Option(0, "--patience", help="Stop after N epochs without a better held-out loss; keep the best weights."),
+    max_restarts: int = typer.Option(3, "--max-restarts", help="Replace up to N lost local worker processes."),
     heartbeat_interval_s: float = typer.Option(0.5, "--heartbeat-interval-s", help="How often workers report they are alive."),
     failure_timeout_s: float = typer.Option(5.0, "--failure-timeout-s", help="A worker silent this long is declared lost."),
     l2: float = typer.Option(0.0, "--l2", help="L2 regularization strength."),
@@ -112,6 +113,7 @@ def train(
         test_split=test_split,
         patience=patience,
         heartbeat_interval_s=heartbeat_interval_s,
+        max_restarts=max_restarts,
         failure_timeout_s=failure_timeout_s,
         model_params={k: v for k, v in (("loss", loss), ("huber_delta", huber_delta)) if v is not None},
         l2=l2,
@@ -138,6 +140,7 @@ def train(
     if "best_epoch" in m:
         weights = "the best epoch's" if m["weights_from_epoch"] != "last" else "the last epoch's"
         out.print(f"best held-out loss {m['best_val_loss']:.4f} at epoch {m['best_epoch'] + 1}; saved {weights} weights", highlight=False)
+    out.print(f"rows trained: {m['rows_trained']} ({m['rows_trained'] / max(cfg.epochs, 1):.0f} per epoch)", highlight=False)
     if m["lost_workers"]:
         out.print(f"warning: workers lost during training: {m['lost_workers']}", highlight=False)
 
@@ -199,6 +202,9 @@ class _TrainView:
             if self.progress is not None:
                 self.progress.console.print(line, highlight=False)
             self._plain(line)
+        elif kind == "worker_restarted":
+            msg = f"started a new worker process in place of worker {event['replacing']} (restart {event['restarts']})"
+            (self.progress.console if self.progress else out).print(msg, highlight=False)
         elif kind == "early_stop":
             msg = f"early stop after epoch {event['epoch'] + 1}: best held-out loss at epoch {event['best_epoch'] + 1}"
             (self.progress.console if self.progress else out).print(msg, highlight=False)

@@ -72,6 +72,10 @@ class ClockGate:
             self.clocks[worker] = clock
         return self._release()
 
+    def add(self, worker: int, clock: int) -> None:
+        """A worker joins the live set at ``clock`` (a replacement resumes where its predecessor stopped)."""
+        self.clocks[worker] = clock
+
     def remove(self, worker: int) -> list[Any]:
         """Drop ``worker`` from the live set; return the tokens now ready."""
         self.clocks.pop(worker, None)

@@ -50,6 +50,11 @@ class Barrier:
         self.arrived[worker] = payload
         self._check()
 
+    def add(self, worker: int) -> None:
+        """Expect one more worker (a replacement), unless the barrier has already opened."""
+        if not self.done.done():
+            self.expected.add(worker)
+
     def drop(self, worker: int) -> None:
         self.expected.discard(worker)
         self._check()
@@ -68,10 +73,16 @@ class Barrier:
 class WorkerSlot:
     worker_id: int
     peer: net.Peer | None = None
-    state: str = "waiting"  # waiting -> running -> trained -> finished | lost
+    state: str = "waiting"  # waiting|spare -> running -> trained -> finished | lost
     pid: int | None = None
     host: str | None = None
     clock: int = 0  # as last reported by its heartbeat
+    partition: int = -1  # index into the job's partitions; a replacement takes its predecessor's
+    start_clock: int = 0  # where a replacement resumes
+
+    def __post_init__(self) -> None:
+        if self.partition < 0:
+            self.partition = self.worker_id
 
 
 @dataclass
@@ -87,12 +98,13 @@ class Job:
     ranges: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     epoch_reports: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)
     stats_sent: bool = False
+    last_epoch_reported: int = -1
     tables_ready: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     state: str = "setup"  # setup -> running -> done | failed
     started_s: float = field(default_factory=time.monotonic)
 
     def live_ids(self) -> set[int]:
-        return {w.worker_id for w in self.workers if w.state != "lost"}
+        return {w.worker_id for w in self.workers if w.state not in ("lost", "spare")}
 
 
 class CoordinatorService:
@@ -280,7 +292,7 @@ class CoordinatorService:
         def free_slot() -> WorkerSlot | None:
             if self.job is None or self.job.state != "running":
                 return None
-            return next((w for w in self.job.workers if w.state == "waiting" and w.peer is None), None)
+            return next((w for w in self.job.workers if w.state in ("waiting", "spare") and w.peer is None), None)
 
         async with self._changed:
             await self._changed.wait_for(lambda: free_slot() is not None or not peer.is_open)
@@ -288,17 +300,30 @@ class CoordinatorService:
         if slot is None or self.job is None:
             raise net.RequestError("connection closed while waiting for a job")
         job = self.job
+        replacing = slot.state == "spare"
         slot.peer, slot.state = peer, "running"
         slot.pid, slot.host = msg.body.get("pid"), msg.body.get("host")
         peer.info.update(role="worker", job_id=job.job_id, worker_id=slot.worker_id)
-        self._event(job, {"kind": "worker_joined", "worker_id": slot.worker_id, "pid": slot.pid, "host": slot.host})
+        if replacing:
+            for barrier in (job.stats, job.trained, job.final):
+                barrier.add(slot.worker_id)
+            body = {"job_id": job.job_id, "worker_id": slot.worker_id, "clock": slot.start_clock}
+            if job.ranges:  # tables exist: the gates must know the newcomer before it pushes
+                await asyncio.gather(*(s.peer.request(MsgType.WORKER_JOINED, body) for s in job.shards))
+        self._event(
+            job,
+            {"kind": "worker_joined", "worker_id": slot.worker_id, "pid": slot.pid, "host": slot.host,
+             "partition": slot.partition, "start_clock": slot.start_clock, "replacing": replacing},
+        )
         return Message(
             MsgType.REGISTER_WORKER,
             {
                 "job_id": job.job_id,
                 "worker_id": slot.worker_id,
                 "spec": job.spec,
-                "partition": job.spec["partitions"][slot.worker_id],
+                "partition": job.spec["partitions"][slot.partition],
+                "partition_index": slot.partition,
+                "start_clock": slot.start_clock,
             },
         )
 
@@ -328,11 +353,11 @@ class CoordinatorService:
         job = self.job
         if job is None or slot.state in ("finished", "lost"):
             return
+        unfinished = slot.state == "running"  # a worker lost after training needs no replacement
         slot.state = "lost"
         log.warning("job %s: worker %d lost (%s)", job.job_id, slot.worker_id, reason)
-        for s in job.shards:
-            if s.peer.is_open:
-                s.peer.notify(MsgType.WORKER_LEFT, {"job_id": job.job_id, "worker_id": slot.worker_id})
+        if unfinished:
+            asyncio.get_running_loop().create_task(self._offer_replacement(job, slot))
         self._event(
             job,
             {"kind": "worker_lost", "worker_id": slot.worker_id, "reason": reason, "at_s": time.monotonic() - job.started_s},
@@ -342,6 +367,24 @@ class CoordinatorService:
         self._check_epochs(job)
         if not job.live_ids():
             self._fail("every worker was lost")
+
+    async def _offer_replacement(self, job: Job, lost: WorkerSlot) -> None:
+        """Take the lost worker out of every gate, then open a spare slot that resumes its
+        partition at the clock the shards acknowledged, so no row of it is skipped."""
+        clocks = [0]  # before the tables exist nothing was pushed
+        if job.ranges:
+            body = {"job_id": job.job_id, "worker_id": lost.worker_id}
+            replies = await asyncio.gather(
+                *(s.peer.request(MsgType.WORKER_LEFT, body) for s in job.shards if s.peer.is_open), return_exceptions=True
+            )
+            clocks = [r.body["clock"] for r in replies if isinstance(r, Message) and r.body.get("clock") is not None]
+        if job is not self.job or job.state != "running" or job.trained.done.done() or not clocks:
+            return
+        # The lowest acknowledged clock: a push that reached only some shards is redone, never skipped.
+        spare = WorkerSlot(len(job.workers), state="spare", partition=lost.partition, start_clock=min(clocks))
+        job.workers.append(spare)
+        log.info("job %s: worker %d may replace worker %d from clock %d", job.job_id, spare.worker_id, lost.worker_id, spare.start_clock)
+        self._changed_soon()
 
     async def _stats(self, peer: net.Peer, msg: Message) -> Message:
         job, slot = self._job_of(peer)
@@ -367,16 +410,23 @@ class CoordinatorService:
     def _epoch_report(self, peer: net.Peer, msg: Message) -> None:
         job, slot = self._job_of(peer)
         epoch = int(msg.body["epoch"])
-        job.epoch_reports.setdefault(epoch, {})[slot.worker_id] = msg.body
+        # Keyed by partition: a replacement continues its predecessor's epoch reports,
+        # and a step it redoes adds to the same entry.
+        if epoch <= job.last_epoch_reported:
+            return  # a replacement redoing the end of an epoch that was already summed up
+        reports = job.epoch_reports.setdefault(epoch, {})
+        reports[slot.partition] = _merge_reports(reports.get(slot.partition), msg.body)
         self._check_epochs(job)
 
     def _check_epochs(self, job: Job) -> None:
-        live = job.live_ids()
+        # A spare slot's partition is awaited too: its replacement will report for it.
+        expected = {w.partition for w in job.workers if w.state != "lost"}
         for epoch in sorted(job.epoch_reports):
             reports = job.epoch_reports[epoch]
-            if not live <= reports.keys():
+            if not expected <= reports.keys():
                 break
             del job.epoch_reports[epoch]
+            job.last_epoch_reported = epoch
             event = {"kind": "epoch", "epoch": epoch, **_pool(list(reports.values()))}
             vals = [r["val"] for r in reports.values() if r.get("val")]
             if vals:
@@ -459,6 +509,16 @@ class CoordinatorService:
         MsgType.PING: _ping,
         MsgType.HEARTBEAT: _heartbeat,
     }
+
+
+def _merge_reports(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    if old is None:
+        return new
+    merged = {**new, "loss_sum": old["loss_sum"] + new["loss_sum"], "n": old["n"] + new["n"]}
+    merged["sums"] = _sum_dicts([old.get("sums", {}), new.get("sums", {})])
+    if old.get("val") or new.get("val"):
+        merged["val"] = new.get("val") or old.get("val")
+    return merged
 
 
 def _pool(reports: list[dict[str, Any]]) -> dict[str, Any]:

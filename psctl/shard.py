@@ -82,7 +82,8 @@ class ShardState:
         self.rule = rule
         self.updates = 0  # optimizer applications (a sync clock counts once)
         self.pushes = 0
-        self.left: set[int] = set()
+        self.samples = 0  # rows behind every push, for the "every row used" check
+        self.left: dict[int, int] = {}  # worker -> its clock when it left
 
     def check_tables(self, names: Any, allow_empty: bool = False) -> list[str]:
         if not isinstance(names, list) or not (names or allow_empty):
@@ -108,6 +109,7 @@ class ShardState:
             if keys is not None:
                 table.locate(keys)  # validate before anything is applied or accumulated
         self.pushes += 1
+        self.samples += count
         if self.acc is not None:
             self.acc.add(clock, grads, count)
         else:
@@ -119,7 +121,7 @@ class ShardState:
     def leave(self, worker: int) -> list[Any]:
         """Drop a worker (finished, left or lost) from the live set."""
         if worker in self.gate.clocks:
-            self.left.add(worker)
+            self.left[worker] = self.gate.clocks[worker]
         ready = self.gate.remove(worker)
         self._apply_completed()
         return ready
@@ -142,6 +144,7 @@ class ShardState:
             "bytes": int(sum(t.values.nbytes for t in self.tables.values())),
             "updates": self.updates,
             "pushes": self.pushes,
+            "samples": self.samples,
             "clocks": {str(w): c for w, c in self.gate.clocks.items()},
             "waiting_pulls": self.gate.waiting(),
         }
@@ -293,7 +296,13 @@ class ShardService:
 
     def _worker_left(self, peer: net.Peer, msg: Message) -> net.Reply:
         state = self._job(msg.body)
-        self._release(state.leave(_require(msg.body, "worker_id", int)))
+        worker = _require(msg.body, "worker_id", int)
+        self._release(state.leave(worker))
+        return Message(MsgType.WORKER_LEFT, {"clock": state.left.get(worker)})
+
+    def _worker_joined(self, peer: net.Peer, msg: Message) -> net.Reply:
+        state = self._job(msg.body)
+        state.gate.add(_require(msg.body, "worker_id", int), _require(msg.body, "clock", int))
         return None
 
     def _job_clear(self, peer: net.Peer, msg: Message) -> net.Reply:
@@ -318,6 +327,7 @@ class ShardService:
         MsgType.LEAVE: _leave,
         MsgType.JOB_SETUP: _job_setup,
         MsgType.WORKER_LEFT: _worker_left,
+        MsgType.WORKER_JOINED: _worker_joined,
         MsgType.JOB_CLEAR: _job_clear,
         MsgType.STATUS: _status,
         MsgType.PING: _ping,

@@ -52,6 +52,7 @@ class TrainConfig:
     validate: str | None = None  # a held-out file with the training file's columns
     test_split: float = 0.0  # or hold out this fraction of each worker's rows
     patience: int = 0  # stop after this many epochs without a better held-out loss (0: never)
+    max_restarts: int = 3  # lost local worker processes replaced per job
     heartbeat_interval_s: float = 0.5
     failure_timeout_s: float = 5.0
     out: str = "model.npz"
@@ -210,6 +211,13 @@ class _Session:
             )
         return {k: v.copy() for k, v in (await self.client.pull(list(self.placed["ranges"]))).items()}
 
+    async def rows_trained(self) -> int:
+        """Rows behind all pushes, as the shards counted them (every shard sees every push)."""
+        if self.client is None:
+            return 0
+        replies = await asyncio.gather(*(p.request(MsgType.STATUS, timeout_s=10) for p in self.client.peers))
+        return min(int(r.body.get("samples", 0)) for r in replies)
+
     def close(self) -> None:
         if self.client is not None:
             self.client.close()
@@ -251,8 +259,9 @@ async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = l
             reply = await peer.request(MsgType.SUBMIT, {"spec": spec}, timeout_s=SUBMIT_TIMEOUT_S)
             job_id = session.job_id = reply.body["job_id"]
             on_event({"kind": "submitted", "job_id": job_id, "shards": reply.body["shards"]})
-            events, done = await _follow(cluster, driver_service, session, on_event)
+            events, done = await _follow(cluster, coordinator, driver_service, session, on_event)
             params = session.best_params if session.best_params is not None else await session.pull_all()
+            done["rows_trained"] = await session.rows_trained()
             peer.notify(MsgType.JOB_END, {"job_id": job_id})
         finally:
             session.close()
@@ -263,14 +272,22 @@ async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = l
 
 
 async def _follow(
-    cluster: LocalCluster, service: _DriverService, session: _Session, on_event: Callable[[dict[str, Any]], None]
+    cluster: LocalCluster,
+    coordinator: str,
+    service: _DriverService,
+    session: _Session,
+    on_event: Callable[[dict[str, Any]], None],
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Relay events until the job is done or failed.
 
     A local worker process that dies is fine once the coordinator reports it
-    lost (the job goes on without it); one that dies unexplained (say, before it
-    ever registered) fails the job after a short grace, instead of a hang.
+    lost: a new process replaces it (up to --max-restarts) and resumes its
+    partition where the shards stopped hearing from it. One that dies
+    unexplained (say, before it ever registered) fails the job after a short
+    grace, instead of a hang.
     """
+    cfg = session.cfg
+    restarts = 0
     events: list[dict[str, Any]] = []
     exits = {asyncio.ensure_future(c.proc.wait()): c for c in cluster.workers()}
     dead: list[Any] = []
@@ -292,6 +309,11 @@ async def _follow(
                 if event is None:
                     raise JobError("lost the connection to the psctl server")
                 lost += event["kind"] == "worker_lost"
+                if event["kind"] == "worker_lost" and restarts < cfg.max_restarts and cluster.workers():
+                    restarts += 1
+                    (child,) = await cluster.start_workers(1, coordinator, cfg.model if ":" in cfg.model else None)
+                    exits[asyncio.ensure_future(child.proc.wait())] = child
+                    on_event({"kind": "worker_restarted", "replacing": event["worker_id"], "restarts": restarts})
                 if event["kind"] == "stats":
                     await session.on_stats(event)
                 event = session.with_metrics(event)
@@ -334,6 +356,7 @@ def _model_meta(cfg: TrainConfig, schema: data.CsvSchema, session: _Session, don
             **{f"train_{k}": v for k, v in done["metrics"].items()},
             "samples": done["samples"],
             "lost_workers": done["lost_workers"],
+            "rows_trained": done.get("rows_trained", 0),
             "bytes_pulled": done.get("bytes_pulled", 0),
             "bytes_pushed": done.get("bytes_pushed", 0),
             "seconds": seconds,

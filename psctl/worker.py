@@ -31,9 +31,12 @@ log = logging.getLogger("psctl.worker")
 PROGRESS_INTERVAL_S = 0.25
 
 
-def batch_indices(n_rows: int, batch_size: int, seed: int, worker_id: int, epoch: int) -> Iterator[np.ndarray]:
-    """Row indices of each mini-batch of one epoch: a seeded shuffle, then slices."""
-    order = np.random.default_rng([seed, worker_id, epoch]).permutation(n_rows)
+def batch_indices(n_rows: int, batch_size: int, seed: int, partition: int, epoch: int) -> Iterator[np.ndarray]:
+    """Row indices of each mini-batch of one epoch of a partition: a seeded shuffle, then slices.
+
+    Seeded by the partition, not the worker, so a replacement replays the same batches.
+    """
+    order = np.random.default_rng([seed, partition, epoch]).permutation(n_rows)
     for start in range(0, n_rows, batch_size):
         yield order[start : start + batch_size]
 
@@ -92,10 +95,10 @@ def prepare(raw_X: Any, labels: np.ndarray, classes: list[str], stats_reply: dic
     return Prepared(X, y, classes)
 
 
-def split_validation(labels: np.ndarray, fraction: float, seed: int, worker_id: int, stratify: bool) -> tuple[np.ndarray, np.ndarray]:
-    """This worker's (train, held-out) row indices: stratified by label for classifiers."""
+def split_validation(labels: np.ndarray, fraction: float, seed: int, partition: int, stratify: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A partition's (train, held-out) row indices: stratified by label for classifiers."""
     key = labels if stratify else np.zeros(len(labels), dtype=np.int8)
-    return data.stratified_split(key, fraction, seed * 1_000_003 + worker_id)
+    return data.stratified_split(key, fraction, seed * 1_000_003 + partition)
 
 
 def _jsonable(stats: dict[str, Any]) -> dict[str, Any]:
@@ -150,6 +153,7 @@ class Worker:
     async def _job(self, coord: net.Peer, reg: dict[str, Any]) -> dict[str, Any]:
         spec = reg["spec"]
         worker_id = int(reg["worker_id"])
+        partition = int(reg.get("partition_index", worker_id))
         if ":" in spec["model"] and spec["model"] not in self.model_classes:
             raise PsctlError(f"this worker does not load model class '{spec['model']}'; start it with --model-class {spec['model']}")
         model_cls = model_class(spec["model"])
@@ -163,12 +167,12 @@ class Worker:
         val_raw: tuple[Any, np.ndarray] | None = None
         if spec.get("test_split"):
             train_rows, val_rows = split_validation(
-                labels, float(spec["test_split"]), int(spec.get("seed", 0)), worker_id, model_cls.task != "regression"
+                labels, float(spec["test_split"]), int(spec.get("seed", 0)), partition, model_cls.task != "regression"
             )
             val_raw = (raw_X[val_rows], labels[val_rows])
             raw_X, labels = raw_X[train_rows], labels[train_rows]
         elif spec.get("validation"):
-            val_part = data.Partition.from_dict(spec["validation"]["partitions"][worker_id])
+            val_part = data.Partition.from_dict(spec["validation"]["partitions"][partition])
             val_raw = await asyncio.to_thread(
                 load_partition, {**spec, "data": spec["validation"]}, spec["validation"]["path"], val_part
             )
@@ -196,7 +200,7 @@ class Worker:
             max_frame_bytes=self.max_frame_bytes,
         )
         try:
-            await self._train(coord, client, model, prep, val, spec, worker_id)
+            await self._train(coord, client, model, prep, val, spec, partition, int(reg.get("start_clock", 0)))
             await client.leave()
             await coord.request(MsgType.TRAINED, {}, timeout_s=None)
             self._check_abort()
@@ -221,19 +225,26 @@ class Worker:
         prep: Prepared,
         val: Prepared | None,
         spec: dict[str, Any],
-        worker_id: int,
+        partition: int,
+        start_clock: int,
     ) -> None:
+        """Mini-batch steps from ``start_clock`` (0, or where a lost predecessor's pushes stopped)."""
         epochs, batch_size, seed = int(spec["epochs"]), int(spec["batch_size"]), int(spec.get("seed", 0))
         n_rows = len(prep.y)
-        clock = self.clock = 0
+        per_epoch = steps_per_epoch(n_rows, batch_size)
+        clock = self.clock = start_clock
         acks: list[asyncio.Future[Any]] = []
         last_progress = time.monotonic()
         recent_loss, recent_n = 0.0, 0
-        for epoch in range(epochs):
+        first_epoch = start_clock // per_epoch if per_epoch else 0
+        for epoch in range(first_epoch, epochs):
             if self.control.stop_requested:
                 break
-            loss_sum, sums = 0.0, {}
-            for idx in batch_indices(n_rows, batch_size, seed, worker_id, epoch):
+            loss_sum, sums, rows = 0.0, {}, 0
+            skip = start_clock - epoch * per_epoch if epoch == first_epoch else 0
+            for step, idx in enumerate(batch_indices(n_rows, batch_size, seed, partition, epoch)):
+                if step < skip:
+                    continue
                 self._check_abort()
                 if self.control.stop_requested:
                     break
@@ -249,6 +260,7 @@ class Worker:
                 acks = client.push_for_nowait(keys, grads, clock, len(idx))
                 clock = self.clock = clock + 1
                 loss_sum += float(loss) * len(idx)
+                rows += len(idx)
                 _add(sums, batch_sums(model.task, outputs, y))
                 recent_loss += float(loss) * len(idx)
                 recent_n += len(idx)
@@ -261,7 +273,7 @@ class Worker:
                     recent_loss, recent_n, last_progress = 0.0, 0, now
             if self.control.stop_requested:
                 break  # a partial epoch is not reported
-            report: dict[str, Any] = {"epoch": epoch, "loss_sum": loss_sum, "sums": sums, "n": n_rows}
+            report: dict[str, Any] = {"epoch": epoch, "loss_sum": loss_sum, "sums": sums, "n": rows}
             if val is not None:
                 report["val"] = await self._evaluate(client, model, val, clock)
             coord.notify(MsgType.EPOCH_REPORT, report)
