@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                     failed.append(name)
                     result = SectionResult(name, skipped=f"failed: {type(exc).__name__}: {exc}")
             result.seconds = time.perf_counter() - t0
+            if hasattr(os, "getloadavg"):
+                result.figures["loadavg_after"] = list(os.getloadavg())  # others' load shows here
             results[name] = result
             if result.skipped:
                 out.line(f"{name}: {result.skipped}")
