@@ -366,6 +366,29 @@ async def connect(
     return peer
 
 
+# glibc hands freed blocks above its mmap threshold back to the OS at once (and
+# trims the heap top), so every large frame buffer, table copy and numpy
+# temporary is fresh memory whose pages fault in again: about 1,000 page faults
+# per 4 MiB, most of a shard's time in a 4 MiB pull + push. Keeping freed memory
+# lets the next frame reuse warm pages. See BENCHMARKS.md.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's largest allowed value on 64-bit
+KEEP_FREED_BYTES = 256 * 1024 * 1024
+
+
+def keep_freed_memory() -> bool:
+    """Ask the C allocator to reuse freed large blocks; False where it cannot (not glibc)."""
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
+
+
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop where it loads, else the default loop."""
     try:
@@ -376,6 +399,7 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def run(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-    """Run ``main()`` on the best available loop."""
+    """Run ``main()`` on the best available loop, with the allocator set up for large frames."""
+    keep_freed_memory()
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(main())

@@ -1,0 +1,102 @@
+"""A real psctl cluster driven from the benchmark process.
+
+The coordinator runs in this process (LocalCluster), the shards are child
+processes, and this process submits a one-table job as a driver and then plays
+its one worker through :class:`psctl.client.ShardClient`, as the integration
+tests do with ``bare_spec``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from psctl import net
+from psctl.client import ShardClient
+from psctl.launch import LocalCluster
+from psctl.wire import DEFAULT_MAX_FRAME_BYTES, Message, MsgType
+
+JOB_END_TIMEOUT_S = 10.0
+
+
+def bench_spec(rows: int, mode: str = "async", n_workers: int = 1, lr: float = 1e-6) -> dict[str, Any]:
+    """A job with one float32 table ``w`` of ``rows`` values and no data."""
+    return {
+        "model": "bench",
+        "n_workers": n_workers,
+        "tables": [{"name": "w", "rows": rows}],
+        "mode": mode,
+        "staleness": 0,
+        "optimizer": {"name": "sgd", "params": {"lr": lr}},
+        "partitions": [{} for _ in range(n_workers)],
+    }
+
+
+class _QuietDriver(net.NullService):
+    """The driver's side of the coordinator connection: job events are ignored."""
+
+    def handle(self, peer: net.Peer, msg: Message) -> net.Reply:
+        if msg.type is MsgType.EVENT:
+            return None
+        return super().handle(peer, msg)
+
+
+class BenchCluster:
+    """A coordinator here plus ``n_shards`` shard processes. Use ``async with``."""
+
+    def __init__(self, n_shards: int, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+        self.n_shards = n_shards
+        self.max_frame_bytes = max_frame_bytes
+        self.cluster = LocalCluster(max_frame_bytes=max_frame_bytes)
+        self.address = ""
+        self.shards: list[str] = []
+
+    async def __aenter__(self) -> BenchCluster:
+        try:
+            self.address = await self.cluster.start_coordinator()
+            self.shards = await self.cluster.start_shards(self.n_shards, self.address)
+        except BaseException:
+            await self.cluster.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.cluster.stop()
+
+    @asynccontextmanager
+    async def job(self, spec: dict[str, Any]) -> AsyncIterator[ShardClient]:
+        """Submit ``spec`` (one worker), register as its worker; yield the worker's client."""
+        driver = await net.connect(self.address, _QuietDriver(), max_frame_bytes=self.max_frame_bytes)
+        control: net.Peer | None = None
+        client: ShardClient | None = None
+        try:
+            submitted = (await driver.request(MsgType.SUBMIT, {"spec": spec})).body
+            control = await net.connect(self.address, max_frame_bytes=self.max_frame_bytes)
+            reg = (await control.request(MsgType.REGISTER_WORKER, {"pid": 0, "host": "benchmark"})).body
+            client = await ShardClient.connect(
+                reg["shards"],
+                reg["ranges"],
+                reg["job_id"],
+                {"role": "worker", "worker_id": reg["worker_id"]},
+                max_frame_bytes=self.max_frame_bytes,
+            )
+            yield client
+            driver.notify(MsgType.JOB_END, {"job_id": submitted["job_id"]})
+        finally:
+            if client is not None:
+                client.close()
+            if control is not None:
+                control.close()
+            driver.close()
+            await self._job_gone()
+
+    async def _job_gone(self) -> None:
+        coordinator = self.cluster.coordinator
+        deadline = time.monotonic() + JOB_END_TIMEOUT_S
+        while coordinator is not None and coordinator.job is not None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the benchmark job did not end")
+            await asyncio.sleep(0.005)  # the coordinator runs on this loop: let it see the close

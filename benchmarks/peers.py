@@ -1,0 +1,240 @@
+"""Section peers: other parameter-server stacks on the same 4 MiB pull + 4 MiB push, when importable.
+
+- PyTorch RPC: a parameter-server process holding one float32 tensor; the
+  client calls ``rpc_sync(pull)`` then ``rpc_sync(push, grad)``. Once with
+  TensorPipe restricted to TCP (``_transports=["uv"]``), once with its defaults
+  (shared memory where it can).
+- gloo ``all_reduce`` of the same tensor between two processes.
+- A Ray actor with ``pull`` / ``push`` methods.
+
+None of these are psctl dependencies, and nothing installs them: each peer is
+skipped, with the reason printed, unless it imports. Each runs in child
+processes (``python -m benchmarks.peers ...``) that print one JSON line.
+The code paths for peers that were not importable where BENCHMARKS.md was
+produced have not been run there; BENCHMARKS.md says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from benchmarks.common import Settings, SectionResult, Table, child_env, python
+
+ROWS = 1 << 20  # 4 MiB of float32
+PEER_TIMEOUT_S = 120.0
+_state: dict[str, Any] = {}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- functions the PyTorch RPC server runs (module level: RPC finds them by name) --
+
+
+def _ps_pull() -> Any:
+    return _state["w"]
+
+
+def _ps_push(grad: Any) -> None:
+    _state["w"].sub_(grad, alpha=1e-6)
+
+
+def _torch_rpc(rank: int, port: int, transport: str, duration_s: float) -> dict[str, Any] | None:
+    import torch
+    import torch.distributed.rpc as rpc
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    options = rpc.TensorPipeRpcBackendOptions(num_worker_threads=4)
+    if transport == "tcp":
+        options = rpc.TensorPipeRpcBackendOptions(num_worker_threads=4, _transports=["uv"], _channels=["basic"])
+    name = "ps" if rank == 0 else "worker"
+    rpc.init_rpc(name, rank=rank, world_size=2, rpc_backend_options=options)
+    out = None
+    if rank == 0:
+        _state["w"] = torch.zeros(ROWS, dtype=torch.float32)
+    else:
+        grad = torch.ones(ROWS, dtype=torch.float32)
+        for _ in range(5):
+            rpc.rpc_sync("ps", _ps_pull)
+            rpc.rpc_sync("ps", _ps_push, args=(grad,))
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < duration_s:
+            rpc.rpc_sync("ps", _ps_pull)
+            rpc.rpc_sync("ps", _ps_push, args=(grad,))
+            n += 1
+        out = {"its": n / (time.perf_counter() - start)}
+    rpc.shutdown()
+    return out
+
+
+def _gloo(rank: int, port: int, duration_s: float) -> dict[str, Any] | None:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    t = torch.ones(ROWS, dtype=torch.float32)
+    for _ in range(5):
+        dist.all_reduce(t)
+    # Both ranks must run the same number of collectives, so the count is fixed, not timed.
+    count = max(20, int(duration_s * 40))
+    start = time.perf_counter()
+    for _ in range(count):
+        dist.all_reduce(t)
+    elapsed = time.perf_counter() - start
+    dist.destroy_process_group()
+    return {"its": count / elapsed} if rank == 0 else None
+
+
+def _ray(duration_s: float) -> dict[str, Any]:
+    import numpy as np
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+    @ray.remote
+    class ParameterServer:
+        def __init__(self) -> None:
+            self.w = np.zeros(ROWS, np.float32)
+
+        def pull(self) -> Any:
+            return self.w
+
+        def push(self, grad: Any) -> None:
+            self.w -= 1e-6 * grad
+
+    ps = ParameterServer.remote()
+    grad = np.ones(ROWS, np.float32)
+    for _ in range(5):
+        ray.get(ps.pull.remote())
+        ray.get(ps.push.remote(grad))
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < duration_s:
+        ray.get(ps.pull.remote())
+        ray.get(ps.push.remote(grad))
+        n += 1
+    out = {"its": n / (time.perf_counter() - start)}
+    ray.shutdown()
+    return out
+
+
+def _run_pair(args: list[str]) -> dict[str, Any]:
+    """Start rank 0 and rank 1 of a two-process peer; rank 0 or 1 prints the JSON result."""
+    port = str(_free_port())
+    procs = [
+        subprocess.Popen(
+            [python(), "-m", "benchmarks.peers", *args, "--rank", str(rank), "--port", port],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=child_env(),
+        )
+        for rank in (0, 1)
+    ]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=PEER_TIMEOUT_S)
+            if p.returncode:
+                raise RuntimeError(err.strip().splitlines()[-1] if err.strip() else f"exit {p.returncode}")
+            outs.append(out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for out in outs:
+        for line in out.splitlines():
+            if line.startswith("{"):
+                return json.loads(line)
+    raise RuntimeError("no result printed")
+
+
+def available() -> dict[str, str | None]:
+    """Each peer's module -> None if importable, else why not."""
+    reasons: dict[str, str | None] = {}
+    for module in ("torch", "ray"):
+        reasons[module] = None if importlib.util.find_spec(module) else f"{module} is not installed (not a psctl dependency)"
+    return reasons
+
+
+async def run_peers(settings: Settings, dense_4mb_its: float | None) -> SectionResult:
+    import asyncio
+
+    result = SectionResult("peers")
+    reasons = available()
+    duration = 1.0 if settings.quick else 5.0
+    table = Table(
+        "Peers: 4 MiB pull + 4 MiB push per iteration against one server",
+        ["peer", "it/s", "psctl 1 shard x peer", "note"],
+        command=settings.command("peers"),
+        notes=["psctl's figure is section dense's 1-shard 4 MiB row from the same run (run dense too for the ratio)."],
+    )
+    plans: list[tuple[str, str, list[str] | None]] = [
+        ("PyTorch RPC, TensorPipe over TCP", "torch", ["torch-rpc", "--transport", "tcp"]),
+        ("PyTorch RPC, TensorPipe defaults (shm)", "torch", ["torch-rpc", "--transport", "default"]),
+        ("gloo all_reduce (2 processes)", "torch", ["gloo"]),
+        ("Ray actor", "ray", None),
+    ]
+    for label, module, pair in plans:
+        if reasons[module] is not None:
+            table.rows.append([label, float("nan"), float("nan"), f"skipped: {reasons[module]}"])
+            result.figures[label] = {"skipped": reasons[module]}
+            continue
+        try:
+            if pair is not None:
+                figures = await asyncio.to_thread(_run_pair, [*pair, "--seconds", str(duration)])
+            else:
+                figures = await asyncio.to_thread(_run_single, ["ray", "--seconds", str(duration)])
+        except Exception as exc:  # a peer's failure is a row, not the end of the run
+            table.rows.append([label, float("nan"), float("nan"), f"failed: {exc}"])
+            result.figures[label] = {"failed": str(exc)}
+            continue
+        its = figures["its"]
+        table.rows.append([label, its, dense_4mb_its / its if dense_4mb_its else float("nan"), ""])
+        result.figures[label] = figures
+    if all(r is not None for r in reasons.values()):
+        result.skipped = "; ".join(r for r in reasons.values() if r)
+    result.tables.append(table)
+    return result
+
+
+def _run_single(args: list[str]) -> dict[str, Any]:
+    out = subprocess.run(
+        [python(), "-m", "benchmarks.peers", *args], capture_output=True, text=True, timeout=PEER_TIMEOUT_S, env=child_env()
+    )
+    if out.returncode:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}")
+    return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.peers")
+    p.add_argument("peer", choices=("torch-rpc", "gloo", "ray"))
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--transport", choices=("tcp", "default"), default="tcp")
+    p.add_argument("--seconds", type=float, default=5.0)
+    args = p.parse_args(argv)
+    if args.peer == "torch-rpc":
+        out = _torch_rpc(args.rank, args.port, args.transport, args.seconds)
+    elif args.peer == "gloo":
+        out = _gloo(args.rank, args.port, args.seconds)
+    else:
+        out = _ray(args.seconds)
+    if out is not None:
+        print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
