@@ -74,11 +74,12 @@ class BenchCluster:
         client: ShardClient | None = None
         try:
             submitted = (await driver.request(MsgType.SUBMIT, {"spec": spec})).body
+            placed = (await driver.request(MsgType.TABLES, {"tables": spec["tables"]})).body
             control = await net.connect(self.address, max_frame_bytes=self.max_frame_bytes)
             reg = (await control.request(MsgType.REGISTER_WORKER, {"pid": 0, "host": "benchmark"})).body
             client = await ShardClient.connect(
-                reg["shards"],
-                reg["ranges"],
+                placed["shards"],
+                placed["ranges"],
                 reg["job_id"],
                 {"role": "worker", "worker_id": reg["worker_id"]},
                 max_frame_bytes=self.max_frame_bytes,
