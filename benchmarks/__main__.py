@@ -105,6 +105,10 @@ def _section_runner(name: str, settings: Settings, results: dict[str, SectionRes
         from benchmarks.dense import run_dense
 
         return lambda: run_dense(settings)
+    if name == "sparse":
+        from benchmarks.sparse import run_sparse
+
+        return lambda: run_sparse(settings)
     if name == "latency":
         from benchmarks.latency import run_latency
 
@@ -183,15 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.sections:
             t0 = time.perf_counter()
             out.line(f"\n== {name}")
-            if name == "sparse":
-                result = SectionResult("sparse", skipped="not yet: needs keyed pull/push (being added to shard/client)")
-            else:
-                try:
-                    result = net.run(_section_runner(name, settings, results))
-                except Exception as exc:
-                    traceback.print_exc()
-                    failed.append(name)
-                    result = SectionResult(name, skipped=f"failed: {type(exc).__name__}: {exc}")
+            try:
+                result = net.run(_section_runner(name, settings, results))
+            except Exception as exc:
+                traceback.print_exc()
+                failed.append(name)
+                result = SectionResult(name, skipped=f"failed: {type(exc).__name__}: {exc}")
             result.seconds = time.perf_counter() - t0
             if hasattr(os, "getloadavg"):
                 result.figures["loadavg_after"] = list(os.getloadavg())  # others' load shows here
