@@ -371,37 +371,77 @@ def worker(
 def status(
     server_address: str = typer.Option(..., "--server", help="HOST:PORT of the coordinator."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    watch: bool = typer.Option(False, "--watch", help="Refresh until Ctrl-C."),
+    interval_s: float = typer.Option(1.0, "--interval-s", help="Refresh interval with --watch."),
 ) -> None:
-    """Show the shards and the running job of a server."""
+    """Show the shards, the workers and the running job of a server."""
 
-    async def main() -> dict[str, Any]:
+    async def fetch() -> dict[str, Any]:
         peer = await net.connect(server_address, what="psctl server")
         try:
             return (await peer.request(MsgType.STATUS, timeout_s=5.0)).body
         finally:
             peer.close()
 
-    body = _run(main)
     if as_json:
-        print(json.dumps(body, indent=2))
+        print(json.dumps(_run(fetch), indent=2))
         return
-    table = Table(title=f"psctl server {server_address}")
-    for col in ("shard", "address", "pid"):
-        table.add_column(col)
+    if not watch:
+        out.print(_status_view(_run(fetch), server_address))
+        return
+
+    async def loop() -> None:
+        from rich.live import Live
+
+        with Live(console=out, auto_refresh=False) as live:
+            stop = asyncio.ensure_future(_wait_for_signal())
+            while not stop.done():
+                live.update(_status_view(await fetch(), server_address), refresh=True)
+                await asyncio.wait([stop], timeout=interval_s)
+
+    _run(loop)
+
+
+def _status_view(body: dict[str, Any], address: str) -> Any:
+    from rich.console import Group
+
+    shards = Table(title=f"psctl server {address}: shards")
+    for col in ("shard", "address", "pid", "keys", "bytes", "updates/s", "samples"):
+        shards.add_column(col, justify="right" if col not in ("address",) else "left")
     for s in body["shards"]:
-        table.add_row(str(s["shard_id"]), s["address"], str(s["pid"]))
-    out.print(table)
+        shards.add_row(
+            str(s["shard_id"]), s["address"], str(s["pid"]), str(s.get("keys", "-")), _bytes(s.get("bytes")),
+            f"{s['updates_s']:.1f}" if "updates_s" in s else "-", str(s.get("samples", "-")),
+        )
+    parts: list[Any] = [shards]
     job = body.get("job")
     if job is None:
-        out.print("no job running")
-    else:
-        out.print(f"job {job['job_id']}: mode {job['mode']}, {job['state']}")
-        wt = Table()
-        for col in ("worker", "state", "host", "pid"):
-            wt.add_column(col)
-        for w in job["workers"]:
-            wt.add_row(str(w["worker_id"]), w["state"], str(w["host"]), str(w["pid"]))
-        out.print(wt)
+        parts.append("no job running")
+        return Group(*parts)
+    mode = job["mode"] + (f" (staleness {job['staleness']})" if job["mode"] == "ssp" else "")
+    parts.append(f"job {job['job_id']}: {job['state']}, mode {mode}, epoch {job['epoch']} of {job['epochs']}")
+    workers = Table(title="workers")
+    for col in ("worker", "state", "host", "pid", "clock", "lag", "samples/s", "last heartbeat"):
+        workers.add_column(col, justify="right")
+    fastest = max((w["clock"] for w in job["workers"]), default=0)
+    for w in job["workers"]:
+        beat = w.get("last_heartbeat_s")
+        workers.add_row(
+            str(w["worker_id"]), w["state"], str(w["host"]), str(w["pid"]), str(w["clock"]), str(fastest - w["clock"]),
+            f"{w.get('samples_s', 0):,.0f}", "-" if beat is None else f"{beat:.1f} s ago",
+        )
+    parts.append(workers)
+    return Group(*parts)
+
+
+def _bytes(n: Any) -> str:
+    if not isinstance(n, int):
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
 
 
 def main() -> None:

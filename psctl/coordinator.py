@@ -77,6 +77,7 @@ class WorkerSlot:
     pid: int | None = None
     host: str | None = None
     clock: int = 0  # as last reported by its heartbeat
+    samples_s: float = 0.0  # likewise
     partition: int = -1  # index into the job's partitions; a replacement takes its predecessor's
     start_clock: int = 0  # where a replacement resumes
 
@@ -348,6 +349,7 @@ class CoordinatorService:
     def _heartbeat(self, peer: net.Peer, msg: Message) -> None:
         job, slot = self._job_of(peer)
         slot.clock = int(msg.body.get("clock", slot.clock))
+        slot.samples_s = float(msg.body.get("samples_s", 0.0))
 
     def _worker_lost(self, slot: WorkerSlot, reason: str = "connection lost") -> None:
         job = self.job
@@ -463,18 +465,26 @@ class CoordinatorService:
         job, slot = self._job_of(peer)
         self._fail(f"worker {slot.worker_id}: {msg.body.get('message', 'failed')}")
 
-    def _status(self, peer: net.Peer, msg: Message) -> Message:
+    async def _status(self, peer: net.Peer, msg: Message) -> Message:
+        """Membership and the job, with each shard's own figures (asked now, 2 s at most)."""
+        replies = await asyncio.gather(
+            *(s.peer.request(MsgType.STATUS, timeout_s=2.0) for s in self.shards), return_exceptions=True
+        )
         now = time.monotonic()
-        body: dict[str, Any] = {
-            "shards": [{"shard_id": s.shard_id, "address": s.address, "pid": s.pid} for s in self.shards],
-            "job": None,
-        }
+        shards = []
+        for s, reply in zip(self.shards, replies):
+            figures = reply.body if isinstance(reply, Message) else {"error": str(reply)}
+            shards.append({**figures, "shard_id": s.shard_id, "address": s.address, "pid": s.pid, "state": "up"})
+        body: dict[str, Any] = {"shards": shards, "job": None}
         if self.job is not None:
             job = self.job
             body["job"] = {
                 "job_id": job.job_id,
                 "mode": job.spec.get("mode"),
+                "staleness": job.spec.get("staleness", 0),
                 "state": job.state,
+                "epoch": job.last_epoch_reported + 1,
+                "epochs": job.spec.get("epochs"),
                 "workers": [
                     {
                         "worker_id": w.worker_id,
@@ -482,6 +492,7 @@ class CoordinatorService:
                         "pid": w.pid,
                         "host": w.host,
                         "clock": w.clock,
+                        "samples_s": w.samples_s,
                         "last_heartbeat_s": now - w.peer.info.get("last_seen", now) if w.peer else None,
                     }
                     for w in job.workers

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +85,7 @@ class ShardState:
         self.pushes = 0
         self.samples = 0  # rows behind every push, for the "every row used" check
         self.left: dict[int, int] = {}  # worker -> its clock when it left
+        self.started_s = time.monotonic()
 
     def check_tables(self, names: Any, allow_empty: bool = False) -> list[str]:
         if not isinstance(names, list) or not (names or allow_empty):
@@ -147,6 +149,7 @@ class ShardState:
             "samples": self.samples,
             "clocks": {str(w): c for w, c in self.gate.clocks.items()},
             "waiting_pulls": self.gate.waiting(),
+            "updates_s": self.updates / max(time.monotonic() - self.started_s, 1e-9),
         }
 
 

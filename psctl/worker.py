@@ -122,7 +122,8 @@ class Worker:
         # A job spec names its model; a user's class ('pkg.mod:Class') is imported only
         # when this worker was started allowing it, so a job cannot make a worker import code.
         self.model_classes = set(model_classes)
-        self.clock = 0
+        self.clock = 0  # for heartbeats: steps pushed
+        self.samples = 0  # rows trained so far
         self.coordinator_address = coordinator
         self.max_frame_bytes = max_frame_bytes
         self.data_path = data_path
@@ -261,6 +262,7 @@ class Worker:
                 clock = self.clock = clock + 1
                 loss_sum += float(loss) * len(idx)
                 rows += len(idx)
+                self.samples += len(idx)
                 _add(sums, batch_sums(model.task, outputs, y))
                 recent_loss += float(loss) * len(idx)
                 recent_n += len(idx)
@@ -283,8 +285,12 @@ class Worker:
 
     async def _heartbeat(self, coord: net.Peer, interval_s: float) -> None:
         """Tell the coordinator this worker is alive, and its clock, every interval."""
+        last_t, last_samples = time.monotonic(), self.samples
         while coord.is_open:
-            coord.notify(MsgType.HEARTBEAT, {"clock": self.clock})
+            now = time.monotonic()
+            rate = (self.samples - last_samples) / max(now - last_t, 1e-9)
+            last_t, last_samples = now, self.samples
+            coord.notify(MsgType.HEARTBEAT, {"clock": self.clock, "samples_s": rate})
             await asyncio.sleep(interval_s)
 
     async def _evaluate(self, client: ShardClient, model: Model, rows: Prepared, clock: int) -> dict[str, Any]:

@@ -159,3 +159,36 @@ def test_stopped_worker_is_declared_dead_by_heartbeat_timeout(tmp_path):
     assert "no heartbeat for" in out + err
     assert "warning: workers lost during training" in out
     assert time.monotonic() - started < 60
+
+
+def test_status_reports_shards_and_workers(tmp_path):
+    import json
+
+    server = ServerProcess(2)
+    train = None
+    try:
+        train = subprocess.Popen(
+            [sys.executable, "-m", "psctl", "train", "logreg", str(TRAIN), "--workers", "2", "--server", server.address,
+             "--epochs", "100000", "--out", str(tmp_path / "m.npz")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        assert train.stdout is not None
+        for line in train.stdout:  # bounded by the test timeout
+            if line.startswith("epoch 1/"):
+                break
+        r = run_psctl("status", "--server", server.address, "--json")
+        assert r.returncode == 0, r.stderr
+        body = json.loads(r.stdout)
+        assert [s["shard_id"] for s in body["shards"]] == [0, 1]
+        assert all(s["keys"] > 0 and s["pid"] > 0 and s["state"] == "up" for s in body["shards"])
+        job = body["job"]
+        assert job["mode"] == "sync" and job["state"] == "running"
+        assert {w["state"] for w in job["workers"]} == {"running"}
+        assert all(w["pid"] and w["host"] and w["clock"] >= 0 for w in job["workers"])
+        table = run_psctl("status", "--server", server.address)
+        assert "updates/s" in table.stdout and "last heartbeat" in table.stdout
+    finally:
+        if train is not None:
+            train.send_signal(signal.SIGINT)
+            train.communicate(timeout=20)
+        server.stop()
