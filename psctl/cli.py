@@ -80,6 +80,9 @@ def train(
     test_split: float = typer.Option(0.0, "--test-split", help="Hold out this fraction of the rows (stratified for classifiers)."),
     patience: int = typer.Option(0, "--patience", help="Stop after N epochs without a better held-out loss; keep the best weights."),
     max_restarts: int = typer.Option(3, "--max-restarts", help="Replace up to N lost local worker processes."),
+    checkpoint_dir: str | None = typer.Option(None, "--checkpoint-dir", help="Folder for shard checkpoints (shared by all shards)."),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Checkpoint every N steps (clocks) of the slowest worker."),
+    resume: str | None = typer.Option(None, "--resume", help="Continue a stopped job from the checkpoint in this folder."),
     heartbeat_interval_s: float = typer.Option(0.5, "--heartbeat-interval-s", help="How often workers report they are alive."),
     failure_timeout_s: float = typer.Option(5.0, "--failure-timeout-s", help="A worker silent this long is declared lost."),
     l2: float = typer.Option(0.0, "--l2", help="L2 regularization strength."),
@@ -114,6 +117,9 @@ def train(
         patience=patience,
         heartbeat_interval_s=heartbeat_interval_s,
         max_restarts=max_restarts,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
         failure_timeout_s=failure_timeout_s,
         model_params={k: v for k, v in (("loss", loss), ("huber_delta", huber_delta)) if v is not None},
         l2=l2,
@@ -202,6 +208,10 @@ class _TrainView:
             if self.progress is not None:
                 self.progress.console.print(line, highlight=False)
             self._plain(line)
+        elif kind == "checkpoint":
+            self._plain(f"checkpoint at clock {event['clock']}")
+        elif kind == "resuming":
+            self._plain(f"resuming from the checkpoint at clock {event['clock']} in {event['dir']}")
         elif kind == "worker_restarted":
             msg = f"started a new worker process in place of worker {event['replacing']} (restart {event['restarts']})"
             (self.progress.console if self.progress else out).print(msg, highlight=False)

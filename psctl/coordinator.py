@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from psctl import net
+from psctl import checkpoint, net
 from psctl.consistency import staleness_for
 from psctl.tables import TableSpec, shard_ranges
 from psctl.wire import Message, MsgType
@@ -99,6 +99,9 @@ class Job:
     ranges: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     epoch_reports: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)
     stats_sent: bool = False
+    tables: list[dict[str, Any]] = field(default_factory=list)
+    checkpoints: dict[int, set[int]] = field(default_factory=dict)  # clock -> shards that saved it
+    last_checkpoint: int | None = None
     last_epoch_reported: int = -1
     tables_ready: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     state: str = "setup"  # setup -> running -> done | failed
@@ -197,7 +200,7 @@ class CoordinatorService:
             spec,
             peer,
             list(self.shards),
-            [WorkerSlot(i) for i in range(n_workers)],
+            [WorkerSlot(i, start_clock=int((spec.get("resume") or {}).get("clock", 0))) for i in range(n_workers)],
             Barrier(workers),
             Barrier(workers),
             Barrier(workers),
@@ -231,6 +234,9 @@ class CoordinatorService:
                     "workers": [w.worker_id for w in job.workers],
                     "optimizer": spec["optimizer"],
                     "seed": spec.get("seed", 0),
+                    "shard_index": i,
+                    "checkpoint": spec.get("checkpoint"),
+                    "restore": spec.get("resume"),
                 },
                 timeout_s=SHARD_SETUP_TIMEOUT_S,
             )
@@ -242,6 +248,7 @@ class CoordinatorService:
             self._fail(f"shard setup failed: {exc}")
             raise net.RequestError(f"shard setup failed: {exc}") from None
         job.ranges = ranges
+        job.tables = [t.to_dict() for t in tables]
         if not job.tables_ready.done():
             job.tables_ready.set_result(None)
         return Message(MsgType.TABLES, {"shards": [s.address for s in job.shards], "ranges": ranges})
@@ -485,6 +492,7 @@ class CoordinatorService:
                 "state": job.state,
                 "epoch": job.last_epoch_reported + 1,
                 "epochs": job.spec.get("epochs"),
+                "last_checkpoint": job.last_checkpoint,
                 "workers": [
                     {
                         "worker_id": w.worker_id,
@@ -499,6 +507,25 @@ class CoordinatorService:
                 ],
             }
         return Message(MsgType.STATUS, body)
+
+    def _checkpointed(self, peer: net.Peer, msg: Message) -> None:
+        """A shard saved a clock; once every shard has, the manifest makes it the job's checkpoint."""
+        job = self.job
+        if job is None or msg.body.get("job_id") != job.job_id or not job.spec.get("checkpoint"):
+            return
+        clock = int(msg.body["clock"])
+        saved = job.checkpoints.setdefault(clock, set())
+        saved.add(int(msg.body["shard_index"]))
+        if len(saved) < len(job.shards):
+            return
+        checkpoint.write_manifest(
+            job.spec["checkpoint"]["dir"],
+            {"clock": clock, "spec": job.spec, "tables": job.tables, "n_shards": len(job.shards), "job_id": job.job_id},
+        )
+        job.last_checkpoint = clock
+        for c in [c for c in job.checkpoints if c <= clock]:
+            del job.checkpoints[c]
+        self._event(job, {"kind": "checkpoint", "clock": clock})
 
     def _ping(self, peer: net.Peer, msg: Message) -> Message:
         return Message(MsgType.PING, {})
@@ -519,6 +546,7 @@ class CoordinatorService:
         MsgType.STATUS: _status,
         MsgType.PING: _ping,
         MsgType.HEARTBEAT: _heartbeat,
+        MsgType.CHECKPOINTED: _checkpointed,
     }
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from psctl import net
+from psctl import checkpoint, net
 from psctl.consistency import ClockGate, Grad, SyncAccumulator, staleness_for
 from psctl.optim import UpdateRule, make_optimizer
 from psctl.tables import TableSpec, init_values
@@ -53,6 +53,17 @@ class Table:
         expected = self.values.shape if keys is None else (len(keys), *self.values.shape[1:])
         if grad.shape != expected:
             raise net.RequestError(f"gradient for {self.spec.name!r} has shape {grad.shape}, expected {expected}")
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        return {"values": self.values, **{f"state.{k}": v for k, v in self.state.items()}}
+
+    def restore(self, arrays: dict[str, np.ndarray], steps: int) -> None:
+        if arrays["values"].shape != self.values.shape:
+            raise ValueError(f"table {self.spec.name!r}: checkpoint shape {arrays['values'].shape}, expected {self.values.shape}")
+        self.values[...] = arrays["values"]
+        for k in self.state:
+            self.state[k][...] = arrays[f"state.{k}"]
+        self.steps = steps
 
     def apply(self, rule: UpdateRule, keys: np.ndarray | None, grad: np.ndarray) -> None:
         rows = None if keys is None else self.locate(keys)
@@ -139,6 +150,26 @@ class ShardState:
         for _clock, means in self.acc.complete(self.gate.min_clock()):
             self._apply(means)
 
+    def snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Arrays and meta of a checkpoint at the current min clock (tables, optimizer state, counters)."""
+        arrays = {f"{name}/{k}": v for name, t in self.tables.items() for k, v in t.snapshot().items()}
+        meta = {
+            "job_id": self.job_id,
+            "steps": {name: t.steps for name, t in self.tables.items()},
+            "updates": self.updates,
+            "samples": self.samples,
+        }
+        return arrays, meta
+
+    def restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any], clock: int) -> None:
+        """Tables and counters from a checkpoint; every worker's clock set to its clock."""
+        for name, table in self.tables.items():
+            prefix = f"{name}/"
+            table.restore({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}, int(meta["steps"][name]))
+        self.updates, self.samples = int(meta["updates"]), int(meta["samples"])
+        for worker in list(self.gate.clocks):
+            self.gate.clocks[worker] = clock
+
     def status(self) -> dict[str, Any]:
         return {
             "job_id": self.job_id,
@@ -151,6 +182,14 @@ class ShardState:
             "waiting_pulls": self.gate.waiting(),
             "updates_s": self.updates / max(time.monotonic() - self.started_s, 1e-9),
         }
+
+
+@dataclass
+class _Checkpoints:
+    folder: str
+    index: int  # this shard's place in the job (files are named by it)
+    every: int  # clocks between checkpoints
+    next_clock: int
 
 
 @dataclass
@@ -187,6 +226,7 @@ class ShardService:
         self.shard_id: int | None = None
         self._on_coordinator_lost = on_coordinator_lost
         self.coordinator: net.Peer | None = None
+        self.checkpoints: _Checkpoints | None = None
 
     def _job(self, body: dict[str, Any]) -> ShardState:
         job_id = body.get("job_id")
@@ -265,6 +305,7 @@ class ShardService:
         clock = _require(msg.body, "clock", int)
         table_grads = {n: (None if keys is None else keys[i], grads[i]) for i, n in enumerate(names)}
         self._release(state.push(worker, clock, table_grads, count))
+        self._maybe_checkpoint(state)
         return None
 
     def _leave(self, peer: net.Peer, msg: Message) -> net.Reply:
@@ -273,7 +314,25 @@ class ShardService:
         if worker is None:
             raise net.RequestError("only a worker can LEAVE")
         self._release(state.leave(worker))
+        self._maybe_checkpoint(state)
         return None
+
+    def _maybe_checkpoint(self, state: ShardState) -> None:
+        """Save the shard when the slowest live worker passes the next checkpoint clock.
+
+        In sync mode every clock below the min clock is applied and none above it,
+        so every shard saves the same state for the same clock.
+        """
+        plan = self.checkpoints
+        low = state.gate.min_clock()
+        if plan is None or low is None or low < plan.next_clock:
+            return
+        arrays, meta = state.snapshot()
+        checkpoint.save_shard(plan.folder, plan.index, low, arrays, meta)
+        checkpoint.prune(plan.folder, plan.index, low)
+        plan.next_clock = (low // plan.every + 1) * plan.every
+        if self.coordinator is not None and self.coordinator.is_open:
+            self.coordinator.notify(MsgType.CHECKPOINTED, {"job_id": state.job_id, "clock": low, "shard_index": plan.index})
 
     # -- control plane (from the coordinator) --------------------------------
     def _job_setup(self, peer: net.Peer, msg: Message) -> net.Reply:
@@ -282,7 +341,7 @@ class ShardService:
             tables = [TableSpec.from_dict(t) for t in b["tables"]]
             ranges = {name: (int(lo), int(hi)) for name, (lo, hi) in b["ranges"].items()}
             optimizer = make_optimizer(b["optimizer"]["name"], b["optimizer"].get("params", {}))
-            self.state = ShardState(
+            state = ShardState(
                 str(b["job_id"]),
                 tables,
                 ranges,
@@ -292,8 +351,19 @@ class ShardService:
                 optimizer,
                 int(b.get("seed", 0)),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+            index = int(b.get("shard_index", 0))
+            restore = b.get("restore")
+            if restore:
+                arrays, meta = checkpoint.load_shard(restore["dir"], index, int(restore["clock"]))
+                state.restore(arrays, meta, int(restore["clock"]))
+            self.checkpoints = None
+            if b.get("checkpoint"):
+                every = int(b["checkpoint"]["every"])
+                start = int(restore["clock"]) if restore else 0
+                self.checkpoints = _Checkpoints(str(b["checkpoint"]["dir"]), index, every, (start // every + 1) * every)
+        except (KeyError, TypeError, ValueError, checkpoint.CheckpointError) as exc:
             raise net.RequestError(f"bad job setup: {exc}") from None
+        self.state = state
         log.info("shard %s: job %s set up (%s)", self.shard_id, self.state.job_id, self.state.status())
         return None
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from psctl import data, modelfile, net
+from psctl import checkpoint, data, modelfile, net
 from psctl.client import ShardClient
 from psctl.consistency import staleness_for
 from psctl.errors import DataError, JobError, PsctlError
@@ -53,6 +53,9 @@ class TrainConfig:
     test_split: float = 0.0  # or hold out this fraction of each worker's rows
     patience: int = 0  # stop after this many epochs without a better held-out loss (0: never)
     max_restarts: int = 3  # lost local worker processes replaced per job
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0  # clocks between shard checkpoints (0: none)
+    resume: str | None = None  # a checkpoint folder to continue from
     heartbeat_interval_s: float = 0.5
     failure_timeout_s: float = 5.0
     out: str = "model.npz"
@@ -77,6 +80,8 @@ class TrainConfig:
             raise PsctlError("use either --validate or --test-split, not both")
         if not 0 < self.heartbeat_interval_s < self.failure_timeout_s:
             raise PsctlError("--heartbeat-interval-s must be positive and below --failure-timeout-s")
+        if self.checkpoint_every < 0 or (self.checkpoint_every and not self.checkpoint_dir):
+            raise PsctlError("--checkpoint-every needs --checkpoint-dir (and a positive number of steps)")
         if self.patience < 0:
             raise PsctlError("--patience must not be negative")
         if self.patience and not (self.validate or self.test_split):
@@ -130,10 +135,30 @@ def build_spec(cfg: TrainConfig, schema: data.CsvSchema, partitions: list[data.P
         "data": {"path": os.path.abspath(cfg.data), "size": os.path.getsize(cfg.data), "schema": schema.to_dict()},
         "partitions": [p.to_dict() for p in partitions],
         "test_split": cfg.test_split,
+        "checkpoint": (
+            {"dir": os.path.abspath(cfg.checkpoint_dir), "every": cfg.checkpoint_every} if cfg.checkpoint_every else None
+        ),
         "heartbeat_interval_s": cfg.heartbeat_interval_s,
         "failure_timeout_s": cfg.failure_timeout_s,
         "validation": None,
     }
+
+
+def resume_spec(cfg: TrainConfig, fresh: dict[str, Any]) -> dict[str, Any]:
+    """The stopped job's spec (same partitions, hyper-parameters, shards), set to resume at its checkpoint."""
+    manifest = checkpoint.read_manifest(cfg.resume or "")
+    spec = manifest["spec"]
+    if spec["model"] != fresh["model"] or spec["data"]["path"] != fresh["data"]["path"]:
+        raise checkpoint.CheckpointError(
+            f"'{cfg.resume}' is a checkpoint of {spec['model']} on {spec['data']['path']}, not of this job"
+        )
+    if spec["data"]["size"] != fresh["data"]["size"]:
+        raise checkpoint.CheckpointError(f"'{spec['data']['path']}' changed size since the checkpoint")
+    if cfg.server is None and manifest["n_shards"] != cfg.shards:
+        cfg.shards = int(manifest["n_shards"])  # the shard files are per shard
+    spec["min_shards"] = manifest["n_shards"]
+    spec["resume"] = {"dir": os.path.abspath(cfg.resume or ""), "clock": int(manifest["clock"])}
+    return spec
 
 
 def plan_validation(cfg: TrainConfig, schema: data.CsvSchema) -> dict[str, Any]:
@@ -234,6 +259,9 @@ async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = l
     spec = build_spec(cfg, schema, partitions)
     if cfg.validate:
         spec["validation"] = await asyncio.to_thread(plan_validation, cfg, schema)
+    if cfg.resume:
+        spec = resume_spec(cfg, spec)
+        on_event({"kind": "resuming", "clock": spec["resume"]["clock"], "dir": cfg.resume})
     steps = cfg.epochs * sum(steps_per_epoch(p.n_rows, cfg.batch_size) for p in partitions)
     on_event(
         {"kind": "planned", "rows": sum(p.n_rows for p in partitions), "features": spec["n_features"],

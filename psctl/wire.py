@@ -72,6 +72,7 @@ class MsgType(enum.IntEnum):
     TABLES = 22
     STOP = 23
     HEARTBEAT = 24
+    CHECKPOINTED = 25
     WORKER_JOINED = 33
     # control plane: coordinator -> shard
     JOB_SETUP = 30

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from psctl import modelfile
@@ -192,3 +193,44 @@ def test_status_reports_shards_and_workers(tmp_path):
             train.send_signal(signal.SIGINT)
             train.communicate(timeout=20)
         server.stop()
+
+
+@pytest.mark.fault
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
+def test_sigkill_everything_then_resume_equals_an_uninterrupted_run(tmp_path):
+    data = EXAMPLES / "seed_pytorch" / "data.csv"
+    common = ["logreg", str(data), "--label", "1", "--drop", "0", "--workers", "4", "--epochs", "10", "--mode", "sync"]
+    clean = run_psctl("train", *common, "--out", str(tmp_path / "clean.npz"))
+    assert clean.returncode == 0, clean.stderr
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "psctl", "train", *common, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "20",
+         "--out", str(tmp_path / "never.npz")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    address = None
+    for line in proc.stdout:  # bounded by the test timeout
+        if line.startswith("cluster up"):
+            address = line.split(" at ")[1].strip()
+        if line.startswith("checkpoint at clock 60"):
+            break
+    children = psctl_children(address)
+    proc.kill()
+    for pid in children:
+        os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=10)
+    assert wait_gone(address) == []
+    assert not (tmp_path / "never.npz").exists()
+    resumed = run_psctl("train", *common, "--resume", str(ckpt), "--out", str(tmp_path / "resumed.npz"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from the checkpoint at clock" in resumed.stdout
+    a, _ = modelfile.load_model(str(tmp_path / "clean.npz"))
+    b, meta = modelfile.load_model(str(tmp_path / "resumed.npz"))
+    np.testing.assert_allclose(b["w"], a["w"], rtol=1e-6, atol=1e-7)
+    assert meta["metrics"]["rows_trained"] == 10 * 2000
+
+
+def test_resume_from_a_folder_without_a_checkpoint(tmp_path):
+    r = run_psctl("train", "logreg", str(TRAIN), "--resume", str(tmp_path))
+    assert r.returncode == 2 and "holds no psctl checkpoint" in r.stderr
