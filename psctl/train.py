@@ -22,7 +22,7 @@ from psctl.errors import DataError, JobError, PsctlError
 from psctl.launch import LocalCluster
 from psctl.models.base import Model, classes_for, model_class, summarize
 from psctl.wire import DEFAULT_MAX_FRAME_BYTES, Message, MsgType
-from psctl.worker import steps_per_epoch
+from psctl.worker import epoch_steps
 
 SUBMIT_TIMEOUT_S = 60.0
 FAILED_EVENT_GRACE_S = 2.0
@@ -151,7 +151,7 @@ async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = l
     model_cls(len(schema.feature_indices), ["0", "1"], l2=cfg.l2, **cfg.model_params)  # bad parameters fail here, not on the cluster
     partitions = await asyncio.to_thread(data.plan_partitions, cfg.data, cfg.workers, cfg.has_header)
     spec = build_spec(cfg, schema, partitions)
-    steps = cfg.epochs * sum(steps_per_epoch(p.n_rows, cfg.batch_size) for p in partitions)
+    steps = cfg.epochs * steps_per_job_epoch(partitions, cfg.batch_size)
     on_event(
         {"kind": "planned", "rows": sum(p.n_rows for p in partitions), "features": spec["n_features"],
          "workers": cfg.workers, "steps": steps}
@@ -275,6 +275,12 @@ def _model_meta(cfg: TrainConfig, schema: data.CsvSchema, session: _Session, don
         mean, std = data.merge_stats(session.stats["stats"])
         meta["standardize"] = {"mean": np.asarray(mean).tolist(), "std": np.asarray(std).tolist()}
     return meta
+
+
+def steps_per_job_epoch(partitions: list[data.Partition], batch_size: int) -> int:
+    """Steps (pushes) of all workers together in one epoch."""
+    largest = max(p.n_rows for p in partitions)
+    return sum(epoch_steps(p.n_rows, batch_size, largest) for p in partitions)
 
 
 def check_out_path(out: str) -> None:

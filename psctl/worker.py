@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import time
@@ -30,15 +31,34 @@ log = logging.getLogger("psctl.worker")
 PROGRESS_INTERVAL_S = 0.25
 
 
-def batch_indices(n_rows: int, batch_size: int, seed: int, worker_id: int, epoch: int) -> Iterator[np.ndarray]:
-    """Row indices of each mini-batch of one epoch: a seeded shuffle, then slices."""
+def batch_indices(
+    n_rows: int, batch_size: int, seed: int, worker_id: int, epoch: int, max_rows: int | None = None
+) -> Iterator[np.ndarray]:
+    """Row indices of each mini-batch of one epoch: a seeded shuffle cut into
+    :func:`epoch_steps` batches of near-equal size (at most ``batch_size``).
+
+    ``max_rows`` is the row count of the job's largest partition: every worker
+    then takes the same number of steps per epoch, so no clock has only a few
+    workers training (which in sync mode would scale up the step of every
+    row those few touch) and no batch is a small remainder.
+    """
     order = np.random.default_rng([seed, worker_id, epoch]).permutation(n_rows)
-    for start in range(0, n_rows, batch_size):
-        yield order[start : start + batch_size]
+    for part in np.array_split(order, epoch_steps(n_rows, batch_size, max_rows)) if n_rows else ():
+        yield part
 
 
 def steps_per_epoch(n_rows: int, batch_size: int) -> int:
     return -(-n_rows // batch_size)
+
+
+def epoch_steps(n_rows: int, batch_size: int, max_rows: int | None = None) -> int:
+    """Steps per epoch of a partition of ``n_rows``: those of the largest partition
+    (``max_rows``, default this one) at ``batch_size``, but never empty batches."""
+    return min(n_rows, steps_per_epoch(max(n_rows, max_rows or 0), batch_size))
+
+
+def max_partition_rows(spec: dict[str, Any]) -> int:
+    return max((int(p.get("n_rows", 0)) for p in spec["partitions"]), default=0)
 
 
 class _ControlService(net.NullService):
@@ -183,7 +203,7 @@ class Worker:
         recent_loss, recent_n = 0.0, 0
         for epoch in range(epochs):
             loss_sum, sums = 0.0, {}
-            for idx in batch_indices(n_rows, batch_size, seed, worker_id, epoch):
+            for idx in batch_indices(n_rows, batch_size, seed, worker_id, epoch, max_partition_rows(spec)):
                 self._check_abort()
                 X, y = prep.X[idx], prep.y[idx]
                 keys = model.keys(X)
@@ -192,10 +212,14 @@ class Worker:
                 params = await client.pull_for(keys, clock)
                 await client.wait_all(acks)
                 loss, grads, outputs = model.loss_grad(params, X, y)
+                figures = batch_sums(model.task, outputs, y)
+                if not all(map(math.isfinite, (float(loss) * len(idx), *figures.values()))):
+                    # Pushing would spread inf/NaN to the tables; the reports could not carry it either.
+                    raise PsctlError(f"the loss overflowed in epoch {epoch + 1}: training diverged; try a smaller --lr")
                 acks = client.push_for_nowait(keys, grads, clock, len(idx))
                 clock += 1
                 loss_sum += float(loss) * len(idx)
-                _add(sums, batch_sums(model.task, outputs, y))
+                _add(sums, figures)
                 recent_loss += float(loss) * len(idx)
                 recent_n += len(idx)
                 now = time.monotonic()
