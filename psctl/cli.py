@@ -60,8 +60,8 @@ def _split(values: list[str] | None) -> tuple[str, ...]:
 # -- train --------------------------------------------------------------------
 @app.command()
 def train(
-    model: str = typer.Argument(..., help="logreg, softmax, svm, linreg, or a class as package.module:Class."),
-    data: str = typer.Argument(..., help="Training data (CSV)."),
+    model: str = typer.Argument(..., help="logreg, softmax, svm, linreg, mf, or a class as package.module:Class."),
+    data: str = typer.Argument(..., help="Training data (CSV; for mf a ratings CSV: user, item, rating)."),
     workers: int = typer.Option(8, "--workers", "-w", help="Number of workers."),
     shards: int = typer.Option(2, "--shards", help="Shard processes of the embedded cluster."),
     server: str | None = typer.Option(None, "--server", help="HOST:PORT of a running psctl server."),
@@ -77,6 +77,10 @@ def train(
     loss: str | None = typer.Option(None, "--loss", help="linreg: squared (default) or huber."),
     huber_delta: float | None = typer.Option(None, "--huber-delta", help="linreg with --loss huber: the delta."),
     l2: float = typer.Option(0.0, "--l2", help="L2 regularization strength."),
+    rank: int | None = typer.Option(None, "--rank", help="mf: factors per user and item (default 10)."),
+    user_col: str = typer.Option("userId", "--user-col", help="mf: the user id column (name or index)."),
+    item_col: str = typer.Option("movieId", "--item-col", help="mf: the item id column (name or index)."),
+    rating_col: str = typer.Option("rating", "--rating-col", help="mf: the rating column (name or index)."),
     seed: int = typer.Option(0, "--seed"),
     label: str | None = typer.Option(None, "--label", help="Label column (name or index); default 'label' or the first."),
     drop: list[str] | None = typer.Option(None, "--drop", help="Columns to ignore (names or indices, repeatable or comma-separated)."),
@@ -102,13 +106,16 @@ def train(
         batch_size=batch_size,
         lr=lr,
         lr_decay=lr_decay,
-        model_params={k: v for k, v in (("loss", loss), ("huber_delta", huber_delta)) if v is not None},
+        model_params={k: v for k, v in (("loss", loss), ("huber_delta", huber_delta), ("rank", rank)) if v is not None},
         l2=l2,
         seed=seed,
         label=label,
         drop=_split(drop),
         has_header=not no_header,
         standardize=not no_standardize,
+        user_col=user_col,
+        item_col=item_col,
+        rating_col=rating_col,
         out=out_path,
         max_frame_bytes=max_frame_bytes,
     )
@@ -124,8 +131,23 @@ def train(
         f"over {m['samples']} rows; model written to {result.model_path}",
         highlight=False,
     )
+    if "traffic" in m:
+        out.print(_traffic(m["traffic"]), highlight=False)
     if m["lost_workers"]:
         out.print(f"warning: workers lost during training: {m['lost_workers']}", highlight=False)
+
+
+def _traffic(t: dict[str, float]) -> str:
+    share = t["pulled_per_epoch"] / t["dense_per_epoch"] if t["dense_per_epoch"] else float("nan")
+    return (
+        f"traffic per epoch: pulled {_mb(t['pulled_per_epoch'])}, pushed {_mb(t['pushed_per_epoch'])}; "
+        f"pulling whole tables at each of the {t['steps_per_epoch']} steps would be {_mb(t['dense_per_epoch'])} "
+        f"(pulled {share:.1%} of that)"
+    )
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB"
 
 
 def _figures(metrics: dict[str, Any], prefix: str = "") -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from psctl import data, net
+from psctl import data, net, ratings, vocab
 from psctl.client import ShardClient
 from psctl.errors import DataError, JobError, PsctlError
 from psctl.models.base import Model, batch_sums, classes_for, encode_targets, model_class
@@ -90,7 +90,20 @@ class Prepared:
 def load_partition(spec: dict[str, Any], path: str, part: data.Partition) -> tuple[Any, np.ndarray]:
     """Features and raw labels of one partition, in the job's data format."""
     schema = data.CsvSchema.from_dict(spec["data"]["schema"])
+    if spec["data"].get("format", "csv") == "ratings":
+        return ratings.read_partition(path, schema, part)
     return data.read_partition(path, schema, part)
+
+
+def stats_request(raw_X: Any, labels: np.ndarray, spec: dict[str, Any], model_cls: type[Model]) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """This worker's part of the statistics pass: partial column statistics, distinct
+    labels, and (ratings) the distinct user and item ids; body and arrays of STATS."""
+    if spec["data"].get("format", "csv") == "ratings":
+        return ratings.stats_request(raw_X, labels)
+    dense = spec["data"].get("format", "csv") == "csv"
+    stats = data.partial_stats(raw_X) if dense and len(raw_X) and spec.get("standardize", True) else None
+    distinct = sorted(set(labels.tolist())) if model_cls.task != "regression" else []
+    return {"stats": _jsonable(stats) if stats else None, "labels": distinct}, []
 
 
 def prepare(raw_X: Any, labels: np.ndarray, stats_reply: dict[str, Any], spec: dict[str, Any], model_cls: type[Model]) -> Prepared:
@@ -98,7 +111,11 @@ def prepare(raw_X: Any, labels: np.ndarray, stats_reply: dict[str, Any], spec: d
     classes = classes_for(model_cls.task, stats_reply["labels"], model_cls.kind)
     y = encode_targets(model_cls.task, labels, classes)
     X = raw_X
-    if spec["data"].get("format", "csv") == "csv":  # dense numeric features: scaled, float32
+    if spec["data"].get("format", "csv") == "ratings":  # ids -> table rows
+        X = ratings.encode_rows(raw_X, stats_reply["vocab"])
+        if (X < 0).any():
+            raise JobError("an id of this worker's partition is missing from the job's vocabulary")
+    elif spec["data"].get("format", "csv") == "csv":  # dense numeric features: scaled, float32
         if spec.get("standardize", True) and stats_reply["stats"]:
             mean, std = data.merge_stats(stats_reply["stats"])
             X = (raw_X - mean) / std
@@ -158,15 +175,18 @@ class Worker:
             raise DataError(f"data file '{path}' on this host differs in size from the job's ({spec['data']['size']} bytes)")
         raw_X, labels = await asyncio.to_thread(load_partition, spec, path, part)
 
-        dense = spec["data"].get("format", "csv") == "csv"
-        stats = data.partial_stats(raw_X) if dense and len(raw_X) and spec.get("standardize", True) else None
-        distinct = sorted(set(labels.tolist())) if model_cls.task != "regression" else []
-        reply = await coord.request(
-            MsgType.STATS, {"stats": _jsonable(stats) if stats else None, "labels": distinct}, timeout_s=None
-        )
+        body, arrays = await asyncio.to_thread(stats_request, raw_X, labels, spec, model_cls)
+        reply = await coord.request(MsgType.STATS, body, arrays, timeout_s=None)
         self._check_abort()
-        prep = prepare(raw_X, labels, reply.body, spec, model_cls)
-        model = model_cls(spec["n_features"], prep.classes, l2=float(spec.get("l2", 0.0)), **spec.get("model_params", {}))
+        stats = await asyncio.to_thread(vocab.attach, reply.body, reply.arrays)
+        prep = prepare(raw_X, labels, stats, spec, model_cls)
+        model = model_cls(
+            spec["n_features"],
+            prep.classes,
+            l2=float(spec.get("l2", 0.0)),
+            **spec.get("model_params", {}),
+            **model_cls.data_params(stats),
+        )
 
         client = await ShardClient.connect(
             reply.body["shards"],
@@ -177,6 +197,7 @@ class Worker:
         )
         try:
             await self._train(coord, client, model, prep, spec, worker_id)
+            trained_bytes = {"bytes_pulled": client.bytes_pulled, "bytes_pushed": client.bytes_pushed}
             await client.leave()
             await coord.request(MsgType.TRAINED, {}, timeout_s=None)
             self._check_abort()
@@ -186,7 +207,7 @@ class Worker:
                 params = await client.pull_for(keys)
                 loss, _, outputs = model.loss_grad(params, prep.X, prep.y)
                 report.update(loss_sum=float(loss) * len(prep.y), sums=batch_sums(model.task, outputs, prep.y))
-            report.update(bytes_pulled=client.bytes_pulled, bytes_pushed=client.bytes_pushed)
+            report.update(trained_bytes)  # training traffic only, not the evaluation pull
             coord.notify(MsgType.FINAL_REPORT, report)
             return report
         finally:
