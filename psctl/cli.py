@@ -237,13 +237,16 @@ def predict(
     data: str = typer.Argument(..., help="CSV with the model's feature columns (and optionally the label)."),
     out_path: str | None = typer.Option(None, "--out", "-o", help="Write per-row predictions to this CSV."),
     model_class: str | None = typer.Option(None, "--model-class", help="Allow loading a model of this user class."),
+    cold_start: str = typer.Option(
+        "nan", "--cold-start", help="mf: rows with an unseen user or item: nan, drop, or mean (global mean + known bias)."
+    ),
 ) -> None:
     """Apply a model file to data; print metrics when the data has labels."""
     from psctl.predict import predict as run_predict
     from psctl.predict import write_predictions
 
     try:
-        pred = run_predict(model_path, data, model_class)
+        pred = run_predict(model_path, data, model_class, cold_start)
         if out_path:
             write_predictions(pred, out_path)
     except PsctlError as exc:
@@ -262,8 +265,54 @@ def predict(
         out.print(table)
         if "confusion" in pred.metrics:
             out.print(_confusion_table(pred.metrics["confusion"], pred.meta["classes"]))
+    if getattr(pred, "cold_start", None) is not None:
+        from psctl.recommend import describe_cold_start
+
+        out.print(describe_cold_start(pred.cold_start), highlight=False)
     if out_path:
         out.print(f"predictions written to {out_path}")
+
+
+@app.command()
+def recommend(
+    model_path: str = typer.Argument(..., help="An mf model file written by 'psctl train mf'."),
+    user: str | None = typer.Option(None, "--user", "-u", help="The user to recommend for (an id from the training data)."),
+    top: int = typer.Option(10, "--top", "-k", help="How many items per user."),
+    exclude: str | None = typer.Option(None, "--exclude", help="A ratings CSV: leave out the items each user rated there."),
+    out_path: str | None = typer.Option(None, "--out", "-o", help="Write the top items of every user to this CSV."),
+) -> None:
+    """Top items by predicted rating, for one user (a table) or every user (--out CSV)."""
+    from psctl import recommend as rec
+
+    if (user is None) == (out_path is None):
+        err.print("psctl: error: give either --user U (one user, as a table) or --out FILE (every user, as CSV)")
+        raise typer.Exit(2)
+    try:
+        rec.check_top(top)
+        mf = rec.load_mf(model_path)
+        excluded = rec.read_exclusions(mf, exclude) if exclude else None
+        if out_path is not None:
+            started = time.monotonic()
+            rows = rec.recommend_all(mf, top, out_path, excluded)
+            out.print(
+                f"top {top} items for {len(mf.users)} users ({rows} rows) written to {out_path} "
+                f"in {time.monotonic() - started:.2f} s",
+                highlight=False,
+            )
+            return
+        assert user is not None
+        items = rec.recommend_user(mf, user, top, excluded)
+    except PsctlError as exc:
+        err.print(f"psctl: error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    caption = f"leaving out the items {mf.user_col} {user} rated in {exclude}" if exclude else None
+    table = Table(title=f"top {top} items for {mf.user_col} {user}", caption=caption)
+    table.add_column("rank", justify="right")
+    table.add_column(mf.item_col)
+    table.add_column("predicted rating", justify="right")
+    for rank, (item, score) in enumerate(items, 1):
+        table.add_row(str(rank), item, f"{score:.3f}")
+    out.print(table)
 
 
 def _confusion_table(cm: Any, classes: list[str]) -> Table:
