@@ -305,14 +305,15 @@ def recommend(
     except PsctlError as exc:
         err.print(f"psctl: error: {exc}", markup=False, highlight=False)
         raise typer.Exit(exc.exit_code) from None
-    caption = f"leaving out the items {mf.user_col} {user} rated in {exclude}" if exclude else None
-    table = Table(title=f"top {top} items for {mf.user_col} {user}", caption=caption)
+    table = Table(title=f"top {top} items for {mf.user_col} {user}")
     table.add_column("rank", justify="right")
     table.add_column(mf.item_col)
     table.add_column("predicted rating", justify="right")
     for rank, (item, score) in enumerate(items, 1):
         table.add_row(str(rank), item, f"{score:.3f}")
     out.print(table)
+    if excluded is not None:
+        out.print(f"left out the {rec.rated_count(mf, user, excluded)} items {user} rated in {exclude}", highlight=False)
 
 
 def _confusion_table(cm: Any, classes: list[str]) -> Table:

@@ -189,6 +189,12 @@ def read_exclusions(mf: MFModel, path: str) -> tuple[np.ndarray, np.ndarray]:
     return rows[order, 0], rows[order, 1]
 
 
+def rated_count(mf: MFModel, user: str, exclude: tuple[np.ndarray, np.ndarray]) -> int:
+    """How many of ``exclude``'s pairs belong to ``user``."""
+    [row] = mf.users.rows(np.array([user]))
+    return int(np.count_nonzero(exclude[0] == row)) if row >= 0 else 0
+
+
 def scores_for(mf: MFModel, user_rows: np.ndarray) -> np.ndarray:
     """Predicted rating of every item for each user row: (len(user_rows), items)."""
     P, Q = mf.factors("user_factors"), mf.factors("item_factors")

@@ -116,6 +116,7 @@ def test_recommend_one_user_with_and_without_exclusion(model_path, tmp_path):
     seen = tmp_path / "seen.csv"
     seen.write_text(f"user,item,stars\nann,{top[0][0]},5\nbob,i1,1\nann,unknown,3\n")
     excluded = recommend.read_exclusions(mf, str(seen))
+    assert recommend.rated_count(mf, "ann", excluded) == 1  # the unknown item is no pair of the model's
     again = recommend.recommend_user(mf, "ann", 2, excluded)
     assert top[0][0] not in [item for item, _ in again]
     assert [item for item, _ in again] == brute_force(0, {ITEMS.index(top[0][0])}, 2)
