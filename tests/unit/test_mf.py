@@ -108,3 +108,20 @@ def test_sizes_and_mean_come_from_the_statistics_pass():
 def test_bad_rank():
     with pytest.raises(PsctlError, match="--rank must be at least 1"):
         MF(2, [], rank=0)
+
+
+def test_each_shard_holds_only_its_share_of_the_rows():
+    from psctl.optim import SGD
+    from psctl.shard import ShardState
+
+    model = MF(2, [], rank=10, users=610, items=9000)
+    tables = model.tables()
+    n_shards = 4
+    ranges = {t.name: shard_ranges(t.rows, n_shards) for t in tables}
+    held = []
+    for i in range(n_shards):
+        state = ShardState("j", tables, {n: r[i] for n, r in ranges.items()}, "sync", 0, [0], SGD(lr=1.0), seed=0)
+        held.append(state.status()["bytes"])
+        assert state.status()["bytes"] == sum((r[i][1] - r[i][0]) * t.dim * 4 for t, r in zip(tables, ranges.values()))
+    total = sum(t.rows * t.dim * 4 for t in tables)
+    assert sum(held) == total and max(held) <= total / n_shards + 2 * (10 + 1) * 4  # at most a row more per table
