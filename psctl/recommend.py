@@ -21,8 +21,8 @@ from psctl.vocab import Vocab, VocabError
 
 #: Spark's coldStartStrategy ("nan", "drop") plus "mean": global mean + the known side's bias.
 COLD_START = ("nan", "drop", "mean")
-#: Users scored per block when recommending for everyone (bounds memory: block x items floats).
-USER_BLOCK_ROWS = 1024
+#: Scores computed per block of users when recommending for everyone (bounds memory: 8 bytes each).
+BLOCK_SCORES = 16 << 20
 
 
 @dataclass
@@ -219,8 +219,9 @@ def top_items(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _blocks(mf: MFModel, k: int, exclude: tuple[np.ndarray, np.ndarray] | None, users: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(user rows, top item rows, their scores) for blocks of ``users``."""
-    for start in range(0, len(users), USER_BLOCK_ROWS):
-        block = users[start : start + USER_BLOCK_ROWS]
+    rows = max(1, BLOCK_SCORES // max(len(mf.items), 1))
+    for start in range(0, len(users), rows):
+        block = users[start : start + rows]
         scores = scores_for(mf, block)
         if exclude is not None and len(block):
             ex_users, ex_items = exclude

@@ -305,6 +305,8 @@ def steps_per_job_epoch(partitions: list[data.Partition], batch_size: int) -> in
 def read_schema(cfg: TrainConfig, model_cls: type[Model]) -> data.CsvSchema:
     """The columns a job reads, in its model's data format."""
     if model_cls.data_format == "ratings":
+        if cfg.label is not None or cfg.drop:
+            raise PsctlError(f"{model_cls.kind} reads --user-col, --item-col and --rating-col; --label and --drop are for feature CSVs")
         return ratings.read_schema(cfg.data, cfg.user_col, cfg.item_col, cfg.rating_col, cfg.has_header)
     return data.read_schema(cfg.data, cfg.label, cfg.drop, cfg.has_header)
 

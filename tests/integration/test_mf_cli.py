@@ -139,6 +139,8 @@ def test_bad_input_gets_one_sentence(trained, tmp_path):
     assert "--cold-start must be one of nan, drop, mean" in error_of(r)
     r = run_psctl("recommend", str(model), "--user", "nobody")
     assert "user 'nobody' is not in the model" in error_of(r)
+    r = run_psctl("train", "mf", str(train), "--label", "stars", "--out", str(tmp_path / "m.npz"))
+    assert "--label and --drop are for feature CSVs" in error_of(r)
     r = run_psctl("recommend", str(model), "--top", "0", "--user", "user-1")
     assert "--top must be at least 1" in error_of(r)
 

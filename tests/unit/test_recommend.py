@@ -126,7 +126,7 @@ def test_recommend_one_user_with_and_without_exclusion(model_path, tmp_path):
 
 
 def test_recommend_everyone_matches_one_by_one(model_path, tmp_path, monkeypatch):
-    monkeypatch.setattr(recommend, "USER_BLOCK_ROWS", 2)  # more than one block
+    monkeypatch.setattr(recommend, "BLOCK_SCORES", 2 * len(ITEMS))  # two users per block: more than one block
     mf = recommend.load_mf(model_path)
     seen = tmp_path / "seen.csv"
     seen.write_text("user,item,stars\nbob,i2,5\ncy,i1,4\ncy,i3,4\n")
