@@ -27,7 +27,7 @@ from psctl.models.base import classes_for, encode_targets, evaluate
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 WORKLOADS = [
-    ("softmax", "digits", [], dict(batch_size=8, epochs=40, lr=0.3, l2=0.0005)),
+    ("softmax", "digits", [], dict(batch_size=8, epochs=40, lr=0.5, l2=0.001)),
     ("svm", "digits", [], dict(batch_size=8, epochs=30, lr=0.05, l2=0.001)),
     ("logreg", "breast_cancer", [], dict(batch_size=32, epochs=20, lr=0.5, l2=0.0)),
     ("svm", "breast_cancer", [], dict(batch_size=32, epochs=20, lr=0.05, l2=0.001)),

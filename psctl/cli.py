@@ -60,8 +60,8 @@ def _split(values: list[str] | None) -> tuple[str, ...]:
 # -- train --------------------------------------------------------------------
 @app.command()
 def train(
-    model: str = typer.Argument(..., help="logreg, softmax, svm, linreg, or a class as package.module:Class."),
-    data: str = typer.Argument(..., help="Training data (CSV)."),
+    model: str = typer.Argument(..., help="logreg, softmax, svm, linreg, mf, or a class as package.module:Class."),
+    data: str = typer.Argument(..., help="Training data (CSV; for mf a ratings CSV: user, item, rating)."),
     workers: int = typer.Option(8, "--workers", "-w", help="Number of workers."),
     shards: int = typer.Option(2, "--shards", help="Shard processes of the embedded cluster."),
     server: str | None = typer.Option(None, "--server", help="HOST:PORT of a running psctl server."),
@@ -86,6 +86,10 @@ def train(
     heartbeat_interval_s: float = typer.Option(0.5, "--heartbeat-interval-s", help="How often workers report they are alive."),
     failure_timeout_s: float = typer.Option(5.0, "--failure-timeout-s", help="A worker silent this long is declared lost."),
     l2: float = typer.Option(0.0, "--l2", help="L2 regularization strength."),
+    rank: int | None = typer.Option(None, "--rank", help="mf: factors per user and item (default 10)."),
+    user_col: str = typer.Option("userId", "--user-col", help="mf: the user id column (name or index)."),
+    item_col: str = typer.Option("movieId", "--item-col", help="mf: the item id column (name or index)."),
+    rating_col: str = typer.Option("rating", "--rating-col", help="mf: the rating column (name or index)."),
     seed: int = typer.Option(0, "--seed"),
     label: str | None = typer.Option(None, "--label", help="Label column (name or index); default 'label' or the first."),
     drop: list[str] | None = typer.Option(None, "--drop", help="Columns to ignore (names or indices, repeatable or comma-separated)."),
@@ -121,13 +125,16 @@ def train(
         checkpoint_every=checkpoint_every,
         resume=resume,
         failure_timeout_s=failure_timeout_s,
-        model_params={k: v for k, v in (("loss", loss), ("huber_delta", huber_delta)) if v is not None},
+        model_params={k: v for k, v in (("loss", loss), ("huber_delta", huber_delta), ("rank", rank)) if v is not None},
         l2=l2,
         seed=seed,
         label=label,
         drop=_split(drop),
         has_header=not no_header,
         standardize=not no_standardize,
+        user_col=user_col,
+        item_col=item_col,
+        rating_col=rating_col,
         out=out_path,
         max_frame_bytes=max_frame_bytes,
     )
@@ -147,8 +154,23 @@ def train(
         weights = "the best epoch's" if m["weights_from_epoch"] != "last" else "the last epoch's"
         out.print(f"best held-out loss {m['best_val_loss']:.4f} at epoch {m['best_epoch'] + 1}; saved {weights} weights", highlight=False)
     out.print(f"rows trained: {m['rows_trained']} ({m['rows_trained'] / max(cfg.epochs, 1):.0f} per epoch)", highlight=False)
+    if "traffic" in m:
+        out.print(_traffic(m["traffic"]), highlight=False)
     if m["lost_workers"]:
         out.print(f"warning: workers lost during training: {m['lost_workers']}", highlight=False)
+
+
+def _traffic(t: dict[str, float]) -> str:
+    share = t["pulled_per_epoch"] / t["dense_per_epoch"] if t["dense_per_epoch"] else float("nan")
+    return (
+        f"traffic per epoch: pulled {_mb(t['pulled_per_epoch'])}, pushed {_mb(t['pushed_per_epoch'])}; "
+        f"pulling whole tables at each of the {t['steps_per_epoch']} steps would be {_mb(t['dense_per_epoch'])} "
+        f"(pulled {share:.1%} of that)"
+    )
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB"
 
 
 def _figures(metrics: dict[str, Any], prefix: str = "") -> str:
@@ -248,13 +270,16 @@ def predict(
     data: str = typer.Argument(..., help="CSV with the model's feature columns (and optionally the label)."),
     out_path: str | None = typer.Option(None, "--out", "-o", help="Write per-row predictions to this CSV."),
     model_class: str | None = typer.Option(None, "--model-class", help="Allow loading a model of this user class."),
+    cold_start: str = typer.Option(
+        "nan", "--cold-start", help="mf: rows with an unseen user or item: nan, drop, or mean (global mean + known bias)."
+    ),
 ) -> None:
     """Apply a model file to data; print metrics when the data has labels."""
     from psctl.predict import predict as run_predict
     from psctl.predict import write_predictions
 
     try:
-        pred = run_predict(model_path, data, model_class)
+        pred = run_predict(model_path, data, model_class, cold_start)
         if out_path:
             write_predictions(pred, out_path)
     except PsctlError as exc:
@@ -273,8 +298,55 @@ def predict(
         out.print(table)
         if "confusion" in pred.metrics:
             out.print(_confusion_table(pred.metrics["confusion"], pred.meta["classes"]))
+    if getattr(pred, "cold_start", None) is not None:
+        from psctl.recommend import describe_cold_start
+
+        out.print(describe_cold_start(pred.cold_start), highlight=False)
     if out_path:
         out.print(f"predictions written to {out_path}")
+
+
+@app.command()
+def recommend(
+    model_path: str = typer.Argument(..., help="An mf model file written by 'psctl train mf'."),
+    user: str | None = typer.Option(None, "--user", "-u", help="The user to recommend for (an id from the training data)."),
+    top: int = typer.Option(10, "--top", "-k", help="How many items per user."),
+    exclude: str | None = typer.Option(None, "--exclude", help="A ratings CSV: leave out the items each user rated there."),
+    out_path: str | None = typer.Option(None, "--out", "-o", help="Write the top items of every user to this CSV."),
+) -> None:
+    """Top items by predicted rating, for one user (a table) or every user (--out CSV)."""
+    from psctl import recommend as rec
+
+    if (user is None) == (out_path is None):
+        err.print("psctl: error: give either --user U (one user, as a table) or --out FILE (every user, as CSV)")
+        raise typer.Exit(2)
+    try:
+        rec.check_top(top)
+        mf = rec.load_mf(model_path)
+        excluded = rec.read_exclusions(mf, exclude) if exclude else None
+        if out_path is not None:
+            started = time.monotonic()
+            rows = rec.recommend_all(mf, top, out_path, excluded)
+            out.print(
+                f"top {top} items for {len(mf.users)} users ({rows} rows) written to {out_path} "
+                f"in {time.monotonic() - started:.2f} s",
+                highlight=False,
+            )
+            return
+        assert user is not None
+        items = rec.recommend_user(mf, user, top, excluded)
+    except PsctlError as exc:
+        err.print(f"psctl: error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    table = Table(title=f"top {top} items for {mf.user_col} {user}")
+    table.add_column("rank", justify="right")
+    table.add_column(mf.item_col)
+    table.add_column("predicted rating", justify="right")
+    for rank, (item, score) in enumerate(items, 1):
+        table.add_row(str(rank), item, f"{score:.3f}")
+    out.print(table)
+    if excluded is not None:
+        out.print(f"left out the {rec.rated_count(mf, user, excluded)} items {user} rated in {exclude}", highlight=False)
 
 
 def _confusion_table(cm: Any, classes: list[str]) -> Table:

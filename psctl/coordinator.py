@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from psctl import checkpoint, net
+from psctl import checkpoint, net, vocab
 from psctl.consistency import staleness_for
 from psctl.tables import TableSpec, shard_ranges
 from psctl.wire import Message, MsgType
@@ -103,6 +103,7 @@ class Job:
     checkpoints: dict[int, set[int]] = field(default_factory=dict)  # clock -> shards that saved it
     last_checkpoint: int | None = None
     last_epoch_reported: int = -1
+    stats_reply: tuple[dict[str, Any], list[Any]] | None = None  # body and vocabulary arrays
     tables_ready: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     state: str = "setup"  # setup -> running -> done | failed
     started_s: float = field(default_factory=time.monotonic)
@@ -146,9 +147,9 @@ class CoordinatorService:
     def _changed_soon(self) -> None:
         asyncio.get_running_loop().create_task(self._notify_changed())
 
-    def _event(self, job: Job, body: dict[str, Any]) -> None:
+    def _event(self, job: Job, body: dict[str, Any], arrays: list[Any] | None = None) -> None:
         if job.driver.is_open:
-            job.driver.notify(MsgType.EVENT, body)
+            job.driver.notify(MsgType.EVENT, body, arrays)
 
     def _job_of(self, peer: net.Peer) -> tuple[Job, WorkerSlot]:
         job = self.job
@@ -400,17 +401,32 @@ class CoordinatorService:
         labels = msg.body.get("labels", [])
         if not isinstance(labels, list) or len(labels) > MAX_LABELS:
             raise net.RequestError(f"more than {MAX_LABELS} distinct label values")
-        job.stats.arrive(slot.worker_id, msg.body)
+        try:
+            ids = vocab.from_message(msg.body, msg.arrays)
+        except vocab.VocabError as exc:
+            raise net.RequestError(str(exc)) from None
+        job.stats.arrive(slot.worker_id, {**msg.body, "vocab": ids})
         parts = await job.stats.done
-        stats = [p["stats"] for p in parts.values() if p.get("stats")]
-        all_labels = sorted({str(lbl) for p in parts.values() for lbl in p.get("labels", [])})
-        body: dict[str, Any] = {"stats": stats, "labels": all_labels[: MAX_LABELS + 1]}
         if not job.stats_sent:  # the driver names the tables from these and keeps them for the model file
             job.stats_sent = True
-            self._event(job, {"kind": "stats", **body})
+            stats = [p["stats"] for p in parts.values() if p.get("stats")]
+            all_labels = sorted({str(lbl) for p in parts.values() for lbl in p.get("labels", [])})
+            try:
+                names = sorted({n for p in parts.values() for n in p["vocab"]})
+                union = {n: vocab.union((p["vocab"].get(n, ()) for p in parts.values()), n) for n in names}
+            except vocab.VocabError as exc:
+                self._fail(str(exc))
+                raise net.RequestError(str(exc)) from None
+            body: dict[str, Any] = {"stats": stats, "labels": all_labels[: MAX_LABELS + 1]}
+            arrays: list[Any] = []
+            if union:
+                body["vocab"], arrays = vocab.to_message({n: v.tolist() for n, v in union.items()})
+            job.stats_reply = (body, arrays)
+            self._event(job, {"kind": "stats", **body}, arrays)
         await job.tables_ready
-        body.update(shards=[s.address for s in job.shards], ranges=job.ranges)
-        return Message(MsgType.STATS, body)
+        assert job.stats_reply is not None
+        body, arrays = job.stats_reply
+        return Message(MsgType.STATS, {**body, "shards": [s.address for s in job.shards], "ranges": job.ranges}, arrays)
 
     def _progress(self, peer: net.Peer, msg: Message) -> None:
         job, slot = self._job_of(peer)

@@ -227,13 +227,8 @@ def plan_partitions(path: str | os.PathLike[str], n_parts: int, has_header: bool
     ]
 
 
-def read_partition(path: str | os.PathLike[str], schema: CsvSchema, part: Partition) -> tuple[np.ndarray, np.ndarray]:
-    """Read only bytes [part.start, part.end) of ``path``.
-
-    Returns ``X`` (float64, one row per data row, the schema's feature columns in order)
-    and the stripped label cells as an array of str (empty without a label column).
-    Raises DataError naming the file line and column of the first bad cell.
-    """
+def read_lines(path: str | os.PathLike[str], part: Partition) -> tuple[list[str], list[str]]:
+    """Only bytes [part.start, part.end) of ``path``: every line, and the rows (non-blank lines)."""
     with _open(path) as fh:
         fh.seek(part.start)
         raw = fh.read(part.end - part.start)
@@ -241,7 +236,17 @@ def read_partition(path: str | os.PathLike[str], schema: CsvSchema, part: Partit
         raise DataError(f"data file '{path}' is shorter than when it was partitioned")
     # Undecodable bytes become U+FFFD: harmless in a dropped column, "not a number" in a feature.
     lines = raw.decode("utf-8", errors="replace").split("\n")
-    rows = [line for line in lines if line.strip(_BLANK_STR)]
+    return lines, [line for line in lines if line.strip(_BLANK_STR)]
+
+
+def read_partition(path: str | os.PathLike[str], schema: CsvSchema, part: Partition) -> tuple[np.ndarray, np.ndarray]:
+    """Read only bytes [part.start, part.end) of ``path``.
+
+    Returns ``X`` (float64, one row per data row, the schema's feature columns in order)
+    and the stripped label cells as an array of str (empty without a label column).
+    Raises DataError naming the file line and column of the first bad cell.
+    """
+    lines, rows = read_lines(path, part)
     try:
         X = _features_fast(rows, schema)
     except ValueError:

@@ -69,8 +69,14 @@ def load(model_path: str, model_class_path: str | None = None) -> tuple[Model, d
     return model, params, meta
 
 
-def predict(model_path: str, data_path: str, model_class_path: str | None = None) -> Prediction:
+def predict(model_path: str, data_path: str, model_class_path: str | None = None, cold_start: str = "nan") -> Any:
+    """A :class:`Prediction`, or for an mf model a recommend.RatingsPrediction
+    (``cold_start``: what to do with users and items the model has not seen)."""
     model, params, meta = load(model_path, model_class_path)
+    if meta.get("data_format") == "ratings":
+        from psctl import recommend
+
+        return recommend.predict_ratings(recommend.from_loaded(model_path, model, params, meta), data_path, cold_start)
     schema = schema_for(meta, data_path)
     X, labels = data.read_csv(data_path, schema)
     if meta.get("standardize"):
@@ -87,7 +93,11 @@ def predict(model_path: str, data_path: str, model_class_path: str | None = None
     return Prediction(meta, outputs, predicted, scores)
 
 
-def write_predictions(pred: Prediction, out: str) -> None:
+def write_predictions(pred: Any, out: str) -> None:
+    if pred.meta.get("data_format") == "ratings":
+        from psctl import recommend
+
+        return recommend.write_rating_predictions(pred, out)
     task = pred.meta.get("task", "binary")
     classes = pred.meta.get("classes") or []
     try:

@@ -15,14 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from psctl import checkpoint, data, modelfile, net
+from psctl import checkpoint, data, modelfile, net, ratings, vocab
 from psctl.client import ShardClient
 from psctl.consistency import staleness_for
 from psctl.errors import DataError, JobError, PsctlError
 from psctl.launch import LocalCluster
 from psctl.models.base import Model, classes_for, model_class, summarize
 from psctl.wire import DEFAULT_MAX_FRAME_BYTES, Message, MsgType
-from psctl.worker import steps_per_epoch
+from psctl.worker import epoch_steps
 
 SUBMIT_TIMEOUT_S = 60.0
 FAILED_EVENT_GRACE_S = 2.0
@@ -58,6 +58,10 @@ class TrainConfig:
     resume: str | None = None  # a checkpoint folder to continue from
     heartbeat_interval_s: float = 0.5
     failure_timeout_s: float = 5.0
+    # ratings data (mf): the id and rating columns, names or 0-based indices
+    user_col: str = "userId"
+    item_col: str = "movieId"
+    rating_col: str = "rating"
     out: str = "model.npz"
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
 
@@ -108,7 +112,7 @@ class _DriverService(net.NullService):
 
     def handle(self, peer: net.Peer, msg: Message) -> net.Reply:
         if msg.type is MsgType.EVENT:
-            self.events.put_nowait(msg.body)
+            self.events.put_nowait(vocab.attach(msg.body, msg.arrays))
             return None
         return super().handle(peer, msg)
 
@@ -116,7 +120,9 @@ class _DriverService(net.NullService):
         self.events.put_nowait(None)
 
 
-def build_spec(cfg: TrainConfig, schema: data.CsvSchema, partitions: list[data.Partition]) -> dict[str, Any]:
+def build_spec(
+    cfg: TrainConfig, schema: data.CsvSchema, partitions: list[data.Partition], data_format: str = "csv"
+) -> dict[str, Any]:
     """The job as the coordinator and workers see it (JSON). Tables come after the statistics pass."""
     return {
         "model": cfg.model,
@@ -132,7 +138,12 @@ def build_spec(cfg: TrainConfig, schema: data.CsvSchema, partitions: list[data.P
         "standardize": cfg.standardize,
         "optimizer": {"name": "sgd", "params": {"lr": cfg.lr, "lr_decay": cfg.lr_decay}},
         "min_shards": cfg.shards if cfg.server is None else 1,
-        "data": {"path": os.path.abspath(cfg.data), "size": os.path.getsize(cfg.data), "schema": schema.to_dict()},
+        "data": {
+            "path": os.path.abspath(cfg.data),
+            "size": os.path.getsize(cfg.data),
+            "schema": schema.to_dict(),
+            "format": data_format,
+        },
         "partitions": [p.to_dict() for p in partitions],
         "test_split": cfg.test_split,
         "checkpoint": (
@@ -189,14 +200,16 @@ class _Session:
         self.best_loss, self.best_epoch, self.since_best = float("inf"), -1, 0
         self.best_params: dict[str, np.ndarray] | None = None
         self.stopping = False
+        self.data_params: dict[str, Any] = {}  # what the model took from the statistics pass
 
     def make_model(self, classes: list[str]) -> Model:
-        return self.model_cls(self.n_features, classes, l2=self.cfg.l2, **self.cfg.model_params)
+        return self.model_cls(self.n_features, classes, l2=self.cfg.l2, **self.cfg.model_params, **self.data_params)
 
     async def on_stats(self, event: dict[str, Any]) -> None:
         """Labels are known: name the classes, size the tables, have the shards create them."""
         self.stats = event
         classes = classes_for(self.model_cls.task, event["labels"], self.model_cls.kind)
+        self.data_params = self.model_cls.data_params(event)
         self.model = self.make_model(classes)
         tables = [t.to_dict() for t in self.model.tables()]
         self.placed = (await self.peer.request(MsgType.TABLES, {"tables": tables}, timeout_s=SUBMIT_TIMEOUT_S)).body
@@ -253,16 +266,16 @@ async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = l
     cfg.check()
     check_out_path(cfg.out)
     model_cls = model_class(cfg.model)
-    schema = data.read_schema(cfg.data, cfg.label, cfg.drop, cfg.has_header)
+    schema = read_schema(cfg, model_cls)
     model_cls(len(schema.feature_indices), ["0", "1"], l2=cfg.l2, **cfg.model_params)  # bad parameters fail here, not on the cluster
     partitions = await asyncio.to_thread(data.plan_partitions, cfg.data, cfg.workers, cfg.has_header)
-    spec = build_spec(cfg, schema, partitions)
+    spec = build_spec(cfg, schema, partitions, model_cls.data_format)
     if cfg.validate:
         spec["validation"] = await asyncio.to_thread(plan_validation, cfg, schema)
     if cfg.resume:
         spec = resume_spec(cfg, spec)
         on_event({"kind": "resuming", "clock": spec["resume"]["clock"], "dir": cfg.resume})
-    steps = cfg.epochs * sum(steps_per_epoch(p.n_rows, cfg.batch_size) for p in partitions)
+    steps = cfg.epochs * steps_per_job_epoch(partitions, cfg.batch_size)
     on_event(
         {"kind": "planned", "rows": sum(p.n_rows for p in partitions), "features": spec["n_features"],
          "workers": cfg.workers, "steps": steps}
@@ -295,6 +308,11 @@ async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = l
             session.close()
             peer.close()
     meta = _model_meta(cfg, schema, session, done, time.monotonic() - started)
+    meta["metrics"]["traffic"] = traffic_per_epoch(session.model, partitions, cfg, done)
+    kinds, arrays = vocab_file_parts(session.stats)
+    if kinds:
+        meta["vocab"] = kinds
+    params.update(arrays)
     modelfile.save_model(cfg.out, params, meta)
     return TrainResult(cfg.out, meta["metrics"], meta, events)
 
@@ -372,7 +390,8 @@ def _model_meta(cfg: TrainConfig, schema: data.CsvSchema, session: _Session, don
     meta: dict[str, Any] = {
         "kind": cfg.model,
         "task": session.model_cls.task,
-        "model_params": cfg.model_params,
+        "data_format": session.model_cls.data_format,
+        "model_params": {**cfg.model_params, **session.data_params},
         "schema": schema.to_dict(),
         "feature_names": list(schema.feature_names),
         "label": schema.columns[schema.label_index] if schema.label_index is not None else None,
@@ -395,10 +414,46 @@ def _model_meta(cfg: TrainConfig, schema: data.CsvSchema, session: _Session, don
         meta["metrics"]["best_val_loss"] = session.best_loss
         meta["metrics"]["weights_from_epoch"] = session.best_epoch if session.best_params is not None else "last"
 
-    if cfg.standardize and session.stats["stats"]:
+    if session.model_cls.data_format == "csv" and cfg.standardize and session.stats["stats"]:
         mean, std = data.merge_stats(session.stats["stats"])
         meta["standardize"] = {"mean": np.asarray(mean).tolist(), "std": np.asarray(std).tolist()}
     return meta
+
+
+def steps_per_job_epoch(partitions: list[data.Partition], batch_size: int) -> int:
+    """Steps (pushes) of all workers together in one epoch."""
+    largest = max(p.n_rows for p in partitions)
+    return sum(epoch_steps(p.n_rows, batch_size, largest) for p in partitions)
+
+
+def read_schema(cfg: TrainConfig, model_cls: type[Model]) -> data.CsvSchema:
+    """The columns a job reads, in its model's data format."""
+    if model_cls.data_format == "ratings":
+        if cfg.label is not None or cfg.drop:
+            raise PsctlError(f"{model_cls.kind} reads --user-col, --item-col and --rating-col; --label and --drop are for feature CSVs")
+        return ratings.read_schema(cfg.data, cfg.user_col, cfg.item_col, cfg.rating_col, cfg.has_header)
+    return data.read_schema(cfg.data, cfg.label, cfg.drop, cfg.has_header)
+
+
+def traffic_per_epoch(model: Model, partitions: list[data.Partition], cfg: TrainConfig, done: dict[str, Any]) -> dict[str, float]:
+    """Bytes pulled and pushed per epoch (all workers), and what pulling whole tables
+    at every step would cost. Pulled bytes count parameter values received;
+    pushed bytes count keys and gradient values sent."""
+    steps = steps_per_job_epoch(partitions, cfg.batch_size)
+    table_bytes = sum(t.rows * t.dim * np.dtype(t.dtype).itemsize for t in model.tables())
+    return {
+        "pulled_per_epoch": done.get("bytes_pulled", 0) / cfg.epochs,
+        "pushed_per_epoch": done.get("bytes_pushed", 0) / cfg.epochs,
+        "dense_per_epoch": float(steps * table_bytes),
+        "steps_per_epoch": steps,
+    }
+
+
+def vocab_file_parts(stats: dict[str, Any] | None) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """The id vocabularies for the model file: their kinds (meta ``vocab``) and
+    their arrays (``vocab_<name>``: int64 ids or a UTF-8 text blob)."""
+    vocabs: dict[str, vocab.Vocab] = (stats or {}).get("vocab", {})
+    return {n: v.kind for n, v in vocabs.items()}, {f"vocab_{n}": v.to_array() for n, v in vocabs.items()}
 
 
 def check_out_path(out: str) -> None:

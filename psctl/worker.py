@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from psctl import data, net
+from psctl import data, net, ratings, vocab
 from psctl.client import ShardClient
 from psctl.errors import DataError, JobError, PsctlError
 from psctl.models.base import Model, batch_sums, classes_for, encode_targets, model_class
@@ -31,18 +31,35 @@ log = logging.getLogger("psctl.worker")
 PROGRESS_INTERVAL_S = 0.25
 
 
-def batch_indices(n_rows: int, batch_size: int, seed: int, partition: int, epoch: int) -> Iterator[np.ndarray]:
-    """Row indices of each mini-batch of one epoch of a partition: a seeded shuffle, then slices.
+def batch_indices(
+    n_rows: int, batch_size: int, seed: int, partition: int, epoch: int, max_rows: int | None = None
+) -> Iterator[np.ndarray]:
+    """Row indices of each mini-batch of one epoch of a partition: a seeded shuffle cut into
+    :func:`epoch_steps` batches of near-equal size (at most ``batch_size``).
 
     Seeded by the partition, not the worker, so a replacement replays the same batches.
+    ``max_rows`` is the row count of the job's largest partition: every worker
+    then takes the same number of steps per epoch, so no clock has only a few
+    workers training (which in sync mode would scale up the step of every
+    row those few touch) and no batch is a small remainder.
     """
     order = np.random.default_rng([seed, partition, epoch]).permutation(n_rows)
-    for start in range(0, n_rows, batch_size):
-        yield order[start : start + batch_size]
+    for part in np.array_split(order, epoch_steps(n_rows, batch_size, max_rows)) if n_rows else ():
+        yield part
 
 
 def steps_per_epoch(n_rows: int, batch_size: int) -> int:
     return -(-n_rows // batch_size)
+
+
+def epoch_steps(n_rows: int, batch_size: int, max_rows: int | None = None) -> int:
+    """Steps per epoch of a partition of ``n_rows``: those of the largest partition
+    (``max_rows``, default this one) at ``batch_size``, but never empty batches."""
+    return min(n_rows, steps_per_epoch(max(n_rows, max_rows or 0), batch_size))
+
+
+def max_partition_rows(spec: dict[str, Any]) -> int:
+    return max((int(p.get("n_rows", 0)) for p in spec["partitions"]), default=0)
 
 
 class _ControlService(net.NullService):
@@ -78,14 +95,31 @@ class Prepared:
 def load_partition(spec: dict[str, Any], path: str, part: data.Partition) -> tuple[Any, np.ndarray]:
     """Features and raw labels of one partition, in the job's data format."""
     schema = data.CsvSchema.from_dict(spec["data"]["schema"])
+    if spec["data"].get("format", "csv") == "ratings":
+        return ratings.read_partition(path, schema, part)
     return data.read_partition(path, schema, part)
+
+
+def stats_request(raw_X: Any, labels: np.ndarray, spec: dict[str, Any], model_cls: type[Model]) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """This worker's part of the statistics pass: partial column statistics, distinct
+    labels, and (ratings) the distinct user and item ids; body and arrays of STATS."""
+    if spec["data"].get("format", "csv") == "ratings":
+        return ratings.stats_request(raw_X, labels)
+    dense = spec["data"].get("format", "csv") == "csv"
+    stats = data.partial_stats(raw_X) if dense and len(raw_X) and spec.get("standardize", True) else None
+    distinct = sorted(set(labels.tolist())) if model_cls.task != "regression" else []
+    return {"stats": _jsonable(stats) if stats else None, "labels": distinct}, []
 
 
 def prepare(raw_X: Any, labels: np.ndarray, classes: list[str], stats_reply: dict[str, Any], spec: dict[str, Any], task: str) -> Prepared:
     """Standardize features and encode labels the same way on every worker."""
     y = encode_targets(task, labels, classes)
     X = raw_X
-    if spec["data"].get("format", "csv") == "csv":  # dense numeric features: scaled, float32
+    if spec["data"].get("format", "csv") == "ratings":  # ids -> table rows
+        X = ratings.encode_rows(raw_X, stats_reply["vocab"])
+        if (X < 0).any():
+            raise JobError("an id of this worker's partition is missing from the job's vocabulary")
+    elif spec["data"].get("format", "csv") == "csv":  # dense numeric features: scaled, float32
         if spec.get("standardize", True) and stats_reply["stats"]:
             mean, std = data.merge_stats(stats_reply["stats"])
             X = (raw_X - mean) / std
@@ -178,19 +212,22 @@ class Worker:
                 load_partition, {**spec, "data": spec["validation"]}, spec["validation"]["path"], val_part
             )
 
-        dense = spec["data"].get("format", "csv") == "csv"
-        stats = data.partial_stats(raw_X) if dense and len(raw_X) and spec.get("standardize", True) else None
-        distinct: list[str] = []
-        if model_cls.task != "regression":
-            distinct = sorted(set(labels.tolist()) | (set(val_raw[1].tolist()) if val_raw is not None else set()))
-        reply = await coord.request(
-            MsgType.STATS, {"stats": _jsonable(stats) if stats else None, "labels": distinct}, timeout_s=None
-        )
+        body, arrays = await asyncio.to_thread(stats_request, raw_X, labels, spec, model_cls)
+        if val_raw is not None and model_cls.task != "regression":  # classes must cover the held-out labels too
+            body["labels"] = sorted(set(body["labels"]) | set(val_raw[1].tolist()))
+        reply = await coord.request(MsgType.STATS, body, arrays, timeout_s=None)
         self._check_abort()
-        classes = classes_for(model_cls.task, reply.body["labels"], model_cls.kind)
-        prep = prepare(raw_X, labels, classes, reply.body, spec, model_cls.task)
-        val = prepare(*val_raw, classes, reply.body, spec, model_cls.task) if val_raw is not None else None
-        model = model_cls(spec["n_features"], classes, l2=float(spec.get("l2", 0.0)), **spec.get("model_params", {}))
+        stats = await asyncio.to_thread(vocab.attach, reply.body, reply.arrays)
+        classes = classes_for(model_cls.task, stats["labels"], model_cls.kind)
+        prep = prepare(raw_X, labels, classes, stats, spec, model_cls.task)
+        val = prepare(*val_raw, classes, stats, spec, model_cls.task) if val_raw is not None else None
+        model = model_cls(
+            spec["n_features"],
+            classes,
+            l2=float(spec.get("l2", 0.0)),
+            **spec.get("model_params", {}),
+            **model_cls.data_params(stats),
+        )
 
         beat = asyncio.ensure_future(self._heartbeat(coord, float(spec.get("heartbeat_interval_s", 0.5))))
         client = await ShardClient.connect(
@@ -202,6 +239,7 @@ class Worker:
         )
         try:
             await self._train(coord, client, model, prep, val, spec, partition, int(reg.get("start_clock", 0)))
+            trained_bytes = {"bytes_pulled": client.bytes_pulled, "bytes_pushed": client.bytes_pushed}
             await client.leave()
             await coord.request(MsgType.TRAINED, {}, timeout_s=None)
             self._check_abort()
@@ -211,7 +249,7 @@ class Worker:
                 params = await client.pull_for(keys)
                 loss, _, outputs = model.loss_grad(params, prep.X, prep.y)
                 report.update(loss_sum=float(loss) * len(prep.y), sums=batch_sums(model.task, outputs, prep.y))
-            report.update(bytes_pulled=client.bytes_pulled, bytes_pushed=client.bytes_pushed)
+            report.update(trained_bytes)  # training traffic only, not the evaluation pull
             coord.notify(MsgType.FINAL_REPORT, report)
             return report
         finally:
@@ -232,7 +270,8 @@ class Worker:
         """Mini-batch steps from ``start_clock`` (0, or where a lost predecessor's pushes stopped)."""
         epochs, batch_size, seed = int(spec["epochs"]), int(spec["batch_size"]), int(spec.get("seed", 0))
         n_rows = len(prep.y)
-        per_epoch = steps_per_epoch(n_rows, batch_size)
+        max_rows = max_partition_rows(spec)
+        per_epoch = epoch_steps(n_rows, batch_size, max_rows)
         clock = self.clock = start_clock
         acks: list[asyncio.Future[Any]] = []
         last_progress = time.monotonic()
@@ -243,7 +282,7 @@ class Worker:
                 break
             loss_sum, sums, rows = 0.0, {}, 0
             skip = start_clock - epoch * per_epoch if epoch == first_epoch else 0
-            for step, idx in enumerate(batch_indices(n_rows, batch_size, seed, partition, epoch)):
+            for step, idx in enumerate(batch_indices(n_rows, batch_size, seed, partition, epoch, max_rows)):
                 if step < skip:
                     continue
                 self._check_abort()
@@ -256,14 +295,16 @@ class Worker:
                 params = await client.pull_for(keys, clock)
                 await client.wait_all(acks)
                 loss, grads, outputs = model.loss_grad(params, X, y)
-                if not math.isfinite(loss):
-                    raise PsctlError(f"training diverged in epoch {epoch + 1}: the loss is {loss}; try a smaller --lr")
+                figures = batch_sums(model.task, outputs, y)
+                if not all(map(math.isfinite, (float(loss) * len(idx), *figures.values()))):
+                    # Pushing would spread inf/NaN to the tables; the reports could not carry it either.
+                    raise PsctlError(f"the loss overflowed in epoch {epoch + 1}: training diverged; try a smaller --lr")
                 acks = client.push_for_nowait(keys, grads, clock, len(idx))
                 clock = self.clock = clock + 1
                 loss_sum += float(loss) * len(idx)
                 rows += len(idx)
                 self.samples += len(idx)
-                _add(sums, batch_sums(model.task, outputs, y))
+                _add(sums, figures)
                 recent_loss += float(loss) * len(idx)
                 recent_n += len(idx)
                 now = time.monotonic()

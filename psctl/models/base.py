@@ -7,7 +7,9 @@ A model is a small class over pure numpy functions. psctl calls:
   the whole table (dense models);
 - ``loss_grad(params, X, y)``: mean loss, gradient per table (aligned with the
   keys, or whole-table), and the batch's outputs (reused for metrics);
-- ``predict(params, X)``: outputs for new rows.
+- ``predict(params, X)``: outputs for new rows;
+- ``data_params(stats)`` (a classmethod): parameters that come from the
+  statistics pass, such as table sizes from an id vocabulary.
 
 Outputs by ``task``: "binary" -> P(class 1), shape (n,); "classes" -> a score
 or probability per class, shape (n, k); "regression" -> values, shape (n,).
@@ -38,6 +40,8 @@ class Model:
     task: ClassVar[str] = "regression"
     #: Extra constructor parameters a user may set (name -> default), beside l2.
     params: ClassVar[dict[str, Any]] = {}
+    #: The input format the model reads: "csv" (numeric features) or "ratings" (user, item, rating).
+    data_format: ClassVar[str] = "csv"
 
     def __init__(self, n_features: int, classes: Sequence[str] = (), l2: float = 0.0, **params: Any):
         unknown = set(params) - set(self.params)
@@ -47,6 +51,12 @@ class Model:
         self.classes = list(classes)
         self.l2 = l2
         self.options = {**self.params, **params}
+
+    @classmethod
+    def data_params(cls, stats: dict[str, Any]) -> dict[str, Any]:
+        """Constructor parameters taken from the statistics pass (the STATS reply: ``stats``,
+        ``labels``, ``vocab``), e.g. table sizes; the driver and every worker derive the same."""
+        return {}
 
     def tables(self) -> list[TableSpec]:
         raise NotImplementedError

@@ -130,3 +130,8 @@ def test_predict_without_labels_still_predicts(tmp_path, model):
     assert r.returncode == 0, r.stderr
     assert "113 rows predicted" in r.stdout
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 114
+
+
+def test_a_diverging_run_stops_with_one_sentence():
+    r = run_psctl("train", "linreg", str(TRAIN), "--workers", "2", "--epochs", "3", "--lr", "1e30")
+    assert_clean_error(r, "training diverged; try a smaller --lr", code=4)

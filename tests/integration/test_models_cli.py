@@ -44,8 +44,8 @@ def train_predict(tmp_path, model, train, test, *args):
 
 
 def test_softmax_digits_sync(tmp_path, digits_split):
-    _, p = train_predict(tmp_path, "softmax", *digits_split, "--batch-size", "8", "--epochs", "40", "--lr", "0.3",
-                         "--l2", "0.0005")
+    _, p = train_predict(tmp_path, "softmax", *digits_split, "--batch-size", "8", "--epochs", "40", "--lr", "0.5",
+                         "--l2", "0.001")
     assert metric(p.stdout, "accuracy") >= 0.96
     assert "confusion matrix" in p.stdout and metric(p.stdout, "macro_f1") >= 0.95
 

@@ -7,7 +7,7 @@ import pytest
 
 from psctl import data, modelfile
 from psctl.models import logreg
-from psctl.worker import batch_indices, steps_per_epoch
+from psctl.worker import batch_indices, epoch_steps
 
 from ..conftest import EXAMPLES, run_psctl, write_logreg_csv
 from .cluster import ServerProcess
@@ -45,12 +45,13 @@ def reference_sync_sgd(path, n_workers, batch_size, epochs, lr, l2, seed):
     schema = data.read_schema(str(path))
     parts = data.plan_partitions(str(path), n_workers)
     shards = []
+    largest = max(p.n_rows for p in parts)
     for p in parts:
         X, labels = data.read_partition(str(path), schema, p)
         shards.append((X.astype(np.float32), data.encode_labels(labels, ("0", "1")).astype(np.float32)))
     w = np.zeros(len(schema.feature_indices) + 1, dtype=np.float32)
     batches = [
-        [idx for e in range(epochs) for idx in batch_indices(len(y), batch_size, seed, i, e)]
+        [idx for e in range(epochs) for idx in batch_indices(len(y), batch_size, seed, i, e, largest)]
         for i, (_, y) in enumerate(shards)
     ]
     for clock in range(max(len(b) for b in batches)):
@@ -66,7 +67,8 @@ def reference_sync_sgd(path, n_workers, batch_size, epochs, lr, l2, seed):
 
 @pytest.mark.parametrize(("rows", "workers"), [(203, 3), (3, 4)])
 def test_sync_equals_single_process_sgd(tmp_path, rows, workers):
-    """Uneven partitions (and one empty) included: sync must equal the reference and not deadlock."""
+    """Uneven partitions (and one empty) included: sync must equal the reference and not deadlock.
+    Every non-empty partition takes the steps of the largest, so no clock trains a few workers alone."""
     path = write_logreg_csv(tmp_path / "d.csv", rows=rows, features=5, seed=3)
     # Short lines in the second half: byte-balanced partitions then hold different row counts.
     header, *lines = path.read_text().splitlines()
@@ -80,9 +82,12 @@ def test_sync_equals_single_process_sgd(tmp_path, rows, workers):
     assert r.returncode == 0, r.stderr
     params, _ = modelfile.load_model(str(model))
     expected, steps = reference_sync_sgd(path, workers, 16, 3, 0.3, 0.01, 9)
-    assert len(set(steps)) > 1  # the partitions really are uneven
+    parts = data.plan_partitions(str(path), workers)
+    assert len({p.n_rows for p in parts}) > 1  # the partitions really are uneven
     np.testing.assert_allclose(params["w"], expected, rtol=1e-5, atol=1e-6)
-    assert steps == [3 * steps_per_epoch(p.n_rows, 16) for p in data.plan_partitions(str(path), workers)]
+    largest = max(p.n_rows for p in parts)
+    assert steps == [3 * epoch_steps(p.n_rows, 16, largest) for p in parts]
+    assert len({s for s in steps if s}) == 1
 
 
 def test_server_then_train_against_it(tmp_path):

@@ -78,5 +78,5 @@ def test_predictions_and_correct():
 def test_registry():
     assert [(t.name, t.rows, t.dim) for t in LogReg(30).tables()] == [("w", 31, 1)]
     assert model_class("logreg") is LogReg
-    with pytest.raises(PsctlError, match="unknown model 'x'; known models: linreg, logreg, softmax, svm$"):
+    with pytest.raises(PsctlError, match="unknown model 'x'; known models: linreg, logreg, mf, softmax, svm$"):
         model_class("x")

@@ -1,0 +1,156 @@
+"""The "ratings" data format: a CSV with a user id, an item id and a rating per row.
+
+Ids are text (integers or any strings); other columns are ignored. The schema
+is a :class:`~psctl.data.CsvSchema` whose two feature columns are the user and
+the item and whose label is the rating. Partitions are byte ranges as for
+every CSV (data.plan_partitions), so a worker reads only its own.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from psctl import data, vocab
+from psctl.errors import DataError
+from psctl.vocab import Vocab
+
+#: Vocabulary names: the rows of the user tables and of the item tables.
+USER, ITEM = "user", "item"
+
+
+def read_schema(
+    path: str | os.PathLike[str],
+    user_col: str = "userId",
+    item_col: str = "movieId",
+    rating_col: str = "rating",
+    has_header: bool = True,
+    need_rating: bool = True,
+) -> data.CsvSchema:
+    """Find the user, item and rating columns (names, or 0-based indices as text).
+
+    Without ``need_rating`` a file lacking the rating column is fine (label_index None).
+    Raises DataError naming the missing column.
+    """
+    columns = data.read_columns(path, has_header)
+    user = data._column_index(columns, user_col, "user", path)
+    item = data._column_index(columns, item_col, "item", path)
+    if user == item:
+        raise DataError(f"the user and item columns of '{path}' must differ; both are '{columns[user]}'")
+    rating: int | None = None
+    if need_rating or rating_col in columns:
+        rating = data._column_index(columns, rating_col, "rating", path)
+        if rating in (user, item):
+            raise DataError(f"the rating column of '{path}' must differ from the user and item columns")
+    return data.CsvSchema(columns, rating, (user, item), has_header)
+
+
+def read_partition(path: str | os.PathLike[str], schema: data.CsvSchema, part: data.Partition) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of one partition: ids as an (n, 2) str array (user, item) and the ratings
+    (float64; empty when the schema has no rating column).
+
+    Raises DataError naming the file line and column of the first bad cell.
+    """
+    lines, rows = data.read_lines(path, part)
+    try:
+        return _fast(rows, schema)
+    except ValueError:
+        return _exact(data._numbered_rows(lines, part.first_line), schema, path)
+
+
+def read_ratings(path: str | os.PathLike[str], schema: data.CsvSchema) -> tuple[np.ndarray, np.ndarray]:
+    """Every row of ``path``, as :func:`read_partition` reads one partition."""
+    [whole] = data.plan_partitions(path, 1, schema.has_header)
+    return read_partition(path, schema, whole)
+
+
+def _usecols(schema: data.CsvSchema) -> tuple[int, ...]:
+    return (*schema.feature_indices, *(() if schema.label_index is None else (schema.label_index,)))
+
+
+def _fast(rows: list[str], schema: data.CsvSchema) -> tuple[np.ndarray, np.ndarray]:
+    """numpy's C parser; ValueError on anything it or the checks here dislike."""
+    cols = _usecols(schema)
+    if not rows:
+        return np.empty((0, 2), dtype=str), np.empty(0)
+    n_commas = len(schema.columns) - 1
+    if any(row.count(",") != n_commas for row in rows):
+        raise ValueError("wrong number of cells")
+    cells = np.loadtxt(rows, delimiter=",", usecols=cols, dtype=str, comments=None, quotechar='"', ndmin=2)
+    ids = np.char.strip(cells[:, :2])
+    if (ids == "").any():
+        raise ValueError("an empty id")
+    if schema.label_index is None:
+        return ids, np.empty(0)
+    ratings = cells[:, 2].astype(np.float64)  # ValueError for text
+    if not np.isfinite(ratings).all():
+        raise ValueError("a rating is not finite")
+    return ids, ratings
+
+
+def _exact(rows: list[tuple[int, str]], schema: data.CsvSchema, path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Cell by cell: slow, but names the line and column of the first bad cell."""
+    names = schema.columns
+    reference = "the header" if schema.has_header else "the first line"
+    user, item = schema.feature_indices
+    ids = np.empty((len(rows), 2), dtype=object)
+    ratings = np.empty(len(rows) if schema.label_index is not None else 0)
+    for r, (line_no, line) in enumerate(rows):
+        cells = line.split(",")
+        if len(cells) != len(names):
+            raise DataError(f"'{path}' line {line_no} has {len(cells)} cells; {reference} has {len(names)}")
+        for c, j in enumerate((user, item)):
+            ids[r, c] = data._cell(cells[j])
+            if not ids[r, c]:
+                raise DataError(f"'{path}' line {line_no}, column '{names[j]}': the id cell is empty")
+        if schema.label_index is not None:
+            where = f"'{path}' line {line_no}, column '{names[schema.label_index]}'"
+            text = data._cell(cells[schema.label_index])
+            try:
+                ratings[r] = float(text)
+            except ValueError:
+                raise DataError(f"{where}: rating '{text[:40]}' is not a number") from None
+            if not math.isfinite(ratings[r]):
+                raise DataError(f"{where}: rating '{text[:40]}' is not finite")
+    return (ids.astype(str) if len(rows) else np.empty((0, 2), dtype=str)), ratings
+
+
+# -- the statistics pass and the rows a model trains on ------------------------------
+def stats_request(ids: np.ndarray, ratings: np.ndarray) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """A worker's STATS contribution: count/mean/m2 of its ratings and its distinct ids."""
+    distinct = {USER: np.unique(ids[:, 0]), ITEM: np.unique(ids[:, 1])}
+    for name, values in distinct.items():
+        vocab.check_size(name, len(values))
+    names, arrays = vocab.to_message({k: v.tolist() for k, v in distinct.items()})
+    stats = data.partial_stats(ratings[:, None]) if len(ratings) else None
+    body = {"stats": None if stats is None else {k: _plain(v) for k, v in stats.items()}, "labels": [], "vocab": names}
+    return body, arrays
+
+
+def _plain(value: Any) -> Any:
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def global_mean(stats: list[dict[str, Any]]) -> float:
+    """The mean rating of the whole data from the workers' partial statistics."""
+    mean, _ = data.merge_stats(stats)
+    return float(mean[0])
+
+
+def encode_rows(ids: np.ndarray, vocabs: Mapping[str, Vocab]) -> np.ndarray:
+    """(n, 2) int64 table rows (user, item) of text ids; -1 for an id not in its vocabulary."""
+    return np.stack([vocabs[USER].rows(ids[:, 0]), vocabs[ITEM].rows(ids[:, 1])], axis=1) if len(ids) else np.empty((0, 2), np.int64)
+
+
+def random_split(n_rows: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, test) row indices: a uniformly random ``test_fraction`` of the rows
+    (rounded) is the test set, drawn by ``np.random.default_rng(seed)``."""
+    if not 0 < test_fraction < 1:
+        raise ValueError("test_fraction must be between 0 and 1")
+    order = np.random.default_rng(seed).permutation(n_rows)
+    n_test = round(n_rows * test_fraction)
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
