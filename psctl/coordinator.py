@@ -17,7 +17,7 @@ from typing import Any
 
 from psctl import net
 from psctl.consistency import staleness_for
-from psctl.tables import TableSpec, shard_ranges
+from psctl.tables import TableSpec, table_ranges
 from psctl.wire import Message, MsgType
 
 log = logging.getLogger("psctl.coordinator")
@@ -200,7 +200,7 @@ class CoordinatorService:
             tables = [TableSpec.from_dict(t) for t in msg.body["tables"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise net.RequestError(f"bad tables: {exc}") from None
-        ranges = {t.name: shard_ranges(t.rows, len(job.shards)) for t in tables}
+        ranges = {t.name: table_ranges(t, len(job.shards)) for t in tables}
         spec = job.spec
         setups = [
             s.peer.request(
@@ -214,6 +214,8 @@ class CoordinatorService:
                     "workers": [w.worker_id for w in job.workers],
                     "optimizer": spec["optimizer"],
                     "seed": spec.get("seed", 0),
+                    "shard_index": i,
+                    "n_shards": len(job.shards),
                 },
                 timeout_s=SHARD_SETUP_TIMEOUT_S,
             )
