@@ -61,7 +61,7 @@ def _split(values: list[str] | None) -> tuple[str, ...]:
 @app.command()
 def train(
     model: str = typer.Argument(..., help="logreg, softmax, svm, linreg, or a class as package.module:Class."),
-    data: str = typer.Argument(..., help="Training data (CSV)."),
+    data: str = typer.Argument(..., help="Training data (CSV or LIBSVM)."),
     workers: int = typer.Option(8, "--workers", "-w", help="Number of workers."),
     shards: int = typer.Option(2, "--shards", help="Shard processes of the embedded cluster."),
     server: str | None = typer.Option(None, "--server", help="HOST:PORT of a running psctl server."),
@@ -72,11 +72,27 @@ def train(
     staleness: int = typer.Option(0, "--staleness", help="Bound on clock lag in ssp mode."),
     epochs: int = typer.Option(10, "--epochs"),
     batch_size: int = typer.Option(32, "--batch-size"),
-    lr: float = typer.Option(0.1, "--lr", help="Learning rate of the shards' SGD."),
+    lr: float | None = typer.Option(
+        None, "--lr", help="Learning rate of the shards' optimizer (FTRL's alpha); default 0.1, adam 0.01, ftrl 0.3."
+    ),
     lr_decay: float = typer.Option(0.0, "--lr-decay", help="Step size lr / (1 + lr_decay * t), t = updates applied."),
     loss: str | None = typer.Option(None, "--loss", help="linreg: squared (default) or huber."),
     huber_delta: float | None = typer.Option(None, "--huber-delta", help="linreg with --loss huber: the delta."),
-    l2: float = typer.Option(0.0, "--l2", help="L2 regularization strength."),
+    l2: float = typer.Option(0.0, "--l2", help="L2 regularization strength (with ftrl: FTRL's L2)."),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="The shards' update rule: sgd, adagrad, adam or ftrl."),
+    l1: float = typer.Option(0.0, "--l1", help="FTRL's L1 strength: larger gives fewer non-zero weights."),
+    save_optimizer_state: bool = typer.Option(
+        False, "--save-optimizer-state", help="Also store the optimizer's per-key state in the model file."
+    ),
+    data_format: str = typer.Option("auto", "--format", help="csv or libsvm; detected from the file by default."),
+    index_base: int | None = typer.Option(None, "--index-base", help="LIBSVM: 0- or 1-based indices (default: detected)."),
+    n_features: int | None = typer.Option(
+        None, "--n-features", help="LIBSVM: the feature count, when the file does not show the largest index."
+    ),
+    hash_bits: int | None = typer.Option(None, "--hash-bits", help="CSV: hash into 2^B keys (default 24 with --categorical)."),
+    categorical: list[str] | None = typer.Option(
+        None, "--categorical", help="CSV: columns to hash as categories (repeatable or comma-separated)."
+    ),
     seed: int = typer.Option(0, "--seed"),
     label: str | None = typer.Option(None, "--label", help="Label column (name or index); default 'label' or the first."),
     drop: list[str] | None = typer.Option(None, "--drop", help="Columns to ignore (names or indices, repeatable or comma-separated)."),
@@ -111,6 +127,14 @@ def train(
         standardize=not no_standardize,
         out=out_path,
         max_frame_bytes=max_frame_bytes,
+        format=data_format,
+        index_base=index_base,
+        n_features=n_features,
+        hash_bits=hash_bits,
+        categorical=_split(categorical),
+        optimizer=optimizer,
+        l1=l1,
+        save_optimizer_state=save_optimizer_state,
     )
     view = _TrainView(cfg.epochs, interactive=out.is_terminal)
     try:
@@ -124,8 +148,32 @@ def train(
         f"over {m['samples']} rows; model written to {result.model_path}",
         highlight=False,
     )
+    if result.meta.get("model_params", {}).get("sparse"):
+        for line in _sparse_lines(m):
+            out.print(line, highlight=False)
     if m["lost_workers"]:
         out.print(f"warning: workers lost during training: {m['lost_workers']}", highlight=False)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1000
+    return f"{n:.3g} TB"
+
+
+def _sparse_lines(m: dict[str, Any]) -> list[str]:
+    """Keys, weights, shard memory and traffic of a sparse model."""
+    per_shard = ", ".join(str(k) for k in m["shard_keys"])
+    return [
+        f"keys: {m['unique_keys']} unique of a {m['key_space']}-key space (per shard: {per_shard}); "
+        f"non-zero weights: {m['nonzero_weights']}",
+        f"shard memory: tables {', '.join(_bytes(b) for b in m['shard_table_bytes'])}; "
+        f"process peak RSS {', '.join(_bytes(b) for b in m['shard_peak_rss_bytes'])}",
+        f"traffic per epoch: pulled {_bytes(m['bytes_pulled_per_epoch'])}, pushed {_bytes(m['bytes_pushed_per_epoch'])}; "
+        f"a dense model of the same key space: {_bytes(m['dense_bytes_per_epoch'])} each way",
+    ]
 
 
 def _figures(metrics: dict[str, Any], prefix: str = "") -> str:
@@ -152,7 +200,8 @@ class _TrainView:
     def on_event(self, event: dict[str, Any]) -> None:
         kind = event["kind"]
         if kind == "planned":
-            self._plain(f"planned: {event['rows']} rows, {event['features']} features, {event['workers']} workers")
+            features = "features from the data" if event["features"] is None else f"{event['features']} features"
+            self._plain(f"planned: {event['rows']} rows, {features}, {event['workers']} workers")
             if self.interactive:
                 self.progress = Progress(
                     TextColumn("[bold]training"),
@@ -212,7 +261,7 @@ class _TrainView:
 @app.command()
 def predict(
     model_path: str = typer.Argument(..., help="A model file written by 'psctl train'."),
-    data: str = typer.Argument(..., help="CSV with the model's feature columns (and optionally the label)."),
+    data: str = typer.Argument(..., help="Data in the model's format: CSV with its feature columns (label optional), or LIBSVM."),
     out_path: str | None = typer.Option(None, "--out", "-o", help="Write per-row predictions to this CSV."),
     model_class: str | None = typer.Option(None, "--model-class", help="Allow loading a model of this user class."),
 ) -> None:
@@ -227,6 +276,12 @@ def predict(
     except PsctlError as exc:
         err.print(f"psctl: error: {exc}", markup=False, highlight=False)
         raise typer.Exit(exc.exit_code) from None
+    if pred.unknown and pred.unknown["occurrences"]:
+        out.print(
+            f"ignored {pred.unknown['occurrences']} occurrences of {pred.unknown['features']} features "
+            "the model has no weight for (weight 0)",
+            highlight=False,
+        )
     if pred.metrics is None:
         out.print(f"{len(pred.predicted)} rows predicted (no label column, so no metrics)")
     else:

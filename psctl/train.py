@@ -15,17 +15,22 @@ from typing import Any
 
 import numpy as np
 
-from psctl import data, modelfile, net
+from psctl import data, formats, modelfile, net
 from psctl.client import ShardClient
 from psctl.consistency import staleness_for
 from psctl.errors import DataError, JobError, PsctlError
 from psctl.launch import LocalCluster
 from psctl.models.base import Model, classes_for, model_class, summarize
+from psctl.optim import OPTIMIZERS
+from psctl.tables import TableSpec
 from psctl.wire import DEFAULT_MAX_FRAME_BYTES, Message, MsgType
 from psctl.worker import steps_per_epoch
 
 SUBMIT_TIMEOUT_S = 60.0
+# Step sizes that work for standardized or 0/1 features (FTRL's is its alpha; 0.3 on a9a: README).
+DEFAULT_LR = {"sgd": 0.1, "adagrad": 0.1, "adam": 0.01, "ftrl": 0.3}
 FAILED_EVENT_GRACE_S = 2.0
+FINAL_PULL_TIMEOUT_S = 600.0  # a sparse table of millions of keys takes seconds to gather
 
 
 @dataclass
@@ -40,7 +45,7 @@ class TrainConfig:
     staleness: int = 0
     epochs: int = 10
     batch_size: int = 32
-    lr: float = 0.1
+    lr: float | None = None  # None: the optimizer's DEFAULT_LR
     l2: float = 0.0
     seed: int = 0
     label: str | None = None
@@ -51,6 +56,14 @@ class TrainConfig:
     lr_decay: float = 0.0
     out: str = "model.npz"
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    format: str = "auto"  # csv or libsvm, detected from the file by default
+    index_base: int | None = None  # libsvm: 0 or 1; None detects it
+    n_features: int | None = None  # libsvm: None takes the largest index in the data
+    hash_bits: int | None = None  # csv: hash --categorical columns into 2^hash_bits keys
+    categorical: tuple[str, ...] = ()
+    optimizer: str = "sgd"
+    l1: float = 0.0  # ftrl only
+    save_optimizer_state: bool = False
 
     def validate(self) -> None:
         if self.workers < 1:
@@ -59,12 +72,20 @@ class TrainConfig:
             raise PsctlError("--shards must be at least 1")
         if self.epochs < 1 or self.batch_size < 1:
             raise PsctlError("--epochs and --batch-size must be at least 1")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise PsctlError("--lr must be positive")
         if self.l2 < 0:
             raise PsctlError("--l2 must not be negative")
         if self.lr_decay < 0:
             raise PsctlError("--lr-decay must not be negative")
+        if self.optimizer not in OPTIMIZERS:
+            raise PsctlError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}; got '{self.optimizer}'")
+        if self.lr_decay and self.optimizer != "sgd":
+            raise PsctlError("--lr-decay is for --optimizer sgd; the other optimizers adapt their steps per key")
+        if self.l1 < 0:
+            raise PsctlError("--l1 must not be negative")
+        if self.l1 and self.optimizer != "ftrl":
+            raise PsctlError("--l1 needs --optimizer ftrl")
         if self.local_workers is not None and not 0 <= self.local_workers <= self.workers:
             raise PsctlError("--local-workers must be between 0 and --workers")
         try:
@@ -95,23 +116,33 @@ class _DriverService(net.NullService):
         self.events.put_nowait(None)
 
 
-def build_spec(cfg: TrainConfig, schema: data.CsvSchema, partitions: list[data.Partition]) -> dict[str, Any]:
+def optimizer_spec(cfg: TrainConfig) -> dict[str, Any]:
+    """The shards' update rule. FTRL takes --l1 and --l2 itself (in its proximal step)."""
+    params: dict[str, Any] = {"lr": DEFAULT_LR.get(cfg.optimizer, 0.1) if cfg.lr is None else cfg.lr}
+    if cfg.optimizer == "sgd":
+        params["lr_decay"] = cfg.lr_decay
+    elif cfg.optimizer == "ftrl":
+        params.update(l1=cfg.l1, l2=cfg.l2)
+    return {"name": cfg.optimizer, "params": params}
+
+
+def build_spec(cfg: TrainConfig, source: formats.Source, partitions: list[data.Partition]) -> dict[str, Any]:
     """The job as the coordinator and workers see it (JSON). Tables come after the statistics pass."""
     return {
         "model": cfg.model,
-        "model_params": cfg.model_params,
+        "model_params": {**cfg.model_params, "sparse": True} if source.sparse else cfg.model_params,
         "n_workers": cfg.workers,
-        "n_features": len(schema.feature_indices),
+        "n_features": source.n_features,  # None for LIBSVM until the statistics pass
         "mode": cfg.mode,
         "staleness": cfg.staleness,
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
-        "l2": cfg.l2,
+        "l2": 0.0 if cfg.optimizer == "ftrl" else cfg.l2,
         "seed": cfg.seed,
         "standardize": cfg.standardize,
-        "optimizer": {"name": "sgd", "params": {"lr": cfg.lr, "lr_decay": cfg.lr_decay}},
+        "optimizer": optimizer_spec(cfg),
         "min_shards": cfg.shards if cfg.server is None else 1,
-        "data": {"path": os.path.abspath(cfg.data), "size": os.path.getsize(cfg.data), "schema": schema.to_dict()},
+        "data": {"path": os.path.abspath(cfg.data), "size": os.path.getsize(cfg.data), **source.data},
         "partitions": [p.to_dict() for p in partitions],
     }
 
@@ -119,18 +150,21 @@ def build_spec(cfg: TrainConfig, schema: data.CsvSchema, partitions: list[data.P
 class _Session:
     """What the driver learns while a job runs: the statistics, the model, where its tables live."""
 
-    def __init__(self, cfg: TrainConfig, model_cls: type[Model], n_features: int, peer: net.Peer):
-        self.cfg, self.model_cls, self.n_features, self.peer = cfg, model_cls, n_features, peer
+    def __init__(self, cfg: TrainConfig, model_cls: type[Model], spec: dict[str, Any], peer: net.Peer):
+        self.cfg, self.model_cls, self.spec, self.peer = cfg, model_cls, spec, peer
+        self.n_features: int | None = spec["n_features"]
         self.stats: dict[str, Any] | None = None
         self.model: Model | None = None
         self.placed: dict[str, Any] | None = None  # TABLES reply: shards and ranges
 
     def make_model(self, classes: list[str]) -> Model:
-        return self.model_cls(self.n_features, classes, l2=self.cfg.l2, **self.cfg.model_params)
+        assert self.n_features is not None
+        return self.model_cls(self.n_features, classes, l2=self.spec["l2"], **self.spec["model_params"])
 
     async def on_stats(self, event: dict[str, Any]) -> None:
         """Labels are known: name the classes, size the tables, have the shards create them."""
         self.stats = event
+        self.n_features = formats.n_features_of(self.spec["data"], event["stats"]) or self.n_features
         classes = classes_for(self.model_cls.task, event["labels"], self.model_cls.kind)
         self.model = self.make_model(classes)
         tables = [t.to_dict() for t in self.model.tables()]
@@ -147,10 +181,16 @@ async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = l
     cfg.validate()
     check_out_path(cfg.out)
     model_cls = model_class(cfg.model)
-    schema = data.read_schema(cfg.data, cfg.label, cfg.drop, cfg.has_header)
-    model_cls(len(schema.feature_indices), ["0", "1"], l2=cfg.l2, **cfg.model_params)  # bad parameters fail here, not on the cluster
-    partitions = await asyncio.to_thread(data.plan_partitions, cfg.data, cfg.workers, cfg.has_header)
-    spec = build_spec(cfg, schema, partitions)
+    source = formats.plan_source(
+        cfg.data, cfg.format, label=cfg.label, drop=cfg.drop, has_header=cfg.has_header, index_base=cfg.index_base,
+        n_features=cfg.n_features, hash_bits=cfg.hash_bits, categorical=cfg.categorical,
+    )
+    if source.sparse and "sparse" not in model_cls.params:
+        raise PsctlError(f"model {cfg.model} does not take sparse input ({source.format})")
+    partitions = await asyncio.to_thread(data.plan_partitions, cfg.data, cfg.workers, source.has_header)
+    spec = build_spec(cfg, source, partitions)
+    # bad parameters fail here, not on the cluster
+    model_cls(source.n_features or 1, ["0", "1"], l2=spec["l2"], **spec["model_params"])
     steps = cfg.epochs * sum(steps_per_epoch(p.n_rows, cfg.batch_size) for p in partitions)
     on_event(
         {"kind": "planned", "rows": sum(p.n_rows for p in partitions), "features": spec["n_features"],
@@ -166,7 +206,7 @@ async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = l
             shards_up = None
         driver_service = _DriverService()
         peer = await net.connect(coordinator, driver_service, max_frame_bytes=cfg.max_frame_bytes, what="psctl server")
-        session = _Session(cfg, model_cls, spec["n_features"], peer)
+        session = _Session(cfg, model_cls, spec, peer)
         try:
             n_local = cfg.workers if cfg.local_workers is None else cfg.local_workers
             await cluster.start_workers(n_local, coordinator)
@@ -178,11 +218,14 @@ async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = l
             on_event({"kind": "submitted", "job_id": job_id, "shards": reply.body["shards"]})
             events, done = await _follow(cluster, driver_service, session, on_event)
             assert session.placed is not None and session.model is not None
-            params = await _final_pull(session.placed, job_id, cfg.max_frame_bytes)
+            params, shards = await _final_pull(
+                session.placed, job_id, cfg.max_frame_bytes, session.model.tables(), cfg.save_optimizer_state
+            )
             peer.notify(MsgType.JOB_END, {"job_id": job_id})
         finally:
             peer.close()
-    meta = _model_meta(cfg, schema, session, done, time.monotonic() - started)
+    meta = _model_meta(cfg, source, session, done, time.monotonic() - started)
+    meta["metrics"].update(table_figures(session.model.tables(), params, shards, done, spec))
     modelfile.save_model(cfg.out, params, meta)
     return TrainResult(cfg.out, meta["metrics"], meta, events)
 
@@ -240,24 +283,65 @@ async def _follow(
             get.cancel()
 
 
-async def _final_pull(submitted: dict[str, Any], job_id: str, max_frame_bytes: int) -> dict[str, np.ndarray]:
+async def _final_pull(
+    submitted: dict[str, Any], job_id: str, max_frame_bytes: int, tables: list[TableSpec], with_state: bool
+) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+    """The model's arrays (a sparse table as ``name`` values plus ``name.keys``; optimizer state
+    as ``name.opt.<state>`` when asked) and each shard's status (keys, memory)."""
     ranges = submitted["ranges"]
-    client = await ShardClient.connect(submitted["shards"], ranges, job_id, {"role": "driver"}, max_frame_bytes=max_frame_bytes)
+    client = await ShardClient.connect(
+        submitted["shards"], ranges, job_id, {"role": "driver"}, max_frame_bytes=max_frame_bytes,
+        hashed=[t.name for t in tables if t.sparse],
+    )
     try:
-        return await client.pull(list(ranges))
+        dumped = await client.dump([t.name for t in tables], with_state, timeout_s=FINAL_PULL_TIMEOUT_S)
+        shards = await client.status(timeout_s=SUBMIT_TIMEOUT_S)
     finally:
         client.close()
+    params: dict[str, np.ndarray] = {}
+    for t in tables:
+        keys, values, state = dumped[t.name]
+        params[t.name] = values
+        if t.sparse:
+            params[f"{t.name}.keys"] = keys
+        params.update({f"{t.name}.opt.{name}": arr for name, arr in state.items()})
+    return params, shards
 
 
-def _model_meta(cfg: TrainConfig, schema: data.CsvSchema, session: _Session, done: dict[str, Any], seconds: float) -> dict[str, Any]:
+def table_figures(
+    tables: list[TableSpec], params: dict[str, np.ndarray], shards: list[dict[str, Any]], done: dict[str, Any], spec: dict[str, Any]
+) -> dict[str, Any]:
+    """Keys stored, non-zero weights, shard memory and traffic per epoch versus a dense model
+    of the same key space (which would pull and push every table whole at each step)."""
+    steps = sum(steps_per_epoch(p["n_rows"], spec["batch_size"]) for p in spec["partitions"])
+    dense_step_bytes = sum(t.rows * t.dim * np.dtype(t.dtype).itemsize for t in tables)
+    return {
+        "key_space": sum(t.rows for t in tables),
+        "unique_keys": sum(len(params[t.name]) for t in tables),
+        "nonzero_weights": sum(int(np.count_nonzero(params[t.name])) for t in tables),
+        "shard_keys": [s.get("keys", 0) for s in shards],
+        "shard_table_bytes": [s.get("bytes", 0) for s in shards],
+        "shard_rss_bytes": [s.get("rss_bytes", 0) for s in shards],
+        "shard_peak_rss_bytes": [s.get("peak_rss_bytes", 0) for s in shards],
+        "bytes_pulled_per_epoch": done.get("bytes_pulled", 0) / spec["epochs"],
+        "bytes_pushed_per_epoch": done.get("bytes_pushed", 0) / spec["epochs"],
+        "dense_bytes_per_epoch": steps * dense_step_bytes,
+    }
+
+
+def _model_meta(cfg: TrainConfig, source: formats.Source, session: _Session, done: dict[str, Any], seconds: float) -> dict[str, Any]:
     assert session.model is not None and session.stats is not None
+    schema = source.schema
     meta: dict[str, Any] = {
         "kind": cfg.model,
         "task": session.model_cls.task,
-        "model_params": cfg.model_params,
-        "schema": schema.to_dict(),
-        "feature_names": list(schema.feature_names),
-        "label": schema.columns[schema.label_index] if schema.label_index is not None else None,
+        "model_params": session.spec["model_params"],
+        "n_features": session.n_features,
+        "input": formats.meta_of(session.spec["data"], session.stats["stats"]) if source.sparse else {"format": "csv"},
+        "optimizer": session.spec["optimizer"],
+        "schema": schema.to_dict() if schema else None,
+        "feature_names": list(schema.feature_names) if schema else [],
+        "label": schema.columns[schema.label_index] if schema and schema.label_index is not None else None,
         "classes": session.model.classes,
         "standardize": None,
         "training": {k: v for k, v in asdict(cfg).items() if k not in ("out", "max_frame_bytes", "local_workers")},
@@ -271,7 +355,7 @@ def _model_meta(cfg: TrainConfig, schema: data.CsvSchema, session: _Session, don
             "seconds": seconds,
         },
     }
-    if cfg.standardize and session.stats["stats"]:
+    if source.format == "csv" and cfg.standardize and session.stats["stats"]:
         mean, std = data.merge_stats(session.stats["stats"])
         meta["standardize"] = {"mean": np.asarray(mean).tolist(), "std": np.asarray(std).tolist()}
     return meta

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from psctl import data, net
+from psctl import data, formats, net
 from psctl.client import ShardClient
 from psctl.errors import DataError, JobError, PsctlError
 from psctl.models.base import Model, batch_sums, classes_for, encode_targets, model_class
@@ -65,10 +65,13 @@ class Prepared:
     X: Any
     y: np.ndarray
     classes: list[str]
+    n_features: int
 
 
 def load_partition(spec: dict[str, Any], path: str, part: data.Partition) -> tuple[Any, np.ndarray]:
     """Features and raw labels of one partition, in the job's data format."""
+    if spec["data"].get("format", "csv") in formats.SPARSE_FORMATS:
+        return formats.read_partition(spec["data"], path, part)
     schema = data.CsvSchema.from_dict(spec["data"]["schema"])
     return data.read_partition(path, schema, part)
 
@@ -78,14 +81,18 @@ def prepare(raw_X: Any, labels: np.ndarray, stats_reply: dict[str, Any], spec: d
     classes = classes_for(model_cls.task, stats_reply["labels"], model_cls.kind)
     y = encode_targets(model_cls.task, labels, classes)
     X = raw_X
+    n_features = spec["n_features"]
     if spec["data"].get("format", "csv") == "csv":  # dense numeric features: scaled, float32
         if spec.get("standardize", True) and stats_reply["stats"]:
             mean, std = data.merge_stats(stats_reply["stats"])
             X = (raw_X - mean) / std
         X = X.astype(np.float32)
+    else:  # sparse rows over model keys; LIBSVM's feature count comes from the statistics
+        X = formats.to_keys(spec["data"], raw_X, stats_reply["stats"])
+        n_features = X.n_cols
     if model_cls.task != "classes":
         y = y.astype(np.float32)
-    return Prepared(X, y, classes)
+    return Prepared(X, y, classes, n_features)
 
 
 def _jsonable(stats: dict[str, Any]) -> dict[str, Any]:
@@ -139,14 +146,17 @@ class Worker:
         raw_X, labels = await asyncio.to_thread(load_partition, spec, path, part)
 
         dense = spec["data"].get("format", "csv") == "csv"
-        stats = data.partial_stats(raw_X) if dense and len(raw_X) and spec.get("standardize", True) else None
+        if dense:
+            stats = data.partial_stats(raw_X) if len(raw_X) and spec.get("standardize", True) else None
+        else:
+            stats = formats.partial_stats(spec["data"], raw_X)
         distinct = sorted(set(labels.tolist())) if model_cls.task != "regression" else []
         reply = await coord.request(
             MsgType.STATS, {"stats": _jsonable(stats) if stats else None, "labels": distinct}, timeout_s=None
         )
         self._check_abort()
         prep = prepare(raw_X, labels, reply.body, spec, model_cls)
-        model = model_cls(spec["n_features"], prep.classes, l2=float(spec.get("l2", 0.0)), **spec.get("model_params", {}))
+        model = model_cls(prep.n_features, prep.classes, l2=float(spec.get("l2", 0.0)), **spec.get("model_params", {}))
 
         client = await ShardClient.connect(
             reply.body["shards"],
@@ -154,19 +164,21 @@ class Worker:
             reg["job_id"],
             {"role": "worker", "worker_id": worker_id},
             max_frame_bytes=self.max_frame_bytes,
+            hashed=[t.name for t in model.tables() if t.sparse],
         )
         try:
             await self._train(coord, client, model, prep, spec, worker_id)
             await client.leave()
             await coord.request(MsgType.TRAINED, {}, timeout_s=None)
             self._check_abort()
+            # Traffic of training only: the evaluation pull below is not part of any epoch.
             report: dict[str, Any] = {"loss_sum": 0.0, "sums": {}, "n": len(prep.y)}
+            report.update(bytes_pulled=client.bytes_pulled, bytes_pushed=client.bytes_pushed)
             if len(prep.y):
                 keys = model.keys(prep.X)
                 params = await client.pull_for(keys)
                 loss, _, outputs = model.loss_grad(params, prep.X, prep.y)
                 report.update(loss_sum=float(loss) * len(prep.y), sums=batch_sums(model.task, outputs, prep.y))
-            report.update(bytes_pulled=client.bytes_pulled, bytes_pushed=client.bytes_pushed)
             coord.notify(MsgType.FINAL_REPORT, report)
             return report
         finally:
