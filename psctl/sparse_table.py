@@ -102,10 +102,8 @@ class SparseTable:
 
     def dump(self, with_state: bool) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Every stored key (sorted), its values and (if asked) its optimizer state."""
-        keys = np.concatenate((self._keys, self._new_keys))
-        rows = np.concatenate((self._rows, self._new_rows))
-        order = np.argsort(keys, kind="stable")
-        keys, rows = keys[order], rows[order]
+        self._merge_delta()  # then the main index is all keys, sorted: no copy or sort of keys
+        keys, rows = self._keys, self._rows  # replaced on insert, never changed in place: safe to send
         state = {name: arr[rows] for name, arr in self.state.items()} if with_state else {}
         return keys, self.values[rows], state
 
@@ -140,11 +138,15 @@ class SparseTable:
         self._new_keys = np.insert(self._new_keys, pos, fresh)
         self._new_rows = np.insert(self._new_rows, pos, new_rows)
         if len(self._new_keys) > max(DELTA_MIN_KEYS, len(self._keys) // DELTA_FRACTION):
+            self._merge_delta()
+        return rows
+
+    def _merge_delta(self) -> None:
+        if len(self._new_keys):
             pos = np.searchsorted(self._keys, self._new_keys)
             self._keys = np.insert(self._keys, pos, self._new_keys)
             self._rows = np.insert(self._rows, pos, self._new_rows)
             self._new_keys, self._new_rows = _EMPTY_KEYS, _EMPTY_ROWS
-        return rows
 
     def _reserve(self, rows: int) -> None:
         capacity = self.values.shape[0]
