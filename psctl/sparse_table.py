@@ -16,8 +16,6 @@ index plus the row's values and state per touched key, whatever the key space.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from psctl import net
@@ -77,7 +75,7 @@ class SparseTable:
     def read(self, keys: np.ndarray | None) -> np.ndarray:
         """Values of ``keys``: stored rows, or the initial values of keys never pushed (not stored)."""
         if keys is None:
-            return self.dump(with_state=False)[1]
+            raise net.RequestError(f"table {self.spec.name!r} is sparse: pull its rows by key (or dump it as a driver)")
         rows = self.locate(keys)
         out = np.empty(self.spec.shape(len(rows)), self.spec.dtype)
         found = rows >= 0
@@ -162,9 +160,6 @@ class SparseTable:
             return np.zeros(spec.shape(len(keys)), spec.dtype)
         values = keyed_normal(keys, self.seed, hash_name(spec.name), spec.init_scale, spec.dim)
         return values.reshape(spec.shape(len(keys))).astype(spec.dtype)
-
-    def status(self) -> dict[str, Any]:
-        return {"keys": self.n, "bytes": self.nbytes, "delta_keys": len(self._new_keys)}
 
 
 def _grown(arr: np.ndarray, used: int, capacity: int) -> np.ndarray:

@@ -186,10 +186,12 @@ def test_bad_keys_are_refused(keys, match):
         t.locate(keys)
 
 
-def test_whole_table_pushes_are_refused():
+def test_whole_table_pulls_and_pushes_are_refused():
     t = SparseTable(TableSpec("w", 100, sparse=True), 0, 1, 0, SGD(0.1))
     with pytest.raises(RequestError, match="pushes must carry keys"):
         t.check_grad(None, np.zeros(100, np.float32))
+    with pytest.raises(RequestError, match="pull its rows by key"):
+        t.read(None)
 
 
 # -- on a shard ----------------------------------------------------------------------------------
