@@ -61,7 +61,7 @@ def _split(values: list[str] | None) -> tuple[str, ...]:
 @app.command()
 def train(
     model: str = typer.Argument(..., help="logreg, softmax, svm, linreg, mf, or a class as package.module:Class."),
-    data: str = typer.Argument(..., help="Training data (CSV; for mf a ratings CSV: user, item, rating)."),
+    data: str = typer.Argument(..., help="Training data (CSV or LIBSVM; for mf a ratings CSV: user, item, rating)."),
     workers: int = typer.Option(8, "--workers", "-w", help="Number of workers."),
     shards: int = typer.Option(2, "--shards", help="Shard processes of the embedded cluster."),
     server: str | None = typer.Option(None, "--server", help="HOST:PORT of a running psctl server."),
@@ -72,7 +72,9 @@ def train(
     staleness: int = typer.Option(0, "--staleness", help="Bound on clock lag in ssp mode."),
     epochs: int = typer.Option(10, "--epochs"),
     batch_size: int = typer.Option(32, "--batch-size"),
-    lr: float = typer.Option(0.1, "--lr", help="Learning rate of the shards' SGD."),
+    lr: float | None = typer.Option(
+        None, "--lr", help="Learning rate of the shards' optimizer (FTRL's alpha); default 0.1, adam 0.01, ftrl 0.3."
+    ),
     lr_decay: float = typer.Option(0.0, "--lr-decay", help="Step size lr / (1 + lr_decay * t), t = updates applied."),
     loss: str | None = typer.Option(None, "--loss", help="linreg: squared (default) or huber."),
     huber_delta: float | None = typer.Option(None, "--huber-delta", help="linreg with --loss huber: the delta."),
@@ -85,11 +87,25 @@ def train(
     resume: str | None = typer.Option(None, "--resume", help="Continue a stopped job from the checkpoint in this folder."),
     heartbeat_interval_s: float = typer.Option(0.5, "--heartbeat-interval-s", help="How often workers report they are alive."),
     failure_timeout_s: float = typer.Option(5.0, "--failure-timeout-s", help="A worker silent this long is declared lost."),
-    l2: float = typer.Option(0.0, "--l2", help="L2 regularization strength."),
     rank: int | None = typer.Option(None, "--rank", help="mf: factors per user and item (default 10)."),
     user_col: str = typer.Option("userId", "--user-col", help="mf: the user id column (name or index)."),
     item_col: str = typer.Option("movieId", "--item-col", help="mf: the item id column (name or index)."),
     rating_col: str = typer.Option("rating", "--rating-col", help="mf: the rating column (name or index)."),
+    l2: float = typer.Option(0.0, "--l2", help="L2 regularization strength (with ftrl: FTRL's L2)."),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="The shards' update rule: sgd, adagrad, adam or ftrl."),
+    l1: float = typer.Option(0.0, "--l1", help="FTRL's L1 strength: larger gives fewer non-zero weights."),
+    save_optimizer_state: bool = typer.Option(
+        False, "--save-optimizer-state", help="Also store the optimizer's per-key state in the model file."
+    ),
+    data_format: str = typer.Option("auto", "--format", help="csv or libsvm; detected from the file by default."),
+    index_base: int | None = typer.Option(None, "--index-base", help="LIBSVM: 0- or 1-based indices (default: detected)."),
+    n_features: int | None = typer.Option(
+        None, "--n-features", help="LIBSVM: the feature count, when the file does not show the largest index."
+    ),
+    hash_bits: int | None = typer.Option(None, "--hash-bits", help="CSV: hash into 2^B keys (default 24 with --categorical)."),
+    categorical: list[str] | None = typer.Option(
+        None, "--categorical", help="CSV: columns to hash as categories (repeatable or comma-separated)."
+    ),
     seed: int = typer.Option(0, "--seed"),
     label: str | None = typer.Option(None, "--label", help="Label column (name or index); default 'label' or the first."),
     drop: list[str] | None = typer.Option(None, "--drop", help="Columns to ignore (names or indices, repeatable or comma-separated)."),
@@ -137,6 +153,14 @@ def train(
         rating_col=rating_col,
         out=out_path,
         max_frame_bytes=max_frame_bytes,
+        format=data_format,
+        index_base=index_base,
+        n_features=n_features,
+        hash_bits=hash_bits,
+        categorical=_split(categorical),
+        optimizer=optimizer,
+        l1=l1,
+        save_optimizer_state=save_optimizer_state,
     )
     view = _TrainView(cfg.epochs, interactive=out.is_terminal)
     try:
@@ -156,6 +180,9 @@ def train(
     out.print(f"rows trained: {m['rows_trained']} ({m['rows_trained'] / max(cfg.epochs, 1):.0f} per epoch)", highlight=False)
     if "traffic" in m:
         out.print(_traffic(m["traffic"]), highlight=False)
+    if result.meta.get("model_params", {}).get("sparse"):
+        for line in _sparse_lines(m):
+            out.print(line, highlight=False)
     if m["lost_workers"]:
         out.print(f"warning: workers lost during training: {m['lost_workers']}", highlight=False)
 
@@ -171,6 +198,25 @@ def _traffic(t: dict[str, float]) -> str:
 
 def _mb(n: float) -> str:
     return f"{n / 1e6:.2f} MB"
+def _si_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1000
+    return f"{n:.3g} TB"
+
+
+def _sparse_lines(m: dict[str, Any]) -> list[str]:
+    """Keys, weights, shard memory and traffic of a sparse model."""
+    per_shard = ", ".join(str(k) for k in m["shard_keys"])
+    return [
+        f"keys: {m['unique_keys']} unique of a {m['key_space']}-key space (per shard: {per_shard}); "
+        f"non-zero weights: {m['nonzero_weights']}",
+        f"shard memory: tables {', '.join(_si_bytes(b) for b in m['shard_table_bytes'])}; "
+        f"process peak RSS {', '.join(_si_bytes(b) for b in m['shard_peak_rss_bytes'])}",
+        f"traffic per epoch: pulled {_si_bytes(m['bytes_pulled_per_epoch'])}, pushed {_si_bytes(m['bytes_pushed_per_epoch'])}; "
+        f"a dense model of the same key space: {_si_bytes(m['dense_bytes_per_epoch'])} each way",
+    ]
 
 
 def _figures(metrics: dict[str, Any], prefix: str = "") -> str:
@@ -197,7 +243,8 @@ class _TrainView:
     def on_event(self, event: dict[str, Any]) -> None:
         kind = event["kind"]
         if kind == "planned":
-            self._plain(f"planned: {event['rows']} rows, {event['features']} features, {event['workers']} workers")
+            features = "features from the data" if event["features"] is None else f"{event['features']} features"
+            self._plain(f"planned: {event['rows']} rows, {features}, {event['workers']} workers")
             if self.interactive:
                 self.progress = Progress(
                     TextColumn("[bold]training"),
@@ -267,7 +314,7 @@ class _TrainView:
 @app.command()
 def predict(
     model_path: str = typer.Argument(..., help="A model file written by 'psctl train'."),
-    data: str = typer.Argument(..., help="CSV with the model's feature columns (and optionally the label)."),
+    data: str = typer.Argument(..., help="Data in the model's format: CSV with its feature columns (label optional), or LIBSVM."),
     out_path: str | None = typer.Option(None, "--out", "-o", help="Write per-row predictions to this CSV."),
     model_class: str | None = typer.Option(None, "--model-class", help="Allow loading a model of this user class."),
     cold_start: str = typer.Option(
@@ -285,6 +332,13 @@ def predict(
     except PsctlError as exc:
         err.print(f"psctl: error: {exc}", markup=False, highlight=False)
         raise typer.Exit(exc.exit_code) from None
+    unknown = getattr(pred, "unknown", None)
+    if unknown and unknown["occurrences"]:
+        out.print(
+            f"ignored {unknown['occurrences']} occurrences of {unknown['features']} features "
+            "the model has no weight for (weight 0)",
+            highlight=False,
+        )
     if pred.metrics is None:
         out.print(f"{len(pred.predicted)} rows predicted (no label column, so no metrics)")
     else:

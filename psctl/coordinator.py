@@ -17,7 +17,7 @@ from typing import Any
 
 from psctl import checkpoint, net, vocab
 from psctl.consistency import staleness_for
-from psctl.tables import TableSpec, shard_ranges
+from psctl.tables import TableSpec, table_ranges
 from psctl.wire import Message, MsgType
 
 log = logging.getLogger("psctl.coordinator")
@@ -221,7 +221,7 @@ class CoordinatorService:
             tables = [TableSpec.from_dict(t) for t in msg.body["tables"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise net.RequestError(f"bad tables: {exc}") from None
-        ranges = {t.name: shard_ranges(t.rows, len(job.shards)) for t in tables}
+        ranges = {t.name: table_ranges(t, len(job.shards)) for t in tables}
         spec = job.spec
         setups = [
             s.peer.request(
@@ -238,6 +238,7 @@ class CoordinatorService:
                     "shard_index": i,
                     "checkpoint": spec.get("checkpoint"),
                     "restore": spec.get("resume"),
+                    "n_shards": len(job.shards),
                 },
                 timeout_s=SHARD_SETUP_TIMEOUT_S,
             )

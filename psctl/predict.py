@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from psctl import data, modelfile
+from psctl import data, formats, modelfile
 from psctl.errors import DataError, ModelFileError, PsctlError
 from psctl.models.base import Model, encode_targets, evaluate, model_class, predicted_index
+from psctl.sparse import SparseRows
 
 
 @dataclass
@@ -19,6 +20,7 @@ class Prediction:
     outputs: np.ndarray  # P(class 1), per-class scores, or values: see models.base
     predicted: list[str] | np.ndarray  # class labels, or values for regression
     metrics: dict[str, Any] | None  # None when the file has no label column
+    unknown: dict[str, int] | None = None  # sparse input: feature occurrences / features without a weight
 
 
 def schema_for(meta: dict[str, Any], path: str) -> data.CsvSchema:
@@ -58,10 +60,17 @@ def load(model_path: str, model_class_path: str | None = None) -> tuple[Model, d
         raise ModelFileError(f"'{model_path}' holds a model of class '{kind}'; pass --model-class {kind} to load it")
     try:
         cls = model_class(kind)
-        model = cls(len(meta["feature_names"]), meta.get("classes") or [], **meta.get("model_params", {}))
-        expected = {t.name: t.shape(t.rows) for t in model.tables()}
+        n_features = meta.get("n_features", len(meta["feature_names"]))
+        model = cls(n_features, meta.get("classes") or [], **meta.get("model_params", {}))
+        tables = model.tables()
+        # A sparse table is stored as the keys training touched and their rows.
+        expected = {t.name: t.shape(len(params[f"{t.name}.keys"]) if t.sparse else t.rows) for t in tables}
     except (KeyError, TypeError, PsctlError) as exc:
         raise ModelFileError(f"'{model_path}' is a psctl model without the parts a {kind} model needs ({exc})") from None
+    for t in tables:
+        keys = params[f"{t.name}.keys"] if t.sparse else None
+        if keys is not None and (keys.ndim != 1 or (len(keys) > 1 and not (np.diff(keys) > 0).all())):
+            raise ModelFileError(f"'{model_path}' has keys for table '{t.name}' that are not sorted and unique")
     for name, shape in expected.items():
         if name not in params or params[name].shape != shape:
             got = params[name].shape if name in params else "none"
@@ -77,20 +86,69 @@ def predict(model_path: str, data_path: str, model_class_path: str | None = None
         from psctl import recommend
 
         return recommend.predict_ratings(recommend.from_loaded(model_path, model, params, meta), data_path, cold_start)
+    if meta.get("input", {}).get("format", "csv") in formats.SPARSE_FORMATS:
+        return _predict_sparse(model, params, meta, data_path)
     schema = schema_for(meta, data_path)
     X, labels = data.read_csv(data_path, schema)
     if meta.get("standardize"):
         X = (X - np.asarray(meta["standardize"]["mean"])) / np.asarray(meta["standardize"]["std"])
     outputs = model.predict({k: v.astype(np.float64) for k, v in params.items()}, X)
+    return _finish(model, meta, outputs, labels if schema.label_index is not None else None)
+
+
+def _finish(model: Model, meta: dict[str, Any], outputs: np.ndarray, labels: np.ndarray | None, unknown: dict[str, int] | None = None) -> Prediction:
     task, classes = model.task, model.classes
     predicted: list[str] | np.ndarray = (
         outputs if task == "regression" else [classes[i] for i in predicted_index(task, outputs)]
     )
     scores = None
-    if schema.label_index is not None:
+    if labels is not None:
         y = encode_targets(task, labels, classes)
         scores = {"rows": len(y), **evaluate(task, y, outputs, len(classes))}
-    return Prediction(meta, outputs, predicted, scores)
+    return Prediction(meta, outputs, predicted, scores, unknown)
+
+
+def _predict_sparse(model: Model, params: dict[str, np.ndarray], meta: dict[str, Any], path: str) -> Prediction:
+    """LIBSVM or hashed CSV, read as in training. Features the model has no weight for
+    (never seen in training, or past a LIBSVM model's feature count) weigh 0 and are counted."""
+    spec, n_features = meta["input"], meta["n_features"]
+    has_labels = True
+    if spec["format"] == "libsvm":
+        X, labels = formats.read_whole(spec, path)
+        keys = X.indices - int(spec["index_base"])
+        inside = keys < n_features
+        outside = X.indices[~inside]
+        X = X.with_indices(keys, inside)
+    else:
+        schema = schema_for(meta, path)
+        has_labels = schema.label_index is not None
+        X, labels = formats.read_whole(spec, path, schema)
+        outside = np.empty(0, np.int64)
+    weights, missing = aligned_weights(model, params, X)
+    unknown = {
+        "occurrences": len(outside) + int(np.isin(X.indices, missing).sum()),
+        "features": len(np.unique(outside)) + len(missing),
+    }
+    outputs = model.predict(weights, X)
+    return _finish(model, meta, outputs, labels if has_labels else None, unknown)
+
+
+def aligned_weights(model: Model, params: dict[str, np.ndarray], X: SparseRows) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per table, the stored rows for the keys ``X`` touches (zeros where the model has none),
+    and the keys without a stored row."""
+    out, missing = {}, []
+    for name, keys in model.keys(X).items():
+        stored = params[f"{name}.keys"]
+        values = params[name].astype(np.float64)
+        rows = np.zeros((len(keys), *values.shape[1:]))
+        found = np.zeros(len(keys), bool)
+        if len(stored):
+            pos = np.minimum(np.searchsorted(stored, keys), len(stored) - 1)
+            found = stored[pos] == keys
+            rows[found] = values[pos[found]]
+        missing.append(keys[~found & (keys < model.n_features)])  # the bias key is no feature
+        out[name] = rows
+    return out, np.concatenate(missing)
 
 
 def write_predictions(pred: Any, out: str) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 from psctl import checkpoint, net
 from psctl.consistency import ClockGate, Grad, SyncAccumulator, staleness_for
 from psctl.optim import UpdateRule, make_optimizer
+from psctl.sparse_table import SparseTable
 from psctl.tables import TableSpec, init_values
 from psctl.wire import Message, MsgType
 
@@ -38,12 +39,13 @@ class Table:
         """Local row indices of global ``keys`` (sorted, unique, inside this shard's range)."""
         if keys.ndim != 1 or keys.dtype.kind not in "iu":
             raise net.RequestError(f"keys for {self.spec.name!r} must be a 1-d integer array")
+        keys = keys.astype(np.int64)  # keys may come narrowed (uint8..uint32); diff them signed
         if len(keys):
             if keys[0] < self.lo or keys[-1] >= self.hi:
                 raise net.RequestError(f"keys for {self.spec.name!r} fall outside this shard's range [{self.lo}, {self.hi})")
             if len(keys) > 1 and not (np.diff(keys) > 0).all():
                 raise net.RequestError(f"keys for {self.spec.name!r} must be sorted and unique")
-        return keys.astype(np.int64) - self.lo
+        return keys - self.lo
 
     def read(self, keys: np.ndarray | None) -> np.ndarray:
         # A copy: the reply may sit in the transport's buffer while later pushes change the table.
@@ -70,6 +72,18 @@ class Table:
         rule.apply(self.values, grad, self.state, rows, self.steps)
         self.steps += 1
 
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + sum(a.nbytes for a in self.state.values())
+
+    def dump(self, with_state: bool) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Keys, values and (if asked) optimizer state of the whole range."""
+        state = {name: arr.copy() for name, arr in self.state.items()} if with_state else {}
+        return np.arange(self.lo, self.hi, dtype=np.int64), self.values.copy(), state
+
 
 class ShardState:
     """One job's parameters on this shard and the rules that change them."""
@@ -84,11 +98,16 @@ class ShardState:
         workers: list[int],
         rule: UpdateRule,
         seed: int,
+        shard_index: int = 0,
+        n_shards: int = 1,
     ):
         self.job_id = job_id
         self.mode = mode
         self.ranges = ranges
-        self.tables = {t.name: Table(t, *ranges[t.name], seed, rule) for t in tables}
+        self.tables: dict[str, Table | SparseTable] = {
+            t.name: SparseTable(t, shard_index, n_shards, seed, rule) if t.sparse else Table(t, *ranges[t.name], seed, rule)
+            for t in tables
+        }
         self.gate = ClockGate(workers, staleness_for(mode, staleness))
         self.acc = SyncAccumulator() if mode == "sync" else None
         self.rule = rule
@@ -108,6 +127,16 @@ class ShardState:
 
     def read(self, names: list[str], keys: list[np.ndarray] | None = None) -> list[np.ndarray]:
         return [self.tables[n].read(None if keys is None else keys[i]) for i, n in enumerate(names)]
+
+    def dump(self, names: list[str], with_state: bool) -> tuple[list[np.ndarray], dict[str, list[str]]]:
+        """Per table: keys, values, then its state arrays (named in the second result)."""
+        arrays: list[np.ndarray] = []
+        state_names: dict[str, list[str]] = {}
+        for name in names:
+            keys, values, state = self.tables[name].dump(with_state)
+            state_names[name] = sorted(state)
+            arrays += [keys, values, *(state[s] for s in state_names[name])]
+        return arrays, state_names
 
     def push(self, worker: int, clock: int, grads: dict[str, Grad], count: int) -> list[Any]:
         """Apply (or, in sync mode, accumulate) one push; return the gate tokens now ready."""
@@ -173,8 +202,9 @@ class ShardState:
     def status(self) -> dict[str, Any]:
         return {
             "job_id": self.job_id,
-            "keys": int(sum(t.values.shape[0] for t in self.tables.values())),
-            "bytes": int(sum(t.values.nbytes for t in self.tables.values())),
+            "keys": int(sum(len(t) for t in self.tables.values())),
+            "bytes": int(sum(t.nbytes for t in self.tables.values())),
+            **process_memory(),
             "updates": self.updates,
             "pushes": self.pushes,
             "samples": self.samples,
@@ -182,6 +212,19 @@ class ShardState:
             "waiting_pulls": self.gate.waiting(),
             "updates_s": self.updates / max(time.monotonic() - self.started_s, 1e-9),
         }
+
+
+def process_memory() -> dict[str, int]:
+    """This process's resident memory now and at its peak (bytes; Linux /proc, else getrusage)."""
+    try:
+        with open("/proc/self/status") as fh:
+            fields = dict(line.split(":", 1) for line in fh if line.startswith(("VmRSS", "VmHWM")))
+        return {"rss_bytes": int(fields["VmRSS"].split()[0]) * 1024, "peak_rss_bytes": int(fields["VmHWM"].split()[0]) * 1024}
+    except (OSError, KeyError, ValueError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"rss_bytes": peak, "peak_rss_bytes": peak}
 
 
 @dataclass
@@ -268,6 +311,9 @@ class ShardService:
         if keys is not None:
             for name, k in zip(names, keys):
                 state.tables[name].locate(k)  # refuse bad keys now, not when the gate opens
+        if peer.info.get("role") == "driver" and msg.body.get("dump"):
+            arrays, state_names = state.dump(names, with_state=bool(msg.body.get("with_state")))
+            return Message(MsgType.PULL, {"state": state_names}, arrays)
         if peer.info.get("role") == "driver" or peer.info.get("worker_id") in state.left:
             return Message(MsgType.PULL, {}, state.read(names, keys))
         if peer.info.get("role") != "worker":
@@ -350,6 +396,8 @@ class ShardService:
                 [int(w) for w in b["workers"]],
                 optimizer,
                 int(b.get("seed", 0)),
+                int(b.get("shard_index", 0)),
+                int(b.get("n_shards", 1)),
             )
             index = int(b.get("shard_index", 0))
             restore = b.get("restore")

@@ -11,7 +11,11 @@ DTYPES = ("float32", "float64")
 
 @dataclass(frozen=True)
 class TableSpec:
-    """A parameter table: ``rows`` keys, each a vector of ``dim`` values."""
+    """A parameter table: ``rows`` keys, each a vector of ``dim`` values.
+
+    A ``sparse`` table is hash-routed (a key lives on shard ``mix64(key) % n_shards``)
+    and stores only the keys pushed so far, so ``rows`` may be a key space of 2^32.
+    """
 
     name: str
     rows: int
@@ -19,6 +23,7 @@ class TableSpec:
     dtype: str = "float32"
     init: str = "zeros"  # or "normal": N(0, init_scale^2), seeded per key range
     init_scale: float = 0.01
+    sparse: bool = False
 
     def __post_init__(self) -> None:
         if self.rows < 1 or self.dim < 1:
@@ -43,6 +48,14 @@ def shard_ranges(rows: int, n_shards: int) -> list[tuple[int, int]]:
     """Contiguous, balanced key ranges [lo, hi) of a table, one per shard."""
     bounds = [rows * i // n_shards for i in range(n_shards + 1)]
     return [(bounds[i], bounds[i + 1]) for i in range(n_shards)]
+
+
+def table_ranges(spec: TableSpec, n_shards: int) -> list[tuple[int, int]]:
+    """The key range each shard accepts: a contiguous split, or (sparse tables, routed by
+    key hash) the whole key space on every shard."""
+    if spec.sparse:
+        return [(0, spec.rows)] * n_shards
+    return shard_ranges(spec.rows, n_shards)
 
 
 def split_keys(keys: np.ndarray, ranges: list[tuple[int, int]]) -> list[slice]:

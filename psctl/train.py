@@ -15,17 +15,22 @@ from typing import Any
 
 import numpy as np
 
-from psctl import checkpoint, data, modelfile, net, ratings, vocab
+from psctl import checkpoint, data, formats, modelfile, net, ratings, vocab
 from psctl.client import ShardClient
 from psctl.consistency import staleness_for
 from psctl.errors import DataError, JobError, PsctlError
 from psctl.launch import LocalCluster
 from psctl.models.base import Model, classes_for, model_class, summarize
+from psctl.optim import OPTIMIZERS
+from psctl.tables import TableSpec
 from psctl.wire import DEFAULT_MAX_FRAME_BYTES, Message, MsgType
 from psctl.worker import epoch_steps
 
 SUBMIT_TIMEOUT_S = 60.0
+# Step sizes that work for standardized or 0/1 features (FTRL's is its alpha; 0.3 on a9a: README).
+DEFAULT_LR = {"sgd": 0.1, "adagrad": 0.1, "adam": 0.01, "ftrl": 0.3}
 FAILED_EVENT_GRACE_S = 2.0
+FINAL_PULL_TIMEOUT_S = 600.0  # a sparse table of millions of keys takes seconds to gather
 
 
 @dataclass
@@ -40,7 +45,7 @@ class TrainConfig:
     staleness: int = 0
     epochs: int = 10
     batch_size: int = 32
-    lr: float = 0.1
+    lr: float | None = None  # None: the optimizer's DEFAULT_LR
     l2: float = 0.0
     seed: int = 0
     label: str | None = None
@@ -64,6 +69,14 @@ class TrainConfig:
     rating_col: str = "rating"
     out: str = "model.npz"
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    format: str = "auto"  # csv or libsvm, detected from the file by default
+    index_base: int | None = None  # libsvm: 0 or 1; None detects it
+    n_features: int | None = None  # libsvm: None takes the largest index in the data
+    hash_bits: int | None = None  # csv: hash --categorical columns into 2^hash_bits keys
+    categorical: tuple[str, ...] = ()
+    optimizer: str = "sgd"
+    l1: float = 0.0  # ftrl only
+    save_optimizer_state: bool = False
 
     def check(self) -> None:
         if self.workers < 1:
@@ -72,7 +85,7 @@ class TrainConfig:
             raise PsctlError("--shards must be at least 1")
         if self.epochs < 1 or self.batch_size < 1:
             raise PsctlError("--epochs and --batch-size must be at least 1")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise PsctlError("--lr must be positive")
         if self.l2 < 0:
             raise PsctlError("--l2 must not be negative")
@@ -90,6 +103,14 @@ class TrainConfig:
             raise PsctlError("--patience must not be negative")
         if self.patience and not (self.validate or self.test_split):
             raise PsctlError("--patience needs held-out rows: give --validate FILE or --test-split FRACTION")
+        if self.optimizer not in OPTIMIZERS:
+            raise PsctlError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}; got '{self.optimizer}'")
+        if self.lr_decay and self.optimizer != "sgd":
+            raise PsctlError("--lr-decay is for --optimizer sgd; the other optimizers adapt their steps per key")
+        if self.l1 < 0:
+            raise PsctlError("--l1 must not be negative")
+        if self.l1 and self.optimizer != "ftrl":
+            raise PsctlError("--l1 needs --optimizer ftrl")
         if self.local_workers is not None and not 0 <= self.local_workers <= self.workers:
             raise PsctlError("--local-workers must be between 0 and --workers")
         try:
@@ -120,30 +141,33 @@ class _DriverService(net.NullService):
         self.events.put_nowait(None)
 
 
-def build_spec(
-    cfg: TrainConfig, schema: data.CsvSchema, partitions: list[data.Partition], data_format: str = "csv"
-) -> dict[str, Any]:
+def optimizer_spec(cfg: TrainConfig) -> dict[str, Any]:
+    """The shards' update rule. FTRL takes --l1 and --l2 itself (in its proximal step)."""
+    params: dict[str, Any] = {"lr": DEFAULT_LR.get(cfg.optimizer, 0.1) if cfg.lr is None else cfg.lr}
+    if cfg.optimizer == "sgd":
+        params["lr_decay"] = cfg.lr_decay
+    elif cfg.optimizer == "ftrl":
+        params.update(l1=cfg.l1, l2=cfg.l2)
+    return {"name": cfg.optimizer, "params": params}
+
+
+def build_spec(cfg: TrainConfig, source: formats.Source, partitions: list[data.Partition]) -> dict[str, Any]:
     """The job as the coordinator and workers see it (JSON). Tables come after the statistics pass."""
     return {
         "model": cfg.model,
-        "model_params": cfg.model_params,
+        "model_params": {**cfg.model_params, "sparse": True} if source.sparse else cfg.model_params,
         "n_workers": cfg.workers,
-        "n_features": len(schema.feature_indices),
+        "n_features": source.n_features,  # None for LIBSVM until the statistics pass
         "mode": cfg.mode,
         "staleness": cfg.staleness,
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
-        "l2": cfg.l2,
+        "l2": 0.0 if cfg.optimizer == "ftrl" else cfg.l2,
         "seed": cfg.seed,
         "standardize": cfg.standardize,
-        "optimizer": {"name": "sgd", "params": {"lr": cfg.lr, "lr_decay": cfg.lr_decay}},
+        "optimizer": optimizer_spec(cfg),
         "min_shards": cfg.shards if cfg.server is None else 1,
-        "data": {
-            "path": os.path.abspath(cfg.data),
-            "size": os.path.getsize(cfg.data),
-            "schema": schema.to_dict(),
-            "format": data_format,
-        },
+        "data": {"path": os.path.abspath(cfg.data), "size": os.path.getsize(cfg.data), **source.data},
         "partitions": [p.to_dict() for p in partitions],
         "test_split": cfg.test_split,
         "checkpoint": (
@@ -172,9 +196,11 @@ def resume_spec(cfg: TrainConfig, fresh: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def plan_validation(cfg: TrainConfig, schema: data.CsvSchema) -> dict[str, Any]:
+def plan_validation(cfg: TrainConfig, schema: data.CsvSchema | None) -> dict[str, Any]:
     """The --validate file, split over the workers like the training file."""
     assert cfg.validate is not None
+    if schema is None:
+        raise PsctlError("--validate takes a CSV of the training file's columns; for other inputs use --test-split")
     val_schema = data.read_schema(cfg.validate, cfg.label, cfg.drop, cfg.has_header)
     if val_schema.columns != schema.columns:
         raise DataError(f"'{cfg.validate}' does not have the training file's columns")
@@ -190,8 +216,9 @@ def plan_validation(cfg: TrainConfig, schema: data.CsvSchema) -> dict[str, Any]:
 class _Session:
     """What the driver learns while a job runs: the statistics, the model, where its tables live."""
 
-    def __init__(self, cfg: TrainConfig, model_cls: type[Model], n_features: int, peer: net.Peer):
-        self.cfg, self.model_cls, self.n_features, self.peer = cfg, model_cls, n_features, peer
+    def __init__(self, cfg: TrainConfig, model_cls: type[Model], spec: dict[str, Any], peer: net.Peer):
+        self.cfg, self.model_cls, self.spec, self.peer = cfg, model_cls, spec, peer
+        self.n_features: int | None = spec["n_features"]
         self.stats: dict[str, Any] | None = None
         self.model: Model | None = None
         self.placed: dict[str, Any] | None = None  # TABLES reply: shards and ranges
@@ -203,11 +230,13 @@ class _Session:
         self.data_params: dict[str, Any] = {}  # what the model took from the statistics pass
 
     def make_model(self, classes: list[str]) -> Model:
-        return self.model_cls(self.n_features, classes, l2=self.cfg.l2, **self.cfg.model_params, **self.data_params)
+        assert self.n_features is not None
+        return self.model_cls(self.n_features, classes, l2=self.spec["l2"], **self.spec["model_params"], **self.data_params)
 
     async def on_stats(self, event: dict[str, Any]) -> None:
         """Labels are known: name the classes, size the tables, have the shards create them."""
         self.stats = event
+        self.n_features = formats.n_features_of(self.spec["data"], event["stats"]) or self.n_features
         classes = classes_for(self.model_cls.task, event["labels"], self.model_cls.kind)
         self.data_params = self.model_cls.data_params(event)
         self.model = self.make_model(classes)
@@ -239,22 +268,35 @@ class _Session:
                 self.peer.notify(MsgType.STOP, {})
                 on_event({"kind": "early_stop", "epoch": event["epoch"], "best_epoch": self.best_epoch})
 
-    async def pull_all(self) -> dict[str, np.ndarray]:
-        """Every table, whole, as the shards hold it now."""
-        assert self.placed is not None
+    async def _shards(self) -> ShardClient:
+        """The driver's own connections to the shards (opened once)."""
+        assert self.placed is not None and self.model is not None
         if self.client is None:
             self.client = await ShardClient.connect(
                 self.placed["shards"], self.placed["ranges"], self.job_id, {"role": "driver"},
-                max_frame_bytes=self.cfg.max_frame_bytes,
+                max_frame_bytes=self.cfg.max_frame_bytes, hashed=[t.name for t in self.model.tables() if t.sparse],
             )
-        return {k: v.copy() for k, v in (await self.client.pull(list(self.placed["ranges"]))).items()}
+        return self.client
 
-    async def rows_trained(self) -> int:
-        """Rows behind all pushes, as the shards counted them (every shard sees every push)."""
-        if self.client is None:
-            return 0
-        replies = await asyncio.gather(*(p.request(MsgType.STATUS, timeout_s=10) for p in self.client.peers))
-        return min(int(r.body.get("samples", 0)) for r in replies)
+    async def pull_all(self) -> dict[str, np.ndarray]:
+        """The model's arrays as the shards hold them now: a sparse table as ``name`` values plus
+        ``name.keys``; optimizer state as ``name.opt.<state>`` with --save-optimizer-state."""
+        assert self.model is not None
+        client = await self._shards()
+        tables = self.model.tables()
+        dumped = await client.dump([t.name for t in tables], self.cfg.save_optimizer_state, timeout_s=FINAL_PULL_TIMEOUT_S)
+        params: dict[str, np.ndarray] = {}
+        for t in tables:
+            keys, values, state = dumped[t.name]
+            params[t.name] = values
+            if t.sparse:
+                params[f"{t.name}.keys"] = keys
+            params.update({f"{t.name}.opt.{name}": arr for name, arr in state.items()})
+        return params
+
+    async def shard_status(self) -> list[dict[str, Any]]:
+        """Each shard's figures (keys, memory, rows behind all pushes)."""
+        return await (await self._shards()).status(timeout_s=SUBMIT_TIMEOUT_S)
 
     def close(self) -> None:
         if self.client is not None:
@@ -266,12 +308,24 @@ async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = l
     cfg.check()
     check_out_path(cfg.out)
     model_cls = model_class(cfg.model)
-    schema = read_schema(cfg, model_cls)
-    model_cls(len(schema.feature_indices), ["0", "1"], l2=cfg.l2, **cfg.model_params)  # bad parameters fail here, not on the cluster
-    partitions = await asyncio.to_thread(data.plan_partitions, cfg.data, cfg.workers, cfg.has_header)
-    spec = build_spec(cfg, schema, partitions, model_cls.data_format)
+    if model_cls.data_format == "ratings":
+        schema = read_schema(cfg, model_cls)
+        source = formats.Source(
+            "ratings", {"schema": schema.to_dict(), "format": "ratings"}, schema, len(schema.feature_indices), cfg.has_header
+        )
+    else:
+        source = formats.plan_source(
+            cfg.data, cfg.format, label=cfg.label, drop=cfg.drop, has_header=cfg.has_header, index_base=cfg.index_base,
+            n_features=cfg.n_features, hash_bits=cfg.hash_bits, categorical=cfg.categorical,
+        )
+    if source.sparse and "sparse" not in model_cls.params:
+        raise PsctlError(f"model {cfg.model} does not take sparse input ({source.format})")
+    partitions = await asyncio.to_thread(data.plan_partitions, cfg.data, cfg.workers, source.has_header)
+    spec = build_spec(cfg, source, partitions)
+    # bad parameters fail here, not on the cluster
+    model_cls(source.n_features or 1, ["0", "1"], l2=spec["l2"], **spec["model_params"])
     if cfg.validate:
-        spec["validation"] = await asyncio.to_thread(plan_validation, cfg, schema)
+        spec["validation"] = await asyncio.to_thread(plan_validation, cfg, source.schema)
     if cfg.resume:
         spec = resume_spec(cfg, spec)
         on_event({"kind": "resuming", "clock": spec["resume"]["clock"], "dir": cfg.resume})
@@ -290,7 +344,7 @@ async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = l
             shards_up = None
         driver_service = _DriverService()
         peer = await net.connect(coordinator, driver_service, max_frame_bytes=cfg.max_frame_bytes, what="psctl server")
-        session = _Session(cfg, model_cls, spec["n_features"], peer)
+        session = _Session(cfg, model_cls, spec, peer)
         try:
             n_local = cfg.workers if cfg.local_workers is None else cfg.local_workers
             await cluster.start_workers(n_local, coordinator, cfg.model if ":" in cfg.model else None)
@@ -301,14 +355,17 @@ async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = l
             job_id = session.job_id = reply.body["job_id"]
             on_event({"kind": "submitted", "job_id": job_id, "shards": reply.body["shards"]})
             events, done = await _follow(cluster, coordinator, driver_service, session, on_event)
+            assert session.model is not None
             params = session.best_params if session.best_params is not None else await session.pull_all()
-            done["rows_trained"] = await session.rows_trained()
+            shards = await session.shard_status()
+            done["rows_trained"] = min((int(s.get("samples", 0)) for s in shards), default=0)
             peer.notify(MsgType.JOB_END, {"job_id": job_id})
         finally:
             session.close()
             peer.close()
-    meta = _model_meta(cfg, schema, session, done, time.monotonic() - started)
+    meta = _model_meta(cfg, source, session, done, time.monotonic() - started)
     meta["metrics"]["traffic"] = traffic_per_epoch(session.model, partitions, cfg, done)
+    meta["metrics"].update(table_figures(session.model.tables(), params, shards, done, spec))
     kinds, arrays = vocab_file_parts(session.stats)
     if kinds:
         meta["vocab"] = kinds
@@ -385,16 +442,41 @@ async def _follow(
             get.cancel()
 
 
-def _model_meta(cfg: TrainConfig, schema: data.CsvSchema, session: _Session, done: dict[str, Any], seconds: float) -> dict[str, Any]:
+def table_figures(
+    tables: list[TableSpec], params: dict[str, np.ndarray], shards: list[dict[str, Any]], done: dict[str, Any], spec: dict[str, Any]
+) -> dict[str, Any]:
+    """Keys stored, non-zero weights, shard memory and traffic per epoch versus a dense model
+    of the same key space (which would pull and push every table whole at each step)."""
+    steps = steps_per_job_epoch([data.Partition.from_dict(p) for p in spec["partitions"]], spec["batch_size"])
+    dense_step_bytes = sum(t.rows * t.dim * np.dtype(t.dtype).itemsize for t in tables)
+    return {
+        "key_space": sum(t.rows for t in tables),
+        "unique_keys": sum(len(params[t.name]) for t in tables),
+        "nonzero_weights": sum(int(np.count_nonzero(params[t.name])) for t in tables),
+        "shard_keys": [s.get("keys", 0) for s in shards],
+        "shard_table_bytes": [s.get("bytes", 0) for s in shards],
+        "shard_rss_bytes": [s.get("rss_bytes", 0) for s in shards],
+        "shard_peak_rss_bytes": [s.get("peak_rss_bytes", 0) for s in shards],
+        "bytes_pulled_per_epoch": done.get("bytes_pulled", 0) / spec["epochs"],
+        "bytes_pushed_per_epoch": done.get("bytes_pushed", 0) / spec["epochs"],
+        "dense_bytes_per_epoch": steps * dense_step_bytes,
+    }
+
+
+def _model_meta(cfg: TrainConfig, source: formats.Source, session: _Session, done: dict[str, Any], seconds: float) -> dict[str, Any]:
     assert session.model is not None and session.stats is not None
+    schema = source.schema
     meta: dict[str, Any] = {
         "kind": cfg.model,
         "task": session.model_cls.task,
         "data_format": session.model_cls.data_format,
-        "model_params": {**cfg.model_params, **session.data_params},
-        "schema": schema.to_dict(),
-        "feature_names": list(schema.feature_names),
-        "label": schema.columns[schema.label_index] if schema.label_index is not None else None,
+        "model_params": {**session.spec["model_params"], **session.data_params},
+        "n_features": session.n_features,
+        "input": formats.meta_of(session.spec["data"], session.stats["stats"]) if source.sparse else {"format": source.format},
+        "optimizer": session.spec["optimizer"],
+        "schema": schema.to_dict() if schema else None,
+        "feature_names": list(schema.feature_names) if schema else [],
+        "label": schema.columns[schema.label_index] if schema and schema.label_index is not None else None,
         "classes": session.model.classes,
         "standardize": None,
         "training": {k: v for k, v in asdict(cfg).items() if k not in ("out", "max_frame_bytes", "local_workers")},
@@ -414,7 +496,7 @@ def _model_meta(cfg: TrainConfig, schema: data.CsvSchema, session: _Session, don
         meta["metrics"]["best_val_loss"] = session.best_loss
         meta["metrics"]["weights_from_epoch"] = session.best_epoch if session.best_params is not None else "last"
 
-    if session.model_cls.data_format == "csv" and cfg.standardize and session.stats["stats"]:
+    if source.format == "csv" and cfg.standardize and session.stats["stats"]:
         mean, std = data.merge_stats(session.stats["stats"])
         meta["standardize"] = {"mean": np.asarray(mean).tolist(), "std": np.asarray(std).tolist()}
     return meta

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from psctl import data, net, ratings, vocab
+from psctl import data, formats, net, ratings, vocab
 from psctl.client import ShardClient
 from psctl.errors import DataError, JobError, PsctlError
 from psctl.models.base import Model, batch_sums, classes_for, encode_targets, model_class
@@ -90,10 +90,13 @@ class Prepared:
     X: Any
     y: np.ndarray
     classes: list[str]
+    n_features: int
 
 
 def load_partition(spec: dict[str, Any], path: str, part: data.Partition) -> tuple[Any, np.ndarray]:
     """Features and raw labels of one partition, in the job's data format."""
+    if spec["data"].get("format", "csv") in formats.SPARSE_FORMATS:
+        return formats.read_partition(spec["data"], path, part)
     schema = data.CsvSchema.from_dict(spec["data"]["schema"])
     if spec["data"].get("format", "csv") == "ratings":
         return ratings.read_partition(path, schema, part)
@@ -103,10 +106,13 @@ def load_partition(spec: dict[str, Any], path: str, part: data.Partition) -> tup
 def stats_request(raw_X: Any, labels: np.ndarray, spec: dict[str, Any], model_cls: type[Model]) -> tuple[dict[str, Any], list[np.ndarray]]:
     """This worker's part of the statistics pass: partial column statistics, distinct
     labels, and (ratings) the distinct user and item ids; body and arrays of STATS."""
-    if spec["data"].get("format", "csv") == "ratings":
+    fmt = spec["data"].get("format", "csv")
+    if fmt == "ratings":
         return ratings.stats_request(raw_X, labels)
-    dense = spec["data"].get("format", "csv") == "csv"
-    stats = data.partial_stats(raw_X) if dense and len(raw_X) and spec.get("standardize", True) else None
+    if fmt in formats.SPARSE_FORMATS:
+        stats = formats.partial_stats(spec["data"], raw_X)
+    else:
+        stats = data.partial_stats(raw_X) if len(raw_X) and spec.get("standardize", True) else None
     distinct = sorted(set(labels.tolist())) if model_cls.task != "regression" else []
     return {"stats": _jsonable(stats) if stats else None, "labels": distinct}, []
 
@@ -115,6 +121,7 @@ def prepare(raw_X: Any, labels: np.ndarray, classes: list[str], stats_reply: dic
     """Standardize features and encode labels the same way on every worker."""
     y = encode_targets(task, labels, classes)
     X = raw_X
+    n_features = spec["n_features"]
     if spec["data"].get("format", "csv") == "ratings":  # ids -> table rows
         X = ratings.encode_rows(raw_X, stats_reply["vocab"])
         if (X < 0).any():
@@ -124,9 +131,12 @@ def prepare(raw_X: Any, labels: np.ndarray, classes: list[str], stats_reply: dic
             mean, std = data.merge_stats(stats_reply["stats"])
             X = (raw_X - mean) / std
         X = X.astype(np.float32)
+    else:  # sparse rows over model keys; LIBSVM's feature count comes from the statistics
+        X = formats.to_keys(spec["data"], raw_X, stats_reply["stats"])
+        n_features = X.n_cols
     if task != "classes":
         y = y.astype(np.float32)
-    return Prepared(X, y, classes)
+    return Prepared(X, y, classes, n_features)
 
 
 def split_validation(labels: np.ndarray, fraction: float, seed: int, partition: int, stratify: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -222,7 +232,7 @@ class Worker:
         prep = prepare(raw_X, labels, classes, stats, spec, model_cls.task)
         val = prepare(*val_raw, classes, stats, spec, model_cls.task) if val_raw is not None else None
         model = model_cls(
-            spec["n_features"],
+            prep.n_features,
             classes,
             l2=float(spec.get("l2", 0.0)),
             **spec.get("model_params", {}),
@@ -236,6 +246,7 @@ class Worker:
             reg["job_id"],
             {"role": "worker", "worker_id": worker_id},
             max_frame_bytes=self.max_frame_bytes,
+            hashed=[t.name for t in model.tables() if t.sparse],
         )
         try:
             await self._train(coord, client, model, prep, val, spec, partition, int(reg.get("start_clock", 0)))
@@ -243,7 +254,9 @@ class Worker:
             await client.leave()
             await coord.request(MsgType.TRAINED, {}, timeout_s=None)
             self._check_abort()
+            # Traffic of training only: the evaluation pull below is not part of any epoch.
             report: dict[str, Any] = {"loss_sum": 0.0, "sums": {}, "n": len(prep.y)}
+            report.update(bytes_pulled=client.bytes_pulled, bytes_pushed=client.bytes_pushed)
             if len(prep.y):
                 keys = model.keys(prep.X)
                 params = await client.pull_for(keys)

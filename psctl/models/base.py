@@ -28,6 +28,7 @@ import numpy as np
 
 from psctl import data, metrics
 from psctl.errors import DataError, PsctlError
+from psctl.sparse import SparseRows
 from psctl.tables import TableSpec
 
 TASKS = ("binary", "classes", "regression")
@@ -69,6 +70,32 @@ class Model:
 
     def predict(self, params: dict[str, np.ndarray], X: Any) -> np.ndarray:
         raise NotImplementedError
+
+
+class LinearModel(Model):
+    """A linear model on one table ``w`` of n_features + 1 rows, the bias row last.
+
+    With ``sparse=True`` (set by the driver for LIBSVM and hashed input) the table
+    is sparse (hash-routed, rows created on first touch), batches are
+    :class:`~psctl.sparse.SparseRows`, and each batch pulls only its unique
+    feature keys plus the bias key ``n_features``. The dense loss code runs on
+    those rows unchanged: ``X @ w[:-1]`` and ``X.T @ err`` work on SparseRows.
+    L2 then applies to the keys a batch touches (lazy regularization).
+    """
+
+    params: ClassVar[dict[str, Any]] = {"sparse": False}
+
+    def dim(self) -> int:
+        """Columns of ``w``: 1, or one per class."""
+        return 1
+
+    def tables(self) -> list[TableSpec]:
+        return [TableSpec("w", self.n_features + 1, dim=self.dim(), sparse=bool(self.options["sparse"]))]
+
+    def keys(self, X: Any) -> dict[str, np.ndarray | None]:
+        if isinstance(X, SparseRows):
+            return {"w": np.append(X.keys, self.n_features)}
+        return {"w": None}
 
 
 # -- labels and targets -----------------------------------------------------------

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from psctl.errors import PsctlError
-from psctl.models.base import Model
-from psctl.tables import TableSpec
+from psctl.models.base import LinearModel
 
 LOSSES = ("squared", "huber")
 
@@ -28,18 +27,15 @@ def loss_grad(w: np.ndarray, X: np.ndarray, y: np.ndarray, l2: float, loss: str 
     return float(value.mean()) + 0.5 * l2 * float(w[:-1] @ w[:-1]), grad, z
 
 
-class LinReg(Model):
+class LinReg(LinearModel):
     kind = "linreg"
     task = "regression"
-    params = {"loss": "squared", "huber_delta": 1.0}
+    params = {**LinearModel.params, "loss": "squared", "huber_delta": 1.0}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.options["loss"] not in LOSSES:
             raise PsctlError(f"linreg --loss must be one of {', '.join(LOSSES)}")
-
-    def tables(self) -> list[TableSpec]:
-        return [TableSpec("w", self.n_features + 1)]
 
     def loss_grad(self, params: dict[str, np.ndarray], X: np.ndarray, y: np.ndarray):
         loss, grad, z = loss_grad(params["w"], X, y, self.l2, self.options["loss"], self.options["huber_delta"])

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from psctl.models.base import Model
-from psctl.tables import TableSpec
+from psctl.models.base import LinearModel
 
 
 def _logits(w: np.ndarray, X: np.ndarray) -> np.ndarray:
@@ -35,14 +34,11 @@ def predict_proba(w: np.ndarray, X: np.ndarray) -> np.ndarray:
     return _sigmoid(_logits(w, X))
 
 
-class LogReg(Model):
+class LogReg(LinearModel):
     """Binary logistic regression on one weight vector (bias last)."""
 
     kind = "logreg"
     task = "binary"
-
-    def tables(self) -> list[TableSpec]:
-        return [TableSpec("w", self.n_features + 1)]
 
     def loss_grad(self, params: dict[str, np.ndarray], X: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
         w = params["w"]

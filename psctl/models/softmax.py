@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from psctl.models.base import Model
-from psctl.tables import TableSpec
+from psctl.models.base import LinearModel
 
 
 def _logits(W: np.ndarray, X: np.ndarray) -> np.ndarray:
@@ -36,12 +35,12 @@ def loss_grad(W: np.ndarray, X: np.ndarray, y: np.ndarray, l2: float) -> tuple[f
     return loss, grad, p
 
 
-class Softmax(Model):
+class Softmax(LinearModel):
     kind = "softmax"
     task = "classes"
 
-    def tables(self) -> list[TableSpec]:
-        return [TableSpec("w", self.n_features + 1, dim=len(self.classes))]
+    def dim(self) -> int:
+        return len(self.classes)
 
     def loss_grad(self, params: dict[str, np.ndarray], X: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
         loss, grad, p = loss_grad(params["w"], X, y, self.l2)

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from psctl.models.base import Model
-from psctl.tables import TableSpec
+from psctl.models.base import LinearModel
 
 
 def _scores(W: np.ndarray, X: np.ndarray) -> np.ndarray:
@@ -41,13 +40,12 @@ def class_scores(z: np.ndarray) -> np.ndarray:
     return np.column_stack([-z, z]) if z.ndim == 1 else z
 
 
-class SVM(Model):
+class SVM(LinearModel):
     kind = "svm"
     task = "classes"
 
-    def tables(self) -> list[TableSpec]:
-        k = len(self.classes)
-        return [TableSpec("w", self.n_features + 1, dim=1 if k == 2 else k)]
+    def dim(self) -> int:
+        return 1 if len(self.classes) == 2 else len(self.classes)
 
     def loss_grad(self, params: dict[str, np.ndarray], X: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
         W = params["w"]

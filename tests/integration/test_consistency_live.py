@@ -156,6 +156,7 @@ async def test_keyed_rows_travel_to_the_shards_that_own_them(server):
         await b.wait_all(b.push_rows_nowait({"f": (kb, np.full((2, 3), 3.0, np.float32))}, 0, 1))
         rows = (await a.pull_rows({"f": np.array([0, 1, 499, 500, 700, 999])}, 1))["f"]
         np.testing.assert_allclose(rows[:, 0], -0.1 * np.array([0, 1, 4, 1, 3, 1]) / 2)
-        assert a.bytes_pulled == 6 * 3 * 4  # only the six rows asked for travelled
+        # only the six rows asked for travelled, plus their keys (u32: the smallest type for 1000 keys)
+        assert a.bytes_pulled == 6 * 3 * 4 + 6 * 4
         shards = [await status(addr) for addr in sub["shards"]]
         assert [s["updates"] for s in shards] == [1, 1]

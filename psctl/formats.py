@@ -1,0 +1,418 @@
+"""Sparse inputs: LIBSVM text and CSV with hashed categorical columns (Criteo-style).
+
+Both read one partition (a byte range aligned to lines, planned by
+:func:`psctl.data.plan_partitions`) into :class:`~psctl.sparse.SparseRows`
+plus raw label strings, and both become a sparse linear model over keys
+0..n_features-1 with the bias key n_features.
+
+- ``libsvm``: ``label idx:val idx:val ...`` (``# comments`` allowed). Indices are
+  0- or 1-based: given by ``index_base`` or detected from the data (an index 0
+  anywhere means 0-based). ``n_features`` is given or the largest index seen;
+  both come out of the statistics pass, so every worker and the driver agree.
+- ``hashed_csv``: a CSV with a header (or numbered columns); each categorical
+  cell becomes the key ``hash(column, value) mod (2^B - 1)`` with value 1, each
+  numeric column one key ``hash(column)`` with the cell's number; empty cells
+  are missing. The key space is 2^B with the bias key 2^B - 1, so keys fit a
+  uint32 on the wire for B <= 32.
+
+Data spec (``spec["data"]`` beside path and size): ``{"format": "libsvm",
+"index_base": 0|1|None, "n_features": int|None}`` or ``{"format": "hashed_csv",
+"schema": CsvSchema dict, "hash_bits": B, "categorical": [column names]}``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from psctl import data
+from psctl.errors import DataError
+from psctl.sparse import SparseRows, mix64
+
+FORMATS = ("auto", "csv", "libsvm")
+SPARSE_FORMATS = ("libsvm", "hashed_csv")
+DEFAULT_HASH_BITS = 24
+MAX_HASH_BITS = 62
+DETECT_BYTES = 64 * 1024
+
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+# -- what the driver learns before training -----------------------------------------
+@dataclass
+class Source:
+    """An input file as the driver plans it: its format, what workers need to read it,
+    and the feature count (None for LIBSVM until the statistics pass)."""
+
+    format: str  # "csv", "libsvm" or "hashed_csv"
+    data: dict[str, Any] = field(default_factory=dict)  # spec["data"] entries besides path and size
+    schema: data.CsvSchema | None = None
+    n_features: int | None = None
+    has_header: bool = True
+
+    @property
+    def sparse(self) -> bool:
+        return self.format in SPARSE_FORMATS
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """'libsvm' when the first lines have ``idx:val`` items and no commas, else 'csv'."""
+    with data._open(path) as fh:
+        sample = fh.read(DETECT_BYTES)
+    if not sample.strip():
+        raise DataError(f"data file '{path}' is empty")
+    if b"\0" in sample:
+        raise DataError(f"data file '{path}' is not a text file")
+    lines = sample.split(b"\n")[:-1] or [sample]  # complete lines only, unless there is just one
+    if any(b"," in ln for ln in lines):
+        return "csv"
+    if any(b":" in tok for ln in lines for tok in ln.split()[1:]):
+        return "libsvm"
+    return "csv"
+
+
+def plan_source(
+    path: str,
+    fmt: str = "auto",
+    *,
+    label: str | None = None,
+    drop: Sequence[str] = (),
+    has_header: bool = True,
+    index_base: int | None = None,
+    n_features: int | None = None,
+    hash_bits: int | None = None,
+    categorical: Sequence[str] = (),
+) -> Source:
+    """Resolve the input format and its columns or layout. Raises DataError with one sentence."""
+    if fmt not in FORMATS:
+        raise DataError(f"--format must be one of {', '.join(FORMATS)}; got '{fmt}'")
+    if fmt == "auto":
+        fmt = detect_format(path)
+    hashed = hash_bits is not None or bool(categorical)
+    if fmt == "libsvm":
+        if hashed:
+            raise DataError("--hash-bits and --categorical are for CSV input, not LIBSVM")
+        if label is not None or drop:
+            raise DataError("--label and --drop are for CSV input; a LIBSVM line starts with its label")
+        if index_base not in (None, 0, 1):
+            raise DataError("--index-base must be 0 or 1")
+        if n_features is not None and n_features < 1:
+            raise DataError("--n-features must be at least 1")
+        spec = {"format": "libsvm", "index_base": index_base, "n_features": n_features}
+        return Source("libsvm", spec, None, n_features, has_header=False)
+    if index_base is not None or n_features is not None:
+        raise DataError("--index-base and --n-features are for LIBSVM input")
+    schema = data.read_schema(path, label, drop, has_header)
+    if not hashed:
+        return Source("csv", {"format": "csv", "schema": schema.to_dict()}, schema, len(schema.feature_indices), has_header)
+    bits = DEFAULT_HASH_BITS if hash_bits is None else hash_bits
+    if not 1 <= bits <= MAX_HASH_BITS:
+        raise DataError(f"--hash-bits must be between 1 and {MAX_HASH_BITS}")
+    names = []
+    for ref in categorical:
+        index = data._column_index(schema.columns, ref, "--categorical", path)
+        if index not in schema.feature_indices:
+            raise DataError(f"--categorical column '{schema.columns[index]}' is the label or dropped, not a feature")
+        names.append(schema.columns[index])
+    spec = {"format": "hashed_csv", "schema": schema.to_dict(), "hash_bits": bits, "categorical": sorted(set(names))}
+    return Source("hashed_csv", spec, schema, 2**bits - 1, has_header)
+
+
+# -- reading one partition ---------------------------------------------------------------
+def read_partition(spec: dict[str, Any], path: str, part: data.Partition) -> tuple[SparseRows, np.ndarray]:
+    """A partition of a sparse input as (rows with raw LIBSVM indices or final hashed keys, labels)."""
+    if spec["format"] == "libsvm":
+        return read_libsvm(path, part, spec.get("index_base"), spec.get("n_features"))
+    schema = data.CsvSchema.from_dict(spec["schema"])
+    return read_hashed_csv(path, part, schema, spec["categorical"], int(spec["hash_bits"]))
+
+
+def _rows_of(path: str | os.PathLike[str], part: data.Partition) -> tuple[list[bytes], list[bytes]]:
+    """The partition's lines and its rows (non-blank lines), as bytes."""
+    with data._open(path) as fh:
+        fh.seek(part.start)
+        raw = fh.read(part.end - part.start)
+    if len(raw) != part.end - part.start:
+        raise DataError(f"data file '{path}' is shorter than when it was partitioned")
+    lines = raw.split(b"\n")
+    return lines, [ln for ln in lines if ln.strip()]
+
+
+def _line_numbers(lines: list[bytes], first_line: int) -> list[tuple[int, str]]:
+    return data._numbered_rows([ln.decode("utf-8", errors="replace") for ln in lines], first_line)
+
+
+def read_libsvm(
+    path: str | os.PathLike[str],
+    part: data.Partition,
+    index_base: int | None = None,
+    n_features: int | None = None,
+) -> tuple[SparseRows, np.ndarray]:
+    """LIBSVM rows as they are in the file (indices not yet shifted) and their labels.
+
+    With ``index_base`` 1 an index 0 is an error; with ``n_features`` an index past it is.
+    Raises DataError naming the file line of the first bad item.
+    """
+    lines, rows = _rows_of(path, part)
+    try:
+        X, labels = _libsvm_fast(rows)
+    except ValueError:
+        X, labels = _libsvm_exact(path, _line_numbers(lines, part.first_line))
+    bad = _beyond(X.indices, index_base, n_features)
+    if bad is not None:
+        row = int(np.searchsorted(X.indptr, bad, side="right")) - 1
+        line_no, _ = _line_numbers(lines, part.first_line)[row]
+        raise DataError(f"'{path}' line {line_no}: {_index_problem(int(X.indices[bad]), index_base, n_features)}")
+    return X, labels
+
+
+def _beyond(indices: np.ndarray, index_base: int | None, n_features: int | None) -> int | None:
+    """Position of the first index that the given base or feature count forbids."""
+    bad = np.zeros(len(indices), bool)
+    if index_base == 1:
+        bad |= indices < 1
+    if n_features is not None:
+        bad |= indices - (index_base or 0) >= n_features
+    hits = np.flatnonzero(bad)
+    return int(hits[0]) if len(hits) else None
+
+
+def _index_problem(index: int, index_base: int | None, n_features: int | None) -> str:
+    if index_base == 1 and index < 1:
+        return f"feature index {index} in a file read as 1-based (pass --index-base 0 for 0-based indices)"
+    return f"feature index {index} is beyond --n-features {n_features}"
+
+
+def _libsvm_fast(rows: list[bytes]) -> tuple[SparseRows, np.ndarray]:
+    """Vectorized parse; raises ValueError on anything unusual (the exact reader then names it)."""
+    if any(b"#" in r for r in rows):
+        rows = [r.split(b"#", 1)[0] for r in rows]
+    tokens = [r.split() for r in rows]
+    counts = np.fromiter(map(len, tokens), np.int64, count=len(tokens))
+    if (counts == 0).any():  # a line holding only a comment
+        raise ValueError("empty row")
+    flat = np.array(list(itertools.chain.from_iterable(tokens)), dtype="S") if len(tokens) else np.array([], "S1")
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1])) if len(tokens) else np.zeros(0, np.int64)
+    is_label = np.zeros(len(flat), bool)
+    is_label[starts] = True
+    labels = flat[is_label]
+    if np.strings.find(labels, b":").max(initial=-1) >= 0:
+        raise ValueError("a label holds ':'")
+    index, sep, value = np.strings.partition(flat[~is_label], b":")
+    if len(sep) and (sep != b":").any():
+        raise ValueError("an item without ':'")
+    indices = index.astype(np.int64)
+    values = value.astype(np.float64)
+    if (indices < 0).any() or not np.isfinite(values).all():
+        raise ValueError("a negative index or a value that is not finite")
+    indptr = np.concatenate(([0], np.cumsum(counts - 1)))
+    labels_text = [lb.decode("utf-8", errors="replace") for lb in labels.tolist()]
+    return SparseRows(indptr, indices, values.astype(np.float32)), np.array(labels_text, dtype=str)
+
+
+def _libsvm_exact(path: str | os.PathLike[str], rows: list[tuple[int, str]]) -> tuple[SparseRows, np.ndarray]:
+    """Item by item in Python: slow, but it names the line of the first bad item (DataError).
+
+    It is the reference: where the fast reader refuses an item this one accepts, the
+    rows come from here.
+    """
+    entries: list[dict[int, float]] = []
+    labels = []
+    for line_no, line in rows:
+        items = line.split("#", 1)[0].split()
+        where = f"'{path}' line {line_no}"
+        if not items:
+            raise DataError(f"{where} has a comment but no label")
+        if ":" in items[0]:
+            raise DataError(f"{where} starts with '{items[0][:40]}'; a LIBSVM line starts with its label")
+        labels.append(items[0])
+        entries.append({})
+        for item in items[1:]:
+            index, sep, value = item.partition(":")
+            if not sep:
+                raise DataError(f"{where}: '{item[:40]}' is not an index:value pair")
+            try:
+                if int(index) < 0:
+                    raise ValueError
+            except ValueError:
+                raise DataError(f"{where}: feature index '{index[:40]}' is not a non-negative integer") from None
+            try:
+                number = float(value)
+            except ValueError:
+                raise DataError(f"{where}: the value '{value[:40]}' of feature {index} is not a number") from None
+            if not math.isfinite(number):
+                raise DataError(f"{where}: the value '{value[:40]}' of feature {index} is not finite")
+            entries[-1][int(index)] = entries[-1].get(int(index), 0.0) + number
+    return SparseRows.from_rows(entries), np.array(labels, dtype=str)
+
+
+# -- LIBSVM layout from the statistics pass ------------------------------------------------
+def partial_stats(spec: dict[str, Any], X: SparseRows) -> dict[str, Any] | None:
+    """What a worker tells the statistics pass about its partition (LIBSVM: the index range)."""
+    if spec["format"] != "libsvm":
+        return None
+    has = X.nnz > 0
+    return {
+        "rows": len(X),
+        "nnz": X.nnz,
+        "min_index": int(X.indices.min()) if has else None,
+        "max_index": int(X.indices.max()) if has else None,
+    }
+
+
+def layout(spec: dict[str, Any], stats: list[dict[str, Any]]) -> tuple[int, int]:
+    """(index base, n_features) of a LIBSVM input from every partition's statistics."""
+    mins = [s["min_index"] for s in stats if s.get("min_index") is not None]
+    maxes = [s["max_index"] for s in stats if s.get("max_index") is not None]
+    base = spec.get("index_base")
+    if base is None:
+        base = 0 if mins and min(mins) == 0 else 1
+    largest_key = max(maxes) - base if maxes else -1
+    n_features = spec.get("n_features")
+    if n_features is None:
+        n_features = max(largest_key + 1, 1)
+    elif largest_key >= n_features:
+        raise DataError(f"the data has feature index {largest_key + base}, beyond --n-features {n_features}")
+    return base, n_features
+
+
+def n_features_of(spec: dict[str, Any], stats: list[dict[str, Any]]) -> int | None:
+    """The model's feature count once the statistics are in (None for dense CSV: the schema says)."""
+    if spec.get("format") == "libsvm":
+        return layout(spec, stats)[1]
+    if spec.get("format") == "hashed_csv":
+        return 2 ** int(spec["hash_bits"]) - 1
+    return None
+
+
+def to_keys(spec: dict[str, Any], X: SparseRows, stats: list[dict[str, Any]]) -> SparseRows:
+    """Rows over model keys: LIBSVM indices shifted by the base (hashed keys already are keys)."""
+    n_features = n_features_of(spec, stats)
+    if spec["format"] == "libsvm":
+        base, _ = layout(spec, stats)
+        X = X.with_indices(X.indices - base)
+    X.n_cols = n_features
+    return X
+
+
+def meta_of(spec: dict[str, Any], stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """The input description a model file keeps so predict reads new data the same way."""
+    if spec["format"] == "libsvm":
+        base, n_features = layout(spec, stats)
+        return {"format": "libsvm", "index_base": base, "n_features": n_features}
+    return {k: spec[k] for k in ("format", "hash_bits", "categorical")}
+
+
+# -- hashed CSV --------------------------------------------------------------------------------
+def hash_cells(cells: np.ndarray, seed: int) -> np.ndarray:
+    """A stable 64-bit hash per byte string (FNV-1a over the bytes, then mixed), vectorized
+    over the distinct values: one numpy pass per byte position, no per-cell Python."""
+    distinct, inverse = np.unique(np.asarray(cells, dtype="S"), return_inverse=True)
+    width = distinct.dtype.itemsize
+    h = np.full(len(distinct), _FNV_OFFSET ^ np.uint64(seed % 2**64), np.uint64)
+    if width:
+        codes = distinct.view(np.uint8).reshape(len(distinct), width)
+        for j in range(width):
+            byte = codes[:, j].astype(np.uint64)
+            h = np.where(byte != 0, (h ^ byte) * _FNV_PRIME, h)  # "S" pads with NUL bytes
+    return mix64(h)[inverse.reshape(-1)]
+
+
+def column_seed(name: str, kind: str) -> int:
+    """The hash seed of a column: its name, so column order does not matter."""
+    return int(hash_cells(np.array([f"{kind}:{name}".encode()], dtype="S"), 0)[0])
+
+
+def read_hashed_csv(
+    path: str | os.PathLike[str], part: data.Partition, schema: data.CsvSchema, categorical: Sequence[str], hash_bits: int
+) -> tuple[SparseRows, np.ndarray]:
+    """A CSV partition as hashed keys (see the module doc) and its label cells."""
+    lines, rows = _rows_of(path, part)
+    n_cols = len(schema.columns)
+    counts = np.fromiter((r.count(b",") for r in rows), np.int64, count=len(rows))
+    if (counts != n_cols - 1).any():
+        bad = int(np.flatnonzero(counts != n_cols - 1)[0])
+        line_no, _ = _line_numbers(lines, part.first_line)[bad]
+        reference = "the header" if schema.has_header else "the first line"
+        raise DataError(f"'{path}' line {line_no} has {counts[bad] + 1} cells; {reference} has {n_cols}")
+    rows = [r.rstrip(b"\r") for r in rows]
+    cells = np.array(b",".join(rows).split(b",") if rows else [], dtype="S").reshape(len(rows), n_cols)
+    space = 2**hash_bits - 1  # keys 0 .. 2^B - 2; the bias key is 2^B - 1
+    parts_rows, parts_keys, parts_values = [], [], []
+    for j in schema.feature_indices:
+        name = schema.columns[j]
+        column = _clean(cells[:, j])
+        present = np.flatnonzero(np.strings.str_len(column) > 0)
+        if name in categorical:
+            keys = hash_cells(column[present], column_seed(name, "cat")) % np.uint64(space)
+            values = np.ones(len(present), np.float32)
+        else:
+            values = _numbers(column[present], path, name, present, lines, part)
+            keys = np.full(len(present), column_seed(name, "num") % space, np.uint64)
+        parts_rows.append(present)
+        parts_keys.append(keys.astype(np.int64))
+        parts_values.append(values)
+    X = SparseRows.from_coo(
+        len(rows), np.concatenate(parts_rows), np.concatenate(parts_keys), np.concatenate(parts_values), space
+    )
+    if schema.label_index is None:
+        return X, np.array([], dtype=str)
+    labels = _clean(cells[:, schema.label_index])
+    empty = np.flatnonzero(np.strings.str_len(labels) == 0)
+    if len(empty):
+        line_no, _ = _line_numbers(lines, part.first_line)[empty[0]]
+        raise DataError(f"'{path}' line {line_no}, column '{schema.columns[schema.label_index]}': the label cell is empty")
+    return X, np.array([v.decode("utf-8", errors="replace") for v in labels.tolist()], dtype=str)
+
+
+def _clean(column: np.ndarray) -> np.ndarray:
+    """Cells without surrounding whitespace and one pair of double quotes (as data._cell)."""
+    column = np.strings.strip(column)
+    quoted = np.strings.startswith(column, b'"') & np.strings.endswith(column, b'"') & (np.strings.str_len(column) >= 2)
+    if quoted.any():
+        column = column.copy()
+        column[quoted] = np.strings.slice(column[quoted], 1, -1)
+    return column
+
+
+def _numbers(
+    cells: np.ndarray, path: str | os.PathLike[str], name: str, rows: np.ndarray, lines: list[bytes], part: data.Partition
+) -> np.ndarray:
+    try:
+        values = cells.astype(np.float64)
+    except ValueError:  # the exact reading, cell by cell, is the reference (as in data.py)
+        values = np.array([_number_or_nan(c) for c in cells.tolist()])
+    ok = np.isfinite(values)
+    if not ok.all():
+        bad = int(np.flatnonzero(~ok)[0])
+        line_no, _ = _line_numbers(lines, part.first_line)[rows[bad]]
+        text = cells[bad].decode("utf-8", errors="replace")[:40]
+        raise DataError(
+            f"'{path}' line {line_no}, column '{name}': '{text}' is not a finite number "
+            "(pass --categorical to hash text columns)"
+        )
+    return values.astype(np.float32)
+
+
+def _number_or_nan(cell: bytes) -> float:
+    try:
+        return float(cell)
+    except ValueError:
+        return math.nan
+
+
+def read_whole(spec: dict[str, Any], path: str, schema: data.CsvSchema | None = None) -> tuple[SparseRows, np.ndarray]:
+    """Every row of a file (predict): one partition covering it."""
+    has_header = spec["format"] != "libsvm" and (schema.has_header if schema else True)
+    [whole] = data.plan_partitions(path, 1, has_header)
+    if spec["format"] == "libsvm":
+        return read_libsvm(path, whole, spec.get("index_base"))
+    assert schema is not None
+    return read_hashed_csv(path, whole, schema, spec["categorical"], int(spec["hash_bits"]))

@@ -1,0 +1,168 @@
+"""A shard's part of a sparse (hash-routed) table: rows exist only for keys that were pushed.
+
+Same interface as :class:`psctl.shard.Table` (``locate``, ``read``,
+``check_grad``, ``apply``, ``dump``), so the shard, the sync accumulator and
+the update rules do not care which kind they hold.
+
+Layout: values and optimizer state live in append-only row arrays (grown by
+half again when full), so a key's row never moves and an update rule is applied
+once per push. A sorted index maps keys to rows. New keys go into a small
+sorted *delta* index first and are merged into the main index when the delta
+outgrows ``max(DELTA_MIN_KEYS, len(main) / DELTA_FRACTION)``, so inserting
+costs O(delta) per push instead of O(table) and everything stays vectorized
+(np.searchsorted, np.insert; no per-key Python). Memory is about 12 bytes of
+index plus the row's values and state per touched key, whatever the key space.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from psctl import net
+from psctl.optim import UpdateRule
+from psctl.sparse import key_owner, keyed_normal
+from psctl.tables import TableSpec, hash_name
+
+DELTA_MIN_KEYS = 1 << 15
+DELTA_FRACTION = 32
+MIN_CAPACITY = 1024
+MAX_KEYS = 2**31 - 1
+_EMPTY_KEYS = np.empty(0, np.int64)
+_EMPTY_ROWS = np.empty(0, np.int32)  # a shard holds fewer than 2^31 keys
+
+
+class SparseTable:
+    """Keys k with ``key_owner(k, n_shards) == shard_index`` of a table of ``spec.rows`` keys."""
+
+    def __init__(self, spec: TableSpec, shard_index: int, n_shards: int, seed: int, rule: UpdateRule):
+        if not 0 <= shard_index < n_shards:
+            raise ValueError(f"shard index {shard_index} is not below the shard count {n_shards}")
+        self.spec, self.lo, self.hi = spec, 0, spec.rows
+        self.shard_index, self.n_shards, self.seed = shard_index, n_shards, seed
+        self.values = np.empty(spec.shape(0), spec.dtype)
+        self.state = rule.init_state(self.values)
+        self._init_state = rule.init_state
+        self.steps = 0
+        self.n = 0  # rows in use; the arrays may hold more (capacity)
+        self._keys, self._rows = _EMPTY_KEYS, _EMPTY_ROWS  # main index, sorted by key
+        self._new_keys, self._new_rows = _EMPTY_KEYS, _EMPTY_ROWS  # delta index, sorted by key
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the index, and values and state at their allocated capacity."""
+        index = sum(a.nbytes for a in (self._keys, self._rows, self._new_keys, self._new_rows))
+        return index + self.values.nbytes + sum(a.nbytes for a in self.state.values())
+
+    # -- the Table interface ---------------------------------------------------
+    def locate(self, keys: np.ndarray) -> np.ndarray:
+        """Rows of ``keys`` (sorted, unique, in the key space, owned by this shard); -1 where not yet stored."""
+        name = self.spec.name
+        if keys.ndim != 1 or keys.dtype.kind not in "iu":
+            raise net.RequestError(f"keys for {name!r} must be a 1-d integer array")
+        k = keys.astype(np.int64)  # uint64 keys beyond int64 turn negative and fail the range check
+        if len(k):
+            if k[0] < 0 or k[-1] >= self.hi:
+                raise net.RequestError(f"keys for {name!r} fall outside its key space [0, {self.hi})")
+            if len(k) > 1 and not (np.diff(k) > 0).all():
+                raise net.RequestError(f"keys for {name!r} must be sorted and unique")
+            if self.n_shards > 1 and (key_owner(k, self.n_shards) != self.shard_index).any():
+                raise net.RequestError(f"keys for {name!r} include keys another shard owns (hash routing)")
+        return self._find(k)
+
+    def read(self, keys: np.ndarray | None) -> np.ndarray:
+        """Values of ``keys``: stored rows, or the initial values of keys never pushed (not stored)."""
+        if keys is None:
+            raise net.RequestError(f"table {self.spec.name!r} is sparse: pull its rows by key (or dump it as a driver)")
+        rows = self.locate(keys)
+        out = np.empty(self.spec.shape(len(rows)), self.spec.dtype)
+        found = rows >= 0
+        out[found] = self.values[rows[found]]
+        if not found.all():
+            out[~found] = self._initial(keys[~found].astype(np.int64))
+        return out
+
+    def check_grad(self, keys: np.ndarray | None, grad: np.ndarray) -> None:
+        if keys is None:
+            raise net.RequestError(f"table {self.spec.name!r} is sparse: pushes must carry keys")
+        expected = self.spec.shape(len(keys))
+        if grad.shape != expected:
+            raise net.RequestError(f"gradient for {self.spec.name!r} has shape {grad.shape}, expected {expected}")
+
+    def apply(self, rule: UpdateRule, keys: np.ndarray | None, grad: np.ndarray) -> None:
+        if keys is None:
+            raise net.RequestError(f"table {self.spec.name!r} is sparse: pushes must carry keys")
+        rows = self._ensure(keys.astype(np.int64))
+        rule.apply(self.values, grad, self.state, rows, self.steps)
+        self.steps += 1
+
+    def dump(self, with_state: bool) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Every stored key (sorted), its values and (if asked) its optimizer state."""
+        self._merge_delta()  # then the main index is all keys, sorted: no copy or sort of keys
+        keys, rows = self._keys, self._rows  # replaced on insert, never changed in place: safe to send
+        state = {name: arr[rows] for name, arr in self.state.items()} if with_state else {}
+        return keys, self.values[rows], state
+
+    # -- the index -------------------------------------------------------------
+    def _find(self, keys: np.ndarray) -> np.ndarray:
+        rows = np.full(len(keys), -1, np.int64)
+        for index_keys, index_rows in ((self._keys, self._rows), (self._new_keys, self._new_rows)):
+            if len(index_keys) and len(keys):
+                pos = np.minimum(np.searchsorted(index_keys, keys), len(index_keys) - 1)
+                hit = index_keys[pos] == keys
+                rows[hit] = index_rows[pos[hit]]
+        return rows
+
+    def _ensure(self, keys: np.ndarray) -> np.ndarray:
+        """Rows of ``keys`` (sorted, unique, validated), creating the missing ones (first touch)."""
+        rows = self._find(keys)
+        missing = rows < 0
+        if not missing.any():
+            return rows
+        fresh = keys[missing]
+        m = len(fresh)
+        self._reserve(self.n + m)
+        if self.n + m > MAX_KEYS:
+            raise net.RequestError(f"table {self.spec.name!r} would hold more than {MAX_KEYS} keys on this shard")
+        new_rows = np.arange(self.n, self.n + m, dtype=np.int32)
+        self.values[self.n : self.n + m] = self._initial(fresh)
+        for name, arr in self._init_state(self.values[self.n : self.n + m]).items():
+            self.state[name][self.n : self.n + m] = arr
+        self.n += m
+        rows[missing] = new_rows
+        pos = np.searchsorted(self._new_keys, fresh)
+        self._new_keys = np.insert(self._new_keys, pos, fresh)
+        self._new_rows = np.insert(self._new_rows, pos, new_rows)
+        if len(self._new_keys) > max(DELTA_MIN_KEYS, len(self._keys) // DELTA_FRACTION):
+            self._merge_delta()
+        return rows
+
+    def _merge_delta(self) -> None:
+        if len(self._new_keys):
+            pos = np.searchsorted(self._keys, self._new_keys)
+            self._keys = np.insert(self._keys, pos, self._new_keys)
+            self._rows = np.insert(self._rows, pos, self._new_rows)
+            self._new_keys, self._new_rows = _EMPTY_KEYS, _EMPTY_ROWS
+
+    def _reserve(self, rows: int) -> None:
+        capacity = self.values.shape[0]
+        if rows <= capacity:
+            return
+        capacity = max(rows, capacity + capacity // 2, MIN_CAPACITY)
+        self.values = _grown(self.values, self.n, capacity)
+        self.state = {name: _grown(arr, self.n, capacity) for name, arr in self.state.items()}
+
+    def _initial(self, keys: np.ndarray) -> np.ndarray:
+        spec = self.spec
+        if spec.init == "zeros":
+            return np.zeros(spec.shape(len(keys)), spec.dtype)
+        values = keyed_normal(keys, self.seed, hash_name(spec.name), spec.init_scale, spec.dim)
+        return values.reshape(spec.shape(len(keys))).astype(spec.dtype)
+
+
+def _grown(arr: np.ndarray, used: int, capacity: int) -> np.ndarray:
+    out = np.empty((capacity, *arr.shape[1:]), arr.dtype)
+    out[:used] = arr[:used]
+    return out
