@@ -99,32 +99,29 @@ class Job:
             raise
         return cls(peer, events, reply.body["job_id"], tables, max_frame_bytes)
 
-    async def _place(self) -> None:
-        """Once every worker has joined (the statistics barrier), create the tables on the shards."""
+    async def _until(self, kind: str) -> dict[str, Any]:
+        """The next event of ``kind``; JobError if the job fails or the server goes away first."""
         while True:
             event = await self._events.queue.get()
             if event is None:
                 raise JobError("lost the connection to the psctl server")
             if event["kind"] == "failed":
                 raise JobError(f"job failed: {event['reason']}")
-            if event["kind"] == "stats":
-                body = {"tables": [t.to_dict() for t in self.tables]}
-                self._placed = (await self._peer.request(MsgType.TABLES, body, timeout_s=60)).body
-                return
+            if event["kind"] == kind:
+                return event
+
+    async def _place(self) -> None:
+        """Once every worker has joined (the statistics barrier), create the tables on the shards."""
+        await self._until("stats")
+        body = {"tables": [t.to_dict() for t in self.tables]}
+        self._placed = (await self._peer.request(MsgType.TABLES, body, timeout_s=60)).body
 
     async def wait(self, timeout_s: float | None = None) -> dict[str, np.ndarray]:
         """Wait until every worker has closed; return the final tables."""
 
         async def done() -> None:
             await self._placing
-            while True:
-                event = await self._events.queue.get()
-                if event is None:
-                    raise JobError("lost the connection to the psctl server")
-                if event["kind"] == "failed":
-                    raise JobError(f"job failed: {event['reason']}")
-                if event["kind"] == "done":
-                    return
+            await self._until("done")
 
         await asyncio.wait_for(done(), timeout_s)
         assert self._placed is not None

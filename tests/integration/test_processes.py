@@ -39,6 +39,27 @@ def psctl_children(address: str) -> list[int]:
     return pids
 
 
+def start_train(args: list[str], until: str) -> tuple[subprocess.Popen, str]:
+    """Start 'psctl train ARGS' and read its output until a line starting with ``until``;
+    return the process and its cluster's coordinator address (bounded by the test timeout)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "psctl", "train", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    address = ""
+    for line in proc.stdout:
+        if line.startswith("cluster up"):
+            address = line.split(" at ")[1].strip()
+        if line.startswith(until):
+            break
+    return proc, address
+
+
+def worker_pids(address: str) -> list[int]:
+    return [p for p in psctl_children(address) if b"worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
 def wait_gone(address: str, timeout_s: float = 10) -> list[int]:
     """Wait (on pidfds, no polling) until those processes exit; return the ones still alive."""
     deadline = time.monotonic() + timeout_s
@@ -98,8 +119,8 @@ def test_server_with_an_external_worker_and_clean_stop(tmp_path):
 
 
 def train_args(data: Path, mode: str, out: Path) -> list[str]:
-    return [sys.executable, "-m", "psctl", "train", "logreg", str(data), "--label", "1", "--drop", "0", "--workers", "4",
-            "--mode", mode, "--staleness", "1", "--epochs", "40", "--out", str(out)]
+    return ["logreg", str(data), "--label", "1", "--drop", "0", "--workers", "4", "--mode", mode, "--staleness", "1",
+            "--epochs", "40", "--out", str(out)]
 
 
 @pytest.mark.fault
@@ -107,19 +128,10 @@ def train_args(data: Path, mode: str, out: Path) -> list[str]:
 @pytest.mark.parametrize("mode", ["sync", "ssp", "async"])
 def test_killed_worker_is_replaced_and_every_row_is_used(tmp_path, mode):
     data = EXAMPLES / "seed_pytorch" / "data.csv"
-    clean = subprocess.run(train_args(data, mode, tmp_path / "clean.npz"), capture_output=True, text=True, timeout=60)
+    clean = run_psctl("train", *train_args(data, mode, tmp_path / "clean.npz"))
     assert clean.returncode == 0, clean.stderr
-    proc = subprocess.Popen(train_args(data, mode, tmp_path / "m.npz"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.stdout is not None
-    address = None
-    for line in proc.stdout:
-        if line.startswith("cluster up"):
-            address = line.split(" at ")[1].strip()
-        if line.startswith("epoch 2/"):
-            break
-    workers = [p for p in psctl_children(address) if b"worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
-    os.kill(workers[0], signal.SIGKILL)
+    proc, address = start_train(train_args(data, mode, tmp_path / "m.npz"), until="epoch 2/")
+    os.kill(worker_pids(address)[0], signal.SIGKILL)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "started a new worker process in place of worker" in out
@@ -139,21 +151,12 @@ def test_killed_worker_is_replaced_and_every_row_is_used(tmp_path, mode):
 def test_stopped_worker_is_declared_dead_by_heartbeat_timeout(tmp_path):
     """SIGSTOP keeps the sockets open (a partitioned host): only the missing heartbeats tell."""
     data = EXAMPLES / "seed_pytorch" / "data.csv"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "psctl", "train", "logreg", str(data), "--label", "1", "--drop", "0",
-         "--workers", "4", "--mode", "sync", "--epochs", "60", "--heartbeat-interval-s", "0.2",
-         "--failure-timeout-s", "2", "--out", str(tmp_path / "m.npz")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    proc, address = start_train(
+        ["logreg", str(data), "--label", "1", "--drop", "0", "--workers", "4", "--mode", "sync", "--epochs", "60",
+         "--heartbeat-interval-s", "0.2", "--failure-timeout-s", "2", "--out", str(tmp_path / "m.npz")],
+        until="epoch 2/",
     )
-    assert proc.stdout is not None
-    address = None
-    for line in proc.stdout:
-        if line.startswith("cluster up"):
-            address = line.split(" at ")[1].strip()
-        if line.startswith("epoch 2/"):
-            break
-    workers = [p for p in psctl_children(address) if b"worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
-    os.kill(workers[0], signal.SIGSTOP)
+    os.kill(worker_pids(address)[0], signal.SIGSTOP)
     started = time.monotonic()
     out, err = proc.communicate(timeout=90)
     assert proc.returncode == 0, err
