@@ -405,10 +405,13 @@ async def start_coordinator(
     port: int = 0,
     *,
     max_frame_bytes: int,
-    max_connections: int = net.DEFAULT_MAX_CONNECTIONS,
+    max_connections: int | None = None,
+    security: net.Security = net.LOCAL,
 ) -> tuple[net.Server, CoordinatorService, str]:
     """Listen and return (server, service, 'host:port')."""
     service = CoordinatorService()
-    server = net.Server(service, max_frame_bytes=max_frame_bytes, max_connections=max_connections, name="coordinator")
+    server = net.Server(
+        service, max_frame_bytes=max_frame_bytes, max_connections=max_connections, name="coordinator", security=security
+    )
     bound_host, bound_port = await server.start(host, port)
     return server, service, f"{bound_host}:{bound_port}"

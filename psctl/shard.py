@@ -138,6 +138,8 @@ class ShardService:
         handler = self._handlers.get(msg.type)
         if handler is None:
             raise net.RequestError(f"a shard does not serve {msg.type.name}", code="unexpected")
+        if msg.type in _FROM_COORDINATOR and peer is not self.coordinator:
+            raise net.RequestError(f"only this shard's coordinator may send {msg.type.name}", code="forbidden")
         return handler(self, peer, msg)
 
     def peer_lost(self, peer: net.Peer, exc: BaseException | None) -> None:
@@ -164,6 +166,7 @@ class ShardService:
     def _pull(self, peer: net.Peer, msg: Message) -> net.Reply | asyncio.Future[Message]:
         state = self._job(msg.body)
         names = state.check_tables(msg.body.get("tables"))
+        peer.check_keys(sum(state.values[n].shape[0] for n in names))
         if peer.info.get("role") == "driver" or peer.info.get("worker_id") in state.left:
             return Message(MsgType.PULL, {}, state.read(names))
         if peer.info.get("role") != "worker":
@@ -195,6 +198,7 @@ class ShardService:
         names = state.check_tables(msg.body.get("tables"))
         if len(msg.arrays) != len(names):
             raise net.RequestError(f"PUSH names {len(names)} tables but carries {len(msg.arrays)} arrays")
+        peer.check_keys(sum(len(a) if a.ndim else 1 for a in msg.arrays))
         count = _require(msg.body, "count", int)
         if count < 1:
             raise net.RequestError("'count' must be >= 1")
@@ -265,6 +269,9 @@ class ShardService:
     }
 
 
+_FROM_COORDINATOR = frozenset({MsgType.JOB_SETUP, MsgType.WORKER_LEFT, MsgType.JOB_CLEAR})
+
+
 async def run_shard(
     coordinator: str,
     host: str = "127.0.0.1",
@@ -272,18 +279,23 @@ async def run_shard(
     *,
     advertise_host: str | None = None,
     max_frame_bytes: int,
-    max_connections: int = net.DEFAULT_MAX_CONNECTIONS,
+    max_connections: int | None = None,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[str], None] | None = None,
+    security: net.Security = net.LOCAL,
 ) -> None:
     """Serve one shard until ``stop`` is set or the coordinator goes away."""
     stop = stop or asyncio.Event()
     service = ShardService(on_coordinator_lost=stop.set)
-    server = net.Server(service, max_frame_bytes=max_frame_bytes, max_connections=max_connections, name="shard")
+    server = net.Server(
+        service, max_frame_bytes=max_frame_bytes, max_connections=max_connections, name="shard", security=security
+    )
     bound_host, bound_port = await server.start(host, port)
     address = f"{advertise_host or bound_host}:{bound_port}"
     try:
-        peer = await net.connect(coordinator, service, max_frame_bytes=max_frame_bytes, what="psctl coordinator")
+        peer = await net.connect(
+            coordinator, service, max_frame_bytes=max_frame_bytes, what="psctl coordinator", security=security
+        )
         service.coordinator = peer
         reply = await peer.request(MsgType.REGISTER_SHARD, {"address": address, "pid": os.getpid()})
         service.shard_id = int(reply.body["shard_id"])

@@ -50,6 +50,7 @@ class TrainConfig:
     standardize: bool = True
     out: str = "model.npz"
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    security: net.Security = net.LOCAL  # never written to the model file
 
     def validate(self) -> None:
         if self.workers < 1:
@@ -129,7 +130,7 @@ async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = l
          "workers": cfg.workers, "steps": steps}
     )
     started = time.monotonic()
-    async with LocalCluster(max_frame_bytes=cfg.max_frame_bytes) as cluster:
+    async with LocalCluster(max_frame_bytes=cfg.max_frame_bytes, security=cfg.security) as cluster:
         if cfg.server is None:
             coordinator = await cluster.start_coordinator()
             shards_up = asyncio.ensure_future(cluster.start_shards(cfg.shards, coordinator))
@@ -137,7 +138,9 @@ async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = l
             coordinator = cfg.server
             shards_up = None
         driver_service = _DriverService()
-        peer = await net.connect(coordinator, driver_service, max_frame_bytes=cfg.max_frame_bytes, what="psctl server")
+        peer = await net.connect(
+            coordinator, driver_service, max_frame_bytes=cfg.max_frame_bytes, what="psctl server", security=cfg.security
+        )
         try:
             n_local = cfg.workers if cfg.local_workers is None else cfg.local_workers
             await cluster.start_workers(n_local, coordinator)
@@ -149,7 +152,7 @@ async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = l
             on_event({"kind": "submitted", "job_id": job_id, "shards": reply.body["shards"]})
             events, done = await _follow(cluster, driver_service, on_event)
             stats = next(e for e in events if e["kind"] == "stats")
-            params = await _final_pull(reply.body, job_id, cfg.max_frame_bytes)
+            params = await _final_pull(reply.body, job_id, cfg.max_frame_bytes, cfg.security)
             peer.notify(MsgType.JOB_END, {"job_id": job_id})
         finally:
             peer.close()
@@ -208,9 +211,13 @@ async def _follow(
             get.cancel()
 
 
-async def _final_pull(submitted: dict[str, Any], job_id: str, max_frame_bytes: int) -> dict[str, np.ndarray]:
+async def _final_pull(
+    submitted: dict[str, Any], job_id: str, max_frame_bytes: int, security: net.Security
+) -> dict[str, np.ndarray]:
     ranges = submitted["ranges"]
-    client = await ShardClient.connect(submitted["shards"], ranges, job_id, {"role": "driver"}, max_frame_bytes=max_frame_bytes)
+    client = await ShardClient.connect(
+        submitted["shards"], ranges, job_id, {"role": "driver"}, max_frame_bytes=max_frame_bytes, security=security
+    )
     try:
         return await client.pull(list(ranges))
     finally:
@@ -228,7 +235,9 @@ def _model_meta(
         "label": schema.columns[schema.label_index] if schema.label_index is not None else None,
         "classes": classes,
         "standardize": None,
-        "training": {k: v for k, v in asdict(cfg).items() if k not in ("out", "max_frame_bytes", "local_workers")},
+        "training": {
+            k: v for k, v in asdict(cfg).items() if k not in ("out", "max_frame_bytes", "local_workers", "security")
+        },
         "metrics": {
             "train_loss": done["loss"],
             "train_accuracy": done["accuracy"],

@@ -84,16 +84,23 @@ def _jsonable(stats: dict[str, Any]) -> dict[str, Any]:
 
 
 class Worker:
-    def __init__(self, coordinator: str, *, max_frame_bytes: int, data_path: str | None = None):
+    def __init__(
+        self, coordinator: str, *, max_frame_bytes: int, data_path: str | None = None, security: net.Security = net.LOCAL
+    ):
         self.coordinator_address = coordinator
         self.max_frame_bytes = max_frame_bytes
         self.data_path = data_path
+        self.security = security
         self.control = _ControlService()
 
     async def run(self) -> dict[str, Any]:
         """Join the next job, train, report. Returns the final report."""
         coord = await net.connect(
-            self.coordinator_address, self.control, max_frame_bytes=self.max_frame_bytes, what="psctl coordinator"
+            self.coordinator_address,
+            self.control,
+            max_frame_bytes=self.max_frame_bytes,
+            what="psctl coordinator",
+            security=self.security,
         )
         try:
             reg = await coord.request(
@@ -141,6 +148,7 @@ class Worker:
             reg["job_id"],
             {"role": "worker", "worker_id": worker_id},
             max_frame_bytes=self.max_frame_bytes,
+            security=self.security,
         )
         try:
             await self._train(coord, client, model, prep, spec, worker_id)
