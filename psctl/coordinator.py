@@ -136,11 +136,11 @@ class CoordinatorService:
 
     # -- shards --------------------------------------------------------------
     def _register_shard(self, peer: net.Peer, msg: Message) -> Message:
-        address = msg.body.get("address")
-        if not isinstance(address, str):
-            raise net.RequestError("REGISTER_SHARD needs an address")
+        address, pid = msg.body.get("address"), msg.body.get("pid", 0)
+        if not isinstance(address, str) or not isinstance(pid, int) or isinstance(pid, bool):
+            raise net.RequestError("REGISTER_SHARD needs an address and an integer pid")
         shard_id = max((s.shard_id for s in self.shards), default=-1) + 1
-        self.shards.append(ShardInfo(shard_id, address, int(msg.body.get("pid", 0)), peer))
+        self.shards.append(ShardInfo(shard_id, address, pid, peer))
         peer.info.update(role="shard", shard_id=shard_id, address=address)
         log.info("shard %d registered at %s", shard_id, address)
         self._changed_soon()

@@ -53,7 +53,7 @@ class ShardState:
         if not isinstance(names, list) or not names:
             raise net.RequestError("'tables' must be a non-empty list of table names")
         for name in names:
-            if name not in self.values:
+            if not isinstance(name, str) or name not in self.values:
                 raise net.RequestError(f"unknown table {name!r}")
         return names
 
