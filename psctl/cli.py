@@ -125,12 +125,14 @@ def _run(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
         raise typer.Exit(130) from None
 
 
-async def _wait_for_signal() -> None:
+def _on_signal() -> asyncio.Event:
+    """An event SIGINT or SIGTERM sets. The handlers are in place when this returns, so
+    call it before announcing an address: a signal right after must not interrupt."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 def _split(values: list[str] | None) -> tuple[str, ...]:
@@ -333,12 +335,13 @@ def server(
         async with LocalCluster(host=host, max_frame_bytes=max_frame_bytes, security=security) as cluster:
             address = coordinator or await cluster.start_coordinator(port)
             shard_addresses = await cluster.start_shards(shards, address)
+            signalled = _on_signal()
             if coordinator:
                 print(f"psctl: {shards} shards joined the coordinator at {address}: {', '.join(shard_addresses)}", flush=True)
             else:
                 print(f"psctl server listening on {address} (coordinator, {shards} shards)", flush=True)
             exits = [asyncio.ensure_future(c.proc.wait()) for c in cluster.children]
-            stop = asyncio.ensure_future(_wait_for_signal())
+            stop = asyncio.ensure_future(signalled.wait())
             done, _ = await asyncio.wait([stop, *exits], return_when=asyncio.FIRST_COMPLETED)
             for fut in exits:
                 fut.cancel()
@@ -363,9 +366,10 @@ def coordinator_cmd(
 
     async def main() -> None:
         srv, _, address = await start_coordinator(host, port, max_frame_bytes=max_frame_bytes, security=security)
+        signalled = _on_signal()
         print(f"psctl coordinator listening on {address}", flush=True)
         try:
-            await _wait_for_signal()
+            await signalled.wait()
         finally:
             await srv.close()
 
