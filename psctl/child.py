@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None, security: net.Security | None = None) ->
         net.run(lambda: _until_stopped(role_main(args, security), args.parent_watch))
     except PsctlError as exc:
         print(f"psctl {args.role}: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
     return 0

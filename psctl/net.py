@@ -34,6 +34,7 @@ from psctl.wire import (
     NEED_DATA,
     Flag,
     FrameParser,
+    LocalProtocolError,
     Message,
     MsgType,
     ProtocolError,
@@ -356,7 +357,11 @@ class Peer(asyncio.BufferedProtocol):
         reply.flags = Flag.REPLY
         if reply.type is not MsgType.ERROR:
             reply.type = request.type
-        self.send(reply)
+        try:
+            self.send(reply)
+        except LocalProtocolError as exc:  # a handler's answer the wire cannot carry: a bug, not the peer's
+            log.error("reply to %s cannot be encoded: %s", request.type.name, exc)
+            self.send(error_message(f"internal error: {exc}", request.req_id, "internal"))
 
     def _reply_error(self, request: Message, text: str, code: str) -> None:
         if request.flags & Flag.ONEWAY:

@@ -18,7 +18,7 @@ from psctl import net
 from psctl.consistency import ClockGate, SyncAccumulator, staleness_for
 from psctl.optim import Optimizer, make_optimizer
 from psctl.tables import TableSpec, init_values
-from psctl.wire import Message, MsgType
+from psctl.wire import MAX_ARRAYS, Message, MsgType
 
 log = logging.getLogger("psctl.shard")
 
@@ -50,8 +50,8 @@ class ShardState:
         self.left: set[int] = set()
 
     def check_tables(self, names: list[Any]) -> list[str]:
-        if not isinstance(names, list) or not names:
-            raise net.RequestError("'tables' must be a non-empty list of table names")
+        if not isinstance(names, list) or not 0 < len(names) <= MAX_ARRAYS:
+            raise net.RequestError(f"'tables' must be a list of 1 to {MAX_ARRAYS} table names")
         for name in names:
             if not isinstance(name, str) or name not in self.values:
                 raise net.RequestError(f"unknown table {name!r}")

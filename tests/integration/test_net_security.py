@@ -182,3 +182,22 @@ async def test_silent_and_stalled_peers_are_dropped_after_their_deadlines(secret
         good.close()
     finally:
         await server.close()
+
+
+class TooMany(net.NullService):
+    def handle(self, peer: net.Peer, msg: Message) -> net.Reply:
+        return Message(MsgType.PING, {}, [np.zeros(1)] * 100)  # more arrays than a frame carries
+
+
+async def test_a_reply_the_wire_cannot_carry_is_an_internal_error_not_a_dropped_peer():
+    server = net.Server(TooMany(), max_frame_bytes=1 << 20, name="test")
+    address = await server.start("127.0.0.1", 0)
+    try:
+        peer = await net.connect(address)
+        for _ in range(2):  # and the connection stays usable
+            with pytest.raises(net.RemoteError, match="internal error: a message carries at most 64 arrays") as info:
+                await peer.request(MsgType.PING, timeout_s=5)
+            assert info.value.code == "internal"
+        peer.close()
+    finally:
+        await server.close()
