@@ -38,11 +38,7 @@ from psctl.client import ShardClient  # noqa: E402
 from psctl.launch import LocalCluster  # noqa: E402
 from psctl.wire import MsgType  # noqa: E402
 from tests.certs import self_signed_cert  # noqa: E402
-
-
-class _IgnoreEvents(net.NullService):
-    def handle(self, peer: net.Peer, msg):  # type: ignore[no-untyped-def]
-        return None if msg.type is MsgType.EVENT else super().handle(peer, msg)
+from tests.integration.cluster import IgnoreEvents  # noqa: E402
 
 
 class Setup:
@@ -62,8 +58,8 @@ class Setup:
             "model": "bench", "n_workers": 1, "tables": [{"name": "w", "rows": self.rows}], "mode": "async",
             "staleness": 0, "optimizer": {"name": "sgd", "params": {"lr": 0.001}}, "partitions": [{}],
         }  # fmt: skip
-        self.driver = await net.connect(address, _IgnoreEvents(), security=self.security)
-        self.control = await net.connect(address, _IgnoreEvents(), security=self.security)
+        self.driver = await net.connect(address, IgnoreEvents(), security=self.security)
+        self.control = await net.connect(address, IgnoreEvents(), security=self.security)
         submitted = (await self.driver.request(MsgType.SUBMIT, {"spec": spec})).body
         reg = (await self.control.request(MsgType.REGISTER_WORKER, {"pid": 0, "host": "bench"})).body
         self.worker = await ShardClient.connect(

@@ -52,6 +52,18 @@ async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout_s: float 
         await asyncio.sleep(0.01)
 
 
+async def equals(value: Awaitable[Any], expected: Any) -> bool:
+    """For wait_until: whether an awaited value equals ``expected``."""
+    return await value == expected
+
+
+class IgnoreEvents(net.NullService):
+    """For a test's driver or worker control connection: the coordinator's EVENTs are not needed."""
+
+    def handle(self, peer: net.Peer, msg: Message) -> net.Reply:
+        return None if msg.type is MsgType.EVENT else super().handle(peer, msg)
+
+
 async def status(address: str, security: net.Security = net.LOCAL) -> dict[str, Any]:
     peer = await net.connect(address, security=security)
     try:

@@ -32,7 +32,7 @@ from psctl import auth, net
 from psctl.client import ShardClient
 from psctl.wire import HEADER, NEED_DATA, Flag, FrameParser, Message, MsgType, ProtocolError, encode_bytes
 
-from .cluster import bare_spec, status, wait_until, write_secret
+from .cluster import IgnoreEvents, bare_spec, status, wait_until, write_secret
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -256,11 +256,6 @@ async def _next_frame(reader: asyncio.StreamReader, parser: FrameParser, timeout
     return msg  # type: ignore[return-value]
 
 
-class _IgnoreEvents(net.NullService):
-    def handle(self, peer: net.Peer, msg: Message) -> net.Reply:
-        return None if msg.type is MsgType.EVENT else super().handle(peer, msg)
-
-
 async def test_hostile_frames_change_no_parameter_and_the_worker_is_still_served(tmp_path):
     secret_path, secret = write_secret(tmp_path)
     security = net.Security(secret=secret)
@@ -269,10 +264,10 @@ async def test_hostile_frames_change_no_parameter_and_the_worker_is_still_served
     shard = None
     try:
         shard = Process(["shard", "--coordinator", coordinator.address, *common], tmp_path / "shard.log", "PSCTL_READY ")
-        driver = await net.connect(coordinator.address, _IgnoreEvents(), security=security)
+        driver = await net.connect(coordinator.address, IgnoreEvents(), security=security)
         submitted = (await driver.request(MsgType.SUBMIT, {"spec": bare_spec(1, "async", rows=ROWS)})).body
         job_id = submitted["job_id"]
-        control = await net.connect(coordinator.address, _IgnoreEvents(), security=security)
+        control = await net.connect(coordinator.address, IgnoreEvents(), security=security)
         reg = (await control.request(MsgType.REGISTER_WORKER, {"pid": 0, "host": "test"})).body
         worker = await ShardClient.connect(
             reg["shards"], reg["ranges"], job_id, {"role": "worker", "worker_id": 0},

@@ -13,7 +13,7 @@ from psctl import auth, net
 from psctl.errors import SecurityError
 from psctl.wire import HEADER, Message, MsgType, encode_bytes
 
-from .cluster import RawClient
+from .cluster import RawClient, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
@@ -132,7 +132,11 @@ async def test_the_connection_limit_turns_away_the_next_connection():
         assert (await peers[0].request(MsgType.PING, timeout_s=5)).type is MsgType.PING
         peers[0].close()
         await peers[0].wait_closed()
-        await asyncio.wait_for(_until(lambda: len(server.peers) == 2), 5)
+
+        async def two_left() -> bool:
+            return len(server.peers) == 2
+
+        await wait_until(two_left, what="the server to drop the closed peer")
         late = await net.connect(address)  # a freed slot is usable again
         await late.request(MsgType.PING, timeout_s=5)
         late.close()
@@ -140,11 +144,6 @@ async def test_the_connection_limit_turns_away_the_next_connection():
             peer.close()
     finally:
         await server.close()
-
-
-async def _until(predicate) -> None:
-    while not predicate():
-        await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize("secret", [None, SECRET], ids=["no-secret", "secret"])

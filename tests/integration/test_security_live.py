@@ -25,7 +25,7 @@ from psctl.wire import NEED_DATA, FrameParser, Message, MsgType, encode_bytes
 
 from ..certs import self_signed_cert
 from ..conftest import EXAMPLES, run_psctl
-from .cluster import RawClient, ServerProcess, bare_spec, status, wait_until, write_secret
+from .cluster import IgnoreEvents, RawClient, ServerProcess, bare_spec, equals, status, wait_until, write_secret
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -45,11 +45,6 @@ def secured(tmp_path_factory):
     assert code == 0 and "Traceback" not in err, err
 
 
-class _IgnoreEvents(net.NullService):
-    def handle(self, peer: net.Peer, msg: Message) -> net.Reply:
-        return None if msg.type is MsgType.EVENT else super().handle(peer, msg)
-
-
 class Job:
     """A submitted one-worker async job with its worker registered, on a secured server."""
 
@@ -57,7 +52,7 @@ class Job:
         self.address, self.security = address, security
 
     async def __aenter__(self) -> Job:
-        self.driver = await net.connect(self.address, _IgnoreEvents(), security=self.security)
+        self.driver = await net.connect(self.address, IgnoreEvents(), security=self.security)
         self.submitted = (await self.driver.request(MsgType.SUBMIT, {"spec": bare_spec(1, "async", rows=ROWS)})).body
         self.job_id = self.submitted["job_id"]
         self.control = await net.connect(self.address, security=self.security)
@@ -175,7 +170,7 @@ async def test_a_replayed_capture_of_a_worker_session_changes_nothing(secured):
         )  # fmt: skip
         assert [(await honest.frame()).type for _ in range(2)] == [MsgType.HELLO, MsgType.PUSH]
         honest.close()
-        await wait_until(lambda: _eq(job.pushes(), [1, 0]), what="the honest push")
+        await wait_until(lambda: equals(job.pushes(), [1, 0]), what="the honest push")
         before = await job.values()
         # Replayed whole, and the captured proof (and what follows) behind a fresh hello.
         capture = FrameParser()
@@ -190,10 +185,6 @@ async def test_a_replayed_capture_of_a_worker_session_changes_nothing(secured):
             assert frames[-1].body["code"] == "auth_failed"
         np.testing.assert_array_equal(await job.values(), before)
         assert await job.pushes() == [1, 0]
-
-
-async def _eq(value, expected) -> bool:
-    return await value == expected
 
 
 async def test_slow_loris_peers_are_dropped_after_the_deadline_while_others_are_served(secured):
