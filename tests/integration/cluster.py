@@ -152,6 +152,37 @@ class RawClient:
 _OPENED: list[RawClient] = []
 
 
+class Hangups:
+    """Watches RawClients until the other side closes them; notes when, from a time of our choosing."""
+
+    def __init__(self) -> None:
+        self.since: dict[int, float] = {}  # client index -> monotonic time its deadline started
+        self.after_s: dict[int, float] = {}  # client index -> seconds from then to the hang-up
+        self.frames: dict[int, list[Message]] = {}
+        self._waits: list[asyncio.Future[list[Message]]] = []
+
+    def watch(self, client: RawClient, timeout_s: float) -> None:
+        """Start watching ``client``; its deadline started now."""
+        i = len(self._waits)
+        self.since[i] = time.monotonic()
+        fut = asyncio.ensure_future(client.until_closed(timeout_s=timeout_s))
+        fut.add_done_callback(lambda f, i=i: self._closed(i, f))
+        self._waits.append(fut)
+
+    def _closed(self, i: int, fut: asyncio.Future[list[Message]]) -> None:
+        self.after_s[i] = time.monotonic() - self.since[i]
+        if not fut.cancelled() and fut.exception() is None:
+            self.frames[i] = fut.result()
+
+    @property
+    def done(self) -> bool:
+        return len(self.after_s) == len(self._waits)  # every done-callback has run, not only every future
+
+    def cancel(self) -> None:
+        for fut in self._waits:
+            fut.cancel()
+
+
 async def close_raw_clients() -> None:
     """Close every RawClient a test opened (the integration conftest calls this after each test)."""
     while _OPENED:

@@ -4,7 +4,6 @@ small pre-handshake parser, the connection limit, set-up and mid-frame deadlines
 from __future__ import annotations
 
 import asyncio
-import time
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from psctl import auth, net
 from psctl.errors import SecurityError
 from psctl.wire import HEADER, Message, MsgType, encode_bytes
 
-from .cluster import RawClient, wait_until
+from .cluster import Hangups, RawClient, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
@@ -151,10 +150,13 @@ async def test_silent_and_stalled_peers_are_dropped_after_their_deadlines(secret
     timeout_s = 0.5
     security = net.Security(secret=secret, handshake_timeout_s=timeout_s, idle_timeout_s=timeout_s)
     server, service, address = await serve(security)
+    hangups = Hangups()
     try:
         silent = await RawClient.open(address)
+        hangups.watch(silent, timeout_s=10)
         half_header = await RawClient.open(address)
         half_header.send(encode_bytes(Message(MsgType.PING, {}, req_id=1))[:10])
+        hangups.watch(half_header, timeout_s=10)  # the set-up deadline started before: a lower bound
         stalled = await RawClient.open(address)
         if secret is not None:
             await stalled.authenticate(secret)
@@ -162,24 +164,20 @@ async def test_silent_and_stalled_peers_are_dropped_after_their_deadlines(secret
             stalled.send(Message(MsgType.PING, {}, req_id=1))
             assert (await stalled.frame()).type is MsgType.PING
         stalled.send(encode_bytes(Message(MsgType.PING, {}, [np.zeros(1000)], req_id=2))[:4000])
-        started = time.monotonic()
+        hangups.watch(stalled, timeout_s=10)
         good = await net.connect(address, security=security)
-        for raw in (silent, half_header, stalled):
-            while True:  # a healthy peer is served meanwhile
-                assert (await good.request(MsgType.PING, timeout_s=5)).type is MsgType.PING
-                try:
-                    frames = await asyncio.wait_for(raw.until_closed(), 0.05)
-                    break
-                except TimeoutError:
-                    continue
-            waited = time.monotonic() - started
+        while not hangups.done:  # a healthy peer is served meanwhile
+            assert (await good.request(MsgType.PING, timeout_s=5)).type is MsgType.PING
+        for frames in hangups.frames.values():
             assert frames and frames[-1].type is MsgType.ERROR, frames
             assert "within 0.5 s" in frames[-1].body["message"] or "for 0.5 s" in frames[-1].body["message"]
-            assert waited >= timeout_s * 0.9
-        assert time.monotonic() - started < timeout_s + 5
+        assert len(hangups.frames) == 3
+        # Not before the deadline (less the moments between its start and ours), and not long after.
+        assert all(timeout_s * 0.8 <= after <= timeout_s + 5 for after in hangups.after_s.values()), hangups.after_s
         assert (await good.request(MsgType.PING, timeout_s=5)).type is MsgType.PING
         good.close()
     finally:
+        hangups.cancel()
         await server.close()
 
 

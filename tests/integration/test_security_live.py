@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,17 @@ from psctl.wire import NEED_DATA, FrameParser, Message, MsgType, encode_bytes
 
 from ..certs import self_signed_cert
 from ..conftest import EXAMPLES, run_psctl
-from .cluster import IgnoreEvents, RawClient, ServerProcess, bare_spec, equals, status, wait_until, write_secret
+from .cluster import (
+    Hangups,
+    IgnoreEvents,
+    RawClient,
+    ServerProcess,
+    bare_spec,
+    equals,
+    status,
+    wait_until,
+    write_secret,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -190,37 +199,30 @@ async def test_a_replayed_capture_of_a_worker_session_changes_nothing(secured):
 async def test_slow_loris_peers_are_dropped_after_the_deadline_while_others_are_served(secured):
     server, security = secured
     async with Job(server.address, security) as job:
-        targets = [server.address, job.submitted["shards"][0]]
-        lorises = []
-        for address in targets:
-            silent = await RawClient.open(address)
-            half_header = await RawClient.open(address)
-            half_header.send(encode_bytes(Message(MsgType.STATUS, {}, req_id=1))[:11])
-            stalled = await RawClient.open(address)  # knows the secret, then trickles half a frame
-            await stalled.authenticate(security.secret)
-            stalled.send(encode_bytes(Message(MsgType.PING, {}, [np.zeros(4096)], req_id=3))[:20_000])
-            lorises += [silent, half_header, stalled]
-        started = time.monotonic()
-        dropped: dict[int, float] = {}
-        served = 0
-        waits = {i: asyncio.ensure_future(r.until_closed(timeout_s=DEADLINE_S + 20)) for i, r in enumerate(lorises)}
+        hangups = Hangups()
         try:
-            while len(dropped) < len(lorises):
-                # Everyone else is served meanwhile: the legitimate worker steps.
+            for address in [server.address, job.submitted["shards"][0]]:
+                hangups.watch(await RawClient.open(address), timeout_s=DEADLINE_S + 20)  # silent
+                half_header = await RawClient.open(address)
+                half_header.send(encode_bytes(Message(MsgType.STATUS, {}, req_id=1))[:11])
+                hangups.watch(half_header, timeout_s=DEADLINE_S + 20)
+                stalled = await RawClient.open(address)  # knows the secret, then trickles half a frame
+                await stalled.authenticate(security.secret)
+                stalled.send(encode_bytes(Message(MsgType.PING, {}, [np.zeros(4096)], req_id=3))[:20_000])
+                hangups.watch(stalled, timeout_s=DEADLINE_S + 20)
+            served = 0
+            while not hangups.done:  # everyone else is served meanwhile: the legitimate worker steps
                 await asyncio.wait_for(job.worker.pull(["w"], served), 10)
                 await job.worker.push(GRAD, served, 1)
                 served += 1
-                for i, fut in waits.items():
-                    if fut.done() and i not in dropped:
-                        dropped[i] = time.monotonic() - started
-                        frames = fut.result()
-                        assert frames and frames[-1].type is MsgType.ERROR, frames
-                        assert f"{DEADLINE_S:g} s" in frames[-1].body["message"]
-                assert time.monotonic() - started < DEADLINE_S + 20, f"still connected: {set(waits) - set(dropped)}"
         finally:
-            for fut in waits.values():
-                fut.cancel()
-        assert min(dropped.values()) >= DEADLINE_S * 0.9, dropped
+            hangups.cancel()
+        assert len(hangups.frames) == 6, hangups.after_s
+        for frames in hangups.frames.values():
+            assert frames and frames[-1].type is MsgType.ERROR, frames
+            assert f"{DEADLINE_S:g} s" in frames[-1].body["message"]
+        # Not before the deadline (less the moments between its start and ours), and not long after.
+        assert all(DEADLINE_S * 0.8 <= after <= DEADLINE_S + 15 for after in hangups.after_s.values()), hangups.after_s
         assert served >= 2
         np.testing.assert_allclose(await job.values(), -0.1 * served, rtol=1e-3)
 
