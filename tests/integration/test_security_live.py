@@ -310,3 +310,20 @@ def test_tls_round_trip_through_every_role(tmp_path, tls_files):
     finally:
         code, _, err = server.stop()
     assert code == 0 and "Traceback" not in err, err
+
+
+def test_bad_security_settings_are_one_sentence(tmp_path):
+    open_secret = tmp_path / "open.secret"
+    open_secret.write_text("0123456789abcdef0123\n")
+    open_secret.chmod(0o644)
+    cases = [
+        (["status", "--server", "127.0.0.1:1", "--idle-timeout-s", "0"], "--idle-timeout-s must be positive"),
+        (["server", "--max-connections", "0"], "--max-connections must be at least 1"),
+        (["worker", "--server", "127.0.0.1:1", "--secret-file", str(open_secret)], "is open to other users (mode 0644)"),
+        (["server", "--tls-cert", str(tmp_path / "c.pem")], "serving with TLS needs both --tls-cert and --tls-key"),
+    ]
+    for args, fragment in cases:
+        result = run_psctl(*args, timeout_s=60)
+        assert result.returncode == 5, (args, result.stderr)
+        message = " ".join(result.stderr.split())
+        assert message.startswith("psctl: error:") and fragment in message and "Traceback" not in message, message
