@@ -55,7 +55,10 @@ class _Events(net.NullService):
 class Job:
     """The driver of a job whose workers run their own loops."""
 
-    def __init__(self, peer: net.Peer, events: _Events, job_id: str, tables: list[TableSpec], max_frame_bytes: int):
+    def __init__(
+        self, peer: net.Peer, events: _Events, job_id: str, tables: list[TableSpec], max_frame_bytes: int, security: net.Security
+    ):
+        self._security = security
         self._peer, self._events, self.job_id = peer, events, job_id
         self.tables = tables
         self._max_frame_bytes = max_frame_bytes
@@ -75,6 +78,7 @@ class Job:
         lr_decay: float = 0.0,
         seed: int = 0,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        security: net.Security = net.LOCAL,
     ) -> Job:
         """Open a job for ``workers`` KVWorkers on the server at ``address``."""
         try:
@@ -82,7 +86,7 @@ class Job:
         except ValueError as exc:
             raise PsctlError(str(exc)) from None
         events = _Events()
-        peer = await net.connect(address, events, max_frame_bytes=max_frame_bytes, what="psctl server")
+        peer = await net.connect(address, events, max_frame_bytes=max_frame_bytes, what="psctl server", security=security)
         spec = {
             "model": "api",
             "n_workers": workers,
@@ -97,7 +101,7 @@ class Job:
         except BaseException:
             peer.close()
             raise
-        return cls(peer, events, reply.body["job_id"], tables, max_frame_bytes)
+        return cls(peer, events, reply.body["job_id"], tables, max_frame_bytes, security)
 
     async def _until(self, kind: str) -> dict[str, Any]:
         """The next event of ``kind``; JobError if the job fails or the server goes away first."""
@@ -127,7 +131,7 @@ class Job:
         assert self._placed is not None
         client = await ShardClient.connect(
             self._placed["shards"], self._placed["ranges"], self.job_id, {"role": "driver"},
-            max_frame_bytes=self._max_frame_bytes,
+            max_frame_bytes=self._max_frame_bytes, security=self._security,
         )
         try:
             return await client.pull([t.name for t in self.tables])
@@ -161,19 +165,21 @@ class KVWorker:
         self._closed = False
 
     @classmethod
-    async def join(cls, address: str, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> KVWorker:
+    async def join(
+        cls, address: str, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, security: net.Security = net.LOCAL
+    ) -> KVWorker:
         """Join the next job of the server at ``address`` that has a free worker slot.
 
         Returns once every worker of the job has joined (the tables are created then).
         """
         control = _Events()
-        coord = await net.connect(address, control, max_frame_bytes=max_frame_bytes, what="psctl server")
+        coord = await net.connect(address, control, max_frame_bytes=max_frame_bytes, what="psctl server", security=security)
         try:
             reg = (await coord.request(MsgType.REGISTER_WORKER, {"pid": os.getpid(), "host": socket.gethostname()}, timeout_s=None)).body
             placed = (await coord.request(MsgType.STATS, {"stats": None, "labels": []}, timeout_s=None)).body
             client = await ShardClient.connect(
                 placed["shards"], placed["ranges"], reg["job_id"], {"role": "worker", "worker_id": reg["worker_id"]},
-                max_frame_bytes=max_frame_bytes,
+                max_frame_bytes=max_frame_bytes, security=security,
             )
         except BaseException:
             coord.close()
@@ -241,8 +247,10 @@ class KVWorker:
 class LocalServer:
     """A coordinator (in this process) and shard processes on this host: ``psctl server`` as a context manager."""
 
-    def __init__(self, shards: int = 2, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
-        self._cluster = LocalCluster(max_frame_bytes=max_frame_bytes)
+    def __init__(
+        self, shards: int = 2, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, security: net.Security = net.LOCAL
+    ):
+        self._cluster = LocalCluster(max_frame_bytes=max_frame_bytes, security=security)
         self._shards = shards
         self.address = ""
 

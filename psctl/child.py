@@ -2,7 +2,8 @@
 
 Kept free of the CLI's imports (typer, rich) so a cluster starts quickly.
 A child started with ``--parent-watch`` exits when its stdin closes, so it
-never outlives the process that started it.
+never outlives the process that started it. The shared secret reaches a child
+through an inherited pipe (``--secret-fd``), never its command line or environment.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-from psctl import net
+from psctl import auth, net
 from psctl.errors import PsctlError
 from psctl.wire import DEFAULT_MAX_FRAME_BYTES
 
@@ -56,7 +57,7 @@ def announce(address: str) -> None:
     print(f"{READY} {address}", flush=True)
 
 
-async def shard_main(args: argparse.Namespace) -> None:
+async def shard_main(args: argparse.Namespace, security: net.Security) -> None:
     from psctl.shard import run_shard
 
     await run_shard(
@@ -66,14 +67,47 @@ async def shard_main(args: argparse.Namespace) -> None:
         advertise_host=args.advertise_host,
         max_frame_bytes=args.max_frame_bytes,
         on_ready=announce,
+        security=security,
     )
 
 
-async def worker_main(args: argparse.Namespace) -> None:
+async def worker_main(args: argparse.Namespace, security: net.Security) -> None:
     from psctl.worker import Worker
 
     announce(args.server)
-    await Worker(args.server, max_frame_bytes=args.max_frame_bytes, data_path=args.data, model_classes=args.model_class).run()
+    await Worker(args.server, max_frame_bytes=args.max_frame_bytes, data_path=args.data, model_classes=args.model_class, security=security).run()
+
+
+def security_args(security: net.Security) -> list[str]:
+    """Everything in ``security`` but the secret, as this parser's flags."""
+    args = [
+        "--handshake-timeout-s", repr(security.handshake_timeout_s),
+        "--idle-timeout-s", repr(security.idle_timeout_s),
+        "--max-connections", str(security.max_connections),
+        "--max-keys-per-request", str(security.max_keys_per_request),
+    ]  # fmt: skip
+    if security.insecure:
+        args.append("--insecure")
+    if security.tls is not None:
+        for flag, value in (("--tls-cert", security.tls.cert), ("--tls-key", security.tls.key), ("--tls-ca", security.tls.ca)):
+            if value is not None:
+                args += [flag, value]
+    return args
+
+
+def security_from_args(args: argparse.Namespace) -> net.Security:
+    tls = None
+    if args.tls_cert or args.tls_key or args.tls_ca:
+        tls = auth.TlsConfig(args.tls_cert, args.tls_key, args.tls_ca)
+    return net.Security(
+        secret=auth.read_secret_fd(args.secret_fd) if args.secret_fd is not None else None,
+        tls=tls,
+        insecure=args.insecure,
+        handshake_timeout_s=args.handshake_timeout_s,
+        idle_timeout_s=args.idle_timeout_s,
+        max_connections=args.max_connections,
+        max_keys_per_request=args.max_keys_per_request,
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -92,18 +126,30 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES)
         sp.add_argument("--parent-watch", action="store_true")
         sp.add_argument("--log-level", default="WARNING")
+        sp.add_argument("--secret-fd", type=int, default=None, help="read the shared secret from this inherited pipe")
+        sp.add_argument("--tls-cert", default=None)
+        sp.add_argument("--tls-key", default=None)
+        sp.add_argument("--tls-ca", default=None)
+        sp.add_argument("--insecure", action="store_true")
+        sp.add_argument("--handshake-timeout-s", type=float, default=net.DEFAULT_HANDSHAKE_TIMEOUT_S)
+        sp.add_argument("--idle-timeout-s", type=float, default=net.DEFAULT_IDLE_TIMEOUT_S)
+        sp.add_argument("--max-connections", type=int, default=net.DEFAULT_MAX_CONNECTIONS)
+        sp.add_argument("--max-keys-per-request", type=int, default=net.DEFAULT_MAX_KEYS_PER_REQUEST)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, security: net.Security | None = None) -> int:
+    """Run a shard or worker; ``security`` (from the CLI, in-process) replaces the security flags."""
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {args.role} %(name)s %(levelname)s %(message)s")
     role_main = shard_main if args.role == "shard" else worker_main
     try:
-        net.run(lambda: _until_stopped(role_main(args), args.parent_watch))
+        if security is None:
+            security = security_from_args(args)
+        net.run(lambda: _until_stopped(role_main(args, security), args.parent_watch))
     except PsctlError as exc:
         print(f"psctl {args.role}: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
     return 0

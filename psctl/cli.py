@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import json
 import logging
 import os
@@ -17,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from psctl import net
+from psctl import auth, net
 from psctl.errors import PsctlError
 from psctl.wire import DEFAULT_MAX_FRAME_BYTES, MsgType
 
@@ -32,6 +34,84 @@ err = Console(stderr=True)
 
 MaxFrame = typer.Option(DEFAULT_MAX_FRAME_BYTES, "--max-frame-bytes", help="Largest frame accepted from a peer.")
 
+# The security flags: (name, type, option, serving roles only).
+_SECURITY_FLAGS: list[tuple[str, Any, Any, bool]] = [
+    ("secret_file", str | None, typer.Option(
+        None, "--secret-file", help=f"File (mode 600) with the cluster's shared secret; default ${auth.SECRET_ENV}."), False),
+    ("insecure", bool, typer.Option(
+        False, "--insecure", help="Allow listening beyond loopback without a secret (trusted networks only)."), True),
+    ("tls_cert", str | None, typer.Option(
+        None, "--tls-cert", help="TLS certificate this process presents when it serves (PEM)."), True),
+    ("tls_key", str | None, typer.Option(None, "--tls-key", help="Private key of --tls-cert (PEM)."), True),
+    ("tls_ca", str | None, typer.Option(
+        None, "--tls-ca", help="CA certificates trusted when connecting with TLS (PEM); default: the system's."), False),
+    ("handshake_timeout_s", float, typer.Option(
+        net.DEFAULT_HANDSHAKE_TIMEOUT_S, "--handshake-timeout-s",
+        help="Seconds a new connection has to authenticate (or, without a secret, send a first frame)."), False),
+    ("idle_timeout_s", float, typer.Option(
+        net.DEFAULT_IDLE_TIMEOUT_S, "--idle-timeout-s",
+        help="Seconds a peer may go silent in the middle of a frame before it is dropped."), False),
+    ("max_connections", int, typer.Option(
+        net.DEFAULT_MAX_CONNECTIONS, "--max-connections", help="Connections a serving process holds at once."), True),
+    ("max_keys_per_request", int, typer.Option(
+        net.DEFAULT_MAX_KEYS_PER_REQUEST, "--max-keys-per-request", help="Keys one pull or push may name."), True),
+]  # fmt: skip
+
+
+def _security_options(serving: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command the security flags; it receives them built into ``security: net.Security``.
+
+    ``serving`` adds the flags that matter only to a process that listens.
+    One list of flags, so every command spells and documents them the same way.
+    """
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        flags = [f for f in _SECURITY_FLAGS if serving or not f[3]]
+        own = inspect.signature(command, eval_str=True)
+        params = [p for p in own.parameters.values() if p.name != "security"]
+        params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=kind)
+                   for name, kind, opt, _ in flags]  # fmt: skip
+
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            values = {name: kwargs.pop(name) for name, *_ in flags}
+            try:
+                security = _build_security(**values)
+            except PsctlError as exc:
+                err.print(f"psctl: error: {exc}", markup=False, highlight=False)
+                raise typer.Exit(exc.exit_code) from None
+            return command(*args, security=security, **kwargs)
+
+        del wrapper.__wrapped__  # typer reads the signature below, not the command's
+        wrapper.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+
+    return decorate
+
+
+def _build_security(
+    secret_file: str | None = None,
+    insecure: bool = False,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_ca: str | None = None,
+    handshake_timeout_s: float = net.DEFAULT_HANDSHAKE_TIMEOUT_S,
+    idle_timeout_s: float = net.DEFAULT_IDLE_TIMEOUT_S,
+    max_connections: int = net.DEFAULT_MAX_CONNECTIONS,
+    max_keys_per_request: int = net.DEFAULT_MAX_KEYS_PER_REQUEST,
+) -> net.Security:
+    tls = auth.TlsConfig(tls_cert, tls_key, tls_ca) if tls_cert or tls_key or tls_ca else None
+    return net.Security(
+        secret=auth.load_secret(secret_file),
+        tls=tls,
+        insecure=insecure,
+        handshake_timeout_s=handshake_timeout_s,
+        idle_timeout_s=idle_timeout_s,
+        max_connections=max_connections,
+        max_keys_per_request=max_keys_per_request,
+    )
+
 
 def _run(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     """Run a command's coroutine; one sentence and a non-zero exit for every user-facing error."""
@@ -45,12 +125,14 @@ def _run(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
         raise typer.Exit(130) from None
 
 
-async def _wait_for_signal() -> None:
+def _on_signal() -> asyncio.Event:
+    """An event SIGINT or SIGTERM sets. The handlers are in place when this returns, so
+    call it before announcing an address: a signal right after must not interrupt."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 def _split(values: list[str] | None) -> tuple[str, ...]:
@@ -59,6 +141,7 @@ def _split(values: list[str] | None) -> tuple[str, ...]:
 
 # -- train --------------------------------------------------------------------
 @app.command()
+@_security_options(serving=True)
 def train(
     model: str = typer.Argument(..., help="logreg, softmax, svm, linreg, mf, or a class as package.module:Class."),
     data: str = typer.Argument(..., help="Training data (CSV or LIBSVM; for mf a ratings CSV: user, item, rating)."),
@@ -114,6 +197,7 @@ def train(
     out_path: str = typer.Option("model.npz", "--out", "-o", help="Where to write the model."),
     model_class: str | None = typer.Option(None, "--model-class", help="Train your own model class (pkg.module:Class) instead of MODEL."),
     max_frame_bytes: int = MaxFrame,
+    security: net.Security = net.LOCAL,
 ) -> None:
     """Train a model on the parameter server (an embedded cluster unless --server is given)."""
     from psctl.train import TrainConfig
@@ -161,6 +245,7 @@ def train(
         optimizer=optimizer,
         l1=l1,
         save_optimizer_state=save_optimizer_state,
+        security=security,
     )
     view = _TrainView(cfg.epochs, interactive=out.is_terminal)
     try:
@@ -415,12 +500,14 @@ def _confusion_table(cm: Any, classes: list[str]) -> Table:
 
 # -- cluster roles ------------------------------------------------------------
 @app.command()
+@_security_options(serving=True)
 def server(
     shards: int = typer.Option(2, "--shards", help="Shard processes to start on this host."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (beyond loopback only with a secret)."),
     port: int = typer.Option(0, "--port", help="Coordinator port (0: any free port)."),
     coordinator: str | None = typer.Option(None, "--coordinator", help="Join this coordinator instead of starting one."),
     max_frame_bytes: int = MaxFrame,
+    security: net.Security = net.LOCAL,
 ) -> None:
     """Run a coordinator and N shard processes (or only shards, joining --coordinator)."""
     from psctl.launch import LocalCluster
@@ -430,15 +517,16 @@ def server(
         raise typer.Exit(2)
 
     async def main() -> None:
-        async with LocalCluster(host=host, max_frame_bytes=max_frame_bytes) as cluster:
+        async with LocalCluster(host=host, max_frame_bytes=max_frame_bytes, security=security) as cluster:
             address = coordinator or await cluster.start_coordinator(port)
             shard_addresses = await cluster.start_shards(shards, address)
+            signalled = _on_signal()
             if coordinator:
                 print(f"psctl: {shards} shards joined the coordinator at {address}: {', '.join(shard_addresses)}", flush=True)
             else:
                 print(f"psctl server listening on {address} (coordinator, {shards} shards)", flush=True)
             exits = [asyncio.ensure_future(c.proc.wait()) for c in cluster.children]
-            stop = asyncio.ensure_future(_wait_for_signal())
+            stop = asyncio.ensure_future(signalled.wait())
             done, _ = await asyncio.wait([stop, *exits], return_when=asyncio.FIRST_COMPLETED)
             for fut in exits:
                 fut.cancel()
@@ -451,19 +539,22 @@ def server(
 
 
 @app.command("coordinator")
+@_security_options(serving=True)
 def coordinator_cmd(
-    host: str = typer.Option("127.0.0.1", "--host"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (beyond loopback only with a secret)."),
     port: int = typer.Option(0, "--port"),
     max_frame_bytes: int = MaxFrame,
+    security: net.Security = net.LOCAL,
 ) -> None:
     """Run the coordinator alone (shards join with 'psctl server --coordinator' or 'psctl shard')."""
     from psctl.coordinator import start_coordinator
 
     async def main() -> None:
-        srv, _, address = await start_coordinator(host, port, max_frame_bytes=max_frame_bytes)
+        srv, _, address = await start_coordinator(host, port, max_frame_bytes=max_frame_bytes, security=security)
+        signalled = _on_signal()
         print(f"psctl coordinator listening on {address}", flush=True)
         try:
-            await _wait_for_signal()
+            await signalled.wait()
         finally:
             await srv.close()
 
@@ -471,12 +562,14 @@ def coordinator_cmd(
 
 
 @app.command()
+@_security_options(serving=True)
 def shard(
     coordinator: str = typer.Option(..., "--coordinator", help="HOST:PORT of the coordinator."),
-    host: str = typer.Option("127.0.0.1", "--host"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (beyond loopback only with a secret)."),
     port: int = typer.Option(0, "--port"),
     advertise_host: str | None = typer.Option(None, "--advertise-host", help="Address workers should use for this shard."),
     max_frame_bytes: int = MaxFrame,
+    security: net.Security = net.LOCAL,
 ) -> None:
     """Run one shard that joins a coordinator."""
     from psctl.child import main as child_main
@@ -484,36 +577,40 @@ def shard(
     args = ["shard", "--coordinator", coordinator, "--host", host, "--port", str(port)]
     if advertise_host:
         args += ["--advertise-host", advertise_host]
-    raise typer.Exit(child_main([*args, "--max-frame-bytes", str(max_frame_bytes)]))
+    raise typer.Exit(child_main([*args, "--max-frame-bytes", str(max_frame_bytes)], security=security))
 
 
 @app.command()
+@_security_options(serving=False)
 def worker(
     server_address: str = typer.Option(..., "--server", help="HOST:PORT of the coordinator."),
     data: str | None = typer.Option(None, "--data", help="Path of the job's data on this host, if it differs."),
     model_class: list[str] | None = typer.Option(None, "--model-class", help="Allow jobs of this user model class (pkg.module:Class)."),
     max_frame_bytes: int = MaxFrame,
+    security: net.Security = net.LOCAL,
 ) -> None:
     """Join the next job of a running server as one worker."""
     from psctl.worker import Worker
 
     report = _run(
-        lambda: Worker(server_address, max_frame_bytes=max_frame_bytes, data_path=data, model_classes=model_class or []).run()
+        lambda: Worker(server_address, max_frame_bytes=max_frame_bytes, data_path=data, model_classes=model_class or [], security=security).run()
     )
     out.print(f"worker done: {report['n']} rows, final loss {report['loss_sum'] / max(report['n'], 1):.4f}", highlight=False)
 
 
 @app.command()
+@_security_options(serving=False)
 def status(
     server_address: str = typer.Option(..., "--server", help="HOST:PORT of the coordinator."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     watch: bool = typer.Option(False, "--watch", help="Refresh until Ctrl-C."),
     interval_s: float = typer.Option(1.0, "--interval-s", help="Refresh interval with --watch."),
+    security: net.Security = net.LOCAL,
 ) -> None:
     """Show the shards, the workers and the running job of a server."""
 
     async def fetch() -> dict[str, Any]:
-        peer = await net.connect(server_address, what="psctl server")
+        peer = await net.connect(server_address, what="psctl server", security=security)
         try:
             return (await peer.request(MsgType.STATUS, timeout_s=5.0)).body
         finally:

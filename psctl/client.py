@@ -43,9 +43,13 @@ class ShardClient:
         *,
         max_frame_bytes: int,
         hashed: Collection[str] = (),
+        security: net.Security = net.LOCAL,
     ) -> ShardClient:
         peers = await asyncio.gather(
-            *(net.connect(a, max_frame_bytes=max_frame_bytes, what=f"psctl shard {i}") for i, a in enumerate(addresses))
+            *(
+                net.connect(a, max_frame_bytes=max_frame_bytes, what=f"psctl shard {i}", security=security)
+                for i, a in enumerate(addresses)
+            )
         )
         client = cls(list(peers), ranges, job_id, hashed)
         await asyncio.gather(*(p.request(MsgType.HELLO, {"job_id": job_id, **hello}) for p in peers))

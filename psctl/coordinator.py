@@ -159,11 +159,11 @@ class CoordinatorService:
 
     # -- shards --------------------------------------------------------------
     def _register_shard(self, peer: net.Peer, msg: Message) -> Message:
-        address = msg.body.get("address")
-        if not isinstance(address, str):
-            raise net.RequestError("REGISTER_SHARD needs an address")
+        address, pid = msg.body.get("address"), msg.body.get("pid", 0)
+        if not isinstance(address, str) or not isinstance(pid, int) or isinstance(pid, bool):
+            raise net.RequestError("REGISTER_SHARD needs an address and an integer pid")
         shard_id = max((s.shard_id for s in self.shards), default=-1) + 1
-        self.shards.append(ShardInfo(shard_id, address, int(msg.body.get("pid", 0)), peer))
+        self.shards.append(ShardInfo(shard_id, address, pid, peer))
         peer.info.update(role="shard", shard_id=shard_id, address=address)
         log.info("shard %d registered at %s", shard_id, address)
         self._changed_soon()
@@ -601,11 +601,14 @@ async def start_coordinator(
     port: int = 0,
     *,
     max_frame_bytes: int,
-    max_connections: int = net.DEFAULT_MAX_CONNECTIONS,
+    max_connections: int | None = None,
+    security: net.Security = net.LOCAL,
 ) -> tuple[net.Server, CoordinatorService, str]:
     """Listen and return (server, service, 'host:port')."""
     service = CoordinatorService()
-    server = net.Server(service, max_frame_bytes=max_frame_bytes, max_connections=max_connections, name="coordinator")
+    server = net.Server(
+        service, max_frame_bytes=max_frame_bytes, max_connections=max_connections, name="coordinator", security=security
+    )
     bound_host, bound_port = await server.start(host, port)
     server.tasks.add(asyncio.ensure_future(service.monitor()))
     return server, service, f"{bound_host}:{bound_port}"

@@ -18,6 +18,9 @@ import numpy as np
 from psctl.errors import DataError
 
 CHUNK_BYTES = 4 << 20
+# The longest line read (its newline included): a bound on memory for files that are
+# not CSV, or are hostile. A row of 100,000 numbers takes about 1-2 MiB.
+MAX_LINE_BYTES = 4 << 20
 _UTF8_BOM = b"\xef\xbb\xbf"
 # What bytes.strip() removes; a line made only of these is blank, not a row.
 _BLANK = b" \t\n\r\x0b\x0c"
@@ -85,10 +88,19 @@ def _open(path: str | os.PathLike[str]) -> BinaryIO:
         raise DataError(f"cannot read data file '{path}': {exc.strerror or exc}") from None
 
 
+def _line_too_long(path: str | os.PathLike[str], line_no: int) -> DataError:
+    return DataError(
+        f"'{path}' line {line_no} is longer than {MAX_LINE_BYTES >> 20} MiB, the most psctl reads as one line; "
+        "is it a CSV file?"
+    )
+
+
 def _first_line(fh: BinaryIO, path: str | os.PathLike[str]) -> bytes:
-    first = fh.readline()
+    first = fh.readline(MAX_LINE_BYTES + 1)
     if not first:
         raise DataError(f"data file '{path}' is empty")
+    if len(first) > MAX_LINE_BYTES:
+        raise _line_too_long(path, 1)
     if b"\0" in first:
         raise DataError(f"data file '{path}' is not a CSV text file")
     return first
@@ -152,10 +164,12 @@ def _column_index(columns: tuple[str, ...], ref: str, what: str, path: str | os.
     raise DataError(f"{what} column '{ref}' is not in '{path}'; its columns are {_quoted_list(columns)}")
 
 
-def _scan_lines(fh: BinaryIO, offset: int, line_no: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _scan_lines(
+    fh: BinaryIO, offset: int, line_no: int, path: str | os.PathLike[str]
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Read ``fh`` from its position (file offset ``offset``, line ``line_no``) to the end
     in chunks, yielding per chunk each complete line's start offset, line number and
-    whether it is a row (not blank)."""
+    whether it is a row (not blank). DataError for a line over MAX_LINE_BYTES."""
     carry = b""
     while True:
         chunk = fh.read(CHUNK_BYTES)
@@ -167,9 +181,16 @@ def _scan_lines(fh: BinaryIO, offset: int, line_no: int) -> Iterator[tuple[np.nd
         arr = np.frombuffer(buf, np.uint8)
         newlines = np.flatnonzero(arr == ord("\n"))
         if not len(newlines):
+            if len(buf) > MAX_LINE_BYTES:
+                raise _line_too_long(path, line_no)
             carry = buf
             continue
         starts = np.concatenate(([0], newlines[:-1] + 1))
+        too_long = np.flatnonzero(newlines + 1 - starts > MAX_LINE_BYTES)
+        if len(too_long):
+            raise _line_too_long(path, line_no + int(too_long[0]))
+        if len(buf) - int(newlines[-1]) - 1 > MAX_LINE_BYTES:
+            raise _line_too_long(path, line_no + len(newlines))
         # A line starting with a visible byte is a row; only the rare others need a full look.
         is_row = ~np.isin(arr[starts], _BLANK_CODES)
         for i in np.flatnonzero(~is_row):
@@ -204,7 +225,7 @@ def plan_partitions(path: str | os.PathLike[str], n_parts: int, has_header: bool
         first_rows = np.zeros(n_parts, np.int64)  # 0 until a row is seen
         next_line = line_no
         fh.seek(data_start)
-        for offsets, line_nos, is_row in _scan_lines(fh, data_start, line_no):
+        for offsets, line_nos, is_row in _scan_lines(fh, data_start, line_no, path):
             at = np.searchsorted(offsets, targets)
             found = (at < len(offsets)) & (start_lines[1:] == 0)
             starts[1:][found] = offsets[at[found]]

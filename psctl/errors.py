@@ -33,3 +33,9 @@ class JobError(PsctlError):
     """The job failed on the cluster (the message says where and why)."""
 
     exit_code = 4
+
+
+class SecurityError(PsctlError):
+    """A peer failed authentication, or a setting would expose the cluster."""
+
+    exit_code = 5

@@ -11,8 +11,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from psctl import net
-from psctl.child import READY
+from psctl import auth, net
+from psctl.child import READY, security_args
 from psctl.coordinator import CoordinatorService, start_coordinator
 from psctl.errors import PsctlError
 
@@ -38,9 +38,12 @@ class Child:
 class LocalCluster:
     """Starts and stops psctl processes on this host. Use ``async with``."""
 
-    def __init__(self, *, host: str = "127.0.0.1", max_frame_bytes: int, log_dir: str | None = None):
+    def __init__(
+        self, *, host: str = "127.0.0.1", max_frame_bytes: int, log_dir: str | None = None, security: net.Security = net.LOCAL
+    ):
         self.host = host
         self.max_frame_bytes = max_frame_bytes
+        self.security = security
         self._own_log_dir = log_dir is None
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="psctl-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -56,27 +59,42 @@ class LocalCluster:
 
     async def start_coordinator(self, port: int = 0) -> str:
         self._server, self.coordinator, address = await start_coordinator(
-            self.host, port, max_frame_bytes=self.max_frame_bytes
+            self.host, port, max_frame_bytes=self.max_frame_bytes, security=self.security
         )
         return address
 
     async def _spawn(self, role: str, index: int, args: list[str]) -> Child:
         log_path = self.log_dir / f"{role}-{index}.log"
-        with open(log_path, "wb") as log_file:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "psctl.child",
-                role,
-                *args,
-                "--parent-watch",
-                "--max-frame-bytes",
-                str(self.max_frame_bytes),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log_file,
-                start_new_session=True,  # Ctrl-C reaches us only; we stop the children in order
-            )
+        args = [*args, *security_args(self.security)]
+        env = {k: v for k, v in os.environ.items() if k != auth.SECRET_ENV}
+        secret_fd = None
+        if self.security.secret is not None:
+            # The secret goes down a pipe the child inherits: not argv, not the environment.
+            secret_fd, write_fd = os.pipe()
+            with os.fdopen(write_fd, "wb") as pipe:
+                pipe.write(self.security.secret)  # far below a pipe's buffer: does not block
+            args += ["--secret-fd", str(secret_fd)]
+        try:
+            with open(log_path, "wb") as log_file:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "psctl.child",
+                    role,
+                    *args,
+                    "--parent-watch",
+                    "--max-frame-bytes",
+                    str(self.max_frame_bytes),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=log_file,
+                    env=env,
+                    pass_fds=() if secret_fd is None else (secret_fd,),
+                    start_new_session=True,  # Ctrl-C reaches us only; we stop the children in order
+                )
+        finally:
+            if secret_fd is not None:
+                os.close(secret_fd)
         child = Child(role, index, proc, log_path)
         self.children.append(child)
         return child

@@ -7,13 +7,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import zipfile
 import zlib
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from psctl.errors import ModelFileError
 
@@ -22,7 +24,10 @@ FORMAT_VERSION = 1
 META_KEY = "__meta__"
 # Local file header (an archive with members) or end of central directory (an empty one).
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
-_DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError)
+# RuntimeError: an encrypted member (NotImplementedError, an unknown compression, is one too).
+_DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, OSError)
+MAX_MEMBERS = 4096
+_NPY_HEADERS = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
 
 
 def save_model(path: str, params: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
@@ -97,6 +102,8 @@ def _read_archive(path: str) -> dict[str, np.ndarray]:
             if fh.read(4) not in _ZIP_MAGICS:
                 raise ModelFileError(f"'{path}' is not a psctl model file (not an .npz archive)")
             fh.seek(0)
+            _check_members(fh, path)
+            fh.seek(0)
             with np.load(fh, allow_pickle=False) as archive:
                 return {name: archive[name] for name in archive.files}
     except FileNotFoundError:
@@ -112,3 +119,47 @@ def _read_archive(path: str) -> dict[str, np.ndarray]:
         raise ModelFileError(f"'{path}' is a damaged .npz archive ({exc})") from None
     except _DAMAGED as exc:
         raise ModelFileError(f"'{path}' is a damaged or truncated .npz archive ({type(exc).__name__})") from None
+    except MemoryError:
+        raise ModelFileError(f"'{path}' holds more than this machine can load") from None
+
+
+def _check_members(fh: IO[bytes], path: str) -> None:
+    """Before numpy allocates anything: every member is an .npy whose header's shape
+    fits the bytes the member really holds (numpy would allocate the declared shape
+    first), with no objects, and the whole fits in memory.
+
+    The archive's own sizes are trustworthy here: zipfile never inflates a member
+    past its declared size and checks its CRC.
+    """
+    with zipfile.ZipFile(fh) as archive:
+        members = archive.infolist()
+        if len(members) > MAX_MEMBERS:
+            raise ModelFileError(f"'{path}' has {len(members)} members; a psctl model has at most {MAX_MEMBERS}")
+        total = sum(m.file_size for m in members)
+        if total > _memory_bytes() // 2:
+            raise ModelFileError(f"'{path}' would take {total / 2**30:.1f} GiB to load, more than half this machine's memory")
+        for member in members:
+            with archive.open(member) as npy:
+                try:
+                    version = npy_format.read_magic(npy)
+                    read_header = _NPY_HEADERS.get(version)
+                    if read_header is None:
+                        raise ValueError(f"unsupported .npy version {version}")
+                    shape, _, dtype = read_header(npy)
+                except ValueError as exc:
+                    raise ModelFileError(f"'{path}' has a member '{member.filename}' that is not a numpy array ({exc})") from None
+                if dtype.hasobject:
+                    raise ModelFileError(f"'{path}' holds object arrays, which psctl never loads")
+                declared = math.prod(shape) * dtype.itemsize
+                if npy.tell() + declared != member.file_size:
+                    raise ModelFileError(
+                        f"'{path}' is damaged or forged: member '{member.filename}' declares {declared} bytes "
+                        f"of data but holds {member.file_size - npy.tell()}"
+                    )
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on this platform: do not guess low
+        return 1 << 62

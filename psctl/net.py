@@ -4,6 +4,13 @@ A :class:`Peer` is symmetric: either side may send requests, matched to
 replies by request id (never by order), or one-way notifications. Incoming
 requests go to a :class:`Service`. The codec (wire.py) does the parsing;
 this module only moves bytes, keeps the futures and enforces deadlines.
+
+It is also where a connection is guarded (:class:`Security`): with a shared
+secret, :func:`connect` and :class:`Server` run the handshake of auth.py
+before the service sees any frame, reading it with a parser whose limits fit
+a handshake; optional TLS wraps the same framing; a connection must finish
+its set-up within a deadline, and a peer that stops in the middle of a frame
+is dropped.
 """
 
 from __future__ import annotations
@@ -13,20 +20,25 @@ import inspect
 import itertools
 import logging
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from psctl.errors import ConnectError, PsctlError
+from psctl import auth
+from psctl.errors import ConnectError, PsctlError, SecurityError
 from psctl.wire import (
     DEFAULT_MAX_FRAME_BYTES,
     NEED_DATA,
     Flag,
     FrameParser,
+    LocalProtocolError,
     Message,
     MsgType,
     ProtocolError,
+    RemoteProtocolError,
     encode,
     error_message,
 )
@@ -36,6 +48,44 @@ log = logging.getLogger("psctl.net")
 DEFAULT_REQUEST_TIMEOUT_S = 30.0
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
+DEFAULT_IDLE_TIMEOUT_S = 30.0
+DEFAULT_MAX_KEYS_PER_REQUEST = 1 << 24
+# Until a peer has proved it knows the secret, it gets a parser this small.
+HANDSHAKE_MAX_FRAME_BYTES = 4096
+_HANDSHAKE_MAX_BODY_BYTES = 1024
+_HANDSHAKE_STAGING_BYTES = 8192
+# After we close on a peer, how long it may take to read our last words before a hard abort.
+CLOSE_GRACE_S = 1.0
+_AUTH_TYPES = (MsgType.AUTH_HELLO, MsgType.AUTH_PROOF)
+
+
+@dataclass(frozen=True)
+class Security:
+    """How one process authenticates, encrypts and bounds its connections (every role).
+
+    The default is the insecure-local mode: no secret, no TLS, and servers may
+    bind only loopback addresses.
+    """
+
+    secret: bytes | None = field(default=None, repr=False)
+    tls: auth.TlsConfig | None = None
+    insecure: bool = False  # allow a non-loopback bind without a secret
+    handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S  # accept -> authenticated (or first frame)
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S  # silence allowed in the middle of a frame
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # per listening process
+    max_keys_per_request: int = DEFAULT_MAX_KEYS_PER_REQUEST
+
+    def __post_init__(self) -> None:
+        for name in ("handshake_timeout_s", "idle_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise SecurityError(f"--{name.replace('_', '-')} must be positive")
+        for name in ("max_connections", "max_keys_per_request"):
+            if getattr(self, name) < 1:
+                raise SecurityError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+LOCAL = Security()
 
 
 class RequestError(Exception):
@@ -80,12 +130,30 @@ class NullService:
 
 
 class Peer(asyncio.BufferedProtocol):
-    """One connection: a frame parser, a table of pending requests, a service."""
+    """One connection: a frame parser, a table of pending requests, a service.
 
-    def __init__(self, service: Service, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, name: str = "peer"):
+    With a secret, a Peer starts unauthenticated: a small parser, and only the
+    handshake's frames (a server peer answers them; a client peer accepts only
+    replies) until :meth:`_authenticated` swaps in the full parser.
+    """
+
+    def __init__(
+        self,
+        service: Service,
+        *,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        name: str = "peer",
+        security: Security = LOCAL,
+    ):
         self.service = service
         self.name = name
-        self.parser = FrameParser(max_frame_bytes)
+        self.security = security
+        self.max_frame_bytes = max_frame_bytes
+        self.authenticated = security.secret is None
+        if self.authenticated:
+            self.parser = FrameParser(max_frame_bytes)
+        else:
+            self.parser = FrameParser(HANDSHAKE_MAX_FRAME_BYTES, _HANDSHAKE_MAX_BODY_BYTES, _HANDSHAKE_STAGING_BYTES)
         self.transport: asyncio.Transport | None = None
         self.info: dict[str, Any] = {}  # role-specific state owned by the service
         self._ids = itertools.count(1)
@@ -94,6 +162,10 @@ class Peer(asyncio.BufferedProtocol):
         self._write_ready: asyncio.Event | None = None
         self._loop = asyncio.get_running_loop()
         self.closed: asyncio.Future[BaseException | None] = self._loop.create_future()
+        self._handshake: auth.ServerHandshake | None = None  # set on the accepting side
+        self._setup_timer: asyncio.TimerHandle | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._last_rx_s = self._loop.time()
 
     # -- protocol callbacks ----------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -109,8 +181,14 @@ class Peer(asyncio.BufferedProtocol):
         return self.parser.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
+        self._last_rx_s = self._loop.time()
         self.parser.buffer_updated(nbytes)
+        self._drain()
+
+    def _drain(self) -> None:
+        """Dispatch every complete frame; then watch for a peer that stops mid-frame."""
         try:
+            # self.parser is read each time: the handshake swaps it between frames.
             while (msg := self.parser.next_event()) is not NEED_DATA:
                 self._dispatch(msg)  # type: ignore[arg-type]
                 if self.transport is None or self.transport.is_closing():
@@ -118,12 +196,58 @@ class Peer(asyncio.BufferedProtocol):
         except ProtocolError as exc:
             log.warning("%s sent a malformed frame: %s", self.name, exc)
             self.abort(exc, tell_peer=True)
+            return
+        if self.parser.partial:
+            if self._stall_timer is None:
+                self._stall_timer = self._loop.call_later(self.security.idle_timeout_s, self._check_stall)
+        elif self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _check_stall(self) -> None:
+        self._stall_timer = None
+        if not self.is_open or not self.parser.partial:
+            return
+        timeout_s = self.security.idle_timeout_s
+        silent_s = self._loop.time() - self._last_rx_s
+        if silent_s < timeout_s:
+            self._stall_timer = self._loop.call_later(timeout_s - silent_s, self._check_stall)
+            return
+        log.warning("%s sent part of a frame and then nothing for %g s; dropping it", self.name, timeout_s)
+        self.abort(ConnectionLost(f"no bytes for {timeout_s:g} s in the middle of a frame"), tell_peer=True)
+
+    def _start_setup_deadline(self) -> None:
+        """The accepting side: authenticate (or, without a secret, send a first frame) in time."""
+        self._setup_timer = self._loop.call_later(self.security.handshake_timeout_s, self._setup_expired)
+
+    def _setup_expired(self) -> None:
+        self._setup_timer = None
+        if self.is_open:
+            timeout_s = self.security.handshake_timeout_s
+            what = "authenticate" if self.security.secret is not None else "send a first frame"
+            log.warning("%s did not %s within %g s; dropping it", self.name, what, timeout_s)
+            self.abort(ConnectionLost(f"did not {what} within {timeout_s:g} s"), tell_peer=True)
+
+    def _authenticated(self) -> None:
+        """The handshake succeeded: lift the handshake limits, keep any bytes already received."""
+        self.authenticated = True
+        if self._setup_timer is not None:
+            self._setup_timer.cancel()
+            self._setup_timer = None
+        rest = self.parser.take_unparsed()
+        self.parser = FrameParser(self.max_frame_bytes)
+        if rest:
+            self.parser.receive_data(rest)
 
     def eof_received(self) -> bool:
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        for timer in (self._setup_timer, self._stall_timer):
+            if timer is not None:
+                timer.cancel()
+        self._setup_timer = self._stall_timer = None
         reason = exc or ConnectionLost(f"connection to {self.name} closed")
         for fut in self._pending.values():
             if not fut.done():
@@ -137,6 +261,8 @@ class Peer(asyncio.BufferedProtocol):
             self._write_ready.set()
         if not self.closed.done():
             self.closed.set_result(exc)
+        if not self.authenticated:
+            return  # the service never saw this peer
         try:
             self.service.peer_lost(self, exc)
         except Exception:  # a service bug must not stop the loop's callback chain
@@ -152,6 +278,22 @@ class Peer(asyncio.BufferedProtocol):
 
     # -- incoming ----------------------------------------------------------
     def _dispatch(self, msg: Message) -> None:
+        if not self.authenticated:
+            if self._handshake is not None:
+                self._serve_handshake(self._handshake, msg)
+                return
+            if not msg.is_reply and msg.type is not MsgType.ERROR:  # a server only answers, until then
+                self.abort(RemoteProtocolError(f"{msg.type.name} before the handshake finished"), tell_peer=True)
+                return
+        elif self._setup_timer is not None:  # no secret: the first frame ends the set-up
+            self._setup_timer.cancel()
+            self._setup_timer = None
+        if msg.type in _AUTH_TYPES and not msg.is_reply:
+            if self.security.secret is None:
+                self._reply_error(msg, "this psctl process runs without a shared secret", "no_secret")
+            else:
+                self._reply_error(msg, "this connection is already authenticated", "auth_unexpected")
+            return
         if msg.is_reply:
             fut = self._pending.pop(msg.req_id, None)
             if fut is None or fut.done():
@@ -179,6 +321,21 @@ class Peer(asyncio.BufferedProtocol):
         else:
             self._reply(msg, result)
 
+    def _serve_handshake(self, handshake: auth.ServerHandshake, msg: Message) -> None:
+        try:
+            body = handshake.receive(msg)
+        except auth.HandshakeError as exc:
+            log.warning("%s failed the handshake: %s", self.name, exc)
+            req_id = msg.req_id if msg.flags == Flag.NONE else 0
+            if self.is_open:
+                self.send(error_message(str(exc), req_id, exc.code))
+            self.abort(exc)
+            return
+        self._reply(msg, Message(msg.type, body))
+        if handshake.done:
+            self._handshake = None
+            self._authenticated()
+
     async def _finish(self, msg: Message, pending: Awaitable[Reply]) -> None:
         try:
             result = await pending
@@ -200,7 +357,11 @@ class Peer(asyncio.BufferedProtocol):
         reply.flags = Flag.REPLY
         if reply.type is not MsgType.ERROR:
             reply.type = request.type
-        self.send(reply)
+        try:
+            self.send(reply)
+        except LocalProtocolError as exc:  # a handler's answer the wire cannot carry: a bug, not the peer's
+            log.error("reply to %s cannot be encoded: %s", request.type.name, exc)
+            self.send(error_message(f"internal error: {exc}", request.req_id, "internal"))
 
     def _reply_error(self, request: Message, text: str, code: str) -> None:
         if request.flags & Flag.ONEWAY:
@@ -260,16 +421,29 @@ class Peer(asyncio.BufferedProtocol):
     def is_open(self) -> bool:
         return self.transport is not None and not self.transport.is_closing()
 
+    def check_keys(self, n_keys: int) -> None:
+        """Refuse a request naming more keys than this process allows (RequestError)."""
+        limit = self.security.max_keys_per_request
+        if n_keys > limit:
+            raise RequestError(f"a request may name at most {limit} keys; this one names {n_keys}", code="too_many_keys")
+
     def abort(self, reason: BaseException, tell_peer: bool = False) -> None:
-        """Close now; with tell_peer, send an ERROR frame first."""
-        if self.transport is None:
+        """Close now; with tell_peer, send an ERROR frame first. A peer that does not
+        read even that is cut off after CLOSE_GRACE_S."""
+        transport = self.transport
+        if transport is None:
             return
-        if tell_peer:
+        if tell_peer and not transport.is_closing():
             try:
                 self.send(error_message(str(reason), 0, "protocol"))
             except ConnectionLost:
                 pass
-        self.transport.close()
+        transport.close()
+        self._loop.call_later(CLOSE_GRACE_S, self._hard_abort, transport)
+
+    def _hard_abort(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is transport:  # connection_lost has not run yet
+            transport.abort()
 
     def close(self) -> None:
         if self.transport is not None:
@@ -282,11 +456,20 @@ class Peer(asyncio.BufferedProtocol):
 class Server:
     """A listening socket whose connections become Peers of one service."""
 
-    def __init__(self, service: Service, *, max_frame_bytes: int, max_connections: int, name: str):
+    def __init__(
+        self,
+        service: Service,
+        *,
+        max_frame_bytes: int,
+        max_connections: int | None = None,
+        name: str,
+        security: Security = LOCAL,
+    ):
         self.service = service
         self.max_frame_bytes = max_frame_bytes
-        self.max_connections = max_connections
+        self.max_connections = max_connections or security.max_connections
         self.name = name
+        self.security = security
         self.peers: set[Peer] = set()
         self.tasks: set[asyncio.Future[None]] = set()  # background work that lives as long as the server
         self._server: asyncio.base_events.Server | None = None
@@ -295,9 +478,19 @@ class Server:
         return _ServerPeer(self)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
+        """Listen; SecurityError for a bind the security settings do not allow."""
+        auth.check_bind(host, self.security.secret, self.security.insecure)
+        tls = self.security.tls.server_context if self.security.tls is not None else None
         loop = asyncio.get_running_loop()
         try:
-            self._server = await loop.create_server(self._make_peer, host, port, reuse_address=True)
+            self._server = await loop.create_server(
+                self._make_peer,
+                host,
+                port,
+                reuse_address=True,
+                ssl=tls,
+                ssl_handshake_timeout=self.security.handshake_timeout_s if tls else None,
+            )
         except OSError as exc:
             raise ConnectError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         sockname = self._server.sockets[0].getsockname()
@@ -318,8 +511,10 @@ class Server:
 
 class _ServerPeer(Peer):
     def __init__(self, server: Server):
-        super().__init__(server.service, max_frame_bytes=server.max_frame_bytes, name=server.name)
+        super().__init__(server.service, max_frame_bytes=server.max_frame_bytes, name=server.name, security=server.security)
         self._server = server
+        if server.security.secret is not None:
+            self._handshake = auth.ServerHandshake(server.security.secret)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -328,6 +523,7 @@ class _ServerPeer(Peer):
             self.abort(ConnectionLost(f"too many connections (limit {self._server.max_connections})"), tell_peer=True)
             return
         self._server.peers.add(self)
+        self._start_setup_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.peers.discard(self)
@@ -349,20 +545,43 @@ async def connect(
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     what: str = "psctl server",
+    security: Security = LOCAL,
 ) -> Peer:
-    """Open a connection; ConnectError with one sentence if it cannot be made."""
+    """Open a connection (TLS and the handshake when ``security`` says so).
+
+    ConnectError with one sentence if it cannot be made; SecurityError if the
+    other side fails TLS or the handshake.
+    """
     host, port = parse_address(address) if isinstance(address, str) else address
+    where = f"{what} at {host}:{port}"
     loop = asyncio.get_running_loop()
     svc = service or NullService()
+    tls = security.tls.client_context if security.tls is not None else None
     try:
         _, peer = await asyncio.wait_for(
-            loop.create_connection(lambda: Peer(svc, max_frame_bytes=max_frame_bytes, name=what), host, port),
+            loop.create_connection(
+                lambda: Peer(svc, max_frame_bytes=max_frame_bytes, name=what, security=security),
+                host,
+                port,
+                ssl=tls,
+                server_hostname=host if tls else None,
+                ssl_handshake_timeout=security.handshake_timeout_s if tls else None,
+            ),
             timeout_s,
         )
     except TimeoutError:
-        raise ConnectError(f"cannot reach {what} at {host}:{port}: no answer within {timeout_s:g} s") from None
+        raise ConnectError(f"cannot reach {where}: no answer within {timeout_s:g} s") from None
+    except ssl.SSLError as exc:
+        reason = getattr(exc, "verify_message", None) or exc.reason or exc
+        raise SecurityError(f"TLS with {where} failed: {reason} (does it use TLS, with a certificate for '{host}'?)") from None
     except OSError as exc:
-        raise ConnectError(f"cannot reach {what} at {host}:{port}: {exc.strerror or exc}") from None
+        raise ConnectError(f"cannot reach {where}: {exc.strerror or exc}") from None
+    if security.secret is not None:
+        try:
+            await _authenticate(peer, security, where)
+        except BaseException:
+            peer.close()
+            raise
     return peer
 
 
@@ -387,6 +606,29 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
+
+
+async def _authenticate(peer: Peer, security: Security, where: str) -> None:
+    """The client half of the handshake (auth.py); the peer dispatches nothing else meanwhile."""
+    assert security.secret is not None
+    handshake = auth.ClientHandshake(security.secret)
+    timeout_s = security.handshake_timeout_s
+    try:
+        challenge = await peer.request(MsgType.AUTH_HELLO, handshake.hello(), timeout_s=timeout_s)
+        answer = handshake.on_challenge(challenge.body)
+        await peer.request(MsgType.AUTH_PROOF, answer, timeout_s=timeout_s)
+    except auth.HandshakeError as exc:
+        raise SecurityError(f"{where} failed authentication: {exc}; refusing it") from None
+    except RemoteError as exc:
+        if exc.code == "no_secret":
+            raise SecurityError(
+                f"{where} runs without a shared secret, and this process has one; start it with the same secret"
+            ) from None
+        raise SecurityError(f"{where} refused this process: {exc}") from None
+    except ConnectionLost as exc:
+        raise SecurityError(f"{where} did not complete the handshake: {exc} (does it use TLS, or no secret?)") from None
+    peer._authenticated()
+    peer._drain()  # frames that arrived right behind the last handshake reply
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -21,7 +21,7 @@ from psctl.consistency import ClockGate, Grad, SyncAccumulator, staleness_for
 from psctl.optim import UpdateRule, make_optimizer
 from psctl.sparse_table import SparseTable
 from psctl.tables import TableSpec, init_values
-from psctl.wire import Message, MsgType
+from psctl.wire import MAX_ARRAYS, Message, MsgType
 
 log = logging.getLogger("psctl.shard")
 
@@ -118,10 +118,10 @@ class ShardState:
         self.started_s = time.monotonic()
 
     def check_tables(self, names: Any, allow_empty: bool = False) -> list[str]:
-        if not isinstance(names, list) or not (names or allow_empty):
-            raise net.RequestError("'tables' must be a non-empty list of table names")
+        if not isinstance(names, list) or not (0 < len(names) or allow_empty) or len(names) > MAX_ARRAYS:
+            raise net.RequestError(f"'tables' must be a list of 1 to {MAX_ARRAYS} table names")
         for name in names:
-            if name not in self.tables:
+            if not isinstance(name, str) or name not in self.tables:
                 raise net.RequestError(f"unknown table {name!r}")
         return names
 
@@ -281,6 +281,8 @@ class ShardService:
         handler = self._handlers.get(msg.type)
         if handler is None:
             raise net.RequestError(f"a shard does not serve {msg.type.name}", code="unexpected")
+        if msg.type in _FROM_COORDINATOR and peer is not self.coordinator:
+            raise net.RequestError(f"only this shard's coordinator may send {msg.type.name}", code="forbidden")
         return handler(self, peer, msg)
 
     def peer_lost(self, peer: net.Peer, exc: BaseException | None) -> None:
@@ -308,6 +310,7 @@ class ShardService:
         state = self._job(msg.body)
         names = state.check_tables(msg.body.get("tables"))
         keys = _keyed_arrays(msg, names, per_table=1)
+        peer.check_keys(sum(len(k) for k in keys) if keys is not None else sum(state.tables[n].values.shape[0] for n in names))
         if keys is not None:
             for name, k in zip(names, keys):
                 state.tables[name].locate(k)  # refuse bad keys now, not when the gate opens
@@ -345,6 +348,7 @@ class ShardService:
         names = state.check_tables(msg.body.get("tables"), allow_empty=True)  # empty: a clock tick only
         keys = _keyed_arrays(msg, names, per_table=2)
         grads = msg.arrays[1::2] if keys is not None else msg.arrays
+        peer.check_keys(sum(len(a) if a.ndim else 1 for a in msg.arrays))
         count = _require(msg.body, "count", int)
         if count < 1:
             raise net.RequestError("'count' must be >= 1")
@@ -455,6 +459,9 @@ class ShardService:
     }
 
 
+_FROM_COORDINATOR = frozenset({MsgType.JOB_SETUP, MsgType.WORKER_LEFT, MsgType.WORKER_JOINED, MsgType.JOB_CLEAR})
+
+
 async def run_shard(
     coordinator: str,
     host: str = "127.0.0.1",
@@ -462,18 +469,23 @@ async def run_shard(
     *,
     advertise_host: str | None = None,
     max_frame_bytes: int,
-    max_connections: int = net.DEFAULT_MAX_CONNECTIONS,
+    max_connections: int | None = None,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[str], None] | None = None,
+    security: net.Security = net.LOCAL,
 ) -> None:
     """Serve one shard until ``stop`` is set or the coordinator goes away."""
     stop = stop or asyncio.Event()
     service = ShardService(on_coordinator_lost=stop.set)
-    server = net.Server(service, max_frame_bytes=max_frame_bytes, max_connections=max_connections, name="shard")
+    server = net.Server(
+        service, max_frame_bytes=max_frame_bytes, max_connections=max_connections, name="shard", security=security
+    )
     bound_host, bound_port = await server.start(host, port)
     address = f"{advertise_host or bound_host}:{bound_port}"
     try:
-        peer = await net.connect(coordinator, service, max_frame_bytes=max_frame_bytes, what="psctl coordinator")
+        peer = await net.connect(
+            coordinator, service, max_frame_bytes=max_frame_bytes, what="psctl coordinator", security=security
+        )
         service.coordinator = peer
         reply = await peer.request(MsgType.REGISTER_SHARD, {"address": address, "pid": os.getpid()})
         service.shard_id = int(reply.body["shard_id"])

@@ -77,6 +77,7 @@ class TrainConfig:
     optimizer: str = "sgd"
     l1: float = 0.0  # ftrl only
     save_optimizer_state: bool = False
+    security: net.Security = net.LOCAL  # never written to the model file
 
     def check(self) -> None:
         if self.workers < 1:
@@ -275,6 +276,7 @@ class _Session:
             self.client = await ShardClient.connect(
                 self.placed["shards"], self.placed["ranges"], self.job_id, {"role": "driver"},
                 max_frame_bytes=self.cfg.max_frame_bytes, hashed=[t.name for t in self.model.tables() if t.sparse],
+                security=self.cfg.security,
             )
         return self.client
 
@@ -337,7 +339,7 @@ async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = l
          "workers": cfg.workers, "steps": steps}
     )
     started = time.monotonic()
-    async with LocalCluster(max_frame_bytes=cfg.max_frame_bytes) as cluster:
+    async with LocalCluster(max_frame_bytes=cfg.max_frame_bytes, security=cfg.security) as cluster:
         if cfg.server is None:
             coordinator = await cluster.start_coordinator()
             shards_up = asyncio.ensure_future(cluster.start_shards(cfg.shards, coordinator))
@@ -345,7 +347,9 @@ async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = l
             coordinator = cfg.server
             shards_up = None
         driver_service = _DriverService()
-        peer = await net.connect(coordinator, driver_service, max_frame_bytes=cfg.max_frame_bytes, what="psctl server")
+        peer = await net.connect(
+            coordinator, driver_service, max_frame_bytes=cfg.max_frame_bytes, what="psctl server", security=cfg.security
+        )
         session = _Session(cfg, model_cls, spec, peer)
         try:
             n_local = cfg.workers if cfg.local_workers is None else cfg.local_workers
@@ -481,7 +485,9 @@ def _model_meta(cfg: TrainConfig, source: formats.Source, session: _Session, don
         "label": schema.columns[schema.label_index] if schema and schema.label_index is not None else None,
         "classes": session.model.classes,
         "standardize": None,
-        "training": {k: v for k, v in asdict(cfg).items() if k not in ("out", "max_frame_bytes", "local_workers")},
+        "training": {
+            k: v for k, v in asdict(cfg).items() if k not in ("out", "max_frame_bytes", "local_workers", "security")
+        },
         "metrics": {
             "train_loss": done["loss"],
             **{f"train_{k}": v for k, v in done["metrics"].items()},

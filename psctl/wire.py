@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ DEFAULT_MAX_FRAME_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 MAX_ARRAYS = 64
 MAX_NDIM = 4
+_MAX_EXTENT_BYTES = 1 << 48  # far past any real array, far below numpy's index range
 
 # Received bytes are staged here; payloads larger than this get their own
 # buffer so the transport writes into it directly.
@@ -56,6 +58,9 @@ class MsgType(enum.IntEnum):
 
     ERROR = 0
     HELLO = 1
+    # connection set-up: the shared-secret handshake (psctl/auth.py), before anything else
+    AUTH_HELLO = 2
+    AUTH_PROOF = 3
     # control plane: coordinator
     REGISTER_SHARD = 10
     REGISTER_WORKER = 11
@@ -151,7 +156,10 @@ def encode(msg: Message) -> list[bytes | memoryview]:
     Array data is passed by reference (a memoryview of a C-contiguous array);
     the caller must not mutate the arrays until the buffers are written.
     """
-    body = json.dumps(msg.body, separators=(",", ":"), allow_nan=False).encode()
+    try:
+        body = json.dumps(msg.body, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:  # not JSON, a NaN, a circular reference
+        raise LocalProtocolError(f"the control body cannot travel as JSON: {exc}") from None
     if len(msg.arrays) > MAX_ARRAYS:
         raise LocalProtocolError(f"a message carries at most {MAX_ARRAYS} arrays")
     prefix = PAYLOAD_PREFIX.pack(len(body), len(msg.arrays)) + body + _ZERO_PAD[: _pad(len(body))]
@@ -190,6 +198,33 @@ def error_message(text: str, req_id: int = 0, code: str = "error") -> Message:
     return Message(MsgType.ERROR, {"code": code, "message": text}, req_id=req_id, flags=flags)
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise ValueError("number out of range")
+    return value
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    """Strict JSON: finite numbers only, so whatever decodes also encodes again."""
+    try:
+        body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError):  # also UnicodeDecodeError, and ints past the digit limit
+        raise RemoteProtocolError("control body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise RemoteProtocolError("control body is not a JSON object")
+    return body
+
+
+def _zeros(payload: memoryview, start: int, end: int, what: str) -> None:
+    if any(payload[start:end]):
+        raise RemoteProtocolError(f"{what} must be zero bytes")
+
+
 def decode_payload(msg_type: int, flags: int, req_id: int, payload: memoryview, max_body_bytes: int) -> Message:
     """Parse one payload. Arrays are zero-copy views into ``payload``."""
     try:
@@ -210,18 +245,17 @@ def decode_payload(msg_type: int, flags: int, req_id: int, payload: memoryview, 
     end = pos + body_len
     if end > size:
         raise RemoteProtocolError("control body runs past the end of the frame")
-    try:
-        body = json.loads(bytes(payload[pos:end])) if body_len else {}
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise RemoteProtocolError("control body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise RemoteProtocolError("control body is not a JSON object")
+    body = _json_object(bytes(payload[pos:end])) if body_len else {}
     pos = end + _pad(body_len)
+    if pos > size:
+        raise RemoteProtocolError("body padding runs past the end of the frame")
+    _zeros(payload, end, pos, "body padding")
     arrays: list[np.ndarray] = []
     for _ in range(n_arrays):
         if pos + ARRAY_PREFIX.size > size:
             raise RemoteProtocolError("array header runs past the end of the frame")
         code, ndim = ARRAY_PREFIX.unpack_from(payload, pos)
+        _zeros(payload, pos + 2, pos + ARRAY_PREFIX.size, "the array header's reserved bytes")
         pos += ARRAY_PREFIX.size
         dtype = _DTYPES.get(code)
         if dtype is None:
@@ -232,16 +266,21 @@ def decode_payload(msg_type: int, flags: int, req_id: int, payload: memoryview, 
             raise RemoteProtocolError("array shape runs past the end of the frame")
         shape = struct.unpack_from(f"<{ndim}Q", payload, pos)
         pos += 8 * ndim
-        count = 1
-        for dim in shape:
-            count *= dim
-            if count * dtype.itemsize > size:  # checked as we go: no overflow, no huge allocation
-                raise RemoteProtocolError("array data runs past the end of the frame")
+        count = math.prod(shape)
         nbytes = count * dtype.itemsize
         if pos + nbytes > size:
             raise RemoteProtocolError("array data runs past the end of the frame")
+        # An empty array's other dimensions are not bounded by its data; numpy still
+        # refuses shapes whose non-zero dimensions multiply past its index range.
+        if not count and math.prod(max(dim, 1) for dim in shape) * dtype.itemsize > _MAX_EXTENT_BYTES:
+            raise RemoteProtocolError("array dimensions are out of range")
         arrays.append(np.frombuffer(payload, dtype=dtype, count=count, offset=pos).reshape(shape))
-        pos += nbytes + _pad(nbytes)
+        pos += nbytes
+        pad = _pad(nbytes)
+        if pos + pad > size:
+            raise RemoteProtocolError("array padding runs past the end of the frame")
+        _zeros(payload, pos, pos + pad, "array padding")
+        pos += pad
     if pos != size:
         raise RemoteProtocolError(f"{size - pos} unexpected bytes at the end of the payload")
     return Message(kind, body, arrays, req_id, Flag(flags))
@@ -256,24 +295,49 @@ class FrameParser:
     refuses further input, and the connection should be closed.
     """
 
-    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    def __init__(
+        self,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        staging_bytes: int = STAGING_BYTES,
+    ):
         self.max_frame_bytes = max_frame_bytes
         self.max_body_bytes = max_body_bytes
-        self._staging = bytearray(STAGING_BYTES)
+        self._staging = bytearray(staging_bytes)
+        self._min_free = min(_MIN_FREE_BYTES, staging_bytes // 4)
         self._start = 0  # first unparsed byte in staging
         self._end = 0  # one past the last received byte in staging
         self._header: tuple[int, int, int, int] | None = None  # type, flags, req_id, length
-        self._big: bytearray | None = None  # payload too large for staging, filled in place
+        # A payload too large for staging, filled in place. Uninitialized memory: the
+        # pages are committed as bytes arrive, so a declared size costs nothing until sent.
+        self._big: np.ndarray | None = None
         self._big_filled = 0
         self._broken: ProtocolError | None = None
         self._pending = bytearray()  # bytes given to receive_data, not yet staged
+
+    @property
+    def partial(self) -> bool:
+        """True while part of a frame has arrived and the rest has not."""
+        return self._header is not None or self._end > self._start or bool(self._pending)
+
+    def take_unparsed(self) -> bytes:
+        """Hand over the bytes received past the last frame (to a parser with other limits).
+
+        Only between frames, right after :meth:`next_event` returned a message.
+        """
+        if self._header is not None:
+            raise LocalProtocolError("take_unparsed in the middle of a frame")
+        rest = bytes(self._staging[self._start : self._end]) + bytes(self._pending)
+        self._start = self._end = 0
+        self._pending.clear()
+        return rest
 
     # -- receiving -----------------------------------------------------
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Where the next received bytes should be written (never empty)."""
         if self._big is not None:
             return memoryview(self._big)[self._big_filled :]
-        if self._start and len(self._staging) - self._end < _MIN_FREE_BYTES:
+        if self._start and len(self._staging) - self._end < self._min_free:
             self._compact()
         return memoryview(self._staging)[self._end :]
 
@@ -325,8 +389,8 @@ class FrameParser:
             if length > len(self._staging) // 2:
                 # Large payload: give it its own buffer and move what we have.
                 have = min(self._end - self._start, length)
-                self._big = bytearray(length)
-                self._big[:have] = self._staging[self._start : self._start + have]
+                self._big = np.empty(length, np.uint8)
+                memoryview(self._big)[:have] = self._staging[self._start : self._start + have]
                 self._big_filled = have
                 self._start += have
         msg_type, flags, req_id, length = self._header

@@ -162,6 +162,7 @@ class Worker:
         max_frame_bytes: int,
         data_path: str | None = None,
         model_classes: Sequence[str] = (),
+        security: net.Security = net.LOCAL,
     ):
         # A job spec names its model; a user's class ('pkg.mod:Class') is imported only
         # when this worker was started allowing it, so a job cannot make a worker import code.
@@ -171,12 +172,17 @@ class Worker:
         self.coordinator_address = coordinator
         self.max_frame_bytes = max_frame_bytes
         self.data_path = data_path
+        self.security = security
         self.control = _ControlService()
 
     async def run(self) -> dict[str, Any]:
         """Join the next job, train, report. Returns the final report."""
         coord = await net.connect(
-            self.coordinator_address, self.control, max_frame_bytes=self.max_frame_bytes, what="psctl coordinator"
+            self.coordinator_address,
+            self.control,
+            max_frame_bytes=self.max_frame_bytes,
+            what="psctl coordinator",
+            security=self.security,
         )
         try:
             reg = await coord.request(
@@ -247,6 +253,7 @@ class Worker:
             {"role": "worker", "worker_id": worker_id},
             max_frame_bytes=self.max_frame_bytes,
             hashed=[t.name for t in model.tables() if t.sparse],
+            security=self.security,
         )
         try:
             await self._train(coord, client, model, prep, val, spec, partition, int(reg.get("start_clock", 0)))

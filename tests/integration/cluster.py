@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
-from psctl import net
-from psctl.wire import MsgType
+from psctl import auth, net
+from psctl.wire import NEED_DATA, FrameParser, Message, MsgType, encode_bytes
 
 
 class ServerProcess:
@@ -49,8 +52,20 @@ async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout_s: float 
         await asyncio.sleep(0.01)
 
 
-async def status(address: str) -> dict[str, Any]:
-    peer = await net.connect(address)
+async def equals(value: Awaitable[Any], expected: Any) -> bool:
+    """For wait_until: whether an awaited value equals ``expected``."""
+    return await value == expected
+
+
+class IgnoreEvents(net.NullService):
+    """For a test's driver or worker control connection: the coordinator's EVENTs are not needed."""
+
+    def handle(self, peer: net.Peer, msg: Message) -> net.Reply:
+        return None if msg.type is MsgType.EVENT else super().handle(peer, msg)
+
+
+async def status(address: str, security: net.Security = net.LOCAL) -> dict[str, Any]:
+    peer = await net.connect(address, security=security)
     try:
         return (await peer.request(MsgType.STATUS, timeout_s=5)).body
     finally:
@@ -68,3 +83,110 @@ def bare_spec(n_workers: int, mode: str, staleness: int = 0, rows: int = 8, lr: 
         "optimizer": {"name": "sgd", "params": {"lr": lr}},
         "partitions": [{} for _ in range(n_workers)],
     }
+
+
+def write_secret(folder: Path) -> tuple[Path, bytes]:
+    """A fresh shared secret in a file only its owner may read."""
+    secret = secrets.token_hex(32).encode()
+    path = folder / "secret"
+    path.write_bytes(secret + b"\n")
+    path.chmod(0o600)
+    return path, secret
+
+
+class RawClient:
+    """Bytes in and frames out, with deadlines: for playing a peer that breaks the rules.
+
+    Everything it sends is kept in ``sent``, as a capture of the wire would be.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+        self.parser = FrameParser()
+        self.sent = bytearray()
+
+    @classmethod
+    async def open(cls, address: str | tuple[str, int]) -> RawClient:
+        host, port = net.parse_address(address) if isinstance(address, str) else address
+        client = cls(*await asyncio.open_connection(host, port))
+        _OPENED.append(client)
+        return client
+
+    def send(self, *msgs: Message | bytes) -> None:
+        data = b"".join(m if isinstance(m, bytes) else encode_bytes(m) for m in msgs)
+        self.sent += data
+        self.writer.write(data)
+
+    async def frame(self, timeout_s: float = 5) -> Message | None:
+        """The next frame, or None at EOF."""
+        deadline = time.monotonic() + timeout_s
+        while (msg := self.parser.next_event()) is NEED_DATA:
+            try:
+                data = await asyncio.wait_for(self.reader.read(65536), max(deadline - time.monotonic(), 0))
+            except ConnectionResetError:
+                return None
+            if not data:
+                return None
+            self.parser.receive_data(data)
+        return msg  # type: ignore[return-value]
+
+    async def until_closed(self, timeout_s: float = 5) -> list[Message]:
+        frames = []
+        while (msg := await self.frame(timeout_s)) is not None:
+            frames.append(msg)
+        return frames
+
+    async def authenticate(self, secret: bytes) -> None:
+        handshake = auth.ClientHandshake(secret)
+        self.send(Message(MsgType.AUTH_HELLO, handshake.hello(), req_id=1))
+        challenge = await self.frame()
+        assert challenge is not None and challenge.type is MsgType.AUTH_HELLO, challenge
+        self.send(Message(MsgType.AUTH_PROOF, handshake.on_challenge(challenge.body), req_id=2))
+        ok = await self.frame()
+        assert ok is not None and ok.type is MsgType.AUTH_PROOF and ok.is_reply, ok
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+_OPENED: list[RawClient] = []
+
+
+class Hangups:
+    """Watches RawClients until the other side closes them; notes when, from a time of our choosing."""
+
+    def __init__(self) -> None:
+        self.since: dict[int, float] = {}  # client index -> monotonic time its deadline started
+        self.after_s: dict[int, float] = {}  # client index -> seconds from then to the hang-up
+        self.frames: dict[int, list[Message]] = {}
+        self._waits: list[asyncio.Future[list[Message]]] = []
+
+    def watch(self, client: RawClient, timeout_s: float) -> None:
+        """Start watching ``client``; its deadline started now."""
+        i = len(self._waits)
+        self.since[i] = time.monotonic()
+        fut = asyncio.ensure_future(client.until_closed(timeout_s=timeout_s))
+        fut.add_done_callback(lambda f, i=i: self._closed(i, f))
+        self._waits.append(fut)
+
+    def _closed(self, i: int, fut: asyncio.Future[list[Message]]) -> None:
+        self.after_s[i] = time.monotonic() - self.since[i]
+        if not fut.cancelled() and fut.exception() is None:
+            self.frames[i] = fut.result()
+
+    @property
+    def done(self) -> bool:
+        return len(self.after_s) == len(self._waits)  # every done-callback has run, not only every future
+
+    def cancel(self) -> None:
+        for fut in self._waits:
+            fut.cancel()
+
+
+async def close_raw_clients() -> None:
+    """Close every RawClient a test opened (the integration conftest calls this after each test)."""
+    while _OPENED:
+        client = _OPENED.pop()
+        client.close()
+        with contextlib.suppress(OSError):
+            await asyncio.wait_for(client.writer.wait_closed(), 5)

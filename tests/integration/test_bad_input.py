@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import socket
 import zipfile
 
@@ -135,3 +136,27 @@ def test_predict_without_labels_still_predicts(tmp_path, model):
 def test_a_diverging_run_stops_with_one_sentence():
     r = run_psctl("train", "linreg", str(TRAIN), "--workers", "2", "--epochs", "3", "--lr", "1e30")
     assert_clean_error(r, "training diverged; try a smaller --lr", code=4)
+
+
+def test_a_ten_megabyte_line(tmp_path, model):
+    lines = TRAIN.read_text().splitlines()
+    lines[5] = "1," + "7" * (10 << 20)
+    (tmp_path / "long.csv").write_text("\n".join(lines) + "\n")
+    assert_clean_error(train(str(tmp_path / "long.csv")), "line 6 is longer than 4 MiB", code=2)
+    r = run_psctl("predict", str(model), str(tmp_path / "long.csv"))
+    assert_clean_error(r, "line 6 is longer than 4 MiB", code=2)
+
+
+def test_predict_forged_array_header(tmp_path, model):
+    # Give w's .npy a header declaring a 1 GiB array; the archive itself stays well formed.
+    with zipfile.ZipFile(model) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    w = members["w.npy"]
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (1 << 28,)})
+    members["w.npy"] = header.getvalue() + w[w.index(b"\n") + 1 :]
+    with zipfile.ZipFile(tmp_path / "forged.npz", "w") as archive:
+        for name, raw in members.items():
+            archive.writestr(name, raw)
+    r = run_psctl("predict", str(tmp_path / "forged.npz"), str(TEST))
+    assert_clean_error(r, "is damaged or forged: member 'w.npy' declares 1073741824 bytes", code=2)

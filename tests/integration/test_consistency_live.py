@@ -17,7 +17,7 @@ from psctl import net
 from psctl.client import ShardClient
 from psctl.wire import HEADER, MsgType
 
-from .cluster import ServerProcess, bare_spec, status, wait_until
+from .cluster import ServerProcess, bare_spec, equals, status, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -87,7 +87,7 @@ async def test_ssp_bound_holds_with_a_slow_worker(server):
             await fast.push(GRAD, clock, 1)
         blocked = asyncio.ensure_future(pull_all(fast, s + 1))
         for shard in sub["shards"]:
-            await wait_until(lambda shard=shard: _eq(waiting_pulls(shard), 1), what="the fast pull to wait at the gate")
+            await wait_until(lambda shard=shard: equals(waiting_pulls(shard), 1), what="the fast pull to wait at the gate")
         assert not blocked.done()
         # The slow worker sees its own writes and moves one clock: the fast pull may go.
         await pull_all(slow, 0)
@@ -96,10 +96,6 @@ async def test_ssp_bound_holds_with_a_slow_worker(server):
             answered.append((s + 1, reply.body["min_clock"]))
         assert all(min_clock >= clock - s for clock, min_clock in answered), answered
         assert answered[-1] == (s + 1, 1)
-
-
-async def _eq(value, expected) -> bool:
-    return await value == expected
 
 
 async def test_async_pulls_never_wait_for_a_stalled_worker(server):

@@ -360,3 +360,37 @@ def test_stratified_split_proportions_and_seeds():
     assert not np.array_equal(data.stratified_split(labels, 0.25, seed=2)[1], test)
     with pytest.raises(ValueError):
         data.stratified_split(labels, 1.0, seed=0)
+
+
+# --- hostile files -------------------------------------------------------------------
+
+TEN_MB = 10 << 20
+
+
+@pytest.mark.parametrize(
+    ("where", "line"),
+    [("header", 1), ("middle", 3), ("last-without-newline", 4), ("last-after-blank", 5)],
+)
+def test_a_ten_megabyte_line_is_refused_by_number(tmp_path, where, line):
+    long = "1," + "9" * TEN_MB
+    lines = {
+        "header": [long, "1,2"],
+        "middle": ["label,x", "1,2", long, "0,3"],
+        "last-without-newline": ["label,x", "1,2", "0,3", long],
+        "last-after-blank": ["label,x", "1,2", "0,3", "", long],
+    }[where]
+    text = "\n".join(lines) + ("" if where.startswith("last") else "\n")
+    path = write(tmp_path, text)
+    with pytest.raises(DataError, match=rf"line {line} is longer than 4 MiB, the most psctl reads as one line; is it a CSV file\?$"):
+        data.read_schema(path)
+        data.plan_partitions(path, 3)
+
+
+def test_the_line_bound_holds_across_chunks(tmp_path):
+    path = write(tmp_path, "label,x\n" + "1,2\n" * 10 + "1," + "5" * 100 + "\n0,1\n")
+    # Line 12 is 103 bytes, its newline included.
+    with mock.patch.object(data, "CHUNK_BYTES", 7), mock.patch.object(data, "MAX_LINE_BYTES", 102):
+        with pytest.raises(DataError, match="line 12 is longer than"):
+            data.plan_partitions(path, 2)
+    with mock.patch.object(data, "CHUNK_BYTES", 7), mock.patch.object(data, "MAX_LINE_BYTES", 103):
+        assert sum(p.n_rows for p in data.plan_partitions(path, 2)) == 12

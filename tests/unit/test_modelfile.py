@@ -1,8 +1,14 @@
+import io
 import json
+import tracemalloc
+import zipfile
+from unittest import mock
 
 import numpy as np
 import pytest
+from numpy.lib import format as npy_format
 
+from psctl import modelfile
 from psctl.errors import ModelFileError
 from psctl.modelfile import load_model, save_model
 
@@ -132,3 +138,79 @@ def test_non_numeric_parameter(tmp_path):
 def test_wrong_kind(model_path):
     with pytest.raises(ModelFileError, match="'.*m.npz' is a logreg model, not mf$"):
         load_model(str(model_path), expect_kind="mf")
+
+
+# --- forged archives: refused before numpy allocates what they declare ----------------
+def forge(path, members: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, raw in members.items():
+            archive.writestr(name, raw)
+
+
+def npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def npy_header(shape, descr="<f8") -> bytes:
+    buf = io.BytesIO()
+    npy_format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+META = meta_bytes({"format": "psctl-model", "format_version": 1, "kind": "logreg"})
+
+
+@pytest.mark.parametrize(
+    ("w", "match"),
+    [
+        (npy_header((2**27,)) + b"\0" * 64, r"member 'w.npy' declares 1073741824 bytes of data but holds 64$"),
+        (npy_header((2**62, 4)) + b"\0" * 8, "declares .* bytes of data but holds 8$"),
+        (npy_header((3,)) + b"\0" * 64, "declares 24 bytes of data but holds 64$"),
+        (b"label,a\n1,2\n", r"member 'w.npy' that is not a numpy array \("),
+        (b"\x93NUMPY\x09\x00" + b"\0" * 16, "not a numpy array .*version"),
+        (npy_header((2,), descr="|O") + b"\0" * 16, "holds object arrays, which psctl never loads$"),
+    ],
+    ids=["huge-shape", "overflowing-shape", "short-shape", "not-npy", "npy-version", "object-header"],
+)
+def test_forged_members_are_refused_before_loading(tmp_path, w, match):
+    forge(tmp_path / "f.npz", {"w.npy": w, "__meta__.npy": npy(META)})
+    tracemalloc.start()
+    try:
+        with pytest.raises(ModelFileError, match=match):
+            load_model(str(tmp_path / "f.npz"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+
+
+def test_too_many_members(tmp_path):
+    forge(tmp_path / "many.npz", {f"w{i}.npy": npy(np.zeros(1)) for i in range(4097)})
+    with pytest.raises(ModelFileError, match="has 4097 members; a psctl model has at most 4096$"):
+        load_model(str(tmp_path / "many.npz"))
+
+
+def test_an_archive_larger_than_memory_allows_is_refused(tmp_path, model_path):
+    # A compressed member may declare far more than the file's size (a zip bomb).
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("w.npy", npy(np.zeros(4 << 20, np.uint8)))
+        archive.writestr("__meta__.npy", npy(META))
+    assert (tmp_path / "bomb.npz").stat().st_size < 64 << 10
+    with mock.patch.object(modelfile, "_memory_bytes", return_value=4 << 20):
+        with pytest.raises(ModelFileError, match=r"would take 0.0 GiB to load, more than half this machine's memory$"):
+            load_model(str(tmp_path / "bomb.npz"))
+    params, _ = load_model(str(tmp_path / "bomb.npz"))  # with the real memory size it loads
+    assert params["w"].shape == (4 << 20,)
+
+
+def test_an_encrypted_member_is_a_damaged_archive(tmp_path, model_path):
+    raw = bytearray(model_path.read_bytes())
+    at = raw.find(b"PK\x01\x02")
+    while at != -1:  # set the 'encrypted' bit of every central directory entry
+        raw[at + 8] |= 1
+        at = raw.find(b"PK\x01\x02", at + 1)
+    (tmp_path / "enc.npz").write_bytes(bytes(raw))
+    with pytest.raises(ModelFileError, match=r"damaged or truncated .npz archive \(RuntimeError\)$"):
+        load_model(str(tmp_path / "enc.npz"))

@@ -1,0 +1,200 @@
+"""The guarded connection in one process over loopback TCP: handshake framing, the
+small pre-handshake parser, the connection limit, set-up and mid-frame deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from psctl import auth, net
+from psctl.errors import SecurityError
+from psctl.wire import HEADER, Message, MsgType, encode_bytes
+
+from .cluster import Hangups, RawClient, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
+
+SECRET = b"0123456789abcdef-in-process"
+
+
+class Recorder(net.NullService):
+    """Answers PING with its arrays; remembers every peer it saw."""
+
+    def __init__(self) -> None:
+        self.seen: set[net.Peer] = set()
+        self.lost: list[net.Peer] = []
+
+    def handle(self, peer: net.Peer, msg: Message) -> net.Reply:
+        self.seen.add(peer)
+        if msg.type is MsgType.PING:
+            return Message(MsgType.PING, {"n": len(self.seen)}, msg.arrays)
+        return super().handle(peer, msg)
+
+    def peer_lost(self, peer: net.Peer, exc: BaseException | None) -> None:
+        self.lost.append(peer)
+
+
+async def serve(security: net.Security, **kwargs) -> tuple[net.Server, Recorder, tuple[str, int]]:
+    service = Recorder()
+    server = net.Server(service, max_frame_bytes=1 << 20, name="test", security=security, **kwargs)
+    return server, service, await server.start("127.0.0.1", 0)
+
+
+async def test_frames_pipelined_right_behind_the_handshake_are_served():
+    server, service, address = await serve(net.Security(secret=SECRET))
+    try:
+        raw = await RawClient.open(address)
+        handshake = auth.ClientHandshake(SECRET)
+        raw.send(Message(MsgType.AUTH_HELLO, handshake.hello(), req_id=1))
+        challenge = await raw.frame()
+        big = np.arange(100_000, dtype=np.float32)  # larger than the handshake parser takes
+        raw.send(
+            Message(MsgType.AUTH_PROOF, handshake.on_challenge(challenge.body), req_id=2),
+            Message(MsgType.PING, {}, [big], req_id=3),
+        )
+        assert (await raw.frame()).type is MsgType.AUTH_PROOF
+        pong = await raw.frame()
+        assert pong.req_id == 3 and np.array_equal(pong.arrays[0], big)
+        raw.close()
+    finally:
+        await server.close()
+
+
+async def test_before_the_handshake_a_large_frame_is_refused_at_its_header():
+    server, service, address = await serve(net.Security(secret=SECRET))
+    try:
+        raw = await RawClient.open(address)
+        raw.send(HEADER.pack(b"PSCT", 1, int(MsgType.PUSH), 0, 1, 100 << 20))
+        (error,) = await raw.until_closed()
+        assert error.type is MsgType.ERROR and f"exceeds the limit of {net.HANDSHAKE_MAX_FRAME_BYTES}" in error.body["message"]
+        assert not service.seen and not service.lost  # the service never heard of it
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize(
+    "first",
+    [Message(MsgType.PING, {}, req_id=5), Message(MsgType.AUTH_PROOF, {"proof": "00" * 32}, req_id=5)],
+    ids=["request", "proof-first"],
+)
+async def test_any_other_first_frame_is_answered_and_closed(first):
+    server, service, address = await serve(net.Security(secret=SECRET))
+    try:
+        raw = await RawClient.open(address)
+        raw.send(first, Message(MsgType.PING, {}, req_id=6))  # the second is never served
+        (error,) = await raw.until_closed()
+        assert error.type is MsgType.ERROR and error.req_id == 5 and error.body["code"] == "auth_required"
+        assert not service.seen
+    finally:
+        await server.close()
+
+
+async def test_a_server_that_speaks_before_the_handshake_is_refused():
+    served = asyncio.Event()
+
+    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(encode_bytes(Message(MsgType.PING, {}, req_id=1)))
+        await reader.read()  # until the client hangs up
+        writer.close()
+        await writer.wait_closed()
+        served.set()
+
+    listener = await asyncio.start_server(impostor, "127.0.0.1", 0)
+    try:
+        with pytest.raises(SecurityError, match="did not complete the handshake"):
+            await net.connect(listener.sockets[0].getsockname()[:2], security=net.Security(secret=SECRET))
+        await asyncio.wait_for(served.wait(), 5)
+    finally:
+        listener.close()
+
+
+async def test_a_client_with_a_secret_refuses_a_server_without_one():
+    server, service, address = await serve(net.LOCAL)
+    try:
+        with pytest.raises(SecurityError, match="runs without a shared secret, and this process has one"):
+            await net.connect(address, security=net.Security(secret=SECRET))
+    finally:
+        await server.close()
+
+
+async def test_the_connection_limit_turns_away_the_next_connection():
+    server, service, address = await serve(net.LOCAL, max_connections=3)
+    try:
+        peers = [await net.connect(address) for _ in range(3)]
+        for peer in peers:
+            await peer.request(MsgType.PING, timeout_s=5)
+        extra = await RawClient.open(address)
+        (error,) = await extra.until_closed()
+        assert "too many connections (limit 3)" in error.body["message"]
+        assert (await peers[0].request(MsgType.PING, timeout_s=5)).type is MsgType.PING
+        peers[0].close()
+        await peers[0].wait_closed()
+
+        async def two_left() -> bool:
+            return len(server.peers) == 2
+
+        await wait_until(two_left, what="the server to drop the closed peer")
+        late = await net.connect(address)  # a freed slot is usable again
+        await late.request(MsgType.PING, timeout_s=5)
+        late.close()
+        for peer in peers[1:]:
+            peer.close()
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize("secret", [None, SECRET], ids=["no-secret", "secret"])
+async def test_silent_and_stalled_peers_are_dropped_after_their_deadlines(secret):
+    timeout_s = 0.5
+    security = net.Security(secret=secret, handshake_timeout_s=timeout_s, idle_timeout_s=timeout_s)
+    server, service, address = await serve(security)
+    hangups = Hangups()
+    try:
+        silent = await RawClient.open(address)
+        hangups.watch(silent, timeout_s=10)
+        half_header = await RawClient.open(address)
+        half_header.send(encode_bytes(Message(MsgType.PING, {}, req_id=1))[:10])
+        hangups.watch(half_header, timeout_s=10)  # the set-up deadline started before: a lower bound
+        stalled = await RawClient.open(address)
+        if secret is not None:
+            await stalled.authenticate(secret)
+        else:
+            stalled.send(Message(MsgType.PING, {}, req_id=1))
+            assert (await stalled.frame()).type is MsgType.PING
+        stalled.send(encode_bytes(Message(MsgType.PING, {}, [np.zeros(1000)], req_id=2))[:4000])
+        hangups.watch(stalled, timeout_s=10)
+        good = await net.connect(address, security=security)
+        while not hangups.done:  # a healthy peer is served meanwhile
+            assert (await good.request(MsgType.PING, timeout_s=5)).type is MsgType.PING
+        for frames in hangups.frames.values():
+            assert frames and frames[-1].type is MsgType.ERROR, frames
+            assert "within 0.5 s" in frames[-1].body["message"] or "for 0.5 s" in frames[-1].body["message"]
+        assert len(hangups.frames) == 3
+        # Not before the deadline (less the moments between its start and ours), and not long after.
+        assert all(timeout_s * 0.8 <= after <= timeout_s + 5 for after in hangups.after_s.values()), hangups.after_s
+        assert (await good.request(MsgType.PING, timeout_s=5)).type is MsgType.PING
+        good.close()
+    finally:
+        hangups.cancel()
+        await server.close()
+
+
+class TooMany(net.NullService):
+    def handle(self, peer: net.Peer, msg: Message) -> net.Reply:
+        return Message(MsgType.PING, {}, [np.zeros(1)] * 100)  # more arrays than a frame carries
+
+
+async def test_a_reply_the_wire_cannot_carry_is_an_internal_error_not_a_dropped_peer():
+    server = net.Server(TooMany(), max_frame_bytes=1 << 20, name="test")
+    address = await server.start("127.0.0.1", 0)
+    try:
+        peer = await net.connect(address)
+        for _ in range(2):  # and the connection stays usable
+            with pytest.raises(net.RemoteError, match="internal error: a message carries at most 64 arrays") as info:
+                await peer.request(MsgType.PING, timeout_s=5)
+            assert info.value.code == "internal"
+        peer.close()
+    finally:
+        await server.close()
