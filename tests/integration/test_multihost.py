@@ -8,6 +8,7 @@ declared lost, and the job finishes without it. Needs root and iproute2.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -89,10 +90,8 @@ class Hosts:
         for ns in [self.server, *self.workers]:
             pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=10).stdout.split()
             for pid in pids:
-                try:
+                with contextlib.suppress(ProcessLookupError):  # it may have exited meanwhile
                     os.kill(int(pid), 9)
-                except ProcessLookupError:
-                    pass
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
 
 
