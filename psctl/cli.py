@@ -32,6 +32,8 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 
+MAX_SHARD_RESTARTS = 10  # per server run
+
 MaxFrame = typer.Option(DEFAULT_MAX_FRAME_BYTES, "--max-frame-bytes", help="Largest frame accepted from a peer.")
 
 # The security flags: (name, type, option, serving roles only).
@@ -362,6 +364,12 @@ class _TrainView:
             if self.progress is not None:
                 self.progress.console.print(line, highlight=False)
             self._plain(line)
+        elif kind == "shard_lost":
+            msg = f"warning: {event['reason']}; rolling back to the checkpoint at clock {event['clock']}"
+            (self.progress.console if self.progress else out).print(msg, highlight=False)
+        elif kind == "shard_recovered":
+            msg = f"shard {event['index']} recovered from clock {event['clock']}; {event['replayed_steps']} steps replayed"
+            (self.progress.console if self.progress else out).print(msg, highlight=False)
         elif kind == "checkpoint":
             self._plain(f"checkpoint at clock {event['clock']}")
         elif kind == "resuming":
@@ -525,14 +533,29 @@ def server(
                 print(f"psctl: {shards} shards joined the coordinator at {address}: {', '.join(shard_addresses)}", flush=True)
             else:
                 print(f"psctl server listening on {address} (coordinator, {shards} shards)", flush=True)
-            exits = [asyncio.ensure_future(c.proc.wait()) for c in cluster.children]
+            # A shard process that dies is started again: it joins the coordinator, which
+            # rolls a checkpointed job back to its last checkpoint (or fails a job without one).
+            exits = {asyncio.ensure_future(c.proc.wait()): c for c in cluster.children}
             stop = asyncio.ensure_future(signalled.wait())
-            done, _ = await asyncio.wait([stop, *exits], return_when=asyncio.FIRST_COMPLETED)
-            for fut in exits:
-                fut.cancel()
-            if stop not in done:
-                stop.cancel()
-                raise PsctlError("a shard process exited; stopping the server")
+            restarts = 0
+            try:
+                while True:
+                    done, _ = await asyncio.wait([stop, *exits], return_when=asyncio.FIRST_COMPLETED)
+                    if stop in done:
+                        break
+                    for fut in [f for f in exits if f.done()]:
+                        child = exits.pop(fut)
+                        restarts += 1
+                        if restarts > MAX_SHARD_RESTARTS:
+                            raise PsctlError(f"shard processes exited {restarts} times; stopping the server")
+                        print(f"psctl: shard process {child.index} exited ({fut.result()}); starting another", flush=True)
+                        (new,) = await cluster.start_shards(1, address)
+                        fresh = cluster.children[-1]
+                        exits[asyncio.ensure_future(fresh.proc.wait())] = fresh
+                        print(f"psctl: a new shard is at {new}", flush=True)
+            finally:
+                for fut in [stop, *exits]:
+                    fut.cancel()
         print("psctl server stopped", flush=True)
 
     _run(main)

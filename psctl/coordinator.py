@@ -103,6 +103,7 @@ class Job:
     checkpoints: dict[int, set[int]] = field(default_factory=dict)  # clock -> shards that saved it
     last_checkpoint: int | None = None
     last_epoch_reported: int = -1
+    recovering: int | None = None  # index of a lost shard awaiting its replacement
     stats_reply: tuple[dict[str, Any], list[Any]] | None = None  # body and vocabulary arrays
     tables_ready: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     state: str = "setup"  # setup -> running -> done | failed
@@ -132,8 +133,7 @@ class CoordinatorService:
         role = peer.info.get("role")
         if role == "shard":
             self.shards = [s for s in self.shards if s.peer is not peer]
-            if self.job is not None and any(s.peer is peer for s in self.job.shards):
-                self._fail(f"shard {peer.info['shard_id']} at {peer.info['address']} was lost")
+            self._shard_lost(peer)
         elif role == "worker" and self.job is not None and peer.info.get("job_id") == self.job.job_id:
             self._worker_lost(self.job.workers[peer.info["worker_id"]])
         elif role == "driver" and self.job is not None and self.job.driver is peer:
@@ -163,9 +163,13 @@ class CoordinatorService:
         if not isinstance(address, str) or not isinstance(pid, int) or isinstance(pid, bool):
             raise net.RequestError("REGISTER_SHARD needs an address and an integer pid")
         shard_id = max((s.shard_id for s in self.shards), default=-1) + 1
-        self.shards.append(ShardInfo(shard_id, address, pid, peer))
+        info = ShardInfo(shard_id, address, pid, peer)
+        self.shards.append(info)
         peer.info.update(role="shard", shard_id=shard_id, address=address)
         log.info("shard %d registered at %s", shard_id, address)
+        job = self.job
+        if job is not None and job.recovering is not None:
+            asyncio.get_running_loop().create_task(self._recover(job, job.recovering, info))
         self._changed_soon()
         return Message(MsgType.REGISTER_SHARD, {"shard_id": shard_id})
 
@@ -221,36 +225,14 @@ class CoordinatorService:
             tables = [TableSpec.from_dict(t) for t in msg.body["tables"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise net.RequestError(f"bad tables: {exc}") from None
-        ranges = {t.name: table_ranges(t, len(job.shards)) for t in tables}
-        spec = job.spec
-        setups = [
-            s.peer.request(
-                MsgType.JOB_SETUP,
-                {
-                    "job_id": job.job_id,
-                    "tables": [t.to_dict() for t in tables],
-                    "ranges": {name: r[i] for name, r in ranges.items()},
-                    "mode": spec["mode"],
-                    "staleness": spec.get("staleness", 0),
-                    "workers": [w.worker_id for w in job.workers],
-                    "optimizer": spec["optimizer"],
-                    "seed": spec.get("seed", 0),
-                    "shard_index": i,
-                    "checkpoint": spec.get("checkpoint"),
-                    "restore": spec.get("resume"),
-                    "n_shards": len(job.shards),
-                },
-                timeout_s=SHARD_SETUP_TIMEOUT_S,
-            )
-            for i, s in enumerate(job.shards)
-        ]
+        job.ranges = {t.name: table_ranges(t, len(job.shards)) for t in tables}
+        job.tables = [t.to_dict() for t in tables]
         try:
-            await asyncio.gather(*setups)
+            await self._setup_shards(job, job.spec.get("resume"), [w.worker_id for w in job.workers])
         except net.PsctlError as exc:
             self._fail(f"shard setup failed: {exc}")
             raise net.RequestError(f"shard setup failed: {exc}") from None
-        job.ranges = ranges
-        job.tables = [t.to_dict() for t in tables]
+        ranges = job.ranges
         if not job.tables_ready.done():
             job.tables_ready.set_result(None)
         return Message(MsgType.TABLES, {"shards": [s.address for s in job.shards], "ranges": ranges})
@@ -263,6 +245,77 @@ class CoordinatorService:
         for w in job.workers:
             if w.peer is not None and w.peer.is_open:
                 w.peer.notify(MsgType.EVENT, {"kind": "stop"})
+
+    async def _setup_shards(self, job: Job, restore: dict[str, Any] | None, workers: list[int]) -> list[Message]:
+        """Create (or, with ``restore``, reload from a checkpoint) the job's tables on every shard."""
+        spec = job.spec
+        return await asyncio.gather(
+            *(
+                s.peer.request(
+                    MsgType.JOB_SETUP,
+                    {
+                        "job_id": job.job_id,
+                        "tables": job.tables,
+                        "ranges": {name: r[i] for name, r in job.ranges.items()},
+                        "mode": spec["mode"],
+                        "staleness": spec.get("staleness", 0),
+                        "workers": workers,
+                        "optimizer": spec["optimizer"],
+                        "seed": spec.get("seed", 0),
+                        "shard_index": i,
+                        "checkpoint": spec.get("checkpoint"),
+                        "restore": restore,
+                        "n_shards": len(job.shards),
+                    },
+                    timeout_s=SHARD_SETUP_TIMEOUT_S,
+                )
+                for i, s in enumerate(job.shards)
+            )
+        )
+
+    def _shard_lost(self, peer: net.Peer) -> None:
+        """Wait for a replacement shard when the job has a checkpoint to roll back to; else fail."""
+        job = self.job
+        index = next((i for i, s in enumerate(job.shards) if s.peer is peer), None) if job else None
+        if job is None or index is None:
+            return
+        what = f"shard {peer.info['shard_id']} at {peer.info['address']} was lost"
+        finished = any(w.state in ("trained", "finished") for w in job.workers)
+        if job.last_checkpoint is None or job.state != "running" or finished or job.recovering is not None:
+            self._fail(what + ("" if job.last_checkpoint is not None else " (no checkpoint to recover from)"))
+            return
+        job.recovering = index
+        log.warning("job %s: %s; waiting for a shard to take its place", job.job_id, what)
+        self._event(job, {"kind": "shard_lost", "index": index, "clock": job.last_checkpoint, "reason": what})
+
+    async def _recover(self, job: Job, index: int, shard: ShardInfo) -> None:
+        """Roll every shard back to the last checkpoint and send the workers there."""
+        job.shards[index] = shard
+        clock = job.last_checkpoint
+        assert clock is not None
+        live = [w for w in job.workers if w.state == "running"]
+        try:
+            replies = await self._setup_shards(
+                job, {"dir": job.spec["checkpoint"]["dir"], "clock": clock}, [w.worker_id for w in live]
+            )
+        except net.PsctlError as exc:
+            self._fail(f"recovering shard {index} from the checkpoint at clock {clock} failed: {exc}")
+            return
+        job.recovering = None
+        # The surviving shards knew how far the fastest worker had got: those steps are done again.
+        reached = [int(r.body["previous_clock"]) for r in replies if r.body.get("previous_clock") is not None]
+        replayed = max(reached, default=clock) - clock
+        for w in live:
+            if w.peer is not None and w.peer.is_open:
+                w.peer.notify(
+                    MsgType.EVENT,
+                    {"kind": "rewind", "clock": clock, "shards": [s.address for s in job.shards], "ranges": job.ranges},
+                )
+        self._event(
+            job,
+            {"kind": "shard_recovered", "index": index, "clock": clock, "replayed_steps": replayed,
+             "shards": [s.address for s in job.shards]},
+        )
 
     def _job_end(self, peer: net.Peer, msg: Message) -> None:
         if self.job is not None and self.job.driver is peer:

@@ -44,6 +44,7 @@ class LocalCluster:
         self.host = host
         self.max_frame_bytes = max_frame_bytes
         self.security = security
+        log_dir = log_dir or os.environ.get("PSCTL_LOG_DIR")  # keep the children's logs there
         self._own_log_dir = log_dir is None
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="psctl-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -384,6 +384,9 @@ class Peer(asyncio.BufferedProtocol):
         fut: asyncio.Future[Message] = self._loop.create_future()
         self.send(Message(kind, body or {}, arrays or [], req_id=req_id))
         self._pending[req_id] = fut
+        # A caller that gives up on a request (say, its connection died mid-step) may never
+        # await it; whoever does await it still gets the exception.
+        fut.add_done_callback(_retrieve)
         return fut
 
     async def request(
@@ -451,6 +454,11 @@ class Peer(asyncio.BufferedProtocol):
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self.closed)
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 class Server:

@@ -115,6 +115,7 @@ class ShardState:
         self.pushes = 0
         self.samples = 0  # rows behind every push, for the "every row used" check
         self.left: dict[int, int] = {}  # worker -> its clock when it left
+        self.peers: dict[int, Any] = {}  # worker -> the connection it said HELLO on
         self.started_s = time.monotonic()
 
     def check_tables(self, names: Any, allow_empty: bool = False) -> list[str]:
@@ -291,7 +292,9 @@ class ShardService:
             self._on_coordinator_lost()
             return
         worker = peer.info.get("worker_id")
-        if worker is not None and self.state is not None and peer.info.get("job_id") == self.state.job_id:
+        # Only the connection this state knows the worker by: after a roll-back the worker's
+        # old connections close while it is already live again on new ones.
+        if worker is not None and self.state is not None and self.state.peers.get(worker) is peer:
             self._release(self.state.leave(worker))
 
     # -- data plane ----------------------------------------------------------
@@ -304,6 +307,7 @@ class ShardService:
         peer.info["job_id"] = state.job_id
         if role == "worker":
             peer.info["worker_id"] = _require(msg.body, "worker_id", int)
+            state.peers[peer.info["worker_id"]] = peer
         return Message(MsgType.HELLO, {"shard_id": self.shard_id, "ranges": state.ranges})
 
     def _pull(self, peer: net.Peer, msg: Message) -> net.Reply | asyncio.Future[Message]:
@@ -387,6 +391,11 @@ class ShardService:
     # -- control plane (from the coordinator) --------------------------------
     def _job_setup(self, peer: net.Peer, msg: Message) -> net.Reply:
         b = msg.body
+        if self.state is not None:
+            # A roll-back replaces this job's state: pulls waiting at the old gate are told so.
+            for token in self.state.gate.drain():
+                if not token.fut.done():
+                    token.fut.set_exception(net.RequestError("the job rolled back to a checkpoint", code="rolled_back"))
         try:
             tables = [TableSpec.from_dict(t) for t in b["tables"]]
             ranges = {name: (int(lo), int(hi)) for name, (lo, hi) in b["ranges"].items()}
@@ -415,8 +424,11 @@ class ShardService:
                 self.checkpoints = _Checkpoints(str(b["checkpoint"]["dir"]), index, every, (start // every + 1) * every)
         except (KeyError, TypeError, ValueError, checkpoint.CheckpointError) as exc:
             raise net.RequestError(f"bad job setup: {exc}") from None
+        previous = self.state
         self.state = state
         log.info("shard %s: job %s set up (%s)", self.shard_id, self.state.job_id, self.state.status())
+        if previous is not None and previous.job_id == state.job_id and previous.gate.clocks:
+            return Message(MsgType.JOB_SETUP, {"previous_clock": max(previous.gate.clocks.values())})
         return None
 
     def _worker_left(self, peer: net.Peer, msg: Message) -> net.Reply:

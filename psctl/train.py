@@ -423,6 +423,13 @@ async def _follow(
                     (child,) = await cluster.start_workers(1, coordinator, cfg.model if ":" in cfg.model else None)
                     exits[asyncio.ensure_future(child.proc.wait())] = child
                     on_event({"kind": "worker_restarted", "replacing": event["worker_id"], "restarts": restarts})
+                if event["kind"] == "shard_lost" and cfg.server is None:
+                    # The embedded cluster started the shard, so it starts the replacement.
+                    await cluster.start_shards(1, coordinator)
+                if event["kind"] == "shard_recovered" and session.placed is not None:
+                    session.placed["shards"] = event["shards"]
+                    session.close()  # its connections went to the lost shard's address
+                    session.client = None
                 if event["kind"] == "stats":
                     await session.on_stats(event)
                 event = session.with_metrics(event)

@@ -29,6 +29,7 @@ from psctl.wire import Message, MsgType
 log = logging.getLogger("psctl.worker")
 
 PROGRESS_INTERVAL_S = 0.25
+REWIND_TIMEOUT_S = 60.0
 
 
 def batch_indices(
@@ -68,6 +69,14 @@ class _ControlService(net.NullService):
     def __init__(self) -> None:
         self.abort_reason: str | None = None
         self.stop_requested = False
+        self.rewinds: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def next_rewind(self, timeout_s: float) -> dict[str, Any]:
+        """The coordinator's next rewind (clock and shards after a shard was recovered)."""
+        try:
+            return await asyncio.wait_for(self.rewinds.get(), timeout_s)
+        except TimeoutError:
+            raise JobError(f"a shard was lost and the job did not recover within {timeout_s:g} s") from None
 
     def handle(self, peer: net.Peer, msg: Message) -> net.Reply:
         if msg.type is MsgType.EVENT and msg.body.get("kind") == "abort":
@@ -75,6 +84,9 @@ class _ControlService(net.NullService):
             return None
         if msg.type is MsgType.EVENT and msg.body.get("kind") == "stop":
             self.stop_requested = True
+            return None
+        if msg.type is MsgType.EVENT and msg.body.get("kind") == "rewind":
+            self.rewinds.put_nowait(msg.body)
             return None
         return super().handle(peer, msg)
 
@@ -246,17 +258,34 @@ class Worker:
         )
 
         beat = asyncio.ensure_future(self._heartbeat(coord, float(spec.get("heartbeat_interval_s", 0.5))))
-        client = await ShardClient.connect(
-            reply.body["shards"],
-            reply.body["ranges"],
-            reg["job_id"],
-            {"role": "worker", "worker_id": worker_id},
-            max_frame_bytes=self.max_frame_bytes,
-            hashed=[t.name for t in model.tables() if t.sparse],
-            security=self.security,
-        )
+        async def connect_shards(shards: list[str], ranges: dict[str, Any]) -> ShardClient:
+            return await ShardClient.connect(
+                shards,
+                ranges,
+                reg["job_id"],
+                {"role": "worker", "worker_id": worker_id},
+                max_frame_bytes=self.max_frame_bytes,
+                hashed=[t.name for t in model.tables() if t.sparse],
+                security=self.security,
+            )
+
+        client = await connect_shards(reply.body["shards"], reply.body["ranges"])
         try:
-            await self._train(coord, client, model, prep, val, spec, partition, int(reg.get("start_clock", 0)))
+            start_clock = int(reg.get("start_clock", 0))
+            while True:
+                try:
+                    await self._train(coord, client, model, prep, val, spec, partition, start_clock)
+                    break
+                except (net.ConnectionLost, net.RemoteError) as exc:
+                    if not spec.get("checkpoint"):
+                        raise
+                    # A shard was lost: the coordinator rolls the shards back to their last
+                    # checkpoint and says where to start again.
+                    log.warning("worker %d: %s; waiting for the shards to recover", worker_id, exc)
+                    rewind = await self.control.next_rewind(REWIND_TIMEOUT_S)
+                    client.close()
+                    client = await connect_shards(rewind["shards"], rewind["ranges"])
+                    start_clock = int(rewind["clock"])
             trained_bytes = {"bytes_pulled": client.bytes_pulled, "bytes_pushed": client.bytes_pushed}
             await client.leave()
             await coord.request(MsgType.TRAINED, {}, timeout_s=None)

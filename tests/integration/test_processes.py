@@ -44,7 +44,7 @@ def start_train(args: list[str], until: str) -> tuple[subprocess.Popen, str]:
     return the process and its cluster's coordinator address (bounded by the test timeout)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "psctl", "train", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
     )
     assert proc.stdout is not None
     address = ""
@@ -237,3 +237,53 @@ def test_sigkill_everything_then_resume_equals_an_uninterrupted_run(tmp_path):
 def test_resume_from_a_folder_without_a_checkpoint(tmp_path):
     r = run_psctl("train", "logreg", str(TRAIN), "--resume", str(tmp_path))
     assert r.returncode == 2 and "holds no psctl checkpoint" in r.stderr
+
+
+@pytest.mark.fault
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
+def test_killed_shard_comes_back_from_its_checkpoint_and_the_job_goes_on(tmp_path):
+    data = EXAMPLES / "seed_pytorch" / "data.csv"
+    common = ["logreg", str(data), "--label", "1", "--drop", "0", "--workers", "4", "--epochs", "100", "--mode", "sync"]
+    clean = run_psctl("train", *common, "--out", str(tmp_path / "clean.npz"))
+    assert clean.returncode == 0, clean.stderr
+    proc, address = start_train(
+        [*common, "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "50", "--out", str(tmp_path / "m.npz")],
+        until="checkpoint at clock 200",
+    )
+    shards = [p for p in psctl_children(address) if b"shard" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    os.kill(shards[1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "rolling back to the checkpoint at clock" in out
+    recovered = next(ln for ln in out.splitlines() if " recovered from clock " in ln)
+    assert int(recovered.split("; ")[1].split()[0]) >= 0  # "N steps replayed"
+    a, _ = modelfile.load_model(str(tmp_path / "clean.npz"))
+    b, meta = modelfile.load_model(str(tmp_path / "m.npz"))
+    # Sync replays the same batches from the checkpoint: the same model as without the failure.
+    np.testing.assert_allclose(b["w"], a["w"], rtol=1e-5, atol=1e-7)
+    assert meta["metrics"]["rows_trained"] == 100 * 2000
+
+
+@pytest.mark.fault
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
+def test_psctl_server_restarts_a_lost_shard_and_the_job_recovers(tmp_path):
+    server = ServerProcess(2)
+    try:
+        data = EXAMPLES / "seed_pytorch" / "data.csv"
+        proc, _ = start_train(
+            ["logreg", str(data), "--label", "1", "--drop", "0", "--server", server.address, "--workers", "3",
+             "--epochs", "150", "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "50",
+             "--out", str(tmp_path / "m.npz")],
+            until="checkpoint at clock 150",
+        )
+        shards = [p for p in psctl_children(server.address) if b"shard" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        os.kill(shards[0], signal.SIGKILL)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert " recovered from clock " in out
+        _, meta = modelfile.load_model(str(tmp_path / "m.npz"))
+        assert meta["metrics"]["rows_trained"] == 150 * 2000
+    finally:
+        code, out, err = server.stop()
+    assert code == 0, err
+    assert "starting another" in out and "a new shard is at" in out
