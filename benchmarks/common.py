@@ -110,6 +110,24 @@ def ratio(a: float, b: float) -> float:
 # -- timing ------------------------------------------------------------------
 
 Rate = Callable[[float], Awaitable[tuple[int, float]]]  # run for ~seconds -> (iterations, elapsed_s)
+
+
+def step_rate(step: Callable[[int], Awaitable[Any]]) -> Rate:
+    """A Rate that awaits ``step(i)`` with a running counter (kept across rounds, e.g. a clock)."""
+    state = {"i": 0}
+
+    async def run(duration_s: float) -> tuple[int, float]:
+        n = 0
+        start = time.perf_counter()
+        while True:
+            await step(state["i"])
+            state["i"] += 1
+            n += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= duration_s:
+                return n, elapsed
+
+    return run
 Sampler = Callable[[float], Awaitable[list[float]]]  # run for ~seconds -> one duration (s) per op
 
 

@@ -8,12 +8,12 @@ the bytes of those four psctl frames, in the same order, over one connection.
 from __future__ import annotations
 
 import asyncio
-import time
+from typing import Any
 
 import numpy as np
 
 from benchmarks.baseline import BaselineServer, BlockingClient, ProtocolClient, blocking_rate
-from benchmarks.common import Rate, Settings, SectionResult, Table, count_label, interleave_rates, median, ratio, size_label
+from benchmarks.common import Rate, step_rate, Settings, SectionResult, Table, count_label, interleave_rates, median, ratio, size_label
 from benchmarks.harness import BenchCluster, bench_spec
 from psctl.client import ShardClient
 from psctl.wire import Flag, Message, MsgType, encode
@@ -49,37 +49,22 @@ def baseline_calls(job_id: str, rows: int) -> list[tuple[int, int]]:
 
 def psctl_rate(client: ShardClient, rows: int) -> Rate:
     grad = np.full(rows, 1.0, np.float32)
-    state = {"clock": 0}
 
-    async def run(duration_s: float) -> tuple[int, float]:
-        clock, n = state["clock"], 0
-        start = time.perf_counter()
-        while True:
-            await client.pull(["w"], clock)
-            await client.push({"w": grad}, clock, 1)
-            clock += 1
-            n += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= duration_s:
-                state["clock"] = clock
-                return n, elapsed
+    async def step(clock: int) -> None:
+        await client.pull(["w"], clock)
+        await client.push({"w": grad}, clock, 1)
 
-    return run
+    return step_rate(step)
 
 
-def protocol_rate(client: ProtocolClient, calls: list[tuple[int, int]]) -> Rate:
-    async def run(duration_s: float) -> tuple[int, float]:
-        n = 0
-        start = time.perf_counter()
-        while True:
-            for n_in, n_out in calls:
-                await client.call(n_in, n_out)
-            n += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= duration_s:
-                return n, elapsed
+def protocol_rate(client: Any, calls: list[tuple[int, int]]) -> Rate:
+    """The baseline's calls carrying one psctl iteration's bytes (any client with ``call``)."""
 
-    return run
+    async def step(_: int) -> None:
+        for n_in, n_out in calls:
+            await client.call(n_in, n_out)
+
+    return step_rate(step)
 
 
 def threaded_blocking_rate(client: BlockingClient, calls: list[tuple[int, int]]) -> Rate:

@@ -8,40 +8,18 @@ copy of 16 MiB.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from contextlib import ExitStack
 
 import numpy as np
 
+from benchmarks.dense import protocol_rate, threaded_blocking_rate
 from benchmarks.baseline import BaselineServer, BlockingClient, ProtocolClient, StreamsClient, blocking_rate
-from benchmarks.common import Rate, Settings, SectionResult, Table, interleave_rates, median, size_label
+from benchmarks.common import Settings, SectionResult, Table, interleave_rates, median, size_label
 
 FULL_SIZES = [1 << 20, 4 << 20, 16 << 20]
 QUICK_SIZES = [4 << 20]
 COPY_BYTES = 16 << 20
-
-
-def async_rate(client: ProtocolClient | StreamsClient, calls: list[tuple[int, int]]) -> Rate:
-    async def run(duration_s: float) -> tuple[int, float]:
-        n = 0
-        start = time.perf_counter()
-        while True:
-            for n_in, n_out in calls:
-                await client.call(n_in, n_out)
-            n += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= duration_s:
-                return n, elapsed
-
-    return run
-
-
-def thread_rate(client: BlockingClient, calls: list[tuple[int, int]]) -> Rate:
-    async def run(duration_s: float) -> tuple[int, float]:
-        return await asyncio.to_thread(blocking_rate, client, calls, duration_s)
-
-    return run
 
 
 def numpy_copy_gb_s(n_bytes: int, duration_s: float) -> float:
@@ -77,9 +55,9 @@ async def run_limits(settings: Settings) -> SectionResult:
                 calls = [(n_bytes, 0)]
                 rates = await interleave_rates(
                     {
-                        "blocking sockets": thread_rate(blocking, calls),
-                        "asyncio Protocol (uvloop), preallocated buffer": async_rate(proto, calls),
-                        "asyncio streams (uvloop)": async_rate(streams, calls),
+                        "blocking sockets": threaded_blocking_rate(blocking, calls),
+                        "asyncio Protocol (uvloop), preallocated buffer": protocol_rate(proto, calls),
+                        "asyncio streams (uvloop)": protocol_rate(streams, calls),
                     },
                     settings.rounds,
                     settings.round_s,

@@ -8,12 +8,11 @@ baselines move exactly the bytes of the psctl frames over one connection.
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 
 from benchmarks.baseline import BaselineServer, ProtocolClient
-from benchmarks.common import Rate, SectionResult, Settings, Table, count_label, interleave_rates, median, ratio
+from benchmarks.common import Rate, SectionResult, step_rate, Settings, Table, count_label, interleave_rates, median, ratio
 from benchmarks.dense import frame_bytes, protocol_rate
 from benchmarks.harness import BenchCluster, bench_spec
 from psctl.client import ShardClient
@@ -43,22 +42,12 @@ def baseline_calls(job_id: str, keys: np.ndarray) -> list[tuple[int, int]]:
 
 def psctl_rate(client: ShardClient, keys: np.ndarray) -> Rate:
     grad = np.full(len(keys), 1.0, np.float32)
-    state = {"clock": 0}
 
-    async def run(duration_s: float) -> tuple[int, float]:
-        clock, n = state["clock"], 0
-        start = time.perf_counter()
-        while True:
-            await client.pull_rows({"w": keys}, clock)
-            await client.wait_all(client.push_rows_nowait({"w": (keys, grad)}, clock, 1))
-            clock += 1
-            n += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= duration_s:
-                state["clock"] = clock
-                return n, elapsed
+    async def step(clock: int) -> None:
+        await client.pull_rows({"w": keys}, clock)
+        await client.wait_all(client.push_rows_nowait({"w": (keys, grad)}, clock, 1))
 
-    return run
+    return step_rate(step)
 
 
 async def run_sparse(settings: Settings) -> SectionResult:

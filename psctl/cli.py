@@ -366,25 +366,29 @@ class _TrainView:
             self._plain(line)
         elif kind == "shard_lost":
             msg = f"warning: {event['reason']}; rolling back to the checkpoint at clock {event['clock']}"
-            (self.progress.console if self.progress else out).print(msg, highlight=False)
+            self._note(msg)
         elif kind == "shard_recovered":
             msg = f"shard {event['index']} recovered from clock {event['clock']}; {event['replayed_steps']} steps replayed"
-            (self.progress.console if self.progress else out).print(msg, highlight=False)
+            self._note(msg)
         elif kind == "checkpoint":
             self._plain(f"checkpoint at clock {event['clock']}")
         elif kind == "resuming":
             self._plain(f"resuming from the checkpoint at clock {event['clock']} in {event['dir']}")
         elif kind == "worker_restarted":
             msg = f"started a new worker process in place of worker {event['replacing']} (restart {event['restarts']})"
-            (self.progress.console if self.progress else out).print(msg, highlight=False)
+            self._note(msg)
         elif kind == "early_stop":
             msg = f"early stop after epoch {event['epoch'] + 1}: best held-out loss at epoch {event['best_epoch'] + 1}"
-            (self.progress.console if self.progress else out).print(msg, highlight=False)
+            self._note(msg)
         elif kind == "worker_lost":
             msg = f"warning: worker {event['worker_id']} lost after {event['at_s']:.1f} s ({event.get('reason', 'gone')})"
-            (self.progress.console if self.progress else err).print(msg, highlight=False)
+            self._note(msg, err)
         elif kind == "done":
             self._plain(f"trained: loss {event['loss']:.4f} {_figures(event['metrics'])}")
+
+    def _note(self, msg: str, console: Console = out) -> None:
+        """A line that must show now: above the progress bar on a terminal."""
+        (self.progress.console if self.progress else console).print(msg, highlight=False)
 
     def _rate(self, samples: int) -> float:
         return samples / max(time.monotonic() - self.started, 1e-9)
