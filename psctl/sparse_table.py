@@ -1,7 +1,7 @@
 """A shard's part of a sparse (hash-routed) table: rows exist only for keys that were pushed.
 
 Same interface as :class:`psctl.shard.Table` (``locate``, ``read``,
-``check_grad``, ``apply``, ``dump``), so the shard, the sync accumulator and
+``check_grad``, ``apply``, ``dump``, ``snapshot``, ``restore``), so the shard, the sync accumulator and
 the update rules do not care which kind they hold.
 
 Layout: values and optimizer state live in append-only row arrays (grown by
@@ -104,6 +104,42 @@ class SparseTable:
         keys, rows = self._keys, self._rows  # replaced on insert, never changed in place: safe to send
         state = {name: arr[rows] for name, arr in self.state.items()} if with_state else {}
         return keys, self.values[rows], state
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """The stored keys (sorted), their values and optimizer state, for a checkpoint."""
+        keys, values, state = self.dump(with_state=True)
+        return {"keys": keys, "values": values, **{f"state.{k}": v for k, v in state.items()}}
+
+    def restore(self, arrays: dict[str, np.ndarray], steps: int) -> None:
+        """Replace this shard's rows by a checkpoint's (as :meth:`snapshot` wrote them)."""
+        name = self.spec.name
+        try:
+            keys = arrays["keys"]
+            values = arrays["values"]
+            state = {k: arrays[f"state.{k}"] for k in self.state}
+        except KeyError as exc:
+            raise ValueError(f"table {name!r}: the checkpoint lacks {exc.args[0]!r}") from None
+        if keys.ndim != 1 or keys.dtype != np.int64:
+            raise ValueError(f"table {name!r}: checkpoint keys must be a 1-d int64 array")
+        try:
+            self.locate(keys)  # sorted, unique, in the key space, owned by this shard
+        except net.RequestError as exc:
+            raise ValueError(f"checkpoint: {exc}") from None
+        n = len(keys)
+        if values.shape != self.spec.shape(n):
+            raise ValueError(f"table {name!r}: checkpoint values have shape {values.shape}, expected {self.spec.shape(n)}")
+        capacity = max(n, MIN_CAPACITY)
+        self.values = _grown(values.astype(self.spec.dtype, copy=False), n, capacity)
+        fresh = self._init_state(self.values)  # the rule's state arrays at this capacity
+        for k, arr in fresh.items():
+            if state[k].shape != (n, *arr.shape[1:]):
+                raise ValueError(f"table {name!r}: checkpoint state {k!r} has shape {state[k].shape} for {n} keys")
+            arr[:n] = state[k]
+        self.state = fresh
+        self.n = n
+        self._keys, self._rows = keys.copy(), np.arange(n, dtype=np.int32)
+        self._new_keys, self._new_rows = _EMPTY_KEYS, _EMPTY_ROWS
+        self.steps = steps
 
     # -- the index -------------------------------------------------------------
     def _find(self, keys: np.ndarray) -> np.ndarray:

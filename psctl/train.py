@@ -322,8 +322,6 @@ async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = l
         )
     if source.sparse and "sparse" not in model_cls.params:
         raise PsctlError(f"model {cfg.model} does not take sparse input ({source.format})")
-    if source.sparse and (cfg.checkpoint_every or cfg.resume):
-        raise PsctlError(f"checkpoints are not built for sparse tables yet ({source.format} input); train without them")
     partitions = await asyncio.to_thread(data.plan_partitions, cfg.data, cfg.workers, source.has_header)
     spec = build_spec(cfg, source, partitions)
     # bad parameters fail here, not on the cluster

@@ -287,3 +287,30 @@ def test_psctl_server_restarts_a_lost_shard_and_the_job_recovers(tmp_path):
         code, out, err = server.stop()
     assert code == 0, err
     assert "starting another" in out and "a new shard is at" in out
+
+
+@pytest.mark.fault
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
+def test_killed_shard_of_a_sparse_hashed_table_comes_back_equal(tmp_path):
+    from .test_sparse_cli import write_hashed
+
+    data = write_hashed(tmp_path / "clicks.csv", 1600, seed=1)
+    common = ["logreg", str(data), "--label", "click", "--categorical", "site,user", "--hash-bits", "32", "--workers", "2",
+              "--optimizer", "ftrl", "--lr", "1", "--epochs", "60", "--batch-size", "16", "--mode", "sync"]
+    clean = run_psctl("train", *common, "--out", str(tmp_path / "clean.npz"))
+    assert clean.returncode == 0, clean.stderr
+    proc, address = start_train(
+        [*common, "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "100", "--out", str(tmp_path / "m.npz")],
+        until="checkpoint at clock 500",
+    )
+    shards = [p for p in psctl_children(address) if b"shard" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    os.kill(shards[1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert " recovered from clock " in out
+    a, _ = modelfile.load_model(str(tmp_path / "clean.npz"))
+    b, meta = modelfile.load_model(str(tmp_path / "m.npz"))
+    # The hashed rows (keys, values, FTRL's z and n) came back from the checkpoint: the same model.
+    np.testing.assert_array_equal(b["w.keys"], a["w.keys"])
+    np.testing.assert_allclose(b["w"], a["w"], rtol=1e-5, atol=1e-7)
+    assert meta["metrics"]["rows_trained"] == 60 * 1600
