@@ -20,7 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from psctl import auth, net
-from psctl.errors import PsctlError
+from psctl.errors import Interrupted, PsctlError
 from psctl.wire import DEFAULT_MAX_FRAME_BYTES, MsgType
 
 app = typer.Typer(
@@ -119,12 +119,34 @@ def _run(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     """Run a command's coroutine; one sentence and a non-zero exit for every user-facing error."""
     try:
         return net.run(main)
+    except Interrupted as exc:
+        err.print(f"psctl: {exc}", markup=False, highlight=False)
+        raise typer.Exit(exc.exit_code) from None
     except PsctlError as exc:
         err.print(f"psctl: error: {exc}", markup=False, highlight=False)
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         err.print("psctl: interrupted; every process it started has been stopped")
         raise typer.Exit(130) from None
+
+
+def _steps_or_seconds(text: str, option: str) -> tuple[int, float]:
+    """'200' -> 200 steps; '30s' or '5m' -> seconds (one of the two is 0)."""
+    value = text.strip().lower()
+    scale = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(value[-1:]) if value else None
+    try:
+        if scale is None:
+            steps = int(value)
+            if steps >= 0:
+                return steps, 0.0
+        else:
+            seconds = float(value[:-1]) * scale
+            if seconds > 0:
+                return 0, seconds
+    except ValueError:
+        pass
+    err.print(f"psctl: error: {option} takes a number of steps (200) or of seconds (30s, 5m); got '{text}'", markup=False)
+    raise typer.Exit(2)
 
 
 def _on_signal() -> asyncio.Event:
@@ -168,7 +190,9 @@ def train(
     patience: int = typer.Option(0, "--patience", help="Stop after N epochs without a better held-out loss; keep the best weights."),
     max_restarts: int = typer.Option(3, "--max-restarts", help="Replace up to N lost local worker processes."),
     checkpoint_dir: str | None = typer.Option(None, "--checkpoint-dir", help="Folder for shard checkpoints (shared by all shards)."),
-    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Checkpoint every N steps (clocks) of the slowest worker."),
+    checkpoint_every: str = typer.Option(
+        "0", "--checkpoint-every", help="Checkpoint every N steps of the slowest worker, or every N seconds as in 30s (or 5m)."
+    ),
     resume: str | None = typer.Option(None, "--resume", help="Continue a stopped job from the checkpoint in this folder."),
     heartbeat_interval_s: float = typer.Option(0.5, "--heartbeat-interval-s", help="How often workers report they are alive."),
     failure_timeout_s: float = typer.Option(5.0, "--failure-timeout-s", help="A worker silent this long is declared lost."),
@@ -202,9 +226,10 @@ def train(
     security: net.Security = net.LOCAL,
 ) -> None:
     """Train a model on the parameter server (an embedded cluster unless --server is given)."""
-    from psctl.train import TrainConfig
+    from psctl.train import StopRequest, TrainConfig
     from psctl.train import train as run_train
 
+    every_steps, every_s = _steps_or_seconds(checkpoint_every, "--checkpoint-every")
     cfg = TrainConfig(
         model=model_class or model,
         data=data,
@@ -224,7 +249,8 @@ def train(
         heartbeat_interval_s=heartbeat_interval_s,
         max_restarts=max_restarts,
         checkpoint_dir=checkpoint_dir,
-        checkpoint_every=checkpoint_every,
+        checkpoint_every=every_steps,
+        checkpoint_every_s=every_s,
         resume=resume,
         failure_timeout_s=failure_timeout_s,
         model_params={k: v for k, v in (("loss", loss), ("huber_delta", huber_delta), ("rank", rank)) if v is not None},
@@ -250,8 +276,16 @@ def train(
         security=security,
     )
     view = _TrainView(cfg.epochs, interactive=out.is_terminal)
+
+    async def main() -> Any:
+        stop = StopRequest()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.signal)
+        return await run_train(cfg, view.on_event, stop)
+
     try:
-        result = _run(lambda: run_train(cfg, view.on_event))
+        result = _run(main)
     finally:
         view.close()
     m = result.metrics
@@ -372,6 +406,9 @@ class _TrainView:
             self._note(msg)
         elif kind == "checkpoint":
             self._plain(f"checkpoint at clock {event['clock']}")
+        elif kind == "halting":
+            self._note(f"stopping: every worker stops at one clock and the shards save a final checkpoint in "
+                       f"'{event['dir']}' (Ctrl-C again to stop at once)", err)
         elif kind == "resuming":
             self._plain(f"resuming from the checkpoint at clock {event['clock']} in {event['dir']}")
         elif kind == "worker_restarted":
@@ -546,6 +583,8 @@ def server(
                 while True:
                     done, _ = await asyncio.wait([stop, *exits], return_when=asyncio.FIRST_COMPLETED)
                     if stop in done:
+                        signalled.clear()
+                        await _stop_running_job(cluster, signalled)
                         break
                     for fut in [f for f in exits if f.done()]:
                         child = exits.pop(fut)
@@ -563,6 +602,26 @@ def server(
         print("psctl server stopped", flush=True)
 
     _run(main)
+
+
+async def _stop_running_job(cluster: Any, signalled: asyncio.Event) -> None:
+    """Ctrl-C on psctl server: the running job stops at one clock with a final checkpoint
+    (where it has a checkpoint folder) before the processes go; a second Ctrl-C does not wait."""
+    from psctl.train import HALT_TIMEOUT_S
+
+    coordinator = cluster.coordinator
+    if coordinator is None or coordinator.job is None:
+        return
+    print("psctl: stopping the running job first (Ctrl-C again to stop at once)", flush=True)
+    halting = asyncio.ensure_future(coordinator.stop_running_job("the psctl server is stopping"))
+    again = asyncio.ensure_future(signalled.wait())
+    await asyncio.wait([halting, again], timeout=HALT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+    again.cancel()
+    if halting.done() and halting.result():
+        print(f"psctl: {halting.result()}", flush=True)
+    elif not halting.done():
+        halting.cancel()
+        print("psctl: stopped without waiting for the job's final checkpoint", flush=True)
 
 
 @app.command("coordinator")
@@ -666,12 +725,14 @@ def _status_view(body: dict[str, Any], address: str) -> Any:
     from rich.console import Group
 
     shards = Table(title=f"psctl server {address}: shards")
-    for col in ("shard", "address", "pid", "keys", "bytes", "updates/s", "samples"):
+    for col in ("shard", "address", "pid", "keys", "bytes", "updates/s", "samples", "last checkpoint"):
         shards.add_column(col, justify="right" if col not in ("address",) else "left")
     for s in body["shards"]:
+        saved = s.get("last_checkpoint")
         shards.add_row(
             str(s["shard_id"]), s["address"], str(s["pid"]), str(s.get("keys", "-")), _bytes(s.get("bytes")),
             f"{s['updates_s']:.1f}" if "updates_s" in s else "-", str(s.get("samples", "-")),
+            "-" if saved is None else f"clock {saved}",
         )
     parts: list[Any] = [shards]
     job = body.get("job")

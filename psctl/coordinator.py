@@ -26,6 +26,7 @@ SHARD_WAIT_S = 30.0
 DEFAULT_HEARTBEAT_INTERVAL_S = 0.5
 DEFAULT_FAILURE_TIMEOUT_S = 5.0
 SHARD_SETUP_TIMEOUT_S = 30.0
+PAUSE_TIMEOUT_S = 10.0  # a worker answers PAUSE at once; one that does not is hung
 MAX_LABELS = 1000
 
 
@@ -108,6 +109,10 @@ class Job:
     tables_ready: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     state: str = "setup"  # setup -> running -> done | failed
     started_s: float = field(default_factory=time.monotonic)
+    pausing: bool = False  # the workers are held for a checkpoint at one clock
+    # (clock, future): resolved when the manifest reaches that clock, None if the job finishes first
+    waiters: list[tuple[int, asyncio.Future[int | None]]] = field(default_factory=list)
+    timer: asyncio.Task[None] | None = None  # checkpoints every N seconds
 
     def live_ids(self) -> set[int]:
         return {w.worker_id for w in self.workers if w.state not in ("lost", "spare")}
@@ -235,6 +240,9 @@ class CoordinatorService:
         ranges = job.ranges
         if not job.tables_ready.done():
             job.tables_ready.set_result(None)
+        every_s = float((job.spec.get("checkpoint") or {}).get("every_s", 0) or 0)
+        if every_s > 0:
+            job.timer = asyncio.get_running_loop().create_task(self._checkpoint_timer(job, every_s))
         return Message(MsgType.TABLES, {"shards": [s.address for s in job.shards], "ranges": ranges})
 
     def _stop(self, peer: net.Peer, msg: Message) -> None:
@@ -245,6 +253,139 @@ class CoordinatorService:
         for w in job.workers:
             if w.peer is not None and w.peer.is_open:
                 w.peer.notify(MsgType.EVENT, {"kind": "stop"})
+
+    async def _halt(self, peer: net.Peer, msg: Message) -> Message:
+        """The driver stops the job (Ctrl-C): a final checkpoint at one clock, then the job ends."""
+        job = self.job
+        if job is None or job.driver is not peer:
+            raise net.RequestError("HALT comes from the driver of the running job", code="forbidden")
+        clock = await self.halt(job, "stopped by its driver")
+        return Message(MsgType.HALT, {"clock": clock})
+
+    async def halt(self, job: Job, reason: str) -> int | None:
+        """Stop every worker at one clock, wait until every shard has saved it, end the job.
+
+        Returns the clock of that final checkpoint, or None when the job finished
+        first (no worker was still training); raises RequestError when no
+        consistent checkpoint can be had (no folder, a replacement under way, a
+        worker or shard lost meanwhile).
+        """
+        target = await self.checkpoint_at_one_clock(job, stop=True)
+        if target is not None:
+            fut = asyncio.get_running_loop().create_future()
+            if job.last_checkpoint is not None and job.last_checkpoint >= target:
+                fut.set_result(job.last_checkpoint)
+            else:
+                job.waiters.append((target, fut))
+            target = await fut
+        if target is None:
+            return None
+        self._event(job, {"kind": "halted", "clock": target, "dir": job.spec["checkpoint"]["dir"], "reason": reason})
+        self._end_job(f"{reason} at clock {target}, with a final checkpoint")
+        return target
+
+    async def stop_running_job(self, reason: str) -> str | None:
+        """``psctl server`` is stopping: the running job's final checkpoint where one is
+        configured, then the job ends. Returns a sentence for the operator (None: no job)."""
+        job = self.job
+        if job is None or job.state != "running":
+            return None
+        if not job.spec.get("checkpoint"):
+            self._fail(reason)
+            return f"job {job.job_id} stopped (it has no --checkpoint-dir, so no final checkpoint)"
+        try:
+            clock = await self.halt(job, reason)
+        except (net.RequestError, net.PsctlError) as exc:
+            self._fail(reason)
+            return f"job {job.job_id} stopped without a final checkpoint: {exc}"
+        if clock is None:
+            return f"job {job.job_id} was finishing; it was not stopped"
+        return f"job {job.job_id} stopped at clock {clock}; its final checkpoint is in {job.spec['checkpoint']['dir']}"
+
+    def _cannot_pause(self, job: Job) -> str | None:
+        if job is not self.job or job.state != "running":
+            return "the job is not running"
+        if not job.spec.get("checkpoint"):
+            return f"job {job.job_id} has no checkpoint folder (--checkpoint-dir)"
+        if not job.ranges:
+            return "training has not started yet"
+        if job.recovering is not None:
+            return "a lost shard is being replaced"
+        if any(w.state == "spare" for w in job.workers):
+            return "a lost worker is being replaced"
+        if job.pausing:
+            return "a checkpoint is being taken already"
+        return None
+
+    async def checkpoint_at_one_clock(self, job: Job, *, stop: bool) -> int | None:
+        """Hold every training worker, take the clock they can all reach (the furthest
+        one's) and ask every shard to save when its min clock gets there; then let the
+        workers go on, or (``stop``) go on only up to that clock and hold there.
+
+        Held workers do not push, so no shard's min clock passes that clock before the
+        shards know it: they all save the same clock, in every mode. With ``stop`` no
+        worker pushes past it either, so the checkpoint is exact in async and ssp too.
+        Returns the clock, or None when no worker is training any more.
+        """
+        why = self._cannot_pause(job)
+        if why is not None:
+            raise net.RequestError(f"no checkpoint now: {why}", code="not_now")
+        job.pausing = True
+        live = [w for w in job.workers if w.state == "running" and w.peer is not None and w.peer.is_open]
+        until: int | None = None
+        try:
+            if not live:
+                return None
+            replies = await asyncio.gather(
+                *(w.peer.request(MsgType.PAUSE, {"job_id": job.job_id}, timeout_s=PAUSE_TIMEOUT_S) for w in live if w.peer)
+            )
+            clocks = [r.body.get("clock") for r in replies]
+            if not all(isinstance(c, int) and not isinstance(c, bool) for c in clocks):
+                raise net.RequestError("a worker answered PAUSE without its clock")
+            target = max(clocks)
+            await asyncio.gather(
+                *(
+                    s.peer.request(MsgType.CHECKPOINT, {"job_id": job.job_id, "clock": target}, timeout_s=SHARD_SETUP_TIMEOUT_S)
+                    for s in job.shards
+                )
+            )
+            until = target if stop else None
+            log.info("job %s: checkpoint at clock %d asked for (%s)", job.job_id, target, "stop there" if stop else "go on")
+            return target
+        except net.PsctlError as exc:
+            raise net.RequestError(f"no checkpoint now: {exc}", code="not_now") from None
+        finally:
+            job.pausing = False
+            for w in live:
+                if w.peer is not None and w.peer.is_open:
+                    w.peer.notify(MsgType.RESUME, {"until": until})
+
+    async def _checkpoint_timer(self, job: Job, every_s: float) -> None:
+        """--checkpoint-every Ns: a checkpoint at one clock every N seconds while the job runs."""
+        while True:
+            await asyncio.sleep(every_s)
+            if job is not self.job or job.state != "running":
+                return
+            try:
+                await self.checkpoint_at_one_clock(job, stop=False)
+            except net.RequestError as exc:
+                log.info("job %s: skipped a timed checkpoint: %s", job.job_id, exc)
+
+    def _settle_waiters(self, job: Job, clock: int | None = None, error: BaseException | None = None) -> None:
+        """Resolve final-checkpoint waiters: reached ``clock``, failed with ``error``, or (neither) the job finished."""
+        keep = []
+        for target, fut in job.waiters:
+            if fut.done():
+                continue
+            if error is not None:
+                fut.set_exception(error)
+            elif clock is None:
+                fut.set_result(None)
+            elif target <= clock:
+                fut.set_result(clock)
+            else:
+                keep.append((target, fut))
+        job.waiters = keep
 
     async def _setup_shards(self, job: Job, restore: dict[str, Any] | None, workers: list[int]) -> list[Message]:
         """Create (or, with ``restore``, reload from a checkpoint) the job's tables on every shard."""
@@ -280,6 +421,7 @@ class CoordinatorService:
         if job is None or index is None:
             return
         what = f"shard {peer.info['shard_id']} at {peer.info['address']} was lost"
+        self._settle_waiters(job, error=net.RequestError(f"{what} before the final checkpoint was saved"))
         finished = any(w.state in ("trained", "finished") for w in job.workers)
         if job.last_checkpoint is None or job.state != "running" or finished or job.recovering is not None:
             self._fail(what + ("" if job.last_checkpoint is not None else " (no checkpoint to recover from)"))
@@ -318,14 +460,19 @@ class CoordinatorService:
         )
 
     def _job_end(self, peer: net.Peer, msg: Message) -> None:
+        """The driver is done with the job; a ``reason`` ends it early (workers are told)."""
         if self.job is not None and self.job.driver is peer:
-            self._end_job(None)
+            reason = msg.body.get("reason")
+            self._end_job(reason if isinstance(reason, str) and self.job.state == "running" else None)
 
     def _end_job(self, reason: str | None) -> None:
         job = self.job
         if job is None:
             return
         self.job = None
+        if job.timer is not None:
+            job.timer.cancel()
+        self._settle_waiters(job, error=net.RequestError(f"job {job.job_id} ended: {reason or 'done'}", code="job_ended"))
         if reason is not None:
             job.state = "failed"
             for w in job.workers:
@@ -419,6 +566,8 @@ class CoordinatorService:
             return
         unfinished = slot.state == "running"  # a worker lost after training needs no replacement
         slot.state = "lost"
+        # Its rows between its last acknowledged clock and the stop clock would be missing.
+        self._settle_waiters(job, error=net.RequestError(f"worker {slot.worker_id} was lost before the final checkpoint"))
         log.warning("job %s: worker %d lost (%s)", job.job_id, slot.worker_id, reason)
         if unfinished:
             asyncio.get_running_loop().create_task(self._offer_replacement(job, slot))
@@ -526,6 +675,7 @@ class CoordinatorService:
         if job.final.done.done() and not job.final.done.exception():
             reports = list(job.final.done.result().values())
             job.state = "done"
+            self._settle_waiters(job)
             self._event(
                 job,
                 {
@@ -596,6 +746,7 @@ class CoordinatorService:
         for c in [c for c in job.checkpoints if c <= clock]:
             del job.checkpoints[c]
         self._event(job, {"kind": "checkpoint", "clock": clock})
+        self._settle_waiters(job, clock)
 
     def _ping(self, peer: net.Peer, msg: Message) -> Message:
         return Message(MsgType.PING, {})
@@ -606,6 +757,7 @@ class CoordinatorService:
         MsgType.TABLES: _tables,
         MsgType.JOB_END: _job_end,
         MsgType.STOP: _stop,
+        MsgType.HALT: _halt,
         MsgType.REGISTER_WORKER: _register_worker,
         MsgType.STATS: _stats,
         MsgType.PROGRESS: _progress,

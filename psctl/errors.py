@@ -39,3 +39,9 @@ class SecurityError(PsctlError):
     """A peer failed authentication, or a setting would expose the cluster."""
 
     exit_code = 5
+
+
+class Interrupted(PsctlError):
+    """The person stopped the command (Ctrl-C or SIGTERM); the message says what was kept."""
+
+    exit_code = 130

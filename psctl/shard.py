@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,9 @@ from psctl.tables import TableSpec, init_values
 from psctl.wire import MAX_ARRAYS, Message, MsgType
 
 log = logging.getLogger("psctl.shard")
+
+NEVER = 2**63 - 1  # a checkpoint clock no job reaches
+MAX_REQUESTED_CHECKPOINTS = 64
 
 
 class Table:
@@ -232,8 +235,26 @@ def process_memory() -> dict[str, int]:
 class _Checkpoints:
     folder: str
     index: int  # this shard's place in the job (files are named by it)
-    every: int  # clocks between checkpoints
+    every: int  # clocks between checkpoints (0: only when the coordinator asks)
     next_clock: int
+    requested: set[int] = field(default_factory=set)  # clocks the coordinator asked for (CHECKPOINT)
+    last_clock: int | None = None  # the clock this shard saved last
+
+    @classmethod
+    def plan(cls, folder: str, index: int, every: int, start: int) -> _Checkpoints:
+        return cls(folder, index, every, cls.next_after(start, every))
+
+    @staticmethod
+    def next_after(clock: int, every: int) -> int:
+        return (clock // every + 1) * every if every > 0 else NEVER
+
+    def due(self, low: int) -> bool:
+        return low >= self.next_clock or any(c <= low for c in self.requested)
+
+    def saved(self, low: int) -> None:
+        self.last_clock = low
+        self.next_clock = self.next_after(low, self.every)
+        self.requested = {c for c in self.requested if c > low}
 
 
 @dataclass
@@ -372,19 +393,22 @@ class ShardService:
         return None
 
     def _maybe_checkpoint(self, state: ShardState) -> None:
-        """Save the shard when the slowest live worker passes the next checkpoint clock.
+        """Save the shard when the slowest live worker passes the next checkpoint clock
+        (every N clocks, or a clock the coordinator asked for).
 
         In sync mode every clock below the min clock is applied and none above it,
-        so every shard saves the same state for the same clock.
+        so every shard saves the same state for the same clock. A clock the
+        coordinator asks for is one where it holds every worker, so the min
+        clock stops there on every shard, whatever the mode.
         """
         plan = self.checkpoints
         low = state.gate.min_clock()
-        if plan is None or low is None or low < plan.next_clock:
+        if plan is None or low is None or not plan.due(low):
             return
         arrays, meta = state.snapshot()
         checkpoint.save_shard(plan.folder, plan.index, low, arrays, meta)
         checkpoint.prune(plan.folder, plan.index, low)
-        plan.next_clock = (low // plan.every + 1) * plan.every
+        plan.saved(low)
         if self.coordinator is not None and self.coordinator.is_open:
             self.coordinator.notify(MsgType.CHECKPOINTED, {"job_id": state.job_id, "clock": low, "shard_index": plan.index})
 
@@ -419,9 +443,9 @@ class ShardService:
                 state.restore(arrays, meta, int(restore["clock"]))
             self.checkpoints = None
             if b.get("checkpoint"):
-                every = int(b["checkpoint"]["every"])
                 start = int(restore["clock"]) if restore else 0
-                self.checkpoints = _Checkpoints(str(b["checkpoint"]["dir"]), index, every, (start // every + 1) * every)
+                self.checkpoints = _Checkpoints.plan(str(b["checkpoint"]["dir"]), index, int(b["checkpoint"].get("every", 0)), start)
+                self.checkpoints.last_clock = start if restore else None
         except (KeyError, TypeError, ValueError, checkpoint.CheckpointError) as exc:
             raise net.RequestError(f"bad job setup: {exc}") from None
         previous = self.state
@@ -442,6 +466,19 @@ class ShardService:
         state.gate.add(_require(msg.body, "worker_id", int), _require(msg.body, "clock", int))
         return None
 
+    def _checkpoint(self, peer: net.Peer, msg: Message) -> net.Reply:
+        """Save when the min clock reaches ``clock`` (now, if it is there already)."""
+        state = self._job(msg.body)
+        clock = _require(msg.body, "clock", int)
+        plan = self.checkpoints
+        if plan is None:
+            raise net.RequestError(f"job {state.job_id} has no checkpoint folder", code="no_checkpoint")
+        if len(plan.requested) >= MAX_REQUESTED_CHECKPOINTS:
+            raise net.RequestError(f"more than {MAX_REQUESTED_CHECKPOINTS} checkpoints are pending", code="busy")
+        plan.requested.add(clock)
+        self._maybe_checkpoint(state)
+        return Message(MsgType.CHECKPOINT, {"min_clock": state.gate.min_clock()})
+
     def _job_clear(self, peer: net.Peer, msg: Message) -> net.Reply:
         if self.state is not None and msg.body.get("job_id") == self.state.job_id:
             self._release(self.state.gate.drain())
@@ -452,6 +489,7 @@ class ShardService:
         body: dict[str, Any] = {"shard_id": self.shard_id, "pid": os.getpid()}
         if self.state is not None:
             body.update(self.state.status())
+            body["last_checkpoint"] = self.checkpoints.last_clock if self.checkpoints else None
         return Message(MsgType.STATUS, body)
 
     def _ping(self, peer: net.Peer, msg: Message) -> net.Reply:
@@ -466,12 +504,15 @@ class ShardService:
         MsgType.WORKER_LEFT: _worker_left,
         MsgType.WORKER_JOINED: _worker_joined,
         MsgType.JOB_CLEAR: _job_clear,
+        MsgType.CHECKPOINT: _checkpoint,
         MsgType.STATUS: _status,
         MsgType.PING: _ping,
     }
 
 
-_FROM_COORDINATOR = frozenset({MsgType.JOB_SETUP, MsgType.WORKER_LEFT, MsgType.WORKER_JOINED, MsgType.JOB_CLEAR})
+_FROM_COORDINATOR = frozenset(
+    {MsgType.JOB_SETUP, MsgType.WORKER_LEFT, MsgType.WORKER_JOINED, MsgType.JOB_CLEAR, MsgType.CHECKPOINT}
+)
 
 
 async def run_shard(

@@ -18,7 +18,7 @@ import numpy as np
 from psctl import checkpoint, data, formats, modelfile, net, ratings, vocab
 from psctl.client import ShardClient
 from psctl.consistency import staleness_for
-from psctl.errors import DataError, JobError, PsctlError
+from psctl.errors import DataError, Interrupted, JobError, PsctlError
 from psctl.launch import LocalCluster
 from psctl.models.base import Model, classes_for, model_class, summarize
 from psctl.optim import OPTIMIZERS
@@ -31,6 +31,25 @@ SUBMIT_TIMEOUT_S = 60.0
 DEFAULT_LR = {"sgd": 0.1, "adagrad": 0.1, "adam": 0.01, "ftrl": 0.3}
 FAILED_EVENT_GRACE_S = 2.0
 FINAL_PULL_TIMEOUT_S = 600.0  # a sparse table of millions of keys takes seconds to gather
+HALT_TIMEOUT_S = 60.0  # for every worker to reach the stop clock (async: the slowest catches up)
+
+
+class StopRequest:
+    """Ctrl-C (or SIGTERM) on ``psctl train``. While a job with a checkpoint folder trains,
+    the first one stops it gracefully: every worker stops at one clock and the shards save
+    a final checkpoint there. Otherwise, or on a second one, the command stops at once
+    (its task is cancelled; every process it started is stopped)."""
+
+    def __init__(self) -> None:
+        self.requested = asyncio.Event()
+        self.graceful = False  # set by the driver while a graceful stop is possible
+        self._task = asyncio.current_task()
+
+    def signal(self) -> None:
+        if self.graceful and not self.requested.is_set():
+            self.requested.set()
+        elif self._task is not None:
+            self._task.cancel()
 
 
 @dataclass
@@ -60,6 +79,7 @@ class TrainConfig:
     max_restarts: int = 3  # lost local worker processes replaced per job
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0  # clocks between shard checkpoints (0: none)
+    checkpoint_every_s: float = 0.0  # or seconds between them (each at one clock for all shards)
     resume: str | None = None  # a checkpoint folder to continue from
     heartbeat_interval_s: float = 0.5
     failure_timeout_s: float = 5.0
@@ -98,8 +118,10 @@ class TrainConfig:
             raise PsctlError("use either --validate or --test-split, not both")
         if not 0 < self.heartbeat_interval_s < self.failure_timeout_s:
             raise PsctlError("--heartbeat-interval-s must be positive and below --failure-timeout-s")
-        if self.checkpoint_every < 0 or (self.checkpoint_every and not self.checkpoint_dir):
-            raise PsctlError("--checkpoint-every needs --checkpoint-dir (and a positive number of steps)")
+        if self.checkpoint_every < 0 or self.checkpoint_every_s < 0:
+            raise PsctlError("--checkpoint-every must be a positive number of steps, or of seconds as in 30s")
+        if (self.checkpoint_every or self.checkpoint_every_s) and not self.checkpoint_dir:
+            raise PsctlError("--checkpoint-every needs --checkpoint-dir")
         if self.patience < 0:
             raise PsctlError("--patience must not be negative")
         if self.patience and not (self.validate or self.test_split):
@@ -172,7 +194,9 @@ def build_spec(cfg: TrainConfig, source: formats.Source, partitions: list[data.P
         "partitions": [p.to_dict() for p in partitions],
         "test_split": cfg.test_split,
         "checkpoint": (
-            {"dir": os.path.abspath(cfg.checkpoint_dir), "every": cfg.checkpoint_every} if cfg.checkpoint_every else None
+            {"dir": os.path.abspath(cfg.checkpoint_dir), "every": cfg.checkpoint_every, "every_s": cfg.checkpoint_every_s}
+            if cfg.checkpoint_dir
+            else None
         ),
         "heartbeat_interval_s": cfg.heartbeat_interval_s,
         "failure_timeout_s": cfg.failure_timeout_s,
@@ -305,8 +329,10 @@ class _Session:
             self.client.close()
 
 
-async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda e: None) -> TrainResult:
-    """Run one training job end to end and write the model file."""
+async def train(
+    cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda e: None, stop: StopRequest | None = None
+) -> TrainResult:
+    """Run one training job end to end and write the model file (``stop``: see :class:`StopRequest`)."""
     cfg.check()
     check_out_path(cfg.out)
     model_cls = model_class(cfg.model)
@@ -358,7 +384,7 @@ async def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = l
             reply = await peer.request(MsgType.SUBMIT, {"spec": spec}, timeout_s=SUBMIT_TIMEOUT_S)
             job_id = session.job_id = reply.body["job_id"]
             on_event({"kind": "submitted", "job_id": job_id, "shards": reply.body["shards"]})
-            events, done = await _follow(cluster, coordinator, driver_service, session, on_event)
+            events, done = await _follow(cluster, coordinator, driver_service, session, on_event, stop)
             assert session.model is not None
             params = session.best_params if session.best_params is not None else await session.pull_all()
             shards = await session.shard_status()
@@ -384,6 +410,7 @@ async def _follow(
     service: _DriverService,
     session: _Session,
     on_event: Callable[[dict[str, Any]], None],
+    stop: StopRequest | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Relay events until the job is done or failed.
 
@@ -392,6 +419,9 @@ async def _follow(
     partition where the shards stopped hearing from it. One that dies
     unexplained (say, before it ever registered) fails the job after a short
     grace, instead of a hang.
+
+    A stop request (Ctrl-C) with a checkpoint folder asks the coordinator to HALT:
+    the job ends at one clock with a final checkpoint, and this raises Interrupted.
     """
     cfg = session.cfg
     restarts = 0
@@ -401,11 +431,30 @@ async def _follow(
     lost = 0
     deadline: float | None = None
     get: asyncio.Future[dict[str, Any] | None] | None = None
+    stopping = asyncio.ensure_future(stop.requested.wait()) if stop is not None else None
+    halt: asyncio.Future[Message] | None = None
+    if stop is not None:
+        stop.graceful = bool(session.spec.get("checkpoint"))
     try:
         while True:
             get = get or asyncio.ensure_future(service.events.get())
             timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
-            await asyncio.wait({get, *exits}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            waits = {get, *exits, *(f for f in (stopping, halt) if f is not None and not f.done())}
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if stopping is not None and stopping.done():
+                stopping = None
+                on_event({"kind": "halting", "dir": session.spec["checkpoint"]["dir"]})
+                halt = asyncio.ensure_future(
+                    session.peer.request(MsgType.HALT, {"job_id": session.job_id}, timeout_s=HALT_TIMEOUT_S)
+                )
+            if halt is not None and halt.done():
+                try:
+                    clock = halt.result().body.get("clock")
+                except PsctlError as exc:
+                    raise Interrupted(f"interrupted without a final checkpoint ({exc}); {_last_checkpoint(session.spec)}") from None
+                if clock is not None:
+                    raise Interrupted(_halted(session.spec, clock, None))
+                halt = None  # no worker was still training: the job finishes as usual
             for fut in [f for f in exits if f.done()]:
                 child = exits.pop(fut)
                 if fut.result() != 0:
@@ -436,6 +485,8 @@ async def _follow(
                 on_event(event)
                 if event["kind"] == "epoch":
                     await session.on_epoch(event, on_event)
+                if event["kind"] == "halted":
+                    raise Interrupted(_halted(session.spec, event["clock"], None if halt is not None else event["reason"]))
                 if event["kind"] == "failed":
                     raise JobError(f"training failed: {event['reason']}")
                 if event["kind"] == "done":
@@ -447,10 +498,29 @@ async def _follow(
                 last = child.log_tail().splitlines()[-1:] or ["no output"]
                 raise JobError(f"worker process {child.index} exited before the job finished: {last[0]}")
     finally:
-        for fut in exits:
-            fut.cancel()
-        if get is not None:
-            get.cancel()
+        if stop is not None:
+            stop.graceful = False
+        for fut in [*exits, get, stopping, halt]:
+            if fut is not None:
+                fut.cancel()
+
+
+def _halted(spec: dict[str, Any], clock: int, by_server: str | None) -> str:
+    """What a stopped job left behind, and how to go on."""
+    folder = spec["checkpoint"]["dir"]
+    who = f"the psctl server stopped the job ({by_server})" if by_server else "interrupted"
+    return (
+        f"{who}: every worker stopped at clock {clock} and the shards saved a final checkpoint in '{folder}'; "
+        f"continue with the same command and --resume {folder}"
+    )
+
+
+def _last_checkpoint(spec: dict[str, Any]) -> str:
+    folder = spec["checkpoint"]["dir"]
+    try:
+        return f"the last checkpoint in '{folder}' is at clock {checkpoint.read_manifest(folder)['clock']}"
+    except PsctlError:
+        return f"'{folder}' holds no complete checkpoint"
 
 
 def table_figures(

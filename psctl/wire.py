@@ -78,11 +78,16 @@ class MsgType(enum.IntEnum):
     STOP = 23
     HEARTBEAT = 24
     CHECKPOINTED = 25
+    # a checkpoint at one clock: the coordinator pauses the workers and tells them where to go on to
+    PAUSE = 26
+    RESUME = 27
+    HALT = 28
     WORKER_JOINED = 33
     # control plane: coordinator -> shard
     JOB_SETUP = 30
     WORKER_LEFT = 31
     JOB_CLEAR = 32
+    CHECKPOINT = 34
     # data plane: worker/driver -> shard
     PULL = 40
     PUSH = 41

@@ -14,7 +14,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,23 +64,48 @@ def max_partition_rows(spec: dict[str, Any]) -> int:
 
 
 class _ControlService(net.NullService):
-    """Receives the coordinator's events (abort, early stop) on the worker's control connection."""
+    """Receives the coordinator's events (abort, early stop, rewind) and its pauses for a
+    checkpoint at one clock, on the worker's control connection."""
 
     def __init__(self) -> None:
         self.abort_reason: str | None = None
         self.stop_requested = False
         self.rewinds: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.paused = False  # hold before the next step until RESUME
+        self.until: int | None = None  # after RESUME: take no step at this clock or later
+        self.position: Callable[[], int] = lambda: 0  # the clock this worker will hold at
+        self._wake = asyncio.Event()
 
     async def next_rewind(self, timeout_s: float) -> dict[str, Any]:
         """The coordinator's next rewind (clock and shards after a shard was recovered)."""
         try:
-            return await asyncio.wait_for(self.rewinds.get(), timeout_s)
+            rewind = await asyncio.wait_for(self.rewinds.get(), timeout_s)
         except TimeoutError:
             raise JobError(f"a shard was lost and the job did not recover within {timeout_s:g} s") from None
+        if self.abort_reason is not None:
+            raise JobError(f"job stopped: {self.abort_reason}")
+        return rewind
+
+    async def wait_turn(self, clock: int) -> None:
+        """Hold the step at ``clock`` while the coordinator pauses the workers for a
+        checkpoint, or for good once ``clock`` reaches the clock it said to stop at."""
+        while self.abort_reason is None and (self.paused or (self.until is not None and clock >= self.until)):
+            self._wake.clear()
+            await self._wake.wait()
 
     def handle(self, peer: net.Peer, msg: Message) -> net.Reply:
+        if msg.type is MsgType.PAUSE:
+            self.paused, self.until = True, None
+            return Message(MsgType.PAUSE, {"clock": self.position()})
+        if msg.type is MsgType.RESUME:
+            until = msg.body.get("until")
+            if until is not None and (not isinstance(until, int) or isinstance(until, bool)):
+                raise net.RequestError("RESUME 'until' must be an integer clock or null")
+            self.paused, self.until = False, until
+            self._wake.set()
+            return None
         if msg.type is MsgType.EVENT and msg.body.get("kind") == "abort":
-            self.abort_reason = str(msg.body.get("reason", "the job was aborted"))
+            self._abort(str(msg.body.get("reason", "the job was aborted")))
             return None
         if msg.type is MsgType.EVENT and msg.body.get("kind") == "stop":
             self.stop_requested = True
@@ -90,9 +115,14 @@ class _ControlService(net.NullService):
             return None
         return super().handle(peer, msg)
 
-    def peer_lost(self, peer: net.Peer, exc: BaseException | None) -> None:
+    def _abort(self, reason: str) -> None:
         if self.abort_reason is None:
-            self.abort_reason = "the coordinator went away"
+            self.abort_reason = reason
+        self._wake.set()  # a held step, or a wait for a rewind, ends now
+        self.rewinds.put_nowait({})
+
+    def peer_lost(self, peer: net.Peer, exc: BaseException | None) -> None:
+        self._abort("the coordinator went away")
 
 
 @dataclass
@@ -180,12 +210,15 @@ class Worker:
         # when this worker was started allowing it, so a job cannot make a worker import code.
         self.model_classes = set(model_classes)
         self.clock = 0  # for heartbeats: steps pushed
+        self.in_step = False  # between the pull of step `clock` and its push
         self.samples = 0  # rows trained so far
         self.coordinator_address = coordinator
         self.max_frame_bytes = max_frame_bytes
         self.data_path = data_path
         self.security = security
         self.control = _ControlService()
+        # A pause lets the step under way finish: that step's clock + 1 is where this worker holds.
+        self.control.position = lambda: self.clock + self.in_step
 
     async def run(self) -> dict[str, Any]:
         """Join the next job, train, report. Returns the final report."""
@@ -322,6 +355,7 @@ class Worker:
         max_rows = max_partition_rows(spec)
         per_epoch = epoch_steps(n_rows, batch_size, max_rows)
         clock = self.clock = start_clock
+        self.in_step = False
         acks: list[asyncio.Future[Any]] = []
         last_progress = time.monotonic()
         recent_loss, recent_n = 0.0, 0
@@ -334,9 +368,11 @@ class Worker:
             for step, idx in enumerate(batch_indices(n_rows, batch_size, seed, partition, epoch, max_rows)):
                 if step < skip:
                     continue
+                await self.control.wait_turn(clock)
                 self._check_abort()
                 if self.control.stop_requested:
                     break
+                self.in_step = True
                 X, y = prep.X[idx], prep.y[idx]
                 keys = model.keys(X)
                 # The pull goes out behind the previous push on each connection,
@@ -350,6 +386,7 @@ class Worker:
                     raise PsctlError(f"the loss overflowed in epoch {epoch + 1}: training diverged; try a smaller --lr")
                 acks = client.push_for_nowait(keys, grads, clock, len(idx))
                 clock = self.clock = clock + 1
+                self.in_step = False
                 loss_sum += float(loss) * len(idx)
                 rows += len(idx)
                 self.samples += len(idx)

@@ -81,6 +81,18 @@ def test_bad_mode():
     assert_clean_error(train(str(TRAIN), "--mode", "bsp"), "unknown mode 'bsp'")
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--checkpoint-every", "5x"], "--checkpoint-every takes a number of steps (200) or of seconds (30s, 5m); got '5x'"),
+        (["--checkpoint-every", "-3"], "--checkpoint-every takes a number of steps"),
+        (["--checkpoint-every", "30s"], "--checkpoint-every needs --checkpoint-dir"),
+    ],
+)
+def test_bad_checkpoint_schedule(args, message):
+    assert_clean_error(train(str(TRAIN), *args), message)
+
+
 def test_unknown_model():
     assert_clean_error(run_psctl("train", "forest", str(TRAIN)), "unknown model 'forest'")
 

@@ -105,7 +105,9 @@ def templates(job_id: str, rows: int) -> dict[str, list[Message]]:
             Message(MsgType.PROGRESS, {"epoch": 0, "clock": 1, "samples": 1, "loss_sum": 1.0}, flags=Flag.ONEWAY),
             Message(MsgType.TRAINED), Message(MsgType.FAILED, {"message": "fuzz"}),
             Message(MsgType.FINAL_REPORT, {"loss_sum": 1.0, "correct": 1, "n": 1}, flags=Flag.ONEWAY),
-            Message(MsgType.JOB_END, {"job_id": job_id}, flags=Flag.ONEWAY),
+            Message(MsgType.JOB_END, {"job_id": job_id, "reason": "fuzz"}, flags=Flag.ONEWAY),
+            Message(MsgType.HALT, {"job_id": job_id}),
+            Message(MsgType.PAUSE, {"job_id": job_id}), Message(MsgType.RESUME, {"until": 3}, flags=Flag.ONEWAY),
         ],
         "shard": both + [
             Message(MsgType.PULL, {"job_id": job_id, "tables": ["w"], "clock": 0}),
@@ -114,6 +116,7 @@ def templates(job_id: str, rows: int) -> dict[str, list[Message]]:
             Message(MsgType.HELLO, {"job_id": job_id, "role": "worker", "worker_id": 0}),
             Message(MsgType.WORKER_LEFT, {"job_id": job_id, "worker_id": 0}),
             Message(MsgType.JOB_CLEAR, {"job_id": job_id}),
+            Message(MsgType.CHECKPOINT, {"job_id": job_id, "clock": 1}),
             Message(MsgType.JOB_SETUP, {"job_id": job_id, "tables": [{"name": "w", "rows": rows}],
                                         "ranges": {"w": [0, rows]}, "mode": "async", "workers": [0],
                                         "optimizer": {"name": "sgd", "params": {"lr": 100.0}}}),

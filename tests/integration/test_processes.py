@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from psctl import modelfile
+from psctl import checkpoint, modelfile
 
 from ..conftest import EXAMPLES, run_psctl
 from .cluster import ServerProcess
@@ -173,24 +173,26 @@ def test_status_reports_shards_and_workers(tmp_path):
     try:
         train = subprocess.Popen(
             [sys.executable, "-m", "psctl", "train", "logreg", str(TRAIN), "--workers", "2", "--server", server.address,
-             "--epochs", "100000", "--out", str(tmp_path / "m.npz")],
+             "--epochs", "100000", "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "50",
+             "--out", str(tmp_path / "m.npz")],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         assert train.stdout is not None
         for line in train.stdout:  # bounded by the test timeout
-            if line.startswith("epoch 1/"):
+            if line.startswith("checkpoint at clock 50"):
                 break
         r = run_psctl("status", "--server", server.address, "--json")
         assert r.returncode == 0, r.stderr
         body = json.loads(r.stdout)
         assert [s["shard_id"] for s in body["shards"]] == [0, 1]
         assert all(s["keys"] > 0 and s["pid"] > 0 and s["state"] == "up" for s in body["shards"])
+        assert all(s["last_checkpoint"] >= 50 for s in body["shards"]) and body["job"]["last_checkpoint"] >= 50
         job = body["job"]
         assert job["mode"] == "sync" and job["state"] == "running"
         assert {w["state"] for w in job["workers"]} == {"running"}
         assert all(w["pid"] and w["host"] and w["clock"] >= 0 for w in job["workers"])
         table = run_psctl("status", "--server", server.address)
-        assert "updates/s" in table.stdout and "last heartbeat" in table.stdout
+        assert "updates/s" in table.stdout and "last heartbeat" in table.stdout and "last checkpoint" in table.stdout
     finally:
         if train is not None:
             train.send_signal(signal.SIGINT)
@@ -314,3 +316,120 @@ def test_killed_shard_of_a_sparse_hashed_table_comes_back_equal(tmp_path):
     np.testing.assert_array_equal(b["w.keys"], a["w.keys"])
     np.testing.assert_allclose(b["w"], a["w"], rtol=1e-5, atol=1e-7)
     assert meta["metrics"]["rows_trained"] == 60 * 1600
+
+
+SEED = EXAMPLES / "seed_pytorch" / "data.csv"
+
+
+def seed_args(mode: str, epochs: int, workers: int = 4) -> list[str]:
+    return ["logreg", str(SEED), "--label", "1", "--drop", "0", "--workers", str(workers), "--epochs", str(epochs), "--mode", mode]
+
+
+def interrupt(proc: subprocess.Popen, address: str) -> tuple[str, str]:
+    """Ctrl-C on a running 'psctl train'; its output once every process it started is gone."""
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert wait_gone(address) == []
+    return out, err
+
+
+def stopped_clock(err: str) -> int:
+    text = " ".join(err.split())  # rich wraps long lines
+    return int(text.split("every worker stopped at clock ")[1].split()[0])
+
+
+@pytest.mark.fault
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
+def test_ctrl_c_saves_a_final_checkpoint_and_resume_equals_an_uninterrupted_run(tmp_path):
+    common = seed_args("sync", 100)
+    clean = run_psctl("train", *common, "--out", str(tmp_path / "clean.npz"))
+    assert clean.returncode == 0, clean.stderr
+    ckpt = tmp_path / "ckpt"
+    # --checkpoint-dir alone: no periodic checkpoints, only the final one
+    proc, address = start_train([*common, "--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "never.npz")], until="epoch 3/")
+    out, err = interrupt(proc, address)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "stopping: every worker stops at one clock" in err
+    clock = stopped_clock(err)
+    assert clock >= 3 * 16 and checkpoint.read_manifest(ckpt)["clock"] == clock
+    assert "checkpoint at clock" not in out.replace(f"checkpoint at clock {clock}", "")  # no periodic ones
+    assert not (tmp_path / "never.npz").exists()
+    resumed = run_psctl("train", *common, "--resume", str(ckpt), "--out", str(tmp_path / "resumed.npz"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from the checkpoint at clock {clock}" in resumed.stdout
+    a, _ = modelfile.load_model(str(tmp_path / "clean.npz"))
+    b, meta = modelfile.load_model(str(tmp_path / "resumed.npz"))
+    np.testing.assert_allclose(b["w"], a["w"], rtol=1e-6, atol=1e-7)
+    assert meta["metrics"]["rows_trained"] == 100 * 2000
+
+
+@pytest.mark.fault
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
+def test_ctrl_c_in_async_mode_stops_every_worker_at_one_clock(tmp_path):
+    # In async mode workers drift apart; the final checkpoint holds them all at one clock,
+    # so the resumed job trains every row exactly once per epoch: no step lost, none twice.
+    common = seed_args("async", 300)
+    ckpt = tmp_path / "ckpt"
+    proc, address = start_train([*common, "--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "never.npz")], until="epoch 3/")
+    _, err = interrupt(proc, address)
+    assert proc.returncode == 130, err
+    clock = stopped_clock(err)
+    resumed = run_psctl("train", *common, "--resume", str(ckpt), "--out", str(tmp_path / "resumed.npz"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from the checkpoint at clock {clock}" in resumed.stdout
+    _, meta = modelfile.load_model(str(tmp_path / "resumed.npz"))
+    assert meta["metrics"]["rows_trained"] == 300 * 2000
+
+
+@pytest.mark.fault
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
+def test_timed_checkpoints_are_one_clock_for_all_shards(tmp_path):
+    common = seed_args("sync", 60)
+    clean = run_psctl("train", *common, "--out", str(tmp_path / "clean.npz"))
+    assert clean.returncode == 0, clean.stderr
+    ckpt = tmp_path / "ckpt"
+    proc, address = start_train(
+        [*common, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "0.2s", "--out", str(tmp_path / "never.npz")],
+        until="checkpoint at clock",
+    )
+    children = psctl_children(address)
+    proc.kill()
+    for pid in children:
+        os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=10)
+    assert wait_gone(address) == []
+    resumed = run_psctl("train", *common, "--resume", str(ckpt), "--out", str(tmp_path / "resumed.npz"))
+    assert resumed.returncode == 0, resumed.stderr
+    a, _ = modelfile.load_model(str(tmp_path / "clean.npz"))
+    b, meta = modelfile.load_model(str(tmp_path / "resumed.npz"))
+    np.testing.assert_allclose(b["w"], a["w"], rtol=1e-6, atol=1e-7)
+    assert meta["metrics"]["rows_trained"] == 60 * 2000
+
+
+@pytest.mark.fault
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
+def test_ctrl_c_on_psctl_server_checkpoints_the_running_job(tmp_path):
+    server = ServerProcess(2)
+    ckpt = tmp_path / "ckpt"
+    train = None
+    try:
+        train, _ = start_train(
+            [*seed_args("sync", 100, workers=3), "--server", server.address, "--checkpoint-dir", str(ckpt),
+             "--out", str(tmp_path / "never.npz")],
+            until="epoch 3/",
+        )
+        code, out, err = server.stop(timeout_s=60)
+        assert code == 0, err
+        assert "psctl: stopping the running job first" in out
+        line = next(ln for ln in out.splitlines() if "its final checkpoint is in" in ln)
+        clock = int(line.split(" stopped at clock ")[1].split(";")[0])
+        assert checkpoint.read_manifest(ckpt)["clock"] == clock
+        _, terr = train.communicate(timeout=30)
+        assert train.returncode == 130, terr
+        assert "the psctl server stopped the job" in " ".join(terr.split()) and stopped_clock(terr) == clock
+    finally:
+        if train is not None and train.poll() is None:
+            train.kill()
+            train.communicate(timeout=10)
+        server.stop()
+    assert wait_gone(server.address) == []

@@ -89,3 +89,20 @@ def test_sparse_checkpoint_of_another_shard_is_refused(tmp_path):
     arrays, meta = s.snapshot()
     with pytest.raises(ValueError, match="another shard owns"):
         sparse_state(1, 2).restore(arrays, meta, clock=1)
+
+
+def test_checkpoint_plan_every_n_clocks_and_on_request():
+    from psctl.shard import NEVER, _Checkpoints
+
+    plan = _Checkpoints.plan("d", 0, every=10, start=25)
+    assert plan.next_clock == 30 and not plan.due(29) and plan.due(30)
+    plan.requested.add(27)
+    assert plan.due(27) and not plan.due(26)
+    plan.saved(27)
+    assert plan.last_clock == 27 and plan.requested == set() and plan.next_clock == 30
+    only_asked = _Checkpoints.plan("d", 0, every=0, start=0)  # --checkpoint-dir alone, or every N seconds
+    assert only_asked.next_clock == NEVER and not only_asked.due(10**9)
+    only_asked.requested.update({5, 9})
+    assert only_asked.due(5)
+    only_asked.saved(5)
+    assert only_asked.requested == {9} and not only_asked.due(8)

@@ -1,0 +1,52 @@
+"""The worker's side of a checkpoint at one clock: PAUSE answers where it will hold, RESUME says how far to go."""
+
+import asyncio
+
+import pytest
+
+from psctl.wire import Message, MsgType
+from psctl.worker import _ControlService
+
+pytestmark = pytest.mark.timeout(10)
+
+
+async def held(control: _ControlService, clock: int) -> bool:
+    """Whether a step at ``clock`` is held (it has not started after the loop ran everything ready)."""
+    step = asyncio.ensure_future(control.wait_turn(clock))
+    for _ in range(3):
+        await asyncio.sleep(0)  # let ready callbacks run; not a timing wait
+    if step.done():
+        return False
+    step.cancel()
+    return True
+
+
+async def test_pause_answers_the_clock_a_step_under_way_will_reach():
+    control = _ControlService()
+    control.position = lambda: 7
+    reply = control.handle(None, Message(MsgType.PAUSE, {"job_id": "j"}))  # type: ignore[arg-type]
+    assert reply is not None and reply.body == {"clock": 7}
+    assert await held(control, 7)
+    control.handle(None, Message(MsgType.RESUME, {"until": None}))  # type: ignore[arg-type]
+    assert not await held(control, 7) and not await held(control, 100)
+
+
+async def test_resume_until_holds_every_step_from_that_clock_until_the_job_ends():
+    control = _ControlService()
+    control.handle(None, Message(MsgType.PAUSE, {}))  # type: ignore[arg-type]
+    waiting = asyncio.ensure_future(control.wait_turn(5))
+    control.handle(None, Message(MsgType.RESUME, {"until": 6}))  # type: ignore[arg-type]
+    await asyncio.wait_for(waiting, 5)  # clock 5 < 6: goes on
+    assert await held(control, 6)
+    stuck = asyncio.ensure_future(control.wait_turn(6))
+    control.handle(None, Message(MsgType.EVENT, {"kind": "abort", "reason": "stopped"}))  # type: ignore[arg-type]
+    await asyncio.wait_for(stuck, 5)  # an abort releases the held step (the loop then raises)
+    assert control.abort_reason == "stopped"
+
+
+async def test_resume_with_a_bad_clock_is_refused():
+    from psctl.net import RequestError
+
+    control = _ControlService()
+    with pytest.raises(RequestError, match="until"):
+        control.handle(None, Message(MsgType.RESUME, {"until": "soon"}))  # type: ignore[arg-type]
