@@ -299,11 +299,11 @@ def train(
         weights = "the best epoch's" if m["weights_from_epoch"] != "last" else "the last epoch's"
         out.print(f"best held-out loss {m['best_val_loss']:.4f} at epoch {m['best_epoch'] + 1}; saved {weights} weights", highlight=False)
     out.print(f"rows trained: {m['rows_trained']} ({m['rows_trained'] / max(cfg.epochs, 1):.0f} per epoch)", highlight=False)
-    if "traffic" in m:
-        out.print(_traffic(m["traffic"]), highlight=False)
     if result.meta.get("model_params", {}).get("sparse"):
-        for line in _sparse_lines(m):
+        for line in _sparse_lines(m):  # its own traffic line: against a dense model of the key space
             out.print(line, highlight=False)
+    elif "traffic" in m:
+        out.print(_traffic(m["traffic"]), highlight=False)
     if m["lost_workers"]:
         out.print(f"warning: workers lost during training: {m['lost_workers']}", highlight=False)
 
@@ -311,14 +311,12 @@ def train(
 def _traffic(t: dict[str, float]) -> str:
     share = t["pulled_per_epoch"] / t["dense_per_epoch"] if t["dense_per_epoch"] else float("nan")
     return (
-        f"traffic per epoch: pulled {_mb(t['pulled_per_epoch'])}, pushed {_mb(t['pushed_per_epoch'])}; "
-        f"pulling whole tables at each of the {t['steps_per_epoch']} steps would be {_mb(t['dense_per_epoch'])} "
+        f"traffic per epoch: pulled {_si_bytes(t['pulled_per_epoch'])}, pushed {_si_bytes(t['pushed_per_epoch'])}; "
+        f"pulling whole tables at each of the {t['steps_per_epoch']} steps would be {_si_bytes(t['dense_per_epoch'])} "
         f"(pulled {share:.1%} of that)"
     )
 
 
-def _mb(n: float) -> str:
-    return f"{n / 1e6:.2f} MB"
 def _si_bytes(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":

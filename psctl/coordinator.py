@@ -109,7 +109,8 @@ class Job:
     tables_ready: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     state: str = "setup"  # setup -> running -> done | failed
     started_s: float = field(default_factory=time.monotonic)
-    pausing: bool = False  # the workers are held for a checkpoint at one clock
+    pausing: asyncio.Lock = field(default_factory=asyncio.Lock)  # held while the workers are paused for a checkpoint
+    halting: bool = False  # the workers were told to stop at one clock: no more pauses
     # (clock, future): resolved when the manifest reaches that clock, None if the job finishes first
     waiters: list[tuple[int, asyncio.Future[int | None]]] = field(default_factory=list)
     timer: asyncio.Task[None] | None = None  # checkpoints every N seconds
@@ -305,6 +306,8 @@ class CoordinatorService:
     def _cannot_pause(self, job: Job) -> str | None:
         if job is not self.job or job.state != "running":
             return "the job is not running"
+        if job.halting:
+            return "the job is stopping"
         if not job.spec.get("checkpoint"):
             return f"job {job.job_id} has no checkpoint folder (--checkpoint-dir)"
         if not job.ranges:
@@ -313,8 +316,6 @@ class CoordinatorService:
             return "a lost shard is being replaced"
         if any(w.state == "spare" for w in job.workers):
             return "a lost worker is being replaced"
-        if job.pausing:
-            return "a checkpoint is being taken already"
         return None
 
     async def checkpoint_at_one_clock(self, job: Job, *, stop: bool) -> int | None:
@@ -327,10 +328,13 @@ class CoordinatorService:
         worker pushes past it either, so the checkpoint is exact in async and ssp too.
         Returns the clock, or None when no worker is training any more.
         """
+        async with job.pausing:  # one pause at a time: a stop waits for a timed checkpoint's pause
+            return await self._pause_and_checkpoint(job, stop)
+
+    async def _pause_and_checkpoint(self, job: Job, stop: bool) -> int | None:
         why = self._cannot_pause(job)
         if why is not None:
             raise net.RequestError(f"no checkpoint now: {why}", code="not_now")
-        job.pausing = True
         live = [w for w in job.workers if w.state == "running" and w.peer is not None and w.peer.is_open]
         until: int | None = None
         try:
@@ -350,12 +354,12 @@ class CoordinatorService:
                 )
             )
             until = target if stop else None
+            job.halting = stop
             log.info("job %s: checkpoint at clock %d asked for (%s)", job.job_id, target, "stop there" if stop else "go on")
             return target
         except net.PsctlError as exc:
             raise net.RequestError(f"no checkpoint now: {exc}", code="not_now") from None
         finally:
-            job.pausing = False
             for w in live:
                 if w.peer is not None and w.peer.is_open:
                     w.peer.notify(MsgType.RESUME, {"until": until})
@@ -366,6 +370,8 @@ class CoordinatorService:
             await asyncio.sleep(every_s)
             if job is not self.job or job.state != "running":
                 return
+            if job.pausing.locked():
+                continue  # a stop is under way
             try:
                 await self.checkpoint_at_one_clock(job, stop=False)
             except net.RequestError as exc:
