@@ -409,6 +409,11 @@ class _TrainView:
                        f"'{event['dir']}' (Ctrl-C again to stop at once)", err)
         elif kind == "resuming":
             self._plain(f"resuming from the checkpoint at clock {event['clock']} in {event['dir']}")
+        elif kind == "worker_joined" and event.get("replacing"):
+            how = "a surviving worker process took over" if event.get("takeover") else "a new worker took"
+            msg = (f"{how} lost partition {event['partition']} from clock {event['start_clock']} "
+                   f"(worker {event['worker_id']}, pid {event['pid']} on {event['host']})")
+            self._note(msg)
         elif kind == "worker_restarted":
             msg = f"started a new worker process in place of worker {event['replacing']} (restart {event['restarts']})"
             self._note(msg)

@@ -26,6 +26,7 @@ SHARD_WAIT_S = 30.0
 DEFAULT_HEARTBEAT_INTERVAL_S = 0.5
 DEFAULT_FAILURE_TIMEOUT_S = 5.0
 SHARD_SETUP_TIMEOUT_S = 30.0
+UNKNOWN_CLOCK = 2**62  # a pending slot's start clock until the shards say where its predecessor stopped
 PAUSE_TIMEOUT_S = 10.0  # a worker answers PAUSE at once; one that does not is hung
 MAX_LABELS = 1000
 
@@ -74,7 +75,9 @@ class Barrier:
 class WorkerSlot:
     worker_id: int
     peer: net.Peer | None = None
-    state: str = "waiting"  # waiting|spare -> running -> trained -> finished | lost
+    # waiting -> running -> trained -> finished, or lost; a lost worker's partition gets a new
+    # slot: pending (its clock not known yet) -> spare (a replacement may register) -> running ...
+    state: str = "waiting"
     pid: int | None = None
     host: str | None = None
     clock: int = 0  # as last reported by its heartbeat
@@ -114,9 +117,10 @@ class Job:
     # (clock, future): resolved when the manifest reaches that clock, None if the job finishes first
     waiters: list[tuple[int, asyncio.Future[int | None]]] = field(default_factory=list)
     timer: asyncio.Task[None] | None = None  # checkpoints every N seconds
+    stop_requested: bool = False  # early stop: workers that join later are told too
 
     def live_ids(self) -> set[int]:
-        return {w.worker_id for w in self.workers if w.state not in ("lost", "spare")}
+        return {w.worker_id for w in self.workers if w.state not in ("lost", "spare", "pending")}
 
 
 class CoordinatorService:
@@ -251,6 +255,7 @@ class CoordinatorService:
         job = self.job
         if job is None or job.driver is not peer:
             return
+        job.stop_requested = True
         for w in job.workers:
             if w.peer is not None and w.peer.is_open:
                 w.peer.notify(MsgType.EVENT, {"kind": "stop"})
@@ -314,7 +319,7 @@ class CoordinatorService:
             return "training has not started yet"
         if job.recovering is not None:
             return "a lost shard is being replaced"
-        if any(w.state == "spare" for w in job.workers):
+        if any(w.state in ("spare", "pending") for w in job.workers):
             return "a lost worker is being replaced"
         return None
 
@@ -450,6 +455,9 @@ class CoordinatorService:
             self._fail(f"recovering shard {index} from the checkpoint at clock {clock} failed: {exc}")
             return
         job.recovering = None
+        for w in job.workers:  # a lost worker's partition, not taken over yet, also goes back to the checkpoint
+            if w.state in ("spare", "pending"):
+                w.start_clock = min(w.start_clock, clock)
         # The surviving shards knew how far the fastest worker had got: those steps are done again.
         reached = [int(r.body["previous_clock"]) for r in replies if r.body.get("previous_clock") is not None]
         replayed = max(reached, default=clock) - clock
@@ -505,31 +513,43 @@ class CoordinatorService:
 
     # -- workers -------------------------------------------------------------
     async def _register_worker(self, peer: net.Peer, msg: Message) -> Message:
+        """A worker joins the running job (waiting for one): a free slot, or a lost worker's.
+
+        With ``spare_of`` (a survivor taking over a lost worker's partition) only a
+        lost worker's slot of that job will do, and the answer comes at once.
+        """
+        spare_of = msg.body.get("spare_of")
+
         def free_slot() -> WorkerSlot | None:
             if self.job is None or self.job.state != "running":
                 return None
-            return next((w for w in self.job.workers if w.state in ("waiting", "spare") and w.peer is None), None)
+            if spare_of is not None and spare_of != self.job.job_id:
+                return None
+            states = ("spare",) if spare_of is not None else ("waiting", "spare")
+            return next((w for w in self.job.workers if w.state in states and w.peer is None), None)
 
-        async with self._changed:
-            await self._changed.wait_for(lambda: free_slot() is not None or not peer.is_open)
+        if spare_of is None:
+            async with self._changed:
+                await self._changed.wait_for(lambda: free_slot() is not None or not peer.is_open)
         slot = free_slot()
+        if slot is None and spare_of is not None:
+            raise net.RequestError("no lost worker's partition is waiting to be taken over", code="no_spare")
         if slot is None or self.job is None:
             raise net.RequestError("connection closed while waiting for a job")
         job = self.job
         replacing = slot.state == "spare"
         slot.peer, slot.state = peer, "running"
         slot.pid, slot.host = msg.body.get("pid"), msg.body.get("host")
-        peer.info.update(role="worker", job_id=job.job_id, worker_id=slot.worker_id)
-        if replacing:
-            for barrier in (job.stats, job.trained, job.final):
-                barrier.add(slot.worker_id)
+        peer.info.update(role="worker", job_id=job.job_id, worker_id=slot.worker_id, helper=spare_of is not None)
+        if replacing:  # the barriers have expected this slot since its predecessor was lost
             body = {"job_id": job.job_id, "worker_id": slot.worker_id, "clock": slot.start_clock}
             if job.ranges:  # tables exist: the gates must know the newcomer before it pushes
                 await asyncio.gather(*(s.peer.request(MsgType.WORKER_JOINED, body) for s in job.shards))
         self._event(
             job,
             {"kind": "worker_joined", "worker_id": slot.worker_id, "pid": slot.pid, "host": slot.host,
-             "partition": slot.partition, "start_clock": slot.start_clock, "replacing": replacing},
+             "partition": slot.partition, "start_clock": slot.start_clock, "replacing": replacing,
+             "takeover": spare_of is not None},
         )
         return Message(
             MsgType.REGISTER_WORKER,
@@ -540,6 +560,7 @@ class CoordinatorService:
                 "partition": job.spec["partitions"][slot.partition],
                 "partition_index": slot.partition,
                 "start_clock": slot.start_clock,
+                "stop": job.stop_requested,
             },
         )
 
@@ -576,7 +597,13 @@ class CoordinatorService:
         self._settle_waiters(job, error=net.RequestError(f"worker {slot.worker_id} was lost before the final checkpoint"))
         log.warning("job %s: worker %d lost (%s)", job.job_id, slot.worker_id, reason)
         if unfinished:
-            asyncio.get_running_loop().create_task(self._offer_replacement(job, slot))
+            # A new slot for its partition: every barrier waits for it from now on, so the
+            # job cannot end before the partition's remaining rows are trained.
+            spare = WorkerSlot(len(job.workers), state="pending", partition=slot.partition, start_clock=UNKNOWN_CLOCK)
+            job.workers.append(spare)
+            for barrier in (job.stats, job.trained, job.final):
+                barrier.add(spare.worker_id)
+            asyncio.get_running_loop().create_task(self._offer_replacement(job, slot, spare))
         self._event(
             job,
             {"kind": "worker_lost", "worker_id": slot.worker_id, "reason": reason, "at_s": time.monotonic() - job.started_s},
@@ -587,23 +614,42 @@ class CoordinatorService:
         if not job.live_ids():
             self._fail("every worker was lost")
 
-    async def _offer_replacement(self, job: Job, lost: WorkerSlot) -> None:
-        """Take the lost worker out of every gate, then open a spare slot that resumes its
-        partition at the clock the shards acknowledged, so no row of it is skipped."""
+    async def _offer_replacement(self, job: Job, lost: WorkerSlot, spare: WorkerSlot) -> None:
+        """Take the lost worker out of every gate, then let a worker take its partition at
+        the clock the shards acknowledged, so no row of it is skipped: a new worker that
+        registers (psctl train restarts local ones), or else, after a grace of the job's
+        failure timeout, a surviving worker (it trains the partition alongside its own)."""
         clocks = [0]  # before the tables exist nothing was pushed
         if job.ranges:
             body = {"job_id": job.job_id, "worker_id": lost.worker_id}
             replies = await asyncio.gather(
                 *(s.peer.request(MsgType.WORKER_LEFT, body) for s in job.shards if s.peer.is_open), return_exceptions=True
             )
-            clocks = [r.body["clock"] for r in replies if isinstance(r, Message) and r.body.get("clock") is not None]
-        if job is not self.job or job.state != "running" or job.trained.done.done() or not clocks:
+            clocks = [r.body["clock"] for r in replies if isinstance(r, Message) and r.body.get("clock") is not None] or clocks
+        if job is not self.job or job.state != "running":
             return
         # The lowest acknowledged clock: a push that reached only some shards is redone, never skipped.
-        spare = WorkerSlot(len(job.workers), state="spare", partition=lost.partition, start_clock=min(clocks))
-        job.workers.append(spare)
+        # (A roll-back meanwhile may have lowered it to the checkpoint's clock already.)
+        spare.start_clock = min(min(clocks), spare.start_clock)
+        spare.state = "spare"
         log.info("job %s: worker %d may replace worker %d from clock %d", job.job_id, spare.worker_id, lost.worker_id, spare.start_clock)
         self._changed_soon()
+        grace_s = float(job.spec.get("failure_timeout_s", DEFAULT_FAILURE_TIMEOUT_S))
+        while True:
+            await asyncio.sleep(grace_s)
+            if job is not self.job or job.state != "running" or spare.state != "spare" or spare.peer is not None:
+                return
+            survivors = [
+                w for w in job.workers
+                if w.state in ("running", "trained") and w.peer is not None and w.peer.is_open and not w.peer.info.get("helper")
+            ]
+            if not survivors:
+                return
+            pick = min(survivors, key=lambda w: (w.peer.info.get("takeovers", 0) if w.peer else 0, w.worker_id))
+            assert pick.peer is not None
+            pick.peer.info["takeovers"] = pick.peer.info.get("takeovers", 0) + 1
+            log.info("job %s: asking worker %d to take over partition %d", job.job_id, pick.worker_id, spare.partition)
+            pick.peer.notify(MsgType.EVENT, {"kind": "take_over", "job_id": job.job_id, "partition": spare.partition})
 
     async def _stats(self, peer: net.Peer, msg: Message) -> Message:
         job, slot = self._job_of(peer)

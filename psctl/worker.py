@@ -74,6 +74,7 @@ class _ControlService(net.NullService):
         self.paused = False  # hold before the next step until RESUME
         self.until: int | None = None  # after RESUME: take no step at this clock or later
         self.position: Callable[[], int] = lambda: 0  # the clock this worker will hold at
+        self.on_take_over: Callable[[str], None] = lambda job_id: None
         self._wake = asyncio.Event()
 
     async def next_rewind(self, timeout_s: float) -> dict[str, Any]:
@@ -112,6 +113,9 @@ class _ControlService(net.NullService):
             return None
         if msg.type is MsgType.EVENT and msg.body.get("kind") == "rewind":
             self.rewinds.put_nowait(msg.body)
+            return None
+        if msg.type is MsgType.EVENT and msg.body.get("kind") == "take_over":
+            self.on_take_over(str(msg.body.get("job_id")))
             return None
         return super().handle(peer, msg)
 
@@ -219,9 +223,42 @@ class Worker:
         self.control = _ControlService()
         # A pause lets the step under way finish: that step's clock + 1 is where this worker holds.
         self.control.position = lambda: self.clock + self.in_step
+        self.control.on_take_over = self._take_over
+        self.helpers: set[asyncio.Task[Any]] = set()  # lost workers' partitions this process took over
 
-    async def run(self) -> dict[str, Any]:
-        """Join the next job, train, report. Returns the final report."""
+    async def run(self, spare_of: str | None = None) -> dict[str, Any]:
+        """Join the next job, train, report. Returns the final report.
+
+        ``spare_of``: join only as the replacement of a lost worker of that job
+        (this process was asked to take its partition over), at once or not at all.
+        """
+        try:
+            return await self._run(spare_of)
+        finally:
+            if self.helpers:  # they train next to this worker: the process ends after them
+                await asyncio.gather(*self.helpers, return_exceptions=True)
+
+    def _take_over(self, job_id: str) -> None:
+        """Train a lost worker's partition alongside this one, as a second worker of the job."""
+        helper = Worker(
+            self.coordinator_address,
+            max_frame_bytes=self.max_frame_bytes,
+            data_path=self.data_path,
+            model_classes=self.model_classes,
+            security=self.security,
+        )
+
+        async def run() -> None:
+            try:
+                report = await helper.run(spare_of=job_id)
+                log.info("took over a lost worker's partition: %d rows", report["n"])
+            except PsctlError as exc:
+                log.warning("could not take over a lost worker's partition: %s", exc)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self.helpers.add(task)
+
+    async def _run(self, spare_of: str | None) -> dict[str, Any]:
         coord = await net.connect(
             self.coordinator_address,
             self.control,
@@ -230,9 +267,10 @@ class Worker:
             security=self.security,
         )
         try:
-            reg = await coord.request(
-                MsgType.REGISTER_WORKER, {"pid": os.getpid(), "host": socket.gethostname()}, timeout_s=None
-            )
+            body = {"pid": os.getpid(), "host": socket.gethostname()}
+            if spare_of is not None:
+                body["spare_of"] = spare_of
+            reg = await coord.request(MsgType.REGISTER_WORKER, body, timeout_s=None)
             try:
                 return await self._job(coord, reg.body)
             except PsctlError as exc:
@@ -249,6 +287,7 @@ class Worker:
     async def _job(self, coord: net.Peer, reg: dict[str, Any]) -> dict[str, Any]:
         spec = reg["spec"]
         worker_id = int(reg["worker_id"])
+        self.control.stop_requested = self.control.stop_requested or bool(reg.get("stop"))
         partition = int(reg.get("partition_index", worker_id))
         if ":" in spec["model"] and spec["model"] not in self.model_classes:
             raise PsctlError(f"this worker does not load model class '{spec['model']}'; start it with --model-class {spec['model']}")

@@ -148,6 +148,29 @@ def test_killed_worker_is_replaced_and_every_row_is_used(tmp_path, mode):
 
 @pytest.mark.fault
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
+@pytest.mark.parametrize("mode", ["sync", "ssp", "async"])
+def test_without_a_replacement_a_survivor_takes_the_lost_partition_over(tmp_path, mode):
+    # --max-restarts 0: no new process (as with workers on other hosts and none to spare);
+    # after the failure timeout a surviving worker trains the lost partition next to its own.
+    data = EXAMPLES / "seed_pytorch" / "data.csv"
+    clean = run_psctl("train", *train_args(data, mode, tmp_path / "clean.npz"))
+    assert clean.returncode == 0, clean.stderr
+    args = [*train_args(data, mode, tmp_path / "m.npz"), "--max-restarts", "0", "--failure-timeout-s", "1",
+            "--heartbeat-interval-s", "0.2"]
+    proc, address = start_train(args, until="epoch 2/")
+    os.kill(worker_pids(address)[1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "a surviving worker process took over lost partition" in out
+    assert "started a new worker process" not in out
+    _, meta = modelfile.load_model(str(tmp_path / "m.npz"))
+    _, clean_meta = modelfile.load_model(str(tmp_path / "clean.npz"))
+    assert 40 * 2000 <= meta["metrics"]["rows_trained"] <= 40 * 2000 + 32
+    assert abs(meta["metrics"]["train_accuracy"] - clean_meta["metrics"]["train_accuracy"]) <= 0.01
+
+
+@pytest.mark.fault
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
 def test_stopped_worker_is_declared_dead_by_heartbeat_timeout(tmp_path):
     """SIGSTOP keeps the sockets open (a partitioned host): only the missing heartbeats tell."""
     data = EXAMPLES / "seed_pytorch" / "data.csv"
