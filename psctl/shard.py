@@ -50,9 +50,14 @@ class Table:
                 raise net.RequestError(f"keys for {self.spec.name!r} must be sorted and unique")
         return keys - self.lo
 
-    def read(self, keys: np.ndarray | None) -> np.ndarray:
-        # A copy: the reply may sit in the transport's buffer while later pushes change the table.
-        return self.values.copy() if keys is None else self.values[self.locate(keys)]
+    def read(self, keys: np.ndarray | None, rows: np.ndarray | None = None) -> np.ndarray:
+        """Values of ``keys`` (all rows: None); ``rows`` from :meth:`locate` spares a second look-up.
+
+        A copy: the reply may sit in the transport's buffer while later pushes change the table.
+        """
+        if keys is None:
+            return self.values.copy()
+        return self.values[self.locate(keys) if rows is None else rows]
 
     def check_grad(self, keys: np.ndarray | None, grad: np.ndarray) -> None:
         expected = self.values.shape if keys is None else (len(keys), *self.values.shape[1:])
@@ -70,8 +75,9 @@ class Table:
             self.state[k][...] = arrays[f"state.{k}"]
         self.steps = steps
 
-    def apply(self, rule: UpdateRule, keys: np.ndarray | None, grad: np.ndarray) -> None:
-        rows = None if keys is None else self.locate(keys)
+    def apply(self, rule: UpdateRule, keys: np.ndarray | None, grad: np.ndarray, rows: np.ndarray | None = None) -> None:
+        if keys is not None and rows is None:
+            rows = self.locate(keys)
         rule.apply(self.values, grad, self.state, rows, self.steps)
         self.steps += 1
 
@@ -129,8 +135,17 @@ class ShardState:
                 raise net.RequestError(f"unknown table {name!r}")
         return names
 
-    def read(self, names: list[str], keys: list[np.ndarray] | None = None) -> list[np.ndarray]:
-        return [self.tables[n].read(None if keys is None else keys[i]) for i, n in enumerate(names)]
+    def read(
+        self, names: list[str], keys: list[np.ndarray] | None = None, rows: list[np.ndarray] | None = None
+    ) -> list[np.ndarray]:
+        """Each table's values of its keys (whole tables: no keys); ``rows``: their :meth:`locate` results."""
+        if keys is None:
+            return [self.tables[n].read(None) for n in names]
+        return [self.tables[n].read(keys[i], None if rows is None else rows[i]) for i, n in enumerate(names)]
+
+    def locate(self, names: list[str], keys: list[np.ndarray]) -> list[np.ndarray]:
+        """Validate each table's keys (range, order, owner) and find their rows, once per request."""
+        return [self.tables[n].locate(k) for n, k in zip(names, keys)]
 
     def dump(self, names: list[str], with_state: bool) -> tuple[list[np.ndarray], dict[str, list[str]]]:
         """Per table: keys, values, then its state arrays (named in the second result)."""
@@ -149,17 +164,18 @@ class ShardState:
         expected = self.gate.clocks[worker]
         if clock != expected:
             raise net.RequestError(f"worker {worker} pushed clock {clock}, expected {expected}", code="bad_clock")
+        rows: dict[str, np.ndarray | None] = {}
         for name, (keys, grad) in grads.items():
             table = self.tables[name]
             table.check_grad(keys, grad)
-            if keys is not None:
-                table.locate(keys)  # validate before anything is applied or accumulated
+            # validate before anything is applied or accumulated; an async push applies these rows
+            rows[name] = None if keys is None else table.locate(keys)
         self.pushes += 1
         self.samples += count
         if self.acc is not None:
             self.acc.add(clock, grads, count)
         else:
-            self._apply(grads)
+            self._apply(grads, rows)
         ready = self.gate.advance(worker, clock + 1)
         self._apply_completed()
         return ready
@@ -172,9 +188,9 @@ class ShardState:
         self._apply_completed()
         return ready
 
-    def _apply(self, grads: dict[str, Grad]) -> None:
+    def _apply(self, grads: dict[str, Grad], rows: dict[str, np.ndarray | None] | None = None) -> None:
         for name, (keys, grad) in grads.items():
-            self.tables[name].apply(self.rule, keys, grad)
+            self.tables[name].apply(self.rule, keys, grad, None if rows is None else rows[name])
         self.updates += 1
 
     def _apply_completed(self) -> None:
@@ -262,6 +278,7 @@ class _PullToken:
     fut: asyncio.Future[Message]
     names: list[str]
     keys: list[np.ndarray] | None
+    rows: list[np.ndarray] | None  # the keys' rows, found when the pull arrived
     clock: int
 
 
@@ -336,26 +353,25 @@ class ShardService:
         names = state.check_tables(msg.body.get("tables"))
         keys = _keyed_arrays(msg, names, per_table=1)
         peer.check_keys(sum(len(k) for k in keys) if keys is not None else sum(state.tables[n].values.shape[0] for n in names))
-        if keys is not None:
-            for name, k in zip(names, keys):
-                state.tables[name].locate(k)  # refuse bad keys now, not when the gate opens
+        # Bad keys are refused now, not when the gate opens; the rows found are read then.
+        rows = None if keys is None else state.locate(names, keys)
         if peer.info.get("role") == "driver" and msg.body.get("dump"):
             arrays, state_names = state.dump(names, with_state=bool(msg.body.get("with_state")))
             return Message(MsgType.PULL, {"state": state_names}, arrays)
         if peer.info.get("role") == "driver" or peer.info.get("worker_id") in state.left:
-            return Message(MsgType.PULL, {}, state.read(names, keys))
+            return Message(MsgType.PULL, {}, state.read(names, keys, rows))
         if peer.info.get("role") != "worker":
             raise net.RequestError("say HELLO before PULL")
         clock = _require(msg.body, "clock", int)
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        token = _PullToken(fut, names, keys, clock)
+        token = _PullToken(fut, names, keys, rows, clock)
         if state.gate.wait(clock, token):
             return self._answer_pull(state, token)
         return fut
 
     def _answer_pull(self, state: ShardState, token: _PullToken) -> Message:
         body = {"min_clock": state.gate.min_clock(), "clock": token.clock}
-        reply = Message(MsgType.PULL, body, state.read(token.names, token.keys))
+        reply = Message(MsgType.PULL, body, state.read(token.names, token.keys, token.rows))
         if not token.fut.done():
             token.fut.set_result(reply)
         return reply

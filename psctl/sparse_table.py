@@ -72,11 +72,20 @@ class SparseTable:
                 raise net.RequestError(f"keys for {name!r} include keys another shard owns (hash routing)")
         return self._find(k)
 
-    def read(self, keys: np.ndarray | None) -> np.ndarray:
-        """Values of ``keys``: stored rows, or the initial values of keys never pushed (not stored)."""
+    def read(self, keys: np.ndarray | None, rows: np.ndarray | None = None) -> np.ndarray:
+        """Values of ``keys``: stored rows, or the initial values of keys never pushed (not stored).
+
+        ``rows`` from :meth:`locate` spares the look-up: a stored key's row never moves,
+        and keys stored since (pushed while this pull waited at the gate) are found again.
+        """
         if keys is None:
             raise net.RequestError(f"table {self.spec.name!r} is sparse: pull its rows by key (or dump it as a driver)")
-        rows = self.locate(keys)
+        if rows is None:
+            rows = self.locate(keys)
+        elif (rows < 0).any():
+            rows = rows.copy()
+            missing = rows < 0
+            rows[missing] = self._find(keys[missing].astype(np.int64))
         out = np.empty(self.spec.shape(len(rows)), self.spec.dtype)
         found = rows >= 0
         out[found] = self.values[rows[found]]
@@ -91,10 +100,11 @@ class SparseTable:
         if grad.shape != expected:
             raise net.RequestError(f"gradient for {self.spec.name!r} has shape {grad.shape}, expected {expected}")
 
-    def apply(self, rule: UpdateRule, keys: np.ndarray | None, grad: np.ndarray) -> None:
+    def apply(self, rule: UpdateRule, keys: np.ndarray | None, grad: np.ndarray, rows: np.ndarray | None = None) -> None:
+        """Apply ``grad`` to the rows of ``keys``, creating missing ones; ``rows``: :meth:`locate`'s, just now."""
         if keys is None:
             raise net.RequestError(f"table {self.spec.name!r} is sparse: pushes must carry keys")
-        rows = self._ensure(keys.astype(np.int64))
+        rows = self._ensure(keys.astype(np.int64), rows)
         rule.apply(self.values, grad, self.state, rows, self.steps)
         self.steps += 1
 
@@ -151,9 +161,9 @@ class SparseTable:
                 rows[hit] = index_rows[pos[hit]]
         return rows
 
-    def _ensure(self, keys: np.ndarray) -> np.ndarray:
+    def _ensure(self, keys: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """Rows of ``keys`` (sorted, unique, validated), creating the missing ones (first touch)."""
-        rows = self._find(keys)
+        rows = self._find(keys) if rows is None else rows.copy()
         missing = rows < 0
         if not missing.any():
             return rows

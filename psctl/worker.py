@@ -235,8 +235,10 @@ class Worker:
         try:
             return await self._run(spare_of)
         finally:
-            if self.helpers:  # they train next to this worker: the process ends after them
-                await asyncio.gather(*self.helpers, return_exceptions=True)
+            # They train next to this worker: the process ends after them.
+            for result in await asyncio.gather(*self.helpers, return_exceptions=True):
+                if isinstance(result, Exception):
+                    log.error("taking over a lost worker's partition failed", exc_info=result)
 
     def _take_over(self, job_id: str) -> None:
         """Train a lost worker's partition alongside this one, as a second worker of the job."""

@@ -204,3 +204,16 @@ def test_sync_mean_over_workers_with_the_same_keys_on_a_sparse_table():
     np.testing.assert_allclose(s.read(["w"], [np.array([7, 2**32 - 1])])[0], [-(1 + 12) / 4, -2 / 4])
     status = s.status()
     assert status["keys"] == 2 and status["bytes"] > 0 and status["peak_rss_bytes"] >= status["rss_bytes"] > 0
+
+
+def test_rows_found_before_a_push_still_read_the_pushed_values():
+    # A pull locates its keys when it arrives and reads when the gate opens; a push in
+    # between may store keys that were missing, and must be seen.
+    t = SparseTable(TableSpec("w", 2**32, sparse=True, init="normal"), 0, 1, 0, SGD(0.5))
+    t.apply(SGD(0.5), np.array([5], np.int64), np.ones(1, np.float32))
+    keys = np.array([3, 5, 9], np.int64)
+    rows = t.locate(keys)
+    assert (rows[[0, 2]] == -1).all() and rows[1] >= 0
+    t.apply(SGD(0.5), np.array([3, 9], np.int64), np.ones(2, np.float32))
+    np.testing.assert_array_equal(t.read(keys, rows), t.read(keys))
+    assert (t.locate(keys) >= 0).all()
