@@ -21,6 +21,7 @@ from .cluster import ServerProcess
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
 TRAIN = EXAMPLES / "breast_cancer" / "train.csv"
+SEED = EXAMPLES / "seed_pytorch" / "data.csv"
 
 
 def psctl_children(address: str) -> list[int]:
@@ -126,15 +127,22 @@ def train_args(data: Path, mode: str, out: Path) -> list[str]:
 @pytest.mark.fault
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
 @pytest.mark.parametrize("mode", ["sync", "ssp", "async"])
-def test_killed_worker_is_replaced_and_every_row_is_used(tmp_path, mode):
+@pytest.mark.parametrize("by", ["new process", "survivor"])
+def test_killed_worker_is_replaced_and_every_row_is_used(tmp_path, mode, by):
+    # by a survivor: --max-restarts 0 starts no new process (as with workers on other hosts and
+    # none to spare); after the failure timeout a surviving worker trains the partition next to its own.
     data = EXAMPLES / "seed_pytorch" / "data.csv"
     clean = run_psctl("train", *train_args(data, mode, tmp_path / "clean.npz"))
     assert clean.returncode == 0, clean.stderr
-    proc, address = start_train(train_args(data, mode, tmp_path / "m.npz"), until="epoch 2/")
+    extra = [] if by == "new process" else ["--max-restarts", "0", "--failure-timeout-s", "1", "--heartbeat-interval-s", "0.2"]
+    proc, address = start_train([*train_args(data, mode, tmp_path / "m.npz"), *extra], until="epoch 2/")
     os.kill(worker_pids(address)[0], signal.SIGKILL)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert "started a new worker process in place of worker" in out
+    if by == "new process":
+        assert "started a new worker process in place of worker" in out
+    else:
+        assert "a surviving worker process took over lost partition" in out and "started a new worker" not in out
     assert "warning: workers lost during training" in out
     _, meta = modelfile.load_model(str(tmp_path / "m.npz"))
     _, clean_meta = modelfile.load_model(str(tmp_path / "clean.npz"))
@@ -144,29 +152,6 @@ def test_killed_worker_is_replaced_and_every_row_is_used(tmp_path, mode):
     assert clean_meta["metrics"]["rows_trained"] == 40 * 2000
     assert abs(meta["metrics"]["train_accuracy"] - clean_meta["metrics"]["train_accuracy"]) <= 0.01
     assert "epoch 40/40" in out
-
-
-@pytest.mark.fault
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
-@pytest.mark.parametrize("mode", ["sync", "ssp", "async"])
-def test_without_a_replacement_a_survivor_takes_the_lost_partition_over(tmp_path, mode):
-    # --max-restarts 0: no new process (as with workers on other hosts and none to spare);
-    # after the failure timeout a surviving worker trains the lost partition next to its own.
-    data = EXAMPLES / "seed_pytorch" / "data.csv"
-    clean = run_psctl("train", *train_args(data, mode, tmp_path / "clean.npz"))
-    assert clean.returncode == 0, clean.stderr
-    args = [*train_args(data, mode, tmp_path / "m.npz"), "--max-restarts", "0", "--failure-timeout-s", "1",
-            "--heartbeat-interval-s", "0.2"]
-    proc, address = start_train(args, until="epoch 2/")
-    os.kill(worker_pids(address)[1], signal.SIGKILL)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    assert "a surviving worker process took over lost partition" in out
-    assert "started a new worker process" not in out
-    _, meta = modelfile.load_model(str(tmp_path / "m.npz"))
-    _, clean_meta = modelfile.load_model(str(tmp_path / "clean.npz"))
-    assert 40 * 2000 <= meta["metrics"]["rows_trained"] <= 40 * 2000 + 32
-    assert abs(meta["metrics"]["train_accuracy"] - clean_meta["metrics"]["train_accuracy"]) <= 0.01
 
 
 @pytest.mark.fault
@@ -228,8 +213,7 @@ def test_status_reports_shards_and_workers(tmp_path):
 def test_sigkill_everything_then_resume_equals_an_uninterrupted_run(tmp_path):
     data = EXAMPLES / "seed_pytorch" / "data.csv"
     common = ["logreg", str(data), "--label", "1", "--drop", "0", "--workers", "4", "--epochs", "10", "--mode", "sync"]
-    clean = run_psctl("train", *common, "--out", str(tmp_path / "clean.npz"))
-    assert clean.returncode == 0, clean.stderr
+    train_clean(tmp_path, common)
     ckpt = tmp_path / "ckpt"
     proc = subprocess.Popen(
         [sys.executable, "-m", "psctl", "train", *common, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "20",
@@ -243,20 +227,41 @@ def test_sigkill_everything_then_resume_equals_an_uninterrupted_run(tmp_path):
             address = line.split(" at ")[1].strip()
         if line.startswith("checkpoint at clock 60"):
             break
+    kill_everything(proc, address)
+    assert not (tmp_path / "never.npz").exists()
+    b, meta = resume(tmp_path, common, ckpt)
+    assert_equal_to_clean(tmp_path, b)
+    assert meta["metrics"]["rows_trained"] == 10 * 2000
+
+
+def train_clean(tmp_path: Path, common: list[str]) -> None:
+    """The uninterrupted run, saved at tmp_path/clean.npz."""
+    clean = run_psctl("train", *common, "--out", str(tmp_path / "clean.npz"))
+    assert clean.returncode == 0, clean.stderr
+
+
+def kill_everything(proc: subprocess.Popen, address: str) -> None:
+    """kill -9 of 'psctl train' and every process it started (a machine that lost power)."""
     children = psctl_children(address)
     proc.kill()
     for pid in children:
         os.kill(pid, signal.SIGKILL)
     proc.communicate(timeout=10)
     assert wait_gone(address) == []
-    assert not (tmp_path / "never.npz").exists()
+
+
+def resume(tmp_path: Path, common: list[str], ckpt: Path, clock: int | None = None) -> tuple[dict, dict]:
+    """'psctl train ... --resume CKPT' to the end: the model's params and meta."""
     resumed = run_psctl("train", *common, "--resume", str(ckpt), "--out", str(tmp_path / "resumed.npz"))
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from the checkpoint at clock" in resumed.stdout
-    a, _ = modelfile.load_model(str(tmp_path / "clean.npz"))
-    b, meta = modelfile.load_model(str(tmp_path / "resumed.npz"))
-    np.testing.assert_allclose(b["w"], a["w"], rtol=1e-6, atol=1e-7)
-    assert meta["metrics"]["rows_trained"] == 10 * 2000
+    assert f"resuming from the checkpoint at clock {'' if clock is None else clock}" in resumed.stdout
+    return modelfile.load_model(str(tmp_path / "resumed.npz"))
+
+
+def assert_equal_to_clean(tmp_path: Path, params: dict) -> None:
+    """The same weights as the uninterrupted run saved at tmp_path/clean.npz (sync mode)."""
+    clean, _ = modelfile.load_model(str(tmp_path / "clean.npz"))
+    np.testing.assert_allclose(params["w"], clean["w"], rtol=1e-6, atol=1e-7)
 
 
 def test_resume_from_a_folder_without_a_checkpoint(tmp_path):
@@ -264,16 +269,13 @@ def test_resume_from_a_folder_without_a_checkpoint(tmp_path):
     assert r.returncode == 2 and "holds no psctl checkpoint" in r.stderr
 
 
-@pytest.mark.fault
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
-def test_killed_shard_comes_back_from_its_checkpoint_and_the_job_goes_on(tmp_path):
-    data = EXAMPLES / "seed_pytorch" / "data.csv"
-    common = ["logreg", str(data), "--label", "1", "--drop", "0", "--workers", "4", "--epochs", "100", "--mode", "sync"]
-    clean = run_psctl("train", *common, "--out", str(tmp_path / "clean.npz"))
-    assert clean.returncode == 0, clean.stderr
+def kill_a_shard_mid_run(tmp_path: Path, common: list[str], every: int, after_clock: int) -> tuple[dict, dict, dict, str]:
+    """A clean run, then the same run checkpointing every ``every`` clocks with one shard
+    killed after the checkpoint at ``after_clock``: (clean params, params, meta, output)."""
+    train_clean(tmp_path, common)
     proc, address = start_train(
-        [*common, "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "50", "--out", str(tmp_path / "m.npz")],
-        until="checkpoint at clock 200",
+        [*common, "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", str(every), "--out", str(tmp_path / "m.npz")],
+        until=f"checkpoint at clock {after_clock}",
     )
     shards = [p for p in psctl_children(address) if b"shard" in Path(f"/proc/{p}/cmdline").read_bytes()]
     os.kill(shards[1], signal.SIGKILL)
@@ -284,9 +286,32 @@ def test_killed_shard_comes_back_from_its_checkpoint_and_the_job_goes_on(tmp_pat
     assert int(recovered.split("; ")[1].split()[0]) >= 0  # "N steps replayed"
     a, _ = modelfile.load_model(str(tmp_path / "clean.npz"))
     b, meta = modelfile.load_model(str(tmp_path / "m.npz"))
+    return a, b, meta, out
+
+
+@pytest.mark.fault
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
+def test_killed_shard_comes_back_from_its_checkpoint_and_the_job_goes_on(tmp_path):
+    common = ["logreg", str(SEED), "--label", "1", "--drop", "0", "--workers", "4", "--epochs", "100", "--mode", "sync"]
+    a, b, meta, _ = kill_a_shard_mid_run(tmp_path, common, every=50, after_clock=200)
     # Sync replays the same batches from the checkpoint: the same model as without the failure.
     np.testing.assert_allclose(b["w"], a["w"], rtol=1e-5, atol=1e-7)
     assert meta["metrics"]["rows_trained"] == 100 * 2000
+
+
+@pytest.mark.fault
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
+def test_killed_shard_of_a_sparse_hashed_table_comes_back_equal(tmp_path):
+    from .test_sparse_cli import write_hashed
+
+    data = write_hashed(tmp_path / "clicks.csv", 1600, seed=1)
+    common = ["logreg", str(data), "--label", "click", "--categorical", "site,user", "--hash-bits", "32", "--workers", "2",
+              "--optimizer", "ftrl", "--lr", "1", "--epochs", "60", "--batch-size", "16", "--mode", "sync"]
+    a, b, meta, _ = kill_a_shard_mid_run(tmp_path, common, every=100, after_clock=500)
+    # The hashed rows (keys, values, FTRL's z and n) came back from the checkpoint: the same model.
+    np.testing.assert_array_equal(b["w.keys"], a["w.keys"])
+    np.testing.assert_allclose(b["w"], a["w"], rtol=1e-5, atol=1e-7)
+    assert meta["metrics"]["rows_trained"] == 60 * 1600
 
 
 @pytest.mark.fault
@@ -314,36 +339,6 @@ def test_psctl_server_restarts_a_lost_shard_and_the_job_recovers(tmp_path):
     assert "starting another" in out and "a new shard is at" in out
 
 
-@pytest.mark.fault
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
-def test_killed_shard_of_a_sparse_hashed_table_comes_back_equal(tmp_path):
-    from .test_sparse_cli import write_hashed
-
-    data = write_hashed(tmp_path / "clicks.csv", 1600, seed=1)
-    common = ["logreg", str(data), "--label", "click", "--categorical", "site,user", "--hash-bits", "32", "--workers", "2",
-              "--optimizer", "ftrl", "--lr", "1", "--epochs", "60", "--batch-size", "16", "--mode", "sync"]
-    clean = run_psctl("train", *common, "--out", str(tmp_path / "clean.npz"))
-    assert clean.returncode == 0, clean.stderr
-    proc, address = start_train(
-        [*common, "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "100", "--out", str(tmp_path / "m.npz")],
-        until="checkpoint at clock 500",
-    )
-    shards = [p for p in psctl_children(address) if b"shard" in Path(f"/proc/{p}/cmdline").read_bytes()]
-    os.kill(shards[1], signal.SIGKILL)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    assert " recovered from clock " in out
-    a, _ = modelfile.load_model(str(tmp_path / "clean.npz"))
-    b, meta = modelfile.load_model(str(tmp_path / "m.npz"))
-    # The hashed rows (keys, values, FTRL's z and n) came back from the checkpoint: the same model.
-    np.testing.assert_array_equal(b["w.keys"], a["w.keys"])
-    np.testing.assert_allclose(b["w"], a["w"], rtol=1e-5, atol=1e-7)
-    assert meta["metrics"]["rows_trained"] == 60 * 1600
-
-
-SEED = EXAMPLES / "seed_pytorch" / "data.csv"
-
-
 def seed_args(mode: str, epochs: int, workers: int = 4) -> list[str]:
     return ["logreg", str(SEED), "--label", "1", "--drop", "0", "--workers", str(workers), "--epochs", str(epochs), "--mode", mode]
 
@@ -365,8 +360,7 @@ def stopped_clock(err: str) -> int:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
 def test_ctrl_c_saves_a_final_checkpoint_and_resume_equals_an_uninterrupted_run(tmp_path):
     common = seed_args("sync", 100)
-    clean = run_psctl("train", *common, "--out", str(tmp_path / "clean.npz"))
-    assert clean.returncode == 0, clean.stderr
+    train_clean(tmp_path, common)
     ckpt = tmp_path / "ckpt"
     # --checkpoint-dir alone: no periodic checkpoints, only the final one
     proc, address = start_train([*common, "--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "never.npz")], until="epoch 3/")
@@ -377,12 +371,8 @@ def test_ctrl_c_saves_a_final_checkpoint_and_resume_equals_an_uninterrupted_run(
     assert clock >= 3 * 16 and checkpoint.read_manifest(ckpt)["clock"] == clock
     assert "checkpoint at clock" not in out.replace(f"checkpoint at clock {clock}", "")  # no periodic ones
     assert not (tmp_path / "never.npz").exists()
-    resumed = run_psctl("train", *common, "--resume", str(ckpt), "--out", str(tmp_path / "resumed.npz"))
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming from the checkpoint at clock {clock}" in resumed.stdout
-    a, _ = modelfile.load_model(str(tmp_path / "clean.npz"))
-    b, meta = modelfile.load_model(str(tmp_path / "resumed.npz"))
-    np.testing.assert_allclose(b["w"], a["w"], rtol=1e-6, atol=1e-7)
+    b, meta = resume(tmp_path, common, ckpt, clock)
+    assert_equal_to_clean(tmp_path, b)
     assert meta["metrics"]["rows_trained"] == 100 * 2000
 
 
@@ -396,11 +386,7 @@ def test_ctrl_c_in_async_mode_stops_every_worker_at_one_clock(tmp_path):
     proc, address = start_train([*common, "--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "never.npz")], until="epoch 3/")
     _, err = interrupt(proc, address)
     assert proc.returncode == 130, err
-    clock = stopped_clock(err)
-    resumed = run_psctl("train", *common, "--resume", str(ckpt), "--out", str(tmp_path / "resumed.npz"))
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming from the checkpoint at clock {clock}" in resumed.stdout
-    _, meta = modelfile.load_model(str(tmp_path / "resumed.npz"))
+    _, meta = resume(tmp_path, common, ckpt, stopped_clock(err))
     assert meta["metrics"]["rows_trained"] == 300 * 2000
 
 
@@ -408,24 +394,15 @@ def test_ctrl_c_in_async_mode_stops_every_worker_at_one_clock(tmp_path):
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
 def test_timed_checkpoints_are_one_clock_for_all_shards(tmp_path):
     common = seed_args("sync", 60)
-    clean = run_psctl("train", *common, "--out", str(tmp_path / "clean.npz"))
-    assert clean.returncode == 0, clean.stderr
+    train_clean(tmp_path, common)
     ckpt = tmp_path / "ckpt"
     proc, address = start_train(
         [*common, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "0.2s", "--out", str(tmp_path / "never.npz")],
         until="checkpoint at clock",
     )
-    children = psctl_children(address)
-    proc.kill()
-    for pid in children:
-        os.kill(pid, signal.SIGKILL)
-    proc.communicate(timeout=10)
-    assert wait_gone(address) == []
-    resumed = run_psctl("train", *common, "--resume", str(ckpt), "--out", str(tmp_path / "resumed.npz"))
-    assert resumed.returncode == 0, resumed.stderr
-    a, _ = modelfile.load_model(str(tmp_path / "clean.npz"))
-    b, meta = modelfile.load_model(str(tmp_path / "resumed.npz"))
-    np.testing.assert_allclose(b["w"], a["w"], rtol=1e-6, atol=1e-7)
+    kill_everything(proc, address)
+    b, meta = resume(tmp_path, common, ckpt)
+    assert_equal_to_clean(tmp_path, b)
     assert meta["metrics"]["rows_trained"] == 60 * 2000
 
 
