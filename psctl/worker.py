@@ -14,15 +14,15 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from psctl import data, formats, net, ratings, vocab
 from psctl.client import ShardClient
-from psctl.errors import DataError, JobError, PsctlError
+from psctl.errors import ConnectError, DataError, JobError, PsctlError
 from psctl.models.base import Model, batch_sums, classes_for, encode_targets, model_class
 from psctl.wire import Message, MsgType
 
@@ -30,6 +30,9 @@ log = logging.getLogger("psctl.worker")
 
 PROGRESS_INTERVAL_S = 0.25
 REWIND_TIMEOUT_S = 60.0
+RECONNECT_TRIES = 7  # 0.1 s doubling: about 6 s in all
+RECONNECT_FIRST_DELAY_S = 0.1
+T = TypeVar("T")
 
 
 def batch_indices(
@@ -189,6 +192,20 @@ def split_validation(labels: np.ndarray, fraction: float, seed: int, partition: 
     """A partition's (train, held-out) row indices: stratified by label for classifiers."""
     key = labels if stratify else np.zeros(len(labels), dtype=np.int8)
     return data.stratified_split(key, fraction, seed * 1_000_003 + partition)
+
+
+async def _with_backoff(attempt: Callable[[], Awaitable[T]], check: Callable[[], None], tries: int = RECONNECT_TRIES) -> T:
+    """``attempt()`` again after a connection failure, waiting 0.1 s, 0.2 s, 0.4 s ... in between
+    (a shard that was just started again may not take connections yet); ``check`` may give up."""
+    for n in range(tries):
+        try:
+            return await attempt()
+        except (ConnectError, net.ConnectionLost):
+            if n == tries - 1:
+                raise
+            check()
+            await asyncio.sleep(RECONNECT_FIRST_DELAY_S * 2**n)
+    raise AssertionError("unreachable")
 
 
 def _jsonable(stats: dict[str, Any]) -> dict[str, Any]:
@@ -358,7 +375,7 @@ class Worker:
                     log.warning("worker %d: %s; waiting for the shards to recover", worker_id, exc)
                     rewind = await self.control.next_rewind(REWIND_TIMEOUT_S)
                     client.close()
-                    client = await connect_shards(rewind["shards"], rewind["ranges"])
+                    client = await _with_backoff(lambda: connect_shards(rewind["shards"], rewind["ranges"]), self._check_abort)
                     start_clock = int(rewind["clock"])
             trained_bytes = {"bytes_pulled": client.bytes_pulled, "bytes_pushed": client.bytes_pushed}
             await client.leave()

@@ -50,3 +50,31 @@ async def test_resume_with_a_bad_clock_is_refused():
     control = _ControlService()
     with pytest.raises(RequestError, match="until"):
         control.handle(None, Message(MsgType.RESUME, {"until": "soon"}))  # type: ignore[arg-type]
+
+
+async def test_reconnect_after_a_rewind_retries_with_backoff(monkeypatch):
+    from psctl import worker
+    from psctl.errors import ConnectError, JobError
+
+    monkeypatch.setattr(worker, "RECONNECT_FIRST_DELAY_S", 0.0)
+    calls = []
+
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectError("the shard does not take connections yet")
+        return "connected"
+
+    assert await worker._with_backoff(flaky, lambda: None) == "connected" and len(calls) == 3
+
+    async def never() -> str:
+        raise ConnectError("down")
+
+    with pytest.raises(ConnectError):
+        await worker._with_backoff(never, lambda: None, tries=3)
+
+    def stopped() -> None:
+        raise JobError("job stopped: aborted")
+
+    with pytest.raises(JobError):  # an abort ends the retries
+        await worker._with_backoff(never, stopped)
