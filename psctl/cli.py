@@ -728,12 +728,12 @@ def _status_view(body: dict[str, Any], address: str) -> Any:
     from rich.console import Group
 
     shards = Table(title=f"psctl server {address}: shards")
-    for col in ("shard", "address", "pid", "keys", "bytes", "updates/s", "samples", "last checkpoint"):
+    for col in ("shard", "address", "pid", "clock", "keys", "bytes", "updates/s", "samples", "last checkpoint"):
         shards.add_column(col, justify="right" if col not in ("address",) else "left")
     for s in body["shards"]:
         saved = s.get("last_checkpoint")
         shards.add_row(
-            str(s["shard_id"]), s["address"], str(s["pid"]), str(s.get("keys", "-")), _bytes(s.get("bytes")),
+            str(s["shard_id"]), s["address"], str(s["pid"]), str(s.get("clock", "-")), str(s.get("keys", "-")), _bytes(s.get("bytes")),
             f"{s['updates_s']:.1f}" if "updates_s" in s else "-", str(s.get("samples", "-")),
             "-" if saved is None else f"clock {saved}",
         )

@@ -753,7 +753,8 @@ class CoordinatorService:
         shards = []
         for s, reply in zip(self.shards, replies):
             figures = reply.body if isinstance(reply, Message) else {"error": str(reply)}
-            shards.append({**figures, "shard_id": s.shard_id, "address": s.address, "pid": s.pid, "state": "up"})
+            host = s.address.rsplit(":", 1)[0]
+            shards.append({**figures, "shard_id": s.shard_id, "address": s.address, "host": host, "pid": s.pid, "state": "up"})
         body: dict[str, Any] = {"shards": shards, "job": None}
         if self.job is not None:
             job = self.job

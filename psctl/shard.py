@@ -228,6 +228,7 @@ class ShardState:
             "updates": self.updates,
             "pushes": self.pushes,
             "samples": self.samples,
+            "clock": self.gate.min_clock(),  # the slowest live worker's: every clock below it is applied (sync)
             "clocks": {str(w): c for w, c in self.gate.clocks.items()},
             "waiting_pulls": self.gate.waiting(),
             "updates_s": self.updates / max(time.monotonic() - self.started_s, 1e-9),

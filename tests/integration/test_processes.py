@@ -195,6 +195,7 @@ def test_status_reports_shards_and_workers(tmp_path):
         assert [s["shard_id"] for s in body["shards"]] == [0, 1]
         assert all(s["keys"] > 0 and s["pid"] > 0 and s["state"] == "up" for s in body["shards"])
         assert all(s["last_checkpoint"] >= 50 for s in body["shards"]) and body["job"]["last_checkpoint"] >= 50
+        assert all(s["host"] == "127.0.0.1" and s["clock"] >= 50 for s in body["shards"])
         job = body["job"]
         assert job["mode"] == "sync" and job["state"] == "running"
         assert {w["state"] for w in job["workers"]} == {"running"}
