@@ -617,8 +617,8 @@ class CoordinatorService:
     async def _offer_replacement(self, job: Job, lost: WorkerSlot, spare: WorkerSlot) -> None:
         """Take the lost worker out of every gate, then let a worker take its partition at
         the clock the shards acknowledged, so no row of it is skipped: a new worker that
-        registers (psctl train restarts local ones), or else, after a grace of the job's
-        failure timeout, a surviving worker (it trains the partition alongside its own)."""
+        registers (psctl train restarts local ones), or else, after the job's
+        ``takeover_after_s``, a surviving worker (it trains the partition alongside its own)."""
         clocks = [0]  # before the tables exist nothing was pushed
         if job.ranges:
             body = {"job_id": job.job_id, "worker_id": lost.worker_id}
@@ -634,7 +634,7 @@ class CoordinatorService:
         spare.state = "spare"
         log.info("job %s: worker %d may replace worker %d from clock %d", job.job_id, spare.worker_id, lost.worker_id, spare.start_clock)
         self._changed_soon()
-        grace_s = float(job.spec.get("failure_timeout_s", DEFAULT_FAILURE_TIMEOUT_S))
+        grace_s = float(job.spec.get("takeover_after_s", job.spec.get("failure_timeout_s", DEFAULT_FAILURE_TIMEOUT_S)))
         while True:
             await asyncio.sleep(grace_s)
             if job is not self.job or job.state != "running" or spare.state != "spare" or spare.peer is not None:
@@ -650,6 +650,7 @@ class CoordinatorService:
             pick.peer.info["takeovers"] = pick.peer.info.get("takeovers", 0) + 1
             log.info("job %s: asking worker %d to take over partition %d", job.job_id, pick.worker_id, spare.partition)
             pick.peer.notify(MsgType.EVENT, {"kind": "take_over", "job_id": job.job_id, "partition": spare.partition})
+            grace_s = float(job.spec.get("failure_timeout_s", DEFAULT_FAILURE_TIMEOUT_S))  # if it does not come, ask another
 
     async def _stats(self, peer: net.Peer, msg: Message) -> Message:
         job, slot = self._job_of(peer)

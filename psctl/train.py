@@ -200,6 +200,9 @@ def build_spec(cfg: TrainConfig, source: formats.Source, partitions: list[data.P
         ),
         "heartbeat_interval_s": cfg.heartbeat_interval_s,
         "failure_timeout_s": cfg.failure_timeout_s,
+        # How long a lost worker's partition waits for a new worker before a survivor takes
+        # it over: long enough for this driver's restart to register, if it will restart one.
+        "takeover_after_s": cfg.failure_timeout_s if cfg.max_restarts > 0 and (cfg.local_workers is None or cfg.local_workers > 0) else 0.0,
         "validation": None,
     }
 

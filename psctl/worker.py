@@ -304,6 +304,15 @@ class Worker:
             raise JobError(f"job stopped: {self.control.abort_reason}")
 
     async def _job(self, coord: net.Peer, reg: dict[str, Any]) -> dict[str, Any]:
+        # Heartbeats from the moment the slot is ours: reading the data and waiting for the
+        # other workers' statistics can take longer than the failure timeout.
+        beat = asyncio.ensure_future(self._heartbeat(coord, float(reg["spec"].get("heartbeat_interval_s", 0.5))))
+        try:
+            return await self._work(coord, reg)
+        finally:
+            beat.cancel()
+
+    async def _work(self, coord: net.Peer, reg: dict[str, Any]) -> dict[str, Any]:
         spec = reg["spec"]
         worker_id = int(reg["worker_id"])
         self.control.stop_requested = self.control.stop_requested or bool(reg.get("stop"))
@@ -338,8 +347,9 @@ class Worker:
         self._check_abort()
         stats = await asyncio.to_thread(vocab.attach, reply.body, reply.arrays)
         classes = classes_for(model_cls.task, stats["labels"], model_cls.kind)
-        prep = prepare(raw_X, labels, classes, stats, spec, model_cls.task)
-        val = prepare(*val_raw, classes, stats, spec, model_cls.task) if val_raw is not None else None
+        # Off the event loop (a large partition takes seconds to scale), so heartbeats go on.
+        prep = await asyncio.to_thread(prepare, raw_X, labels, classes, stats, spec, model_cls.task)
+        val = await asyncio.to_thread(prepare, *val_raw, classes, stats, spec, model_cls.task) if val_raw is not None else None
         model = model_cls(
             prep.n_features,
             classes,
@@ -348,7 +358,6 @@ class Worker:
             **model_cls.data_params(stats),
         )
 
-        beat = asyncio.ensure_future(self._heartbeat(coord, float(spec.get("heartbeat_interval_s", 0.5))))
         async def connect_shards(shards: list[str], ranges: dict[str, Any]) -> ShardClient:
             return await ShardClient.connect(
                 shards,
@@ -393,7 +402,6 @@ class Worker:
             coord.notify(MsgType.FINAL_REPORT, report)
             return report
         finally:
-            beat.cancel()
             client.close()
 
     async def _train(

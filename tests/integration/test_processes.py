@@ -120,8 +120,11 @@ def test_server_with_an_external_worker_and_clean_stop(tmp_path):
 
 
 def train_args(data: Path, mode: str, out: Path) -> list[str]:
+    # A decaying step: with a constant one, async SGD ends anywhere in a band about a point
+    # wide from run to run (measured: 0.796-0.807 train accuracy here), fault or not, which
+    # would make "within one point of the fault-free run" a coin toss; with it, 0.804-0.806.
     return ["logreg", str(data), "--label", "1", "--drop", "0", "--workers", "4", "--mode", mode, "--staleness", "1",
-            "--epochs", "40", "--out", str(out)]
+            "--epochs", "40", "--lr-decay", "0.01", "--out", str(out)]
 
 
 @pytest.mark.fault
@@ -130,11 +133,11 @@ def train_args(data: Path, mode: str, out: Path) -> list[str]:
 @pytest.mark.parametrize("by", ["new process", "survivor"])
 def test_killed_worker_is_replaced_and_every_row_is_used(tmp_path, mode, by):
     # by a survivor: --max-restarts 0 starts no new process (as with workers on other hosts and
-    # none to spare); after the failure timeout a surviving worker trains the partition next to its own.
+    # none to spare), so a surviving worker trains the partition next to its own at once.
     data = EXAMPLES / "seed_pytorch" / "data.csv"
     clean = run_psctl("train", *train_args(data, mode, tmp_path / "clean.npz"))
     assert clean.returncode == 0, clean.stderr
-    extra = [] if by == "new process" else ["--max-restarts", "0", "--failure-timeout-s", "1", "--heartbeat-interval-s", "0.2"]
+    extra = [] if by == "new process" else ["--max-restarts", "0"]
     proc, address = start_train([*train_args(data, mode, tmp_path / "m.npz"), *extra], until="epoch 2/")
     os.kill(worker_pids(address)[0], signal.SIGKILL)
     out, err = proc.communicate(timeout=60)
