@@ -82,6 +82,7 @@ class WorkerSlot:
     host: str | None = None
     clock: int = 0  # as last reported by its heartbeat
     samples_s: float = 0.0  # likewise
+    heartbeats: int = 0  # received so far
     partition: int = -1  # index into the job's partitions; a replacement takes its predecessor's
     start_clock: int = 0  # where a replacement resumes
 
@@ -586,6 +587,7 @@ class CoordinatorService:
         job, slot = self._job_of(peer)
         slot.clock = int(msg.body.get("clock", slot.clock))
         slot.samples_s = float(msg.body.get("samples_s", 0.0))
+        slot.heartbeats += 1
 
     def _worker_lost(self, slot: WorkerSlot, reason: str = "connection lost") -> None:
         job = self.job
@@ -775,6 +777,7 @@ class CoordinatorService:
                         "host": w.host,
                         "clock": w.clock,
                         "samples_s": w.samples_s,
+                        "heartbeats": w.heartbeats,
                         "last_heartbeat_s": now - w.peer.info.get("last_seen", now) if w.peer else None,
                     }
                     for w in job.workers

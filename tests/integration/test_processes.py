@@ -176,6 +176,42 @@ def test_stopped_worker_is_declared_dead_by_heartbeat_timeout(tmp_path):
     assert time.monotonic() - started < 60
 
 
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
+def test_a_worker_waiting_for_the_others_keeps_its_heartbeat(tmp_path):
+    """Reading data and the statistics pass wait for every worker: a slow one to join must
+    not get the early ones declared dead. Their heartbeats flow from registration on."""
+    import json
+
+    server = ServerProcess(2)
+    train = outside = None
+    try:
+        train, _ = start_train(
+            ["logreg", str(TRAIN), "--server", server.address, "--workers", "2", "--local-workers", "1",
+             "--heartbeat-interval-s", "0.1", "--failure-timeout-s", "1", "--epochs", "2", "--out", str(tmp_path / "m.npz")],
+            until="job ",
+        )
+        deadline = time.monotonic() + 30
+        while True:  # polls a condition with a deadline: worker 0 beats while the job waits for worker 1
+            body = json.loads(run_psctl("status", "--server", server.address, "--json").stdout)
+            workers = (body["job"] or {}).get("workers", [])
+            if workers and workers[0]["heartbeats"] >= 15:
+                break
+            assert time.monotonic() < deadline, body
+        assert [w["state"] for w in workers] == ["running", "waiting"]  # 1.5 s past the failure timeout, still live
+        outside = subprocess.Popen([sys.executable, "-m", "psctl", "worker", "--server", server.address],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = train.communicate(timeout=60)
+        assert train.returncode == 0, err
+        assert "workers lost" not in out
+        outside.communicate(timeout=20)
+    finally:
+        for proc in (train, outside):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=10)
+        server.stop()
+
+
 def test_status_reports_shards_and_workers(tmp_path):
     import json
 
