@@ -45,11 +45,12 @@ def new_loop(kind: str) -> asyncio.AbstractEventLoop:
 # -- servers -------------------------------------------------------------------
 
 
-class _EchoServerProtocol(asyncio.BufferedProtocol):
-    def __init__(self, max_bytes: int):
-        self.buf = bytearray(REQUEST.size + max_bytes)
+class _Buffered(asyncio.BufferedProtocol):
+    """A fixed receive buffer (header + up to max_bytes) filled in place; TCP_NODELAY."""
+
+    def __init__(self, header: struct.Struct, max_bytes: int):
+        self.buf = bytearray(header.size + max_bytes)
         self.view = memoryview(self.buf)
-        self.out = memoryview(bytearray(max_bytes))
         self.filled = 0
         self.transport: Any = None
 
@@ -59,6 +60,12 @@ class _EchoServerProtocol(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.view[self.filled :]
+
+
+class _EchoServerProtocol(_Buffered):
+    def __init__(self, max_bytes: int):
+        super().__init__(REQUEST, max_bytes)
+        self.out = memoryview(bytearray(max_bytes))
 
     def buffer_updated(self, nbytes: int) -> None:
         self.filled += nbytes
@@ -193,20 +200,10 @@ class BaselineServer:
 # -- clients --------------------------------------------------------------------
 
 
-class _EchoClientProtocol(asyncio.BufferedProtocol):
+class _EchoClientProtocol(_Buffered):
     def __init__(self, max_bytes: int):
-        self.buf = bytearray(REPLY.size + max_bytes)
-        self.view = memoryview(self.buf)
-        self.filled = 0
+        super().__init__(REPLY, max_bytes)
         self.waiter: asyncio.Future[int] | None = None
-        self.transport: Any = None
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.view[self.filled :]
 
     def buffer_updated(self, nbytes: int) -> None:
         self.filled += nbytes

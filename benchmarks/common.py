@@ -128,37 +128,55 @@ def step_rate(step: Callable[[int], Awaitable[Any]]) -> Rate:
                 return n, elapsed
 
     return run
+
+
 Sampler = Callable[[float], Awaitable[list[float]]]  # run for ~seconds -> one duration (s) per op
 
 
-async def interleave_rates(contenders: dict[str, Rate], rounds: int, round_s: float) -> dict[str, list[float]]:
-    """Iterations/s of each contender, measured in alternating rounds so drift hits all alike.
+def call_samples(call: Callable[[], Awaitable[Any]]) -> Sampler:
+    """A Sampler that times each ``await call()`` until the duration is up."""
+
+    async def run(duration_s: float) -> list[float]:
+        out = []
+        clock = time.perf_counter
+        end = clock() + duration_s
+        while True:
+            t0 = clock()
+            await call()
+            t1 = clock()
+            out.append(t1 - t0)
+            if t1 >= end:
+                return out
+
+    return run
+
+
+async def _interleave(contenders: dict[str, Callable[[float], Awaitable[Any]]], rounds: int, round_s: float) -> dict[str, list[Any]]:
+    """Each contender's result of every round, in alternating rounds so drift hits all alike.
 
     Each contender first runs a short warm-up round that is not counted.
     """
     names = list(contenders)
     for name in names:
         await contenders[name](min(round_s, 0.1))
-    rates: dict[str, list[float]] = {name: [] for name in names}
+    results: dict[str, list[Any]] = {name: [] for name in names}
     for r in range(rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            n, elapsed = await contenders[name](round_s)
-            rates[name].append(n / elapsed)
-    return rates
+            results[name].append(await contenders[name](round_s))
+    return results
+
+
+async def interleave_rates(contenders: dict[str, Rate], rounds: int, round_s: float) -> dict[str, list[float]]:
+    """Iterations/s of each contender, one figure per round (see _interleave)."""
+    rounds_done = await _interleave(contenders, rounds, round_s)
+    return {name: [n / elapsed for n, elapsed in done] for name, done in rounds_done.items()}
 
 
 async def interleave_samples(contenders: dict[str, Sampler], rounds: int, round_s: float) -> dict[str, list[float]]:
-    """Per-operation durations of each contender, pooled over alternating rounds."""
-    names = list(contenders)
-    for name in names:
-        await contenders[name](min(round_s, 0.1))
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            samples[name] += await contenders[name](round_s)
-    return samples
+    """Per-operation durations of each contender, pooled over the rounds (see _interleave)."""
+    rounds_done = await _interleave(contenders, rounds, round_s)
+    return {name: [d for done in per_round for d in done] for name, per_round in rounds_done.items()}
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -7,7 +7,6 @@ with the same array. The baselines move exactly the bytes of those two frames.
 from __future__ import annotations
 
 import asyncio
-import time
 from contextlib import ExitStack
 
 import numpy as np
@@ -20,7 +19,7 @@ from benchmarks.baseline import (
     blocking_samples,
     new_loop,
 )
-from benchmarks.common import Sampler, Settings, SectionResult, Table, interleave_samples, percentile, ratio
+from benchmarks.common import Sampler, Settings, SectionResult, Table, call_samples, interleave_samples, percentile, ratio
 from benchmarks.harness import BenchCluster
 from psctl import net
 from psctl.wire import Flag, Message, MsgType, encode_bytes
@@ -43,36 +42,11 @@ def ping_sizes() -> tuple[int, int]:
 
 def psctl_sampler(peer: net.Peer) -> Sampler:
     payload = np.zeros(PAYLOAD_BYTES, np.uint8)
-
-    async def run(duration_s: float) -> list[float]:
-        out = []
-        clock = time.perf_counter
-        end = clock() + duration_s
-        while True:
-            t0 = clock()
-            await peer.request(MsgType.PING, {}, [payload])
-            t1 = clock()
-            out.append(t1 - t0)
-            if t1 >= end:
-                return out
-
-    return run
+    return call_samples(lambda: peer.request(MsgType.PING, {}, [payload]))
 
 
 def async_client_sampler(client: ProtocolClient | StreamsClient, n_in: int, n_out: int) -> Sampler:
-    async def run(duration_s: float) -> list[float]:
-        out = []
-        clock = time.perf_counter
-        end = clock() + duration_s
-        while True:
-            t0 = clock()
-            await client.call(n_in, n_out)
-            t1 = clock()
-            out.append(t1 - t0)
-            if t1 >= end:
-                return out
-
-    return run
+    return call_samples(lambda: client.call(n_in, n_out))
 
 
 def blocking_sampler(client: BlockingClient, n_in: int, n_out: int) -> Sampler:

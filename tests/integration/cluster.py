@@ -44,12 +44,15 @@ class ServerProcess:
 
 
 async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout_s: float = 10, what: str = "condition") -> None:
-    """Poll an async predicate until it holds; fail after the deadline."""
+    """Ask a remote process until ``predicate`` holds; fail after the deadline.
+
+    The predicate asks over the network (a STATUS round trip): that answer is the
+    wait between tries, so a predicate that does no I/O does not belong here.
+    """
     deadline = time.monotonic() + timeout_s
     while not await predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def equals(value: Awaitable[Any], expected: Any) -> bool:

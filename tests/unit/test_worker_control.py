@@ -11,13 +11,13 @@ pytestmark = pytest.mark.timeout(10)
 
 
 async def held(control: _ControlService, clock: int) -> bool:
-    """Whether a step at ``clock`` is held (it has not started after the loop ran everything ready)."""
-    step = asyncio.ensure_future(control.wait_turn(clock))
-    for _ in range(3):
-        await asyncio.sleep(0)  # let ready callbacks run; not a timing wait
-    if step.done():
+    """Whether a step at ``clock`` is held: wait_turn suspends (on its event) instead of returning."""
+    turn = control.wait_turn(clock)
+    try:
+        turn.send(None)
+    except StopIteration:
         return False
-    step.cancel()
+    turn.close()
     return True
 
 
