@@ -12,11 +12,27 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.baseline import BaselineServer, BlockingClient, ProtocolClient, blocking_rate
-from benchmarks.common import Rate, step_rate, Settings, SectionResult, Table, count_label, interleave_rates, median, ratio, size_label
+from benchmarks.baseline import (
+    BaselineServer,
+    BlockingClient,
+    ProtocolClient,
+    blocking_rate,
+)
+from benchmarks.common import (
+    Rate,
+    SectionResult,
+    Settings,
+    Table,
+    count_label,
+    interleave_rates,
+    median,
+    ratio,
+    size_label,
+    step_rate,
+)
 from benchmarks.harness import BenchCluster, bench_spec
-from psctl.client import ShardClient
-from psctl.wire import Flag, Message, MsgType, encode
+from psctl.cluster.client import ShardClient
+from psctl.protocol.wire import Flag, Message, MsgType, encode
 
 FULL_SIZES = [1 << 10, 1 << 14, 1 << 18, 1 << 20, 1 << 22, 1 << 24]
 QUICK_SIZES = [1 << 10, 1 << 20]

@@ -2,7 +2,7 @@
 
 The coordinator runs in this process (LocalCluster), the shards are child
 processes, and this process submits a one-table job as a driver and then plays
-its one worker through :class:`psctl.client.ShardClient`, as the integration
+its one worker through :class:`psctl.cluster.client.ShardClient`, as the integration
 tests do with ``bare_spec``.
 """
 
@@ -15,9 +15,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from psctl import net
-from psctl.client import ShardClient
-from psctl.launch import LocalCluster
-from psctl.wire import DEFAULT_MAX_FRAME_BYTES, Message, MsgType
+from psctl.cluster.client import ShardClient
+from psctl.cluster.launch import LocalCluster
+from psctl.protocol.wire import DEFAULT_MAX_FRAME_BYTES, Message, MsgType
 
 JOB_END_TIMEOUT_S = 10.0
 

@@ -19,10 +19,19 @@ from benchmarks.baseline import (
     blocking_samples,
     new_loop,
 )
-from benchmarks.common import Sampler, Settings, SectionResult, Table, call_samples, interleave_samples, percentile, ratio
+from benchmarks.common import (
+    Sampler,
+    SectionResult,
+    Settings,
+    Table,
+    call_samples,
+    interleave_samples,
+    percentile,
+    ratio,
+)
 from benchmarks.harness import BenchCluster
 from psctl import net
-from psctl.wire import Flag, Message, MsgType, encode_bytes
+from psctl.protocol.wire import Flag, Message, MsgType, encode_bytes
 
 PAYLOAD_BYTES = 64
 PSCTL = "psctl Peer (PING to a shard)"

@@ -13,9 +13,21 @@ from contextlib import ExitStack
 
 import numpy as np
 
+from benchmarks.baseline import (
+    BaselineServer,
+    BlockingClient,
+    ProtocolClient,
+    StreamsClient,
+)
+from benchmarks.common import (
+    SectionResult,
+    Settings,
+    Table,
+    interleave_rates,
+    median,
+    size_label,
+)
 from benchmarks.dense import protocol_rate, threaded_blocking_rate
-from benchmarks.baseline import BaselineServer, BlockingClient, ProtocolClient, StreamsClient, blocking_rate
-from benchmarks.common import Settings, SectionResult, Table, interleave_rates, median, size_label
 
 FULL_SIZES = [1 << 20, 4 << 20, 16 << 20]
 QUICK_SIZES = [4 << 20]

@@ -2,7 +2,7 @@
 
     python benchmarks/mf_movielens.py [--data PATH] [--modes sync,ssp] [--workdir DIR]
 
-1. Split: a uniformly random 20% of the ratings (psctl.ratings.random_split,
+1. Split: a uniformly random 20% of the ratings (psctl.data.ratings.random_split,
    seed 42) is the test set; train.csv and test.csv are written to --workdir
    line for line. The MovieLens file itself stays in ../shared/data (its
    license forbids redistribution): this script reads it, the repo never holds it.
@@ -41,8 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from psctl import metrics, modelfile, ratings  # noqa: E402
-from psctl.recommend import load_mf, predict_ratings  # noqa: E402
-from psctl.tables import shard_ranges  # noqa: E402
+from psctl.apps.recommend import load_mf, predict_ratings  # noqa: E402
+from psctl.core.tables import shard_ranges  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "movielens-ml-latest-small" / "ratings.csv"
 LR = {"sync": 60.0, "ssp": 7.5, "async": 7.5}

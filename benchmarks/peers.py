@@ -26,7 +26,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks.common import Settings, SectionResult, Table, child_env, python
+from benchmarks.common import SectionResult, Settings, Table, child_env, python
 
 ROWS = 1 << 20  # 4 MiB of float32
 PEER_TIMEOUT_S = 120.0

@@ -81,7 +81,7 @@ def _short(frame: str) -> str:
 
 
 async def dense_or_small(kind: str, seconds: float, out_dir: Path, native: bool, top: int) -> str:
-    from psctl.wire import MsgType
+    from psctl.protocol.wire import MsgType
 
     report = []
     async with BenchCluster(1) as cluster:
@@ -143,8 +143,8 @@ async def train_8w(seconds: float, out_dir: Path, native: bool, top: int) -> str
     """8 async workers on 1M x 100: py-spy on a worker, a shard and this process; CPU time of every process."""
     from benchmarks.training import write_csv
     from psctl import net
-    from psctl.train import TrainConfig, train
-    from psctl.wire import MsgType
+    from psctl.apps.train import TrainConfig, train
+    from psctl.protocol.wire import MsgType
 
     path = write_csv(out_dir / "train.csv", 1_000_000)
     events: list[tuple[float, dict[str, Any]]] = []

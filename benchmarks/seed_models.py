@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from psctl import data
+from psctl.data import csvfile
 from psctl.models import model_class
 from psctl.models.base import classes_for, encode_targets, evaluate
 
@@ -36,8 +36,8 @@ WORKLOADS = [
 
 
 def load(path: Path, label: str | None) -> tuple[np.ndarray, np.ndarray]:
-    schema = data.read_schema(str(path), label)
-    return data.read_csv(str(path), schema)
+    schema = csvfile.read_schema(str(path), label)
+    return csvfile.read_csv(str(path), schema)
 
 
 def numpy_run(kind: str, folder: str, label: str | None, hp: dict) -> float:

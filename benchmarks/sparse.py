@@ -8,15 +8,24 @@ baselines move exactly the bytes of the psctl frames over one connection.
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from benchmarks.baseline import BaselineServer, ProtocolClient
-from benchmarks.common import Rate, SectionResult, step_rate, Settings, Table, count_label, interleave_rates, median, ratio
+from benchmarks.common import (
+    Rate,
+    SectionResult,
+    Settings,
+    Table,
+    count_label,
+    interleave_rates,
+    median,
+    ratio,
+    step_rate,
+)
 from benchmarks.dense import frame_bytes, protocol_rate
 from benchmarks.harness import BenchCluster, bench_spec
-from psctl.client import ShardClient
-from psctl.wire import Flag, Message, MsgType
+from psctl.cluster.client import ShardClient
+from psctl.protocol.wire import Flag, Message, MsgType
 
 TABLE_ROWS = 1 << 24  # 16 M keys, 64 MiB of float32 over the shards
 FULL_KEYS = [10_000, 100_000, 1_000_000]

@@ -14,9 +14,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Clock, Settings, SectionResult, Table, child_env, median, python
+from benchmarks.common import (
+    Clock,
+    SectionResult,
+    Settings,
+    Table,
+    child_env,
+    median,
+    python,
+)
 from benchmarks.training import write_csv
-from psctl.train import TrainConfig, train
+from psctl.apps.train import TrainConfig, train
 
 WORKERS = 8
 ROWS_PER_WORKER = 64
@@ -35,7 +43,7 @@ PIECES = [
 IMPORTS = {
     "python -c pass": "pass",
     "python: import numpy": "import numpy",
-    "python: import psctl.child + psctl.worker (a worker's imports)": "import psctl.child, psctl.worker",
+    "python: import psctl.cluster.child + psctl.cluster.worker (a worker's imports)": "import psctl.cluster.child, psctl.cluster.worker",
 }
 
 

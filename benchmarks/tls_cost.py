@@ -34,9 +34,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from psctl import auth, net  # noqa: E402
-from psctl.client import ShardClient  # noqa: E402
-from psctl.launch import LocalCluster  # noqa: E402
-from psctl.wire import MsgType  # noqa: E402
+from psctl.cluster.client import ShardClient  # noqa: E402
+from psctl.cluster.launch import LocalCluster  # noqa: E402
+from psctl.protocol.wire import MsgType  # noqa: E402
 from tests.certs import self_signed_cert  # noqa: E402
 from tests.integration.cluster import IgnoreEvents  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Section train: logistic regression through ``psctl.train.train`` next to single-process numpy SGD.
+"""Section train: logistic regression through ``psctl.apps.train.train`` next to single-process numpy SGD.
 
 The data is synthetic (a known linear rule plus noise) and written once as CSV
 into the run's temp folder. CSV parsing is excluded from samples/s: the clock
@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import Clock, Settings, SectionResult, Table, median, ratio
-from psctl import data
+from benchmarks.common import Clock, SectionResult, Settings, Table, median, ratio
+from psctl.apps.train import TrainConfig, train
+from psctl.data import csvfile
 from psctl.models import logreg
-from psctl.train import TrainConfig, train
 
 BATCH_SIZE = 1000
 LR = 0.1
@@ -102,11 +102,11 @@ def numpy_sgd(X: np.ndarray, y: np.ndarray, epochs: int, batch_size: int, lr: fl
 
 def load_standardized(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """The rows as psctl's workers see them: standardized with the global mean/std, float32, labels 0/1."""
-    schema = data.read_schema(str(path), None, (), True)
-    X, labels = data.read_csv(str(path), schema)
-    mean, std = data.merge_stats([data.partial_stats(X)])
-    classes = data.binary_classes(sorted(set(labels.tolist())))
-    y = data.encode_labels(labels, classes)
+    schema = csvfile.read_schema(str(path), None, (), True)
+    X, labels = csvfile.read_csv(str(path), schema)
+    mean, std = csvfile.merge_stats([csvfile.partial_stats(X)])
+    classes = csvfile.binary_classes(sorted(set(labels.tolist())))
+    y = csvfile.encode_labels(labels, classes)
     return ((X - mean) / std).astype(np.float32), y.astype(np.float32)
 
 

@@ -10,7 +10,7 @@ import asyncio
 
 import numpy as np
 
-from psctl.api import Job, KVWorker, LocalServer, TableSpec
+from psctl.apps.api import Job, KVWorker, LocalServer, TableSpec
 
 TRUE_W = np.array([2.0, -1.0, 0.5, 3.0, 0.0])
 STEPS = 300

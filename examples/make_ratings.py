@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from psctl.ratings import random_split
+from psctl.data.ratings import random_split
 
 HERE = Path(__file__).resolve().parent / "ratings"
 USERS, ITEMS, RANK = 300, 250, 3

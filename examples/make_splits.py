@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from psctl.data import stratified_split
+from psctl.data.csvfile import stratified_split
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_SOURCE = HERE.parent.parent / "shared" / "data" / "sklearn-toy"

@@ -1,3 +1,3 @@
-from psctl.cli import main
+from psctl.cli.main import main
 
 main()

@@ -45,3 +45,13 @@ class Interrupted(PsctlError):
     """The person stopped the command (Ctrl-C or SIGTERM); the message says what was kept."""
 
     exit_code = 130
+
+
+class RequestError(Exception):
+    """A request is refused: a service turns it into an ERROR reply (``code`` on the wire); the connection stays open.
+
+    Pure code (tables, shard state, the coordinator core) raises it too: it names no transport."""
+
+    def __init__(self, message: str, code: str = "bad_request"):
+        super().__init__(message)
+        self.code = code

@@ -19,17 +19,17 @@ never change.
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
-from psctl import data, metrics
+from psctl.core.sparse import SparseRows
+from psctl.core.tables import TableSpec
+from psctl.data import csvfile
 from psctl.errors import DataError, PsctlError
-from psctl.sparse import SparseRows
-from psctl.tables import TableSpec
+from psctl.models import metrics
 
 TASKS = ("binary", "classes", "regression")
 
@@ -77,7 +77,7 @@ class LinearModel(Model):
 
     With ``sparse=True`` (set by the driver for LIBSVM and hashed input) the table
     is sparse (hash-routed, rows created on first touch), batches are
-    :class:`~psctl.sparse.SparseRows`, and each batch pulls only its unique
+    :class:`~psctl.core.sparse.SparseRows`, and each batch pulls only its unique
     feature keys plus the bias key ``n_features``. The dense loss code runs on
     those rows unchanged: ``X @ w[:-1]`` and ``X.T @ err`` work on SparseRows.
     L2 then applies to the keys a batch touches (lazy regularization).
@@ -103,11 +103,11 @@ def classes_for(task: str, distinct: Sequence[str], kind: str = "model") -> list
     """The class list a task derives from the distinct label values of the whole data."""
     if task == "binary":
         try:
-            return list(data.binary_classes(distinct))
+            return list(csvfile.binary_classes(distinct))
         except DataError as exc:
             raise DataError(str(exc).replace("logreg", kind)) from None
     if task == "classes":
-        values = sorted({data.normalize_label(v) for v in distinct}, key=_label_order)
+        values = sorted({csvfile.normalize_label(v) for v in distinct}, key=_label_order)
         if len(values) < 2:
             raise DataError(f"{kind} needs at least two label values; found {len(values)}")
         return values
@@ -125,9 +125,9 @@ def _label_order(value: str) -> tuple[int, float, str]:
 def encode_targets(task: str, labels: np.ndarray, classes: Sequence[str]) -> np.ndarray:
     """Labels as the numbers a model trains on: 0/1, a class index, or the value itself."""
     if task == "binary":
-        return data.encode_labels(labels, classes)
+        return csvfile.encode_labels(labels, classes)
     if task == "classes":
-        return data.encode_labels(labels, classes).astype(np.int64)
+        return csvfile.encode_labels(labels, classes).astype(np.int64)
     try:
         y = labels.astype(np.float64)
     except ValueError:
@@ -180,25 +180,3 @@ def evaluate(task: str, y: np.ndarray, outputs: np.ndarray, n_classes: int) -> d
         out["roc_auc"] = metrics.roc_auc(y, outputs)
     out["confusion"] = metrics.confusion_matrix(y, pred, n_classes)
     return out
-
-
-# -- the registry -------------------------------------------------------------------
-def model_class(kind: str) -> type[Model]:
-    """A built-in model by name, or a user's class given as 'package.module:Class'."""
-    from psctl.models import MODELS
-
-    if ":" in kind:
-        module_name, _, attr = kind.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise PsctlError(f"cannot load model class '{kind}': {exc}") from None
-        if not (isinstance(cls, type) and issubclass(cls, Model)):
-            raise PsctlError(f"'{kind}' is not a psctl.models.Model subclass")
-        if cls.task not in TASKS:
-            raise PsctlError(f"model class '{kind}' has task {cls.task!r}; use one of {', '.join(TASKS)}")
-        return cls
-    try:
-        return MODELS[kind]
-    except KeyError:
-        raise PsctlError(f"unknown model '{kind}'; known models: {', '.join(sorted(MODELS))}") from None

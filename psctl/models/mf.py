@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from psctl import ratings
+from psctl.core.tables import TableSpec
+from psctl.data import ratings
 from psctl.errors import PsctlError
 from psctl.models.base import Model
-from psctl.tables import TableSpec
 
 TABLES = ("user_factors", "item_factors", "user_bias", "item_bias")
 

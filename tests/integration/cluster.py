@@ -14,8 +14,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from psctl import auth, net
-from psctl.wire import NEED_DATA, FrameParser, Message, MsgType, encode_bytes
+from psctl import net
+from psctl.protocol import handshake
+from psctl.protocol.wire import NEED_DATA, FrameParser, Message, MsgType, encode_bytes
 
 
 class ServerProcess:
@@ -140,11 +141,11 @@ class RawClient:
         return frames
 
     async def authenticate(self, secret: bytes) -> None:
-        handshake = auth.ClientHandshake(secret)
-        self.send(Message(MsgType.AUTH_HELLO, handshake.hello(), req_id=1))
+        hs = handshake.ClientHandshake(secret)
+        self.send(Message(MsgType.AUTH_HELLO, hs.hello(), req_id=1))
         challenge = await self.frame()
         assert challenge is not None and challenge.type is MsgType.AUTH_HELLO, challenge
-        self.send(Message(MsgType.AUTH_PROOF, handshake.on_challenge(challenge.body), req_id=2))
+        self.send(Message(MsgType.AUTH_PROOF, hs.on_challenge(challenge.body), req_id=2))
         ok = await self.frame()
         assert ok is not None and ok.type is MsgType.AUTH_PROOF and ok.is_reply, ok
 

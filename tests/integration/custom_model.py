@@ -6,8 +6,8 @@ mean of y, with squared loss. Loaded by 'psctl train tests.integration.custom_mo
 
 import numpy as np
 
+from psctl.core.tables import TableSpec
 from psctl.models import Model
-from psctl.tables import TableSpec
 
 
 class MeanModel(Model):

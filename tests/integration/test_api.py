@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from psctl.api import Job, KVWorker, LocalServer, TableSpec
+from psctl.apps.api import Job, KVWorker, LocalServer, TableSpec
 from psctl.errors import PsctlError
 
 from ..conftest import EXAMPLES, REPO

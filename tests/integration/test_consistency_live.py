@@ -7,15 +7,14 @@ so it controls exactly when each worker steps: no sleeps, only conditions.
 from __future__ import annotations
 
 import asyncio
-import socket
 from contextlib import asynccontextmanager
 
 import numpy as np
 import pytest
 
 from psctl import net
-from psctl.client import ShardClient
-from psctl.wire import HEADER, MsgType
+from psctl.cluster.client import ShardClient
+from psctl.protocol.wire import HEADER, MsgType
 
 from .cluster import ServerProcess, bare_spec, equals, status, wait_until
 

@@ -28,9 +28,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from psctl import auth, net
-from psctl.client import ShardClient
-from psctl.wire import HEADER, NEED_DATA, Flag, FrameParser, Message, MsgType, ProtocolError, encode_bytes
+from psctl import net
+from psctl.cluster.client import ShardClient
+from psctl.protocol import handshake
+from psctl.protocol.wire import (
+    HEADER,
+    NEED_DATA,
+    Flag,
+    FrameParser,
+    Message,
+    MsgType,
+    ProtocolError,
+    encode_bytes,
+)
 
 from .cluster import IgnoreEvents, bare_spec, status, wait_until, write_secret
 
@@ -87,7 +97,7 @@ WRONG_VALUES = [None, True, False, -1, 0, 2**70, -(2**63), 1.5, -1e308, "", "w",
 
 def templates(job_id: str, rows: int) -> dict[str, list[Message]]:
     grad = np.ones(rows, np.float32)
-    nonce, proof = "ab" * auth.NONCE_BYTES, "cd" * auth.PROOF_BYTES
+    nonce, proof = "ab" * handshake.NONCE_BYTES, "cd" * handshake.PROOF_BYTES
     both = [
         Message(MsgType.STATUS), Message(MsgType.PING, {}, [grad]),
         Message(MsgType.AUTH_HELLO, {"nonce": nonce}), Message(MsgType.AUTH_PROOF, {"proof": proof}),
@@ -239,10 +249,10 @@ async def throw(plan: Plan, address: str, secret: bytes, tally: Tally) -> None:
     parser = FrameParser()
     try:
         if plan.authenticate:
-            handshake = auth.ClientHandshake(secret)
-            writer.write(encode_bytes(Message(MsgType.AUTH_HELLO, handshake.hello(), req_id=1)))
+            hs = handshake.ClientHandshake(secret)
+            writer.write(encode_bytes(Message(MsgType.AUTH_HELLO, hs.hello(), req_id=1)))
             challenge = await _next_frame(reader, parser)
-            answer = handshake.on_challenge(challenge.body)
+            answer = hs.on_challenge(challenge.body)
             writer.write(encode_bytes(Message(MsgType.AUTH_PROOF, answer, req_id=2)))
             assert (await _next_frame(reader, parser)).type is MsgType.AUTH_PROOF
         writer.write(b"".join(plan.frames))

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from psctl import data, modelfile, ratings
-from psctl.vocab import Vocab
+from psctl.data import csvfile, ratings
+from psctl.data.vocab import Vocab
+from psctl.files import modelfile
 
 from ..conftest import SHARED_DATA, run_psctl
 
@@ -148,7 +149,7 @@ def test_bad_input_gets_one_sentence(trained, tmp_path):
 @pytest.mark.skipif(not MOVIELENS.is_file(), reason=f"MovieLens ratings not found at {MOVIELENS} (kept outside the repo)")
 def test_movielens_partitions_read_every_rating():
     schema = ratings.read_schema(MOVIELENS)
-    parts = data.plan_partitions(MOVIELENS, 8)
+    parts = csvfile.plan_partitions(MOVIELENS, 8)
     read = [ratings.read_partition(MOVIELENS, schema, p) for p in parts]
     ids = np.concatenate([r[0] for r in read])
     values = np.concatenate([r[1] for r in read])

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from psctl import data, modelfile
+from psctl.data import csvfile
+from psctl.files import modelfile
 
 from ..conftest import EXAMPLES, SHARED_DATA, run_psctl
 
@@ -27,7 +28,7 @@ def digits_split(tmp_path_factory):
         pytest.skip(f"needs {DIGITS} (../shared/data is not in a user's clone)")
     header, *rows = DIGITS.read_text().splitlines()
     labels = np.array([r.split(",", 1)[0] for r in rows])
-    train, test = data.stratified_split(labels, 0.2, seed=42)
+    train, test = csvfile.stratified_split(labels, 0.2, seed=42)
     folder = tmp_path_factory.mktemp("digits")
     for name, idx in (("train", train), ("test", test)):
         (folder / f"{name}.csv").write_text("\n".join([header, *(rows[i] for i in idx)]) + "\n")

@@ -8,9 +8,10 @@ import asyncio
 import numpy as np
 import pytest
 
-from psctl import auth, net
+from psctl import net
 from psctl.errors import SecurityError
-from psctl.wire import HEADER, Message, MsgType, encode_bytes
+from psctl.protocol import handshake
+from psctl.protocol.wire import HEADER, Message, MsgType, encode_bytes
 
 from .cluster import Hangups, RawClient
 
@@ -46,12 +47,12 @@ async def test_frames_pipelined_right_behind_the_handshake_are_served():
     server, service, address = await serve(net.Security(secret=SECRET))
     try:
         raw = await RawClient.open(address)
-        handshake = auth.ClientHandshake(SECRET)
-        raw.send(Message(MsgType.AUTH_HELLO, handshake.hello(), req_id=1))
+        hs = handshake.ClientHandshake(SECRET)
+        raw.send(Message(MsgType.AUTH_HELLO, hs.hello(), req_id=1))
         challenge = await raw.frame()
         big = np.arange(100_000, dtype=np.float32)  # larger than the handshake parser takes
         raw.send(
-            Message(MsgType.AUTH_PROOF, handshake.on_challenge(challenge.body), req_id=2),
+            Message(MsgType.AUTH_PROOF, hs.on_challenge(challenge.body), req_id=2),
             Message(MsgType.PING, {}, [big], req_id=3),
         )
         assert (await raw.frame()).type is MsgType.AUTH_PROOF

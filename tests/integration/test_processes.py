@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from psctl import checkpoint, modelfile
+from psctl.files import checkpoint, modelfile
 
 from ..conftest import EXAMPLES, run_psctl
 from .cluster import ServerProcess
@@ -35,7 +35,7 @@ def psctl_children(address: str) -> list[int]:
             state = (entry / "stat").read_text().split()[2]
         except OSError:
             continue
-        if b"psctl.child" in cmd and address.encode() in cmd and state != "Z":
+        if b"psctl.cluster.child" in cmd and address.encode() in cmd and state != "Z":
             pids.append(int(entry.name))
     return pids
 

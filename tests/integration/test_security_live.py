@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from psctl import auth, net
-from psctl.client import ShardClient
+from psctl import net
+from psctl.cluster.client import ShardClient
 from psctl.errors import SecurityError
-from psctl.wire import NEED_DATA, FrameParser, Message, MsgType, encode_bytes
+from psctl.protocol import handshake
+from psctl.protocol.wire import NEED_DATA, FrameParser, Message, MsgType, encode_bytes
 
 from ..certs import self_signed_cert
 from ..conftest import EXAMPLES, run_psctl
@@ -151,11 +152,11 @@ async def test_a_wrong_secret_is_refused_by_both_sides(secured):
                 await net.connect(address, security=wrong)
             # A client that ignores that and sends a proof made with its own secret:
             raw = await RawClient.open(address)
-            handshake = auth.ClientHandshake(wrong.secret)
-            raw.send(Message(MsgType.AUTH_HELLO, handshake.hello(), req_id=1))
+            hs = handshake.ClientHandshake(wrong.secret)
+            raw.send(Message(MsgType.AUTH_HELLO, hs.hello(), req_id=1))
             challenge = await raw.frame()
-            nonce = bytes.fromhex(handshake.hello()["nonce"])
-            forged = auth.proof(wrong.secret, "client", nonce, bytes.fromhex(challenge.body["nonce"]))
+            nonce = bytes.fromhex(hs.hello()["nonce"])
+            forged = handshake.proof(wrong.secret, "client", nonce, bytes.fromhex(challenge.body["nonce"]))
             raw.send(
                 Message(MsgType.AUTH_PROOF, {"proof": forged.hex()}, req_id=2),
                 Message(MsgType.STATUS, {}, req_id=3),
@@ -187,7 +188,7 @@ async def test_a_replayed_capture_of_a_worker_session_changes_nothing(secured):
         capture = FrameParser()
         capture.receive_data(bytes(honest.sent))
         _captured_hello, *rest = iter(capture.next_event, NEED_DATA)
-        fresh = Message(MsgType.AUTH_HELLO, auth.ClientHandshake(security.secret).hello(), req_id=1)
+        fresh = Message(MsgType.AUTH_HELLO, handshake.ClientHandshake(security.secret).hello(), req_id=1)
         for replay in (bytes(honest.sent), b"".join(encode_bytes(m) for m in [fresh, *rest])):
             raw = await RawClient.open(shard)
             raw.send(replay)
@@ -253,7 +254,7 @@ def test_listening_beyond_loopback_needs_a_secret_or_insecure(tmp_path):
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the children's command lines from /proc")
 def test_the_embedded_cluster_keeps_the_secret_off_command_lines_and_environments(tmp_path):
     path, secret = write_secret(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k != auth.SECRET_ENV}
+    env = {k: v for k, v in os.environ.items() if k != handshake.SECRET_ENV}
     proc = subprocess.Popen(
         [sys.executable, "-m", "psctl", "train", "logreg", str(EXAMPLES / "breast_cancer" / "train.csv"),
          "--workers", "2", "--shards", "2", "--epochs", "100000", "--secret-file", str(path),

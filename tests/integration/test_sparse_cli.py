@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from psctl import modelfile
+from psctl.files import modelfile
 
 from ..conftest import SHARED_DATA, run_psctl
 from .test_bad_input import assert_clean_error

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from psctl import net
-from psctl.client import ShardClient
-from psctl.wire import Message, MsgType
+from psctl.cluster.client import ShardClient
+from psctl.protocol.wire import Message, MsgType
 
 from .cluster import IgnoreEvents, ServerProcess, bare_spec
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from psctl import data, modelfile
+from psctl.core.batching import batch_indices, epoch_steps
+from psctl.data import csvfile
+from psctl.files import modelfile
 from psctl.models import logreg
-from psctl.worker import batch_indices, epoch_steps
 
 from ..conftest import EXAMPLES, run_psctl, write_logreg_csv
 from .cluster import ServerProcess
@@ -42,13 +43,13 @@ def test_breast_cancer_each_mode_reaches_096(tmp_path, mode):
 
 def reference_sync_sgd(path, n_workers, batch_size, epochs, lr, l2, seed):
     """Single-process mini-batch SGD over the union of the workers' batches at each clock."""
-    schema = data.read_schema(str(path))
-    parts = data.plan_partitions(str(path), n_workers)
+    schema = csvfile.read_schema(str(path))
+    parts = csvfile.plan_partitions(str(path), n_workers)
     shards = []
     largest = max(p.n_rows for p in parts)
     for p in parts:
-        X, labels = data.read_partition(str(path), schema, p)
-        shards.append((X.astype(np.float32), data.encode_labels(labels, ("0", "1")).astype(np.float32)))
+        X, labels = csvfile.read_partition(str(path), schema, p)
+        shards.append((X.astype(np.float32), csvfile.encode_labels(labels, ("0", "1")).astype(np.float32)))
     w = np.zeros(len(schema.feature_indices) + 1, dtype=np.float32)
     batches = [
         [idx for e in range(epochs) for idx in batch_indices(len(y), batch_size, seed, i, e, largest)]
@@ -82,7 +83,7 @@ def test_sync_equals_single_process_sgd(tmp_path, rows, workers):
     assert r.returncode == 0, r.stderr
     params, _ = modelfile.load_model(str(model))
     expected, steps = reference_sync_sgd(path, workers, 16, 3, 0.3, 0.01, 9)
-    parts = data.plan_partitions(str(path), workers)
+    parts = csvfile.plan_partitions(str(path), workers)
     assert len({p.n_rows for p in parts}) > 1  # the partitions really are uneven
     np.testing.assert_allclose(params["w"], expected, rtol=1e-5, atol=1e-6)
     largest = max(p.n_rows for p in parts)

@@ -9,9 +9,10 @@ from contextlib import asynccontextmanager
 import numpy as np
 import pytest
 
-from psctl import net, vocab
-from psctl.coordinator import start_coordinator
-from psctl.wire import Message, MsgType
+from psctl import net
+from psctl.cluster.coordinator import start_coordinator
+from psctl.data import vocab
+from psctl.protocol.wire import Message, MsgType
 
 from .cluster import bare_spec
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from psctl.worker import batch_indices, epoch_steps
+from psctl.core.batching import batch_indices, epoch_steps
 
 
 @pytest.mark.parametrize(("rows", "largest", "batch"), [(100, 100, 32), (90, 100, 32), (5, 100, 32), (64, 64, 32)])

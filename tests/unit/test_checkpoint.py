@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from psctl import checkpoint
-from psctl.optim import FTRL, SGD
-from psctl.shard import ShardState
-from psctl.tables import TableSpec
+from psctl.cluster.shard import ShardState
+from psctl.core.optim import FTRL, SGD
+from psctl.core.tables import TableSpec
+from psctl.files import checkpoint
 
 
 def state() -> ShardState:
@@ -82,7 +82,7 @@ def test_sparse_table_snapshot_restores_keys_values_and_optimizer_state(tmp_path
 def test_sparse_checkpoint_of_another_shard_is_refused(tmp_path):
     s = sparse_state(0, 2)
     keys = np.arange(200, dtype=np.int64)
-    from psctl.sparse import key_owner
+    from psctl.core.sparse import key_owner
 
     mine = keys[key_owner(keys, 2) == 0]
     s.push(0, 0, {"w": (mine, np.ones((len(mine), 2), np.float32))}, 1)
@@ -92,7 +92,7 @@ def test_sparse_checkpoint_of_another_shard_is_refused(tmp_path):
 
 
 def test_checkpoint_plan_every_n_clocks_and_on_request():
-    from psctl.shard import NEVER, _Checkpoints
+    from psctl.cluster.shard import NEVER, _Checkpoints
 
     plan = _Checkpoints.plan("d", 0, every=10, start=25)
     assert plan.next_clock == 30 and not plan.due(29) and plan.due(30)

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from psctl.consistency import ClockGate, SyncAccumulator, staleness_for
-from psctl.tables import TableSpec, init_values, shard_ranges, split_keys
+from psctl.core.consistency import ClockGate, SyncAccumulator, staleness_for
+from psctl.core.tables import TableSpec, init_values, shard_ranges, split_keys
 
 
 def test_staleness_per_mode():

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from psctl import data
+from psctl.data import csvfile
 from psctl.errors import DataError
 
 
@@ -23,24 +23,24 @@ def write(tmp_path, text, name="d.csv"):
 
 def test_schema_defaults_and_drop(tmp_path):
     p = write(tmp_path, "id,x,label,y\n1,2,0,3\n")
-    s = data.read_schema(p, drop=["id"])
+    s = csvfile.read_schema(p, drop=["id"])
     assert s.label_index == 2 and s.feature_names == ("x", "y")
-    s = data.read_schema(p, label="1", drop=["0"])
+    s = csvfile.read_schema(p, label="1", drop=["0"])
     assert s.columns[s.label_index] == "x" and s.feature_names == ("label", "y")
-    s2 = data.read_schema(write(tmp_path, "a,b\n1,2\n", "n.csv"))
+    s2 = csvfile.read_schema(write(tmp_path, "a,b\n1,2\n", "n.csv"))
     assert s2.label_index == 0
-    assert data.CsvSchema.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    assert csvfile.CsvSchema.from_dict(json.loads(json.dumps(s.to_dict()))) == s
 
 
 def test_schema_name_wins_over_index_and_header_is_cleaned(tmp_path):
     p = write(tmp_path, '\ufeff"a", 2 ,b\r\n1,2,3\r\n')
-    s = data.read_schema(p, label="2")
+    s = csvfile.read_schema(p, label="2")
     assert s.columns == ("a", "2", "b") and s.label_index == 1 and s.feature_indices == (0, 2)
 
 
 def test_schema_without_header(tmp_path):
     p = write(tmp_path, "1,0.5,7\n0,0.1,8\n")
-    s = data.read_schema(p, has_header=False, drop=["2"])
+    s = csvfile.read_schema(p, has_header=False, drop=["2"])
     assert s.columns == ("0", "1", "2") and s.label_index == 0 and s.feature_indices == (1,)
 
 
@@ -61,20 +61,20 @@ def test_schema_without_header(tmp_path):
 )
 def test_schema_errors(tmp_path, text, kwargs, match):
     with pytest.raises(DataError, match=match):
-        data.read_schema(write(tmp_path, text), **kwargs)
+        csvfile.read_schema(write(tmp_path, text), **kwargs)
 
 
 def test_schema_error_shortens_a_long_column_list(tmp_path):
     p = write(tmp_path, ",".join(f"c{i}" for i in range(20)) + "\n")
     with pytest.raises(DataError, match=r"'c7', \.\.\. \(20 in all\)$"):
-        data.read_schema(p, label="nope")
+        csvfile.read_schema(p, label="nope")
 
 
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(DataError, match="data file '.*no.csv' does not exist"):
-        data.read_schema(str(tmp_path / "no.csv"))
+        csvfile.read_schema(str(tmp_path / "no.csv"))
     with pytest.raises(DataError, match="is a directory, not a file"):
-        data.plan_partitions(str(tmp_path), 2)
+        csvfile.plan_partitions(str(tmp_path), 2)
 
 
 # --- partitions ----------------------------------------------------------------------
@@ -87,10 +87,10 @@ def row_lines(text: str, has_header: bool = True) -> list[int]:
     return [i + 1 for i, line in enumerate(lines) if i >= first and line.strip()]
 
 
-def check_plan(path: str, text: str, n_parts: int, has_header: bool = True) -> list[data.Partition]:
+def check_plan(path: str, text: str, n_parts: int, has_header: bool = True) -> list[csvfile.Partition]:
     """Every invariant of a plan, against a naive reading of the same text."""
     raw = text.encode()
-    parts = data.plan_partitions(path, n_parts, has_header)
+    parts = csvfile.plan_partitions(path, n_parts, has_header)
     expected_lines = row_lines(text, has_header)
     assert [p.index for p in parts] == list(range(n_parts))
     assert parts[0].start == (raw.index(b"\n") + 1 if has_header else 0)
@@ -118,12 +118,12 @@ def test_partitions_cover_every_row_once(tmp_path, ending, trailer):
     rows = [f"{i % 2},{i},{i * 0.5}" for i in range(37)]
     text = ending.join(["label,a,b", *rows]) + trailer
     p = write(tmp_path, text)
-    schema = data.read_schema(p)
+    schema = csvfile.read_schema(p)
     for n in [*range(1, 10), 50]:
         parts = check_plan(p, text, n)
-        got = np.concatenate([data.read_partition(p, schema, x)[0] for x in parts])
+        got = np.concatenate([csvfile.read_partition(p, schema, x)[0] for x in parts])
         np.testing.assert_array_equal(got[:, 0], np.arange(37))
-    assert sum(x.n_rows == 0 for x in data.plan_partitions(p, 50)) >= 13
+    assert sum(x.n_rows == 0 for x in csvfile.plan_partitions(p, 50)) >= 13
 
 
 def test_partitions_are_balanced_by_bytes(tmp_path):
@@ -136,20 +136,20 @@ def test_partitions_are_balanced_by_bytes(tmp_path):
 def test_partitions_without_header_skip_a_byte_order_mark(tmp_path):
     text = "\ufeff1,2\n0,3\n"
     p = write(tmp_path, text)
-    parts = data.plan_partitions(p, 1, has_header=False)
+    parts = csvfile.plan_partitions(p, 1, has_header=False)
     assert parts[0].start == 3 and parts[0].first_line == 1 and parts[0].n_rows == 2
-    X, labels = data.read_csv(p, data.read_schema(p, has_header=False))
+    X, labels = csvfile.read_csv(p, csvfile.read_schema(p, has_header=False))
     assert X.tolist() == [[2.0], [3.0]] and labels.tolist() == ["1", "0"]
 
 
 def test_no_trailing_newline_and_header_only(tmp_path):
     p = write(tmp_path, "label,a\n1,2\n0,3")
-    assert [x.n_rows for x in data.plan_partitions(p, 1)] == [2]
+    assert [x.n_rows for x in csvfile.plan_partitions(p, 1)] == [2]
     for i, text in enumerate(["label,a\n", "label,a", "label,a\n\n \r\n"]):
         with pytest.raises(DataError, match="has no data rows"):
-            data.plan_partitions(write(tmp_path, text, f"h{i}.csv"), 2)
+            csvfile.plan_partitions(write(tmp_path, text, f"h{i}.csv"), 2)
     with pytest.raises(DataError, match="is empty"):
-        data.plan_partitions(write(tmp_path, "", "e.csv"), 2)
+        csvfile.plan_partitions(write(tmp_path, "", "e.csv"), 2)
 
 
 lines_strategy = st.lists(
@@ -165,12 +165,12 @@ lines_strategy = st.lists(
 def test_partition_plan_property(lines, n_parts, chunk, final_newline):
     """Any mix of rows, blank lines and CRLF, any chunk size: every invariant holds."""
     text = "\n".join(["label,a", *lines]) + ("\n" if final_newline else "")
-    with tempfile.TemporaryDirectory() as folder, mock.patch.object(data, "CHUNK_BYTES", chunk):
+    with tempfile.TemporaryDirectory() as folder, mock.patch.object(csvfile, "CHUNK_BYTES", chunk):
         path = str(Path(folder) / "p.csv")
         Path(path).write_bytes(text.encode())
         if not row_lines(text):
             with pytest.raises(DataError, match="no data rows"):
-                data.plan_partitions(path, n_parts)
+                csvfile.plan_partitions(path, n_parts)
             return
         check_plan(path, text, n_parts)
 
@@ -195,51 +195,51 @@ def test_partition_plan_property(lines, n_parts, chunk, final_newline):
 def test_read_errors_name_the_line(tmp_path, ending, bad_row, match):
     text = ending.join(["label,a,b", "0,1,2", "", "1,2,3", "", bad_row, "0,1,1"]) + ending
     p = write(tmp_path, text)
-    schema = data.read_schema(p)
+    schema = csvfile.read_schema(p)
     for n_parts in (1, 2, 3):
         with pytest.raises(DataError, match=f"^'{p}' {match}"):
-            for part in data.plan_partitions(p, n_parts):
-                data.read_partition(p, schema, part)
+            for part in csvfile.plan_partitions(p, n_parts):
+                csvfile.read_partition(p, schema, part)
 
 
 def test_read_error_without_header_counts_from_line_one(tmp_path):
     p = write(tmp_path, "0,1,2\n1,2\n")
     with pytest.raises(DataError, match="line 2 has 2 cells; the first line has 3"):
-        data.read_csv(p, data.read_schema(p, has_header=False))
+        csvfile.read_csv(p, csvfile.read_schema(p, has_header=False))
 
 
 def test_read_partition_reads_only_its_bytes(tmp_path):
     text = "label,a\n" + "".join(f"{i % 2},{i}\n" for i in range(100)) + "1,garbage\n"
     p = write(tmp_path, text)
-    schema = data.read_schema(p)
-    first, last = data.plan_partitions(p, 2)
-    X, labels = data.read_partition(p, schema, first)
+    schema = csvfile.read_schema(p)
+    first, last = csvfile.plan_partitions(p, 2)
+    X, labels = csvfile.read_partition(p, schema, first)
     assert len(X) == first.n_rows and X[0, 0] == 0 and len(labels) == first.n_rows
     with pytest.raises(DataError, match="line 102, column 'a': 'garbage'"):
-        data.read_partition(p, schema, last)
+        csvfile.read_partition(p, schema, last)
 
 
 def test_columns_in_schema_order_and_text_in_dropped_columns(tmp_path):
     p = write(tmp_path, "id,b,label,a\nx1,1,yes,10\nx2,2,no,20\n")
-    schema = data.read_schema(p, drop=["id"])
-    X, labels = data.read_csv(p, schema)
+    schema = csvfile.read_schema(p, drop=["id"])
+    X, labels = csvfile.read_csv(p, schema)
     assert X.dtype == np.float64 and X.tolist() == [[1, 10], [2, 20]]
     assert labels.tolist() == ["yes", "no"]
-    predict_schema = data.CsvSchema(schema.columns, None, (3, 1), True)
-    X, labels = data.read_csv(p, predict_schema)
+    predict_schema = csvfile.CsvSchema(schema.columns, None, (3, 1), True)
+    X, labels = csvfile.read_csv(p, predict_schema)
     assert X.tolist() == [[10, 1], [20, 2]] and labels.shape == (0,) and labels.dtype.kind == "U"
 
 
 def test_quoted_cells_and_string_labels(tmp_path):
     p = write(tmp_path, 'label,a\n"yes","1.5"\n no ,2\n')
-    X, labels = data.read_csv(p, data.read_schema(p))
+    X, labels = csvfile.read_csv(p, csvfile.read_schema(p))
     np.testing.assert_array_equal(X[:, 0], [1.5, 2.0])
     assert labels.tolist() == ["yes", "no"]
 
 
 def test_cells_the_fast_path_refuses_still_parse(tmp_path):
     p = write(tmp_path, 'label,a,b\n0, "2" ,1_000\n')
-    X, _ = data.read_csv(p, data.read_schema(p))
+    X, _ = csvfile.read_csv(p, csvfile.read_schema(p))
     assert X.tolist() == [[2.0, 1000.0]]
 
 
@@ -251,23 +251,23 @@ def test_fast_and_exact_paths_agree(tmp_path):
     rows[3] = ",".join([*cells[:2], f'"{cells[2]}"', *cells[3:]])  # a quoted feature
     text = "label,id,a,b,c,d,e\r\n" + "\r\n".join(rows) + "\r\n"
     p = write(tmp_path, text)
-    schema = data.read_schema(p, drop=["id"])
+    schema = csvfile.read_schema(p, drop=["id"])
     lines = text.encode()[len("label,id,a,b,c,d,e\r\n") :].decode().split("\n")
     rows_only = [line for line in lines if line.strip()]
-    fast = data._features_fast(rows_only, schema)
-    exact = data._features_exact(data._numbered_rows(lines, 2), schema, p)
+    fast = csvfile._features_fast(rows_only, schema)
+    exact = csvfile._features_exact(csvfile._numbered_rows(lines, 2), schema, p)
     np.testing.assert_array_equal(fast, exact)
     np.testing.assert_array_equal(exact[3], values[3])
 
 
 def test_empty_partition(tmp_path):
     p = write(tmp_path, "label,a,b\n0,1,2\n")
-    schema = data.read_schema(p)
-    parts = data.plan_partitions(p, 3)
+    schema = csvfile.read_schema(p)
+    parts = csvfile.plan_partitions(p, 3)
     empty = next(x for x in parts if x.n_rows == 0)
-    X, labels = data.read_partition(p, schema, empty)
+    X, labels = csvfile.read_partition(p, schema, empty)
     assert X.shape == (0, 2) and labels.shape == (0,)
-    assert data.Partition.from_dict(json.loads(json.dumps(empty.to_dict()))) == empty
+    assert csvfile.Partition.from_dict(json.loads(json.dumps(empty.to_dict()))) == empty
 
 
 # --- statistics ----------------------------------------------------------------------
@@ -276,9 +276,9 @@ def test_empty_partition(tmp_path):
 def test_merge_stats_equals_numpy():
     X = np.random.default_rng(0).normal(3, 2, size=(101, 4))
     X[:, 3] = 5.0
-    parts = [data.partial_stats(X[a:b]) for a, b in [(0, 10), (10, 11), (11, 11), (11, 101)]]
+    parts = [csvfile.partial_stats(X[a:b]) for a, b in [(0, 10), (10, 11), (11, 11), (11, 101)]]
     jsonable = [{k: np.asarray(v).tolist() for k, v in p.items()} for p in parts]
-    mean, std = data.merge_stats(jsonable)
+    mean, std = csvfile.merge_stats(jsonable)
     np.testing.assert_allclose(mean, X.mean(axis=0))
     np.testing.assert_allclose(std[:3], X.std(axis=0)[:3])
     assert std[3] == 1.0
@@ -286,14 +286,14 @@ def test_merge_stats_equals_numpy():
 
 def test_merge_stats_is_sane_far_from_zero():
     X = 1e9 + np.random.default_rng(1).normal(0, 1e-3, size=(1000, 2))
-    mean, std = data.merge_stats([data.partial_stats(X[i : i + 100]) for i in range(0, 1000, 100)])
+    mean, std = csvfile.merge_stats([csvfile.partial_stats(X[i : i + 100]) for i in range(0, 1000, 100)])
     # sum/sum-of-squares would give a variance of rounding noise (~1e2) here, not ~1e-6.
     np.testing.assert_allclose(std, X.std(axis=0), rtol=1e-3)
 
 
 def test_merge_stats_needs_rows():
     with pytest.raises(ValueError):
-        data.merge_stats([data.partial_stats(np.empty((0, 3)))])
+        csvfile.merge_stats([csvfile.partial_stats(np.empty((0, 3)))])
 
 
 # --- labels --------------------------------------------------------------------------
@@ -313,7 +313,7 @@ def test_merge_stats_needs_rows():
     ],
 )
 def test_binary_classes(values, expected):
-    assert data.binary_classes(values) == expected
+    assert csvfile.binary_classes(values) == expected
 
 
 @pytest.mark.parametrize(
@@ -328,38 +328,38 @@ def test_binary_classes(values, expected):
 )
 def test_binary_classes_errors(values, match):
     with pytest.raises(DataError, match=match):
-        data.binary_classes(values)
+        csvfile.binary_classes(values)
 
 
 def test_encode_labels():
-    y = data.encode_labels(np.array(["+1", "-1", "1.0", "-1"]), ("-1", "1"))
+    y = csvfile.encode_labels(np.array(["+1", "-1", "1.0", "-1"]), ("-1", "1"))
     assert y.dtype == np.float64 and y.tolist() == [1.0, 0.0, 1.0, 0.0]
-    assert data.encode_labels(np.array(["B", "M"]), ["B", "M"]).tolist() == [0.0, 1.0]
-    assert data.encode_labels(np.array([], dtype=str), ["0", "1"]).shape == (0,)
+    assert csvfile.encode_labels(np.array(["B", "M"]), ["B", "M"]).tolist() == [0.0, 1.0]
+    assert csvfile.encode_labels(np.array([], dtype=str), ["0", "1"]).shape == (0,)
     with pytest.raises(DataError, match="label '7' is not one of the model's classes '0', '1'$"):
-        data.encode_labels(np.array(["0", "7"]), ("0", "1"))
+        csvfile.encode_labels(np.array(["0", "7"]), ("0", "1"))
 
 
 def test_stratified_split_is_deterministic_and_stratified():
     labels = np.array(["a"] * 80 + ["b"] * 20)
-    train, test = data.stratified_split(labels, 0.2, seed=42)
+    train, test = csvfile.stratified_split(labels, 0.2, seed=42)
     assert len(test) == 20 and (labels[test] == "b").sum() == 4
     assert not set(train) & set(test) and len(train) + len(test) == 100
-    again = data.stratified_split(labels, 0.2, seed=42)
+    again = csvfile.stratified_split(labels, 0.2, seed=42)
     np.testing.assert_array_equal(again[1], test)
 
 
 def test_stratified_split_proportions_and_seeds():
     labels = np.random.default_rng(3).choice(["x", "y", "z"], size=997, p=[0.6, 0.3, 0.1])
-    train, test = data.stratified_split(labels, 0.25, seed=1)
+    train, test = csvfile.stratified_split(labels, 0.25, seed=1)
     assert np.all(np.diff(train) > 0) and np.all(np.diff(test) > 0)
     np.testing.assert_array_equal(np.sort(np.concatenate([train, test])), np.arange(997))
     for value in "xyz":
         n = (labels == value).sum()
         assert abs((labels[test] == value).sum() - 0.25 * n) <= 0.5
-    assert not np.array_equal(data.stratified_split(labels, 0.25, seed=2)[1], test)
+    assert not np.array_equal(csvfile.stratified_split(labels, 0.25, seed=2)[1], test)
     with pytest.raises(ValueError):
-        data.stratified_split(labels, 1.0, seed=0)
+        csvfile.stratified_split(labels, 1.0, seed=0)
 
 
 # --- hostile files -------------------------------------------------------------------
@@ -382,15 +382,15 @@ def test_a_ten_megabyte_line_is_refused_by_number(tmp_path, where, line):
     text = "\n".join(lines) + ("" if where.startswith("last") else "\n")
     path = write(tmp_path, text)
     with pytest.raises(DataError, match=rf"line {line} is longer than 4 MiB, the most psctl reads as one line; is it a CSV file\?$"):
-        data.read_schema(path)
-        data.plan_partitions(path, 3)
+        csvfile.read_schema(path)
+        csvfile.plan_partitions(path, 3)
 
 
 def test_the_line_bound_holds_across_chunks(tmp_path):
     path = write(tmp_path, "label,x\n" + "1,2\n" * 10 + "1," + "5" * 100 + "\n0,1\n")
     # Line 12 is 103 bytes, its newline included.
-    with mock.patch.object(data, "CHUNK_BYTES", 7), mock.patch.object(data, "MAX_LINE_BYTES", 102):
+    with mock.patch.object(csvfile, "CHUNK_BYTES", 7), mock.patch.object(csvfile, "MAX_LINE_BYTES", 102):
         with pytest.raises(DataError, match="line 12 is longer than"):
-            data.plan_partitions(path, 2)
-    with mock.patch.object(data, "CHUNK_BYTES", 7), mock.patch.object(data, "MAX_LINE_BYTES", 103):
-        assert sum(p.n_rows for p in data.plan_partitions(path, 2)) == 12
+            csvfile.plan_partitions(path, 2)
+    with mock.patch.object(csvfile, "CHUNK_BYTES", 7), mock.patch.object(csvfile, "MAX_LINE_BYTES", 103):
+        assert sum(p.n_rows for p in csvfile.plan_partitions(path, 2)) == 12

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from psctl import data, formats
+from psctl.data import csvfile, formats
 from psctl.errors import DataError
 
 
@@ -14,7 +14,7 @@ def write(tmp_path, text, name="d.txt"):
 
 
 def read_libsvm(path, **kw):
-    [whole] = data.plan_partitions(path, 1, has_header=False)
+    [whole] = csvfile.plan_partitions(path, 1, has_header=False)
     return formats.read_libsvm(path, whole, **kw)
 
 
@@ -62,7 +62,7 @@ def test_libsvm_rows_labels_and_comments(tmp_path):
 def test_libsvm_partitions_cover_every_row_once(tmp_path):
     lines = [f"{i % 2} {i % 7 + 1}:{i} {i % 5 + 10}:1" for i in range(500)]
     p = write(tmp_path, "\n".join(lines) + "\n")
-    parts = data.plan_partitions(p, 4, has_header=False)
+    parts = csvfile.plan_partitions(p, 4, has_header=False)
     rows = [formats.read_libsvm(p, part) for part in parts]
     assert sum(len(X) for X, _ in rows) == 500
     values = np.concatenate([X.values[::2] for X, _ in rows])
@@ -118,7 +118,7 @@ def test_libsvm_rows_become_zero_based_keys(tmp_path):
 def hashed(tmp_path, text, categorical=("site", "ad"), bits=20, label="label"):
     p = write(tmp_path, text, "h.csv")
     src = formats.plan_source(p, label=label, categorical=categorical, hash_bits=bits)
-    [whole] = data.plan_partitions(p, 1)
+    [whole] = csvfile.plan_partitions(p, 1)
     return formats.read_hashed_csv(p, whole, src.schema, src.data["categorical"], bits)
 
 

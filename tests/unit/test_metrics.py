@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from psctl import metrics
+from psctl.models import metrics
 
 
 def brute_auc(y, s):

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
+from psctl.core.tables import init_values, shard_ranges
+from psctl.data.vocab import Vocab
 from psctl.errors import PsctlError
 from psctl.models import MODELS
 from psctl.models.mf import MF
-from psctl.tables import init_values, shard_ranges
-from psctl.vocab import Vocab
 
 RNG = np.random.default_rng(5)
 
@@ -111,8 +111,8 @@ def test_bad_rank():
 
 
 def test_each_shard_holds_only_its_share_of_the_rows():
-    from psctl.optim import SGD
-    from psctl.shard import ShardState
+    from psctl.cluster.shard import ShardState
+    from psctl.core.optim import SGD
 
     model = MF(2, [], rank=10, users=610, items=9000)
     tables = model.tables()

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from numpy.lib import format as npy_format
 
-from psctl import modelfile
 from psctl.errors import ModelFileError
-from psctl.modelfile import load_model, save_model
+from psctl.files import modelfile
+from psctl.files.modelfile import load_model, save_model
 
 
 def meta_bytes(meta) -> np.ndarray:

@@ -3,10 +3,16 @@
 import numpy as np
 import pytest
 
+from psctl.core.tables import TableSpec
 from psctl.errors import DataError, PsctlError
 from psctl.models import MODELS, Model, model_class
-from psctl.models.base import batch_sums, classes_for, encode_targets, evaluate, summarize
-from psctl.tables import TableSpec
+from psctl.models.base import (
+    batch_sums,
+    classes_for,
+    encode_targets,
+    evaluate,
+    summarize,
+)
 
 RNG = np.random.default_rng(11)
 X = RNG.normal(size=(30, 4))

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from psctl.optim import FTRL, OPTIMIZERS, SGD, AdaGrad, Adam, make_optimizer
+from psctl.core.optim import FTRL, OPTIMIZERS, SGD, AdaGrad, Adam, make_optimizer
 
 
 def run(rule, grads, rows=None, n_rows=1, dim=None):

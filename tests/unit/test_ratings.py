@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from psctl import data, ratings, vocab
+from psctl.data import csvfile, ratings, vocab
+from psctl.data.vocab import Vocab
 from psctl.errors import DataError
-from psctl.vocab import Vocab
 
 
 def write(tmp_path, text, name="r.csv"):
@@ -57,7 +57,7 @@ def test_partitions_together_read_every_row_once(tmp_path):
     lines = [f"u{i % 7},{i % 11},{(i % 5) + 0.5}" for i in range(101)]
     p = write(tmp_path, "userId,movieId,rating\n" + "\n".join(lines) + "\n")
     s = ratings.read_schema(p)
-    parts = data.plan_partitions(p, 4)
+    parts = csvfile.plan_partitions(p, 4)
     read = [ratings.read_partition(p, s, part) for part in parts]
     ids = np.concatenate([r[0] for r in read])
     assert [f"{u},{i}" for u, i in ids.tolist()] == [ln.rsplit(",", 1)[0] for ln in lines]

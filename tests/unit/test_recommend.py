@@ -5,10 +5,11 @@ import csv
 import numpy as np
 import pytest
 
-from psctl import modelfile, predict, recommend
+from psctl.apps import predict, recommend
+from psctl.apps.train import vocab_file_parts
+from psctl.data.vocab import Vocab
 from psctl.errors import DataError, ModelFileError
-from psctl.train import vocab_file_parts
-from psctl.vocab import Vocab
+from psctl.files import modelfile
 
 USERS = ["ann", "bob", "cy"]
 ITEMS = ["i1", "i2", "i3", "i4"]

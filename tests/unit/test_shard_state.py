@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from psctl.net import RequestError
-from psctl.optim import SGD
-from psctl.shard import ShardState
-from psctl.tables import TableSpec
+from psctl.cluster.shard import ShardState
+from psctl.core.optim import SGD
+from psctl.core.tables import TableSpec
+from psctl.errors import RequestError
 
 
 def state(mode: str, workers=(0, 1)) -> ShardState:

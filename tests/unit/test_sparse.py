@@ -3,14 +3,21 @@
 import numpy as np
 import pytest
 
-from psctl import sparse_table
+from psctl.cluster.shard import ShardState
+from psctl.core import sparse_table
+from psctl.core.optim import FTRL, SGD
+from psctl.core.sparse import (
+    SparseRows,
+    key_owner,
+    keyed_normal,
+    mix64,
+    narrow_keys,
+    route_keys,
+)
+from psctl.core.sparse_table import SparseTable
+from psctl.core.tables import TableSpec, table_ranges
+from psctl.errors import RequestError
 from psctl.models import MODELS
-from psctl.net import RequestError
-from psctl.optim import SGD, FTRL
-from psctl.shard import ShardState
-from psctl.sparse import SparseRows, key_owner, keyed_normal, mix64, narrow_keys, route_keys
-from psctl.sparse_table import SparseTable
-from psctl.tables import TableSpec, table_ranges
 
 RNG = np.random.default_rng(5)
 
@@ -203,7 +210,7 @@ def test_sync_mean_over_workers_with_the_same_keys_on_a_sparse_table():
     s.push(1, 0, {"w": (np.array([7]), np.array([4.0], np.float32))}, 3)
     np.testing.assert_allclose(s.read(["w"], [np.array([7, 2**32 - 1])])[0], [-(1 + 12) / 4, -2 / 4])
     status = s.status()
-    assert status["keys"] == 2 and status["bytes"] > 0 and status["peak_rss_bytes"] >= status["rss_bytes"] > 0
+    assert status["keys"] == 2 and status["bytes"] > 0  # memory figures come from the service, not the pure state
 
 
 def test_rows_found_before_a_push_still_read_the_pushed_values():

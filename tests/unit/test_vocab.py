@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from psctl import vocab
-from psctl.vocab import Vocab, VocabError
+from psctl.data import vocab
+from psctl.data.vocab import Vocab, VocabError
 
 
 @pytest.mark.parametrize("values", [[], ["a"], ["1", "2", "10"], ["ü", "x y", "\"q\"", "🎬"]])

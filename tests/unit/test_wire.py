@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from psctl.wire import (
+from psctl.protocol.wire import (
     _DTYPES,
     HEADER,
     NEED_DATA,

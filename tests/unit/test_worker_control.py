@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
-from psctl.wire import Message, MsgType
-from psctl.worker import _ControlService
+from psctl.cluster.worker import _ControlService
+from psctl.protocol.wire import Message, MsgType
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -45,7 +45,7 @@ async def test_resume_until_holds_every_step_from_that_clock_until_the_job_ends(
 
 
 async def test_resume_with_a_bad_clock_is_refused():
-    from psctl.net import RequestError
+    from psctl.errors import RequestError
 
     control = _ControlService()
     with pytest.raises(RequestError, match="until"):
@@ -53,7 +53,7 @@ async def test_resume_with_a_bad_clock_is_refused():
 
 
 async def test_reconnect_after_a_rewind_retries_with_backoff(monkeypatch):
-    from psctl import worker
+    from psctl.cluster import worker
     from psctl.errors import ConnectError, JobError
 
     monkeypatch.setattr(worker, "RECONNECT_FIRST_DELAY_S", 0.0)

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from psctl import data, metrics, ratings
-from psctl.errors import DataError, ModelFileError
-from psctl.models.mf import MF
-from psctl.vocab import Vocab, VocabError
+from psctl.data import csvfile, ratings
+from psctl.errors import DataError
+from psctl.files.loading import MFModel, from_loaded, load_mf  # noqa: F401  (part of this module's API)
+from psctl.models import metrics
 
 #: Spark's coldStartStrategy ("nan", "drop") plus "mean": global mean + the known side's bias.
 COLD_START = ("nan", "drop", "mean")
@@ -25,63 +25,11 @@ COLD_START = ("nan", "drop", "mean")
 BLOCK_SCORES = 16 << 20
 
 
-@dataclass
-class MFModel:
-    """A loaded mf model file: the tables (float64), vocabularies and training schema."""
-
-    model: MF
-    params: dict[str, np.ndarray]
-    meta: dict[str, Any]
-    users: Vocab
-    items: Vocab
-    schema: data.CsvSchema
-
-    @property
-    def user_col(self) -> str:
-        return self.schema.columns[self.schema.feature_indices[0]]
-
-    @property
-    def item_col(self) -> str:
-        return self.schema.columns[self.schema.feature_indices[1]]
-
-    @property
-    def rating_col(self) -> str | None:
-        return None if self.schema.label_index is None else self.schema.columns[self.schema.label_index]
-
-    def factors(self, name: str) -> np.ndarray:
-        table = self.params[name]
-        return table.reshape(len(table), self.model.rank)
-
-
-def load_mf(model_path: str) -> MFModel:
-    """An mf model file, checked; ModelFileError for any other kind or missing parts."""
-    from psctl.predict import load  # predict imports this module for ratings models
-
-    return from_loaded(model_path, *load(model_path))
-
-
-def from_loaded(model_path: str, model: Any, params: dict[str, np.ndarray], meta: dict[str, Any]) -> MFModel:
-    """An :class:`MFModel` from what predict.load returned for ``model_path``."""
-    if not isinstance(model, MF):
-        raise ModelFileError(f"'{model_path}' is a {meta['kind']} model; this needs an mf model")
-    try:
-        kinds = meta["vocab"]
-        users = Vocab.from_array(params[f"vocab_{ratings.USER}"], kinds[ratings.USER])
-        items = Vocab.from_array(params[f"vocab_{ratings.ITEM}"], kinds[ratings.ITEM])
-        schema = data.CsvSchema.from_dict(meta["schema"])
-    except (KeyError, TypeError, ValueError, VocabError) as exc:
-        raise ModelFileError(f"'{model_path}' is an mf model without its id vocabularies ({exc})") from None
-    if len(users) != model.options["users"] or len(items) != model.options["items"]:
-        raise ModelFileError(f"'{model_path}' has vocabularies that do not match its tables")
-    tables = {k: params[k].astype(np.float64) for k in ("user_factors", "item_factors", "user_bias", "item_bias")}
-    return MFModel(model, tables, meta, users, items, schema)
-
-
-def _column_ref(schema: data.CsvSchema, index: int) -> str:
+def _column_ref(schema: csvfile.CsvSchema, index: int) -> str:
     return schema.columns[index] if schema.has_header else str(index)
 
 
-def input_schema(mf: MFModel, path: str, need_rating: bool = False) -> data.CsvSchema:
+def input_schema(mf: MFModel, path: str, need_rating: bool = False) -> csvfile.CsvSchema:
     """The model's user and item columns (and the rating, if present) in ``path``."""
     s = mf.schema
     rating = _column_ref(s, s.label_index) if s.label_index is not None else "rating"

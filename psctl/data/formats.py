@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from psctl import data
+from psctl.core.sparse import SparseRows, mix64
+from psctl.data import csvfile
 from psctl.errors import DataError
-from psctl.sparse import SparseRows, mix64
 
 FORMATS = ("auto", "csv", "libsvm")
 SPARSE_FORMATS = ("libsvm", "hashed_csv")
@@ -53,7 +53,7 @@ class Source:
 
     format: str  # "csv", "libsvm" or "hashed_csv"
     data: dict[str, Any] = field(default_factory=dict)  # spec["data"] entries besides path and size
-    schema: data.CsvSchema | None = None
+    schema: csvfile.CsvSchema | None = None
     n_features: int | None = None
     has_header: bool = True
 
@@ -64,7 +64,7 @@ class Source:
 
 def detect_format(path: str | os.PathLike[str]) -> str:
     """'libsvm' when the first lines have ``idx:val`` items and no commas, else 'csv'."""
-    with data._open(path) as fh:
+    with csvfile._open(path) as fh:
         sample = fh.read(DETECT_BYTES)
     if not sample.strip():
         raise DataError(f"data file '{path}' is empty")
@@ -109,7 +109,7 @@ def plan_source(
         return Source("libsvm", spec, None, n_features, has_header=False)
     if index_base is not None or n_features is not None:
         raise DataError("--index-base and --n-features are for LIBSVM input")
-    schema = data.read_schema(path, label, drop, has_header)
+    schema = csvfile.read_schema(path, label, drop, has_header)
     if not hashed:
         return Source("csv", {"format": "csv", "schema": schema.to_dict()}, schema, len(schema.feature_indices), has_header)
     bits = DEFAULT_HASH_BITS if hash_bits is None else hash_bits
@@ -117,7 +117,7 @@ def plan_source(
         raise DataError(f"--hash-bits must be between 1 and {MAX_HASH_BITS}")
     names = []
     for ref in categorical:
-        index = data._column_index(schema.columns, ref, "--categorical", path)
+        index = csvfile._column_index(schema.columns, ref, "--categorical", path)
         if index not in schema.feature_indices:
             raise DataError(f"--categorical column '{schema.columns[index]}' is the label or dropped, not a feature")
         names.append(schema.columns[index])
@@ -126,17 +126,17 @@ def plan_source(
 
 
 # -- reading one partition ---------------------------------------------------------------
-def read_partition(spec: dict[str, Any], path: str, part: data.Partition) -> tuple[SparseRows, np.ndarray]:
+def read_partition(spec: dict[str, Any], path: str, part: csvfile.Partition) -> tuple[SparseRows, np.ndarray]:
     """A partition of a sparse input as (rows with raw LIBSVM indices or final hashed keys, labels)."""
     if spec["format"] == "libsvm":
         return read_libsvm(path, part, spec.get("index_base"), spec.get("n_features"))
-    schema = data.CsvSchema.from_dict(spec["schema"])
+    schema = csvfile.CsvSchema.from_dict(spec["schema"])
     return read_hashed_csv(path, part, schema, spec["categorical"], int(spec["hash_bits"]))
 
 
-def _rows_of(path: str | os.PathLike[str], part: data.Partition) -> tuple[list[bytes], list[bytes]]:
+def _rows_of(path: str | os.PathLike[str], part: csvfile.Partition) -> tuple[list[bytes], list[bytes]]:
     """The partition's lines and its rows (non-blank lines), as bytes."""
-    with data._open(path) as fh:
+    with csvfile._open(path) as fh:
         fh.seek(part.start)
         raw = fh.read(part.end - part.start)
     if len(raw) != part.end - part.start:
@@ -146,12 +146,12 @@ def _rows_of(path: str | os.PathLike[str], part: data.Partition) -> tuple[list[b
 
 
 def _line_numbers(lines: list[bytes], first_line: int) -> list[tuple[int, str]]:
-    return data._numbered_rows([ln.decode("utf-8", errors="replace") for ln in lines], first_line)
+    return csvfile._numbered_rows([ln.decode("utf-8", errors="replace") for ln in lines], first_line)
 
 
 def read_libsvm(
     path: str | os.PathLike[str],
-    part: data.Partition,
+    part: csvfile.Partition,
     index_base: int | None = None,
     n_features: int | None = None,
 ) -> tuple[SparseRows, np.ndarray]:
@@ -331,7 +331,7 @@ def column_seed(name: str, kind: str) -> int:
 
 
 def read_hashed_csv(
-    path: str | os.PathLike[str], part: data.Partition, schema: data.CsvSchema, categorical: Sequence[str], hash_bits: int
+    path: str | os.PathLike[str], part: csvfile.Partition, schema: csvfile.CsvSchema, categorical: Sequence[str], hash_bits: int
 ) -> tuple[SparseRows, np.ndarray]:
     """A CSV partition as hashed keys (see the module doc) and its label cells."""
     lines, rows = _rows_of(path, part)
@@ -373,7 +373,7 @@ def read_hashed_csv(
 
 
 def _clean(column: np.ndarray) -> np.ndarray:
-    """Cells without surrounding whitespace and one pair of double quotes (as data._cell)."""
+    """Cells without surrounding whitespace and one pair of double quotes (as csvfile._cell)."""
     column = np.strings.strip(column)
     quoted = np.strings.startswith(column, b'"') & np.strings.endswith(column, b'"') & (np.strings.str_len(column) >= 2)
     if quoted.any():
@@ -383,11 +383,11 @@ def _clean(column: np.ndarray) -> np.ndarray:
 
 
 def _numbers(
-    cells: np.ndarray, path: str | os.PathLike[str], name: str, rows: np.ndarray, lines: list[bytes], part: data.Partition
+    cells: np.ndarray, path: str | os.PathLike[str], name: str, rows: np.ndarray, lines: list[bytes], part: csvfile.Partition
 ) -> np.ndarray:
     try:
         values = cells.astype(np.float64)
-    except ValueError:  # the exact reading, cell by cell, is the reference (as in data.py)
+    except ValueError:  # the exact reading, cell by cell, is the reference (as in csvfile.py)
         values = np.array([_number_or_nan(c) for c in cells.tolist()])
     ok = np.isfinite(values)
     if not ok.all():
@@ -408,10 +408,10 @@ def _number_or_nan(cell: bytes) -> float:
         return math.nan
 
 
-def read_whole(spec: dict[str, Any], path: str, schema: data.CsvSchema | None = None) -> tuple[SparseRows, np.ndarray]:
+def read_whole(spec: dict[str, Any], path: str, schema: csvfile.CsvSchema | None = None) -> tuple[SparseRows, np.ndarray]:
     """Every row of a file (predict): one partition covering it."""
     has_header = spec["format"] != "libsvm" and (schema.has_header if schema else True)
-    [whole] = data.plan_partitions(path, 1, has_header)
+    [whole] = csvfile.plan_partitions(path, 1, has_header)
     if spec["format"] == "libsvm":
         return read_libsvm(path, whole, spec.get("index_base"))
     assert schema is not None

@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 
 from psctl import net
-from psctl.client import ShardClient
-from psctl.consistency import staleness_for
+from psctl.cluster.client import ShardClient
+from psctl.cluster.launch import LocalCluster
+from psctl.core.consistency import staleness_for
+from psctl.core.tables import TableSpec
 from psctl.errors import JobError, PsctlError
-from psctl.launch import LocalCluster
-from psctl.tables import TableSpec
-from psctl.wire import DEFAULT_MAX_FRAME_BYTES, Message, MsgType
+from psctl.protocol.wire import DEFAULT_MAX_FRAME_BYTES, Message, MsgType
 
 __all__ = ["Job", "KVWorker", "LocalServer", "TableSpec"]
 

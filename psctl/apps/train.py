@@ -15,16 +15,19 @@ from typing import Any
 
 import numpy as np
 
-from psctl import checkpoint, data, formats, modelfile, net, ratings, vocab
-from psctl.client import ShardClient
-from psctl.consistency import staleness_for
+from psctl import net
+from psctl.cluster.client import ShardClient
+from psctl.cluster.launch import LocalCluster
+from psctl.core.batching import epoch_steps
+from psctl.core.consistency import staleness_for
+from psctl.core.optim import OPTIMIZERS
+from psctl.core.tables import TableSpec
+from psctl.data import csvfile, formats, ratings, vocab
 from psctl.errors import DataError, Interrupted, JobError, PsctlError
-from psctl.launch import LocalCluster
-from psctl.models.base import Model, classes_for, model_class, summarize
-from psctl.optim import OPTIMIZERS
-from psctl.tables import TableSpec
-from psctl.wire import DEFAULT_MAX_FRAME_BYTES, Message, MsgType
-from psctl.worker import epoch_steps
+from psctl.files import checkpoint, modelfile
+from psctl.models.base import Model, classes_for, summarize
+from psctl.models.registry import model_class
+from psctl.protocol.wire import DEFAULT_MAX_FRAME_BYTES, Message, MsgType
 
 SUBMIT_TIMEOUT_S = 60.0
 # Step sizes that work for standardized or 0/1 features (FTRL's is its alpha; 0.3 on a9a: README).
@@ -174,7 +177,7 @@ def optimizer_spec(cfg: TrainConfig) -> dict[str, Any]:
     return {"name": cfg.optimizer, "params": params}
 
 
-def build_spec(cfg: TrainConfig, source: formats.Source, partitions: list[data.Partition]) -> dict[str, Any]:
+def build_spec(cfg: TrainConfig, source: formats.Source, partitions: list[csvfile.Partition]) -> dict[str, Any]:
     """The job as the coordinator and workers see it (JSON). Tables come after the statistics pass."""
     return {
         "model": cfg.model,
@@ -224,15 +227,15 @@ def resume_spec(cfg: TrainConfig, fresh: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def plan_validation(cfg: TrainConfig, schema: data.CsvSchema | None) -> dict[str, Any]:
+def plan_validation(cfg: TrainConfig, schema: csvfile.CsvSchema | None) -> dict[str, Any]:
     """The --validate file, split over the workers like the training file."""
     assert cfg.validate is not None
     if schema is None:
         raise PsctlError("--validate takes a CSV of the training file's columns; for other inputs use --test-split")
-    val_schema = data.read_schema(cfg.validate, cfg.label, cfg.drop, cfg.has_header)
+    val_schema = csvfile.read_schema(cfg.validate, cfg.label, cfg.drop, cfg.has_header)
     if val_schema.columns != schema.columns:
         raise DataError(f"'{cfg.validate}' does not have the training file's columns")
-    partitions = data.plan_partitions(cfg.validate, cfg.workers, cfg.has_header)
+    partitions = csvfile.plan_partitions(cfg.validate, cfg.workers, cfg.has_header)
     return {
         "path": os.path.abspath(cfg.validate),
         "size": os.path.getsize(cfg.validate),
@@ -351,7 +354,7 @@ async def train(
         )
     if source.sparse and "sparse" not in model_cls.params:
         raise PsctlError(f"model {cfg.model} does not take sparse input ({source.format})")
-    partitions = await asyncio.to_thread(data.plan_partitions, cfg.data, cfg.workers, source.has_header)
+    partitions = await asyncio.to_thread(csvfile.plan_partitions, cfg.data, cfg.workers, source.has_header)
     spec = build_spec(cfg, source, partitions)
     # bad parameters fail here, not on the cluster
     model_cls(source.n_features or 1, ["0", "1"], l2=spec["l2"], **spec["model_params"])
@@ -531,7 +534,7 @@ def table_figures(
 ) -> dict[str, Any]:
     """Keys stored, non-zero weights, shard memory and traffic per epoch versus a dense model
     of the same key space (which would pull and push every table whole at each step)."""
-    steps = steps_per_job_epoch([data.Partition.from_dict(p) for p in spec["partitions"]], spec["batch_size"])
+    steps = steps_per_job_epoch([csvfile.Partition.from_dict(p) for p in spec["partitions"]], spec["batch_size"])
     dense_step_bytes = sum(t.rows * t.dim * np.dtype(t.dtype).itemsize for t in tables)
     return {
         "key_space": sum(t.rows for t in tables),
@@ -583,27 +586,27 @@ def _model_meta(cfg: TrainConfig, source: formats.Source, session: _Session, don
         meta["metrics"]["weights_from_epoch"] = session.best_epoch if session.best_params is not None else "last"
 
     if source.format == "csv" and cfg.standardize and session.stats["stats"]:
-        mean, std = data.merge_stats(session.stats["stats"])
+        mean, std = csvfile.merge_stats(session.stats["stats"])
         meta["standardize"] = {"mean": np.asarray(mean).tolist(), "std": np.asarray(std).tolist()}
     return meta
 
 
-def steps_per_job_epoch(partitions: list[data.Partition], batch_size: int) -> int:
+def steps_per_job_epoch(partitions: list[csvfile.Partition], batch_size: int) -> int:
     """Steps (pushes) of all workers together in one epoch."""
     largest = max(p.n_rows for p in partitions)
     return sum(epoch_steps(p.n_rows, batch_size, largest) for p in partitions)
 
 
-def read_schema(cfg: TrainConfig, model_cls: type[Model]) -> data.CsvSchema:
+def read_schema(cfg: TrainConfig, model_cls: type[Model]) -> csvfile.CsvSchema:
     """The columns a job reads, in its model's data format."""
     if model_cls.data_format == "ratings":
         if cfg.label is not None or cfg.drop:
             raise PsctlError(f"{model_cls.kind} reads --user-col, --item-col and --rating-col; --label and --drop are for feature CSVs")
         return ratings.read_schema(cfg.data, cfg.user_col, cfg.item_col, cfg.rating_col, cfg.has_header)
-    return data.read_schema(cfg.data, cfg.label, cfg.drop, cfg.has_header)
+    return csvfile.read_schema(cfg.data, cfg.label, cfg.drop, cfg.has_header)
 
 
-def traffic_per_epoch(model: Model, partitions: list[data.Partition], cfg: TrainConfig, done: dict[str, Any]) -> dict[str, float]:
+def traffic_per_epoch(model: Model, partitions: list[csvfile.Partition], cfg: TrainConfig, done: dict[str, Any]) -> dict[str, float]:
     """Bytes pulled and pushed per epoch (all workers), and what pulling whole tables
     at every step would cost. Pulled bytes count parameter values received;
     pushed bytes count keys and gradient values sent."""

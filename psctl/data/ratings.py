@@ -3,7 +3,7 @@
 Ids are text (integers or any strings); other columns are ignored. The schema
 is a :class:`~psctl.data.CsvSchema` whose two feature columns are the user and
 the item and whose label is the rating. Partitions are byte ranges as for
-every CSV (data.plan_partitions), so a worker reads only its own.
+every CSV (csvfile.plan_partitions), so a worker reads only its own.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from psctl import data, vocab
+from psctl.data import csvfile, vocab
+from psctl.data.vocab import Vocab
 from psctl.errors import DataError
-from psctl.vocab import Vocab
 
 #: Vocabulary names: the rows of the user tables and of the item tables.
 USER, ITEM = "user", "item"
@@ -30,49 +30,49 @@ def read_schema(
     rating_col: str = "rating",
     has_header: bool = True,
     need_rating: bool = True,
-) -> data.CsvSchema:
+) -> csvfile.CsvSchema:
     """Find the user, item and rating columns (names, or 0-based indices as text).
 
     Without ``need_rating`` a file lacking the rating column is fine (label_index None).
     Raises DataError naming the missing column.
     """
-    columns = data.read_columns(path, has_header)
-    user = data._column_index(columns, user_col, "user", path)
-    item = data._column_index(columns, item_col, "item", path)
+    columns = csvfile.read_columns(path, has_header)
+    user = csvfile._column_index(columns, user_col, "user", path)
+    item = csvfile._column_index(columns, item_col, "item", path)
     if user == item:
         raise DataError(f"the user and item columns of '{path}' must differ; both are '{columns[user]}'")
     rating: int | None = None
     if need_rating or rating_col in columns:
-        rating = data._column_index(columns, rating_col, "rating", path)
+        rating = csvfile._column_index(columns, rating_col, "rating", path)
         if rating in (user, item):
             raise DataError(f"the rating column of '{path}' must differ from the user and item columns")
-    return data.CsvSchema(columns, rating, (user, item), has_header)
+    return csvfile.CsvSchema(columns, rating, (user, item), has_header)
 
 
-def read_partition(path: str | os.PathLike[str], schema: data.CsvSchema, part: data.Partition) -> tuple[np.ndarray, np.ndarray]:
+def read_partition(path: str | os.PathLike[str], schema: csvfile.CsvSchema, part: csvfile.Partition) -> tuple[np.ndarray, np.ndarray]:
     """Rows of one partition: ids as an (n, 2) str array (user, item) and the ratings
     (float64; empty when the schema has no rating column).
 
     Raises DataError naming the file line and column of the first bad cell.
     """
-    lines, rows = data.read_lines(path, part)
+    lines, rows = csvfile.read_lines(path, part)
     try:
         return _fast(rows, schema)
     except ValueError:
-        return _exact(data._numbered_rows(lines, part.first_line), schema, path)
+        return _exact(csvfile._numbered_rows(lines, part.first_line), schema, path)
 
 
-def read_ratings(path: str | os.PathLike[str], schema: data.CsvSchema) -> tuple[np.ndarray, np.ndarray]:
+def read_ratings(path: str | os.PathLike[str], schema: csvfile.CsvSchema) -> tuple[np.ndarray, np.ndarray]:
     """Every row of ``path``, as :func:`read_partition` reads one partition."""
-    [whole] = data.plan_partitions(path, 1, schema.has_header)
+    [whole] = csvfile.plan_partitions(path, 1, schema.has_header)
     return read_partition(path, schema, whole)
 
 
-def _usecols(schema: data.CsvSchema) -> tuple[int, ...]:
+def _usecols(schema: csvfile.CsvSchema) -> tuple[int, ...]:
     return (*schema.feature_indices, *(() if schema.label_index is None else (schema.label_index,)))
 
 
-def _fast(rows: list[str], schema: data.CsvSchema) -> tuple[np.ndarray, np.ndarray]:
+def _fast(rows: list[str], schema: csvfile.CsvSchema) -> tuple[np.ndarray, np.ndarray]:
     """numpy's C parser; ValueError on anything it or the checks here dislike."""
     cols = _usecols(schema)
     if not rows:
@@ -92,7 +92,7 @@ def _fast(rows: list[str], schema: data.CsvSchema) -> tuple[np.ndarray, np.ndarr
     return ids, ratings
 
 
-def _exact(rows: list[tuple[int, str]], schema: data.CsvSchema, path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+def _exact(rows: list[tuple[int, str]], schema: csvfile.CsvSchema, path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     """Cell by cell: slow, but names the line and column of the first bad cell."""
     names = schema.columns
     reference = "the header" if schema.has_header else "the first line"
@@ -104,12 +104,12 @@ def _exact(rows: list[tuple[int, str]], schema: data.CsvSchema, path: str | os.P
         if len(cells) != len(names):
             raise DataError(f"'{path}' line {line_no} has {len(cells)} cells; {reference} has {len(names)}")
         for c, j in enumerate((user, item)):
-            ids[r, c] = data._cell(cells[j])
+            ids[r, c] = csvfile._cell(cells[j])
             if not ids[r, c]:
                 raise DataError(f"'{path}' line {line_no}, column '{names[j]}': the id cell is empty")
         if schema.label_index is not None:
             where = f"'{path}' line {line_no}, column '{names[schema.label_index]}'"
-            text = data._cell(cells[schema.label_index])
+            text = csvfile._cell(cells[schema.label_index])
             try:
                 ratings[r] = float(text)
             except ValueError:
@@ -126,7 +126,7 @@ def stats_request(ids: np.ndarray, ratings: np.ndarray) -> tuple[dict[str, Any],
     for name, values in distinct.items():
         vocab.check_size(name, len(values))
     names, arrays = vocab.to_message({k: v.tolist() for k, v in distinct.items()})
-    stats = data.partial_stats(ratings[:, None]) if len(ratings) else None
+    stats = csvfile.partial_stats(ratings[:, None]) if len(ratings) else None
     body = {"stats": None if stats is None else {k: _plain(v) for k, v in stats.items()}, "labels": [], "vocab": names}
     return body, arrays
 
@@ -137,7 +137,7 @@ def _plain(value: Any) -> Any:
 
 def global_mean(stats: list[dict[str, Any]]) -> float:
     """The mean rating of the whole data from the workers' partial statistics."""
-    mean, _ = data.merge_stats(stats)
+    mean, _ = csvfile.merge_stats(stats)
     return float(mean[0])
 
 

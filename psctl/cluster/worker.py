@@ -14,17 +14,20 @@ import math
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
-from psctl import data, formats, net, ratings, vocab
-from psctl.client import ShardClient
+from psctl import net
+from psctl.cluster.client import ShardClient
+from psctl.core.batching import batch_indices, epoch_steps
+from psctl.data import csvfile, formats, ratings, vocab
 from psctl.errors import ConnectError, DataError, JobError, PsctlError
-from psctl.models.base import Model, batch_sums, classes_for, encode_targets, model_class
-from psctl.wire import Message, MsgType
+from psctl.models.base import Model, batch_sums, classes_for, encode_targets
+from psctl.models.registry import model_class
+from psctl.protocol.wire import Message, MsgType
 
 log = logging.getLogger("psctl.worker")
 
@@ -33,33 +36,6 @@ REWIND_TIMEOUT_S = 60.0
 RECONNECT_TRIES = 7  # 0.1 s doubling: about 6 s in all
 RECONNECT_FIRST_DELAY_S = 0.1
 T = TypeVar("T")
-
-
-def batch_indices(
-    n_rows: int, batch_size: int, seed: int, partition: int, epoch: int, max_rows: int | None = None
-) -> Iterator[np.ndarray]:
-    """Row indices of each mini-batch of one epoch of a partition: a seeded shuffle cut into
-    :func:`epoch_steps` batches of near-equal size (at most ``batch_size``).
-
-    Seeded by the partition, not the worker, so a replacement replays the same batches.
-    ``max_rows`` is the row count of the job's largest partition: every worker
-    then takes the same number of steps per epoch, so no clock has only a few
-    workers training (which in sync mode would scale up the step of every
-    row those few touch) and no batch is a small remainder.
-    """
-    order = np.random.default_rng([seed, partition, epoch]).permutation(n_rows)
-    for part in np.array_split(order, epoch_steps(n_rows, batch_size, max_rows)) if n_rows else ():
-        yield part
-
-
-def steps_per_epoch(n_rows: int, batch_size: int) -> int:
-    return -(-n_rows // batch_size)
-
-
-def epoch_steps(n_rows: int, batch_size: int, max_rows: int | None = None) -> int:
-    """Steps per epoch of a partition of ``n_rows``: those of the largest partition
-    (``max_rows``, default this one) at ``batch_size``, but never empty batches."""
-    return min(n_rows, steps_per_epoch(max(n_rows, max_rows or 0), batch_size))
 
 
 def max_partition_rows(spec: dict[str, Any]) -> int:
@@ -142,14 +118,14 @@ class Prepared:
     n_features: int
 
 
-def load_partition(spec: dict[str, Any], path: str, part: data.Partition) -> tuple[Any, np.ndarray]:
+def load_partition(spec: dict[str, Any], path: str, part: csvfile.Partition) -> tuple[Any, np.ndarray]:
     """Features and raw labels of one partition, in the job's data format."""
     if spec["data"].get("format", "csv") in formats.SPARSE_FORMATS:
         return formats.read_partition(spec["data"], path, part)
-    schema = data.CsvSchema.from_dict(spec["data"]["schema"])
+    schema = csvfile.CsvSchema.from_dict(spec["data"]["schema"])
     if spec["data"].get("format", "csv") == "ratings":
         return ratings.read_partition(path, schema, part)
-    return data.read_partition(path, schema, part)
+    return csvfile.read_partition(path, schema, part)
 
 
 def stats_request(raw_X: Any, labels: np.ndarray, spec: dict[str, Any], model_cls: type[Model]) -> tuple[dict[str, Any], list[np.ndarray]]:
@@ -161,7 +137,7 @@ def stats_request(raw_X: Any, labels: np.ndarray, spec: dict[str, Any], model_cl
     if fmt in formats.SPARSE_FORMATS:
         stats = formats.partial_stats(spec["data"], raw_X)
     else:
-        stats = data.partial_stats(raw_X) if len(raw_X) and spec.get("standardize", True) else None
+        stats = csvfile.partial_stats(raw_X) if len(raw_X) and spec.get("standardize", True) else None
     distinct = sorted(set(labels.tolist())) if model_cls.task != "regression" else []
     return {"stats": _jsonable(stats) if stats else None, "labels": distinct}, []
 
@@ -177,7 +153,7 @@ def prepare(raw_X: Any, labels: np.ndarray, classes: list[str], stats_reply: dic
             raise JobError("an id of this worker's partition is missing from the job's vocabulary")
     elif spec["data"].get("format", "csv") == "csv":  # dense numeric features: scaled, float32
         if spec.get("standardize", True) and stats_reply["stats"]:
-            mean, std = data.merge_stats(stats_reply["stats"])
+            mean, std = csvfile.merge_stats(stats_reply["stats"])
             X = (raw_X - mean) / std
         X = X.astype(np.float32)
     else:  # sparse rows over model keys; LIBSVM's feature count comes from the statistics
@@ -191,7 +167,7 @@ def prepare(raw_X: Any, labels: np.ndarray, classes: list[str], stats_reply: dic
 def split_validation(labels: np.ndarray, fraction: float, seed: int, partition: int, stratify: bool) -> tuple[np.ndarray, np.ndarray]:
     """A partition's (train, held-out) row indices: stratified by label for classifiers."""
     key = labels if stratify else np.zeros(len(labels), dtype=np.int8)
-    return data.stratified_split(key, fraction, seed * 1_000_003 + partition)
+    return csvfile.stratified_split(key, fraction, seed * 1_000_003 + partition)
 
 
 async def _with_backoff(attempt: Callable[[], Awaitable[T]], check: Callable[[], None], tries: int = RECONNECT_TRIES) -> T:
@@ -320,7 +296,7 @@ class Worker:
         if ":" in spec["model"] and spec["model"] not in self.model_classes:
             raise PsctlError(f"this worker does not load model class '{spec['model']}'; start it with --model-class {spec['model']}")
         model_cls = model_class(spec["model"])
-        part = data.Partition.from_dict(reg["partition"])
+        part = csvfile.Partition.from_dict(reg["partition"])
         path = self.data_path or spec["data"]["path"]
         if not os.path.exists(path):
             raise DataError(f"data file '{path}' does not exist on worker host {socket.gethostname()}")
@@ -335,7 +311,7 @@ class Worker:
             val_raw = (raw_X[val_rows], labels[val_rows])
             raw_X, labels = raw_X[train_rows], labels[train_rows]
         elif spec.get("validation"):
-            val_part = data.Partition.from_dict(spec["validation"]["partitions"][partition])
+            val_part = csvfile.Partition.from_dict(spec["validation"]["partitions"][partition])
             val_raw = await asyncio.to_thread(
                 load_partition, {**spec, "data": spec["validation"]}, spec["validation"]["path"], val_part
             )

@@ -11,10 +11,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from psctl import auth, net
-from psctl.child import READY, security_args
-from psctl.coordinator import CoordinatorService, start_coordinator
+from psctl import net
+from psctl.cluster.child import READY, security_args
+from psctl.cluster.coordinator import CoordinatorService, start_coordinator
 from psctl.errors import PsctlError
+from psctl.protocol import handshake
 
 CHILD_READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 3.0
@@ -67,7 +68,7 @@ class LocalCluster:
     async def _spawn(self, role: str, index: int, args: list[str]) -> Child:
         log_path = self.log_dir / f"{role}-{index}.log"
         args = [*args, *security_args(self.security)]
-        env = {k: v for k, v in os.environ.items() if k != auth.SECRET_ENV}
+        env = {k: v for k, v in os.environ.items() if k != handshake.SECRET_ENV}
         secret_fd = None
         if self.security.secret is not None:
             # The secret goes down a pipe the child inherits: not argv, not the environment.
@@ -80,7 +81,7 @@ class LocalCluster:
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable,
                     "-m",
-                    "psctl.child",
+                    "psctl.cluster.child",
                     role,
                     *args,
                     "--parent-watch",

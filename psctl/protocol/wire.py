@@ -58,7 +58,7 @@ class MsgType(enum.IntEnum):
 
     ERROR = 0
     HELLO = 1
-    # connection set-up: the shared-secret handshake (psctl/auth.py), before anything else
+    # connection set-up: the shared-secret handshake (psctl.protocol.handshake), before anything else
     AUTH_HELLO = 2
     AUTH_PROOF = 3
     # control plane: coordinator

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 
 from psctl import net
-from psctl.sparse import narrow_keys, route_keys
-from psctl.tables import split_keys
-from psctl.wire import MsgType
+from psctl.core.sparse import narrow_keys, route_keys
+from psctl.core.tables import split_keys
+from psctl.protocol.wire import MsgType
 
 
 class ShardClient:

@@ -19,9 +19,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from psctl import auth, net
+from psctl import net
 from psctl.errors import Interrupted, PsctlError
-from psctl.wire import DEFAULT_MAX_FRAME_BYTES, MsgType
+from psctl.protocol import handshake
+from psctl.protocol.wire import DEFAULT_MAX_FRAME_BYTES, MsgType
 
 app = typer.Typer(
     add_completion=False,
@@ -39,7 +40,7 @@ MaxFrame = typer.Option(DEFAULT_MAX_FRAME_BYTES, "--max-frame-bytes", help="Larg
 # The security flags: (name, type, option, serving roles only).
 _SECURITY_FLAGS: list[tuple[str, Any, Any, bool]] = [
     ("secret_file", str | None, typer.Option(
-        None, "--secret-file", help=f"File (mode 600) with the cluster's shared secret; default ${auth.SECRET_ENV}."), False),
+        None, "--secret-file", help=f"File (mode 600) with the cluster's shared secret; default ${handshake.SECRET_ENV}."), False),
     ("insecure", bool, typer.Option(
         False, "--insecure", help="Allow listening beyond loopback without a secret (trusted networks only)."), True),
     ("tls_cert", str | None, typer.Option(
@@ -103,9 +104,9 @@ def _build_security(
     max_connections: int = net.DEFAULT_MAX_CONNECTIONS,
     max_keys_per_request: int = net.DEFAULT_MAX_KEYS_PER_REQUEST,
 ) -> net.Security:
-    tls = auth.TlsConfig(tls_cert, tls_key, tls_ca) if tls_cert or tls_key or tls_ca else None
+    tls = net.TlsConfig(tls_cert, tls_key, tls_ca) if tls_cert or tls_key or tls_ca else None
     return net.Security(
-        secret=auth.load_secret(secret_file),
+        secret=net.load_secret(secret_file),
         tls=tls,
         insecure=insecure,
         handshake_timeout_s=handshake_timeout_s,
@@ -226,8 +227,8 @@ def train(
     security: net.Security = net.LOCAL,
 ) -> None:
     """Train a model on the parameter server (an embedded cluster unless --server is given)."""
-    from psctl.train import StopRequest, TrainConfig
-    from psctl.train import train as run_train
+    from psctl.apps.train import StopRequest, TrainConfig
+    from psctl.apps.train import train as run_train
 
     every_steps, every_s = _steps_or_seconds(checkpoint_every, "--checkpoint-every")
     cfg = TrainConfig(
@@ -459,8 +460,8 @@ def predict(
     ),
 ) -> None:
     """Apply a model file to data; print metrics when the data has labels."""
-    from psctl.predict import predict as run_predict
-    from psctl.predict import write_predictions
+    from psctl.apps.predict import predict as run_predict
+    from psctl.apps.predict import write_predictions
 
     try:
         pred = run_predict(model_path, data, model_class, cold_start)
@@ -490,7 +491,7 @@ def predict(
         if "confusion" in pred.metrics:
             out.print(_confusion_table(pred.metrics["confusion"], pred.meta["classes"]))
     if getattr(pred, "cold_start", None) is not None:
-        from psctl.recommend import describe_cold_start
+        from psctl.apps.recommend import describe_cold_start
 
         out.print(describe_cold_start(pred.cold_start), highlight=False)
     if out_path:
@@ -506,7 +507,7 @@ def recommend(
     out_path: str | None = typer.Option(None, "--out", "-o", help="Write the top items of every user to this CSV."),
 ) -> None:
     """Top items by predicted rating, for one user (a table) or every user (--out CSV)."""
-    from psctl import recommend as rec
+    from psctl.apps import recommend as rec
 
     if (user is None) == (out_path is None):
         err.print("psctl: error: give either --user U (one user, as a table) or --out FILE (every user, as CSV)")
@@ -562,7 +563,7 @@ def server(
     security: net.Security = net.LOCAL,
 ) -> None:
     """Run a coordinator and N shard processes (or only shards, joining --coordinator)."""
-    from psctl.launch import LocalCluster
+    from psctl.cluster.launch import LocalCluster
 
     if shards < 1:
         err.print("psctl: error: --shards must be at least 1")
@@ -610,7 +611,7 @@ def server(
 async def _stop_running_job(cluster: Any, signalled: asyncio.Event) -> None:
     """Ctrl-C on psctl server: the running job stops at one clock with a final checkpoint
     (where it has a checkpoint folder) before the processes go; a second Ctrl-C does not wait."""
-    from psctl.train import HALT_TIMEOUT_S
+    from psctl.apps.train import HALT_TIMEOUT_S
 
     coordinator = cluster.coordinator
     if coordinator is None or coordinator.job is None:
@@ -636,7 +637,7 @@ def coordinator_cmd(
     security: net.Security = net.LOCAL,
 ) -> None:
     """Run the coordinator alone (shards join with 'psctl server --coordinator' or 'psctl shard')."""
-    from psctl.coordinator import start_coordinator
+    from psctl.cluster.coordinator import start_coordinator
 
     async def main() -> None:
         srv, _, address = await start_coordinator(host, port, max_frame_bytes=max_frame_bytes, security=security)
@@ -661,7 +662,7 @@ def shard(
     security: net.Security = net.LOCAL,
 ) -> None:
     """Run one shard that joins a coordinator."""
-    from psctl.child import main as child_main
+    from psctl.cluster.child import main as child_main
 
     args = ["shard", "--coordinator", coordinator, "--host", host, "--port", str(port)]
     if advertise_host:
@@ -679,7 +680,7 @@ def worker(
     security: net.Security = net.LOCAL,
 ) -> None:
     """Join the next job of a running server as one worker."""
-    from psctl.worker import Worker
+    from psctl.cluster.worker import Worker
 
     report = _run(
         lambda: Worker(server_address, max_frame_bytes=max_frame_bytes, data_path=data, model_classes=model_class or [], security=security).run()

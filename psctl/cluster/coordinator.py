@@ -15,10 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from psctl import checkpoint, net, vocab
-from psctl.consistency import staleness_for
-from psctl.tables import TableSpec, table_ranges
-from psctl.wire import Message, MsgType
+from psctl import net
+from psctl.core.consistency import staleness_for
+from psctl.core.reports import merge_reports, pool
+from psctl.core.tables import TableSpec, table_ranges
+from psctl.data import vocab
+from psctl.files import checkpoint
+from psctl.protocol.wire import Message, MsgType
 
 log = logging.getLogger("psctl.coordinator")
 
@@ -698,7 +701,7 @@ class CoordinatorService:
         if epoch <= job.last_epoch_reported:
             return  # a replacement redoing the end of an epoch that was already summed up
         reports = job.epoch_reports.setdefault(epoch, {})
-        reports[slot.partition] = _merge_reports(reports.get(slot.partition), msg.body)
+        reports[slot.partition] = merge_reports(reports.get(slot.partition), msg.body)
         self._check_epochs(job)
 
     def _check_epochs(self, job: Job) -> None:
@@ -710,10 +713,10 @@ class CoordinatorService:
                 break
             del job.epoch_reports[epoch]
             job.last_epoch_reported = epoch
-            event = {"kind": "epoch", "epoch": epoch, **_pool(list(reports.values()))}
+            event = {"kind": "epoch", "epoch": epoch, **pool(list(reports.values()))}
             vals = [r["val"] for r in reports.values() if r.get("val")]
             if vals:
-                event["val"] = _pool(vals)
+                event["val"] = pool(vals)
             self._event(job, event)
 
     async def _trained(self, peer: net.Peer, msg: Message) -> Message:
@@ -735,7 +738,7 @@ class CoordinatorService:
                 job,
                 {
                     "kind": "done",
-                    **_pool(reports),
+                    **pool(reports),
                     "lost_workers": [w.worker_id for w in job.workers if w.state == "lost"],
                     "bytes_pulled": sum(r.get("bytes_pulled", 0) for r in reports),
                     "bytes_pushed": sum(r.get("bytes_pushed", 0) for r in reports),
@@ -827,35 +830,6 @@ class CoordinatorService:
         MsgType.HEARTBEAT: _heartbeat,
         MsgType.CHECKPOINTED: _checkpointed,
     }
-
-
-def _merge_reports(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
-    if old is None:
-        return new
-    merged = {**new, "loss_sum": old["loss_sum"] + new["loss_sum"], "n": old["n"] + new["n"]}
-    merged["sums"] = _sum_dicts([old.get("sums", {}), new.get("sums", {})])
-    if old.get("val") or new.get("val"):
-        merged["val"] = new.get("val") or old.get("val")
-    return merged
-
-
-def _pool(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """Workers' (loss_sum, n, sums) reports as one: mean loss, summed figures, rows."""
-    n = sum(r["n"] for r in reports)
-    return {
-        "loss": sum(r["loss_sum"] for r in reports) / max(n, 1),
-        "sums": _sum_dicts(r.get("sums", {}) for r in reports),
-        "samples": n,
-    }
-
-
-def _sum_dicts(parts: Any) -> dict[str, float]:
-    """Add up workers' additive figures (correct counts, squared errors, ...) key by key."""
-    total: dict[str, float] = {}
-    for part in parts:
-        for key, value in part.items():
-            total[key] = total.get(key, 0.0) + float(value)
-    return total
 
 
 async def start_coordinator(

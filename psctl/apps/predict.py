@@ -8,10 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from psctl import data, formats, modelfile
-from psctl.errors import DataError, ModelFileError, PsctlError
-from psctl.models.base import Model, encode_targets, evaluate, model_class, predicted_index
-from psctl.sparse import SparseRows
+from psctl.apps import recommend
+from psctl.core.sparse import SparseRows
+from psctl.data import csvfile, formats
+from psctl.errors import DataError
+from psctl.files import loading
+from psctl.models.base import Model, encode_targets, evaluate, predicted_index
 
 
 @dataclass
@@ -23,73 +25,41 @@ class Prediction:
     unknown: dict[str, int] | None = None  # sparse input: feature occurrences / features without a weight
 
 
-def schema_for(meta: dict[str, Any], path: str) -> data.CsvSchema:
+def schema_for(meta: dict[str, Any], path: str) -> csvfile.CsvSchema:
     """Find the model's feature columns (and the label, if present) in ``path``."""
-    trained = data.CsvSchema.from_dict(meta["schema"])
+    trained = csvfile.CsvSchema.from_dict(meta["schema"])
     if not trained.has_header:
-        columns = data.read_columns(path, has_header=False)
+        columns = csvfile.read_columns(path, has_header=False)
         if len(columns) == len(trained.columns):
             return trained
         if len(columns) == len(trained.feature_indices):
-            return data.CsvSchema(columns, None, tuple(range(len(columns))), False)
+            return csvfile.CsvSchema(columns, None, tuple(range(len(columns))), False)
         raise DataError(
             f"'{path}' has {len(columns)} columns; the model expects {len(trained.columns)} (with label) "
             f"or {len(trained.feature_indices)} (without)"
         )
-    header = data.read_columns(path)
+    header = csvfile.read_columns(path)
     index = {name: i for i, name in enumerate(header)}
     missing = [n for n in trained.feature_names if n not in index]
     if missing:
         shown = ", ".join(f"'{m}'" for m in missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise DataError(f"'{path}' lacks {len(missing)} column(s) the model was trained on: {shown}")
     label = meta.get("label")
-    return data.CsvSchema(
+    return csvfile.CsvSchema(
         tuple(header), index.get(label) if label is not None else None, tuple(index[n] for n in trained.feature_names), True
     )
-
-
-def load(model_path: str, model_class_path: str | None = None) -> tuple[Model, dict[str, np.ndarray], dict[str, Any]]:
-    """The model object, its parameters and meta from a model file.
-
-    A model of a user's own class is only imported when the caller names that
-    class: a model file alone never makes psctl import code.
-    """
-    params, meta = modelfile.load_model(model_path)
-    kind = meta["kind"]
-    if ":" in kind and kind != model_class_path:
-        raise ModelFileError(f"'{model_path}' holds a model of class '{kind}'; pass --model-class {kind} to load it")
-    try:
-        cls = model_class(kind)
-        n_features = meta.get("n_features", len(meta["feature_names"]))
-        model = cls(n_features, meta.get("classes") or [], **meta.get("model_params", {}))
-        tables = model.tables()
-        # A sparse table is stored as the keys training touched and their rows.
-        expected = {t.name: t.shape(len(params[f"{t.name}.keys"]) if t.sparse else t.rows) for t in tables}
-    except (KeyError, TypeError, PsctlError) as exc:
-        raise ModelFileError(f"'{model_path}' is a psctl model without the parts a {kind} model needs ({exc})") from None
-    for t in tables:
-        keys = params[f"{t.name}.keys"] if t.sparse else None
-        if keys is not None and (keys.ndim != 1 or (len(keys) > 1 and not (np.diff(keys) > 0).all())):
-            raise ModelFileError(f"'{model_path}' has keys for table '{t.name}' that are not sorted and unique")
-    for name, shape in expected.items():
-        if name not in params or params[name].shape != shape:
-            got = params[name].shape if name in params else "none"
-            raise ModelFileError(f"'{model_path}' has table '{name}' of shape {got}; a {kind} model needs {shape}")
-    return model, params, meta
 
 
 def predict(model_path: str, data_path: str, model_class_path: str | None = None, cold_start: str = "nan") -> Any:
     """A :class:`Prediction`, or for an mf model a recommend.RatingsPrediction
     (``cold_start``: what to do with users and items the model has not seen)."""
-    model, params, meta = load(model_path, model_class_path)
+    model, params, meta = loading.load(model_path, model_class_path)
     if meta.get("data_format") == "ratings":
-        from psctl import recommend
-
         return recommend.predict_ratings(recommend.from_loaded(model_path, model, params, meta), data_path, cold_start)
     if meta.get("input", {}).get("format", "csv") in formats.SPARSE_FORMATS:
         return _predict_sparse(model, params, meta, data_path)
     schema = schema_for(meta, data_path)
-    X, labels = data.read_csv(data_path, schema)
+    X, labels = csvfile.read_csv(data_path, schema)
     if meta.get("standardize"):
         X = (X - np.asarray(meta["standardize"]["mean"])) / np.asarray(meta["standardize"]["std"])
     outputs = model.predict({k: v.astype(np.float64) for k, v in params.items()}, X)
@@ -153,8 +123,6 @@ def aligned_weights(model: Model, params: dict[str, np.ndarray], X: SparseRows) 
 
 def write_predictions(pred: Any, out: str) -> None:
     if pred.meta.get("data_format") == "ratings":
-        from psctl import recommend
-
         return recommend.write_rating_predictions(pred, out)
     task = pred.meta.get("task", "binary")
     classes = pred.meta.get("classes") or []

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from psctl import modelfile
 from psctl.errors import PsctlError
+from psctl.files import modelfile
 
 KIND = "shard-checkpoint"
 MANIFEST = "checkpoint.json"

@@ -2,11 +2,11 @@
 
 A :class:`Peer` is symmetric: either side may send requests, matched to
 replies by request id (never by order), or one-way notifications. Incoming
-requests go to a :class:`Service`. The codec (wire.py) does the parsing;
+requests go to a :class:`Service`. The codec (psctl.protocol.wire) does the parsing;
 this module only moves bytes, keeps the futures and enforces deadlines.
 
 It is also where a connection is guarded (:class:`Security`): with a shared
-secret, :func:`connect` and :class:`Server` run the handshake of auth.py
+secret, :func:`connect` and :class:`Server` run the handshake of psctl.protocol.handshake
 before the service sees any frame, reading it with a parser whose limits fit
 a handshake; optional TLS wraps the same framing; a connection must finish
 its set-up within a deadline, and a peer that stops in the middle of a frame
@@ -22,14 +22,18 @@ import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from psctl import auth
-from psctl.errors import ConnectError, PsctlError, SecurityError
-from psctl.wire import (
+from psctl.errors import ConnectError, PsctlError, RequestError, SecurityError
+from psctl.net.security import (
+    LOCAL,
+    Security,
+    check_bind,
+)
+from psctl.protocol.handshake import ClientHandshake, HandshakeError, ServerHandshake
+from psctl.protocol.wire import (
     DEFAULT_MAX_FRAME_BYTES,
     NEED_DATA,
     Flag,
@@ -47,10 +51,6 @@ log = logging.getLogger("psctl.net")
 
 DEFAULT_REQUEST_TIMEOUT_S = 30.0
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
-DEFAULT_MAX_CONNECTIONS = 1024
-DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
-DEFAULT_IDLE_TIMEOUT_S = 30.0
-DEFAULT_MAX_KEYS_PER_REQUEST = 1 << 24
 # Until a peer has proved it knows the secret, it gets a parser this small.
 HANDSHAKE_MAX_FRAME_BYTES = 4096
 _HANDSHAKE_MAX_BODY_BYTES = 1024
@@ -60,40 +60,6 @@ CLOSE_GRACE_S = 1.0
 _AUTH_TYPES = (MsgType.AUTH_HELLO, MsgType.AUTH_PROOF)
 
 
-@dataclass(frozen=True)
-class Security:
-    """How one process authenticates, encrypts and bounds its connections (every role).
-
-    The default is the insecure-local mode: no secret, no TLS, and servers may
-    bind only loopback addresses.
-    """
-
-    secret: bytes | None = field(default=None, repr=False)
-    tls: auth.TlsConfig | None = None
-    insecure: bool = False  # allow a non-loopback bind without a secret
-    handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S  # accept -> authenticated (or first frame)
-    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S  # silence allowed in the middle of a frame
-    max_connections: int = DEFAULT_MAX_CONNECTIONS  # per listening process
-    max_keys_per_request: int = DEFAULT_MAX_KEYS_PER_REQUEST
-
-    def __post_init__(self) -> None:
-        for name in ("handshake_timeout_s", "idle_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise SecurityError(f"--{name.replace('_', '-')} must be positive")
-        for name in ("max_connections", "max_keys_per_request"):
-            if getattr(self, name) < 1:
-                raise SecurityError(f"--{name.replace('_', '-')} must be at least 1")
-
-
-LOCAL = Security()
-
-
-class RequestError(Exception):
-    """Raised by a service handler: becomes an ERROR reply; the connection stays open."""
-
-    def __init__(self, message: str, code: str = "bad_request"):
-        super().__init__(message)
-        self.code = code
 
 
 class RemoteError(PsctlError):
@@ -162,7 +128,7 @@ class Peer(asyncio.BufferedProtocol):
         self._write_ready: asyncio.Event | None = None
         self._loop = asyncio.get_running_loop()
         self.closed: asyncio.Future[BaseException | None] = self._loop.create_future()
-        self._handshake: auth.ServerHandshake | None = None  # set on the accepting side
+        self._handshake: ServerHandshake | None = None  # set on the accepting side
         self._setup_timer: asyncio.TimerHandle | None = None
         self._stall_timer: asyncio.TimerHandle | None = None
         self._last_rx_s = self._loop.time()
@@ -321,10 +287,10 @@ class Peer(asyncio.BufferedProtocol):
         else:
             self._reply(msg, result)
 
-    def _serve_handshake(self, handshake: auth.ServerHandshake, msg: Message) -> None:
+    def _serve_handshake(self, handshake: ServerHandshake, msg: Message) -> None:
         try:
             body = handshake.receive(msg)
-        except auth.HandshakeError as exc:
+        except HandshakeError as exc:
             log.warning("%s failed the handshake: %s", self.name, exc)
             req_id = msg.req_id if msg.flags == Flag.NONE else 0
             if self.is_open:
@@ -487,7 +453,7 @@ class Server:
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen; SecurityError for a bind the security settings do not allow."""
-        auth.check_bind(host, self.security.secret, self.security.insecure)
+        check_bind(host, self.security.secret, self.security.insecure)
         tls = self.security.tls.server_context if self.security.tls is not None else None
         loop = asyncio.get_running_loop()
         try:
@@ -522,7 +488,7 @@ class _ServerPeer(Peer):
         super().__init__(server.service, max_frame_bytes=server.max_frame_bytes, name=server.name, security=server.security)
         self._server = server
         if server.security.secret is not None:
-            self._handshake = auth.ServerHandshake(server.security.secret)
+            self._handshake = ServerHandshake(server.security.secret)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -617,15 +583,15 @@ def keep_freed_memory() -> bool:
 
 
 async def _authenticate(peer: Peer, security: Security, where: str) -> None:
-    """The client half of the handshake (auth.py); the peer dispatches nothing else meanwhile."""
+    """The client half of the handshake (psctl.protocol.handshake); the peer dispatches nothing else meanwhile."""
     assert security.secret is not None
-    handshake = auth.ClientHandshake(security.secret)
+    handshake = ClientHandshake(security.secret)
     timeout_s = security.handshake_timeout_s
     try:
         challenge = await peer.request(MsgType.AUTH_HELLO, handshake.hello(), timeout_s=timeout_s)
         answer = handshake.on_challenge(challenge.body)
         await peer.request(MsgType.AUTH_PROOF, answer, timeout_s=timeout_s)
-    except auth.HandshakeError as exc:
+    except HandshakeError as exc:
         raise SecurityError(f"{where} failed authentication: {exc}; refusing it") from None
     except RemoteError as exc:
         if exc.code == "no_secret":

@@ -1,6 +1,6 @@
 """A server shard: one key range of every table, its optimizer, the clock gate.
 
-:class:`ShardState` is the pure part (tables, apply, gate); :class:`ShardService`
+:class:`~psctl.core.shard_state.ShardState` is the pure part (tables, apply, gate); :class:`ShardService`
 maps frames onto it; :func:`run_shard` is the process.
 """
 
@@ -9,230 +9,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from psctl import checkpoint, net
-from psctl.consistency import ClockGate, Grad, SyncAccumulator, staleness_for
-from psctl.optim import UpdateRule, make_optimizer
-from psctl.sparse_table import SparseTable
-from psctl.tables import TableSpec, init_values
-from psctl.wire import MAX_ARRAYS, Message, MsgType
+from psctl import net
+from psctl.core.optim import make_optimizer
+from psctl.core.shard_state import ShardState
+from psctl.core.tables import TableSpec
+from psctl.files import checkpoint
+from psctl.protocol.wire import Message, MsgType
 
 log = logging.getLogger("psctl.shard")
 
 NEVER = 2**63 - 1  # a checkpoint clock no job reaches
 MAX_REQUESTED_CHECKPOINTS = 64
-
-
-class Table:
-    """This shard's rows [lo, hi) of one table, with the update rule's per-row state."""
-
-    def __init__(self, spec: TableSpec, lo: int, hi: int, seed: int, rule: UpdateRule):
-        self.spec, self.lo, self.hi = spec, lo, hi
-        self.values = init_values(spec, lo, hi, seed)
-        self.state = rule.init_state(self.values)
-        self.steps = 0  # updates applied, for learning-rate schedules
-
-    def locate(self, keys: np.ndarray) -> np.ndarray:
-        """Local row indices of global ``keys`` (sorted, unique, inside this shard's range)."""
-        if keys.ndim != 1 or keys.dtype.kind not in "iu":
-            raise net.RequestError(f"keys for {self.spec.name!r} must be a 1-d integer array")
-        keys = keys.astype(np.int64)  # keys may come narrowed (uint8..uint32); diff them signed
-        if len(keys):
-            if keys[0] < self.lo or keys[-1] >= self.hi:
-                raise net.RequestError(f"keys for {self.spec.name!r} fall outside this shard's range [{self.lo}, {self.hi})")
-            if len(keys) > 1 and not (np.diff(keys) > 0).all():
-                raise net.RequestError(f"keys for {self.spec.name!r} must be sorted and unique")
-        return keys - self.lo
-
-    def read(self, keys: np.ndarray | None, rows: np.ndarray | None = None) -> np.ndarray:
-        """Values of ``keys`` (all rows: None); ``rows`` from :meth:`locate` spares a second look-up.
-
-        A copy: the reply may sit in the transport's buffer while later pushes change the table.
-        """
-        if keys is None:
-            return self.values.copy()
-        return self.values[self.locate(keys) if rows is None else rows]
-
-    def check_grad(self, keys: np.ndarray | None, grad: np.ndarray) -> None:
-        expected = self.values.shape if keys is None else (len(keys), *self.values.shape[1:])
-        if grad.shape != expected:
-            raise net.RequestError(f"gradient for {self.spec.name!r} has shape {grad.shape}, expected {expected}")
-
-    def snapshot(self) -> dict[str, np.ndarray]:
-        return {"values": self.values, **{f"state.{k}": v for k, v in self.state.items()}}
-
-    def restore(self, arrays: dict[str, np.ndarray], steps: int) -> None:
-        if arrays["values"].shape != self.values.shape:
-            raise ValueError(f"table {self.spec.name!r}: checkpoint shape {arrays['values'].shape}, expected {self.values.shape}")
-        self.values[...] = arrays["values"]
-        for k in self.state:
-            self.state[k][...] = arrays[f"state.{k}"]
-        self.steps = steps
-
-    def apply(self, rule: UpdateRule, keys: np.ndarray | None, grad: np.ndarray, rows: np.ndarray | None = None) -> None:
-        if keys is not None and rows is None:
-            rows = self.locate(keys)
-        rule.apply(self.values, grad, self.state, rows, self.steps)
-        self.steps += 1
-
-    def __len__(self) -> int:
-        return self.hi - self.lo
-
-    @property
-    def nbytes(self) -> int:
-        return self.values.nbytes + sum(a.nbytes for a in self.state.values())
-
-    def dump(self, with_state: bool) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """Keys, values and (if asked) optimizer state of the whole range."""
-        state = {name: arr.copy() for name, arr in self.state.items()} if with_state else {}
-        return np.arange(self.lo, self.hi, dtype=np.int64), self.values.copy(), state
-
-
-class ShardState:
-    """One job's parameters on this shard and the rules that change them."""
-
-    def __init__(
-        self,
-        job_id: str,
-        tables: list[TableSpec],
-        ranges: dict[str, tuple[int, int]],
-        mode: str,
-        staleness: int,
-        workers: list[int],
-        rule: UpdateRule,
-        seed: int,
-        shard_index: int = 0,
-        n_shards: int = 1,
-    ):
-        self.job_id = job_id
-        self.mode = mode
-        self.ranges = ranges
-        self.tables: dict[str, Table | SparseTable] = {
-            t.name: SparseTable(t, shard_index, n_shards, seed, rule) if t.sparse else Table(t, *ranges[t.name], seed, rule)
-            for t in tables
-        }
-        self.gate = ClockGate(workers, staleness_for(mode, staleness))
-        self.acc = SyncAccumulator() if mode == "sync" else None
-        self.rule = rule
-        self.updates = 0  # optimizer applications (a sync clock counts once)
-        self.pushes = 0
-        self.samples = 0  # rows behind every push, for the "every row used" check
-        self.left: dict[int, int] = {}  # worker -> its clock when it left
-        self.peers: dict[int, Any] = {}  # worker -> the connection it said HELLO on
-        self.started_s = time.monotonic()
-
-    def check_tables(self, names: Any, allow_empty: bool = False) -> list[str]:
-        if not isinstance(names, list) or not (0 < len(names) or allow_empty) or len(names) > MAX_ARRAYS:
-            raise net.RequestError(f"'tables' must be a list of 1 to {MAX_ARRAYS} table names")
-        for name in names:
-            if not isinstance(name, str) or name not in self.tables:
-                raise net.RequestError(f"unknown table {name!r}")
-        return names
-
-    def read(
-        self, names: list[str], keys: list[np.ndarray] | None = None, rows: list[np.ndarray] | None = None
-    ) -> list[np.ndarray]:
-        """Each table's values of its keys (whole tables: no keys); ``rows``: their :meth:`locate` results."""
-        if keys is None:
-            return [self.tables[n].read(None) for n in names]
-        return [self.tables[n].read(keys[i], None if rows is None else rows[i]) for i, n in enumerate(names)]
-
-    def locate(self, names: list[str], keys: list[np.ndarray]) -> list[np.ndarray]:
-        """Validate each table's keys (range, order, owner) and find their rows, once per request."""
-        return [self.tables[n].locate(k) for n, k in zip(names, keys)]
-
-    def dump(self, names: list[str], with_state: bool) -> tuple[list[np.ndarray], dict[str, list[str]]]:
-        """Per table: keys, values, then its state arrays (named in the second result)."""
-        arrays: list[np.ndarray] = []
-        state_names: dict[str, list[str]] = {}
-        for name in names:
-            keys, values, state = self.tables[name].dump(with_state)
-            state_names[name] = sorted(state)
-            arrays += [keys, values, *(state[s] for s in state_names[name])]
-        return arrays, state_names
-
-    def push(self, worker: int, clock: int, grads: dict[str, Grad], count: int) -> list[Any]:
-        """Apply (or, in sync mode, accumulate) one push; return the gate tokens now ready."""
-        if worker not in self.gate.clocks:
-            raise net.RequestError(f"worker {worker} is not in the live set of job {self.job_id}", code="not_live")
-        expected = self.gate.clocks[worker]
-        if clock != expected:
-            raise net.RequestError(f"worker {worker} pushed clock {clock}, expected {expected}", code="bad_clock")
-        rows: dict[str, np.ndarray | None] = {}
-        for name, (keys, grad) in grads.items():
-            table = self.tables[name]
-            table.check_grad(keys, grad)
-            # validate before anything is applied or accumulated; an async push applies these rows
-            rows[name] = None if keys is None else table.locate(keys)
-        self.pushes += 1
-        self.samples += count
-        if self.acc is not None:
-            self.acc.add(clock, grads, count)
-        else:
-            self._apply(grads, rows)
-        ready = self.gate.advance(worker, clock + 1)
-        self._apply_completed()
-        return ready
-
-    def leave(self, worker: int) -> list[Any]:
-        """Drop a worker (finished, left or lost) from the live set."""
-        if worker in self.gate.clocks:
-            self.left[worker] = self.gate.clocks[worker]
-        ready = self.gate.remove(worker)
-        self._apply_completed()
-        return ready
-
-    def _apply(self, grads: dict[str, Grad], rows: dict[str, np.ndarray | None] | None = None) -> None:
-        for name, (keys, grad) in grads.items():
-            self.tables[name].apply(self.rule, keys, grad, None if rows is None else rows[name])
-        self.updates += 1
-
-    def _apply_completed(self) -> None:
-        if self.acc is None:
-            return
-        for _clock, means in self.acc.complete(self.gate.min_clock()):
-            self._apply(means)
-
-    def snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Arrays and meta of a checkpoint at the current min clock (tables, optimizer state, counters)."""
-        arrays = {f"{name}/{k}": v for name, t in self.tables.items() for k, v in t.snapshot().items()}
-        meta = {
-            "job_id": self.job_id,
-            "steps": {name: t.steps for name, t in self.tables.items()},
-            "updates": self.updates,
-            "samples": self.samples,
-        }
-        return arrays, meta
-
-    def restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any], clock: int) -> None:
-        """Tables and counters from a checkpoint; every worker's clock set to its clock."""
-        for name, table in self.tables.items():
-            prefix = f"{name}/"
-            table.restore({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}, int(meta["steps"][name]))
-        self.updates, self.samples = int(meta["updates"]), int(meta["samples"])
-        for worker in list(self.gate.clocks):
-            self.gate.clocks[worker] = clock
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "job_id": self.job_id,
-            "keys": int(sum(len(t) for t in self.tables.values())),
-            "bytes": int(sum(t.nbytes for t in self.tables.values())),
-            **process_memory(),
-            "updates": self.updates,
-            "pushes": self.pushes,
-            "samples": self.samples,
-            "clock": self.gate.min_clock(),  # the slowest live worker's: every clock below it is applied (sync)
-            "clocks": {str(w): c for w, c in self.gate.clocks.items()},
-            "waiting_pulls": self.gate.waiting(),
-            "updates_s": self.updates / max(time.monotonic() - self.started_s, 1e-9),
-        }
 
 
 def process_memory() -> dict[str, int]:
@@ -505,7 +298,7 @@ class ShardService:
     def _status(self, peer: net.Peer, msg: Message) -> net.Reply:
         body: dict[str, Any] = {"shard_id": self.shard_id, "pid": os.getpid()}
         if self.state is not None:
-            body.update(self.state.status())
+            body.update(self.state.status(), **process_memory())
             body["last_checkpoint"] = self.checkpoints.last_clock if self.checkpoints else None
         return Message(MsgType.STATUS, body)
 

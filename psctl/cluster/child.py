@@ -1,4 +1,4 @@
-"""Entry point of the processes psctl starts: ``python -m psctl.child shard|worker``.
+"""Entry point of the processes psctl starts: ``python -m psctl.cluster.child shard|worker``.
 
 Kept free of the CLI's imports (typer, rich) so a cluster starts quickly.
 A child started with ``--parent-watch`` exits when its stdin closes, so it
@@ -16,9 +16,9 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-from psctl import auth, net
+from psctl import net
 from psctl.errors import PsctlError
-from psctl.wire import DEFAULT_MAX_FRAME_BYTES
+from psctl.protocol.wire import DEFAULT_MAX_FRAME_BYTES
 
 READY = "PSCTL_READY"
 
@@ -58,7 +58,7 @@ def announce(address: str) -> None:
 
 
 async def shard_main(args: argparse.Namespace, security: net.Security) -> None:
-    from psctl.shard import run_shard
+    from psctl.cluster.shard import run_shard
 
     await run_shard(
         args.coordinator,
@@ -72,7 +72,7 @@ async def shard_main(args: argparse.Namespace, security: net.Security) -> None:
 
 
 async def worker_main(args: argparse.Namespace, security: net.Security) -> None:
-    from psctl.worker import Worker
+    from psctl.cluster.worker import Worker
 
     announce(args.server)
     await Worker(args.server, max_frame_bytes=args.max_frame_bytes, data_path=args.data, model_classes=args.model_class, security=security).run()
@@ -98,9 +98,9 @@ def security_args(security: net.Security) -> list[str]:
 def security_from_args(args: argparse.Namespace) -> net.Security:
     tls = None
     if args.tls_cert or args.tls_key or args.tls_ca:
-        tls = auth.TlsConfig(args.tls_cert, args.tls_key, args.tls_ca)
+        tls = net.TlsConfig(args.tls_cert, args.tls_key, args.tls_ca)
     return net.Security(
-        secret=auth.read_secret_fd(args.secret_fd) if args.secret_fd is not None else None,
+        secret=net.read_secret_fd(args.secret_fd) if args.secret_fd is not None else None,
         tls=tls,
         insecure=args.insecure,
         handshake_timeout_s=args.handshake_timeout_s,
@@ -111,7 +111,7 @@ def security_from_args(args: argparse.Namespace) -> net.Security:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m psctl.child")
+    p = argparse.ArgumentParser(prog="python -m psctl.cluster.child")
     sub = p.add_subparsers(dest="role", required=True)
     s = sub.add_parser("shard")
     s.add_argument("--coordinator", required=True)
