@@ -702,9 +702,13 @@ def status(
     async def fetch() -> dict[str, Any]:
         peer = await net.connect(server_address, what="psctl server", security=security)
         try:
-            return (await peer.request(MsgType.STATUS, timeout_s=5.0)).body
+            body = (await peer.request(MsgType.STATUS, timeout_s=5.0)).body
         finally:
             peer.close()
+        if not isinstance(body.get("shards"), list):
+            what = f"a psctl shard (shard {body['shard_id']})" if "shard_id" in body else "a psctl process but not a coordinator"
+            raise PsctlError(f"{server_address} is {what}; psctl status asks the coordinator (the address 'psctl server' printed)")
+        return body
 
     if as_json:
         print(json.dumps(_run(fetch), indent=2))
@@ -717,7 +721,7 @@ def status(
         from rich.live import Live
 
         with Live(console=out, auto_refresh=False) as live:
-            stop = asyncio.ensure_future(_wait_for_signal())
+            stop = asyncio.ensure_future(_on_signal().wait())
             while not stop.done():
                 live.update(_status_view(await fetch(), server_address), refresh=True)
                 await asyncio.wait([stop], timeout=interval_s)
