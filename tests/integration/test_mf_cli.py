@@ -43,7 +43,7 @@ COLUMNS = ["--user-col", "who", "--item-col", "what", "--rating-col", "stars"]
 
 
 def train_mf(train: Path, out: Path, mode: str, lr: float, epochs: int = 15) -> None:
-    r = run_psctl("train", "mf", str(train), "--workers", "4", "--shards", "2", "--mode", mode, "--staleness", "1",
+    r = run_psctl("train", "mf", str(train), "--workers", "4", "--shards", "2", "--mode", mode, *(["--staleness", "1"] if mode == "ssp" else []),
                   "--rank", "2", "--epochs", str(epochs), "--batch-size", "32", "--lr", str(lr), "--l2", "0.02",
                   *COLUMNS, "--out", str(out))
     assert r.returncode == 0, r.stderr
