@@ -34,6 +34,8 @@ async def serve(
     restarted when they exit, until a signal; a running job is stopped at one clock first."""
     if shards < 1:
         raise UsageError("--shards must be at least 1")
+    if coordinator and port:
+        raise UsageError("--port is the coordinator's port; with --coordinator the shards take free ports")
     async with LocalCluster(host=host, max_frame_bytes=max_frame_bytes, security=security) as cluster:
         address = coordinator or await cluster.start_coordinator(port)
         shard_addresses = await cluster.start_shards(shards, address)
