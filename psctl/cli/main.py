@@ -475,9 +475,14 @@ def recommend(
     top: int = typer.Option(10, "--top", "-k", help="How many items per user."),
     exclude: str | None = typer.Option(None, "--exclude", help="A ratings CSV: leave out the items each user rated there."),
     out_path: str | None = typer.Option(None, "--out", "-o", help="Write the top items of every user to this CSV."),
+    as_json: bool = typer.Option(False, "--json", help="With --user: the items as one JSON object."),
 ) -> None:
     """Top items by predicted rating, for one user (a table) or every user (--out CSV)."""
     from psctl.apps import recommend as rec
+    from psctl.apps.results import json_safe
+
+    if as_json and user is None:
+        _usage("--json is for --user U; --out FILE writes every user's items as CSV")
 
     if (user is None) == (out_path is None):
         err.print("psctl: error: give either --user U (one user, as a table) or --out FILE (every user, as CSV)")
@@ -497,9 +502,15 @@ def recommend(
             return
         assert user is not None
         items = rec.recommend_user(mf, user, top, excluded)
+        left_out = rec.rated_count(mf, user, excluded) if excluded is not None else None
     except PsctlError as exc:
         err.print(f"psctl: error: {exc}", markup=False, highlight=False)
         raise typer.Exit(exc.exit_code) from None
+    if as_json:
+        result = {"model_path": model_path, "user": user, "top": top, "left_out": left_out,
+                  "items": [{"rank": r, "item": item, "predicted_rating": score} for r, (item, score) in enumerate(items, 1)]}
+        print(json.dumps(json_safe(result), indent=2), flush=True)
+        return
     table = Table(title=f"top {top} items for {mf.user_col} {user}")
     table.add_column("rank", justify="right")
     table.add_column(mf.item_col)
@@ -508,7 +519,7 @@ def recommend(
         table.add_row(str(rank), item, f"{score:.3f}")
     out.print(table)
     if excluded is not None:
-        out.print(f"left out the {rec.rated_count(mf, user, excluded)} items {user} rated in {exclude}", highlight=False)
+        out.print(f"left out the {left_out} items {user} rated in {exclude}", highlight=False)
 
 
 def _confusion_table(cm: Any, classes: list[str]) -> Table:

@@ -104,10 +104,14 @@ def test_predict_beats_the_global_mean_and_reports_cold_start(trained, tmp_path,
 def test_recommend_leaves_out_what_the_user_rated(trained, tmp_path):
     model, train, _, _ = trained
     rated = {row[1] for row in csv.reader(train.read_text().splitlines()[1:]) if row[0] == "user-3"}
-    r = run_psctl("recommend", str(model), "--user", "user-3", "--top", "40", "--exclude", str(train))
-    assert r.returncode == 0, r.stderr
-    listed = {ln.split("│")[2].strip() for ln in r.stdout.splitlines() if ln.startswith("│")}
-    assert listed and not listed & rated and len(listed) == 40 - len(rated)
+    r = psctl_json("recommend", str(model), "--user", "user-3", "--top", "40", "--exclude", str(train))
+    listed = {entry["item"] for entry in r["items"]}
+    assert listed and not listed & rated and len(listed) == 40 - len(rated) and r["left_out"] == len(rated)
+    assert [entry["rank"] for entry in r["items"]] == list(range(1, len(listed) + 1))
+    scores = [entry["predicted_rating"] for entry in r["items"]]
+    assert scores == sorted(scores, reverse=True)
+    shown = run_psctl("recommend", str(model), "--user", "user-3", "--top", "3")  # the human output: a table
+    assert shown.returncode == 0 and "top 3 items for who user-3" in shown.stdout, shown.stderr
     out = tmp_path / "all.csv"
     r = run_psctl("recommend", str(model), "--top", "5", "--exclude", str(train), "--out", str(out))
     assert r.returncode == 0, r.stderr
