@@ -157,3 +157,32 @@ def test_status_of_a_shard_address_is_one_sentence(server):
     assert message == (f"psctl: error: {shard} is a psctl shard (shard 0); psctl status asks the coordinator "
                        "(the address 'psctl server' printed)"), r.stderr  # fmt: skip
     assert took_s < net.DEFAULT_HANDSHAKE_TIMEOUT_S, took_s
+
+
+def test_a_terminal_shows_the_address_and_the_checkpoints(tmp_path):
+    """On a terminal a progress bar replaces the per-epoch log lines, but not the lines that matter."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "psctl", "train", "logreg", str(TRAIN), "--workers", "2", "--epochs", "2",
+         "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "10", "--out", str(tmp_path / "m.npz")],
+        stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, cwd=REPO, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    os.close(terminal)
+    shown = b""
+    try:
+        while True:  # until the process closes the terminal (bounded by the test timeout)
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: every writer has closed it
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(controller)
+        assert proc.wait(timeout=30) == 0, shown.decode(errors="replace")
+    text = shown.decode(errors="replace")
+    assert "cluster up in" in text and "checkpoint at clock 10" in text and "model written to" in text, text
+    assert "planned:" not in text  # a log line the progress bar stands for on a terminal
