@@ -55,3 +55,10 @@ class RequestError(Exception):
     def __init__(self, message: str, code: str = "bad_request"):
         super().__init__(message)
         self.code = code
+
+
+class UsageError(PsctlError):
+    """The command line asks for something impossible (a value out of range, options that
+    contradict each other); refused before anything starts."""
+
+    exit_code = 2

@@ -24,6 +24,15 @@ def run_psctl(*args: str, timeout_s: float = 120, cwd: Path | None = None) -> su
     )
 
 
+def psctl_json(*args: str, timeout_s: float = 120) -> dict:
+    """Run ``psctl ARGS --json`` (train or predict) and return its one JSON object; it must succeed."""
+    import json
+
+    r = run_psctl(*args, "--json", timeout_s=timeout_s)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
 def write_logreg_csv(path: Path, rows: int, features: int = 4, seed: int = 0, header: bool = True) -> Path:
     """A learnable binary problem with named columns."""
     rng = np.random.default_rng(seed)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from psctl.apps import recommend
+from psctl.apps.results import json_safe
 from psctl.core.sparse import SparseRows
 from psctl.data import csvfile, formats
-from psctl.errors import DataError
+from psctl.errors import DataError, UsageError
 from psctl.files import loading
 from psctl.models.base import Model, encode_targets, evaluate, predicted_index
 
@@ -50,12 +52,15 @@ def schema_for(meta: dict[str, Any], path: str) -> csvfile.CsvSchema:
     )
 
 
-def predict(model_path: str, data_path: str, model_class_path: str | None = None, cold_start: str = "nan") -> Any:
+def predict(model_path: str, data_path: str, model_class_path: str | None = None, cold_start: str | None = None) -> Any:
     """A :class:`Prediction`, or for an mf model a recommend.RatingsPrediction
-    (``cold_start``: what to do with users and items the model has not seen)."""
+    (``cold_start``: what to do with users and items the model has not seen; mf only, default nan)."""
     model, params, meta = loading.load(model_path, model_class_path)
     if meta.get("data_format") == "ratings":
-        return recommend.predict_ratings(recommend.from_loaded(model_path, model, params, meta), data_path, cold_start)
+        mf = recommend.from_loaded(model_path, model, params, meta)
+        return recommend.predict_ratings(mf, data_path, cold_start or "nan")
+    if cold_start is not None:
+        raise UsageError(f"--cold-start is for mf models; {model_path} is a {meta.get('kind')} model")
     if meta.get("input", {}).get("format", "csv") in formats.SPARSE_FORMATS:
         return _predict_sparse(model, params, meta, data_path)
     schema = schema_for(meta, data_path)
@@ -121,6 +126,12 @@ def aligned_weights(model: Model, params: dict[str, np.ndarray], X: SparseRows) 
     return out, np.concatenate(missing)
 
 
+def check_predictions_path(out: str) -> None:
+    """Refuse an ``--out`` that cannot take the predictions, before the model is applied."""
+    if Path(out).is_dir():
+        raise UsageError(f"--out names the folder '{out}'; give the predictions file's path, e.g. {Path(out) / 'predictions.csv'}")
+
+
 def write_predictions(pred: Any, out: str) -> None:
     if pred.meta.get("data_format") == "ratings":
         return recommend.write_rating_predictions(pred, out)
@@ -140,3 +151,21 @@ def write_predictions(pred: Any, out: str) -> None:
                 writer.writerows([*(f"{v:.6f}" for v in row), label] for row, label in zip(pred.outputs, pred.predicted))
     except OSError as exc:
         raise DataError(f"cannot write predictions to '{out}': {exc.strerror or exc}") from None
+
+
+def prediction_summary(pred: Any, model_path: str, data_path: str, out_path: str | None = None) -> dict[str, Any]:
+    """A prediction's result as plain JSON values (``psctl predict --json``): rows, metrics, what was left out."""
+    summary: dict[str, Any] = {
+        "model_path": model_path,
+        "data": data_path,
+        "model": pred.meta.get("kind"),
+        "rows": len(pred.predicted),
+        "metrics": pred.metrics,
+        "classes": pred.meta.get("classes"),
+        "predictions_path": out_path,
+    }
+    if getattr(pred, "unknown", None) is not None:
+        summary["unknown_features"] = pred.unknown
+    if getattr(pred, "cold_start", None) is not None:
+        summary["cold_start"] = pred.cold_start
+    return json_safe(summary)

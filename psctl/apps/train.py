@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from psctl import net
+from psctl.apps.results import json_safe
 from psctl.cluster.client import ShardClient
 from psctl.cluster.launch import LocalCluster
 from psctl.core.batching import epoch_steps
@@ -23,7 +24,7 @@ from psctl.core.consistency import staleness_for
 from psctl.core.optim import OPTIMIZERS
 from psctl.core.tables import TableSpec
 from psctl.data import csvfile, formats, ratings, vocab
-from psctl.errors import DataError, Interrupted, JobError, PsctlError
+from psctl.errors import DataError, Interrupted, JobError, PsctlError, UsageError
 from psctl.files import checkpoint, modelfile
 from psctl.models.base import Model, classes_for, summarize
 from psctl.models.registry import model_class
@@ -139,6 +140,17 @@ class TrainConfig:
             raise PsctlError("--l1 needs --optimizer ftrl")
         if self.local_workers is not None and not 0 <= self.local_workers <= self.workers:
             raise PsctlError("--local-workers must be between 0 and --workers")
+        # Options that contradict each other: refused here, before anything starts.
+        if self.local_workers is not None and self.server is None:
+            raise UsageError("--local-workers is for a job on a running server (--server HOST:PORT); "
+                             "without --server every worker starts here")
+        if self.staleness and self.mode != "ssp":
+            raise UsageError(f"--staleness is the bound of --mode ssp; --mode {self.mode} has "
+                             f"{'none' if self.mode == 'async' else 'staleness 0'}")
+        if "huber_delta" in self.model_params and self.model_params.get("loss") != "huber":
+            raise UsageError("--huber-delta is for --loss huber")
+        if self.resume and self.checkpoint_dir and Path(self.resume).resolve() != Path(self.checkpoint_dir).resolve():
+            raise UsageError("--resume continues in its own folder; leave out --checkpoint-dir or give the same folder")
         try:
             staleness_for(self.mode, self.staleness)
         except ValueError as exc:
@@ -628,6 +640,31 @@ def vocab_file_parts(stats: dict[str, Any] | None) -> tuple[dict[str, str], dict
 
 
 def check_out_path(out: str) -> None:
+    if Path(out).is_dir():
+        raise UsageError(f"--out names the folder '{out}'; give the model file's path, e.g. {Path(out) / 'model.npz'}")
     parent = Path(out).resolve().parent
     if not parent.is_dir():
         raise DataError(f"cannot write the model to '{out}': folder '{parent}' does not exist")
+
+
+def result_summary(result: TrainResult) -> dict[str, Any]:
+    """The result as plain JSON values (``psctl train --json``): what was trained, how well, where it went."""
+    m, training = result.metrics, result.meta.get("training", {})
+    checkpoints = [e["clock"] for e in result.events if e.get("kind") == "checkpoint"]
+    return json_safe({
+        "model_path": result.model_path,
+        "model": result.meta.get("kind"),
+        "mode": training.get("mode"),
+        "staleness": training.get("staleness"),
+        "workers": training.get("workers"),
+        "epochs": training.get("epochs"),
+        "rows_trained": m.get("rows_trained"),
+        "samples": m.get("samples"),
+        "seconds": m.get("seconds"),
+        "lost_workers": m.get("lost_workers"),
+        "last_checkpoint_clock": checkpoints[-1] if checkpoints else None,
+        "checkpoint_dir": training.get("checkpoint_dir"),
+        "resumed_from": training.get("resume"),
+        "metrics": m,
+    })  # fmt: skip
+

@@ -8,7 +8,6 @@ import inspect
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -19,10 +18,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from psctl import net
+from psctl.apps import runtime
 from psctl.errors import Interrupted, PsctlError
-from psctl.protocol import handshake
-from psctl.protocol.wire import DEFAULT_MAX_FRAME_BYTES, MsgType
 
 app = typer.Typer(
     add_completion=False,
@@ -30,56 +27,48 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="psctl: a parameter server for machine learning.",
 )
-out = Console()
-err = Console(stderr=True)
 
-MAX_SHARD_RESTARTS = 10  # per server run
 
-MaxFrame = typer.Option(DEFAULT_MAX_FRAME_BYTES, "--max-frame-bytes", help="Largest frame accepted from a peer.")
+def _console(stderr: bool = False) -> Console:
+    """A console that wraps lines at the terminal's width on a terminal, and never in a pipe or file
+    (a log or a program reads whole lines there)."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        console = Console(stderr=stderr, width=PIPE_WIDTH, soft_wrap=True)
+    return console
 
-# The security flags: (name, type, option, serving roles only).
-_SECURITY_FLAGS: list[tuple[str, Any, Any, bool]] = [
-    ("secret_file", str | None, typer.Option(
-        None, "--secret-file", help=f"File (mode 600) with the cluster's shared secret; default ${handshake.SECRET_ENV}."), False),
-    ("insecure", bool, typer.Option(
-        False, "--insecure", help="Allow listening beyond loopback without a secret (trusted networks only)."), True),
-    ("tls_cert", str | None, typer.Option(
-        None, "--tls-cert", help="TLS certificate this process presents when it serves (PEM)."), True),
-    ("tls_key", str | None, typer.Option(None, "--tls-key", help="Private key of --tls-cert (PEM)."), True),
-    ("tls_ca", str | None, typer.Option(
-        None, "--tls-ca", help="CA certificates trusted when connecting with TLS (PEM); default: the system's."), False),
-    ("handshake_timeout_s", float, typer.Option(
-        net.DEFAULT_HANDSHAKE_TIMEOUT_S, "--handshake-timeout-s",
-        help="Seconds a new connection has to authenticate (or, without a secret, send a first frame)."), False),
-    ("idle_timeout_s", float, typer.Option(
-        net.DEFAULT_IDLE_TIMEOUT_S, "--idle-timeout-s",
-        help="Seconds a peer may go silent in the middle of a frame before it is dropped."), False),
-    ("max_connections", int, typer.Option(
-        net.DEFAULT_MAX_CONNECTIONS, "--max-connections", help="Connections a serving process holds at once."), True),
-    ("max_keys_per_request", int, typer.Option(
-        net.DEFAULT_MAX_KEYS_PER_REQUEST, "--max-keys-per-request", help="Keys one pull or push may name."), True),
-]  # fmt: skip
+
+PIPE_WIDTH = 1 << 16  # "no wrapping": tables are only as wide as their cells
+out = _console()
+err = _console(stderr=True)
+
+MaxFrame = typer.Option(runtime.DEFAULT_MAX_FRAME_BYTES, "--max-frame-bytes", help="Largest frame accepted from a peer.")
+
+
+def _typer_option(option: runtime.Option) -> Any:
+    return typer.Option(option.default, option.flag, help=option.help)
 
 
 def _security_options(serving: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Give a command the security flags; it receives them built into ``security: net.Security``.
+    """Give a command the security flags; it receives them built into ``security: runtime.Security``.
 
     ``serving`` adds the flags that matter only to a process that listens.
-    One list of flags, so every command spells and documents them the same way.
+    One table of flags (runtime.SECURITY_OPTIONS, shared with the child processes),
+    so every command spells and documents them the same way.
     """
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
-        flags = [f for f in _SECURITY_FLAGS if serving or not f[3]]
+        flags = [o for o in runtime.SECURITY_OPTIONS if serving or not o.serving_only]
         own = inspect.signature(command, eval_str=True)
         params = [p for p in own.parameters.values() if p.name != "security"]
-        params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=kind)
-                   for name, kind, opt, _ in flags]  # fmt: skip
+        params += [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=_typer_option(o), annotation=o.annotation)
+                   for o in flags]  # fmt: skip
 
         @functools.wraps(command)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            values = {name: kwargs.pop(name) for name, *_ in flags}
+            values = {o.name: kwargs.pop(o.name) for o in flags}
             try:
-                security = _build_security(**values)
+                security = runtime.build_security(**values)
             except PsctlError as exc:
                 err.print(f"psctl: error: {exc}", markup=False, highlight=False)
                 raise typer.Exit(exc.exit_code) from None
@@ -93,33 +82,10 @@ def _security_options(serving: bool) -> Callable[[Callable[..., Any]], Callable[
     return decorate
 
 
-def _build_security(
-    secret_file: str | None = None,
-    insecure: bool = False,
-    tls_cert: str | None = None,
-    tls_key: str | None = None,
-    tls_ca: str | None = None,
-    handshake_timeout_s: float = net.DEFAULT_HANDSHAKE_TIMEOUT_S,
-    idle_timeout_s: float = net.DEFAULT_IDLE_TIMEOUT_S,
-    max_connections: int = net.DEFAULT_MAX_CONNECTIONS,
-    max_keys_per_request: int = net.DEFAULT_MAX_KEYS_PER_REQUEST,
-) -> net.Security:
-    tls = net.TlsConfig(tls_cert, tls_key, tls_ca) if tls_cert or tls_key or tls_ca else None
-    return net.Security(
-        secret=net.load_secret(secret_file),
-        tls=tls,
-        insecure=insecure,
-        handshake_timeout_s=handshake_timeout_s,
-        idle_timeout_s=idle_timeout_s,
-        max_connections=max_connections,
-        max_keys_per_request=max_keys_per_request,
-    )
-
-
 def _run(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     """Run a command's coroutine; one sentence and a non-zero exit for every user-facing error."""
     try:
-        return net.run(main)
+        return runtime.run(main)
     except Interrupted as exc:
         err.print(f"psctl: {exc}", markup=False, highlight=False)
         raise typer.Exit(exc.exit_code) from None
@@ -150,16 +116,6 @@ def _steps_or_seconds(text: str, option: str) -> tuple[int, float]:
     raise typer.Exit(2)
 
 
-def _on_signal() -> asyncio.Event:
-    """An event SIGINT or SIGTERM sets. The handlers are in place when this returns, so
-    call it before announcing an address: a signal right after must not interrupt."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
-
-
 def _split(values: list[str] | None) -> tuple[str, ...]:
     return tuple(v.strip() for item in values or [] for v in item.split(",") if v.strip())
 
@@ -171,7 +127,7 @@ def train(
     model: str = typer.Argument(..., help="logreg, softmax, svm, linreg, mf, or a class as package.module:Class."),
     data: str = typer.Argument(..., help="Training data (CSV or LIBSVM; for mf a ratings CSV: user, item, rating)."),
     workers: int = typer.Option(8, "--workers", "-w", help="Number of workers."),
-    shards: int = typer.Option(2, "--shards", help="Shard processes of the embedded cluster."),
+    shards: int | None = typer.Option(None, "--shards", help="Shard processes of the embedded cluster (default 2)."),
     server: str | None = typer.Option(None, "--server", help="HOST:PORT of a running psctl server."),
     local_workers: int | None = typer.Option(
         None, "--local-workers", help="With --server: workers to start here (the rest join with 'psctl worker')."
@@ -223,19 +179,22 @@ def train(
     no_standardize: bool = typer.Option(False, "--no-standardize", help="Do not standardize features."),
     out_path: str = typer.Option("model.npz", "--out", "-o", help="Where to write the model."),
     model_class: str | None = typer.Option(None, "--model-class", help="Train your own model class (pkg.module:Class) instead of MODEL."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object (progress goes to stderr)."),
     max_frame_bytes: int = MaxFrame,
-    security: net.Security = net.LOCAL,
+    security: runtime.Security = runtime.LOCAL,
 ) -> None:
     """Train a model on the parameter server (an embedded cluster unless --server is given)."""
-    from psctl.apps.train import StopRequest, TrainConfig
+    from psctl.apps.train import StopRequest, TrainConfig, result_summary
     from psctl.apps.train import train as run_train
 
+    if shards is not None and server is not None:
+        _usage("--shards is for the embedded cluster; a running server (--server) has its own shards")
     every_steps, every_s = _steps_or_seconds(checkpoint_every, "--checkpoint-every")
     cfg = TrainConfig(
         model=model_class or model,
         data=data,
         workers=workers,
-        shards=shards,
+        **({} if shards is None else {"shards": shards}),
         server=server,
         local_workers=local_workers,
         mode=mode,
@@ -276,19 +235,20 @@ def train(
         save_optimizer_state=save_optimizer_state,
         security=security,
     )
-    view = _TrainView(cfg.epochs, interactive=out.is_terminal)
+    view = _TrainView(cfg.epochs, console=err if as_json else out)
 
     async def main() -> Any:
         stop = StopRequest()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.signal)
+        runtime.on_signal(stop.signal)
         return await run_train(cfg, view.on_event, stop)
 
     try:
         result = _run(main)
     finally:
         view.close()
+    if as_json:
+        print(json.dumps(result_summary(result), indent=2), flush=True)
+        return
     m = result.metrics
     out.print(
         f"done: mode {cfg.mode}, {cfg.workers} workers, {m['seconds']:.2f} s; "
@@ -349,9 +309,10 @@ def _figures(metrics: dict[str, Any], prefix: str = "") -> str:
 class _TrainView:
     """Renders driver events: a rich progress bar on a terminal, plain lines otherwise."""
 
-    def __init__(self, epochs: int, interactive: bool):
+    def __init__(self, epochs: int, console: Console):
         self.epochs = epochs
-        self.interactive = interactive
+        self.console = console
+        self.interactive = console.is_terminal
         self.clocks: dict[int, int] = {}
         self.samples = 0  # from progress reports (the bar)
         self.epoch_samples = 0  # from completed epochs (the per-epoch lines)
@@ -372,16 +333,16 @@ class _TrainView:
                     TextColumn("{task.completed}/{task.total} steps"),
                     TextColumn("{task.fields[info]}"),
                     TimeElapsedColumn(),
-                    console=out,
+                    console=self.console,
                     transient=True,
                 )
                 self.progress.start()
                 self.task = self.progress.add_task("train", total=event["steps"], info="starting")
         elif kind == "cluster_up":
-            self._plain(f"cluster up in {event['seconds']:.2f} s at {event['address']}")
+            self._note(f"cluster up in {event['seconds']:.2f} s at {event['address']}")
         elif kind == "submitted":
             self.started = time.monotonic()
-            self._plain(f"job {event['job_id']} on {len(event['shards'])} shards")
+            self._note(f"job {event['job_id']} on {len(event['shards'])} shards")
         elif kind == "progress":
             self.clocks[event["worker_id"]] = event["clock"]
             self.samples += event["samples"]
@@ -404,12 +365,12 @@ class _TrainView:
             msg = f"shard {event['index']} recovered from clock {event['clock']}; {event['replayed_steps']} steps replayed"
             self._note(msg)
         elif kind == "checkpoint":
-            self._plain(f"checkpoint at clock {event['clock']}")
+            self._note(f"checkpoint at clock {event['clock']}")
         elif kind == "halting":
             self._note(f"stopping: every worker stops at one clock and the shards save a final checkpoint in "
                        f"'{event['dir']}' (Ctrl-C again to stop at once)", err)
         elif kind == "resuming":
-            self._plain(f"resuming from the checkpoint at clock {event['clock']} in {event['dir']}")
+            self._note(f"resuming from the checkpoint at clock {event['clock']} in {event['dir']}")
         elif kind == "worker_joined" and event.get("replacing"):
             how = "a surviving worker process took over" if event.get("takeover") else "a new worker took"
             msg = (f"{how} lost partition {event['partition']} from clock {event['start_clock']} "
@@ -427,9 +388,11 @@ class _TrainView:
         elif kind == "done":
             self._plain(f"trained: loss {event['loss']:.4f} {_figures(event['metrics'])}")
 
-    def _note(self, msg: str, console: Console = out) -> None:
-        """A line that must show now: above the progress bar on a terminal."""
-        (self.progress.console if self.progress else console).print(msg, highlight=False)
+    def _note(self, msg: str, console: Console | None = None) -> None:
+        """A line that must show now, on a terminal (above the progress bar) as in a pipe."""
+        console = self.progress.console if self.progress else console or self.console
+        console.print(msg, highlight=False, markup=False)
+        console.file.flush()
 
     def _rate(self, samples: int) -> float:
         return samples / max(time.monotonic() - self.started, 1e-9)
@@ -440,8 +403,9 @@ class _TrainView:
             self.progress.update(self.task, completed=sum(self.clocks.values()), info=info)
 
     def _plain(self, line: str) -> None:
+        """A line for a log (on a terminal the progress bar shows it)."""
         if not self.interactive:
-            print(line, flush=True)
+            print(line, file=self.console.file, flush=True)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -455,21 +419,27 @@ def predict(
     data: str = typer.Argument(..., help="Data in the model's format: CSV with its feature columns (label optional), or LIBSVM."),
     out_path: str | None = typer.Option(None, "--out", "-o", help="Write per-row predictions to this CSV."),
     model_class: str | None = typer.Option(None, "--model-class", help="Allow loading a model of this user class."),
-    cold_start: str = typer.Option(
-        "nan", "--cold-start", help="mf: rows with an unseen user or item: nan, drop, or mean (global mean + known bias)."
+    cold_start: str | None = typer.Option(
+        None, "--cold-start", help="mf: rows with an unseen user or item: nan (default), drop, or mean (global mean + known bias)."
     ),
+    as_json: bool = typer.Option(False, "--json", help="Print the result (rows, metrics, ...) as one JSON object."),
 ) -> None:
     """Apply a model file to data; print metrics when the data has labels."""
+    from psctl.apps.predict import check_predictions_path, prediction_summary, write_predictions
     from psctl.apps.predict import predict as run_predict
-    from psctl.apps.predict import write_predictions
 
     try:
+        if out_path:
+            check_predictions_path(out_path)
         pred = run_predict(model_path, data, model_class, cold_start)
         if out_path:
             write_predictions(pred, out_path)
     except PsctlError as exc:
         err.print(f"psctl: error: {exc}", markup=False, highlight=False)
         raise typer.Exit(exc.exit_code) from None
+    if as_json:
+        print(json.dumps(prediction_summary(pred, model_path, data, out_path), indent=2), flush=True)
+        return
     unknown = getattr(pred, "unknown", None)
     if unknown and unknown["occurrences"]:
         out.print(
@@ -505,9 +475,14 @@ def recommend(
     top: int = typer.Option(10, "--top", "-k", help="How many items per user."),
     exclude: str | None = typer.Option(None, "--exclude", help="A ratings CSV: leave out the items each user rated there."),
     out_path: str | None = typer.Option(None, "--out", "-o", help="Write the top items of every user to this CSV."),
+    as_json: bool = typer.Option(False, "--json", help="With --user: the items as one JSON object."),
 ) -> None:
     """Top items by predicted rating, for one user (a table) or every user (--out CSV)."""
     from psctl.apps import recommend as rec
+    from psctl.apps.results import json_safe
+
+    if as_json and user is None:
+        _usage("--json is for --user U; --out FILE writes every user's items as CSV")
 
     if (user is None) == (out_path is None):
         err.print("psctl: error: give either --user U (one user, as a table) or --out FILE (every user, as CSV)")
@@ -527,9 +502,15 @@ def recommend(
             return
         assert user is not None
         items = rec.recommend_user(mf, user, top, excluded)
+        left_out = rec.rated_count(mf, user, excluded) if excluded is not None else None
     except PsctlError as exc:
         err.print(f"psctl: error: {exc}", markup=False, highlight=False)
         raise typer.Exit(exc.exit_code) from None
+    if as_json:
+        result = {"model_path": model_path, "user": user, "top": top, "left_out": left_out,
+                  "items": [{"rank": r, "item": item, "predicted_rating": score} for r, (item, score) in enumerate(items, 1)]}
+        print(json.dumps(json_safe(result), indent=2), flush=True)
+        return
     table = Table(title=f"top {top} items for {mf.user_col} {user}")
     table.add_column("rank", justify="right")
     table.add_column(mf.item_col)
@@ -538,7 +519,7 @@ def recommend(
         table.add_row(str(rank), item, f"{score:.3f}")
     out.print(table)
     if excluded is not None:
-        out.print(f"left out the {rec.rated_count(mf, user, excluded)} items {user} rated in {exclude}", highlight=False)
+        out.print(f"left out the {left_out} items {user} rated in {exclude}", highlight=False)
 
 
 def _confusion_table(cm: Any, classes: list[str]) -> Table:
@@ -560,72 +541,18 @@ def server(
     port: int = typer.Option(0, "--port", help="Coordinator port (0: any free port)."),
     coordinator: str | None = typer.Option(None, "--coordinator", help="Join this coordinator instead of starting one."),
     max_frame_bytes: int = MaxFrame,
-    security: net.Security = net.LOCAL,
+    security: runtime.Security = runtime.LOCAL,
 ) -> None:
     """Run a coordinator and N shard processes (or only shards, joining --coordinator)."""
-    from psctl.cluster.launch import LocalCluster
+    from psctl.apps.server import serve
 
-    if shards < 1:
-        err.print("psctl: error: --shards must be at least 1")
-        raise typer.Exit(2)
-
-    async def main() -> None:
-        async with LocalCluster(host=host, max_frame_bytes=max_frame_bytes, security=security) as cluster:
-            address = coordinator or await cluster.start_coordinator(port)
-            shard_addresses = await cluster.start_shards(shards, address)
-            signalled = _on_signal()
-            if coordinator:
-                print(f"psctl: {shards} shards joined the coordinator at {address}: {', '.join(shard_addresses)}", flush=True)
-            else:
-                print(f"psctl server listening on {address} (coordinator, {shards} shards)", flush=True)
-            # A shard process that dies is started again: it joins the coordinator, which
-            # rolls a checkpointed job back to its last checkpoint (or fails a job without one).
-            exits = {asyncio.ensure_future(c.proc.wait()): c for c in cluster.children}
-            stop = asyncio.ensure_future(signalled.wait())
-            restarts = 0
-            try:
-                while True:
-                    done, _ = await asyncio.wait([stop, *exits], return_when=asyncio.FIRST_COMPLETED)
-                    if stop in done:
-                        signalled.clear()
-                        await _stop_running_job(cluster, signalled)
-                        break
-                    for fut in [f for f in exits if f.done()]:
-                        child = exits.pop(fut)
-                        restarts += 1
-                        if restarts > MAX_SHARD_RESTARTS:
-                            raise PsctlError(f"shard processes exited {restarts} times; stopping the server")
-                        print(f"psctl: shard process {child.index} exited ({fut.result()}); starting another", flush=True)
-                        (new,) = await cluster.start_shards(1, address)
-                        fresh = cluster.children[-1]
-                        exits[asyncio.ensure_future(fresh.proc.wait())] = fresh
-                        print(f"psctl: a new shard is at {new}", flush=True)
-            finally:
-                for fut in [stop, *exits]:
-                    fut.cancel()
-        print("psctl server stopped", flush=True)
-
-    _run(main)
+    _run(lambda: serve(shards, _line, host=host, port=port, coordinator=coordinator, max_frame_bytes=max_frame_bytes,
+                       security=security))  # fmt: skip
 
 
-async def _stop_running_job(cluster: Any, signalled: asyncio.Event) -> None:
-    """Ctrl-C on psctl server: the running job stops at one clock with a final checkpoint
-    (where it has a checkpoint folder) before the processes go; a second Ctrl-C does not wait."""
-    from psctl.apps.train import HALT_TIMEOUT_S
-
-    coordinator = cluster.coordinator
-    if coordinator is None or coordinator.job is None:
-        return
-    print("psctl: stopping the running job first (Ctrl-C again to stop at once)", flush=True)
-    halting = asyncio.ensure_future(coordinator.stop_running_job("the psctl server is stopping"))
-    again = asyncio.ensure_future(signalled.wait())
-    await asyncio.wait([halting, again], timeout=HALT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
-    again.cancel()
-    if halting.done() and halting.result():
-        print(f"psctl: {halting.result()}", flush=True)
-    elif not halting.done():
-        halting.cancel()
-        print("psctl: stopped without waiting for the job's final checkpoint", flush=True)
+def _line(text: str) -> None:
+    """A line an operator or a script waits for (an address): printed and flushed at once."""
+    print(text, flush=True)
 
 
 @app.command("coordinator")
@@ -634,21 +561,12 @@ def coordinator_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (beyond loopback only with a secret)."),
     port: int = typer.Option(0, "--port"),
     max_frame_bytes: int = MaxFrame,
-    security: net.Security = net.LOCAL,
+    security: runtime.Security = runtime.LOCAL,
 ) -> None:
     """Run the coordinator alone (shards join with 'psctl server --coordinator' or 'psctl shard')."""
-    from psctl.cluster.coordinator import start_coordinator
+    from psctl.apps.server import run_coordinator
 
-    async def main() -> None:
-        srv, _, address = await start_coordinator(host, port, max_frame_bytes=max_frame_bytes, security=security)
-        signalled = _on_signal()
-        print(f"psctl coordinator listening on {address}", flush=True)
-        try:
-            await signalled.wait()
-        finally:
-            await srv.close()
-
-    _run(main)
+    _run(lambda: run_coordinator(_line, host=host, port=port, max_frame_bytes=max_frame_bytes, security=security))
 
 
 @app.command()
@@ -659,15 +577,13 @@ def shard(
     port: int = typer.Option(0, "--port"),
     advertise_host: str | None = typer.Option(None, "--advertise-host", help="Address workers should use for this shard."),
     max_frame_bytes: int = MaxFrame,
-    security: net.Security = net.LOCAL,
+    security: runtime.Security = runtime.LOCAL,
 ) -> None:
     """Run one shard that joins a coordinator."""
-    from psctl.cluster.child import main as child_main
+    from psctl.apps.server import run_shard
 
-    args = ["shard", "--coordinator", coordinator, "--host", host, "--port", str(port)]
-    if advertise_host:
-        args += ["--advertise-host", advertise_host]
-    raise typer.Exit(child_main([*args, "--max-frame-bytes", str(max_frame_bytes)], security=security))
+    raise typer.Exit(run_shard(coordinator, host=host, port=port, advertise_host=advertise_host,
+                               max_frame_bytes=max_frame_bytes, security=security))  # fmt: skip
 
 
 @app.command()
@@ -677,14 +593,13 @@ def worker(
     data: str | None = typer.Option(None, "--data", help="Path of the job's data on this host, if it differs."),
     model_class: list[str] | None = typer.Option(None, "--model-class", help="Allow jobs of this user model class (pkg.module:Class)."),
     max_frame_bytes: int = MaxFrame,
-    security: net.Security = net.LOCAL,
+    security: runtime.Security = runtime.LOCAL,
 ) -> None:
     """Join the next job of a running server as one worker."""
-    from psctl.cluster.worker import Worker
+    from psctl.apps.server import run_worker
 
-    report = _run(
-        lambda: Worker(server_address, max_frame_bytes=max_frame_bytes, data_path=data, model_classes=model_class or [], security=security).run()
-    )
+    report = _run(lambda: run_worker(server_address, data=data, model_classes=model_class, max_frame_bytes=max_frame_bytes,
+                                     security=security))  # fmt: skip
     out.print(f"worker done: {report['n']} rows, final loss {report['loss_sum'] / max(report['n'], 1):.4f}", highlight=False)
 
 
@@ -695,38 +610,45 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     watch: bool = typer.Option(False, "--watch", help="Refresh until Ctrl-C."),
     interval_s: float = typer.Option(1.0, "--interval-s", help="Refresh interval with --watch."),
-    security: net.Security = net.LOCAL,
+    security: runtime.Security = runtime.LOCAL,
 ) -> None:
     """Show the shards, the workers and the running job of a server."""
+    from psctl.apps import status as st
 
-    async def fetch() -> dict[str, Any]:
-        peer = await net.connect(server_address, what="psctl server", security=security)
-        try:
-            body = (await peer.request(MsgType.STATUS, timeout_s=5.0)).body
-        finally:
-            peer.close()
-        if not isinstance(body.get("shards"), list):
-            what = f"a psctl shard (shard {body['shard_id']})" if "shard_id" in body else "a psctl process but not a coordinator"
-            raise PsctlError(f"{server_address} is {what}; psctl status asks the coordinator (the address 'psctl server' printed)")
-        return body
-
+    if as_json and watch:
+        _usage("--json prints one status; use it without --watch")
+    if not interval_s > 0:
+        _usage("--interval-s must be positive")
     if as_json:
-        print(json.dumps(_run(fetch), indent=2))
+        print(json.dumps(_run(lambda: st.fetch(server_address, security)), indent=2))
         return
     if not watch:
-        out.print(_status_view(_run(fetch), server_address))
+        out.print(_status_view(_run(lambda: st.fetch(server_address, security)), server_address))
         return
 
     async def loop() -> None:
         from rich.live import Live
 
-        with Live(console=out, auto_refresh=False) as live:
-            stop = asyncio.ensure_future(_on_signal().wait())
-            while not stop.done():
-                live.update(_status_view(await fetch(), server_address), refresh=True)
-                await asyncio.wait([stop], timeout=interval_s)
+        stop = runtime.on_signal()
+        if out.is_terminal:
+            with Live(console=out, auto_refresh=False) as live:
+                await st.watch(server_address, lambda body: live.update(_status_view(body, server_address), refresh=True),
+                               stop, interval_s, security)  # fmt: skip
+        else:  # a pipe or a file: each refresh in full, one after the other
+            def show(body: dict[str, Any]) -> None:
+                out.print(f"-- {time.strftime('%H:%M:%S')}", highlight=False)
+                out.print(_status_view(body, server_address))
+                out.file.flush()
+
+            await st.watch(server_address, show, stop, interval_s, security)
 
     _run(loop)
+
+
+def _usage(sentence: str) -> None:
+    """Refuse the command line: one sentence and the usage exit code (2)."""
+    err.print(f"psctl: error: {sentence}", markup=False, highlight=False)
+    raise typer.Exit(2)
 
 
 def _status_view(body: dict[str, Any], address: str) -> Any:

@@ -17,6 +17,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from psctl import net
+from psctl.cluster.options import SECURITY_OPTIONS, build_security
 from psctl.errors import PsctlError
 from psctl.protocol.wire import DEFAULT_MAX_FRAME_BYTES
 
@@ -78,36 +79,9 @@ async def worker_main(args: argparse.Namespace, security: net.Security) -> None:
     await Worker(args.server, max_frame_bytes=args.max_frame_bytes, data_path=args.data, model_classes=args.model_class, security=security).run()
 
 
-def security_args(security: net.Security) -> list[str]:
-    """Everything in ``security`` but the secret, as this parser's flags."""
-    args = [
-        "--handshake-timeout-s", repr(security.handshake_timeout_s),
-        "--idle-timeout-s", repr(security.idle_timeout_s),
-        "--max-connections", str(security.max_connections),
-        "--max-keys-per-request", str(security.max_keys_per_request),
-    ]  # fmt: skip
-    if security.insecure:
-        args.append("--insecure")
-    if security.tls is not None:
-        for flag, value in (("--tls-cert", security.tls.cert), ("--tls-key", security.tls.key), ("--tls-ca", security.tls.ca)):
-            if value is not None:
-                args += [flag, value]
-    return args
-
-
 def security_from_args(args: argparse.Namespace) -> net.Security:
-    tls = None
-    if args.tls_cert or args.tls_key or args.tls_ca:
-        tls = net.TlsConfig(args.tls_cert, args.tls_key, args.tls_ca)
-    return net.Security(
-        secret=net.read_secret_fd(args.secret_fd) if args.secret_fd is not None else None,
-        tls=tls,
-        insecure=args.insecure,
-        handshake_timeout_s=args.handshake_timeout_s,
-        idle_timeout_s=args.idle_timeout_s,
-        max_connections=args.max_connections,
-        max_keys_per_request=args.max_keys_per_request,
-    )
+    secret = net.read_secret_fd(args.secret_fd) if args.secret_fd is not None else None
+    return build_security(secret=secret, **{o.name: getattr(args, o.name) for o in SECURITY_OPTIONS})
 
 
 def parser() -> argparse.ArgumentParser:
@@ -127,14 +101,11 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--parent-watch", action="store_true")
         sp.add_argument("--log-level", default="WARNING")
         sp.add_argument("--secret-fd", type=int, default=None, help="read the shared secret from this inherited pipe")
-        sp.add_argument("--tls-cert", default=None)
-        sp.add_argument("--tls-key", default=None)
-        sp.add_argument("--tls-ca", default=None)
-        sp.add_argument("--insecure", action="store_true")
-        sp.add_argument("--handshake-timeout-s", type=float, default=net.DEFAULT_HANDSHAKE_TIMEOUT_S)
-        sp.add_argument("--idle-timeout-s", type=float, default=net.DEFAULT_IDLE_TIMEOUT_S)
-        sp.add_argument("--max-connections", type=int, default=net.DEFAULT_MAX_CONNECTIONS)
-        sp.add_argument("--max-keys-per-request", type=int, default=net.DEFAULT_MAX_KEYS_PER_REQUEST)
+        for option in SECURITY_OPTIONS:
+            if option.kind is bool:
+                sp.add_argument(option.flag, action="store_true", help=option.help)
+            else:
+                sp.add_argument(option.flag, type=option.kind, default=option.default, help=option.help)
     return p
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from psctl import net
-from psctl.cluster.child import READY, security_args
+from psctl.cluster.child import READY
+from psctl.cluster.options import security_args
 from psctl.cluster.coordinator import CoordinatorService, start_coordinator
 from psctl.errors import PsctlError
 from psctl.protocol import handshake

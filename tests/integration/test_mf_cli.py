@@ -12,7 +12,7 @@ from psctl.data import csvfile, ratings
 from psctl.data.vocab import Vocab
 from psctl.files import modelfile
 
-from ..conftest import SHARED_DATA, run_psctl
+from ..conftest import SHARED_DATA, psctl_json, run_psctl
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -43,7 +43,7 @@ COLUMNS = ["--user-col", "who", "--item-col", "what", "--rating-col", "stars"]
 
 
 def train_mf(train: Path, out: Path, mode: str, lr: float, epochs: int = 15) -> None:
-    r = run_psctl("train", "mf", str(train), "--workers", "4", "--shards", "2", "--mode", mode, "--staleness", "1",
+    r = run_psctl("train", "mf", str(train), "--workers", "4", "--shards", "2", "--mode", mode, *(["--staleness", "1"] if mode == "ssp" else []),
                   "--rank", "2", "--epochs", str(epochs), "--batch-size", "32", "--lr", str(lr), "--l2", "0.02",
                   *COLUMNS, "--out", str(out))
     assert r.returncode == 0, r.stderr
@@ -53,11 +53,6 @@ def train_mf(train: Path, out: Path, mode: str, lr: float, epochs: int = 15) -> 
 def error_of(result) -> str:
     assert result.returncode != 0 and "Traceback" not in result.stderr
     return " ".join(result.stderr.split())  # rich may wrap long lines
-
-
-def metric(output: str, name: str) -> float:
-    line = next(ln for ln in output.splitlines() if f" {name} " in ln)
-    return float(line.replace("│", " ").split()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -86,16 +81,19 @@ def test_model_file_holds_string_vocabularies_and_the_global_mean(trained):
 def test_predict_beats_the_global_mean_and_reports_cold_start(trained, tmp_path, strategy):
     model, _, test, facts = trained
     out = tmp_path / "pred.csv"
-    r = run_psctl("predict", str(model), str(test), "--cold-start", strategy, "--out", str(out))
+    r = run_psctl("predict", str(model), str(test), "--cold-start", strategy)
     assert r.returncode == 0, r.stderr
-    assert metric(r.stdout, "rmse") < 0.7 * facts["baseline_rmse"], r.stdout
-    assert "cold start: 2 of" in r.stdout and "user (1) or item (1)" in r.stdout
+    assert "cold start: 2 of" in r.stdout and "user (1) or item (1)" in r.stdout  # the human output
     assert f"--cold-start {strategy}:" in r.stdout
+    p = psctl_json("predict", str(model), str(test), "--cold-start", strategy, "--out", str(out))
+    assert p["metrics"]["rmse"] < 0.7 * facts["baseline_rmse"], p
+    assert p["cold_start"]["cold_rows"] == 2 and p["cold_start"]["strategy"] == strategy
+    assert p["cold_start"]["unknown_users"] == 1 and p["cold_start"]["unknown_items"] == 1
     rows = list(csv.reader(out.read_text().splitlines()))
     assert rows[0] == ["who", "what", "stars", "predicted"]
     n = facts["test_rows"]
     assert len(rows) - 1 == (n if strategy == "drop" else n + 2)
-    assert metric(r.stdout, "rows") == (n + 2 if strategy == "mean" else n)
+    assert p["metrics"]["rows"] == (n + 2 if strategy == "mean" else n)
     ghost = [row for row in rows if row[0] == "ghost"]
     if strategy == "nan":
         assert ghost[0][3] == "nan"
@@ -106,10 +104,14 @@ def test_predict_beats_the_global_mean_and_reports_cold_start(trained, tmp_path,
 def test_recommend_leaves_out_what_the_user_rated(trained, tmp_path):
     model, train, _, _ = trained
     rated = {row[1] for row in csv.reader(train.read_text().splitlines()[1:]) if row[0] == "user-3"}
-    r = run_psctl("recommend", str(model), "--user", "user-3", "--top", "40", "--exclude", str(train))
-    assert r.returncode == 0, r.stderr
-    listed = {ln.split("│")[2].strip() for ln in r.stdout.splitlines() if ln.startswith("│")}
-    assert listed and not listed & rated and len(listed) == 40 - len(rated)
+    r = psctl_json("recommend", str(model), "--user", "user-3", "--top", "40", "--exclude", str(train))
+    listed = {entry["item"] for entry in r["items"]}
+    assert listed and not listed & rated and len(listed) == 40 - len(rated) and r["left_out"] == len(rated)
+    assert [entry["rank"] for entry in r["items"]] == list(range(1, len(listed) + 1))
+    scores = [entry["predicted_rating"] for entry in r["items"]]
+    assert scores == sorted(scores, reverse=True)
+    shown = run_psctl("recommend", str(model), "--user", "user-3", "--top", "3")  # the human output: a table
+    assert shown.returncode == 0 and "top 3 items for who user-3" in shown.stdout, shown.stderr
     out = tmp_path / "all.csv"
     r = run_psctl("recommend", str(model), "--top", "5", "--exclude", str(train), "--out", str(out))
     assert r.returncode == 0, r.stderr
@@ -123,9 +125,8 @@ def test_other_modes_learn_too(tmp_path, mode):
     train, test, facts = write_ratings(tmp_path, seed=2)
     model = tmp_path / "m.npz"
     train_mf(train, model, mode, lr=0.6)
-    r = run_psctl("predict", str(model), str(test), "--cold-start", "drop")
-    assert r.returncode == 0, r.stderr
-    assert metric(r.stdout, "rmse") < 0.7 * facts["baseline_rmse"], r.stdout
+    p = psctl_json("predict", str(model), str(test), "--cold-start", "drop")
+    assert p["metrics"]["rmse"] < 0.7 * facts["baseline_rmse"], p
 
 
 def test_bad_input_gets_one_sentence(trained, tmp_path):

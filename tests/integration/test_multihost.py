@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import EXAMPLES, REPO
+from ..conftest import EXAMPLES, REPO, psctl_json
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.timeout(180)]
 
@@ -132,10 +132,7 @@ def test_workers_on_other_hosts_train_and_survive_a_cut_link(hosts: Hosts, tmp_p
         for w in workers:
             w.communicate(timeout=30)
             assert w.returncode == 0
-        predicted = subprocess.run([sys.executable, "-m", "psctl", "predict", str(model), str(TEST)],
-                                   capture_output=True, text=True, timeout=60, cwd=REPO)
-        accuracy = float(next(ln for ln in predicted.stdout.splitlines() if "accuracy" in ln).replace("│", " ").split()[-1])
-        assert accuracy >= 0.96
+        assert psctl_json("predict", str(model), str(TEST))["metrics"]["accuracy"] >= 0.96
 
         # 2. Cut one worker's link mid-run: declared lost by heartbeat timeout, the job finishes without it.
         workers = [hosts.run(ns, "worker", "--server", address) for ns in hosts.workers]

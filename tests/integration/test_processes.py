@@ -123,7 +123,7 @@ def train_args(data: Path, mode: str, out: Path) -> list[str]:
     # A decaying step: with a constant one, async SGD ends anywhere in a band about a point
     # wide from run to run (measured: 0.796-0.807 train accuracy here), fault or not, which
     # would make "within one point of the fault-free run" a coin toss; with it, 0.804-0.806.
-    return ["logreg", str(data), "--label", "1", "--drop", "0", "--workers", "4", "--mode", mode, "--staleness", "1",
+    return ["logreg", str(data), "--label", "1", "--drop", "0", "--workers", "4", "--mode", mode, *(["--staleness", "1"] if mode == "ssp" else []),
             "--epochs", "40", "--lr-decay", "0.01", "--out", str(out)]
 
 

@@ -9,9 +9,8 @@ import pytest
 
 from psctl.files import modelfile
 
-from ..conftest import SHARED_DATA, run_psctl
+from ..conftest import SHARED_DATA, psctl_json, run_psctl
 from .test_bad_input import assert_clean_error
-from .test_train_cli import accuracy_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -49,10 +48,9 @@ def test_libsvm_train_predict_and_unknown_features(tmp_path):
     assert meta["input"] == {"format": "libsvm", "index_base": 1, "n_features": N_FEATURES}
     assert params["w.keys"].tolist() == [k for k in range(N_FEATURES + 1) if k != UNSEEN - 1]
     assert not any(name.startswith("w.opt.") for name in params)
-    p = run_psctl("predict", str(model), str(test), "--out", str(tmp_path / "pred.csv"))
-    assert p.returncode == 0, p.stderr
-    assert "ignored 3 occurrences of 2 features the model has no weight for" in " ".join(p.stdout.split())
-    assert accuracy_of(p.stdout) >= 0.8, p.stdout
+    p = psctl_json("predict", str(model), str(test), "--out", str(tmp_path / "pred.csv"))
+    assert p["unknown_features"] == {"occurrences": 3, "features": 2}
+    assert p["metrics"]["accuracy"] >= 0.8, p
     assert len((tmp_path / "pred.csv").read_text().splitlines()) == 1 + 202
 
 
@@ -68,9 +66,8 @@ def test_multiclass_models_on_sparse_rows(tmp_path, kind, optimizer):
     assert params["w"].shape == (len(params["w.keys"]), 3) and meta["optimizer"]["name"] == optimizer
     state = {n for n in params if n.startswith("w.opt.")}
     assert state == ({"w.opt.m", "w.opt.v", "w.opt.t"} if optimizer == "adam" else {"w.opt.sum_sq"})
-    p = run_psctl("predict", str(model), str(test))
-    assert p.returncode == 0, p.stderr
-    assert accuracy_of(p.stdout) >= 0.6, p.stdout  # three classes: chance is about 0.33
+    p = psctl_json("predict", str(model), str(test))
+    assert p["metrics"]["accuracy"] >= 0.6, p  # three classes: chance is about 0.33
 
 
 def write_hashed(path: Path, rows: int, seed: int, label: bool = True) -> Path:
@@ -100,8 +97,9 @@ def test_hashed_csv_train_and_predict_with_and_without_labels(tmp_path):
     assert 800 < len(params["w.keys"]) <= 800 + 20 + 2 and params["w.keys"][-1] == 2**32 - 1  # bias key last
     p = run_psctl("predict", str(model), str(write_hashed(tmp_path / "test.csv", 300, seed=2)))
     assert p.returncode == 0, p.stderr
-    assert accuracy_of(p.stdout) >= 0.8, p.stdout
-    assert "ignored 300 occurrences of 300 features" in " ".join(p.stdout.split())  # every user id is new
+    assert "ignored 300 occurrences of 300 features" in p.stdout  # every user id is new (the human output)
+    p = psctl_json("predict", str(model), str(write_hashed(tmp_path / "test.csv", 300, seed=2)))
+    assert p["metrics"]["accuracy"] >= 0.8, p
     unlabeled = run_psctl("predict", str(model), str(write_hashed(tmp_path / "u.csv", 10, seed=3, label=False)))
     assert unlabeled.returncode == 0, unlabeled.stderr
     assert "10 rows predicted (no label column" in unlabeled.stdout
@@ -132,6 +130,5 @@ def test_a9a_ftrl_reaches_0848(tmp_path, mode, l1):
     nonzero = int(np.count_nonzero(params["w"]))
     if l1:
         assert nonzero < 123, r.stdout  # truly sparse: fewer non-zero weights than features
-    p = run_psctl("predict", str(model), str(A9A / "a9a.t"))
-    assert p.returncode == 0, p.stderr
-    assert accuracy_of(p.stdout) >= 0.848, p.stdout
+    p = psctl_json("predict", str(model), str(A9A / "a9a.t"))
+    assert p["metrics"]["accuracy"] >= 0.848, p

@@ -94,7 +94,6 @@ def test_imports_point_down():
     assert not upward, "imports that point up or sideways:\n" + "\n".join(sorted(upward))
 
 
-@pytest.mark.xfail(strict=True, reason="cli/ still speaks the protocol (status) and supervises shards (server); moved out next")
 def test_cli_reaches_only_apps():
     below = [
         f"{m} -> {d}"
