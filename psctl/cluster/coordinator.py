@@ -659,6 +659,7 @@ class CoordinatorService:
         try:
             timeout_s = self.liveness.timeout_s
             await shard.peer.request(MsgType.PING, {}, timeout_s=timeout_s)
+            self.liveness.heard(("shard", shard.shard_id))  # a reply does not pass through handle()
         except (PsctlError, ConnectionError, TimeoutError) as exc:
             # Not a verdict: silence is judged by the liveness tracker, on time we were running.
             log.debug("PING to shard %d: %s", shard.shard_id, exc)
