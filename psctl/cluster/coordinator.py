@@ -21,9 +21,15 @@ from psctl.core.coordinator import (
     JOB_TRANSITIONS,
     LIVE_SLOT_STATES,
     WATCHED_SLOT_STATES,
+    Barrier,
+    CheckpointLog,
+    Effect,
+    EpochPool,
     InvalidTransition,
     JobState,
     Liveness,
+    Refuse,
+    Release,
     Slot,
     SlotState,
     check_move,
@@ -31,7 +37,7 @@ from psctl.core.coordinator import (
 )
 from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S, JobSpec
 from psctl.errors import PsctlError
-from psctl.core.reports import merge_reports, pool
+from psctl.core.reports import pool
 from psctl.core.tables import TableSpec, table_ranges
 from psctl.data import vocab
 from psctl.files import checkpoint
@@ -54,38 +60,6 @@ class ShardInfo:
     peer: net.Peer
 
 
-class Barrier:
-    """Waits until every expected worker has arrived or been dropped."""
-
-    def __init__(self, expected: set[int]):
-        self.expected = set(expected)
-        self.arrived: dict[int, Any] = {}
-        self.done: asyncio.Future[dict[int, Any]] = asyncio.get_running_loop().create_future()
-        self._check()
-
-    def arrive(self, worker: int, payload: Any) -> None:
-        self.arrived[worker] = payload
-        self._check()
-
-    def add(self, worker: int) -> None:
-        """Expect one more worker (a replacement), unless the barrier has already opened."""
-        if not self.done.done():
-            self.expected.add(worker)
-
-    def drop(self, worker: int) -> None:
-        self.expected.discard(worker)
-        self._check()
-
-    def fail(self, exc: BaseException) -> None:
-        if not self.done.done():
-            self.done.set_exception(exc)
-            self.done.exception()  # mark retrieved: nobody may be waiting
-
-    def _check(self) -> None:
-        if not self.done.done() and self.expected <= self.arrived.keys():
-            self.done.set_result({w: p for w, p in self.arrived.items() if w in self.expected})
-
-
 WorkerSlot = Slot  # the slot is plain data (core.coordinator); its peer is a net.Peer here
 
 
@@ -100,12 +74,10 @@ class Job:
     trained: Barrier
     final: Barrier
     ranges: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
-    epoch_reports: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)
+    epochs: EpochPool = field(default_factory=EpochPool)
     stats_sent: bool = False
     tables: list[dict[str, Any]] = field(default_factory=list)
-    checkpoints: dict[int, set[int]] = field(default_factory=dict)  # clock -> shards that saved it
-    last_checkpoint: int | None = None
-    last_epoch_reported: int = -1
+    checkpoints: CheckpointLog = field(default_factory=CheckpointLog)
     recovering: int | None = None  # index of a lost shard awaiting its replacement
     stats_reply: tuple[dict[str, Any], list[Any]] | None = None  # body and vocabulary arrays
     tables_ready: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
@@ -113,11 +85,13 @@ class Job:
     started_s: float = field(default_factory=time.monotonic)
     pausing: asyncio.Lock = field(default_factory=asyncio.Lock)  # held while the workers are paused for a checkpoint
     halting: bool = False  # the workers were told to stop at one clock: no more pauses
-    # (clock, future): resolved when the manifest reaches that clock, None if the job finishes first
-    waiters: list[tuple[int, asyncio.Future[int | None]]] = field(default_factory=list)
     timer: asyncio.Task[None] | None = None  # checkpoints every N seconds
     stop_requested: bool = False  # early stop: workers that join later are told too
     manifest_written: asyncio.Lock = field(default_factory=asyncio.Lock)  # manifests are written in clock order
+
+    @property
+    def last_checkpoint(self) -> int | None:
+        return self.checkpoints.last
 
     def move(self, new: JobState) -> None:
         check_move(JOB_TRANSITIONS, f"job {self.job_id}", self.state, new)  # type: ignore[arg-type]
@@ -200,6 +174,25 @@ class CoordinatorService:
             self.liveness.watch(("worker", slot.worker_id))
         else:
             self.liveness.forget(("worker", slot.worker_id))
+
+    def _run(self, effects: list[Effect]) -> None:
+        """Run what the pure parts decided: answer the requests they held."""
+        for effect in effects:
+            fut = effect.handle
+            assert isinstance(fut, asyncio.Future)
+            if fut.done():
+                continue
+            if isinstance(effect, Release):
+                fut.set_result(effect.value)
+            else:
+                fut.set_exception(net.RequestError(effect.message, code=effect.code))
+                fut.exception()  # retrieved: its request may be gone
+
+    async def _wait(self, barrier: Barrier, worker: int, payload: Any) -> Any:
+        """Arrive at ``barrier`` and wait until it opens (or fails)."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._run(barrier.arrive(worker, payload, fut))
+        return await fut
 
     async def _notify_changed(self) -> None:
         async with self._changed:
@@ -323,11 +316,8 @@ class CoordinatorService:
         """
         target = await self.checkpoint_at_one_clock(job, stop=True)
         if target is not None:
-            fut = asyncio.get_running_loop().create_future()
-            if job.last_checkpoint is not None and job.last_checkpoint >= target:
-                fut.set_result(job.last_checkpoint)
-            else:
-                job.waiters.append((target, fut))
+            fut: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+            self._run(job.checkpoints.wait(target, fut))
             target = await fut
         if target is None:
             return None
@@ -427,22 +417,6 @@ class CoordinatorService:
             except net.RequestError as exc:
                 log.info("job %s: skipped a timed checkpoint: %s", job.job_id, exc)
 
-    def _settle_waiters(self, job: Job, clock: int | None = None, error: BaseException | None = None) -> None:
-        """Resolve final-checkpoint waiters: reached ``clock``, failed with ``error``, or (neither) the job finished."""
-        keep = []
-        for target, fut in job.waiters:
-            if fut.done():
-                continue
-            if error is not None:
-                fut.set_exception(error)
-            elif clock is None:
-                fut.set_result(None)
-            elif target <= clock:
-                fut.set_result(clock)
-            else:
-                keep.append((target, fut))
-        job.waiters = keep
-
     async def _setup_shards(self, job: Job, restore: dict[str, Any] | None, workers: list[int]) -> list[Message]:
         """Create (or, with ``restore``, reload from a checkpoint) the job's tables on every shard."""
         spec = job.spec
@@ -478,7 +452,7 @@ class CoordinatorService:
             return
         why = peer.info.get("lost_reason")
         what = f"shard {peer.info['shard_id']} at {peer.info['address']} was lost" + (f": {why}" if why else "")
-        self._settle_waiters(job, error=net.RequestError(f"{what} before the final checkpoint was saved"))
+        self._run(job.checkpoints.settle(error=f"{what} before the final checkpoint was saved", code="bad_request"))
         finished = any(w.state in (SlotState.TRAINED, SlotState.FINISHED) for w in job.workers)
         if job.last_checkpoint is None or job.state is not JobState.RUNNING or finished or job.recovering is not None:
             self._fail(what + ("" if job.last_checkpoint is not None else " (no checkpoint to recover from)"))
@@ -532,7 +506,7 @@ class CoordinatorService:
         self.job = None
         if job.timer is not None:
             job.timer.cancel()
-        self._settle_waiters(job, error=net.RequestError(f"job {job.job_id} ended: {reason or 'done'}", code="job_ended"))
+        self._run(job.checkpoints.settle(error=f"job {job.job_id} ended: {reason or 'done'}", code="job_ended"))
         for w in job.workers:
             self.liveness.forget(("worker", w.worker_id))
         self.liveness.timeout_s = DEFAULT_FAILURE_TIMEOUT_S
@@ -545,7 +519,7 @@ class CoordinatorService:
                     w.peer.notify(MsgType.EVENT, {"kind": "abort", "reason": reason})
         ended = net.RequestError(f"job {job.job_id} ended: {reason or 'done'}", code="job_ended")
         for barrier in (job.stats, job.trained, job.final):
-            barrier.fail(ended)
+            self._run(barrier.fail(str(ended)))
         if not job.tables_ready.done():
             job.tables_ready.set_exception(ended)
             job.tables_ready.exception()  # retrieved: nobody may be waiting
@@ -697,7 +671,7 @@ class CoordinatorService:
         unfinished = slot.state is SlotState.RUNNING  # a worker lost after training needs no replacement
         self._move(slot, SlotState.LOST)
         # Its rows between its last acknowledged clock and the stop clock would be missing.
-        self._settle_waiters(job, error=net.RequestError(f"worker {slot.worker_id} was lost before the final checkpoint"))
+        self._run(job.checkpoints.settle(error=f"worker {slot.worker_id} was lost before the final checkpoint", code="bad_request"))
         log.warning("job %s: worker %d lost (%s)", job.job_id, slot.worker_id, reason)
         if unfinished:
             # A new slot for its partition: every barrier waits for it from now on, so the
@@ -712,7 +686,7 @@ class CoordinatorService:
             {"kind": "worker_lost", "worker_id": slot.worker_id, "reason": reason, "at_s": time.monotonic() - job.started_s},
         )
         for barrier in (job.stats, job.trained, job.final):
-            barrier.drop(slot.worker_id)
+            self._run(barrier.drop(slot.worker_id))
         self._check_epochs(job)
         if not job.live_ids():
             self._fail("every worker was lost")
@@ -764,8 +738,7 @@ class CoordinatorService:
             ids = vocab.from_message(msg.body, msg.arrays)
         except vocab.VocabError as exc:
             raise net.RequestError(str(exc)) from None
-        job.stats.arrive(slot.worker_id, {**msg.body, "vocab": ids})
-        parts = await job.stats.done
+        parts = await self._wait(job.stats, slot.worker_id, {**msg.body, "vocab": ids})
         if not job.stats_sent:  # the driver names the tables from these and keeps them for the model file
             job.stats_sent = True
             stats = [p["stats"] for p in parts.values() if p.get("stats")]
@@ -794,44 +767,28 @@ class CoordinatorService:
     def _epoch_report(self, peer: net.Peer, msg: Message) -> None:
         job, slot = self._job_of(peer)
         epoch = int(msg.body["epoch"])
-        # Keyed by partition: a replacement continues its predecessor's epoch reports,
-        # and a step it redoes adds to the same entry.
-        if epoch <= job.last_epoch_reported:
-            return  # a replacement redoing the end of an epoch that was already summed up
-        reports = job.epoch_reports.setdefault(epoch, {})
-        reports[slot.partition] = merge_reports(reports.get(slot.partition), msg.body)
+        job.epochs.report(epoch, slot.partition, msg.body)
         self._check_epochs(job)
 
     def _check_epochs(self, job: Job) -> None:
         # A spare slot's partition is awaited too: its replacement will report for it.
-        expected = {w.partition for w in job.workers if w.state is not SlotState.LOST}
-        for epoch in sorted(job.epoch_reports):
-            reports = job.epoch_reports[epoch]
-            if not expected <= reports.keys():
-                break
-            del job.epoch_reports[epoch]
-            job.last_epoch_reported = epoch
-            event = {"kind": "epoch", "epoch": epoch, **pool(list(reports.values()))}
-            vals = [r["val"] for r in reports.values() if r.get("val")]
-            if vals:
-                event["val"] = pool(vals)
+        for event in job.epochs.complete({w.partition for w in job.workers if w.state is not SlotState.LOST}):
             self._event(job, event)
 
     async def _trained(self, peer: net.Peer, msg: Message) -> Message:
         job, slot = self._job_of(peer)
         self._move(slot, SlotState.TRAINED)
-        job.trained.arrive(slot.worker_id, msg.body)
-        await job.trained.done
+        await self._wait(job.trained, slot.worker_id, msg.body)
         return Message(MsgType.TRAINED, {})
 
     def _final_report(self, peer: net.Peer, msg: Message) -> None:
         job, slot = self._job_of(peer)
         self._move(slot, SlotState.FINISHED)
-        job.final.arrive(slot.worker_id, msg.body)
-        if job.final.done.done() and not job.final.done.exception():
-            reports = list(job.final.done.result().values())
+        self._run(job.final.arrive(slot.worker_id, msg.body))
+        if job.final.result is not None:
+            reports = list(job.final.result.values())
             job.move(JobState.DONE)
-            self._settle_waiters(job)
+            self._run(job.checkpoints.settle())
             self._event(
                 job,
                 {
@@ -867,7 +824,7 @@ class CoordinatorService:
                 "mode": job.spec.mode,
                 "staleness": job.spec.staleness,
                 "state": job.state,
-                "epoch": job.last_epoch_reported + 1,
+                "epoch": job.epochs.last_reported + 1,
                 "epochs": job.spec.epochs,
                 "last_checkpoint": job.last_checkpoint,
                 "workers": [
@@ -891,13 +848,11 @@ class CoordinatorService:
         job = self.job
         if job is None or msg.body.get("job_id") != job.job_id or not job.spec.checkpoint:
             return
-        clock = int(msg.body["clock"])
-        saved = job.checkpoints.setdefault(clock, set())
-        saved.add(int(msg.body["shard_index"]))
-        if len(saved) < len(job.shards):
+        clock, index = msg.body.get("clock"), msg.body.get("shard_index")
+        if not isinstance(clock, int) or not isinstance(index, int) or isinstance(clock, bool) or isinstance(index, bool):
+            raise net.RequestError("CHECKPOINTED needs a clock and a shard_index")
+        if not job.checkpoints.shard_saved(clock, index, len(job.shards)):
             return
-        for c in [c for c in job.checkpoints if c <= clock]:
-            del job.checkpoints[c]
         manifest = {"clock": clock, "spec": job.spec.to_wire(), "tables": job.tables, "n_shards": len(job.shards), "job_id": job.job_id}
         self.spawn(self._write_manifest(job, clock, manifest))
 
@@ -915,9 +870,9 @@ class CoordinatorService:
                 return
             if job is not self.job:
                 return
-            job.last_checkpoint = clock
+            effects = job.checkpoints.written(clock)
             self._event(job, {"kind": "checkpoint", "clock": clock})
-            self._settle_waiters(job, clock)
+            self._run(effects)
 
     def _ping(self, peer: net.Peer, msg: Message) -> Message:
         return Message(MsgType.PING, {})

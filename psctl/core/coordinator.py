@@ -16,6 +16,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Any
+
+from psctl.core.reports import merge_reports, pool
 
 
 class InvalidTransition(Exception):
@@ -141,3 +144,162 @@ class Liveness:
 def tick_interval_s(heartbeat_interval_s: float, failure_timeout_s: float) -> float:
     """How often the failure detector looks: several times a timeout, at least once a second."""
     return max(min(heartbeat_interval_s, failure_timeout_s / 4, 1.0), 0.01)
+
+
+# -- effects ----------------------------------------------------------------------
+# The pure parts answer with effects; the service runs them. A request handle is whatever
+# the service uses to answer a pending request later (a future there); here it is opaque.
+
+
+@dataclass(frozen=True)
+class Release:
+    """Answer the pending request ``handle`` with ``value``."""
+
+    handle: object
+    value: object
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Answer the pending request ``handle`` with an error (one sentence, a code)."""
+
+    handle: object
+    message: str
+    code: str = "job_ended"
+
+
+Effect = Release | Refuse
+
+
+class Barrier:
+    """Opens when every expected worker has arrived or been dropped; holds the requests that
+    wait on it and releases them all with the arrived payloads (dropped ones left out)."""
+
+    def __init__(self, expected: set[int]):
+        self.expected = set(expected)
+        self.arrived: dict[int, object] = {}
+        self.waiting: list[object] = []
+        self.result: dict[int, object] | None = None
+        self.failed: str | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.result is not None
+
+    def arrive(self, worker: int, payload: object, handle: object | None = None) -> list[Effect]:
+        self.arrived[worker] = payload
+        if handle is not None:
+            if self.failed is not None:
+                return [Refuse(handle, self.failed)]
+            self.waiting.append(handle)
+        return self._check()
+
+    def add(self, worker: int) -> None:
+        """Expect one more worker (a replacement), unless the barrier has already opened."""
+        if not self.open:
+            self.expected.add(worker)
+
+    def drop(self, worker: int) -> list[Effect]:
+        self.expected.discard(worker)
+        return self._check()
+
+    def fail(self, reason: str) -> list[Effect]:
+        if self.open or self.failed is not None:
+            return []
+        self.failed = reason
+        waiting, self.waiting = self.waiting, []
+        return [Refuse(h, reason) for h in waiting]
+
+    def _check(self) -> list[Effect]:
+        if self.failed is not None:
+            return []
+        if not self.open and self.expected <= self.arrived.keys():
+            self.result = {w: p for w, p in self.arrived.items() if w in self.expected}
+        if not self.open:
+            return []
+        waiting, self.waiting = self.waiting, []
+        return [Release(h, self.result) for h in waiting]
+
+
+class EpochPool:
+    """Epoch reports pooled over partitions (a replacement continues its predecessor's, and a
+    step it redoes adds to the same entry); an epoch is summed up once every awaited
+    partition has reported it, in epoch order."""
+
+    def __init__(self) -> None:
+        self.reports: dict[int, dict[int, dict[str, Any]]] = {}
+        self.last_reported = -1
+
+    def report(self, epoch: int, partition: int, body: dict[str, Any]) -> None:
+        if epoch <= self.last_reported:
+            return  # a replacement redoing the end of an epoch that was already summed up
+        reports = self.reports.setdefault(epoch, {})
+        reports[partition] = merge_reports(reports.get(partition), body)
+
+    def complete(self, expected: set[int]) -> list[dict[str, Any]]:
+        """The driver's "epoch" events for every epoch the ``expected`` partitions all reported."""
+        events = []
+        for epoch in sorted(self.reports):
+            reports = self.reports[epoch]
+            if not expected <= reports.keys():
+                break
+            del self.reports[epoch]
+            self.last_reported = epoch
+            event = {"kind": "epoch", "epoch": epoch, **pool(list(reports.values()))}
+            vals = [r["val"] for r in reports.values() if r.get("val")]
+            if vals:
+                event["val"] = pool(vals)
+            events.append(event)
+        return events
+
+
+class CheckpointLog:
+    """Which shards saved which clock; a clock every shard saved becomes the job's checkpoint
+    once its manifest is written. Requests waiting for a clock (a halt) are released then."""
+
+    def __init__(self) -> None:
+        self.saved: dict[int, set[int]] = {}
+        self.last: int | None = None
+        self.waiters: list[tuple[int, object]] = []  # (clock, request handle)
+
+    def shard_saved(self, clock: int, shard_index: int, n_shards: int) -> bool:
+        """Record it; True when every shard has saved ``clock`` (write the manifest now)."""
+        if self.last is not None and clock <= self.last:
+            return False
+        saved = self.saved.setdefault(clock, set())
+        saved.add(shard_index)
+        if len(saved) < n_shards:
+            return False
+        for c in [c for c in self.saved if c <= clock]:
+            del self.saved[c]
+        return True
+
+    def written(self, clock: int) -> list[Effect]:
+        """The manifest of ``clock`` is on disk: it is the checkpoint; release who waited for it."""
+        if self.last is not None and clock <= self.last:
+            return []
+        self.last = clock
+        return self.settle(clock=clock)
+
+    def wait(self, clock: int, handle: object) -> list[Effect]:
+        """``handle`` waits until the checkpoint reaches ``clock`` (released with that checkpoint's clock)."""
+        if self.last is not None and self.last >= clock:
+            return [Release(handle, self.last)]
+        self.waiters.append((clock, handle))
+        return []
+
+    def settle(self, clock: int | None = None, error: str | None = None, code: str = "not_now") -> list[Effect]:
+        """Release waiters: reached ``clock``; refused with ``error``; or (neither) the job finished (None)."""
+        effects: list[Effect] = []
+        keep = []
+        for target, handle in self.waiters:
+            if error is not None:
+                effects.append(Refuse(handle, error, code))
+            elif clock is None:
+                effects.append(Release(handle, None))
+            elif target <= clock:
+                effects.append(Release(handle, clock))
+            else:
+                keep.append((target, handle))
+        self.waiters = keep
+        return effects

@@ -194,3 +194,20 @@ async def close_raw_clients() -> None:
         client.close()
         with contextlib.suppress(OSError):
             await asyncio.wait_for(client.writer.wait_closed(), 5)
+
+
+_BEATING: set[asyncio.Task[None]] = set()
+
+
+def keep_beating(peer: net.Peer, interval_s: float = 0.05, body: dict[str, Any] | None = None) -> None:
+    """What every worker does from registration until its connection closes: send HEARTBEATs
+    (a test playing a worker needs them too, or it is declared lost after the failure timeout)."""
+
+    async def beat() -> None:
+        while peer.is_open:
+            peer.notify(MsgType.HEARTBEAT, {"clock": 0, **(body or {})})
+            await asyncio.sleep(interval_s)  # the heartbeat's period, not a wait for anything
+
+    task = asyncio.ensure_future(beat())
+    _BEATING.add(task)
+    task.add_done_callback(_BEATING.discard)
