@@ -19,7 +19,6 @@ from typing import Any
 from psctl import net
 from psctl.core.coordinator import (
     JOB_TRANSITIONS,
-    LIVE_SLOT_STATES,
     WATCHED_SLOT_STATES,
     Barrier,
     CheckpointLog,
@@ -32,7 +31,15 @@ from psctl.core.coordinator import (
     Release,
     Slot,
     SlotState,
+    cannot_pause,
     check_move,
+    free_slot,
+    live_ids,
+    lose,
+    offer,
+    one_clock,
+    pick_survivor,
+    rewind,
     tick_interval_s,
 )
 from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S, JobSpec
@@ -47,7 +54,6 @@ log = logging.getLogger("psctl.coordinator")
 
 SHARD_WAIT_S = 30.0
 SHARD_SETUP_TIMEOUT_S = 30.0
-UNKNOWN_CLOCK = 2**62  # a pending slot's start clock until the shards say where its predecessor stopped
 PAUSE_TIMEOUT_S = 10.0  # a worker answers PAUSE at once; one that does not is hung
 MAX_LABELS = 1000
 
@@ -87,6 +93,7 @@ class Job:
     halting: bool = False  # the workers were told to stop at one clock: no more pauses
     timer: asyncio.Task[None] | None = None  # checkpoints every N seconds
     stop_requested: bool = False  # early stop: workers that join later are told too
+    takeovers: dict[int, int] = field(default_factory=dict)  # worker id -> partitions it was asked to take over
     manifest_written: asyncio.Lock = field(default_factory=asyncio.Lock)  # manifests are written in clock order
 
     @property
@@ -98,7 +105,7 @@ class Job:
         self.state = new
 
     def live_ids(self) -> set[int]:
-        return {w.worker_id for w in self.workers if w.state in LIVE_SLOT_STATES}
+        return live_ids(self.workers)
 
 
 class CoordinatorService:
@@ -344,19 +351,12 @@ class CoordinatorService:
         return f"job {job.job_id} stopped at clock {clock}; its final checkpoint is in {job.spec.checkpoint_dir}"
 
     def _cannot_pause(self, job: Job) -> str | None:
-        if job is not self.job or job.state is not JobState.RUNNING:
+        if job is not self.job:
             return "the job is not running"
-        if job.halting:
-            return "the job is stopping"
-        if not job.spec.checkpoint:
-            return f"job {job.job_id} has no checkpoint folder (--checkpoint-dir)"
-        if not job.ranges:
-            return "training has not started yet"
-        if job.recovering is not None:
-            return "a lost shard is being replaced"
-        if any(w.state in (SlotState.SPARE, SlotState.PENDING) for w in job.workers):
-            return "a lost worker is being replaced"
-        return None
+        return cannot_pause(
+            job.job_id, job.state, halting=job.halting, has_checkpoint_dir=bool(job.spec.checkpoint),
+            tables_set=bool(job.ranges), recovering=job.recovering is not None, slots=job.workers,
+        )
 
     async def checkpoint_at_one_clock(self, job: Job, *, stop: bool) -> int | None:
         """Hold every training worker, take the clock they can all reach (the furthest
@@ -383,10 +383,10 @@ class CoordinatorService:
             replies = await asyncio.gather(
                 *(w.peer.request(MsgType.PAUSE, {"job_id": job.job_id}, timeout_s=PAUSE_TIMEOUT_S) for w in live if w.peer)
             )
-            clocks = [r.body.get("clock") for r in replies]
-            if not all(isinstance(c, int) and not isinstance(c, bool) for c in clocks):
-                raise net.RequestError("a worker answered PAUSE without its clock")
-            target = max(clocks)
+            try:
+                target = one_clock([r.body.get("clock") for r in replies])
+            except ValueError as exc:
+                raise net.RequestError(str(exc)) from None
             await asyncio.gather(
                 *(
                     s.peer.request(MsgType.CHECKPOINT, {"job_id": job.job_id, "clock": target}, timeout_s=SHARD_SETUP_TIMEOUT_S)
@@ -475,9 +475,7 @@ class CoordinatorService:
             self._fail(f"recovering shard {index} from the checkpoint at clock {clock} failed: {exc}")
             return
         job.recovering = None
-        for w in job.workers:  # a lost worker's partition, not taken over yet, also goes back to the checkpoint
-            if w.state in (SlotState.SPARE, SlotState.PENDING):
-                w.start_clock = min(w.start_clock, clock)
+        rewind(job.workers, clock)  # a lost worker's partition, not taken over yet, also goes back
         # The surviving shards knew how far the fastest worker had got: those steps are done again.
         reached = [int(r.body["previous_clock"]) for r in replies if r.body.get("previous_clock") is not None]
         replayed = max(reached, default=clock) - clock
@@ -545,18 +543,17 @@ class CoordinatorService:
         """
         spare_of = msg.body.get("spare_of")
 
-        def free_slot() -> WorkerSlot | None:
+        def free() -> WorkerSlot | None:
             if self.job is None or self.job.state is not JobState.RUNNING:
                 return None
             if spare_of is not None and spare_of != self.job.job_id:
                 return None
-            states = (SlotState.SPARE,) if spare_of is not None else (SlotState.WAITING, SlotState.SPARE)
-            return next((w for w in self.job.workers if w.state in states and w.peer is None), None)
+            return free_slot(self.job.workers, spare_only=spare_of is not None)
 
         if spare_of is None:
             async with self._changed:
-                await self._changed.wait_for(lambda: free_slot() is not None or not peer.is_open)
-        slot = free_slot()
+                await self._changed.wait_for(lambda: free() is not None or not peer.is_open)
+        slot = free()
         if slot is None and spare_of is not None:
             raise net.RequestError("no lost worker's partition is waiting to be taken over", code="no_spare")
         if slot is None or self.job is None:
@@ -668,25 +665,18 @@ class CoordinatorService:
         job = self.job
         if job is None or slot.state in (SlotState.FINISHED, SlotState.LOST):
             return
-        unfinished = slot.state is SlotState.RUNNING  # a worker lost after training needs no replacement
-        self._move(slot, SlotState.LOST)
+        spare, effects = lose(job.workers, [job.stats, job.trained, job.final], slot)
+        self.liveness.forget(("worker", slot.worker_id))
         # Its rows between its last acknowledged clock and the stop clock would be missing.
         self._run(job.checkpoints.settle(error=f"worker {slot.worker_id} was lost before the final checkpoint", code="bad_request"))
         log.warning("job %s: worker %d lost (%s)", job.job_id, slot.worker_id, reason)
-        if unfinished:
-            # A new slot for its partition: every barrier waits for it from now on, so the
-            # job cannot end before the partition's remaining rows are trained.
-            spare = WorkerSlot(len(job.workers), state=SlotState.PENDING, partition=slot.partition, start_clock=UNKNOWN_CLOCK)
-            job.workers.append(spare)
-            for barrier in (job.stats, job.trained, job.final):
-                barrier.add(spare.worker_id)
+        if spare is not None:
             self.spawn(self._offer_replacement(job, slot, spare))
         self._event(
             job,
             {"kind": "worker_lost", "worker_id": slot.worker_id, "reason": reason, "at_s": time.monotonic() - job.started_s},
         )
-        for barrier in (job.stats, job.trained, job.final):
-            self._run(barrier.drop(slot.worker_id))
+        self._run(effects)
         self._check_epochs(job)
         if not job.live_ids():
             self._fail("every worker was lost")
@@ -705,10 +695,7 @@ class CoordinatorService:
             clocks = [r.body["clock"] for r in replies if isinstance(r, Message) and r.body.get("clock") is not None] or clocks
         if job is not self.job or job.state is not JobState.RUNNING:
             return
-        # The lowest acknowledged clock: a push that reached only some shards is redone, never skipped.
-        # (A roll-back meanwhile may have lowered it to the checkpoint's clock already.)
-        spare.start_clock = min(min(clocks), spare.start_clock)
-        spare.move(SlotState.SPARE)
+        offer(spare, clocks)
         log.info("job %s: worker %d may replace worker %d from clock %d", job.job_id, spare.worker_id, lost.worker_id, spare.start_clock)
         self._changed_soon()
         grace_s = job.spec.takeover_grace_s
@@ -716,15 +703,12 @@ class CoordinatorService:
             await asyncio.sleep(grace_s)
             if job is not self.job or job.state is not JobState.RUNNING or spare.state is not SlotState.SPARE or spare.peer is not None:
                 return
-            survivors = [
-                w for w in job.workers
-                if w.state in WATCHED_SLOT_STATES and w.peer is not None and w.peer.is_open and not w.peer.info.get("helper")
-            ]
-            if not survivors:
+            pick = pick_survivor(
+                [w for w in job.workers if w.peer is not None and w.peer.is_open and not w.peer.info.get("helper")],
+                job.takeovers,
+            )
+            if pick is None or pick.peer is None:
                 return
-            pick = min(survivors, key=lambda w: (w.peer.info.get("takeovers", 0) if w.peer else 0, w.worker_id))
-            assert pick.peer is not None
-            pick.peer.info["takeovers"] = pick.peer.info.get("takeovers", 0) + 1
             log.info("job %s: asking worker %d to take over partition %d", job.job_id, pick.worker_id, spare.partition)
             pick.peer.notify(MsgType.EVENT, {"kind": "take_over", "job_id": job.job_id, "partition": spare.partition})
             grace_s = job.spec.failure_timeout_s  # if it does not come, ask another

@@ -303,3 +303,88 @@ class CheckpointLog:
                 keep.append((target, handle))
         self.waiters = keep
         return effects
+
+
+# -- worker slots: loss, replacement, takeover ------------------------------------
+
+UNKNOWN_CLOCK = 2**62  # a pending slot's start clock until the shards say where its predecessor stopped
+
+
+def live_ids(slots: list[Slot]) -> set[int]:
+    return {s.worker_id for s in slots if s.state in LIVE_SLOT_STATES}
+
+
+def free_slot(slots: list[Slot], *, spare_only: bool) -> Slot | None:
+    """The slot a registering worker gets: the first waiting or spare one (only a spare for
+    a survivor taking a lost partition over)."""
+    states = (SlotState.SPARE,) if spare_only else (SlotState.WAITING, SlotState.SPARE)
+    return next((s for s in slots if s.state in states and s.peer is None), None)
+
+
+def lose(slots: list[Slot], barriers: list[Barrier], slot: Slot) -> tuple[Slot | None, list[Effect]]:
+    """``slot``'s worker is lost. One that was still training leaves its partition to a new,
+    pending slot that every barrier waits for from now on, so the job cannot end before the
+    partition's remaining rows are trained. Returns (that slot or None, the barriers' effects)."""
+    unfinished = slot.state is SlotState.RUNNING  # a worker lost after training needs no replacement
+    slot.move(SlotState.LOST)
+    spare = None
+    if unfinished:
+        spare = Slot(len(slots), state=SlotState.PENDING, partition=slot.partition, start_clock=UNKNOWN_CLOCK)
+        slots.append(spare)
+        for barrier in barriers:
+            barrier.add(spare.worker_id)
+    effects: list[Effect] = []
+    for barrier in barriers:
+        effects += barrier.drop(slot.worker_id)
+    return spare, effects
+
+
+def offer(spare: Slot, acknowledged: list[int]) -> None:
+    """The shards acknowledged the lost worker's pushes up to these clocks: its partition
+    resumes at the lowest (a push that reached only some shards is redone, never skipped; a
+    roll-back meanwhile may have lowered it already), and a worker may now take it."""
+    spare.start_clock = min(min(acknowledged, default=0), spare.start_clock)
+    spare.move(SlotState.SPARE)
+
+
+def rewind(slots: list[Slot], clock: int) -> None:
+    """Every shard went back to the checkpoint at ``clock``: so does a partition not taken over yet."""
+    for s in slots:
+        if s.state in (SlotState.SPARE, SlotState.PENDING):
+            s.start_clock = min(s.start_clock, clock)
+
+
+def pick_survivor(candidates: list[Slot], takeovers: dict[int, int]) -> Slot | None:
+    """Who takes a lost partition over: the training (or trained) worker with the fewest takeovers so far."""
+    eligible = [s for s in candidates if s.state in WATCHED_SLOT_STATES]
+    if not eligible:
+        return None
+    pick = min(eligible, key=lambda s: (takeovers.get(s.worker_id, 0), s.worker_id))
+    takeovers[pick.worker_id] = takeovers.get(pick.worker_id, 0) + 1
+    return pick
+
+
+def cannot_pause(
+    job_id: str, state: JobState, *, halting: bool, has_checkpoint_dir: bool, tables_set: bool, recovering: bool, slots: list[Slot]
+) -> str | None:
+    """Why no checkpoint at one clock can be taken now (None: it can)."""
+    if state is not JobState.RUNNING:
+        return "the job is not running"
+    if halting:
+        return "the job is stopping"
+    if not has_checkpoint_dir:
+        return f"job {job_id} has no checkpoint folder (--checkpoint-dir)"
+    if not tables_set:
+        return "training has not started yet"
+    if recovering:
+        return "a lost shard is being replaced"
+    if any(s.state in (SlotState.SPARE, SlotState.PENDING) for s in slots):
+        return "a lost worker is being replaced"
+    return None
+
+
+def one_clock(paused_clocks: list[object]) -> int:
+    """The clock every paused worker can reach: the furthest one's."""
+    if not paused_clocks or not all(isinstance(c, int) and not isinstance(c, bool) for c in paused_clocks):
+        raise ValueError("a worker answered PAUSE without its clock")
+    return max(paused_clocks)  # type: ignore[type-var]

@@ -10,12 +10,26 @@ import pytest
 from psctl.core.coordinator import (
     JOB_TRANSITIONS,
     SLOT_TRANSITIONS,
+    UNKNOWN_CLOCK,
+    Barrier,
+    CheckpointLog,
+    EpochPool,
     InvalidTransition,
     JobState,
     Liveness,
+    Refuse,
+    Release,
     Slot,
     SlotState,
+    cannot_pause,
     check_move,
+    free_slot,
+    live_ids,
+    lose,
+    offer,
+    one_clock,
+    pick_survivor,
+    rewind,
     tick_interval_s,
 )
 from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S, JobSpec
@@ -185,3 +199,148 @@ def test_a_bad_field_is_one_sentence(body, says):
     with pytest.raises(RequestError, match=says) as info:
         JobSpec.from_wire(body)
     assert "\n" not in str(info.value)
+
+
+# -- barriers, epochs, checkpoints ------------------------------------------------
+
+
+def test_a_barrier_opens_when_every_expected_worker_arrived_and_releases_every_waiter():
+    b = Barrier({0, 1})
+    assert b.arrive(0, "a", handle="h0") == [] and not b.open
+    assert b.arrive(1, "b", handle="h1") == [Release("h0", {0: "a", 1: "b"}), Release("h1", {0: "a", 1: "b"})]
+    assert b.arrive(1, "late", handle="h2") == [Release("h2", {0: "a", 1: "b"})]  # already open: at once
+
+
+def test_a_dropped_worker_opens_the_barrier_for_the_others_and_a_failed_one_refuses():
+    b = Barrier({0, 1})
+    b.arrive(0, "a", handle="h0")
+    assert b.drop(1) == [Release("h0", {0: "a"})]
+    c = Barrier({0, 1})
+    c.arrive(0, "a", handle="h0")
+    assert c.fail("job 1 ended") == [Refuse("h0", "job 1 ended")]
+    assert c.arrive(1, "b", handle="h1") == [Refuse("h1", "job 1 ended")]
+
+
+def test_epochs_are_summed_up_once_every_partition_reported_in_order():
+    e = EpochPool()
+    rep = {"loss_sum": 2.0, "n": 4, "sums": {"correct": 3}}
+    e.report(1, 0, rep)
+    e.report(0, 0, rep)
+    assert e.complete({0, 1}) == []
+    e.report(0, 1, rep)
+    e.report(0, 1, rep)  # a replacement redoing a step of the same partition adds to its entry
+    (epoch0,) = e.complete({0, 1})
+    assert epoch0 == {"kind": "epoch", "epoch": 0, "loss": 6.0 / 12, "sums": {"correct": 9.0}, "samples": 12}
+    e.report(0, 1, rep)  # after the epoch was summed up: ignored
+    e.report(1, 1, rep)
+    assert [ev["epoch"] for ev in e.complete({0, 1})] == [1] and e.last_reported == 1
+
+
+def test_a_clock_becomes_the_checkpoint_when_every_shard_saved_it_and_its_manifest_is_written():
+    log = CheckpointLog()
+    assert log.wait(10, "halt") == []
+    assert not log.shard_saved(10, 0, 2)
+    assert log.shard_saved(10, 1, 2)  # write the manifest now
+    assert log.last is None  # not before it is on disk
+    assert log.written(10) == [Release("halt", 10)] and log.last == 10
+    assert not log.shard_saved(5, 0, 1)  # older than the checkpoint: nothing to write
+    assert log.wait(8, "h") == [Release("h", 10)]  # already reached
+
+
+# -- scenarios that processes used to be the only way to reach ---------------------
+
+
+def job_slots(n: int) -> list[Slot]:
+    slots = [Slot(i) for i in range(n)]
+    for s in slots:
+        s.move(SlotState.RUNNING)
+    return slots
+
+
+def test_a_lost_worker_is_replaced_and_every_barrier_waits_for_its_partition():
+    slots = job_slots(3)
+    trained, final = Barrier({0, 1, 2}), Barrier({0, 1, 2})
+    slots[0].move(SlotState.TRAINED)
+    assert trained.arrive(0, {}, handle="t0") == []
+    spare, effects = lose(slots, [trained, final], slots[1])
+    assert effects == [] and spare is not None
+    assert (spare.worker_id, spare.state, spare.partition, spare.start_clock) == (3, SlotState.PENDING, 1, UNKNOWN_CLOCK)
+    assert live_ids(slots) == {0, 2} and free_slot(slots, spare_only=False) is None  # pending: not yet
+    offer(spare, [7, 5])  # the shards acknowledged its pushes to clocks 7 and 5
+    assert spare.state is SlotState.SPARE and spare.start_clock == 5
+    new = free_slot(slots, spare_only=False)
+    assert new is spare
+    new.peer = "new worker"
+    new.move(SlotState.RUNNING)
+    slots[2].move(SlotState.TRAINED)
+    assert trained.arrive(2, {}, handle="t2") == []  # still waiting for the replacement
+    assert [type(e) for e in trained.arrive(3, {}, handle="t3")] == [Release] * 3
+    assert set(trained.result) == {0, 2, 3}
+
+
+def test_a_worker_lost_after_training_needs_no_replacement():
+    slots = job_slots(2)
+    slots[0].move(SlotState.TRAINED)
+    final = Barrier({0, 1})
+    spare, _ = lose(slots, [final], slots[0])
+    assert spare is None and len(slots) == 2 and final.expected == {1}
+
+
+def test_the_last_partition_is_taken_over_by_a_worker_that_finished_training():
+    slots = job_slots(3)
+    slots[0].move(SlotState.TRAINED)
+    slots[1].move(SlotState.TRAINED)
+    spare, _ = lose(slots, [Barrier({0, 1, 2})], slots[2])
+    assert spare is not None
+    offer(spare, [3, 3])
+    takeovers: dict[int, int] = {}
+    first = pick_survivor(slots, takeovers)
+    assert first is slots[0]
+    assert pick_survivor(slots, takeovers) is slots[1]  # it did not come: ask another
+    assert pick_survivor(slots, takeovers) is slots[0]
+    taker = free_slot(slots, spare_only=True)
+    assert taker is spare and taker.start_clock == 3
+    assert pick_survivor([s for s in slots if s.state is SlotState.LOST], {}) is None
+
+
+def test_halt_at_one_clock():
+    slots = job_slots(2)
+    ok = dict(halting=False, has_checkpoint_dir=True, tables_set=True, recovering=False, slots=slots)
+    assert cannot_pause("j", JobState.RUNNING, **ok) is None
+    assert cannot_pause("j", JobState.RUNNING, **{**ok, "has_checkpoint_dir": False}) == (
+        "job j has no checkpoint folder (--checkpoint-dir)"
+    )
+    target = one_clock([12, 14])  # the paused workers' clocks: the furthest one's
+    assert target == 14
+    with pytest.raises(ValueError, match="without its clock"):
+        one_clock([12, None])
+    log = CheckpointLog()
+    assert log.wait(target, "halt") == []
+    assert cannot_pause("j", JobState.RUNNING, **{**ok, "halting": True}) == "the job is stopping"  # no second pause
+    for shard in (0, 1):
+        wrote = log.shard_saved(target, shard, 2)
+    assert wrote and log.written(target) == [Release("halt", 14)]
+
+
+def test_a_halt_waiting_for_its_checkpoint_is_refused_when_a_worker_is_lost():
+    log = CheckpointLog()
+    log.wait(20, "halt")
+    assert log.settle(error="worker 1 was lost before the final checkpoint", code="bad_request") == [
+        Refuse("halt", "worker 1 was lost before the final checkpoint", "bad_request")
+    ]
+
+
+def test_rollback_after_a_lost_shard_takes_an_untaken_partition_back_to_the_checkpoint():
+    slots = job_slots(3)
+    log = CheckpointLog()
+    for shard in (0, 1):
+        log.shard_saved(50, shard, 2)
+    log.written(50)
+    spare, _ = lose(slots, [Barrier({0, 1, 2})], slots[1])
+    assert spare is not None
+    offer(spare, [80, 81])
+    ok = dict(halting=False, has_checkpoint_dir=True, tables_set=True, slots=slots)
+    assert cannot_pause("j", JobState.RUNNING, recovering=True, **ok) == "a lost shard is being replaced"
+    rewind(slots, log.last)  # every shard reloads clock 50
+    assert spare.start_clock == 50
+    assert slots[0].start_clock == 0  # a running worker is told by a rewind event instead
