@@ -106,3 +106,28 @@ def test_a_stopped_shard_without_a_checkpoint_fails_the_job_in_time(tmp_path, mo
     # and every process stopped: a margin for a loaded machine
     assert elapsed_s < FAILURE_TIMEOUT_S + 8, elapsed_s
     assert not shard_pids(address)
+
+
+@pytest.mark.timeout(180)
+def test_psctl_server_replaces_a_stopped_shard_and_the_job_recovers(tmp_path):
+    from .cluster import ServerProcess
+
+    server = ServerProcess(2)
+    try:
+        proc, _ = start_train(
+            [*seed_job("sync", 150), "--server", server.address, *LIVENESS,
+             "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "50", "--out", str(tmp_path / "m.npz")],
+            until="checkpoint at clock 150",
+        )
+        stopped = shard_pids(server.address)[0]
+        os.kill(stopped, signal.SIGSTOP)
+        out, err = proc.communicate(timeout=150)
+        assert proc.returncode == 0, err
+        assert " recovered from clock " in out
+        assert stopped not in shard_pids(server.address)  # killed, not left stopped
+        _, meta = modelfile.load_model(str(tmp_path / "m.npz"))
+        assert meta["metrics"]["rows_trained"] == 150 * 2000
+    finally:
+        code, out, err = server.stop()
+    assert code == 0, err
+    assert "starting another" in out and "a new shard is at" in out
