@@ -27,7 +27,6 @@ from psctl.core.coordinator import (
     InvalidTransition,
     JobState,
     Liveness,
-    Refuse,
     Release,
     Slot,
     SlotState,
