@@ -39,6 +39,7 @@ from psctl.core.coordinator import (
     one_clock,
     pick_survivor,
     rewind,
+    shard_lost_verdict,
     tick_interval_s,
 )
 from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S, JobSpec
@@ -452,9 +453,11 @@ class CoordinatorService:
         why = peer.info.get("lost_reason")
         what = f"shard {peer.info['shard_id']} at {peer.info['address']} was lost" + (f": {why}" if why else "")
         self._run(job.checkpoints.settle(error=f"{what} before the final checkpoint was saved", code="bad_request"))
-        finished = any(w.state in (SlotState.TRAINED, SlotState.FINISHED) for w in job.workers)
-        if job.last_checkpoint is None or job.state is not JobState.RUNNING or finished or job.recovering is not None:
-            self._fail(what + ("" if job.last_checkpoint is not None else " (no checkpoint to recover from)"))
+        failed = shard_lost_verdict(
+            what, job.state, last_checkpoint=job.last_checkpoint, recovering=job.recovering is not None, slots=job.workers
+        )
+        if failed is not None:
+            self._fail(failed)
             return
         job.recovering = index
         log.warning("job %s: %s; waiting for a shard to take its place", job.job_id, what)

@@ -388,3 +388,16 @@ def one_clock(paused_clocks: list[object]) -> int:
     if not paused_clocks or not all(isinstance(c, int) and not isinstance(c, bool) for c in paused_clocks):
         raise ValueError("a worker answered PAUSE without its clock")
     return max(paused_clocks)  # type: ignore[type-var]
+
+
+def shard_lost_verdict(
+    what: str, state: JobState, *, last_checkpoint: int | None, recovering: bool, slots: list[Slot]
+) -> str | None:
+    """A shard of the job was lost (``what`` says which and why): None when every shard can
+    roll back to the last checkpoint once a replacement registers; else why the job fails."""
+    finished = any(s.state in (SlotState.TRAINED, SlotState.FINISHED) for s in slots)
+    if last_checkpoint is None:
+        return f"{what} (no checkpoint to recover from)"
+    if state is not JobState.RUNNING or finished or recovering:
+        return what
+    return None

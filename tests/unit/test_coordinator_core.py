@@ -30,6 +30,7 @@ from psctl.core.coordinator import (
     one_clock,
     pick_survivor,
     rewind,
+    shard_lost_verdict,
     tick_interval_s,
 )
 from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S, JobSpec
@@ -344,3 +345,14 @@ def test_rollback_after_a_lost_shard_takes_an_untaken_partition_back_to_the_chec
     rewind(slots, log.last)  # every shard reloads clock 50
     assert spare.start_clock == 50
     assert slots[0].start_clock == 0  # a running worker is told by a rewind event instead
+
+
+def test_a_lost_shard_fails_the_job_unless_every_shard_can_roll_back_to_a_checkpoint():
+    slots = job_slots(2)
+    what = "shard 1 at 127.0.0.1:9 was lost: it did not answer for 5.1 s (stopped, hung or cut off)"
+    args = dict(recovering=False, slots=slots)
+    assert shard_lost_verdict(what, JobState.RUNNING, last_checkpoint=None, **args) == f"{what} (no checkpoint to recover from)"
+    assert shard_lost_verdict(what, JobState.RUNNING, last_checkpoint=50, **args) is None  # roll back
+    assert shard_lost_verdict(what, JobState.RUNNING, last_checkpoint=50, recovering=True, slots=slots) == what
+    slots[0].move(SlotState.TRAINED)  # its rows are in the lost shard's state since the checkpoint
+    assert shard_lost_verdict(what, JobState.RUNNING, last_checkpoint=50, **args) == what
