@@ -9,6 +9,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -211,3 +212,33 @@ def keep_beating(peer: net.Peer, interval_s: float = 0.05, body: dict[str, Any] 
     task = asyncio.ensure_future(beat())
     _BEATING.add(task)
     task.add_done_callback(_BEATING.discard)
+
+
+class HeartbeatThread:
+    """A worker's heartbeats from a thread, on a connection of their own, carrying the
+    session token of its registration: they go on while the test's event loop is busy
+    (building thousands of fuzz frames on a loaded machine takes longer than a failure timeout)."""
+
+    def __init__(self, address: str, job_id: str, reg: dict[str, Any], security: net.Security = net.LOCAL,
+                 interval_s: float = 0.1):  # fmt: skip
+        self.address, self.security, self.interval_s = address, security, interval_s
+        self.body = {"job_id": job_id, "worker_id": reg["worker_id"], "session": reg["session"], "clock": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._beat()), name="heartbeats", daemon=True)
+
+    def start(self) -> HeartbeatThread:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    async def _beat(self) -> None:
+        peer = await net.connect(self.address, IgnoreEvents(), security=self.security)
+        try:
+            while not self._stop.is_set() and peer.is_open:
+                await peer.request(MsgType.HEARTBEAT, self.body)  # a wrong token would raise here
+                await asyncio.sleep(self.interval_s)  # the heartbeat's period, not a wait for anything
+        finally:
+            peer.close()
