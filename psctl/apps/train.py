@@ -21,10 +21,11 @@ from psctl.cluster.client import ShardClient
 from psctl.cluster.launch import LocalCluster
 from psctl.core.batching import epoch_steps
 from psctl.core.consistency import staleness_for
+from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S, JobSpec
 from psctl.core.optim import OPTIMIZERS
 from psctl.core.tables import TableSpec
 from psctl.data import csvfile, formats, ratings, vocab
-from psctl.errors import DataError, Interrupted, JobError, PsctlError, UsageError
+from psctl.errors import DataError, Interrupted, JobError, PsctlError, RequestError, UsageError
 from psctl.files import checkpoint, modelfile
 from psctl.models.base import Model, classes_for, summarize
 from psctl.models.registry import model_class
@@ -85,8 +86,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # clocks between shard checkpoints (0: none)
     checkpoint_every_s: float = 0.0  # or seconds between them (each at one clock for all shards)
     resume: str | None = None  # a checkpoint folder to continue from
-    heartbeat_interval_s: float = 0.5
-    failure_timeout_s: float = 5.0
+    heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
+    failure_timeout_s: float = DEFAULT_FAILURE_TIMEOUT_S
     # ratings data (mf): the id and rating columns, names or 0-based indices
     user_col: str = "userId"
     item_col: str = "movieId"
@@ -189,54 +190,56 @@ def optimizer_spec(cfg: TrainConfig) -> dict[str, Any]:
     return {"name": cfg.optimizer, "params": params}
 
 
-def build_spec(cfg: TrainConfig, source: formats.Source, partitions: list[csvfile.Partition]) -> dict[str, Any]:
-    """The job as the coordinator and workers see it (JSON). Tables come after the statistics pass."""
-    return {
-        "model": cfg.model,
-        "model_params": {**cfg.model_params, "sparse": True} if source.sparse else cfg.model_params,
-        "n_workers": cfg.workers,
-        "n_features": source.n_features,  # None for LIBSVM until the statistics pass
-        "mode": cfg.mode,
-        "staleness": cfg.staleness,
-        "epochs": cfg.epochs,
-        "batch_size": cfg.batch_size,
-        "l2": 0.0 if cfg.optimizer == "ftrl" else cfg.l2,
-        "seed": cfg.seed,
-        "standardize": cfg.standardize,
-        "optimizer": optimizer_spec(cfg),
-        "min_shards": cfg.shards if cfg.server is None else 1,
-        "data": {"path": os.path.abspath(cfg.data), "size": os.path.getsize(cfg.data), **source.data},
-        "partitions": [p.to_dict() for p in partitions],
-        "test_split": cfg.test_split,
-        "checkpoint": (
+def build_spec(cfg: TrainConfig, source: formats.Source, partitions: list[csvfile.Partition]) -> JobSpec:
+    """The job as the coordinator and workers see it. Tables come after the statistics pass."""
+    return JobSpec(
+        model=cfg.model,
+        model_params={**cfg.model_params, "sparse": True} if source.sparse else cfg.model_params,
+        n_workers=cfg.workers,
+        n_features=source.n_features,  # None for LIBSVM until the statistics pass
+        mode=cfg.mode,
+        staleness=cfg.staleness,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        l2=0.0 if cfg.optimizer == "ftrl" else cfg.l2,
+        seed=cfg.seed,
+        standardize=cfg.standardize,
+        optimizer=optimizer_spec(cfg),
+        min_shards=cfg.shards if cfg.server is None else 1,
+        data={"path": os.path.abspath(cfg.data), "size": os.path.getsize(cfg.data), **source.data},
+        partitions=tuple(p.to_dict() for p in partitions),
+        test_split=cfg.test_split,
+        checkpoint=(
             {"dir": os.path.abspath(cfg.checkpoint_dir), "every": cfg.checkpoint_every, "every_s": cfg.checkpoint_every_s}
             if cfg.checkpoint_dir
             else None
         ),
-        "heartbeat_interval_s": cfg.heartbeat_interval_s,
-        "failure_timeout_s": cfg.failure_timeout_s,
+        heartbeat_interval_s=cfg.heartbeat_interval_s,
+        failure_timeout_s=cfg.failure_timeout_s,
         # How long a lost worker's partition waits for a new worker before a survivor takes
         # it over: long enough for this driver's restart to register, if it will restart one.
-        "takeover_after_s": cfg.failure_timeout_s if cfg.max_restarts > 0 and (cfg.local_workers is None or cfg.local_workers > 0) else 0.0,
-        "validation": None,
-    }
+        takeover_after_s=cfg.failure_timeout_s if cfg.max_restarts > 0 and (cfg.local_workers is None or cfg.local_workers > 0) else 0.0,
+    )
 
 
-def resume_spec(cfg: TrainConfig, fresh: dict[str, Any]) -> dict[str, Any]:
+def resume_spec(cfg: TrainConfig, fresh: JobSpec) -> JobSpec:
     """The stopped job's spec (same partitions, hyper-parameters, shards), set to resume at its checkpoint."""
     manifest = checkpoint.read_manifest(cfg.resume or "")
-    spec = manifest["spec"]
-    if spec["model"] != fresh["model"] or spec["data"]["path"] != fresh["data"]["path"]:
+    try:
+        spec = JobSpec.from_wire(manifest["spec"])
+    except RequestError as exc:
+        raise checkpoint.CheckpointError(f"'{cfg.resume}' holds a job spec psctl cannot read: {exc}") from None
+    if spec.model != fresh.model or spec.data.get("path") != fresh.data["path"]:
         raise checkpoint.CheckpointError(
-            f"'{cfg.resume}' is a checkpoint of {spec['model']} on {spec['data']['path']}, not of this job"
+            f"'{cfg.resume}' is a checkpoint of {spec.model} on {spec.data.get('path')}, not of this job"
         )
-    if spec["data"]["size"] != fresh["data"]["size"]:
-        raise checkpoint.CheckpointError(f"'{spec['data']['path']}' changed size since the checkpoint")
+    if spec.data.get("size") != fresh.data["size"]:
+        raise checkpoint.CheckpointError(f"'{spec.data['path']}' changed size since the checkpoint")
     if cfg.server is None and manifest["n_shards"] != cfg.shards:
         cfg.shards = int(manifest["n_shards"])  # the shard files are per shard
-    spec["min_shards"] = manifest["n_shards"]
-    spec["resume"] = {"dir": os.path.abspath(cfg.resume or ""), "clock": int(manifest["clock"])}
-    return spec
+    return spec.replace(
+        min_shards=int(manifest["n_shards"]), resume={"dir": os.path.abspath(cfg.resume or ""), "clock": int(manifest["clock"])}
+    )
 
 
 def plan_validation(cfg: TrainConfig, schema: csvfile.CsvSchema | None) -> dict[str, Any]:
@@ -259,9 +262,9 @@ def plan_validation(cfg: TrainConfig, schema: csvfile.CsvSchema | None) -> dict[
 class _Session:
     """What the driver learns while a job runs: the statistics, the model, where its tables live."""
 
-    def __init__(self, cfg: TrainConfig, model_cls: type[Model], spec: dict[str, Any], peer: net.Peer):
+    def __init__(self, cfg: TrainConfig, model_cls: type[Model], spec: JobSpec, peer: net.Peer):
         self.cfg, self.model_cls, self.spec, self.peer = cfg, model_cls, spec, peer
-        self.n_features: int | None = spec["n_features"]
+        self.n_features: int | None = spec.n_features
         self.stats: dict[str, Any] | None = None
         self.model: Model | None = None
         self.placed: dict[str, Any] | None = None  # TABLES reply: shards and ranges
@@ -274,12 +277,12 @@ class _Session:
 
     def make_model(self, classes: list[str]) -> Model:
         assert self.n_features is not None
-        return self.model_cls(self.n_features, classes, l2=self.spec["l2"], **self.spec["model_params"], **self.data_params)
+        return self.model_cls(self.n_features, classes, l2=self.spec.l2, **self.spec.model_params, **self.data_params)
 
     async def on_stats(self, event: dict[str, Any]) -> None:
         """Labels are known: name the classes, size the tables, have the shards create them."""
         self.stats = event
-        self.n_features = formats.n_features_of(self.spec["data"], event["stats"]) or self.n_features
+        self.n_features = formats.n_features_of(self.spec.data, event["stats"]) or self.n_features
         classes = classes_for(self.model_cls.task, event["labels"], self.model_cls.kind)
         self.data_params = self.model_cls.data_params(event)
         self.model = self.make_model(classes)
@@ -369,15 +372,15 @@ async def train(
     partitions = await asyncio.to_thread(csvfile.plan_partitions, cfg.data, cfg.workers, source.has_header)
     spec = build_spec(cfg, source, partitions)
     # bad parameters fail here, not on the cluster
-    model_cls(source.n_features or 1, ["0", "1"], l2=spec["l2"], **spec["model_params"])
+    model_cls(source.n_features or 1, ["0", "1"], l2=spec.l2, **spec.model_params)
     if cfg.validate:
-        spec["validation"] = await asyncio.to_thread(plan_validation, cfg, source.schema)
+        spec = spec.replace(validation=await asyncio.to_thread(plan_validation, cfg, source.schema))
     if cfg.resume:
         spec = resume_spec(cfg, spec)
-        on_event({"kind": "resuming", "clock": spec["resume"]["clock"], "dir": cfg.resume})
+        on_event({"kind": "resuming", "clock": spec.resume_clock, "dir": cfg.resume})
     steps = cfg.epochs * steps_per_job_epoch(partitions, cfg.batch_size)
     on_event(
-        {"kind": "planned", "rows": sum(p.n_rows for p in partitions), "features": spec["n_features"],
+        {"kind": "planned", "rows": sum(p.n_rows for p in partitions), "features": spec.n_features,
          "workers": cfg.workers, "steps": steps}
     )
     started = time.monotonic()
@@ -399,7 +402,7 @@ async def train(
             if shards_up is not None:
                 await shards_up
             on_event({"kind": "cluster_up", "seconds": time.monotonic() - started, "address": coordinator})
-            reply = await peer.request(MsgType.SUBMIT, {"spec": spec}, timeout_s=SUBMIT_TIMEOUT_S)
+            reply = await peer.request(MsgType.SUBMIT, {"spec": spec.to_wire()}, timeout_s=SUBMIT_TIMEOUT_S)
             job_id = session.job_id = reply.body["job_id"]
             on_event({"kind": "submitted", "job_id": job_id, "shards": reply.body["shards"]})
             events, done = await _follow(cluster, coordinator, driver_service, session, on_event, stop)
@@ -452,7 +455,7 @@ async def _follow(
     stopping = asyncio.ensure_future(stop.requested.wait()) if stop is not None else None
     halt: asyncio.Future[Message] | None = None
     if stop is not None:
-        stop.graceful = bool(session.spec.get("checkpoint"))
+        stop.graceful = bool(session.spec.checkpoint)
     try:
         while True:
             get = get or asyncio.ensure_future(service.events.get())
@@ -461,7 +464,7 @@ async def _follow(
             await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if stopping is not None and stopping.done():
                 stopping = None
-                on_event({"kind": "halting", "dir": session.spec["checkpoint"]["dir"]})
+                on_event({"kind": "halting", "dir": session.spec.checkpoint_dir})
                 halt = asyncio.ensure_future(
                     session.peer.request(MsgType.HALT, {"job_id": session.job_id}, timeout_s=HALT_TIMEOUT_S)
                 )
@@ -523,9 +526,9 @@ async def _follow(
                 fut.cancel()
 
 
-def _halted(spec: dict[str, Any], clock: int, by_server: str | None) -> str:
+def _halted(spec: JobSpec, clock: int, by_server: str | None) -> str:
     """What a stopped job left behind, and how to go on."""
-    folder = spec["checkpoint"]["dir"]
+    folder = spec.checkpoint_dir
     who = f"the psctl server stopped the job ({by_server})" if by_server else "interrupted"
     return (
         f"{who}: every worker stopped at clock {clock} and the shards saved a final checkpoint in '{folder}'; "
@@ -533,8 +536,8 @@ def _halted(spec: dict[str, Any], clock: int, by_server: str | None) -> str:
     )
 
 
-def _last_checkpoint(spec: dict[str, Any]) -> str:
-    folder = spec["checkpoint"]["dir"]
+def _last_checkpoint(spec: JobSpec) -> str:
+    folder = spec.checkpoint_dir
     try:
         return f"the last checkpoint in '{folder}' is at clock {checkpoint.read_manifest(folder)['clock']}"
     except PsctlError:
@@ -542,11 +545,11 @@ def _last_checkpoint(spec: dict[str, Any]) -> str:
 
 
 def table_figures(
-    tables: list[TableSpec], params: dict[str, np.ndarray], shards: list[dict[str, Any]], done: dict[str, Any], spec: dict[str, Any]
+    tables: list[TableSpec], params: dict[str, np.ndarray], shards: list[dict[str, Any]], done: dict[str, Any], spec: JobSpec
 ) -> dict[str, Any]:
     """Keys stored, non-zero weights, shard memory and traffic per epoch versus a dense model
     of the same key space (which would pull and push every table whole at each step)."""
-    steps = steps_per_job_epoch([csvfile.Partition.from_dict(p) for p in spec["partitions"]], spec["batch_size"])
+    steps = steps_per_job_epoch([csvfile.Partition.from_dict(p) for p in spec.partitions], spec.batch_size)
     dense_step_bytes = sum(t.rows * t.dim * np.dtype(t.dtype).itemsize for t in tables)
     return {
         "key_space": sum(t.rows for t in tables),
@@ -556,8 +559,8 @@ def table_figures(
         "shard_table_bytes": [s.get("bytes", 0) for s in shards],
         "shard_rss_bytes": [s.get("rss_bytes", 0) for s in shards],
         "shard_peak_rss_bytes": [s.get("peak_rss_bytes", 0) for s in shards],
-        "bytes_pulled_per_epoch": done.get("bytes_pulled", 0) / spec["epochs"],
-        "bytes_pushed_per_epoch": done.get("bytes_pushed", 0) / spec["epochs"],
+        "bytes_pulled_per_epoch": done.get("bytes_pulled", 0) / max(spec.epochs, 1),
+        "bytes_pushed_per_epoch": done.get("bytes_pushed", 0) / max(spec.epochs, 1),
         "dense_bytes_per_epoch": steps * dense_step_bytes,
     }
 
@@ -569,10 +572,10 @@ def _model_meta(cfg: TrainConfig, source: formats.Source, session: _Session, don
         "kind": cfg.model,
         "task": session.model_cls.task,
         "data_format": session.model_cls.data_format,
-        "model_params": {**session.spec["model_params"], **session.data_params},
+        "model_params": {**session.spec.model_params, **session.data_params},
         "n_features": session.n_features,
-        "input": formats.meta_of(session.spec["data"], session.stats["stats"]) if source.sparse else {"format": source.format},
-        "optimizer": session.spec["optimizer"],
+        "input": formats.meta_of(session.spec.data, session.stats["stats"]) if source.sparse else {"format": source.format},
+        "optimizer": session.spec.optimizer,
         "schema": schema.to_dict() if schema else None,
         "feature_names": list(schema.feature_names) if schema else [],
         "label": schema.columns[schema.label_index] if schema and schema.label_index is not None else None,

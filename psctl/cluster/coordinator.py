@@ -10,14 +10,41 @@ import asyncio
 import itertools
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from psctl import net
-from psctl.core.consistency import staleness_for
-from psctl.core.reports import merge_reports, pool
+from psctl.core.coordinator import (
+    JOB_TRANSITIONS,
+    WATCHED_SLOT_STATES,
+    Barrier,
+    CheckpointLog,
+    Effect,
+    EpochPool,
+    InvalidTransition,
+    JobState,
+    Liveness,
+    Release,
+    Slot,
+    SlotState,
+    cannot_pause,
+    check_move,
+    free_slot,
+    live_ids,
+    lose,
+    offer,
+    one_clock,
+    pick_survivor,
+    rewind,
+    shard_lost_verdict,
+    tick_interval_s,
+)
+from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S, JobSpec
+from psctl.errors import PsctlError
+from psctl.core.reports import pool
 from psctl.core.tables import TableSpec, table_ranges
 from psctl.data import vocab
 from psctl.files import checkpoint
@@ -26,10 +53,7 @@ from psctl.protocol.wire import Message, MsgType
 log = logging.getLogger("psctl.coordinator")
 
 SHARD_WAIT_S = 30.0
-DEFAULT_HEARTBEAT_INTERVAL_S = 0.5
-DEFAULT_FAILURE_TIMEOUT_S = 5.0
 SHARD_SETUP_TIMEOUT_S = 30.0
-UNKNOWN_CLOCK = 2**62  # a pending slot's start clock until the shards say where its predecessor stopped
 PAUSE_TIMEOUT_S = 10.0  # a worker answers PAUSE at once; one that does not is hung
 MAX_LABELS = 1000
 
@@ -42,62 +66,13 @@ class ShardInfo:
     peer: net.Peer
 
 
-class Barrier:
-    """Waits until every expected worker has arrived or been dropped."""
-
-    def __init__(self, expected: set[int]):
-        self.expected = set(expected)
-        self.arrived: dict[int, Any] = {}
-        self.done: asyncio.Future[dict[int, Any]] = asyncio.get_running_loop().create_future()
-        self._check()
-
-    def arrive(self, worker: int, payload: Any) -> None:
-        self.arrived[worker] = payload
-        self._check()
-
-    def add(self, worker: int) -> None:
-        """Expect one more worker (a replacement), unless the barrier has already opened."""
-        if not self.done.done():
-            self.expected.add(worker)
-
-    def drop(self, worker: int) -> None:
-        self.expected.discard(worker)
-        self._check()
-
-    def fail(self, exc: BaseException) -> None:
-        if not self.done.done():
-            self.done.set_exception(exc)
-            self.done.exception()  # mark retrieved: nobody may be waiting
-
-    def _check(self) -> None:
-        if not self.done.done() and self.expected <= self.arrived.keys():
-            self.done.set_result({w: p for w, p in self.arrived.items() if w in self.expected})
-
-
-@dataclass
-class WorkerSlot:
-    worker_id: int
-    peer: net.Peer | None = None
-    # waiting -> running -> trained -> finished, or lost; a lost worker's partition gets a new
-    # slot: pending (its clock not known yet) -> spare (a replacement may register) -> running ...
-    state: str = "waiting"
-    pid: int | None = None
-    host: str | None = None
-    clock: int = 0  # as last reported by its heartbeat
-    samples_s: float = 0.0  # likewise
-    heartbeats: int = 0  # received so far
-    partition: int = -1  # index into the job's partitions; a replacement takes its predecessor's
-    start_clock: int = 0  # where a replacement resumes
-
-    def __post_init__(self) -> None:
-        if self.partition < 0:
-            self.partition = self.worker_id
+WorkerSlot = Slot  # the slot is plain data (core.coordinator); its peer is a net.Peer here
 
 
 @dataclass
 class Job:
     job_id: str
-    spec: dict[str, Any]
+    spec: JobSpec
     driver: net.Peer
     shards: list[ShardInfo]
     workers: list[WorkerSlot]
@@ -105,26 +80,32 @@ class Job:
     trained: Barrier
     final: Barrier
     ranges: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
-    epoch_reports: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)
+    epochs: EpochPool = field(default_factory=EpochPool)
     stats_sent: bool = False
     tables: list[dict[str, Any]] = field(default_factory=list)
-    checkpoints: dict[int, set[int]] = field(default_factory=dict)  # clock -> shards that saved it
-    last_checkpoint: int | None = None
-    last_epoch_reported: int = -1
+    checkpoints: CheckpointLog = field(default_factory=CheckpointLog)
     recovering: int | None = None  # index of a lost shard awaiting its replacement
     stats_reply: tuple[dict[str, Any], list[Any]] | None = None  # body and vocabulary arrays
     tables_ready: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    state: str = "setup"  # setup -> running -> done | failed
+    state: JobState = JobState.SETUP
     started_s: float = field(default_factory=time.monotonic)
     pausing: asyncio.Lock = field(default_factory=asyncio.Lock)  # held while the workers are paused for a checkpoint
     halting: bool = False  # the workers were told to stop at one clock: no more pauses
-    # (clock, future): resolved when the manifest reaches that clock, None if the job finishes first
-    waiters: list[tuple[int, asyncio.Future[int | None]]] = field(default_factory=list)
     timer: asyncio.Task[None] | None = None  # checkpoints every N seconds
     stop_requested: bool = False  # early stop: workers that join later are told too
+    takeovers: dict[int, int] = field(default_factory=dict)  # worker id -> partitions it was asked to take over
+    manifest_written: asyncio.Lock = field(default_factory=asyncio.Lock)  # manifests are written in clock order
+
+    @property
+    def last_checkpoint(self) -> int | None:
+        return self.checkpoints.last
+
+    def move(self, new: JobState) -> None:
+        check_move(JOB_TRANSITIONS, f"job {self.job_id}", self.state, new)  # type: ignore[arg-type]
+        self.state = new
 
     def live_ids(self) -> set[int]:
-        return {w.worker_id for w in self.workers if w.state not in ("lost", "spare", "pending")}
+        return live_ids(self.workers)
 
 
 class CoordinatorService:
@@ -133,10 +114,32 @@ class CoordinatorService:
         self.job: Job | None = None
         self._job_ids = itertools.count(1)
         self._changed = asyncio.Condition()  # shards joined, a job started or ended
+        self._tasks: set[asyncio.Task[Any]] = set()  # every task this service spawns; cancelled on close
+        self.liveness = Liveness.for_intervals(DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_FAILURE_TIMEOUT_S)
+        self._pinging: set[int] = set()  # shard ids with a PING in flight
+        # Called with a shard's pid when the failure detector declares it lost, so whoever
+        # started that process (LocalCluster) kills it and starts another.
+        self.on_shard_declared_lost: Callable[[int], None] | None = None
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task this service holds until it ends (and cancels on close)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def run(self) -> None:
+        """The failure detector, until cancelled (the server closes); then every task this
+        service spawned is cancelled too."""
+        try:
+            await self.monitor()
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
 
     # -- plumbing ------------------------------------------------------------
     def handle(self, peer: net.Peer, msg: Message) -> Any:
-        peer.info["last_seen"] = time.monotonic()  # any frame shows the peer is alive
+        self._heard(peer)  # any frame shows the peer is alive
         handler = self._handlers.get(msg.type)
         if handler is None:
             raise net.RequestError(f"the coordinator does not serve {msg.type.name}", code="unexpected")
@@ -146,6 +149,7 @@ class CoordinatorService:
         self._changed_soon()  # wakes a REGISTER_WORKER that waits on this peer
         role = peer.info.get("role")
         if role == "shard":
+            self.liveness.forget(("shard", peer.info["shard_id"]))
             self.shards = [s for s in self.shards if s.peer is not peer]
             self._shard_lost(peer)
         elif role == "worker" and self.job is not None and peer.info.get("job_id") == self.job.job_id:
@@ -154,12 +158,55 @@ class CoordinatorService:
             log.warning("driver of job %s went away; ending the job", self.job.job_id)
             self._end_job("the driver disconnected")
 
+    def _heard(self, peer: net.Peer) -> None:
+        now = time.monotonic()
+        peer.info["last_seen"] = now
+        role = peer.info.get("role")
+        if role == "shard":
+            self.liveness.heard(("shard", peer.info["shard_id"]))
+        elif role == "worker" and self.job is not None and peer.info.get("job_id") == self.job.job_id:
+            self._slot_heard(self.job.workers[peer.info["worker_id"]], now)
+
+    def _slot_heard(self, slot: WorkerSlot, now: float) -> None:
+        slot.last_heard_s = now
+        self.liveness.heard(("worker", slot.worker_id))
+
+    def _move(self, slot: WorkerSlot, new: SlotState) -> None:
+        """A slot's move that a worker's message asked for: an illegal one is that worker's error."""
+        try:
+            slot.move(new)
+        except InvalidTransition as exc:
+            raise net.RequestError(str(exc), code="unexpected") from None
+        if new in WATCHED_SLOT_STATES:
+            self.liveness.watch(("worker", slot.worker_id))
+        else:
+            self.liveness.forget(("worker", slot.worker_id))
+
+    def _run(self, effects: list[Effect]) -> None:
+        """Run what the pure parts decided: answer the requests they held."""
+        for effect in effects:
+            fut = effect.handle
+            assert isinstance(fut, asyncio.Future)
+            if fut.done():
+                continue
+            if isinstance(effect, Release):
+                fut.set_result(effect.value)
+            else:
+                fut.set_exception(net.RequestError(effect.message, code=effect.code))
+                fut.exception()  # retrieved: its request may be gone
+
+    async def _wait(self, barrier: Barrier, worker: int, payload: Any) -> Any:
+        """Arrive at ``barrier`` and wait until it opens (or fails)."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._run(barrier.arrive(worker, payload, fut))
+        return await fut
+
     async def _notify_changed(self) -> None:
         async with self._changed:
             self._changed.notify_all()
 
     def _changed_soon(self) -> None:
-        asyncio.get_running_loop().create_task(self._notify_changed())
+        self.spawn(self._notify_changed())
 
     def _event(self, job: Job, body: dict[str, Any], arrays: list[Any] | None = None) -> None:
         if job.driver.is_open:
@@ -167,7 +214,7 @@ class CoordinatorService:
 
     def _job_of(self, peer: net.Peer) -> tuple[Job, WorkerSlot]:
         job = self.job
-        if job is None or peer.info.get("job_id") != job.job_id or job.state != "running":
+        if job is None or peer.info.get("job_id") != job.job_id or job.state is not JobState.RUNNING:
             raise net.RequestError("no running job for this worker", code="no_job")
         return job, job.workers[peer.info["worker_id"]]
 
@@ -179,11 +226,12 @@ class CoordinatorService:
         shard_id = max((s.shard_id for s in self.shards), default=-1) + 1
         info = ShardInfo(shard_id, address, pid, peer)
         self.shards.append(info)
-        peer.info.update(role="shard", shard_id=shard_id, address=address)
+        peer.info.update(role="shard", shard_id=shard_id, address=address, pid=pid)
+        self.liveness.watch(("shard", shard_id))
         log.info("shard %d registered at %s", shard_id, address)
         job = self.job
         if job is not None and job.recovering is not None:
-            asyncio.get_running_loop().create_task(self._recover(job, job.recovering, info))
+            self.spawn(self._recover(job, job.recovering, info))
         self._changed_soon()
         return Message(MsgType.REGISTER_SHARD, {"shard_id": shard_id})
 
@@ -192,17 +240,8 @@ class CoordinatorService:
         """Open a job: workers may register and run the statistics pass; tables come later (TABLES)."""
         if self.job is not None:
             raise net.RequestError(f"job {self.job.job_id} is still running on this server", code="busy")
-        spec = msg.body.get("spec")
-        if not isinstance(spec, dict):
-            raise net.RequestError("SUBMIT needs a job spec")
-        try:
-            n_workers = int(spec["n_workers"])
-            min_shards = int(spec.get("min_shards", 1))
-            staleness_for(str(spec["mode"]), int(spec.get("staleness", 0)))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise net.RequestError(f"bad job spec: {exc}") from None
-        if n_workers < 1 or len(spec.get("partitions", [])) != n_workers:
-            raise net.RequestError("the job spec needs one data partition per worker")
+        spec = JobSpec.from_wire(msg.body.get("spec"))
+        n_workers, min_shards = spec.n_workers, spec.min_shards
         async with self._changed:
             try:
                 await asyncio.wait_for(self._changed.wait_for(lambda: len(self.shards) >= min_shards), SHARD_WAIT_S)
@@ -219,14 +258,16 @@ class CoordinatorService:
             spec,
             peer,
             list(self.shards),
-            [WorkerSlot(i, start_clock=int((spec.get("resume") or {}).get("clock", 0))) for i in range(n_workers)],
+            [WorkerSlot(i, start_clock=spec.resume_clock) for i in range(n_workers)],
             Barrier(workers),
             Barrier(workers),
             Barrier(workers),
         )
-        self.job.state = "running"
+        self.job.move(JobState.RUNNING)
+        self.liveness.timeout_s = spec.failure_timeout_s
+        self.liveness.max_gap_s = 2 * tick_interval_s(spec.heartbeat_interval_s, spec.failure_timeout_s)
         peer.info.update(role="driver", job_id=job_id)
-        log.info("job %s: %d workers, %d shards, mode %s", job_id, n_workers, len(self.shards), spec["mode"])
+        log.info("job %s: %d workers, %d shards, mode %s", job_id, n_workers, len(self.shards), spec.mode)
         self._changed_soon()
         return Message(MsgType.SUBMIT, {"job_id": job_id, "shards": [s.address for s in self.job.shards]})
 
@@ -242,16 +283,16 @@ class CoordinatorService:
         job.ranges = {t.name: table_ranges(t, len(job.shards)) for t in tables}
         job.tables = [t.to_dict() for t in tables]
         try:
-            await self._setup_shards(job, job.spec.get("resume"), [w.worker_id for w in job.workers])
-        except net.PsctlError as exc:
+            await self._setup_shards(job, job.spec.resume, [w.worker_id for w in job.workers])
+        except PsctlError as exc:
             self._fail(f"shard setup failed: {exc}")
             raise net.RequestError(f"shard setup failed: {exc}") from None
         ranges = job.ranges
         if not job.tables_ready.done():
             job.tables_ready.set_result(None)
-        every_s = float((job.spec.get("checkpoint") or {}).get("every_s", 0) or 0)
+        every_s = job.spec.checkpoint_every_s
         if every_s > 0:
-            job.timer = asyncio.get_running_loop().create_task(self._checkpoint_timer(job, every_s))
+            job.timer = self.spawn(self._checkpoint_timer(job, every_s))
         return Message(MsgType.TABLES, {"shards": [s.address for s in job.shards], "ranges": ranges})
 
     def _stop(self, peer: net.Peer, msg: Message) -> None:
@@ -282,15 +323,12 @@ class CoordinatorService:
         """
         target = await self.checkpoint_at_one_clock(job, stop=True)
         if target is not None:
-            fut = asyncio.get_running_loop().create_future()
-            if job.last_checkpoint is not None and job.last_checkpoint >= target:
-                fut.set_result(job.last_checkpoint)
-            else:
-                job.waiters.append((target, fut))
+            fut: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+            self._run(job.checkpoints.wait(target, fut))
             target = await fut
         if target is None:
             return None
-        self._event(job, {"kind": "halted", "clock": target, "dir": job.spec["checkpoint"]["dir"], "reason": reason})
+        self._event(job, {"kind": "halted", "clock": target, "dir": job.spec.checkpoint_dir, "reason": reason})
         self._end_job(f"{reason} at clock {target}, with a final checkpoint")
         return target
 
@@ -298,34 +336,27 @@ class CoordinatorService:
         """``psctl server`` is stopping: the running job's final checkpoint where one is
         configured, then the job ends. Returns a sentence for the operator (None: no job)."""
         job = self.job
-        if job is None or job.state != "running":
+        if job is None or job.state is not JobState.RUNNING:
             return None
-        if not job.spec.get("checkpoint"):
+        if not job.spec.checkpoint:
             self._fail(reason)
             return f"job {job.job_id} stopped (it has no --checkpoint-dir, so no final checkpoint)"
         try:
             clock = await self.halt(job, reason)
-        except (net.RequestError, net.PsctlError) as exc:
+        except (net.RequestError, PsctlError) as exc:
             self._fail(reason)
             return f"job {job.job_id} stopped without a final checkpoint: {exc}"
         if clock is None:
             return f"job {job.job_id} was finishing; it was not stopped"
-        return f"job {job.job_id} stopped at clock {clock}; its final checkpoint is in {job.spec['checkpoint']['dir']}"
+        return f"job {job.job_id} stopped at clock {clock}; its final checkpoint is in {job.spec.checkpoint_dir}"
 
     def _cannot_pause(self, job: Job) -> str | None:
-        if job is not self.job or job.state != "running":
+        if job is not self.job:
             return "the job is not running"
-        if job.halting:
-            return "the job is stopping"
-        if not job.spec.get("checkpoint"):
-            return f"job {job.job_id} has no checkpoint folder (--checkpoint-dir)"
-        if not job.ranges:
-            return "training has not started yet"
-        if job.recovering is not None:
-            return "a lost shard is being replaced"
-        if any(w.state in ("spare", "pending") for w in job.workers):
-            return "a lost worker is being replaced"
-        return None
+        return cannot_pause(
+            job.job_id, job.state, halting=job.halting, has_checkpoint_dir=bool(job.spec.checkpoint),
+            tables_set=bool(job.ranges), recovering=job.recovering is not None, slots=job.workers,
+        )
 
     async def checkpoint_at_one_clock(self, job: Job, *, stop: bool) -> int | None:
         """Hold every training worker, take the clock they can all reach (the furthest
@@ -344,7 +375,7 @@ class CoordinatorService:
         why = self._cannot_pause(job)
         if why is not None:
             raise net.RequestError(f"no checkpoint now: {why}", code="not_now")
-        live = [w for w in job.workers if w.state == "running" and w.peer is not None and w.peer.is_open]
+        live = [w for w in job.workers if w.state is SlotState.RUNNING and w.peer is not None and w.peer.is_open]
         until: int | None = None
         try:
             if not live:
@@ -352,10 +383,10 @@ class CoordinatorService:
             replies = await asyncio.gather(
                 *(w.peer.request(MsgType.PAUSE, {"job_id": job.job_id}, timeout_s=PAUSE_TIMEOUT_S) for w in live if w.peer)
             )
-            clocks = [r.body.get("clock") for r in replies]
-            if not all(isinstance(c, int) and not isinstance(c, bool) for c in clocks):
-                raise net.RequestError("a worker answered PAUSE without its clock")
-            target = max(clocks)
+            try:
+                target = one_clock([r.body.get("clock") for r in replies])
+            except ValueError as exc:
+                raise net.RequestError(str(exc)) from None
             await asyncio.gather(
                 *(
                     s.peer.request(MsgType.CHECKPOINT, {"job_id": job.job_id, "clock": target}, timeout_s=SHARD_SETUP_TIMEOUT_S)
@@ -366,7 +397,7 @@ class CoordinatorService:
             job.halting = stop
             log.info("job %s: checkpoint at clock %d asked for (%s)", job.job_id, target, "stop there" if stop else "go on")
             return target
-        except net.PsctlError as exc:
+        except PsctlError as exc:
             raise net.RequestError(f"no checkpoint now: {exc}", code="not_now") from None
         finally:
             for w in live:
@@ -377,7 +408,7 @@ class CoordinatorService:
         """--checkpoint-every Ns: a checkpoint at one clock every N seconds while the job runs."""
         while True:
             await asyncio.sleep(every_s)
-            if job is not self.job or job.state != "running":
+            if job is not self.job or job.state is not JobState.RUNNING:
                 return
             if job.pausing.locked():
                 continue  # a stop is under way
@@ -385,22 +416,6 @@ class CoordinatorService:
                 await self.checkpoint_at_one_clock(job, stop=False)
             except net.RequestError as exc:
                 log.info("job %s: skipped a timed checkpoint: %s", job.job_id, exc)
-
-    def _settle_waiters(self, job: Job, clock: int | None = None, error: BaseException | None = None) -> None:
-        """Resolve final-checkpoint waiters: reached ``clock``, failed with ``error``, or (neither) the job finished."""
-        keep = []
-        for target, fut in job.waiters:
-            if fut.done():
-                continue
-            if error is not None:
-                fut.set_exception(error)
-            elif clock is None:
-                fut.set_result(None)
-            elif target <= clock:
-                fut.set_result(clock)
-            else:
-                keep.append((target, fut))
-        job.waiters = keep
 
     async def _setup_shards(self, job: Job, restore: dict[str, Any] | None, workers: list[int]) -> list[Message]:
         """Create (or, with ``restore``, reload from a checkpoint) the job's tables on every shard."""
@@ -413,13 +428,13 @@ class CoordinatorService:
                         "job_id": job.job_id,
                         "tables": job.tables,
                         "ranges": {name: r[i] for name, r in job.ranges.items()},
-                        "mode": spec["mode"],
-                        "staleness": spec.get("staleness", 0),
+                        "mode": spec.mode,
+                        "staleness": spec.staleness,
                         "workers": workers,
-                        "optimizer": spec["optimizer"],
-                        "seed": spec.get("seed", 0),
+                        "optimizer": spec.optimizer,
+                        "seed": spec.seed,
                         "shard_index": i,
-                        "checkpoint": spec.get("checkpoint"),
+                        "checkpoint": spec.checkpoint,
                         "restore": restore,
                         "n_shards": len(job.shards),
                     },
@@ -435,11 +450,14 @@ class CoordinatorService:
         index = next((i for i, s in enumerate(job.shards) if s.peer is peer), None) if job else None
         if job is None or index is None:
             return
-        what = f"shard {peer.info['shard_id']} at {peer.info['address']} was lost"
-        self._settle_waiters(job, error=net.RequestError(f"{what} before the final checkpoint was saved"))
-        finished = any(w.state in ("trained", "finished") for w in job.workers)
-        if job.last_checkpoint is None or job.state != "running" or finished or job.recovering is not None:
-            self._fail(what + ("" if job.last_checkpoint is not None else " (no checkpoint to recover from)"))
+        why = peer.info.get("lost_reason")
+        what = f"shard {peer.info['shard_id']} at {peer.info['address']} was lost" + (f": {why}" if why else "")
+        self._run(job.checkpoints.settle(error=f"{what} before the final checkpoint was saved", code="bad_request"))
+        failed = shard_lost_verdict(
+            what, job.state, last_checkpoint=job.last_checkpoint, recovering=job.recovering is not None, slots=job.workers
+        )
+        if failed is not None:
+            self._fail(failed)
             return
         job.recovering = index
         log.warning("job %s: %s; waiting for a shard to take its place", job.job_id, what)
@@ -450,18 +468,16 @@ class CoordinatorService:
         job.shards[index] = shard
         clock = job.last_checkpoint
         assert clock is not None
-        live = [w for w in job.workers if w.state == "running"]
+        live = [w for w in job.workers if w.state is SlotState.RUNNING]
         try:
             replies = await self._setup_shards(
-                job, {"dir": job.spec["checkpoint"]["dir"], "clock": clock}, [w.worker_id for w in live]
+                job, {"dir": job.spec.checkpoint_dir, "clock": clock}, [w.worker_id for w in live]
             )
-        except net.PsctlError as exc:
+        except PsctlError as exc:
             self._fail(f"recovering shard {index} from the checkpoint at clock {clock} failed: {exc}")
             return
         job.recovering = None
-        for w in job.workers:  # a lost worker's partition, not taken over yet, also goes back to the checkpoint
-            if w.state in ("spare", "pending"):
-                w.start_clock = min(w.start_clock, clock)
+        rewind(job.workers, clock)  # a lost worker's partition, not taken over yet, also goes back
         # The surviving shards knew how far the fastest worker had got: those steps are done again.
         reached = [int(r.body["previous_clock"]) for r in replies if r.body.get("previous_clock") is not None]
         replayed = max(reached, default=clock) - clock
@@ -481,7 +497,7 @@ class CoordinatorService:
         """The driver is done with the job; a ``reason`` ends it early (workers are told)."""
         if self.job is not None and self.job.driver is peer:
             reason = msg.body.get("reason")
-            self._end_job(reason if isinstance(reason, str) and self.job.state == "running" else None)
+            self._end_job(reason if isinstance(reason, str) and self.job.state is JobState.RUNNING else None)
 
     def _end_job(self, reason: str | None) -> None:
         job = self.job
@@ -490,15 +506,20 @@ class CoordinatorService:
         self.job = None
         if job.timer is not None:
             job.timer.cancel()
-        self._settle_waiters(job, error=net.RequestError(f"job {job.job_id} ended: {reason or 'done'}", code="job_ended"))
+        self._run(job.checkpoints.settle(error=f"job {job.job_id} ended: {reason or 'done'}", code="job_ended"))
+        for w in job.workers:
+            self.liveness.forget(("worker", w.worker_id))
+        self.liveness.timeout_s = DEFAULT_FAILURE_TIMEOUT_S
+        self.liveness.max_gap_s = 2 * tick_interval_s(DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_FAILURE_TIMEOUT_S)
         if reason is not None:
-            job.state = "failed"
+            if job.state is JobState.RUNNING:
+                job.move(JobState.FAILED)
             for w in job.workers:
                 if w.peer is not None and w.peer.is_open:
                     w.peer.notify(MsgType.EVENT, {"kind": "abort", "reason": reason})
         ended = net.RequestError(f"job {job.job_id} ended: {reason or 'done'}", code="job_ended")
         for barrier in (job.stats, job.trained, job.final):
-            barrier.fail(ended)
+            self._run(barrier.fail(str(ended)))
         if not job.tables_ready.done():
             job.tables_ready.set_exception(ended)
             job.tables_ready.exception()  # retrieved: nobody may be waiting
@@ -524,25 +545,27 @@ class CoordinatorService:
         """
         spare_of = msg.body.get("spare_of")
 
-        def free_slot() -> WorkerSlot | None:
-            if self.job is None or self.job.state != "running":
+        def free() -> WorkerSlot | None:
+            if self.job is None or self.job.state is not JobState.RUNNING:
                 return None
             if spare_of is not None and spare_of != self.job.job_id:
                 return None
-            states = ("spare",) if spare_of is not None else ("waiting", "spare")
-            return next((w for w in self.job.workers if w.state in states and w.peer is None), None)
+            return free_slot(self.job.workers, spare_only=spare_of is not None)
 
         if spare_of is None:
             async with self._changed:
-                await self._changed.wait_for(lambda: free_slot() is not None or not peer.is_open)
-        slot = free_slot()
+                await self._changed.wait_for(lambda: free() is not None or not peer.is_open)
+        slot = free()
         if slot is None and spare_of is not None:
             raise net.RequestError("no lost worker's partition is waiting to be taken over", code="no_spare")
         if slot is None or self.job is None:
             raise net.RequestError("connection closed while waiting for a job")
         job = self.job
-        replacing = slot.state == "spare"
-        slot.peer, slot.state = peer, "running"
+        replacing = slot.state is SlotState.SPARE
+        slot.peer = peer
+        self._move(slot, SlotState.RUNNING)
+        slot.session = secrets.token_hex(16)
+        slot.last_heard_s = time.monotonic()
         slot.pid, slot.host = msg.body.get("pid"), msg.body.get("host")
         peer.info.update(role="worker", job_id=job.job_id, worker_id=slot.worker_id, helper=spare_of is not None)
         if replacing:  # the barriers have expected this slot since its predecessor was lost
@@ -560,61 +583,102 @@ class CoordinatorService:
             {
                 "job_id": job.job_id,
                 "worker_id": slot.worker_id,
-                "spec": job.spec,
-                "partition": job.spec["partitions"][slot.partition],
+                "spec": job.spec.to_wire(),
+                "partition": job.spec.partitions[slot.partition],
                 "partition_index": slot.partition,
                 "start_clock": slot.start_clock,
                 "stop": job.stop_requested,
+                "session": slot.session,  # a HEARTBEAT carrying it counts on any connection
             },
         )
 
     async def monitor(self) -> None:
-        """Declare workers lost whose heartbeats stopped (a hung or partitioned host keeps its sockets open)."""
+        """The failure detector: every tick, PING each shard (its reply, like any frame, shows it
+        is alive) and declare lost the parties the liveness tracker finds silent too long:
+        a stopped, hung or partitioned host keeps its sockets open."""
         while True:
-            job = self.job
-            timeout_s = float(job.spec.get("failure_timeout_s", DEFAULT_FAILURE_TIMEOUT_S)) if job else DEFAULT_FAILURE_TIMEOUT_S
-            await asyncio.sleep(min(timeout_s / 4, 1.0))
-            job = self.job
-            if job is None or job.state != "running":
-                continue
-            now = time.monotonic()
-            for slot in job.workers:
-                if slot.peer is None or slot.state not in ("running", "trained"):
+            spec = self.job.spec if self.job is not None else None
+            await asyncio.sleep(
+                tick_interval_s(spec.heartbeat_interval_s, spec.failure_timeout_s)
+                if spec is not None
+                else tick_interval_s(DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_FAILURE_TIMEOUT_S)
+            )
+            self._tick(time.monotonic())
+
+    def _tick(self, now: float) -> None:
+        for shard in self.shards:
+            if shard.shard_id not in self._pinging and shard.peer.is_open:
+                self._pinging.add(shard.shard_id)
+                self.spawn(self._ping_shard(shard))
+        for (role, ident), silent_s in self.liveness.tick(now):
+            if role == "shard":
+                shard = next((s for s in self.shards if s.shard_id == ident), None)
+                if shard is None:
                     continue
-                silent_s = now - slot.peer.info.get("last_seen", now)
-                if silent_s > timeout_s:
+                reason = f"it did not answer for {silent_s:.1f} s (stopped, hung or cut off)"
+                log.warning("shard %d at %s: %s", shard.shard_id, shard.address, reason)
+                shard.peer.info["lost_reason"] = reason
+                shard.peer.abort(ConnectionError(f"declared lost: {reason}"))  # peer_lost handles the rest
+                if self.on_shard_declared_lost is not None:
+                    self.on_shard_declared_lost(shard.pid)
+            elif self.job is not None and ident < len(self.job.workers):
+                slot = self.job.workers[ident]
+                if slot.state in WATCHED_SLOT_STATES:
                     self._worker_lost(slot, f"no heartbeat for {silent_s:.1f} s")
-                    slot.peer.abort(ConnectionError("declared lost: no heartbeat"))
+                    if slot.peer is not None:
+                        slot.peer.abort(ConnectionError("declared lost: no heartbeat"))
+
+    async def _ping_shard(self, shard: ShardInfo) -> None:
+        try:
+            timeout_s = self.liveness.timeout_s
+            await shard.peer.request(MsgType.PING, {}, timeout_s=timeout_s)
+            self.liveness.heard(("shard", shard.shard_id))  # a reply does not pass through handle()
+        except (PsctlError, ConnectionError, TimeoutError) as exc:
+            # Not a verdict: silence is judged by the liveness tracker, on time we were running.
+            log.debug("PING to shard %d: %s", shard.shard_id, exc)
+        finally:
+            self._pinging.discard(shard.shard_id)
 
     def _heartbeat(self, peer: net.Peer, msg: Message) -> None:
-        job, slot = self._job_of(peer)
-        slot.clock = int(msg.body.get("clock", slot.clock))
-        slot.samples_s = float(msg.body.get("samples_s", 0.0))
+        """A worker's clock and rate. On its registering connection, or on any other one when
+        it carries the slot's session token (a session's heartbeat thread)."""
+        token = msg.body.get("session")
+        if token is None:
+            job, slot = self._job_of(peer)
+        else:
+            job = self.job
+            worker_id = msg.body.get("worker_id")
+            if job is None or msg.body.get("job_id") != job.job_id or job.state is not JobState.RUNNING:
+                raise net.RequestError("no running job for this heartbeat", code="no_job")
+            if not isinstance(worker_id, int) or isinstance(worker_id, bool) or not 0 <= worker_id < len(job.workers):
+                raise net.RequestError("a heartbeat with a session token needs its worker_id", code="bad_session")
+            slot = job.workers[worker_id]
+            if not isinstance(token, str) or slot.session is None or not secrets.compare_digest(token, slot.session):
+                raise net.RequestError(f"wrong session token for worker {worker_id}", code="bad_session")
+            self._slot_heard(slot, time.monotonic())
+        clock, samples_s = msg.body.get("clock", slot.clock), msg.body.get("samples_s", 0.0)
+        if isinstance(clock, int) and not isinstance(clock, bool):
+            slot.clock = clock
+        if isinstance(samples_s, int | float) and not isinstance(samples_s, bool):
+            slot.samples_s = float(samples_s)
         slot.heartbeats += 1
 
     def _worker_lost(self, slot: WorkerSlot, reason: str = "connection lost") -> None:
         job = self.job
-        if job is None or slot.state in ("finished", "lost"):
+        if job is None or slot.state in (SlotState.FINISHED, SlotState.LOST):
             return
-        unfinished = slot.state == "running"  # a worker lost after training needs no replacement
-        slot.state = "lost"
+        spare, effects = lose(job.workers, [job.stats, job.trained, job.final], slot)
+        self.liveness.forget(("worker", slot.worker_id))
         # Its rows between its last acknowledged clock and the stop clock would be missing.
-        self._settle_waiters(job, error=net.RequestError(f"worker {slot.worker_id} was lost before the final checkpoint"))
+        self._run(job.checkpoints.settle(error=f"worker {slot.worker_id} was lost before the final checkpoint", code="bad_request"))
         log.warning("job %s: worker %d lost (%s)", job.job_id, slot.worker_id, reason)
-        if unfinished:
-            # A new slot for its partition: every barrier waits for it from now on, so the
-            # job cannot end before the partition's remaining rows are trained.
-            spare = WorkerSlot(len(job.workers), state="pending", partition=slot.partition, start_clock=UNKNOWN_CLOCK)
-            job.workers.append(spare)
-            for barrier in (job.stats, job.trained, job.final):
-                barrier.add(spare.worker_id)
-            asyncio.get_running_loop().create_task(self._offer_replacement(job, slot, spare))
+        if spare is not None:
+            self.spawn(self._offer_replacement(job, slot, spare))
         self._event(
             job,
             {"kind": "worker_lost", "worker_id": slot.worker_id, "reason": reason, "at_s": time.monotonic() - job.started_s},
         )
-        for barrier in (job.stats, job.trained, job.final):
-            barrier.drop(slot.worker_id)
+        self._run(effects)
         self._check_epochs(job)
         if not job.live_ids():
             self._fail("every worker was lost")
@@ -631,31 +695,25 @@ class CoordinatorService:
                 *(s.peer.request(MsgType.WORKER_LEFT, body) for s in job.shards if s.peer.is_open), return_exceptions=True
             )
             clocks = [r.body["clock"] for r in replies if isinstance(r, Message) and r.body.get("clock") is not None] or clocks
-        if job is not self.job or job.state != "running":
+        if job is not self.job or job.state is not JobState.RUNNING:
             return
-        # The lowest acknowledged clock: a push that reached only some shards is redone, never skipped.
-        # (A roll-back meanwhile may have lowered it to the checkpoint's clock already.)
-        spare.start_clock = min(min(clocks), spare.start_clock)
-        spare.state = "spare"
+        offer(spare, clocks)
         log.info("job %s: worker %d may replace worker %d from clock %d", job.job_id, spare.worker_id, lost.worker_id, spare.start_clock)
         self._changed_soon()
-        grace_s = float(job.spec.get("takeover_after_s", job.spec.get("failure_timeout_s", DEFAULT_FAILURE_TIMEOUT_S)))
+        grace_s = job.spec.takeover_grace_s
         while True:
             await asyncio.sleep(grace_s)
-            if job is not self.job or job.state != "running" or spare.state != "spare" or spare.peer is not None:
+            if job is not self.job or job.state is not JobState.RUNNING or spare.state is not SlotState.SPARE or spare.peer is not None:
                 return
-            survivors = [
-                w for w in job.workers
-                if w.state in ("running", "trained") and w.peer is not None and w.peer.is_open and not w.peer.info.get("helper")
-            ]
-            if not survivors:
+            pick = pick_survivor(
+                [w for w in job.workers if w.peer is not None and w.peer.is_open and not w.peer.info.get("helper")],
+                job.takeovers,
+            )
+            if pick is None or pick.peer is None:
                 return
-            pick = min(survivors, key=lambda w: (w.peer.info.get("takeovers", 0) if w.peer else 0, w.worker_id))
-            assert pick.peer is not None
-            pick.peer.info["takeovers"] = pick.peer.info.get("takeovers", 0) + 1
             log.info("job %s: asking worker %d to take over partition %d", job.job_id, pick.worker_id, spare.partition)
             pick.peer.notify(MsgType.EVENT, {"kind": "take_over", "job_id": job.job_id, "partition": spare.partition})
-            grace_s = float(job.spec.get("failure_timeout_s", DEFAULT_FAILURE_TIMEOUT_S))  # if it does not come, ask another
+            grace_s = job.spec.failure_timeout_s  # if it does not come, ask another
 
     async def _stats(self, peer: net.Peer, msg: Message) -> Message:
         job, slot = self._job_of(peer)
@@ -666,8 +724,7 @@ class CoordinatorService:
             ids = vocab.from_message(msg.body, msg.arrays)
         except vocab.VocabError as exc:
             raise net.RequestError(str(exc)) from None
-        job.stats.arrive(slot.worker_id, {**msg.body, "vocab": ids})
-        parts = await job.stats.done
+        parts = await self._wait(job.stats, slot.worker_id, {**msg.body, "vocab": ids})
         if not job.stats_sent:  # the driver names the tables from these and keeps them for the model file
             job.stats_sent = True
             stats = [p["stats"] for p in parts.values() if p.get("stats")]
@@ -696,50 +753,34 @@ class CoordinatorService:
     def _epoch_report(self, peer: net.Peer, msg: Message) -> None:
         job, slot = self._job_of(peer)
         epoch = int(msg.body["epoch"])
-        # Keyed by partition: a replacement continues its predecessor's epoch reports,
-        # and a step it redoes adds to the same entry.
-        if epoch <= job.last_epoch_reported:
-            return  # a replacement redoing the end of an epoch that was already summed up
-        reports = job.epoch_reports.setdefault(epoch, {})
-        reports[slot.partition] = merge_reports(reports.get(slot.partition), msg.body)
+        job.epochs.report(epoch, slot.partition, msg.body)
         self._check_epochs(job)
 
     def _check_epochs(self, job: Job) -> None:
         # A spare slot's partition is awaited too: its replacement will report for it.
-        expected = {w.partition for w in job.workers if w.state != "lost"}
-        for epoch in sorted(job.epoch_reports):
-            reports = job.epoch_reports[epoch]
-            if not expected <= reports.keys():
-                break
-            del job.epoch_reports[epoch]
-            job.last_epoch_reported = epoch
-            event = {"kind": "epoch", "epoch": epoch, **pool(list(reports.values()))}
-            vals = [r["val"] for r in reports.values() if r.get("val")]
-            if vals:
-                event["val"] = pool(vals)
+        for event in job.epochs.complete({w.partition for w in job.workers if w.state is not SlotState.LOST}):
             self._event(job, event)
 
     async def _trained(self, peer: net.Peer, msg: Message) -> Message:
         job, slot = self._job_of(peer)
-        slot.state = "trained"
-        job.trained.arrive(slot.worker_id, msg.body)
-        await job.trained.done
+        self._move(slot, SlotState.TRAINED)
+        await self._wait(job.trained, slot.worker_id, msg.body)
         return Message(MsgType.TRAINED, {})
 
     def _final_report(self, peer: net.Peer, msg: Message) -> None:
         job, slot = self._job_of(peer)
-        slot.state = "finished"
-        job.final.arrive(slot.worker_id, msg.body)
-        if job.final.done.done() and not job.final.done.exception():
-            reports = list(job.final.done.result().values())
-            job.state = "done"
-            self._settle_waiters(job)
+        self._move(slot, SlotState.FINISHED)
+        self._run(job.final.arrive(slot.worker_id, msg.body))
+        if job.final.result is not None:
+            reports = list(job.final.result.values())
+            job.move(JobState.DONE)
+            self._run(job.checkpoints.settle())
             self._event(
                 job,
                 {
                     "kind": "done",
                     **pool(reports),
-                    "lost_workers": [w.worker_id for w in job.workers if w.state == "lost"],
+                    "lost_workers": [w.worker_id for w in job.workers if w.state is SlotState.LOST],
                     "bytes_pulled": sum(r.get("bytes_pulled", 0) for r in reports),
                     "bytes_pushed": sum(r.get("bytes_pushed", 0) for r in reports),
                     "seconds": time.monotonic() - job.started_s,
@@ -766,11 +807,11 @@ class CoordinatorService:
             job = self.job
             body["job"] = {
                 "job_id": job.job_id,
-                "mode": job.spec.get("mode"),
-                "staleness": job.spec.get("staleness", 0),
+                "mode": job.spec.mode,
+                "staleness": job.spec.staleness,
                 "state": job.state,
-                "epoch": job.last_epoch_reported + 1,
-                "epochs": job.spec.get("epochs"),
+                "epoch": job.epochs.last_reported + 1,
+                "epochs": job.spec.epochs,
                 "last_checkpoint": job.last_checkpoint,
                 "workers": [
                     {
@@ -781,7 +822,7 @@ class CoordinatorService:
                         "clock": w.clock,
                         "samples_s": w.samples_s,
                         "heartbeats": w.heartbeats,
-                        "last_heartbeat_s": now - w.peer.info.get("last_seen", now) if w.peer else None,
+                        "last_heartbeat_s": None if w.last_heard_s is None else now - w.last_heard_s,
                     }
                     for w in job.workers
                 ],
@@ -791,22 +832,33 @@ class CoordinatorService:
     def _checkpointed(self, peer: net.Peer, msg: Message) -> None:
         """A shard saved a clock; once every shard has, the manifest makes it the job's checkpoint."""
         job = self.job
-        if job is None or msg.body.get("job_id") != job.job_id or not job.spec.get("checkpoint"):
+        if job is None or msg.body.get("job_id") != job.job_id or not job.spec.checkpoint:
             return
-        clock = int(msg.body["clock"])
-        saved = job.checkpoints.setdefault(clock, set())
-        saved.add(int(msg.body["shard_index"]))
-        if len(saved) < len(job.shards):
+        clock, index = msg.body.get("clock"), msg.body.get("shard_index")
+        if not isinstance(clock, int) or not isinstance(index, int) or isinstance(clock, bool) or isinstance(index, bool):
+            raise net.RequestError("CHECKPOINTED needs a clock and a shard_index")
+        if not job.checkpoints.shard_saved(clock, index, len(job.shards)):
             return
-        checkpoint.write_manifest(
-            job.spec["checkpoint"]["dir"],
-            {"clock": clock, "spec": job.spec, "tables": job.tables, "n_shards": len(job.shards), "job_id": job.job_id},
-        )
-        job.last_checkpoint = clock
-        for c in [c for c in job.checkpoints if c <= clock]:
-            del job.checkpoints[c]
-        self._event(job, {"kind": "checkpoint", "clock": clock})
-        self._settle_waiters(job, clock)
+        manifest = {"clock": clock, "spec": job.spec.to_wire(), "tables": job.tables, "n_shards": len(job.shards), "job_id": job.job_id}
+        self.spawn(self._write_manifest(job, clock, manifest))
+
+    async def _write_manifest(self, job: Job, clock: int, manifest: dict[str, Any]) -> None:
+        """Write (and fsync) the manifest off the event loop; then the clock is the job's checkpoint."""
+        async with job.manifest_written:  # in clock order: a later manifest is never overwritten by an earlier one
+            if job.last_checkpoint is not None and job.last_checkpoint >= clock:
+                return
+            dir_ = job.spec.checkpoint_dir
+            assert dir_ is not None
+            try:
+                await asyncio.to_thread(checkpoint.write_manifest, dir_, manifest)
+            except OSError as exc:
+                log.warning("job %s: writing the checkpoint manifest in %s failed: %s", job.job_id, dir_, exc)
+                return
+            if job is not self.job:
+                return
+            effects = job.checkpoints.written(clock)
+            self._event(job, {"kind": "checkpoint", "clock": clock})
+            self._run(effects)
 
     def _ping(self, peer: net.Peer, msg: Message) -> Message:
         return Message(MsgType.PING, {})
@@ -846,5 +898,5 @@ async def start_coordinator(
         service, max_frame_bytes=max_frame_bytes, max_connections=max_connections, name="coordinator", security=security
     )
     bound_host, bound_port = await server.start(host, port)
-    server.tasks.add(asyncio.ensure_future(service.monitor()))
+    server.tasks.add(asyncio.ensure_future(service.run()))  # cancelled by server.close()
     return server, service, f"{bound_host}:{bound_port}"

@@ -64,7 +64,19 @@ class LocalCluster:
         self._server, self.coordinator, address = await start_coordinator(
             self.host, port, max_frame_bytes=self.max_frame_bytes, security=self.security
         )
+        # A shard the coordinator declared lost (stopped, hung) is killed: its exit makes the
+        # driver or `psctl server` start another, as for a shard that died.
+        self.coordinator.on_shard_declared_lost = self.kill_child
         return address
+
+    def kill_child(self, pid: int) -> None:
+        """SIGKILL the child process ``pid`` (and its group) if this cluster started it."""
+        for child in self.children:
+            if child.proc.pid == pid and child.proc.returncode is None:
+                try:
+                    os.killpg(child.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     async def _spawn(self, role: str, index: int, args: list[str]) -> Child:
         log_path = self.log_dir / f"{role}-{index}.log"

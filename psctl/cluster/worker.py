@@ -23,6 +23,7 @@ import numpy as np
 from psctl import net
 from psctl.cluster.client import ShardClient
 from psctl.core.batching import batch_indices, epoch_steps
+from psctl.core.job import JobSpec
 from psctl.data import csvfile, formats, ratings, vocab
 from psctl.errors import ConnectError, DataError, JobError, PsctlError
 from psctl.models.base import Model, batch_sums, classes_for, encode_targets
@@ -282,39 +283,36 @@ class Worker:
     async def _job(self, coord: net.Peer, reg: dict[str, Any]) -> dict[str, Any]:
         # Heartbeats from the moment the slot is ours: reading the data and waiting for the
         # other workers' statistics can take longer than the failure timeout.
-        beat = asyncio.ensure_future(self._heartbeat(coord, float(reg["spec"].get("heartbeat_interval_s", 0.5))))
+        beat = asyncio.ensure_future(self._heartbeat(coord, JobSpec.from_wire(reg["spec"]).heartbeat_interval_s))
         try:
             return await self._work(coord, reg)
         finally:
             beat.cancel()
 
     async def _work(self, coord: net.Peer, reg: dict[str, Any]) -> dict[str, Any]:
-        spec = reg["spec"]
+        job = JobSpec.from_wire(reg["spec"])
+        spec = job.to_wire()  # every field present, defaults filled in, for the data helpers
         worker_id = int(reg["worker_id"])
         self.control.stop_requested = self.control.stop_requested or bool(reg.get("stop"))
         partition = int(reg.get("partition_index", worker_id))
-        if ":" in spec["model"] and spec["model"] not in self.model_classes:
-            raise PsctlError(f"this worker does not load model class '{spec['model']}'; start it with --model-class {spec['model']}")
-        model_cls = model_class(spec["model"])
+        if ":" in job.model and job.model not in self.model_classes:
+            raise PsctlError(f"this worker does not load model class '{job.model}'; start it with --model-class {job.model}")
+        model_cls = model_class(job.model)
         part = csvfile.Partition.from_dict(reg["partition"])
-        path = self.data_path or spec["data"]["path"]
+        path = self.data_path or job.data["path"]
         if not os.path.exists(path):
             raise DataError(f"data file '{path}' does not exist on worker host {socket.gethostname()}")
-        if os.path.getsize(path) != spec["data"]["size"]:
-            raise DataError(f"data file '{path}' on this host differs in size from the job's ({spec['data']['size']} bytes)")
+        if os.path.getsize(path) != job.data["size"]:
+            raise DataError(f"data file '{path}' on this host differs in size from the job's ({job.data['size']} bytes)")
         raw_X, labels = await asyncio.to_thread(load_partition, spec, path, part)
         val_raw: tuple[Any, np.ndarray] | None = None
-        if spec.get("test_split"):
-            train_rows, val_rows = split_validation(
-                labels, float(spec["test_split"]), int(spec.get("seed", 0)), partition, model_cls.task != "regression"
-            )
+        if job.test_split:
+            train_rows, val_rows = split_validation(labels, job.test_split, job.seed, partition, model_cls.task != "regression")
             val_raw = (raw_X[val_rows], labels[val_rows])
             raw_X, labels = raw_X[train_rows], labels[train_rows]
-        elif spec.get("validation"):
-            val_part = csvfile.Partition.from_dict(spec["validation"]["partitions"][partition])
-            val_raw = await asyncio.to_thread(
-                load_partition, {**spec, "data": spec["validation"]}, spec["validation"]["path"], val_part
-            )
+        elif job.validation:
+            val_part = csvfile.Partition.from_dict(job.validation["partitions"][partition])
+            val_raw = await asyncio.to_thread(load_partition, {**spec, "data": job.validation}, job.validation["path"], val_part)
 
         body, arrays = await asyncio.to_thread(stats_request, raw_X, labels, spec, model_cls)
         if val_raw is not None and model_cls.task != "regression":  # classes must cover the held-out labels too
@@ -329,8 +327,8 @@ class Worker:
         model = model_cls(
             prep.n_features,
             classes,
-            l2=float(spec.get("l2", 0.0)),
-            **spec.get("model_params", {}),
+            l2=job.l2,
+            **job.model_params,
             **model_cls.data_params(stats),
         )
 

@@ -9,6 +9,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -194,3 +195,50 @@ async def close_raw_clients() -> None:
         client.close()
         with contextlib.suppress(OSError):
             await asyncio.wait_for(client.writer.wait_closed(), 5)
+
+
+_BEATING: set[asyncio.Task[None]] = set()
+
+
+def keep_beating(peer: net.Peer, interval_s: float = 0.05, body: dict[str, Any] | None = None) -> None:
+    """What every worker does from registration until its connection closes: send HEARTBEATs
+    (a test playing a worker needs them too, or it is declared lost after the failure timeout)."""
+
+    async def beat() -> None:
+        while peer.is_open:
+            peer.notify(MsgType.HEARTBEAT, {"clock": 0, **(body or {})})
+            await asyncio.sleep(interval_s)  # the heartbeat's period, not a wait for anything
+
+    task = asyncio.ensure_future(beat())
+    _BEATING.add(task)
+    task.add_done_callback(_BEATING.discard)
+
+
+class HeartbeatThread:
+    """A worker's heartbeats from a thread, on a connection of their own, carrying the
+    session token of its registration: they go on while the test's event loop is busy
+    (building thousands of fuzz frames on a loaded machine takes longer than a failure timeout)."""
+
+    def __init__(self, address: str, job_id: str, reg: dict[str, Any], security: net.Security = net.LOCAL,
+                 interval_s: float = 0.1):  # fmt: skip
+        self.address, self.security, self.interval_s = address, security, interval_s
+        self.body = {"job_id": job_id, "worker_id": reg["worker_id"], "session": reg["session"], "clock": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._beat()), name="heartbeats", daemon=True)
+
+    def start(self) -> HeartbeatThread:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    async def _beat(self) -> None:
+        peer = await net.connect(self.address, IgnoreEvents(), security=self.security)
+        try:
+            while not self._stop.is_set() and peer.is_open:
+                await peer.request(MsgType.HEARTBEAT, self.body)  # a wrong token would raise here
+                await asyncio.sleep(self.interval_s)  # the heartbeat's period, not a wait for anything
+        finally:
+            peer.close()

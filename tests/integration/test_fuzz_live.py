@@ -42,7 +42,7 @@ from psctl.protocol.wire import (
     encode_bytes,
 )
 
-from .cluster import IgnoreEvents, bare_spec, status, wait_until, write_secret
+from .cluster import HeartbeatThread, IgnoreEvents, bare_spec, status, wait_until, write_secret
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -285,7 +285,7 @@ async def test_hostile_frames_change_no_parameter_and_the_worker_is_still_served
     security = net.Security(secret=secret)
     common = ["--secret-file", str(secret_path), "--max-frame-bytes", str(MAX_FRAME_BYTES)]
     coordinator = Process(["coordinator", *common], tmp_path / "coordinator.log", "listening on ")
-    shard = None
+    shard = beats = None
     try:
         shard = Process(["shard", "--coordinator", coordinator.address, *common], tmp_path / "shard.log", "PSCTL_READY ")
         driver = await net.connect(coordinator.address, IgnoreEvents(), security=security)
@@ -295,6 +295,7 @@ async def test_hostile_frames_change_no_parameter_and_the_worker_is_still_served
         job_id = submitted["job_id"]
         control = await net.connect(coordinator.address, IgnoreEvents(), security=security)
         reg = (await control.request(MsgType.REGISTER_WORKER, {"pid": 0, "host": "test"})).body
+        beats = HeartbeatThread(coordinator.address, job_id, reg, security).start()
         worker = await ShardClient.connect(
             reg_placed["shards"], reg_placed["ranges"], job_id, {"role": "worker", "worker_id": 0},
             max_frame_bytes=MAX_FRAME_BYTES, security=security,
@@ -341,6 +342,8 @@ async def test_hostile_frames_change_no_parameter_and_the_worker_is_still_served
         control.close()
         driver.close()
     finally:
+        if beats is not None:
+            beats.stop()
         if shard is not None:
             shard.stop()
         coordinator.stop()

@@ -15,7 +15,7 @@ from psctl import net
 from psctl.cluster.client import ShardClient
 from psctl.protocol.wire import Message, MsgType
 
-from .cluster import IgnoreEvents, ServerProcess, bare_spec
+from .cluster import IgnoreEvents, ServerProcess, bare_spec, keep_beating
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -39,6 +39,7 @@ async def worker(address: str, placed: dict, body: dict | None = None) -> tuple[
     control = Control()
     peer = await net.connect(address, control)
     reg = (await peer.request(MsgType.REGISTER_WORKER, {"pid": 0, "host": "test", **(body or {})})).body
+    keep_beating(peer)  # the failure timeout here is 0.3 s, and a worker waiting at a barrier sends nothing else
     client = await ShardClient.connect(
         placed["shards"], placed["ranges"], reg["job_id"], {"role": "worker", "worker_id": reg["worker_id"]},
         max_frame_bytes=1 << 20,

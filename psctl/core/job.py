@@ -1,0 +1,144 @@
+"""The job spec: what the driver submits and the coordinator hands every worker, typed.
+
+One place for each default. ``to_wire()`` gives the JSON body that travels in SUBMIT,
+REGISTER_WORKER's reply and the checkpoint manifest; ``from_wire(body)`` checks it and
+refuses a bad field with one sentence (``RequestError``). Nested parts that belong to
+another layer (the data/format spec, model parameters, the optimizer, partitions) stay
+dicts: those layers validate them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from psctl.core.consistency import staleness_for
+from psctl.errors import RequestError
+
+DEFAULT_HEARTBEAT_INTERVAL_S = 0.5
+DEFAULT_FAILURE_TIMEOUT_S = 5.0
+DEFAULT_EPOCHS = 1
+DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A training job as the coordinator and workers see it."""
+
+    model: str
+    n_workers: int
+    mode: str
+    partitions: tuple[dict[str, Any], ...]  # one per worker: a byte range of the data file (csvfile.Partition)
+    staleness: int = 0
+    model_params: dict[str, Any] = field(default_factory=dict)
+    n_features: int | None = None  # None for LIBSVM until the statistics pass
+    epochs: int = DEFAULT_EPOCHS
+    batch_size: int = DEFAULT_BATCH_SIZE
+    l2: float = 0.0
+    seed: int = 0
+    standardize: bool = True
+    optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "sgd", "params": {}})
+    min_shards: int = 1
+    data: dict[str, Any] = field(default_factory=dict)  # path, size and the format's own fields
+    test_split: float = 0.0
+    checkpoint: dict[str, Any] | None = None  # {"dir", "every", "every_s"}
+    heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
+    failure_timeout_s: float = DEFAULT_FAILURE_TIMEOUT_S
+    # How long a lost worker's partition waits for a new worker before a survivor takes it
+    # over; None: the failure timeout.
+    takeover_after_s: float | None = None
+    validation: dict[str, Any] | None = None  # a held-out file's partitions
+    resume: dict[str, Any] | None = None  # {"dir", "clock"}: continue from that checkpoint
+
+    @property
+    def takeover_grace_s(self) -> float:
+        return self.failure_timeout_s if self.takeover_after_s is None else self.takeover_after_s
+
+    @property
+    def resume_clock(self) -> int:
+        return int(self.resume["clock"]) if self.resume else 0
+
+    @property
+    def checkpoint_dir(self) -> str | None:
+        return str(self.checkpoint["dir"]) if self.checkpoint else None
+
+    @property
+    def checkpoint_every_s(self) -> float:
+        return float((self.checkpoint or {}).get("every_s") or 0.0)
+
+    def replace(self, **changes: Any) -> JobSpec:
+        return dataclasses.replace(self, **changes)
+
+    def to_wire(self) -> dict[str, Any]:
+        body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        body["partitions"] = [dict(p) for p in self.partitions]
+        return body
+
+    @classmethod
+    def from_wire(cls, body: Any) -> JobSpec:
+        """The spec in a SUBMIT body (or a manifest); unknown fields are ignored."""
+        if not isinstance(body, dict):
+            raise RequestError("SUBMIT needs a job spec")
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name in body and body[f.name] is not None or f.name in _REQUIRED:
+                values[f.name] = _check(f.name, body.get(f.name))
+        if values["n_workers"] < 1 or len(values["partitions"]) != values["n_workers"]:
+            raise RequestError("the job spec needs one data partition per worker")
+        try:
+            staleness_for(values["mode"], values.get("staleness", 0))
+        except ValueError as exc:
+            raise RequestError(f"bad job spec: {exc}") from None
+        return cls(**values)
+
+
+_REQUIRED = ("model", "n_workers", "mode", "partitions")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _check(name: str, value: Any) -> Any:
+    """One field, checked: its wire value converted, or one sentence naming the field."""
+    kind = _KINDS[name]
+    ok = {
+        "str": isinstance(value, str),
+        "int": _is_int(value),
+        "count": _is_int(value) and value >= 0,
+        "positive": _is_int(value) and value >= 1,
+        "float": _is_number(value),
+        "seconds": _is_number(value) and value > 0,
+        "seconds0": _is_number(value) and value >= 0,
+        "fraction": _is_number(value) and 0 <= value < 1,
+        "bool": isinstance(value, bool),
+        "dict": isinstance(value, dict),
+        "parts": isinstance(value, list | tuple) and all(isinstance(p, dict) for p in value),
+    }[kind]
+    if not ok:
+        what = _WHAT[kind]
+        raise RequestError(f"bad job spec: '{name}' must be {what}, not {value!r:.40}")
+    if kind == "parts":
+        return tuple(dict(p) for p in value)
+    if kind in ("float", "seconds", "seconds0", "fraction"):
+        return float(value)
+    return value
+
+
+_KINDS = {
+    "model": "str", "n_workers": "positive", "mode": "str", "partitions": "parts", "staleness": "count",
+    "model_params": "dict", "n_features": "positive", "epochs": "count", "batch_size": "positive", "l2": "float",
+    "seed": "int", "standardize": "bool", "optimizer": "dict", "min_shards": "positive", "data": "dict",
+    "test_split": "fraction", "checkpoint": "dict", "heartbeat_interval_s": "seconds", "failure_timeout_s": "seconds",
+    "takeover_after_s": "seconds0", "validation": "dict", "resume": "dict",
+}
+_WHAT = {
+    "str": "a string", "int": "an integer", "count": "an integer >= 0", "positive": "an integer >= 1",
+    "float": "a number", "seconds": "a number of seconds > 0", "seconds0": "a number of seconds >= 0",
+    "fraction": "a fraction in [0, 1)", "bool": "true or false", "dict": "an object", "parts": "a list of objects",
+}
