@@ -7,9 +7,11 @@ sends the tables a job needs, and workers do all model-specific work.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,6 +90,7 @@ class WorkerSlot:
     heartbeats: int = 0  # received so far
     partition: int = -1  # index into the job's partitions; a replacement takes its predecessor's
     start_clock: int = 0  # where a replacement resumes
+    session: str = ""  # the token a heartbeat on another connection names this slot by (helper B's session)
 
     def __post_init__(self) -> None:
         if self.partition < 0:
@@ -544,6 +547,7 @@ class CoordinatorService:
         replacing = slot.state == "spare"
         slot.peer, slot.state = peer, "running"
         slot.pid, slot.host = msg.body.get("pid"), msg.body.get("host")
+        slot.session = secrets.token_hex(16)
         peer.info.update(role="worker", job_id=job.job_id, worker_id=slot.worker_id, helper=spare_of is not None)
         if replacing:  # the barriers have expected this slot since its predecessor was lost
             body = {"job_id": job.job_id, "worker_id": slot.worker_id, "clock": slot.start_clock}
@@ -565,6 +569,7 @@ class CoordinatorService:
                 "partition_index": slot.partition,
                 "start_clock": slot.start_clock,
                 "stop": job.stop_requested,
+                "session": slot.session,
             },
         )
 
@@ -587,10 +592,33 @@ class CoordinatorService:
                     slot.peer.abort(ConnectionError("declared lost: no heartbeat"))
 
     def _heartbeat(self, peer: net.Peer, msg: Message) -> None:
-        job, slot = self._job_of(peer)
+        if "session" in msg.body:  # from the worker's heartbeat thread, on a connection of its own
+            job, slot = self._slot_of_session(msg.body)
+            if slot.peer is not None:
+                slot.peer.info["last_seen"] = time.monotonic()
+        else:
+            job, slot = self._job_of(peer)
         slot.clock = int(msg.body.get("clock", slot.clock))
         slot.samples_s = float(msg.body.get("samples_s", 0.0))
         slot.heartbeats += 1
+
+    def _slot_of_session(self, body: dict[str, Any]) -> tuple[Job, WorkerSlot]:
+        """The slot a HEARTBEAT names by job, worker and session token (RequestError if none matches)."""
+        job, worker_id, token = self.job, body.get("worker_id"), body.get("session")
+        if (
+            job is None
+            or job.state != "running"
+            or body.get("job_id") != job.job_id
+            or not isinstance(worker_id, int)
+            or isinstance(worker_id, bool)
+            or not 0 <= worker_id < len(job.workers)
+            or not isinstance(token, str)
+        ):
+            raise net.RequestError("no running job has this worker", code="no_job")
+        slot = job.workers[worker_id]
+        if not slot.session or slot.state not in ("running", "trained") or not hmac.compare_digest(slot.session, token):
+            raise net.RequestError("this session does not hold the worker's slot", code="no_session")
+        return job, slot
 
     def _worker_lost(self, slot: WorkerSlot, reason: str = "connection lost") -> None:
         job = self.job

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from psctl import net
+from psctl.cluster.session import Session
 from psctl.protocol import handshake
-from psctl.protocol.wire import NEED_DATA, FrameParser, Message, MsgType, encode_bytes
+from psctl.protocol.wire import DEFAULT_MAX_FRAME_BYTES, NEED_DATA, FrameParser, Message, MsgType, encode_bytes
 
 
 class ServerProcess:
@@ -61,11 +62,32 @@ async def equals(value: Awaitable[Any], expected: Any) -> bool:
     return await value == expected
 
 
-class IgnoreEvents(net.NullService):
-    """For a test's driver or worker control connection: the coordinator's EVENTs are not needed."""
+async def driver_session(address: str, security: net.Security = net.LOCAL, *, keep_events: bool = False, **kwargs: Any) -> Session:
+    """A test's driver: a session with the coordinator (its EVENTs kept only with ``keep_events``)."""
+    return await Session.open(
+        address, max_frame_bytes=DEFAULT_MAX_FRAME_BYTES, security=security, what="psctl server", keep_events=keep_events,
+        **kwargs,
+    )  # fmt: skip
 
-    def handle(self, peer: net.Peer, msg: Message) -> net.Reply:
-        return None if msg.type is MsgType.EVENT else super().handle(peer, msg)
+
+async def worker_session(
+    address: str, security: net.Security = net.LOCAL, body: dict[str, Any] | None = None, timeout_s: float = 30
+) -> tuple[Session, dict[str, Any]]:
+    """A test's worker: registered (``body`` adds to the registration) and heartbeating from its thread.
+
+    It returns once the coordinator has answered a heartbeat, so the heartbeat connection is
+    one the coordinator holds (and closes) when the test stops it.
+    """
+    session = await Session.open(address, max_frame_bytes=DEFAULT_MAX_FRAME_BYTES, security=security)
+    try:
+        reg = await session.register_worker({"pid": 0, "host": "test", **(body or {})}, timeout_s=timeout_s)
+        assert session.heartbeat is not None
+        answered = await asyncio.to_thread(session.heartbeat.answered.wait, timeout_s)
+        assert answered, f"the coordinator did not answer a heartbeat within {timeout_s} s"
+        return session, reg
+    except BaseException:
+        session.close()
+        raise
 
 
 async def status(address: str, security: net.Security = net.LOCAL) -> dict[str, Any]:

@@ -27,13 +27,14 @@ from ..certs import self_signed_cert
 from ..conftest import EXAMPLES, run_psctl
 from .cluster import (
     Hangups,
-    IgnoreEvents,
     RawClient,
     ServerProcess,
     bare_spec,
+    driver_session,
     equals,
     status,
     wait_until,
+    worker_session,
     write_secret,
 )
 
@@ -62,13 +63,12 @@ class Job:
         self.address, self.security = address, security
 
     async def __aenter__(self) -> Job:
-        self.driver = await net.connect(self.address, IgnoreEvents(), security=self.security)
+        self.driver = await driver_session(self.address, self.security)
         spec = bare_spec(1, "async", rows=ROWS)
-        self.submitted = (await self.driver.request(MsgType.SUBMIT, {"spec": spec})).body
-        self.submitted.update((await self.driver.request(MsgType.TABLES, {"tables": spec["tables"]})).body)
+        self.submitted = await self.driver.submit(spec, timeout_s=30)
+        self.submitted.update((await self.driver.request(MsgType.TABLES, {"tables": spec["tables"]}, timeout_s=30)).body)
         self.job_id = self.submitted["job_id"]
-        self.control = await net.connect(self.address, security=self.security)
-        reg = (await self.control.request(MsgType.REGISTER_WORKER, {"pid": 0, "host": "test"})).body
+        self.control, reg = await worker_session(self.address, self.security)
         self.worker = await ShardClient.connect(
             self.submitted["shards"], self.submitted["ranges"], self.job_id, {"role": "worker", "worker_id": reg["worker_id"]},
             max_frame_bytes=1 << 20, security=self.security,
