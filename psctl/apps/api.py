@@ -30,7 +30,8 @@ import numpy as np
 from psctl import net
 from psctl.cluster.client import ShardClient
 from psctl.cluster.launch import LocalCluster
-from psctl.cluster.session import Session
+from psctl.cluster.coordinator import DEFAULT_FAILURE_TIMEOUT_S
+from psctl.cluster.session import DEFAULT_HEARTBEAT_INTERVAL_S, Session
 from psctl.core.consistency import staleness_for
 from psctl.core.tables import TableSpec
 from psctl.errors import JobError, PsctlError
@@ -64,10 +65,13 @@ class Job:
         lr: float = 0.1,
         lr_decay: float = 0.0,
         seed: int = 0,
+        heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
+        failure_timeout_s: float = DEFAULT_FAILURE_TIMEOUT_S,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         security: net.Security = net.LOCAL,
     ) -> Job:
-        """Open a job for ``workers`` KVWorkers on the server at ``address``."""
+        """Open a job for ``workers`` KVWorkers on the server at ``address``. A worker whose
+        heartbeats (every ``heartbeat_interval_s``) stop for ``failure_timeout_s`` is lost."""
         try:
             staleness_for(mode, staleness)
         except ValueError as exc:
@@ -79,6 +83,8 @@ class Job:
             "mode": mode,
             "staleness": staleness,
             "seed": seed,
+            "heartbeat_interval_s": heartbeat_interval_s,
+            "failure_timeout_s": failure_timeout_s,
             "optimizer": {"name": "sgd", "params": {"lr": lr, "lr_decay": lr_decay}},
             "partitions": [{} for _ in range(workers)],
         }
