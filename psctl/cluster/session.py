@@ -47,7 +47,7 @@ class SessionClosed(JobError):
     """The control connection closed: what a wait on the inbox raises from then on (cause chained)."""
 
 
-class EventTimeout(JobError, TimeoutError):
+class EventTimeout(JobError):
     """No event arrived within the wait's bound."""
 
 
@@ -115,6 +115,8 @@ class Session(net.NullService):
             raise JobError(f"the {self.what} gave no session token for heartbeats; is it a psctl of this version?")
         interval_s = float((reg.get("spec") or {}).get("heartbeat_interval_s") or DEFAULT_HEARTBEAT_INTERVAL_S)
         slot = {"job_id": reg["job_id"], "worker_id": int(reg["worker_id"]), "session": token}
+        if self._closed.done():  # closed while the reply was on its way: no thread to outlive it
+            raise self._closed_error()
         self.heartbeat = Heartbeat(self._address, self._security, slot, self._progress, interval_s, self.what)
         self.heartbeat.start()
         return reg
