@@ -62,6 +62,14 @@ async def equals(value: Awaitable[Any], expected: Any) -> bool:
     return await value == expected
 
 
+class IgnoreEvents(net.NullService):
+    """A connection's service that drops the coordinator's EVENTs (benchmarks/tls_cost.py uses it;
+    tests use :func:`driver_session` and :func:`worker_session`)."""
+
+    def handle(self, peer: net.Peer, msg: Message) -> net.Reply:
+        return None if msg.type is MsgType.EVENT else super().handle(peer, msg)
+
+
 async def driver_session(address: str, security: net.Security = net.LOCAL, *, keep_events: bool = False, **kwargs: Any) -> Session:
     """A test's driver: a session with the coordinator (its EVENTs kept only with ``keep_events``)."""
     return await Session.open(
