@@ -30,36 +30,24 @@ import numpy as np
 from psctl import net
 from psctl.cluster.client import ShardClient
 from psctl.cluster.launch import LocalCluster
+from psctl.cluster.session import Session
 from psctl.core.consistency import staleness_for
+from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S
 from psctl.core.tables import TableSpec
 from psctl.errors import JobError, PsctlError
-from psctl.protocol.wire import DEFAULT_MAX_FRAME_BYTES, Message, MsgType
+from psctl.protocol.wire import DEFAULT_MAX_FRAME_BYTES, MsgType
 
 __all__ = ["Job", "KVWorker", "LocalServer", "TableSpec"]
 
-
-class _Events(net.NullService):
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-
-    def handle(self, peer: net.Peer, msg: Message) -> net.Reply:
-        if msg.type is MsgType.EVENT:
-            self.queue.put_nowait(msg.body)
-            return None
-        return super().handle(peer, msg)
-
-    def peer_lost(self, peer: net.Peer, exc: BaseException | None) -> None:
-        self.queue.put_nowait(None)
+SUBMIT_TIMEOUT_S = 60.0
 
 
 class Job:
     """The driver of a job whose workers run their own loops."""
 
-    def __init__(
-        self, peer: net.Peer, events: _Events, job_id: str, tables: list[TableSpec], max_frame_bytes: int, security: net.Security
-    ):
+    def __init__(self, session: Session, job_id: str, tables: list[TableSpec], max_frame_bytes: int, security: net.Security):
         self._security = security
-        self._peer, self._events, self.job_id = peer, events, job_id
+        self._session, self.job_id = session, job_id
         self.tables = tables
         self._max_frame_bytes = max_frame_bytes
         self._placed: dict[str, Any] | None = None
@@ -77,38 +65,41 @@ class Job:
         lr: float = 0.1,
         lr_decay: float = 0.0,
         seed: int = 0,
+        heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
+        failure_timeout_s: float = DEFAULT_FAILURE_TIMEOUT_S,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         security: net.Security = net.LOCAL,
     ) -> Job:
-        """Open a job for ``workers`` KVWorkers on the server at ``address``."""
+        """Open a job for ``workers`` KVWorkers on the server at ``address``. A worker whose
+        heartbeats (every ``heartbeat_interval_s``) stop for ``failure_timeout_s`` is lost."""
         try:
             staleness_for(mode, staleness)
         except ValueError as exc:
             raise PsctlError(str(exc)) from None
-        events = _Events()
-        peer = await net.connect(address, events, max_frame_bytes=max_frame_bytes, what="psctl server", security=security)
+        session = await Session.open(address, max_frame_bytes=max_frame_bytes, security=security, what="psctl server")
         spec = {
             "model": "api",
             "n_workers": workers,
             "mode": mode,
             "staleness": staleness,
             "seed": seed,
+            "heartbeat_interval_s": heartbeat_interval_s,
+            "failure_timeout_s": failure_timeout_s,
             "optimizer": {"name": "sgd", "params": {"lr": lr, "lr_decay": lr_decay}},
             "partitions": [{} for _ in range(workers)],
         }
         try:
-            reply = await peer.request(MsgType.SUBMIT, {"spec": spec}, timeout_s=60)
+            reply = await session.submit(spec, timeout_s=SUBMIT_TIMEOUT_S)
         except BaseException:
-            peer.close()
+            session.close()
             raise
-        return cls(peer, events, reply.body["job_id"], tables, max_frame_bytes, security)
+        return cls(session, reply["job_id"], tables, max_frame_bytes, security)
 
     async def _until(self, kind: str) -> dict[str, Any]:
-        """The next event of ``kind``; JobError if the job fails or the server goes away first."""
+        """The next event of ``kind``; JobError if the job fails or the server goes away first.
+        Unbounded here: :meth:`wait` bounds it with the caller's timeout."""
         while True:
-            event = await self._events.queue.get()
-            if event is None:
-                raise JobError("lost the connection to the psctl server")
+            event = await self._session.next_event(timeout_s=None)
             if event["kind"] == "failed":
                 raise JobError(f"job failed: {event['reason']}")
             if event["kind"] == kind:
@@ -118,7 +109,7 @@ class Job:
         """Once every worker has joined (the statistics barrier), create the tables on the shards."""
         await self._until("stats")
         body = {"tables": [t.to_dict() for t in self.tables]}
-        self._placed = (await self._peer.request(MsgType.TABLES, body, timeout_s=60)).body
+        self._placed = (await self._session.request(MsgType.TABLES, body, timeout_s=SUBMIT_TIMEOUT_S)).body
 
     async def wait(self, timeout_s: float | None = None) -> dict[str, np.ndarray]:
         """Wait until every worker has closed; return the final tables."""
@@ -141,9 +132,9 @@ class Job:
     async def close(self) -> None:
         """End the job on the server (its tables are dropped) and disconnect."""
         self._placing.cancel()
-        if self._peer.is_open:
-            self._peer.notify(MsgType.JOB_END, {"job_id": self.job_id})
-        self._peer.close()
+        if self._session.is_open:
+            self._session.notify(MsgType.JOB_END, {"job_id": self.job_id})
+        self._session.close()
 
     async def __aenter__(self) -> Job:
         return self
@@ -155,8 +146,8 @@ class Job:
 class KVWorker:
     """One worker of a :class:`Job`: pull, push, clock."""
 
-    def __init__(self, coord: net.Peer, control: _Events, client: ShardClient, worker_id: int, rows: dict[str, int]):
-        self._coord, self._control, self._client = coord, control, client
+    def __init__(self, session: Session, client: ShardClient, worker_id: int, rows: dict[str, int]):
+        self._session, self._client = session, client
         self.worker_id = worker_id
         self._rows = rows
         self._clock = 0
@@ -171,21 +162,24 @@ class KVWorker:
         """Join the next job of the server at ``address`` that has a free worker slot.
 
         Returns once every worker of the job has joined (the tables are created then).
+        From then on it heartbeats from a thread of its own, so however long the caller
+        computes between two calls, the coordinator does not take it for lost.
         """
-        control = _Events()
-        coord = await net.connect(address, control, max_frame_bytes=max_frame_bytes, what="psctl server", security=security)
+        session = await Session.open(address, max_frame_bytes=max_frame_bytes, security=security, what="psctl server")
         try:
-            reg = (await coord.request(MsgType.REGISTER_WORKER, {"pid": os.getpid(), "host": socket.gethostname()}, timeout_s=None)).body
-            placed = (await coord.request(MsgType.STATS, {"stats": None, "labels": []}, timeout_s=None)).body
+            # No bound on either wait: a worker may join before the job is submitted, and
+            # the statistics barrier waits for the last worker to join.
+            reg = await session.register_worker({"pid": os.getpid(), "host": socket.gethostname()}, timeout_s=None)
+            placed = (await session.request(MsgType.STATS, {"stats": None, "labels": []}, timeout_s=None)).body
             client = await ShardClient.connect(
                 placed["shards"], placed["ranges"], reg["job_id"], {"role": "worker", "worker_id": reg["worker_id"]},
                 max_frame_bytes=max_frame_bytes, security=security,
             )
         except BaseException:
-            coord.close()
+            session.close()
             raise
         rows = {name: ranges[-1][1] for name, ranges in placed["ranges"].items()}
-        return cls(coord, control, client, int(reg["worker_id"]), rows)
+        return cls(session, client, int(reg["worker_id"]), rows)
 
     @property
     def clock_value(self) -> int:
@@ -214,6 +208,8 @@ class KVWorker:
         self._acks = self._client.push_for_nowait(keys, grads, self._clock, count)
         self._pending = {}
         self._clock += 1
+        self._session.clock = self._clock  # for the heartbeat thread
+        self._session.samples += count
         return self._clock
 
     async def close(self) -> None:
@@ -225,11 +221,11 @@ class KVWorker:
             await self._client.wait_all(self._acks)
             await self._client.leave()
             # Not waiting for the TRAINED barrier: closing must not depend on the other workers.
-            self._coord.notify(MsgType.TRAINED, {})
-            self._coord.notify(MsgType.FINAL_REPORT, {"loss_sum": 0.0, "n": 0, "sums": {}})
+            self._session.notify(MsgType.TRAINED, {})
+            self._session.notify(MsgType.FINAL_REPORT, {"loss_sum": 0.0, "n": 0, "sums": {}})
         finally:
             self._client.close()
-            self._coord.close()
+            self._session.close()
 
     def _check(self, table: str) -> None:
         if self._closed:

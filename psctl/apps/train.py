@@ -19,6 +19,7 @@ from psctl import net
 from psctl.apps.results import json_safe
 from psctl.cluster.client import ShardClient
 from psctl.cluster.launch import LocalCluster
+from psctl.cluster.session import EventTimeout, Session
 from psctl.core.batching import epoch_steps
 from psctl.core.consistency import staleness_for
 from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S, JobSpec
@@ -36,7 +37,11 @@ SUBMIT_TIMEOUT_S = 60.0
 DEFAULT_LR = {"sgd": 0.1, "adagrad": 0.1, "adam": 0.01, "ftrl": 0.3}
 FAILED_EVENT_GRACE_S = 2.0
 FINAL_PULL_TIMEOUT_S = 600.0  # a sparse table of millions of keys takes seconds to gather
-HALT_TIMEOUT_S = 60.0  # for every worker to reach the stop clock (async: the slowest catches up)
+HALT_TIMEOUT_S = 60.0
+# The driver's wait for the server's next event is bounded: after this long without one,
+# the server must answer a PING (a stalled server is not a slow job).
+EVENT_SILENCE_S = 10.0
+SERVER_ANSWER_TIMEOUT_S = 30.0  # for every worker to reach the stop clock (async: the slowest catches up)
 
 
 class StopRequest:
@@ -166,20 +171,6 @@ class TrainResult:
     events: list[dict[str, Any]] = field(default_factory=list)
 
 
-class _DriverService(net.NullService):
-    def __init__(self) -> None:
-        self.events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-
-    def handle(self, peer: net.Peer, msg: Message) -> net.Reply:
-        if msg.type is MsgType.EVENT:
-            self.events.put_nowait(vocab.attach(msg.body, msg.arrays))
-            return None
-        return super().handle(peer, msg)
-
-    def peer_lost(self, peer: net.Peer, exc: BaseException | None) -> None:
-        self.events.put_nowait(None)
-
-
 def optimizer_spec(cfg: TrainConfig) -> dict[str, Any]:
     """The shards' update rule. FTRL takes --l1 and --l2 itself (in its proximal step)."""
     params: dict[str, Any] = {"lr": DEFAULT_LR.get(cfg.optimizer, 0.1) if cfg.lr is None else cfg.lr}
@@ -259,11 +250,11 @@ def plan_validation(cfg: TrainConfig, schema: csvfile.CsvSchema | None) -> dict[
     }
 
 
-class _Session:
+class _Run:
     """What the driver learns while a job runs: the statistics, the model, where its tables live."""
 
-    def __init__(self, cfg: TrainConfig, model_cls: type[Model], spec: JobSpec, peer: net.Peer):
-        self.cfg, self.model_cls, self.spec, self.peer = cfg, model_cls, spec, peer
+    def __init__(self, cfg: TrainConfig, model_cls: type[Model], spec: JobSpec, control: Session):
+        self.cfg, self.model_cls, self.spec, self.control = cfg, model_cls, spec, control
         self.n_features: int | None = spec.n_features
         self.stats: dict[str, Any] | None = None
         self.model: Model | None = None
@@ -287,7 +278,7 @@ class _Session:
         self.data_params = self.model_cls.data_params(event)
         self.model = self.make_model(classes)
         tables = [t.to_dict() for t in self.model.tables()]
-        self.placed = (await self.peer.request(MsgType.TABLES, {"tables": tables}, timeout_s=SUBMIT_TIMEOUT_S)).body
+        self.placed = (await self.control.request(MsgType.TABLES, {"tables": tables}, timeout_s=SUBMIT_TIMEOUT_S)).body
 
     def with_metrics(self, event: dict[str, Any]) -> dict[str, Any]:
         task = self.model_cls.task
@@ -311,7 +302,7 @@ class _Session:
             self.since_best += 1
             if self.cfg.patience and self.since_best >= self.cfg.patience:
                 self.stopping = True
-                self.peer.notify(MsgType.STOP, {})
+                self.control.notify(MsgType.STOP, {})
                 on_event({"kind": "early_stop", "epoch": event["epoch"], "best_epoch": self.best_epoch})
 
     async def _shards(self) -> ShardClient:
@@ -391,29 +382,29 @@ async def train(
         else:
             coordinator = cfg.server
             shards_up = None
-        driver_service = _DriverService()
-        peer = await net.connect(
-            coordinator, driver_service, max_frame_bytes=cfg.max_frame_bytes, what="psctl server", security=cfg.security
+        control = await Session.open(
+            coordinator, max_frame_bytes=cfg.max_frame_bytes, security=cfg.security, what="psctl server",
+            decode=lambda msg: vocab.attach(msg.body, msg.arrays),
         )
-        session = _Session(cfg, model_cls, spec, peer)
+        session = _Run(cfg, model_cls, spec, control)
         try:
             n_local = cfg.workers if cfg.local_workers is None else cfg.local_workers
             await cluster.start_workers(n_local, coordinator, cfg.model if ":" in cfg.model else None)
             if shards_up is not None:
                 await shards_up
             on_event({"kind": "cluster_up", "seconds": time.monotonic() - started, "address": coordinator})
-            reply = await peer.request(MsgType.SUBMIT, {"spec": spec.to_wire()}, timeout_s=SUBMIT_TIMEOUT_S)
-            job_id = session.job_id = reply.body["job_id"]
-            on_event({"kind": "submitted", "job_id": job_id, "shards": reply.body["shards"]})
-            events, done = await _follow(cluster, coordinator, driver_service, session, on_event, stop)
+            reply = await control.submit(spec.to_wire(), timeout_s=SUBMIT_TIMEOUT_S)
+            job_id = session.job_id = reply["job_id"]
+            on_event({"kind": "submitted", "job_id": job_id, "shards": reply["shards"]})
+            events, done = await _follow(cluster, coordinator, control, session, on_event, stop)
             assert session.model is not None
             params = session.best_params if session.best_params is not None else await session.pull_all()
             shards = await session.shard_status()
             done["rows_trained"] = min((int(s.get("samples", 0)) for s in shards), default=0)
-            peer.notify(MsgType.JOB_END, {"job_id": job_id})
+            control.notify(MsgType.JOB_END, {"job_id": job_id})
         finally:
             session.close()
-            peer.close()
+            control.close()
     meta = _model_meta(cfg, source, session, done, time.monotonic() - started)
     meta["metrics"]["traffic"] = traffic_per_epoch(session.model, partitions, cfg, done)
     meta["metrics"].update(table_figures(session.model.tables(), params, shards, done, spec))
@@ -428,8 +419,8 @@ async def train(
 async def _follow(
     cluster: LocalCluster,
     coordinator: str,
-    service: _DriverService,
-    session: _Session,
+    control: Session,
+    session: _Run,
     on_event: Callable[[dict[str, Any]], None],
     stop: StopRequest | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -451,14 +442,14 @@ async def _follow(
     dead: list[Any] = []
     lost = 0
     deadline: float | None = None
-    get: asyncio.Future[dict[str, Any] | None] | None = None
+    get: asyncio.Future[dict[str, Any]] | None = None
     stopping = asyncio.ensure_future(stop.requested.wait()) if stop is not None else None
     halt: asyncio.Future[Message] | None = None
     if stop is not None:
         stop.graceful = bool(session.spec.checkpoint)
     try:
         while True:
-            get = get or asyncio.ensure_future(service.events.get())
+            get = get or asyncio.ensure_future(_next_event(control))
             timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
             waits = {get, *exits, *(f for f in (stopping, halt) if f is not None and not f.done())}
             await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -466,7 +457,7 @@ async def _follow(
                 stopping = None
                 on_event({"kind": "halting", "dir": session.spec.checkpoint_dir})
                 halt = asyncio.ensure_future(
-                    session.peer.request(MsgType.HALT, {"job_id": session.job_id}, timeout_s=HALT_TIMEOUT_S)
+                    session.control.request(MsgType.HALT, {"job_id": session.job_id}, timeout_s=HALT_TIMEOUT_S)
                 )
             if halt is not None and halt.done():
                 try:
@@ -482,9 +473,7 @@ async def _follow(
                     dead.append(child)
                     deadline = deadline or time.monotonic() + FAILED_EVENT_GRACE_S
             if get.done():
-                event, get = get.result(), None
-                if event is None:
-                    raise JobError("lost the connection to the psctl server")
+                event, get = get.result(), None  # SessionClosed (a JobError): lost the connection to the psctl server
                 lost += event["kind"] == "worker_lost"
                 if event["kind"] == "worker_lost" and restarts < cfg.max_restarts and cluster.workers():
                     restarts += 1
@@ -526,6 +515,25 @@ async def _follow(
                 fut.cancel()
 
 
+async def _next_event(control: Session) -> dict[str, Any]:
+    """The server's next event. Each wait is bounded: after EVENT_SILENCE_S without one (a
+    long statistics pass, a slow epoch) the server must answer a PING, or this raises JobError."""
+    while True:
+        try:
+            return await control.next_event(timeout_s=EVENT_SILENCE_S)
+        except EventTimeout:
+            pass
+        try:
+            await control.request(MsgType.PING, timeout_s=SERVER_ANSWER_TIMEOUT_S)
+        except net.ConnectionLost:
+            if not control.is_open:
+                continue  # closed meanwhile: the next wait hands out what came before, then SessionClosed
+            raise JobError(
+                f"the psctl server sent nothing for {EVENT_SILENCE_S:g} s and did not answer a ping "
+                f"within {SERVER_ANSWER_TIMEOUT_S:g} s"
+            ) from None
+
+
 def _halted(spec: JobSpec, clock: int, by_server: str | None) -> str:
     """What a stopped job left behind, and how to go on."""
     folder = spec.checkpoint_dir
@@ -565,7 +573,7 @@ def table_figures(
     }
 
 
-def _model_meta(cfg: TrainConfig, source: formats.Source, session: _Session, done: dict[str, Any], seconds: float) -> dict[str, Any]:
+def _model_meta(cfg: TrainConfig, source: formats.Source, session: _Run, done: dict[str, Any], seconds: float) -> dict[str, Any]:
     assert session.model is not None and session.stats is not None
     schema = source.schema
     meta: dict[str, Any] = {

@@ -22,6 +22,7 @@ import numpy as np
 
 from psctl import net
 from psctl.cluster.client import ShardClient
+from psctl.cluster.session import EventTimeout, Session, SessionClosed
 from psctl.core.batching import batch_indices, epoch_steps
 from psctl.core.job import JobSpec
 from psctl.data import csvfile, formats, ratings, vocab
@@ -43,29 +44,43 @@ def max_partition_rows(spec: dict[str, Any]) -> int:
     return max((int(p.get("n_rows", 0)) for p in spec["partitions"]), default=0)
 
 
-class _ControlService(net.NullService):
-    """Receives the coordinator's events (abort, early stop, rewind) and its pauses for a
-    checkpoint at one clock, on the worker's control connection."""
+class _ControlService:
+    """The worker's side of its session: the coordinator's events (abort, early stop, rewind,
+    take over) and its pauses for a checkpoint at one clock."""
 
     def __init__(self) -> None:
         self.abort_reason: str | None = None
         self.stop_requested = False
-        self.rewinds: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.paused = False  # hold before the next step until RESUME
         self.until: int | None = None  # after RESUME: take no step at this clock or later
         self.position: Callable[[], int] = lambda: 0  # the clock this worker will hold at
         self.on_take_over: Callable[[str], None] = lambda job_id: None
         self._wake = asyncio.Event()
 
-    async def next_rewind(self, timeout_s: float) -> dict[str, Any]:
+    def session(self, address: str, *, max_frame_bytes: int, security: net.Security) -> Awaitable[Session]:
+        """Open the worker's control session with this service behind it."""
+        return Session.open(
+            address,
+            max_frame_bytes=max_frame_bytes,
+            security=security,
+            requests={MsgType.PAUSE: self.pause, MsgType.RESUME: self.resume},
+            on_event=self.on_event,
+            on_close=lambda cause: self._abort("the coordinator went away"),
+        )
+
+    async def next_rewind(self, session: Session, timeout_s: float) -> dict[str, Any]:
         """The coordinator's next rewind (clock and shards after a shard was recovered)."""
-        try:
-            rewind = await asyncio.wait_for(self.rewinds.get(), timeout_s)
-        except TimeoutError:
-            raise JobError(f"a shard was lost and the job did not recover within {timeout_s:g} s") from None
-        if self.abort_reason is not None:
-            raise JobError(f"job stopped: {self.abort_reason}")
-        return rewind
+        deadline = time.monotonic() + timeout_s
+        while self.abort_reason is None:
+            try:
+                event = await session.next_event(max(deadline - time.monotonic(), 0.0))
+            except EventTimeout:
+                raise JobError(f"a shard was lost and the job did not recover within {timeout_s:g} s") from None
+            except SessionClosed:
+                break
+            if event.get("kind") == "rewind":
+                return event
+        raise JobError(f"job stopped: {self.abort_reason}")
 
     async def wait_turn(self, clock: int) -> None:
         """Hold the step at ``clock`` while the coordinator pauses the workers for a
@@ -74,39 +89,32 @@ class _ControlService(net.NullService):
             self._wake.clear()
             await self._wake.wait()
 
-    def handle(self, peer: net.Peer, msg: Message) -> net.Reply:
-        if msg.type is MsgType.PAUSE:
-            self.paused, self.until = True, None
-            return Message(MsgType.PAUSE, {"clock": self.position()})
-        if msg.type is MsgType.RESUME:
-            until = msg.body.get("until")
-            if until is not None and (not isinstance(until, int) or isinstance(until, bool)):
-                raise net.RequestError("RESUME 'until' must be an integer clock or null")
-            self.paused, self.until = False, until
-            self._wake.set()
-            return None
-        if msg.type is MsgType.EVENT and msg.body.get("kind") == "abort":
-            self._abort(str(msg.body.get("reason", "the job was aborted")))
-            return None
-        if msg.type is MsgType.EVENT and msg.body.get("kind") == "stop":
+    def pause(self, msg: Message) -> net.Reply:
+        self.paused, self.until = True, None
+        return Message(MsgType.PAUSE, {"clock": self.position()})
+
+    def resume(self, msg: Message) -> net.Reply:
+        until = msg.body.get("until")
+        if until is not None and (not isinstance(until, int) or isinstance(until, bool)):
+            raise net.RequestError("RESUME 'until' must be an integer clock or null")
+        self.paused, self.until = False, until
+        self._wake.set()
+        return None
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        """Acts at once on what cannot wait for a read of the inbox (rewinds are read from it)."""
+        kind = event.get("kind")
+        if kind == "abort":
+            self._abort(str(event.get("reason", "the job was aborted")))
+        elif kind == "stop":
             self.stop_requested = True
-            return None
-        if msg.type is MsgType.EVENT and msg.body.get("kind") == "rewind":
-            self.rewinds.put_nowait(msg.body)
-            return None
-        if msg.type is MsgType.EVENT and msg.body.get("kind") == "take_over":
-            self.on_take_over(str(msg.body.get("job_id")))
-            return None
-        return super().handle(peer, msg)
+        elif kind == "take_over":
+            self.on_take_over(str(event.get("job_id")))
 
     def _abort(self, reason: str) -> None:
         if self.abort_reason is None:
             self.abort_reason = reason
-        self._wake.set()  # a held step, or a wait for a rewind, ends now
-        self.rewinds.put_nowait({})
-
-    def peer_lost(self, peer: net.Peer, exc: BaseException | None) -> None:
-        self._abort("the coordinator went away")
+        self._wake.set()  # a held step ends now; a wait for a rewind sees the abort event
 
 
 @dataclass
@@ -207,16 +215,15 @@ class Worker:
         # A job spec names its model; a user's class ('pkg.mod:Class') is imported only
         # when this worker was started allowing it, so a job cannot make a worker import code.
         self.model_classes = set(model_classes)
-        self.clock = 0  # for heartbeats: steps pushed
-        self.in_step = False  # between the pull of step `clock` and its push
-        self.samples = 0  # rows trained so far
+        self.in_step = False  # between the pull of step `session.clock` and its push
+        self.session: Session | None = None  # the control session; its clock and samples feed the heartbeats
         self.coordinator_address = coordinator
         self.max_frame_bytes = max_frame_bytes
         self.data_path = data_path
         self.security = security
         self.control = _ControlService()
         # A pause lets the step under way finish: that step's clock + 1 is where this worker holds.
-        self.control.position = lambda: self.clock + self.in_step
+        self.control.position = lambda: (self.session.clock if self.session else 0) + self.in_step
         self.control.on_take_over = self._take_over
         self.helpers: set[asyncio.Task[Any]] = set()  # lost workers' partitions this process took over
 
@@ -255,20 +262,19 @@ class Worker:
         self.helpers.add(task)
 
     async def _run(self, spare_of: str | None) -> dict[str, Any]:
-        coord = await net.connect(
-            self.coordinator_address,
-            self.control,
-            max_frame_bytes=self.max_frame_bytes,
-            what="psctl coordinator",
-            security=self.security,
+        coord = self.session = await self.control.session(
+            self.coordinator_address, max_frame_bytes=self.max_frame_bytes, security=self.security
         )
         try:
-            body = {"pid": os.getpid(), "host": socket.gethostname()}
+            body: dict[str, Any] = {"pid": os.getpid(), "host": socket.gethostname()}
             if spare_of is not None:
                 body["spare_of"] = spare_of
-            reg = await coord.request(MsgType.REGISTER_WORKER, body, timeout_s=None)
+            # No bound: `psctl worker` waits for the next job. Heartbeats start with the reply:
+            # reading the data and waiting for the other workers' statistics can take longer
+            # than the failure timeout.
+            reg = await coord.register_worker(body, timeout_s=None)
             try:
-                return await self._job(coord, reg.body)
+                return await self._work(coord, reg)
             except PsctlError as exc:
                 if coord.is_open and not isinstance(exc, net.ConnectionLost | JobError):
                     coord.notify(MsgType.FAILED, {"message": str(exc)})
@@ -280,16 +286,7 @@ class Worker:
         if self.control.abort_reason is not None:
             raise JobError(f"job stopped: {self.control.abort_reason}")
 
-    async def _job(self, coord: net.Peer, reg: dict[str, Any]) -> dict[str, Any]:
-        # Heartbeats from the moment the slot is ours: reading the data and waiting for the
-        # other workers' statistics can take longer than the failure timeout.
-        beat = asyncio.ensure_future(self._heartbeat(coord, JobSpec.from_wire(reg["spec"]).heartbeat_interval_s))
-        try:
-            return await self._work(coord, reg)
-        finally:
-            beat.cancel()
-
-    async def _work(self, coord: net.Peer, reg: dict[str, Any]) -> dict[str, Any]:
+    async def _work(self, coord: Session, reg: dict[str, Any]) -> dict[str, Any]:
         job = JobSpec.from_wire(reg["spec"])
         spec = job.to_wire()  # every field present, defaults filled in, for the data helpers
         worker_id = int(reg["worker_id"])
@@ -356,7 +353,7 @@ class Worker:
                     # A shard was lost: the coordinator rolls the shards back to their last
                     # checkpoint and says where to start again.
                     log.warning("worker %d: %s; waiting for the shards to recover", worker_id, exc)
-                    rewind = await self.control.next_rewind(REWIND_TIMEOUT_S)
+                    rewind = await self.control.next_rewind(coord, REWIND_TIMEOUT_S)
                     client.close()
                     client = await _with_backoff(lambda: connect_shards(rewind["shards"], rewind["ranges"]), self._check_abort)
                     start_clock = int(rewind["clock"])
@@ -380,7 +377,7 @@ class Worker:
 
     async def _train(
         self,
-        coord: net.Peer,
+        coord: Session,
         client: ShardClient,
         model: Model,
         prep: Prepared,
@@ -394,7 +391,7 @@ class Worker:
         n_rows = len(prep.y)
         max_rows = max_partition_rows(spec)
         per_epoch = epoch_steps(n_rows, batch_size, max_rows)
-        clock = self.clock = start_clock
+        clock = coord.clock = start_clock
         self.in_step = False
         acks: list[asyncio.Future[Any]] = []
         last_progress = time.monotonic()
@@ -425,11 +422,11 @@ class Worker:
                     # Pushing would spread inf/NaN to the tables; the reports could not carry it either.
                     raise PsctlError(f"the loss overflowed in epoch {epoch + 1}: training diverged; try a smaller --lr")
                 acks = client.push_for_nowait(keys, grads, clock, len(idx))
-                clock = self.clock = clock + 1
+                clock = coord.clock = clock + 1
                 self.in_step = False
                 loss_sum += float(loss) * len(idx)
                 rows += len(idx)
-                self.samples += len(idx)
+                coord.samples += len(idx)
                 _add(sums, figures)
                 recent_loss += float(loss) * len(idx)
                 recent_n += len(idx)
@@ -449,16 +446,6 @@ class Worker:
         await client.wait_all(acks)
         if recent_n:
             coord.notify(MsgType.PROGRESS, {"epoch": epochs - 1, "clock": clock, "samples": recent_n, "loss_sum": recent_loss})
-
-    async def _heartbeat(self, coord: net.Peer, interval_s: float) -> None:
-        """Tell the coordinator this worker is alive, and its clock, every interval."""
-        last_t, last_samples = time.monotonic(), self.samples
-        while coord.is_open:
-            now = time.monotonic()
-            rate = (self.samples - last_samples) / max(now - last_t, 1e-9)
-            last_t, last_samples = now, self.samples
-            coord.notify(MsgType.HEARTBEAT, {"clock": self.clock, "samples_s": rate})
-            await asyncio.sleep(interval_s)
 
     async def _evaluate(self, client: ShardClient, model: Model, rows: Prepared, clock: int) -> dict[str, Any]:
         """Loss and additive figures of the current parameters on ``rows`` (held-out data)."""

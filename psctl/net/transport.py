@@ -58,6 +58,7 @@ _HANDSHAKE_STAGING_BYTES = 8192
 # After we close on a peer, how long it may take to read our last words before a hard abort.
 CLOSE_GRACE_S = 1.0
 _AUTH_TYPES = (MsgType.AUTH_HELLO, MsgType.AUTH_PROOF)
+_QUOTE_BYTES = 48  # of a peer that is not psctl, how much of its answer a ConnectError quotes
 
 
 
@@ -110,6 +111,7 @@ class Peer(asyncio.BufferedProtocol):
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         name: str = "peer",
         security: Security = LOCAL,
+        quote_first_bytes: bool = False,
     ):
         self.service = service
         self.name = name
@@ -132,6 +134,11 @@ class Peer(asyncio.BufferedProtocol):
         self._setup_timer: asyncio.TimerHandle | None = None
         self._stall_timer: asyncio.TimerHandle | None = None
         self._last_rx_s = self._loop.time()
+        self._rx_view: memoryview | None = None
+        # Set while connect() checks the other side: its first bytes, to quote if they are not psctl.
+        self.first_bytes: bytearray | None = bytearray() if quote_first_bytes else None
+        self.protocol_error: ProtocolError | None = None  # why the parser gave up on the peer's bytes
+        self.peer_error: str | None = None  # an unsolicited ERROR the peer sent (it is about to close)
 
     # -- protocol callbacks ----------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -144,10 +151,13 @@ class Peer(asyncio.BufferedProtocol):
             self.name = f"{self.name}@{peername[0]}:{peername[1]}"
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self.parser.get_buffer(sizehint)
+        self._rx_view = self.parser.get_buffer(sizehint)
+        return self._rx_view
 
     def buffer_updated(self, nbytes: int) -> None:
         self._last_rx_s = self._loop.time()
+        if self.first_bytes is not None and len(self.first_bytes) < _QUOTE_BYTES and self._rx_view is not None:
+            self.first_bytes += self._rx_view[: min(nbytes, _QUOTE_BYTES - len(self.first_bytes))]
         self.parser.buffer_updated(nbytes)
         self._drain()
 
@@ -160,6 +170,7 @@ class Peer(asyncio.BufferedProtocol):
                 if self.transport is None or self.transport.is_closing():
                     return
         except ProtocolError as exc:
+            self.protocol_error = exc
             log.warning("%s sent a malformed frame: %s", self.name, exc)
             self.abort(exc, tell_peer=True)
             return
@@ -271,7 +282,8 @@ class Peer(asyncio.BufferedProtocol):
             return
         if msg.type is MsgType.ERROR:
             # An unsolicited error: the peer is about to close on us.
-            log.warning("%s reported: %s", self.name, msg.body.get("message"))
+            self.peer_error = str(msg.body.get("message", "error"))
+            log.warning("%s reported: %s", self.name, self.peer_error)
             return
         try:
             result = self.service.handle(self, msg)
@@ -523,8 +535,13 @@ async def connect(
 ) -> Peer:
     """Open a connection (TLS and the handshake when ``security`` says so).
 
-    ConnectError with one sentence if it cannot be made; SecurityError if the
-    other side fails TLS or the handshake.
+    The first exchange is bounded by ``security.handshake_timeout_s``: the
+    handshake with a secret, else a PING the other side must answer as psctl,
+    so a port that is not psctl (or a psctl process that does not answer) fails
+    here and not at the first real request.
+
+    ConnectError with one sentence if it cannot be made or the other side is not
+    psctl; SecurityError if the other side fails TLS or the handshake.
     """
     host, port = parse_address(address) if isinstance(address, str) else address
     where = f"{what} at {host}:{port}"
@@ -534,7 +551,7 @@ async def connect(
     try:
         _, peer = await asyncio.wait_for(
             loop.create_connection(
-                lambda: Peer(svc, max_frame_bytes=max_frame_bytes, name=what, security=security),
+                lambda: Peer(svc, max_frame_bytes=max_frame_bytes, name=what, security=security, quote_first_bytes=True),
                 host,
                 port,
                 ssl=tls,
@@ -550,13 +567,48 @@ async def connect(
         raise SecurityError(f"TLS with {where} failed: {reason} (does it use TLS, with a certificate for '{host}'?)") from None
     except OSError as exc:
         raise ConnectError(f"cannot reach {where}: {exc.strerror or exc}") from None
-    if security.secret is not None:
-        try:
-            await _authenticate(peer, security, where)
-        except BaseException:
-            peer.close()
-            raise
+    try:
+        if security.secret is not None:
+            await _authenticate(peer, security, what, f"{host}:{port}")
+        else:
+            await _probe(peer, what, f"{host}:{port}", security.handshake_timeout_s)
+    except BaseException:
+        peer.close()
+        raise
+    finally:
+        peer.first_bytes = None
     return peer
+
+
+def _not_psctl(peer: Peer, hostport: str) -> str | None:
+    """The sentence for a peer whose first answer was not psctl, or None if it may still be."""
+    if peer.protocol_error is not None and peer.first_bytes:
+        text = bytes(peer.first_bytes).decode("ascii", "backslashreplace").splitlines()[0][:_QUOTE_BYTES]
+        return f"{hostport} is not a psctl process (it answered {text!r})"
+    if peer.protocol_error is not None:
+        return f"{hostport} is not a psctl process ({peer.protocol_error})"
+    return None
+
+
+async def _probe(peer: Peer, what: str, hostport: str, timeout_s: float) -> None:
+    """Without a secret: a PING the other side must answer with a psctl frame within ``timeout_s``.
+
+    Any reply counts, an ERROR too (a psctl service that does not serve PING still speaks psctl).
+    """
+    where = f"{what} at {hostport}"
+    try:
+        await peer.request(MsgType.PING, timeout_s=timeout_s)
+    except RemoteError as exc:
+        if exc.code == "auth_required":
+            raise SecurityError(f"{where} refused this process: {exc}") from None
+    except ConnectionLost:
+        if (sentence := _not_psctl(peer, hostport)) is not None:
+            raise ConnectError(sentence) from None
+        if peer.peer_error is not None:
+            raise ConnectError(f"{where} refused the connection: {peer.peer_error}") from None
+        if not peer.is_open:
+            raise ConnectError(f"{hostport} closed the connection without answering as psctl; is it the {what}?") from None
+        raise ConnectError(f"{hostport} did not answer as psctl within {timeout_s:g} s; is it the {what}?") from None
 
 
 # glibc hands freed blocks above its mmap threshold back to the OS at once (and
@@ -582,9 +634,10 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
 
 
-async def _authenticate(peer: Peer, security: Security, where: str) -> None:
+async def _authenticate(peer: Peer, security: Security, what: str, hostport: str) -> None:
     """The client half of the handshake (psctl.protocol.handshake); the peer dispatches nothing else meanwhile."""
     assert security.secret is not None
+    where = f"{what} at {hostport}"
     handshake = ClientHandshake(security.secret)
     timeout_s = security.handshake_timeout_s
     try:
@@ -600,6 +653,12 @@ async def _authenticate(peer: Peer, security: Security, where: str) -> None:
             ) from None
         raise SecurityError(f"{where} refused this process: {exc}") from None
     except ConnectionLost as exc:
+        if (sentence := _not_psctl(peer, hostport)) is not None:
+            raise ConnectError(sentence) from None
+        if peer.is_open:
+            raise ConnectError(
+                f"{hostport} did not answer the psctl handshake within {timeout_s:g} s; is it the {what}?"
+            ) from None
         raise SecurityError(f"{where} did not complete the handshake: {exc} (does it use TLS, or no secret?)") from None
     peer._authenticated()
     peer._drain()  # frames that arrived right behind the last handshake reply

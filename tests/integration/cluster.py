@@ -9,15 +9,15 @@ import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from psctl import net
+from psctl.cluster.session import Session
 from psctl.protocol import handshake
-from psctl.protocol.wire import NEED_DATA, FrameParser, Message, MsgType, encode_bytes
+from psctl.protocol.wire import DEFAULT_MAX_FRAME_BYTES, NEED_DATA, FrameParser, Message, MsgType, encode_bytes
 
 
 class ServerProcess:
@@ -63,10 +63,39 @@ async def equals(value: Awaitable[Any], expected: Any) -> bool:
 
 
 class IgnoreEvents(net.NullService):
-    """For a test's driver or worker control connection: the coordinator's EVENTs are not needed."""
+    """A connection's service that drops the coordinator's EVENTs (benchmarks/tls_cost.py uses it;
+    tests use :func:`driver_session` and :func:`worker_session`)."""
 
     def handle(self, peer: net.Peer, msg: Message) -> net.Reply:
         return None if msg.type is MsgType.EVENT else super().handle(peer, msg)
+
+
+async def driver_session(address: str, security: net.Security = net.LOCAL, *, keep_events: bool = False, **kwargs: Any) -> Session:
+    """A test's driver: a session with the coordinator (its EVENTs kept only with ``keep_events``)."""
+    return await Session.open(
+        address, max_frame_bytes=DEFAULT_MAX_FRAME_BYTES, security=security, what="psctl server", keep_events=keep_events,
+        **kwargs,
+    )  # fmt: skip
+
+
+async def worker_session(
+    address: str, security: net.Security = net.LOCAL, body: dict[str, Any] | None = None, timeout_s: float = 30
+) -> tuple[Session, dict[str, Any]]:
+    """A test's worker: registered (``body`` adds to the registration) and heartbeating from its thread.
+
+    It returns once the coordinator has answered a heartbeat, so the heartbeat connection is
+    one the coordinator holds (and closes) when the test stops it.
+    """
+    session = await Session.open(address, max_frame_bytes=DEFAULT_MAX_FRAME_BYTES, security=security)
+    try:
+        reg = await session.register_worker({"pid": 0, "host": "test", **(body or {})}, timeout_s=timeout_s)
+        assert session.heartbeat is not None
+        answered = await asyncio.to_thread(session.heartbeat.answered.wait, timeout_s)
+        assert answered, f"the coordinator did not answer a heartbeat within {timeout_s} s"
+        return session, reg
+    except BaseException:
+        session.close()
+        raise
 
 
 async def status(address: str, security: net.Security = net.LOCAL) -> dict[str, Any]:
@@ -212,33 +241,3 @@ def keep_beating(peer: net.Peer, interval_s: float = 0.05, body: dict[str, Any] 
     task = asyncio.ensure_future(beat())
     _BEATING.add(task)
     task.add_done_callback(_BEATING.discard)
-
-
-class HeartbeatThread:
-    """A worker's heartbeats from a thread, on a connection of their own, carrying the
-    session token of its registration: they go on while the test's event loop is busy
-    (building thousands of fuzz frames on a loaded machine takes longer than a failure timeout)."""
-
-    def __init__(self, address: str, job_id: str, reg: dict[str, Any], security: net.Security = net.LOCAL,
-                 interval_s: float = 0.1):  # fmt: skip
-        self.address, self.security, self.interval_s = address, security, interval_s
-        self.body = {"job_id": job_id, "worker_id": reg["worker_id"], "session": reg["session"], "clock": 0}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._beat()), name="heartbeats", daemon=True)
-
-    def start(self) -> HeartbeatThread:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    async def _beat(self) -> None:
-        peer = await net.connect(self.address, IgnoreEvents(), security=self.security)
-        try:
-            while not self._stop.is_set() and peer.is_open:
-                await peer.request(MsgType.HEARTBEAT, self.body)  # a wrong token would raise here
-                await asyncio.sleep(self.interval_s)  # the heartbeat's period, not a wait for anything
-        finally:
-            peer.close()

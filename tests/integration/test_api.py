@@ -41,3 +41,44 @@ async def test_sync_sparse_rows_and_clock_only_ticks():
             await b.close()
             final = await job.wait(timeout_s=30)
             assert final["emb"].shape == (100, 2)
+
+
+KV_WORKER = """
+import asyncio, sys, time
+import numpy as np
+from psctl.apps.api import KVWorker
+
+async def main(address, compute_s):
+    async with await KVWorker.join(address) as kv:
+        for _ in range(2):
+            await kv.pull("w")
+            time.sleep(compute_s)  # the user's compute: it holds the event loop the whole time
+            kv.push("w", np.ones(4, np.float32))
+            await kv.clock()
+    print("trained", kv.clock_value)
+
+asyncio.run(main(sys.argv[1], float(sys.argv[2])))
+"""
+
+
+@pytest.mark.timeout(120)
+async def test_a_kvworker_computing_three_failure_timeouts_between_calls_stays_live():
+    from .cluster import ServerProcess
+
+    failure_timeout_s = 1.0
+    server = ServerProcess(1)
+    try:
+        async with await Job.submit(
+            server.address, [TableSpec("w", 4)], workers=1, mode="async", lr=0.5,
+            heartbeat_interval_s=0.2, failure_timeout_s=failure_timeout_s,
+        ) as job:  # fmt: skip
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", KV_WORKER, server.address, str(3 * failure_timeout_s),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(proc.communicate(), 90)
+            assert proc.returncode == 0 and b"trained 2" in out, err.decode()
+            final = await job.wait(timeout_s=30)  # JobError ("every worker was lost") before the fix
+            np.testing.assert_allclose(final["w"], -0.5 * 2)
+    finally:
+        server.stop()

@@ -16,7 +16,7 @@ from psctl import net
 from psctl.cluster.client import ShardClient
 from psctl.protocol.wire import HEADER, MsgType
 
-from .cluster import ServerProcess, bare_spec, equals, status, wait_until
+from .cluster import ServerProcess, bare_spec, driver_session, equals, status, wait_until, worker_session
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -31,15 +31,14 @@ def server():
 @asynccontextmanager
 async def job(address: str, spec: dict):
     """Submit a job and register its workers; yields (clients, shard addresses)."""
-    driver = await net.connect(address)
+    driver = await driver_session(address)
     try:
-        submitted = (await driver.request(MsgType.SUBMIT, {"spec": spec})).body
-        placed = (await driver.request(MsgType.TABLES, {"tables": spec["tables"]})).body
+        submitted = await driver.submit(spec, timeout_s=30)
+        placed = (await driver.request(MsgType.TABLES, {"tables": spec["tables"]}, timeout_s=30)).body
         submitted.update(placed)
         clients, controls = [], []
         for _ in range(spec["n_workers"]):
-            control = await net.connect(address)
-            reg = (await control.request(MsgType.REGISTER_WORKER, {"pid": 0, "host": "test"})).body
+            control, reg = await worker_session(address)
             clients.append(
                 await ShardClient.connect(
                     placed["shards"], placed["ranges"], reg["job_id"], {"role": "worker", "worker_id": reg["worker_id"]},

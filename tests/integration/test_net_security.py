@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from psctl import net
-from psctl.errors import SecurityError
+from psctl.errors import ConnectError, SecurityError
 from psctl.protocol import handshake
 from psctl.protocol.wire import HEADER, Message, MsgType, encode_bytes
 
@@ -197,3 +197,57 @@ async def test_a_reply_the_wire_cannot_carry_is_an_internal_error_not_a_dropped_
         peer.close()
     finally:
         await server.close()
+
+
+async def _listener(answer: bytes | None) -> tuple[asyncio.Server, tuple[str, int]]:
+    """A TCP listener that is not psctl: it answers every connection with ``answer`` (None: silence)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if answer is not None:
+            writer.write(answer)
+        await reader.read()  # until the client hangs up
+        writer.close()
+
+    listener = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return listener, listener.sockets[0].getsockname()[:2]
+
+
+@pytest.mark.parametrize("secret", [None, SECRET], ids=["no-secret", "secret"])
+async def test_connecting_to_a_port_that_answers_http_says_it_is_not_psctl(secret):
+    listener, (host, port) = await _listener(b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/html\r\n\r\n" + b"x" * 200)
+    try:
+        started = loop_time()
+        with pytest.raises(ConnectError) as info:
+            await net.connect((host, port), security=net.Security(secret=secret, handshake_timeout_s=5))
+        assert str(info.value) == f"{host}:{port} is not a psctl process (it answered 'HTTP/1.0 400 Bad Request')"
+        assert loop_time() - started < 5  # it does not wait for the deadline
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("secret", [None, SECRET], ids=["no-secret", "secret"])
+async def test_connecting_to_a_silent_port_fails_at_the_handshake_deadline(secret):
+    timeout_s = 0.5
+    listener, (host, port) = await _listener(None)
+    try:
+        started = loop_time()
+        with pytest.raises(ConnectError, match=rf"^{host}:{port} did not answer (as psctl|the psctl handshake) within 0.5 s"):
+            await net.connect((host, port), security=net.Security(secret=secret, handshake_timeout_s=timeout_s))
+        assert timeout_s <= loop_time() - started < timeout_s + 5
+    finally:
+        listener.close()
+
+
+async def test_a_psctl_server_at_its_connection_limit_is_named_as_the_refusal():
+    server, service, address = await serve(net.LOCAL, max_connections=1)
+    try:
+        first = await net.connect(address)
+        with pytest.raises(ConnectError, match=r"refused the connection: too many connections \(limit 1\)"):
+            await net.connect(address)
+        first.close()
+    finally:
+        await server.close()
+
+
+def loop_time() -> float:
+    return asyncio.get_running_loop().time()

@@ -27,13 +27,14 @@ from ..certs import self_signed_cert
 from ..conftest import EXAMPLES, run_psctl
 from .cluster import (
     Hangups,
-    IgnoreEvents,
     RawClient,
     ServerProcess,
     bare_spec,
+    driver_session,
     equals,
     status,
     wait_until,
+    worker_session,
     write_secret,
 )
 
@@ -62,13 +63,12 @@ class Job:
         self.address, self.security = address, security
 
     async def __aenter__(self) -> Job:
-        self.driver = await net.connect(self.address, IgnoreEvents(), security=self.security)
+        self.driver = await driver_session(self.address, self.security)
         spec = bare_spec(1, "async", rows=ROWS)
-        self.submitted = (await self.driver.request(MsgType.SUBMIT, {"spec": spec})).body
-        self.submitted.update((await self.driver.request(MsgType.TABLES, {"tables": spec["tables"]})).body)
+        self.submitted = await self.driver.submit(spec, timeout_s=30)
+        self.submitted.update((await self.driver.request(MsgType.TABLES, {"tables": spec["tables"]}, timeout_s=30)).body)
         self.job_id = self.submitted["job_id"]
-        self.control = await net.connect(self.address, security=self.security)
-        reg = (await self.control.request(MsgType.REGISTER_WORKER, {"pid": 0, "host": "test"})).body
+        self.control, reg = await worker_session(self.address, self.security)
         self.worker = await ShardClient.connect(
             self.submitted["shards"], self.submitted["ranges"], self.job_id, {"role": "worker", "worker_id": reg["worker_id"]},
             max_frame_bytes=1 << 20, security=self.security,
@@ -120,11 +120,14 @@ async def test_without_the_secret_a_peer_can_neither_read_nor_change_nor_join(se
             (shard, MsgType.STATUS, {}),
         ]
         for address, kind, body in attempts:
-            intruder = await net.connect(address)  # no secret
-            with pytest.raises(net.RemoteError, match="requires authentication") as info:
-                await intruder.request(kind, body, timeout_s=5)
-            assert info.value.code == "auth_required"
-            await asyncio.wait_for(intruder.wait_closed(), 5)  # and the server hung up
+            # net.connect without the secret stops at its first exchange; a raw peer sends the request itself.
+            with pytest.raises(SecurityError, match="refused this process: this psctl process requires authentication"):
+                await net.connect(address)
+            intruder = await RawClient.open(address)
+            intruder.send(Message(kind, body, req_id=1))
+            (refusal,) = await intruder.until_closed()  # and the server hung up
+            assert refusal.type is MsgType.ERROR and refusal.req_id == 1, refusal
+            assert refusal.body["code"] == "auth_required" and "requires authentication" in refusal.body["message"]
         # A raw peer that skips the handshake and goes straight for a PUSH:
         raw = await RawClient.open(shard)
         raw.send(

@@ -24,22 +24,22 @@ async def held(control: _ControlService, clock: int) -> bool:
 async def test_pause_answers_the_clock_a_step_under_way_will_reach():
     control = _ControlService()
     control.position = lambda: 7
-    reply = control.handle(None, Message(MsgType.PAUSE, {"job_id": "j"}))  # type: ignore[arg-type]
+    reply = control.pause(Message(MsgType.PAUSE, {"job_id": "j"}))
     assert reply is not None and reply.body == {"clock": 7}
     assert await held(control, 7)
-    control.handle(None, Message(MsgType.RESUME, {"until": None}))  # type: ignore[arg-type]
+    control.resume(Message(MsgType.RESUME, {"until": None}))
     assert not await held(control, 7) and not await held(control, 100)
 
 
 async def test_resume_until_holds_every_step_from_that_clock_until_the_job_ends():
     control = _ControlService()
-    control.handle(None, Message(MsgType.PAUSE, {}))  # type: ignore[arg-type]
+    control.pause(Message(MsgType.PAUSE, {}))
     waiting = asyncio.ensure_future(control.wait_turn(5))
-    control.handle(None, Message(MsgType.RESUME, {"until": 6}))  # type: ignore[arg-type]
+    control.resume(Message(MsgType.RESUME, {"until": 6}))
     await asyncio.wait_for(waiting, 5)  # clock 5 < 6: goes on
     assert await held(control, 6)
     stuck = asyncio.ensure_future(control.wait_turn(6))
-    control.handle(None, Message(MsgType.EVENT, {"kind": "abort", "reason": "stopped"}))  # type: ignore[arg-type]
+    control.on_event({"kind": "abort", "reason": "stopped"})
     await asyncio.wait_for(stuck, 5)  # an abort releases the held step (the loop then raises)
     assert control.abort_reason == "stopped"
 
@@ -49,7 +49,7 @@ async def test_resume_with_a_bad_clock_is_refused():
 
     control = _ControlService()
     with pytest.raises(RequestError, match="until"):
-        control.handle(None, Message(MsgType.RESUME, {"until": "soon"}))  # type: ignore[arg-type]
+        control.resume(Message(MsgType.RESUME, {"until": "soon"}))
 
 
 async def test_reconnect_after_a_rewind_retries_with_backoff(monkeypatch):
