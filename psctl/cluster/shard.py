@@ -49,7 +49,7 @@ class _Checkpoints:
     every: int  # clocks between checkpoints (0: only when the coordinator asks)
     next_clock: int
     requested: set[int] = field(default_factory=set)  # clocks the coordinator asked for (CHECKPOINT)
-    last_clock: int | None = None  # the clock this shard saved last
+    last_clock: int | None = None  # the clock of the last checkpoint file this shard finished
 
     @classmethod
     def plan(cls, folder: str, index: int, every: int, start: int) -> _Checkpoints:
@@ -62,10 +62,15 @@ class _Checkpoints:
     def due(self, low: int) -> bool:
         return low >= self.next_clock or any(c <= low for c in self.requested)
 
-    def saved(self, low: int) -> None:
-        self.last_clock = low
-        self.next_clock = self.next_after(low, self.every)
+    def taken(self, low: int) -> None:
+        """A snapshot at ``low`` was taken: the next one is due later (its file is written after)."""
+        self.next_clock = max(self.next_clock, self.next_after(low, self.every))
         self.requested = {c for c in self.requested if c > low}
+
+    def saved(self, low: int) -> None:
+        """The file of clock ``low`` is on disk."""
+        self.taken(low)
+        self.last_clock = low
 
 
 def _write_checkpoint(folder: str, index: int, clock: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
@@ -231,7 +236,7 @@ class ShardService:
         if plan is None or low is None or not plan.due(low):
             return
         arrays, meta = state.snapshot()  # consistent at `low`: later pushes change the tables, not this
-        plan.saved(low)
+        plan.taken(low)
         task = asyncio.get_running_loop().create_task(self._save(plan, state.job_id, low, arrays, meta))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
@@ -244,7 +249,7 @@ class ShardService:
             except Exception:
                 log.exception("shard %s: writing the checkpoint at clock %d failed", self.shard_id, clock)
                 return
-        plan.last_clock = clock
+        plan.saved(clock)
         if self.coordinator is not None and self.coordinator.is_open:
             self.coordinator.notify(MsgType.CHECKPOINTED, {"job_id": job_id, "clock": clock, "shard_index": plan.index})
 
