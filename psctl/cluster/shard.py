@@ -1,7 +1,10 @@
 """A server shard: one key range of every table, its optimizer, the clock gate.
 
 :class:`~psctl.core.shard_state.ShardState` is the pure part (tables, apply, gate); :class:`ShardService`
-maps frames onto it; :func:`run_shard` is the process.
+maps frames onto it and holds what is not pure: which connection each worker said HELLO on,
+the pulls waiting at the gate (futures), checkpoint files being written in a thread.
+The state's typed refusals (:mod:`psctl.core.shard_errors`) are request errors: they go
+back as ERROR frames with their code and the connection stays open. :func:`run_shard` is the process.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from psctl import net
-from psctl.cluster.client import DEFAULT_ANSWER_TIMEOUT_S, Acks, ShardClient
+from psctl.cluster.client import DEFAULT_ANSWER_TIMEOUT_S, Acks, ShardClient, ShardTimeout
 from psctl.core.batching import batch_indices, epoch_steps
 from psctl.data import csvfile, formats, ratings, vocab
 from psctl.errors import ConnectError, DataError, JobError, PsctlError
@@ -269,7 +269,8 @@ class Worker:
             try:
                 return await self._job(coord, reg.body)
             except PsctlError as exc:
-                if coord.is_open and not isinstance(exc, net.ConnectionLost | JobError):
+                # A shard that stopped answering is news for the job; a lost coordinator connection is not.
+                if coord.is_open and (isinstance(exc, ShardTimeout) or not isinstance(exc, net.ConnectionLost | JobError)):
                     coord.notify(MsgType.FAILED, {"message": str(exc)})
                 raise
         finally:

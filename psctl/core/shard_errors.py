@@ -20,13 +20,14 @@ class ShardError(RequestError):
 
 
 class BadKeys(ShardError):
-    """Keys that are not a sorted, unique 1-d integer array inside the table's range (or owned elsewhere)."""
+    """Keys that are not a sorted, unique 1-d integer array inside the table's range, keys another
+    shard owns, or no keys for a table that is only read and written by key (sparse)."""
 
     code = "bad_keys"
 
 
 class BadGradient(ShardError):
-    """A gradient whose shape does not match its keys, or a whole-table request to a sparse table."""
+    """A gradient whose shape does not match its keys (or the shard's range)."""
 
     code = "bad_gradient"
 

@@ -79,7 +79,7 @@ class SparseTable:
         and keys stored since (pushed while this pull waited at the gate) are found again.
         """
         if keys is None:
-            raise BadGradient(f"table {self.spec.name!r} is sparse: pull its rows by key (or dump it as a driver)")
+            raise BadKeys(f"table {self.spec.name!r} is sparse: pull its rows by key (or dump it as a driver)")
         if rows is None:
             rows = self.locate(keys)
         elif (rows < 0).any():
@@ -95,7 +95,7 @@ class SparseTable:
 
     def check_grad(self, keys: np.ndarray | None, grad: np.ndarray) -> None:
         if keys is None:
-            raise BadGradient(f"table {self.spec.name!r} is sparse: pushes must carry keys")
+            raise BadKeys(f"table {self.spec.name!r} is sparse: pushes must carry keys")
         expected = self.spec.shape(len(keys))
         if grad.shape != expected:
             raise BadGradient(f"gradient for {self.spec.name!r} has shape {grad.shape}, expected {expected}")
@@ -103,7 +103,7 @@ class SparseTable:
     def apply(self, rule: UpdateRule, keys: np.ndarray | None, grad: np.ndarray, rows: np.ndarray | None = None) -> None:
         """Apply ``grad`` to the rows of ``keys``, creating missing ones; ``rows``: :meth:`locate`'s, just now."""
         if keys is None:
-            raise BadGradient(f"table {self.spec.name!r} is sparse: pushes must carry keys")
+            raise BadKeys(f"table {self.spec.name!r} is sparse: pushes must carry keys")
         rows = self._ensure(keys.astype(np.int64), rows)
         rule.apply(self.values, grad, self.state, rows, self.steps)
         self.steps += 1

@@ -60,8 +60,10 @@ def test_a_gradient_of_the_wrong_shape():
         state().push(0, 0, {"w": (None, np.ones(3, np.float32))}, 1)
     assert info.value.code == "bad_gradient"
     sparse = SparseTable(TableSpec("s", 100, sparse=True), 0, 1, 0, SGD(lr=0.1))
-    with pytest.raises(e.BadGradient, match="pushes must carry keys"):
+    with pytest.raises(e.BadKeys, match="pushes must carry keys"):
         sparse.check_grad(None, np.ones(100, np.float32))
+    with pytest.raises(e.BadKeys, match="pull its rows by key"):
+        sparse.read(None)
 
 
 def test_a_worker_outside_the_live_set_and_a_wrong_clock():
