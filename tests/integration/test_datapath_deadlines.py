@@ -16,7 +16,7 @@ from psctl import net
 from psctl.cluster.client import ShardClient, ShardTimeout
 from psctl.protocol.wire import Message, MsgType
 
-from .cluster import ServerProcess, bare_spec, status, wait_until
+from .cluster import ServerProcess, bare_spec, status
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
