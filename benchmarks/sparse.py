@@ -53,8 +53,9 @@ def psctl_rate(client: ShardClient, keys: np.ndarray) -> Rate:
     grad = np.full(len(keys), 1.0, np.float32)
 
     async def step(clock: int) -> None:
-        await client.pull_rows({"w": keys}, clock)
-        await client.wait_all(client.push_rows_nowait({"w": (keys, grad)}, clock, 1))
+        plan = client.plan({"w": keys})  # routed once for the pull and the push, as a worker's step does
+        await client.pull(plan, clock)
+        await client.push({"w": grad}, clock, 1, plan)
 
     return step_rate(step)
 

@@ -76,8 +76,8 @@ class Setup:
         cpu_before = time.process_time() + self._shard_cpu_s()
         for _ in range(steps):
             started = time.perf_counter()
-            await self.worker.pull(["w"], self.clock, timeout_s=60)
-            await self.worker.push({"w": self.grad}, self.clock, 1, timeout_s=60)
+            await self.worker.pull(["w"], self.clock)
+            await self.worker.push({"w": self.grad}, self.clock, 1)
             times.append(time.perf_counter() - started)
             self.clock += 1
         cpu_s = time.process_time() + self._shard_cpu_s() - cpu_before

@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 
 from psctl import net
-from psctl.cluster.client import ShardClient
+from psctl.cluster.client import Acks, ShardClient
 from psctl.cluster.launch import LocalCluster
 from psctl.cluster.session import Session
 from psctl.core.consistency import staleness_for
-from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S
+from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S, JobSpec
 from psctl.core.tables import TableSpec
 from psctl.errors import JobError, PsctlError
 from psctl.protocol.wire import DEFAULT_MAX_FRAME_BYTES, MsgType
@@ -152,7 +152,7 @@ class KVWorker:
         self._rows = rows
         self._clock = 0
         self._pending: dict[str, tuple[np.ndarray | None, np.ndarray]] = {}
-        self._acks: list[asyncio.Future[Any]] = []
+        self._acks: Acks | None = None  # the last clock's push, acked or not
         self._closed = False
 
     @classmethod
@@ -174,6 +174,9 @@ class KVWorker:
             client = await ShardClient.connect(
                 placed["shards"], placed["ranges"], reg["job_id"], {"role": "worker", "worker_id": reg["worker_id"]},
                 max_frame_bytes=max_frame_bytes, security=security,
+                # A stuck shard is declared lost within the job's failure timeout (then the job
+                # recovers or aborts): the same bound as a worker's.
+                answer_timeout_s=JobSpec.from_wire(reg["spec"]).failure_timeout_s,
             )
         except BaseException:
             session.close()
@@ -189,9 +192,8 @@ class KVWorker:
     async def pull(self, table: str, keys: np.ndarray | None = None) -> np.ndarray:
         """A whole table, or the rows ``keys`` (sorted, unique), as the job's mode allows at this clock."""
         self._check(table)
-        await self._client.wait_all(self._acks)
-        self._acks = []
-        got = await self._client.pull_for({table: None if keys is None else np.asarray(keys, dtype=np.int64)}, self._clock)
+        await self._settle()
+        got = await self._client.pull({table: None if keys is None else np.asarray(keys, dtype=np.int64)}, self._clock)
         return got[table]
 
     def push(self, table: str, values: np.ndarray, keys: np.ndarray | None = None) -> None:
@@ -205,7 +207,7 @@ class KVWorker:
         """Send this clock's pushes (``count`` samples, for sync averaging) and advance the clock."""
         keys = {n: k for n, (k, _) in self._pending.items()}
         grads = {n: g for n, (_, g) in self._pending.items()}
-        self._acks = self._client.push_for_nowait(keys, grads, self._clock, count)
+        self._acks = self._client.push(grads, self._clock, count, self._client.plan(keys))
         self._pending = {}
         self._clock += 1
         self._session.clock = self._clock  # for the heartbeat thread
@@ -218,7 +220,7 @@ class KVWorker:
             return
         self._closed = True
         try:
-            await self._client.wait_all(self._acks)
+            await self._settle()
             await self._client.leave()
             # Not waiting for the TRAINED barrier: closing must not depend on the other workers.
             self._session.notify(MsgType.TRAINED, {})
@@ -226,6 +228,12 @@ class KVWorker:
         finally:
             self._client.close()
             self._session.close()
+
+    async def _settle(self) -> None:
+        """Wait for the last clock's acks (a pull must see this worker's own pushes)."""
+        acks, self._acks = self._acks, None
+        if acks is not None:
+            await acks
 
     def _check(self, table: str) -> None:
         if self._closed:

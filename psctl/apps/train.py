@@ -313,6 +313,8 @@ class _Run:
                 self.placed["shards"], self.placed["ranges"], self.job_id, {"role": "driver"},
                 max_frame_bytes=self.cfg.max_frame_bytes, hashed=[t.name for t in self.model.tables() if t.sparse],
                 security=self.cfg.security,
+                # A shard builds the dump in one go, answering no ping meanwhile: half the bound, twice.
+                answer_timeout_s=FINAL_PULL_TIMEOUT_S / 2,
             )
         return self.client
 
@@ -322,7 +324,7 @@ class _Run:
         assert self.model is not None
         client = await self._shards()
         tables = self.model.tables()
-        dumped = await client.dump([t.name for t in tables], self.cfg.save_optimizer_state, timeout_s=FINAL_PULL_TIMEOUT_S)
+        dumped = await client.dump([t.name for t in tables], self.cfg.save_optimizer_state)
         params: dict[str, np.ndarray] = {}
         for t in tables:
             keys, values, state = dumped[t.name]

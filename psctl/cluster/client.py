@@ -1,35 +1,72 @@
-"""The worker's (and driver's) view of the shards: key routing, concurrent pull/push."""
+"""The worker's (and driver's) view of the shards: one pull and one push per step, both bounded.
+
+A step's keys are routed once (:class:`~psctl.core.keyplan.KeyPlan`); :meth:`ShardClient.pull`
+and :meth:`ShardClient.push` send each shard its part of that plan. Every reply is
+awaited under a deadline: a shard that does not answer gives :class:`ShardTimeout`
+naming it, never a silent hang.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+from collections.abc import Collection, Generator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from psctl import net
-from psctl.core.sparse import narrow_keys, route_keys
-from psctl.core.tables import split_keys
-from psctl.protocol.wire import MsgType
+from psctl.core.keyplan import KeyPlan, Routing
+from psctl.protocol.wire import Message, MsgType
+
+DEFAULT_ANSWER_TIMEOUT_S = 10.0
+
+
+class ShardTimeout(net.ConnectionLost):
+    """A shard took no reply within the deadline and did not answer a ping either.
+
+    A :class:`~psctl.net.ConnectionLost`: a worker with a checkpoint treats it as a lost
+    shard (it waits for the coordinator's rewind); without one it ends with this sentence.
+    """
+
+
+class Acks:
+    """The acks of one push: ``await acks`` waits for every shard's, under the client's deadline."""
+
+    def __init__(self, client: ShardClient, futs: list[asyncio.Future[Message]]):
+        self._client, self._futs = client, futs
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self._client._answers(list(enumerate(self._futs)), "push").__await__()
 
 
 class ShardClient:
-    """Connections to every shard of one job; splits requests by key range, or by key
-    hash for the tables named in ``hashed`` (sparse tables).
+    """Connections to every shard of one job.
 
-    Requests to different shards go out concurrently; a push and the next
-    pull may be pipelined on the same connection (replies match by id).
-    Keys travel in the smallest unsigned type their table's key space allows.
+    Requests to different shards go out concurrently; a push and the next pull may
+    be pipelined on the same connection (replies match by id). ``answer_timeout_s``
+    bounds each wait for a reply *while the shard is silent*: a pull may wait at the
+    clock gate as long as the job needs (sync and ssp modes), so when no reply has come
+    within it the client pings the shard, and only a shard that does not answer the
+    ping either (within the same time) is given up on. The worker passes the job's
+    failure timeout: within that the coordinator declares a stuck party lost, and the
+    job recovers or aborts, which releases a pull waiting at the gate.
     """
 
     def __init__(
-        self, peers: list[net.Peer], ranges: dict[str, list[tuple[int, int]]], job_id: str, hashed: Collection[str] = ()
+        self,
+        peers: list[net.Peer],
+        ranges: Mapping[str, Any],
+        job_id: str,
+        hashed: Collection[str] = (),
+        *,
+        addresses: Sequence[str] | None = None,
+        answer_timeout_s: float = DEFAULT_ANSWER_TIMEOUT_S,
     ):
         self.peers = peers
-        self.ranges = {name: [tuple(r) for r in rs] for name, rs in ranges.items()}
-        self.hashed = frozenset(hashed)
+        self.routing = Routing.of(ranges, hashed)
         self.job_id = job_id
+        self.addresses = list(addresses) if addresses is not None else [p.name for p in peers]
+        self.answer_timeout_s = answer_timeout_s
         self.bytes_pulled = 0
         self.bytes_pushed = 0
 
@@ -37,13 +74,14 @@ class ShardClient:
     async def connect(
         cls,
         addresses: list[str],
-        ranges: dict[str, list[tuple[int, int]]],
+        ranges: Mapping[str, Any],
         job_id: str,
         hello: dict[str, Any],
         *,
         max_frame_bytes: int,
         hashed: Collection[str] = (),
         security: net.Security = net.LOCAL,
+        answer_timeout_s: float = DEFAULT_ANSWER_TIMEOUT_S,
     ) -> ShardClient:
         peers = await asyncio.gather(
             *(
@@ -51,97 +89,55 @@ class ShardClient:
                 for i, a in enumerate(addresses)
             )
         )
-        client = cls(list(peers), ranges, job_id, hashed)
-        await asyncio.gather(*(p.request(MsgType.HELLO, {"job_id": job_id, **hello}) for p in peers))
+        client = cls(list(peers), ranges, job_id, hashed, addresses=addresses, answer_timeout_s=answer_timeout_s)
+        hellos = [p.request_nowait(MsgType.HELLO, {"job_id": job_id, **hello}) for p in peers]
+        await client._answers(list(enumerate(hellos)), "HELLO")
         return client
 
-    async def pull(self, tables: list[str], clock: int = 0, timeout_s: float | None = None) -> dict[str, np.ndarray]:
-        """Whole tables, assembled from every shard's range (waits at the clock gate)."""
-        futs = [p.request_nowait(MsgType.PULL, {"job_id": self.job_id, "tables": tables, "clock": clock}) for p in self.peers]
-        replies = await asyncio.gather(*(p.wait_reply(f, timeout_s) for p, f in zip(self.peers, futs)))
-        out = {}
-        for i, name in enumerate(tables):
-            parts = [r.arrays[i] for r in replies]
-            self.bytes_pulled += sum(a.nbytes for a in parts)
-            out[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return out
+    def plan(self, keys: Mapping[str, np.ndarray | None]) -> KeyPlan:
+        """Route a step's keys (per table: sorted unique keys, or None for the whole table) once."""
+        return KeyPlan(self.routing, keys)
 
-    async def pull_rows(
-        self, keys: dict[str, np.ndarray], clock: int = 0, timeout_s: float | None = None
-    ) -> dict[str, np.ndarray]:
-        """The rows ``keys[table]`` (sorted, unique) of each table, in that order.
+    async def pull(self, what: KeyPlan | Mapping[str, np.ndarray | None] | Sequence[str], clock: int = 0) -> dict[str, np.ndarray]:
+        """Each table's rows of the plan's keys (whole tables: names, or None keys), waiting at the gate for ``clock``.
 
-        Only shards that own some of the keys are asked.
+        Only shards that own some of the keys are asked (every shard for whole tables).
         """
-        names = list(keys)
-        splits = {n: self._split(n, keys[n]) for n in names}
+        plan = self._as_plan(what)
+        body: dict[str, Any] = {"job_id": self.job_id, "tables": plan.names, "clock": clock}
+        if plan.keyed:
+            body["keyed"] = True
         asked = []
-        for i, peer in enumerate(self.peers):
-            arrays = [self._wire_keys(n, keys[n][splits[n][i]]) for n in names]
-            if any(len(a) for a in arrays):
-                self.bytes_pulled += sum(a.nbytes for a in arrays)
-                body = {"job_id": self.job_id, "tables": names, "clock": clock, "keyed": True}
-                asked.append((i, peer, peer.request_nowait(MsgType.PULL, body, arrays)))
-        replies = await asyncio.gather(*(p.wait_reply(f, timeout_s) for _, p, f in asked))
-        out: dict[str, np.ndarray] = {}
-        for t, name in enumerate(names):
-            parts = [(splits[name][i], r.arrays[t]) for (i, _, _), r in zip(asked, replies)]
-            template = parts[0][1] if parts else np.empty(0, dtype=np.float32)
-            rows = np.empty((len(keys[name]), *template.shape[1:]), dtype=template.dtype)
-            for where, values in parts:
-                rows[where] = values
-                self.bytes_pulled += values.nbytes
-            out[name] = rows
-        return out
+        for i in plan.pull_shards:
+            arrays = plan.pull_arrays(i)
+            self.bytes_pulled += sum(a.nbytes for a in arrays)
+            asked.append((i, self.peers[i].request_nowait(MsgType.PULL, body, arrays)))
+        replies = await self._answers(asked, "pull")
+        parts = {i: r.arrays for (i, _), r in zip(asked, replies)}
+        self.bytes_pulled += sum(a.nbytes for r in replies for a in r.arrays)
+        return plan.scatter(parts)
 
-    def push_rows_nowait(
-        self, grads: dict[str, tuple[np.ndarray, np.ndarray]], clock: int, count: int
-    ) -> list[asyncio.Future[Any]]:
-        """Push (sorted unique keys, gradient rows) per table. Every shard gets a push
-        (perhaps empty) because a push is also how a shard learns the worker's clock."""
-        names = list(grads)
-        splits = {n: self._split(n, grads[n][0]) for n in names}
+    def push(self, grads: Mapping[str, np.ndarray], clock: int, count: int, plan: KeyPlan | None = None) -> Acks:
+        """Send every shard its part of each gradient (laid out like the pull of ``plan``; no plan:
+        whole tables) at ``clock``, for ``count`` rows. Every shard gets a push, perhaps empty,
+        because a push is also how a shard learns the worker's clock. Returns the acks to await."""
+        plan = plan if plan is not None else self.plan(dict.fromkeys(grads))
+        body: dict[str, Any] = {"job_id": self.job_id, "tables": plan.names, "clock": clock, "count": count}
+        if plan.keyed:
+            body["keyed"] = True
         futs = []
         for i, peer in enumerate(self.peers):
-            arrays = []
-            for n in names:
-                keys, rows = grads[n]
-                arrays += [self._wire_keys(n, keys[splits[n][i]]), rows[splits[n][i]]]
+            arrays = plan.push_arrays(i, grads)
             self.bytes_pushed += sum(a.nbytes for a in arrays)
-            body = {"job_id": self.job_id, "tables": names, "clock": clock, "count": count, "keyed": True}
             futs.append(peer.request_nowait(MsgType.PUSH, body, arrays))
-        return futs
-
-    def push_nowait(self, grads: dict[str, np.ndarray], clock: int, count: int) -> list[asyncio.Future[Any]]:
-        """Send each shard its slice of every gradient; return the ack futures."""
-        names = list(grads)
-        futs = []
-        for i, peer in enumerate(self.peers):
-            arrays = []
-            for name in names:
-                lo, hi = self.ranges[name][i]
-                arrays.append(grads[name][lo:hi])
-            self.bytes_pushed += sum(a.nbytes for a in arrays)
-            body = {"job_id": self.job_id, "tables": names, "clock": clock, "count": count}
-            futs.append(peer.request_nowait(MsgType.PUSH, body, arrays))
-        return futs
-
-    def _split(self, name: str, keys: np.ndarray) -> list[Any]:
-        """Per shard, the positions in sorted ``keys`` it owns (slices or index arrays)."""
-        if name in self.hashed:
-            return route_keys(keys, len(self.peers))
-        return split_keys(keys, self.ranges[name])
-
-    def _wire_keys(self, name: str, keys: np.ndarray) -> np.ndarray:
-        return narrow_keys(keys, max(hi for _, hi in self.ranges[name]))
+        return Acks(self, futs)
 
     async def dump(
-        self, tables: list[str], with_state: bool = False, timeout_s: float | None = None
+        self, tables: list[str], with_state: bool = False
     ) -> dict[str, tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]:
         """Every stored key of each table with its values (and optimizer state), sorted by key (drivers only)."""
         body = {"job_id": self.job_id, "tables": tables, "dump": True, "with_state": with_state}
-        futs = [p.request_nowait(MsgType.PULL, body) for p in self.peers]
-        replies = await asyncio.gather(*(p.wait_reply(f, timeout_s) for p, f in zip(self.peers, futs)))
+        replies = await self._answers([(i, p.request_nowait(MsgType.PULL, body)) for i, p in enumerate(self.peers)], "pull")
         out = {}
         for name in tables:
             keys, values, state = [], [], {}
@@ -158,40 +154,53 @@ class ShardClient:
             out[name] = (all_keys[order], np.concatenate(values)[order], {s: np.concatenate(p)[order] for s, p in state.items()})
         return out
 
-    async def status(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
+    async def status(self, timeout_s: float = net.DEFAULT_REQUEST_TIMEOUT_S) -> list[dict[str, Any]]:
         """Each shard's STATUS body (keys, bytes, memory), in shard order."""
         return [r.body for r in await asyncio.gather(*(p.request(MsgType.STATUS, {}, timeout_s=timeout_s) for p in self.peers))]
 
-    async def push(self, grads: dict[str, np.ndarray], clock: int, count: int, timeout_s: float | None = None) -> None:
-        await self.wait_all(self.push_nowait(grads, clock, count), timeout_s)
-
-    async def wait_all(self, futs: list[asyncio.Future[Any]], timeout_s: float | None = None) -> None:
-        await asyncio.gather(*(p.wait_reply(f, timeout_s) for p, f in zip(self.peers, futs)))
-
     async def leave(self) -> None:
-        await asyncio.gather(*(p.request(MsgType.LEAVE, {"job_id": self.job_id}) for p in self.peers))
-
-    # -- what workers use: whole tables where keys are None, rows otherwise ----------
-    def _full_keys(self, keys: dict[str, np.ndarray | None]) -> dict[str, np.ndarray]:
-        # A model mixing keyed and whole tables sends everything keyed: one request per shard keeps one clock.
-        return {n: k if k is not None else np.arange(self.ranges[n][-1][1]) for n, k in keys.items()}
-
-    async def pull_for(self, keys: dict[str, np.ndarray | None], clock: int = 0) -> dict[str, np.ndarray]:
-        if all(k is None for k in keys.values()):
-            return await self.pull(list(keys), clock)
-        return await self.pull_rows(self._full_keys(keys), clock)
-
-    def push_for_nowait(
-        self, keys: dict[str, np.ndarray | None], grads: dict[str, np.ndarray], clock: int, count: int
-    ) -> list[asyncio.Future[Any]]:
-        if all(k is None for k in keys.values()):
-            return self.push_nowait(grads, clock, count)
-        full = self._full_keys(keys)
-        return self.push_rows_nowait({n: (full[n], grads[n]) for n in keys}, clock, count)
+        futs = [(i, p.request_nowait(MsgType.LEAVE, {"job_id": self.job_id})) for i, p in enumerate(self.peers)]
+        await self._answers(futs, "LEAVE")
 
     def close(self) -> None:
         for peer in self.peers:
             peer.close()
+
+    # -- replies under a deadline ----------------------------------------------
+    def _as_plan(self, what: KeyPlan | Mapping[str, np.ndarray | None] | Sequence[str]) -> KeyPlan:
+        if isinstance(what, KeyPlan):
+            return what
+        if isinstance(what, Mapping):
+            return self.plan(what)
+        return self.plan(dict.fromkeys(what))
+
+    async def _answers(self, asked: list[tuple[int, asyncio.Future[Message]]], what: str) -> list[Message]:
+        return list(await asyncio.gather(*(self._answer(i, fut, what) for i, fut in asked)))
+
+    async def _answer(self, shard: int, fut: asyncio.Future[Message], what: str) -> Message:
+        """The reply ``fut`` of shard ``shard``; while none comes, the shard must keep answering pings."""
+        if fut.done():
+            return fut.result()
+        waited_s = 0.0
+        while True:
+            done, _ = await asyncio.wait({fut}, timeout=self.answer_timeout_s)
+            if done:
+                return fut.result()
+            waited_s += self.answer_timeout_s
+            # A pull may wait at the clock gate for as long as the job needs; a shard that
+            # answers a ping is alive and the gate holds the pull: keep waiting.
+            try:
+                await self.peers[shard].request(MsgType.PING, {}, timeout_s=self.answer_timeout_s)
+            except (net.ConnectionLost, net.RemoteError):
+                if fut.done():
+                    return fut.result()
+                waited_s += self.answer_timeout_s
+                raise ShardTimeout(
+                    f"shard {shard} at {self.addresses[shard]} did not answer a {what} within {waited_s:g} s"
+                    f" (nor a ping within {self.answer_timeout_s:g} s)"
+                ) from None
+            if fut.done():
+                return fut.result()
 
 
 def _dump_offset(state_names: dict[str, list[str]], tables: list[str], name: str) -> int:

@@ -1,7 +1,10 @@
 """A server shard: one key range of every table, its optimizer, the clock gate.
 
 :class:`~psctl.core.shard_state.ShardState` is the pure part (tables, apply, gate); :class:`ShardService`
-maps frames onto it; :func:`run_shard` is the process.
+maps frames onto it and holds what is not pure: which connection each worker said HELLO on,
+the pulls waiting at the gate (futures), checkpoint files being written in a thread.
+The state's typed refusals (:mod:`psctl.core.shard_errors`) are request errors: they go
+back as ERROR frames with their code and the connection stays open. :func:`run_shard` is the process.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ log = logging.getLogger("psctl.shard")
 
 NEVER = 2**63 - 1  # a checkpoint clock no job reaches
 MAX_REQUESTED_CHECKPOINTS = 64
+CHECKPOINT_WRITE_TIMEOUT_S = 60.0  # how long a stopping shard waits for a file it is writing
 
 
 def process_memory() -> dict[str, int]:
@@ -48,7 +52,7 @@ class _Checkpoints:
     every: int  # clocks between checkpoints (0: only when the coordinator asks)
     next_clock: int
     requested: set[int] = field(default_factory=set)  # clocks the coordinator asked for (CHECKPOINT)
-    last_clock: int | None = None  # the clock this shard saved last
+    last_clock: int | None = None  # the clock of the last checkpoint file this shard finished
 
     @classmethod
     def plan(cls, folder: str, index: int, every: int, start: int) -> _Checkpoints:
@@ -61,10 +65,20 @@ class _Checkpoints:
     def due(self, low: int) -> bool:
         return low >= self.next_clock or any(c <= low for c in self.requested)
 
-    def saved(self, low: int) -> None:
-        self.last_clock = low
-        self.next_clock = self.next_after(low, self.every)
+    def taken(self, low: int) -> None:
+        """A snapshot at ``low`` was taken: the next one is due later (its file is written after)."""
+        self.next_clock = max(self.next_clock, self.next_after(low, self.every))
         self.requested = {c for c in self.requested if c > low}
+
+    def saved(self, low: int) -> None:
+        """The file of clock ``low`` is on disk."""
+        self.taken(low)
+        self.last_clock = low
+
+
+def _write_checkpoint(folder: str, index: int, clock: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    checkpoint.save_shard(folder, index, clock, arrays, meta)
+    checkpoint.prune(folder, index, clock)
 
 
 @dataclass
@@ -97,12 +111,21 @@ def _require(body: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> A
 class ShardService:
     """Frames -> ShardState. One instance per shard process."""
 
-    def __init__(self, on_coordinator_lost: Callable[[], None]):
+    def __init__(
+        self,
+        on_coordinator_lost: Callable[[], None],
+        write_checkpoint: Callable[[str, int, int, dict[str, np.ndarray], dict[str, Any]], None] | None = None,
+    ):
         self.state: ShardState | None = None
         self.shard_id: int | None = None
         self._on_coordinator_lost = on_coordinator_lost
         self.coordinator: net.Peer | None = None
         self.checkpoints: _Checkpoints | None = None
+        self.workers: dict[int, net.Peer] = {}  # worker -> the connection it said HELLO on (this job's state)
+        # Runs in a thread: the snapshot is taken on the loop, the file written and fsynced off it.
+        self._write_checkpoint = write_checkpoint or _write_checkpoint
+        self._writes: set[asyncio.Task[None]] = set()
+        self._write_lock = asyncio.Lock()  # one file at a time, in clock order
 
     def _job(self, body: dict[str, Any]) -> ShardState:
         job_id = body.get("job_id")
@@ -126,7 +149,7 @@ class ShardService:
         worker = peer.info.get("worker_id")
         # Only the connection this state knows the worker by: after a roll-back the worker's
         # old connections close while it is already live again on new ones.
-        if worker is not None and self.state is not None and self.state.peers.get(worker) is peer:
+        if worker is not None and self.state is not None and self.workers.get(worker) is peer:
             self._release(self.state.leave(worker))
 
     # -- data plane ----------------------------------------------------------
@@ -139,7 +162,7 @@ class ShardService:
         peer.info["job_id"] = state.job_id
         if role == "worker":
             peer.info["worker_id"] = _require(msg.body, "worker_id", int)
-            state.peers[peer.info["worker_id"]] = peer
+            self.workers[peer.info["worker_id"]] = peer
         return Message(MsgType.HELLO, {"shard_id": self.shard_id, "ranges": state.ranges})
 
     def _pull(self, peer: net.Peer, msg: Message) -> net.Reply | asyncio.Future[Message]:
@@ -215,12 +238,28 @@ class ShardService:
         low = state.gate.min_clock()
         if plan is None or low is None or not plan.due(low):
             return
-        arrays, meta = state.snapshot()
-        checkpoint.save_shard(plan.folder, plan.index, low, arrays, meta)
-        checkpoint.prune(plan.folder, plan.index, low)
-        plan.saved(low)
+        arrays, meta = state.snapshot()  # consistent at `low`: later pushes change the tables, not this
+        plan.taken(low)
+        task = asyncio.get_running_loop().create_task(self._save(plan, state.job_id, low, arrays, meta))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _save(self, plan: _Checkpoints, job_id: str, clock: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Write one checkpoint file in a thread (pulls and pushes are served meanwhile); report it when done."""
+        async with self._write_lock:
+            try:
+                await asyncio.to_thread(self._write_checkpoint, plan.folder, plan.index, clock, arrays, meta)
+            except Exception:
+                log.exception("shard %s: writing the checkpoint at clock %d failed", self.shard_id, clock)
+                return
+        plan.saved(clock)
         if self.coordinator is not None and self.coordinator.is_open:
-            self.coordinator.notify(MsgType.CHECKPOINTED, {"job_id": state.job_id, "clock": low, "shard_index": plan.index})
+            self.coordinator.notify(MsgType.CHECKPOINTED, {"job_id": job_id, "clock": clock, "shard_index": plan.index})
+
+    async def finish_writes(self, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) for the checkpoint files being written."""
+        if self._writes:
+            await asyncio.wait(set(self._writes), timeout=timeout_s)
 
     # -- control plane (from the coordinator) --------------------------------
     def _job_setup(self, peer: net.Peer, msg: Message) -> net.Reply:
@@ -260,6 +299,7 @@ class ShardService:
             raise net.RequestError(f"bad job setup: {exc}") from None
         previous = self.state
         self.state = state
+        self.workers = {}  # workers say HELLO again to the new state
         log.info("shard %s: job %s set up (%s)", self.shard_id, self.state.job_id, self.state.status())
         if previous is not None and previous.job_id == state.job_id and previous.gate.clocks:
             return Message(MsgType.JOB_SETUP, {"previous_clock": max(previous.gate.clocks.values())})
@@ -293,6 +333,7 @@ class ShardService:
         if self.state is not None and msg.body.get("job_id") == self.state.job_id:
             self._release(self.state.gate.drain())
             self.state = None
+            self.workers = {}
         return None
 
     def _status(self, peer: net.Peer, msg: Message) -> net.Reply:
@@ -356,6 +397,7 @@ async def run_shard(
             on_ready(address)
         await stop.wait()
     finally:
+        await service.finish_writes(CHECKPOINT_WRITE_TIMEOUT_S)
         await server.close()
         if service.coordinator is not None:
             service.coordinator.close()

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from psctl import net
-from psctl.cluster.client import ShardClient
+from psctl.cluster.client import Acks, ShardClient, ShardTimeout
 from psctl.cluster.session import EventTimeout, Session, SessionClosed
 from psctl.core.batching import batch_indices, epoch_steps
 from psctl.core.job import JobSpec
@@ -276,7 +276,8 @@ class Worker:
             try:
                 return await self._work(coord, reg)
             except PsctlError as exc:
-                if coord.is_open and not isinstance(exc, net.ConnectionLost | JobError):
+                # A shard that stopped answering is news for the job; a lost coordinator connection is not.
+                if coord.is_open and (isinstance(exc, ShardTimeout) or not isinstance(exc, net.ConnectionLost | JobError)):
                     coord.notify(MsgType.FAILED, {"message": str(exc)})
                 raise
         finally:
@@ -338,6 +339,9 @@ class Worker:
                 max_frame_bytes=self.max_frame_bytes,
                 hashed=[t.name for t in model.tables() if t.sparse],
                 security=self.security,
+                # Within the failure timeout the coordinator declares a stuck party lost and the
+                # job recovers or aborts, which answers a pull held at the gate.
+                answer_timeout_s=job.failure_timeout_s,
             )
 
         client = await connect_shards(reply.body["shards"], reply.body["ranges"])
@@ -365,8 +369,7 @@ class Worker:
             report: dict[str, Any] = {"loss_sum": 0.0, "sums": {}, "n": len(prep.y)}
             report.update(bytes_pulled=client.bytes_pulled, bytes_pushed=client.bytes_pushed)
             if len(prep.y):
-                keys = model.keys(prep.X)
-                params = await client.pull_for(keys)
+                params = await client.pull(model.keys(prep.X))
                 loss, _, outputs = model.loss_grad(params, prep.X, prep.y)
                 report.update(loss_sum=float(loss) * len(prep.y), sums=batch_sums(model.task, outputs, prep.y))
             report.update(trained_bytes)  # training traffic only, not the evaluation pull
@@ -393,7 +396,7 @@ class Worker:
         per_epoch = epoch_steps(n_rows, batch_size, max_rows)
         clock = coord.clock = start_clock
         self.in_step = False
-        acks: list[asyncio.Future[Any]] = []
+        acks: Acks | None = None  # the previous step's push
         last_progress = time.monotonic()
         recent_loss, recent_n = 0.0, 0
         first_epoch = start_clock // per_epoch if per_epoch else 0
@@ -411,17 +414,19 @@ class Worker:
                     break
                 self.in_step = True
                 X, y = prep.X[idx], prep.y[idx]
-                keys = model.keys(X)
+                # One routing of the batch's keys for the pull and the push of this step.
+                plan = client.plan(model.keys(X))
                 # The pull goes out behind the previous push on each connection,
                 # so it sees that push; its ack is collected afterwards.
-                params = await client.pull_for(keys, clock)
-                await client.wait_all(acks)
+                params = await client.pull(plan, clock)
+                if acks is not None:
+                    await acks
                 loss, grads, outputs = model.loss_grad(params, X, y)
                 figures = batch_sums(model.task, outputs, y)
                 if not all(map(math.isfinite, (float(loss) * len(idx), *figures.values()))):
                     # Pushing would spread inf/NaN to the tables; the reports could not carry it either.
                     raise PsctlError(f"the loss overflowed in epoch {epoch + 1}: training diverged; try a smaller --lr")
-                acks = client.push_for_nowait(keys, grads, clock, len(idx))
+                acks = client.push(grads, clock, len(idx), plan)
                 clock = coord.clock = clock + 1
                 self.in_step = False
                 loss_sum += float(loss) * len(idx)
@@ -443,7 +448,8 @@ class Worker:
             if val is not None:
                 report["val"] = await self._evaluate(client, model, val, clock)
             coord.notify(MsgType.EPOCH_REPORT, report)
-        await client.wait_all(acks)
+        if acks is not None:
+            await acks
         if recent_n:
             coord.notify(MsgType.PROGRESS, {"epoch": epochs - 1, "clock": clock, "samples": recent_n, "loss_sum": recent_loss})
 
@@ -451,6 +457,6 @@ class Worker:
         """Loss and additive figures of the current parameters on ``rows`` (held-out data)."""
         if not len(rows.y):
             return {"loss_sum": 0.0, "n": 0, "sums": {}}
-        params = await client.pull_for(model.keys(rows.X), clock)
+        params = await client.pull(model.keys(rows.X), clock)
         loss, _, outputs = model.loss_grad(params, rows.X, rows.y)
         return {"loss_sum": float(loss) * len(rows.y), "n": len(rows.y), "sums": batch_sums(model.task, outputs, rows.y)}

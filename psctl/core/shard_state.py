@@ -2,7 +2,8 @@
 
 No sockets, no files, no clocks but ``time.monotonic`` for rates: the shard
 service (psctl.cluster.shard) maps frames onto :class:`ShardState` and its
-errors (:class:`~psctl.errors.RequestError`) onto ERROR frames.
+errors (:mod:`psctl.core.shard_errors`) onto ERROR frames. It holds no connections:
+the service knows which connection a worker said HELLO on.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from psctl.core.consistency import ClockGate, Grad, SyncAccumulator, staleness_f
 from psctl.core.optim import UpdateRule
 from psctl.core.sparse_table import SparseTable
 from psctl.core.tables import TableSpec, init_values
-from psctl.errors import RequestError
+from psctl.core.shard_errors import BadClock, BadGradient, BadKeys, NotLive, UnknownTable
 from psctl.protocol.wire import MAX_ARRAYS
 
 
@@ -32,13 +33,13 @@ class Table:
     def locate(self, keys: np.ndarray) -> np.ndarray:
         """Local row indices of global ``keys`` (sorted, unique, inside this shard's range)."""
         if keys.ndim != 1 or keys.dtype.kind not in "iu":
-            raise RequestError(f"keys for {self.spec.name!r} must be a 1-d integer array")
+            raise BadKeys(f"keys for {self.spec.name!r} must be a 1-d integer array")
         keys = keys.astype(np.int64)  # keys may come narrowed (uint8..uint32); diff them signed
         if len(keys):
             if keys[0] < self.lo or keys[-1] >= self.hi:
-                raise RequestError(f"keys for {self.spec.name!r} fall outside this shard's range [{self.lo}, {self.hi})")
+                raise BadKeys(f"keys for {self.spec.name!r} fall outside this shard's range [{self.lo}, {self.hi})")
             if len(keys) > 1 and not (np.diff(keys) > 0).all():
-                raise RequestError(f"keys for {self.spec.name!r} must be sorted and unique")
+                raise BadKeys(f"keys for {self.spec.name!r} must be sorted and unique")
         return keys - self.lo
 
     def read(self, keys: np.ndarray | None, rows: np.ndarray | None = None) -> np.ndarray:
@@ -53,10 +54,11 @@ class Table:
     def check_grad(self, keys: np.ndarray | None, grad: np.ndarray) -> None:
         expected = self.values.shape if keys is None else (len(keys), *self.values.shape[1:])
         if grad.shape != expected:
-            raise RequestError(f"gradient for {self.spec.name!r} has shape {grad.shape}, expected {expected}")
+            raise BadGradient(f"gradient for {self.spec.name!r} has shape {grad.shape}, expected {expected}")
 
     def snapshot(self) -> dict[str, np.ndarray]:
-        return {"values": self.values, **{f"state.{k}": v for k, v in self.state.items()}}
+        """Copies of the values and optimizer state: a checkpoint is written while pushes go on."""
+        return {"values": self.values.copy(), **{f"state.{k}": v.copy() for k, v in self.state.items()}}
 
     def restore(self, arrays: dict[str, np.ndarray], steps: int) -> None:
         if arrays["values"].shape != self.values.shape:
@@ -115,15 +117,14 @@ class ShardState:
         self.pushes = 0
         self.samples = 0  # rows behind every push, for the "every row used" check
         self.left: dict[int, int] = {}  # worker -> its clock when it left
-        self.peers: dict[int, Any] = {}  # worker -> the connection it said HELLO on
         self.started_s = time.monotonic()
 
     def check_tables(self, names: Any, allow_empty: bool = False) -> list[str]:
         if not isinstance(names, list) or not (0 < len(names) or allow_empty) or len(names) > MAX_ARRAYS:
-            raise RequestError(f"'tables' must be a list of 1 to {MAX_ARRAYS} table names")
+            raise UnknownTable(f"'tables' must be a list of 1 to {MAX_ARRAYS} table names")
         for name in names:
             if not isinstance(name, str) or name not in self.tables:
-                raise RequestError(f"unknown table {name!r}")
+                raise UnknownTable(f"unknown table {name!r}")
         return names
 
     def read(
@@ -151,10 +152,10 @@ class ShardState:
     def push(self, worker: int, clock: int, grads: dict[str, Grad], count: int) -> list[Any]:
         """Apply (or, in sync mode, accumulate) one push; return the gate tokens now ready."""
         if worker not in self.gate.clocks:
-            raise RequestError(f"worker {worker} is not in the live set of job {self.job_id}", code="not_live")
+            raise NotLive(f"worker {worker} is not in the live set of job {self.job_id}")
         expected = self.gate.clocks[worker]
         if clock != expected:
-            raise RequestError(f"worker {worker} pushed clock {clock}, expected {expected}", code="bad_clock")
+            raise BadClock(f"worker {worker} pushed clock {clock}, expected {expected}")
         rows: dict[str, np.ndarray | None] = {}
         for name, (keys, grad) in grads.items():
             table = self.tables[name]
@@ -191,7 +192,9 @@ class ShardState:
             self._apply(means)
 
     def snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Arrays and meta of a checkpoint at the current min clock (tables, optimizer state, counters)."""
+        """Arrays and meta of a checkpoint at the current min clock (tables, optimizer state, counters).
+
+        The arrays are copies, so they can be written to disk off the event loop."""
         arrays = {f"{name}/{k}": v for name, t in self.tables.items() for k, v in t.snapshot().items()}
         meta = {
             "job_id": self.job_id,

@@ -21,7 +21,7 @@ import numpy as np
 from psctl.core.optim import UpdateRule
 from psctl.core.sparse import key_owner, keyed_normal
 from psctl.core.tables import TableSpec, hash_name
-from psctl.errors import RequestError
+from psctl.core.shard_errors import BadGradient, BadKeys, ShardError, TableFull
 
 DELTA_MIN_KEYS = 1 << 15
 DELTA_FRACTION = 32
@@ -61,15 +61,15 @@ class SparseTable:
         """Rows of ``keys`` (sorted, unique, in the key space, owned by this shard); -1 where not yet stored."""
         name = self.spec.name
         if keys.ndim != 1 or keys.dtype.kind not in "iu":
-            raise RequestError(f"keys for {name!r} must be a 1-d integer array")
+            raise BadKeys(f"keys for {name!r} must be a 1-d integer array")
         k = keys.astype(np.int64)  # uint64 keys beyond int64 turn negative and fail the range check
         if len(k):
             if k[0] < 0 or k[-1] >= self.hi:
-                raise RequestError(f"keys for {name!r} fall outside its key space [0, {self.hi})")
+                raise BadKeys(f"keys for {name!r} fall outside its key space [0, {self.hi})")
             if len(k) > 1 and not (np.diff(k) > 0).all():
-                raise RequestError(f"keys for {name!r} must be sorted and unique")
+                raise BadKeys(f"keys for {name!r} must be sorted and unique")
             if self.n_shards > 1 and (key_owner(k, self.n_shards) != self.shard_index).any():
-                raise RequestError(f"keys for {name!r} include keys another shard owns (hash routing)")
+                raise BadKeys(f"keys for {name!r} include keys another shard owns (hash routing)")
         return self._find(k)
 
     def read(self, keys: np.ndarray | None, rows: np.ndarray | None = None) -> np.ndarray:
@@ -79,7 +79,7 @@ class SparseTable:
         and keys stored since (pushed while this pull waited at the gate) are found again.
         """
         if keys is None:
-            raise RequestError(f"table {self.spec.name!r} is sparse: pull its rows by key (or dump it as a driver)")
+            raise BadKeys(f"table {self.spec.name!r} is sparse: pull its rows by key (or dump it as a driver)")
         if rows is None:
             rows = self.locate(keys)
         elif (rows < 0).any():
@@ -95,15 +95,15 @@ class SparseTable:
 
     def check_grad(self, keys: np.ndarray | None, grad: np.ndarray) -> None:
         if keys is None:
-            raise RequestError(f"table {self.spec.name!r} is sparse: pushes must carry keys")
+            raise BadKeys(f"table {self.spec.name!r} is sparse: pushes must carry keys")
         expected = self.spec.shape(len(keys))
         if grad.shape != expected:
-            raise RequestError(f"gradient for {self.spec.name!r} has shape {grad.shape}, expected {expected}")
+            raise BadGradient(f"gradient for {self.spec.name!r} has shape {grad.shape}, expected {expected}")
 
     def apply(self, rule: UpdateRule, keys: np.ndarray | None, grad: np.ndarray, rows: np.ndarray | None = None) -> None:
         """Apply ``grad`` to the rows of ``keys``, creating missing ones; ``rows``: :meth:`locate`'s, just now."""
         if keys is None:
-            raise RequestError(f"table {self.spec.name!r} is sparse: pushes must carry keys")
+            raise BadKeys(f"table {self.spec.name!r} is sparse: pushes must carry keys")
         rows = self._ensure(keys.astype(np.int64), rows)
         rule.apply(self.values, grad, self.state, rows, self.steps)
         self.steps += 1
@@ -133,7 +133,7 @@ class SparseTable:
             raise ValueError(f"table {name!r}: checkpoint keys must be a 1-d int64 array")
         try:
             self.locate(keys)  # sorted, unique, in the key space, owned by this shard
-        except RequestError as exc:
+        except ShardError as exc:
             raise ValueError(f"checkpoint: {exc}") from None
         n = len(keys)
         if values.shape != self.spec.shape(n):
@@ -171,7 +171,7 @@ class SparseTable:
         m = len(fresh)
         self._reserve(self.n + m)
         if self.n + m > MAX_KEYS:
-            raise RequestError(f"table {self.spec.name!r} would hold more than {MAX_KEYS} keys on this shard")
+            raise TableFull(f"table {self.spec.name!r} would hold more than {MAX_KEYS} keys on this shard")
         new_rows = np.arange(self.n, self.n + m, dtype=np.int32)
         self.values[self.n : self.n + m] = self._initial(fresh)
         for name, arr in self._init_state(self.values[self.n : self.n + m]).items():

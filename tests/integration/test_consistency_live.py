@@ -146,9 +146,9 @@ async def test_keyed_rows_travel_to_the_shards_that_own_them(server):
     async with job(server.address, spec) as (clients, sub):
         a, b = clients
         ka, kb = np.array([1, 499, 500, 999]), np.array([499, 700])
-        a.push_rows_nowait({"f": (ka, np.ones((4, 3), np.float32))}, 0, 1)
-        await b.wait_all(b.push_rows_nowait({"f": (kb, np.full((2, 3), 3.0, np.float32))}, 0, 1))
-        rows = (await a.pull_rows({"f": np.array([0, 1, 499, 500, 700, 999])}, 1))["f"]
+        a.push({"f": np.ones((4, 3), np.float32)}, 0, 1, a.plan({"f": ka}))
+        await b.push({"f": np.full((2, 3), 3.0, np.float32)}, 0, 1, b.plan({"f": kb}))
+        rows = (await a.pull({"f": np.array([0, 1, 499, 500, 700, 999])}, 1))["f"]
         np.testing.assert_allclose(rows[:, 0], -0.1 * np.array([0, 1, 4, 1, 3, 1]) / 2)
         # only the six rows asked for travelled, plus their keys (u32: the smallest type for 1000 keys)
         assert a.bytes_pulled == 6 * 3 * 4 + 6 * 4

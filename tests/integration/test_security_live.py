@@ -82,7 +82,7 @@ class Job:
             max_frame_bytes=1 << 20, security=self.security,
         )  # fmt: skip
         try:
-            return (await reader.pull(["w"], timeout_s=10))["w"]
+            return (await reader.pull(["w"]))["w"]
         finally:
             reader.close()
 
@@ -240,7 +240,7 @@ async def test_keys_per_request_are_limited(secured):
         with pytest.raises(net.RemoteError, match="at most 16 keys; this one names 24") as info:
             await peer.request(MsgType.PULL, {"job_id": job.job_id, "tables": ["w"] * 6, "clock": 0}, timeout_s=5)
         assert info.value.code == "too_many_keys"
-        await job.worker.pull(["w"], 0, timeout_s=5)  # the connection stays usable
+        await job.worker.pull(["w"], 0)  # the connection stays usable
 
 
 def test_listening_beyond_loopback_needs_a_secret_or_insecure(tmp_path):

@@ -1,0 +1,99 @@
+"""The shard core refuses bad requests with its own typed errors, each with its wire code, no sockets involved."""
+
+import numpy as np
+import pytest
+
+from psctl.core import shard_errors as e
+from psctl.core.optim import SGD
+from psctl.core.shard_state import ShardState
+from psctl.core.sparse import key_owner
+from psctl.core.sparse_table import SparseTable
+from psctl.core.tables import TableSpec
+from psctl.errors import RequestError
+
+
+def state(mode: str = "async", workers=(0, 1)) -> ShardState:
+    tables = [TableSpec("w", 10), TableSpec("f", 100, dim=2)]
+    return ShardState("j", tables, {"w": (0, 10), "f": (50, 100)}, mode, 0, list(workers), SGD(lr=0.5), seed=0)
+
+
+def test_every_error_is_a_request_error_with_its_own_code():
+    classes = [e.BadKeys, e.BadGradient, e.UnknownTable, e.NotLive, e.BadClock, e.TableFull]
+    codes = {cls.code for cls in classes}
+    assert len(codes) == len(classes) and "bad_request" not in codes
+    for cls in classes:
+        exc = cls("a sentence")
+        assert isinstance(exc, e.ShardError) and isinstance(exc, RequestError)
+        assert exc.code == cls.code and str(exc) == "a sentence"
+
+
+@pytest.mark.parametrize(
+    ("keys", "match"),
+    [(np.array([10, 60]), "outside"), (np.array([60, 60]), "sorted and unique"), (np.array([[60]]), "1-d integer")],
+)
+def test_bad_keys_on_a_dense_table(keys, match):
+    with pytest.raises(e.BadKeys, match=match) as info:
+        state().locate(["f"], [keys])
+    assert info.value.code == "bad_keys"
+
+
+def test_bad_keys_on_a_sparse_table_include_another_shards_keys():
+    t = SparseTable(TableSpec("s", 2**20, sparse=True), 0, 2, 0, SGD(lr=0.1))
+    keys = np.arange(64)
+    theirs = keys[key_owner(keys, 2) == 1][:3]
+    with pytest.raises(e.BadKeys, match="another shard owns"):
+        t.locate(theirs)
+    with pytest.raises(e.BadKeys, match="key space"):
+        t.locate(np.array([2**20]))
+
+
+def test_unknown_tables():
+    with pytest.raises(e.UnknownTable, match="unknown table 'nope'") as info:
+        state().check_tables(["w", "nope"])
+    assert info.value.code == "unknown_table"
+    with pytest.raises(e.UnknownTable, match="list of 1 to"):
+        state().check_tables("w")
+
+
+def test_a_gradient_of_the_wrong_shape():
+    with pytest.raises(e.BadGradient, match="shape") as info:
+        state().push(0, 0, {"w": (None, np.ones(3, np.float32))}, 1)
+    assert info.value.code == "bad_gradient"
+    sparse = SparseTable(TableSpec("s", 100, sparse=True), 0, 1, 0, SGD(lr=0.1))
+    with pytest.raises(e.BadKeys, match="pushes must carry keys"):
+        sparse.check_grad(None, np.ones(100, np.float32))
+    with pytest.raises(e.BadKeys, match="pull its rows by key"):
+        sparse.read(None)
+
+
+def test_a_worker_outside_the_live_set_and_a_wrong_clock():
+    s = state(workers=(0,))
+    with pytest.raises(e.NotLive) as info:
+        s.push(7, 0, {"w": (None, np.ones(10, np.float32))}, 1)
+    assert info.value.code == "not_live"
+    with pytest.raises(e.BadClock, match="pushed clock 3, expected 0") as info2:
+        s.push(0, 3, {"w": (None, np.ones(10, np.float32))}, 1)
+    assert info2.value.code == "bad_clock"
+    s.leave(0)
+    with pytest.raises(e.NotLive):
+        s.push(0, 0, {"w": (None, np.ones(10, np.float32))}, 1)
+
+
+def test_a_sparse_table_that_would_outgrow_a_shard(monkeypatch):
+    from psctl.core import sparse_table
+
+    monkeypatch.setattr(sparse_table, "MAX_KEYS", 4)
+    rule = SGD(lr=0.1)
+    t = SparseTable(TableSpec("s", 100, dim=2, sparse=True), 0, 1, 0, rule)
+    with pytest.raises(e.TableFull, match="more than 4 keys") as info:
+        t.apply(rule, np.arange(5), np.ones((5, 2), np.float32))
+    assert info.value.code == "table_full"
+
+
+def test_state_refuses_before_changing_anything():
+    s = state()
+    before = s.tables["f"].values.copy()
+    with pytest.raises(e.BadKeys):
+        s.push(0, 0, {"f": (np.array([60, 40]), np.ones((2, 2), np.float32))}, 1)
+    np.testing.assert_array_equal(s.tables["f"].values, before)
+    assert s.pushes == 0 and s.gate.clocks[0] == 0
