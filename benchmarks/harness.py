@@ -14,12 +14,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from psctl import net
 from psctl.cluster.client import ShardClient
 from psctl.cluster.launch import LocalCluster
-from psctl.protocol.wire import DEFAULT_MAX_FRAME_BYTES, Message, MsgType
+from psctl.cluster.session import Session
+from psctl.protocol.wire import DEFAULT_MAX_FRAME_BYTES, MsgType
 
 JOB_END_TIMEOUT_S = 10.0
+SETUP_TIMEOUT_S = 60.0
 
 
 def bench_spec(rows: int, mode: str = "async", n_workers: int = 1, lr: float = 1e-6) -> dict[str, Any]:
@@ -33,15 +34,6 @@ def bench_spec(rows: int, mode: str = "async", n_workers: int = 1, lr: float = 1
         "optimizer": {"name": "sgd", "params": {"lr": lr}},
         "partitions": [{} for _ in range(n_workers)],
     }
-
-
-class _QuietDriver(net.NullService):
-    """The driver's side of the coordinator connection: job events are ignored."""
-
-    def handle(self, peer: net.Peer, msg: Message) -> net.Reply:
-        if msg.type is MsgType.EVENT:
-            return None
-        return super().handle(peer, msg)
 
 
 class BenchCluster:
@@ -69,14 +61,16 @@ class BenchCluster:
     @asynccontextmanager
     async def job(self, spec: dict[str, Any]) -> AsyncIterator[ShardClient]:
         """Submit ``spec`` (one worker), register as its worker; yield the worker's client."""
-        driver = await net.connect(self.address, _QuietDriver(), max_frame_bytes=self.max_frame_bytes)
-        control: net.Peer | None = None
+        # Sessions, as every party uses: the worker heartbeats from its own thread, so a
+        # benchmark that keeps this loop busy longer than the failure timeout is not declared lost.
+        driver = await Session.open(self.address, max_frame_bytes=self.max_frame_bytes, keep_events=False)
+        control: Session | None = None
         client: ShardClient | None = None
         try:
-            submitted = (await driver.request(MsgType.SUBMIT, {"spec": spec})).body
-            placed = (await driver.request(MsgType.TABLES, {"tables": spec["tables"]})).body
-            control = await net.connect(self.address, max_frame_bytes=self.max_frame_bytes)
-            reg = (await control.request(MsgType.REGISTER_WORKER, {"pid": 0, "host": "benchmark"})).body
+            submitted = await driver.submit(spec, timeout_s=SETUP_TIMEOUT_S)
+            placed = (await driver.request(MsgType.TABLES, {"tables": spec["tables"]}, timeout_s=SETUP_TIMEOUT_S)).body
+            control = await Session.open(self.address, max_frame_bytes=self.max_frame_bytes)
+            reg = await control.register_worker({"pid": 0, "host": "benchmark"}, timeout_s=SETUP_TIMEOUT_S)
             client = await ShardClient.connect(
                 placed["shards"],
                 placed["ranges"],

@@ -33,12 +33,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from psctl import auth, net  # noqa: E402
+from psctl import net  # noqa: E402
 from psctl.cluster.client import ShardClient  # noqa: E402
 from psctl.cluster.launch import LocalCluster  # noqa: E402
+from psctl.cluster.session import Session  # noqa: E402
 from psctl.protocol.wire import MsgType  # noqa: E402
 from tests.certs import self_signed_cert  # noqa: E402
-from tests.integration.cluster import IgnoreEvents  # noqa: E402
 
 
 class Setup:
@@ -58,11 +58,12 @@ class Setup:
             "model": "bench", "n_workers": 1, "tables": [{"name": "w", "rows": self.rows}], "mode": "async",
             "staleness": 0, "optimizer": {"name": "sgd", "params": {"lr": 0.001}}, "partitions": [{}],
         }  # fmt: skip
-        self.driver = await net.connect(address, IgnoreEvents(), security=self.security)
-        self.control = await net.connect(address, IgnoreEvents(), security=self.security)
-        submitted = (await self.driver.request(MsgType.SUBMIT, {"spec": spec})).body
-        placed = (await self.driver.request(MsgType.TABLES, {"tables": spec["tables"]})).body
-        await self.control.request(MsgType.REGISTER_WORKER, {"pid": 0, "host": "bench"})
+        frames = {"max_frame_bytes": self.max_frame_bytes, "security": self.security}
+        self.driver = await Session.open(address, keep_events=False, **frames)
+        self.control = await Session.open(address, **frames)  # heartbeats from its thread
+        submitted = await self.driver.submit(spec, timeout_s=60)
+        placed = (await self.driver.request(MsgType.TABLES, {"tables": spec["tables"]}, timeout_s=60)).body
+        await self.control.register_worker({"pid": 0, "host": "bench"}, timeout_s=60)
         self.worker = await ShardClient.connect(
             placed["shards"], placed["ranges"], submitted["job_id"], {"role": "worker", "worker_id": 0},
             max_frame_bytes=self.max_frame_bytes, security=self.security,
@@ -107,7 +108,7 @@ async def main(mib: float, steps: int, rounds: int) -> int:
         cert, key = (str(p) for p in made)
         secret = secrets.token_hex(32).encode()
         plain = net.Security(secret=secret)
-        tls = net.Security(secret=secret, tls=auth.TlsConfig(cert, key, cert))
+        tls = net.Security(secret=secret, tls=net.TlsConfig(cert, key, cert))
         wall: dict[str, list[float]] = {"plain": [], "tls": []}
         cpu: dict[str, list[float]] = {"plain": [], "tls": []}
         async with Setup(plain, rows) as a, Setup(tls, rows) as b:

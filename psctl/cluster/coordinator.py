@@ -775,6 +775,11 @@ class CoordinatorService:
             reports = list(job.final.result.values())
             job.move(JobState.DONE)
             self._run(job.checkpoints.settle())
+            self.spawn(self._report_done(job, reports))
+
+    async def _report_done(self, job: Job, reports: list[dict[str, Any]]) -> None:
+        """Tell the driver the job is done, after the manifest being written (if any) is announced."""
+        async with job.manifest_written:
             self._event(
                 job,
                 {

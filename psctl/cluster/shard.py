@@ -216,13 +216,16 @@ class ShardService:
         self._maybe_checkpoint(state)
         return None
 
-    def _leave(self, peer: net.Peer, msg: Message) -> net.Reply:
+    async def _leave(self, peer: net.Peer, msg: Message) -> net.Reply:
         state = self._job(msg.body)
         worker = peer.info.get("worker_id")
         if worker is None:
             raise net.RequestError("only a worker can LEAVE")
         self._release(state.leave(worker))
         self._maybe_checkpoint(state)
+        # A worker hears that it left once the checkpoints of the clocks it pushed are on disk
+        # and reported: the job does not end while a file it names is still being written.
+        await self.finish_writes(CHECKPOINT_WRITE_TIMEOUT_S)
         return None
 
     def _maybe_checkpoint(self, state: ShardState) -> None:

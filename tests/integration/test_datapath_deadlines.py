@@ -25,15 +25,20 @@ RANGES = {"w": [(0, 8)]}
 
 
 class SilentShard(net.NullService):
-    """Says HELLO back, then holds every pull and push; answers pings unless ``mute``."""
+    """Answers the connection's first PING (connect() checks it is psctl) and HELLO, then holds
+    every pull and push; answers later pings unless ``mute``."""
 
     def __init__(self, mute: bool):
         self.mute = mute
         self.held: list[asyncio.Future[Message]] = []
         self.pings = 0
         self.third_ping = asyncio.Event()
+        self.greeted: set[int] = set()  # connections whose first PING was answered
 
     def handle(self, peer: net.Peer, msg: Message):
+        if msg.type is MsgType.PING and id(peer) not in self.greeted:
+            self.greeted.add(id(peer))
+            return Message(MsgType.PING, {})
         if msg.type is MsgType.HELLO:
             return Message(MsgType.HELLO, {"shard_id": 0, "ranges": RANGES})
         if msg.type is MsgType.PING and not self.mute:
