@@ -457,3 +457,58 @@ def test_a_pause_a_worker_does_not_answer_resumes_the_others_and_refuses_the_hal
     out = sim(Answered(pause.ask, ({"clock": 3}, NoAnswer("worker 1 did not answer within 10.0 s"))))
     assert refused(out, "halt").message == "no checkpoint now: worker 1 did not answer within 10.0 s"
     assert notified(out, MsgType.RESUME, "w0") == [{"until": None}] and not sim.job.halting
+
+
+# -- the slot moves a worker's messages ask for, legal and illegal -----------------
+
+REACH = {  # the events that bring worker 0's slot from RUNNING to each state
+    SlotState.RUNNING: [],
+    SlotState.TRAINED: [lambda: core.Trained("t", "w0", {})],
+    SlotState.FINISHED: [lambda: core.FinalReport("w0", {"n": 1, "loss_sum": 0.0})],
+}
+ASKS = {SlotState.TRAINED: lambda: core.Trained("t2", "w0", {}), SlotState.FINISHED: lambda: core.FinalReport("w0", {"n": 1, "loss_sum": 0.0})}
+MOVES = [(a, b) for a in REACH for b in ASKS]
+
+
+@pytest.mark.parametrize(("old", "new"), MOVES, ids=[f"{a.value}->{b.value}" for a, b in MOVES])
+def test_a_workers_message_moves_its_slot_exactly_when_the_table_says(old, new):
+    sim = start()
+    for make in REACH[old]:
+        sim(make())
+    assert sim.job.workers[0].state is old
+    if new in core.SLOT_TRANSITIONS[old]:
+        sim(ASKS[new]())
+        assert sim.job.workers[0].state is new
+    else:
+        with pytest.raises(RequestError, match=f"worker slot 0: {old.value} -> {new.value}"):
+            sim(ASKS[new]())
+        assert sim.job.workers[0].state is old
+
+
+def test_a_lost_slot_stays_lost_and_a_finished_worker_leaving_is_not_a_loss():
+    sim = start()
+    sim(core.FinalReport("w0", {"n": 1, "loss_sum": 0.0}))
+    out = sim(core.ConnectionClosed("w0"))
+    assert sim.job.workers[0].state is SlotState.FINISHED and not sim.driver_events(out)
+    sim(core.ConnectionClosed("w1"))
+    assert sim.job.workers[1].state is SlotState.LOST and len(sim.job.workers) == 3  # its partition awaits a spare
+
+
+def test_the_job_moves_setup_running_done_and_a_done_job_never_fails():
+    sim = Sim()
+    sim(core.ShardRegistered("rs0", "s0", "h:0", 100))
+    sim(core.JobSubmitted("sub", "d", spec(n_workers=1)))
+    assert sim.job.state is JobState.RUNNING
+    sim(core.WorkerRegistered("rw0", "w0"))
+    sim(core.FinalReport("w0", {"n": 1, "loss_sum": 0.0}))
+    job = sim.job
+    assert job.state is JobState.DONE
+    out = sim(core.ConnectionClosed("d"))  # the driver goes away after the end: no DONE -> FAILED
+    assert job.state is JobState.DONE and sim.core.job is None and notified(out, MsgType.JOB_CLEAR, "s0")
+
+
+def test_a_failing_worker_moves_the_job_running_to_failed():
+    sim = start()
+    job = sim.job
+    out = sim(core.Failed("w1", "out of memory"))
+    assert job.state is JobState.FAILED and {"kind": "failed", "reason": "worker 1: out of memory"} in sim.driver_events(out)
