@@ -1,6 +1,8 @@
-"""The coordinator's state machines and its failure detector, as plain data.
+"""The coordinator as plain data: its state machines, its failure detector, and the one
+entry point that makes every decision, ``CoordinatorState.handle(event, now_s) -> effects``.
 
-No asyncio, sockets or peers here: parties are opaque keys, time is passed in.
+No asyncio, sockets or peers here: parties and requests are opaque keys, time is passed in.
+The service (cluster/coordinator.py) turns frames into events and runs the effects.
 
 - ``SlotState`` / ``JobState``: enum states with ONE table of legal transitions each;
   ``move()`` on anything else raises ``InvalidTransition``.
@@ -14,11 +16,20 @@ No asyncio, sockets or peers here: parties are opaque keys, time is passed in.
 from __future__ import annotations
 
 import enum
-from collections.abc import Hashable
+import itertools
+import logging
+import secrets
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S
 from psctl.core.reports import merge_reports, pool
+from psctl.core.tables import TableSpec, table_ranges
+from psctl.errors import RequestError
+from psctl.protocol.wire import MsgType
+
+log = logging.getLogger("psctl.coordinator")
 
 
 class InvalidTransition(Exception):
@@ -401,3 +412,1173 @@ def shard_lost_verdict(
     if state is not JobState.RUNNING or finished or recovering:
         return what
     return None
+
+
+# == the coordinator as one state machine ==========================================
+# ``CoordinatorState.handle(event, now_s) -> [effect]`` is the whole coordinator's logic:
+# membership, the job, its slots, shards, barriers, epochs and checkpoints. The service
+# turns frames into events and runs the effects; what it needs back (a shard's answer, a
+# timer, a manifest on disk) comes back as another event. Parties and requests are opaque
+# keys here (``conn``, ``request``): the service maps them to its connections and futures.
+
+SHARD_WAIT_S = 30.0
+SHARD_SETUP_TIMEOUT_S = 30.0
+PAUSE_TIMEOUT_S = 10.0  # a worker answers PAUSE at once; one that does not is hung
+STATUS_TIMEOUT_S = 2.0
+
+
+# -- events -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Heard:
+    """Any frame arrived on ``conn`` (it shows the party is alive)."""
+
+    conn: Hashable
+
+
+@dataclass(frozen=True)
+class ConnectionClosed:
+    """``conn`` is gone: a worker, shard or driver lost, or someone waiting for a job."""
+
+    conn: Hashable
+
+
+@dataclass(frozen=True)
+class ShardRegistered:
+    request: Hashable
+    conn: Hashable
+    address: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class JobSubmitted:
+    request: Hashable
+    conn: Hashable
+    spec: Any  # JobSpec
+
+
+@dataclass(frozen=True)
+class TablesGiven:
+    request: Hashable
+    conn: Hashable
+    body: dict[str, Any]  # {"tables": [TableSpec as a dict]}
+
+
+@dataclass(frozen=True)
+class WorkerRegistered:
+    request: Hashable
+    conn: Hashable
+    pid: object = None
+    host: object = None
+    spare_of: str | None = None  # a survivor taking a lost partition over: only a spare slot of that job
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A worker's clock and rate; with a ``session`` token it may come on another connection."""
+
+    conn: Hashable
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Tick:
+    pass
+
+
+@dataclass(frozen=True)
+class StatsArrived:
+    request: Hashable
+    conn: Hashable
+    body: dict[str, Any]  # the worker's body, its vocabulary decoded under "vocab"
+
+
+@dataclass(frozen=True)
+class StatsPooled:
+    """The answer to ``PoolStats``: the driver's stats body and arrays, or why pooling failed."""
+
+    job_id: str
+    body: dict[str, Any] | None = None
+    arrays: list[Any] | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    conn: Hashable
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EpochReported:
+    conn: Hashable
+    body: dict[str, Any]  # its "epoch" and the partition's (loss_sum, n, sums) so far
+
+
+@dataclass(frozen=True)
+class Trained:
+    request: Hashable
+    conn: Hashable
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class FinalReport:
+    conn: Hashable
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Failed:
+    conn: Hashable
+    message: str
+
+
+@dataclass(frozen=True)
+class Checkpointed:
+    job_id: object
+    clock: object
+    shard_index: object
+
+
+@dataclass(frozen=True)
+class ManifestWritten:
+    job_id: str
+    clock: int
+    error: str | None = None
+    skipped: bool = False  # a later clock's manifest was on disk already: this one was not written
+
+
+@dataclass(frozen=True)
+class Answered:
+    """The answers to an ``Ask``, in its targets' order: a reply body, or ``NoAnswer``."""
+
+    ask: Hashable
+    replies: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class NoAnswer:
+    reason: str
+
+
+@dataclass(frozen=True)
+class TimerFired:
+    timer: Hashable
+
+
+@dataclass(frozen=True)
+class HaltRequested:
+    """The driver stops the job (Ctrl-C): a final checkpoint at one clock, then the end."""
+
+    request: Hashable
+    conn: Hashable
+
+
+@dataclass(frozen=True)
+class ServerStopping:
+    """``psctl server`` is stopping; the reply is a sentence for the operator (or None)."""
+
+    request: Hashable
+    reason: str
+
+
+@dataclass(frozen=True)
+class StopRequested:
+    conn: Hashable
+
+
+@dataclass(frozen=True)
+class JobEndRequested:
+    conn: Hashable
+    reason: object = None
+
+
+@dataclass(frozen=True)
+class StatusAsked:
+    request: Hashable
+
+
+Event = (
+    Heard | ConnectionClosed | ShardRegistered | JobSubmitted | TablesGiven | WorkerRegistered | Heartbeat | Tick
+    | StatsArrived | StatsPooled | Progress | EpochReported | Trained | FinalReport | Failed | Checkpointed
+    | ManifestWritten | Answered | TimerFired | HaltRequested | ServerStopping | StopRequested | JobEndRequested
+    | StatusAsked
+)
+
+
+# -- effects for the service (besides Release / Refuse of a request) ----------------
+
+
+@dataclass(frozen=True)
+class Notify:
+    """Send a one-way frame to each of ``conns`` that is still open."""
+
+    conns: tuple[Hashable, ...]
+    kind: Any  # MsgType
+    body: dict[str, Any]
+    arrays: list[Any] | None = None
+
+
+@dataclass(frozen=True)
+class Ask:
+    """Send a request to each target (conn, body); the replies come back as ``Answered(ask, ...)``.
+    ``timeout_s`` None: the transport's default."""
+
+    ask: Hashable
+    kind: Any  # MsgType
+    targets: tuple[tuple[Hashable, dict[str, Any]], ...]
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class WriteManifest:
+    """Write (and fsync) a checkpoint manifest off the loop, in clock order; then ``ManifestWritten``."""
+
+    job_id: str
+    dir: str
+    clock: int
+    manifest: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Abort:
+    conn: Hashable
+    reason: str
+
+
+@dataclass(frozen=True)
+class KillShard:
+    """The shard process ``pid`` was declared lost: whoever started it kills it (and starts another)."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class ArmTimer:
+    """Deliver ``TimerFired(timer)`` after ``delay_s``."""
+
+    timer: Hashable
+    delay_s: float
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """Pool the workers' statistics (vocabularies are the data layer's); answer with ``StatsPooled``."""
+
+    job_id: str
+    parts: dict[int, Any]
+
+
+ServiceEffect = Release | Refuse | Notify | Ask | WriteManifest | Abort | KillShard | ArmTimer | PoolStats
+
+
+# -- the state ----------------------------------------------------------------------
+
+
+@dataclass
+class Party:
+    """What the coordinator knows of one connection."""
+
+    role: str | None = None  # "shard", "driver", "worker" once it said
+    job_id: str | None = None
+    worker_id: int | None = None
+    shard_id: int | None = None
+    helper: bool = False  # a survivor's second connection, taking a lost partition over
+
+
+@dataclass
+class ShardEntry:
+    shard_id: int
+    address: str
+    pid: int
+    conn: Hashable
+    lost_reason: str | None = None
+
+
+@dataclass
+class PauseOp:
+    """A checkpoint at one clock under way (one at a time); ``then`` says who waits for it."""
+
+    stop: bool
+    then: tuple[Any, ...]  # ("halt", request) | ("server", request, reason) | ("timer",)
+    live: list[int] = field(default_factory=list)  # the paused workers' ids
+    target: int | None = None
+
+
+@dataclass
+class JobData:
+    job_id: str
+    spec: Any  # JobSpec
+    driver: Hashable
+    shards: list[ShardEntry]
+    workers: list[Slot]
+    stats: Barrier
+    trained: Barrier
+    final: Barrier
+    started_s: float
+    ranges: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    epochs: EpochPool = field(default_factory=EpochPool)
+    stats_sent: bool = False
+    stats_waiting: list[Hashable] = field(default_factory=list)  # STATS requests answered once tables are set
+    tables: list[dict[str, Any]] = field(default_factory=list)
+    tables_set: bool = False
+    checkpoints: CheckpointLog = field(default_factory=CheckpointLog)
+    recovering: int | None = None  # index of a lost shard awaiting its replacement
+    stats_reply: tuple[dict[str, Any], list[Any]] | None = None  # body and vocabulary arrays
+    state: JobState = JobState.SETUP
+    pausing: PauseOp | None = None
+    pause_queue: list[PauseOp] = field(default_factory=list)
+    halting: bool = False  # the workers were told to stop at one clock: no more pauses
+    stop_requested: bool = False  # early stop: workers that join later are told too
+    takeovers: dict[int, int] = field(default_factory=dict)  # worker id -> partitions it was asked to take over
+    manifests_writing: set[int] = field(default_factory=set)  # clocks whose manifest is being written
+    done_report: dict[str, Any] | None = None  # the 'done' event, held while a manifest is being written
+
+    @property
+    def last_checkpoint(self) -> int | None:
+        return self.checkpoints.last
+
+    def move(self, new: JobState) -> None:
+        check_move(JOB_TRANSITIONS, f"job {self.job_id}", self.state, new)  # type: ignore[arg-type]
+        self.state = new
+
+    def live_ids(self) -> set[int]:
+        return live_ids(self.workers)
+
+
+@dataclass
+class _Parked:
+    request: Hashable
+    conn: Hashable
+    event: Any
+
+
+class CoordinatorState:
+    """Every decision of the coordinator; see the section's comment above."""
+
+    def __init__(self, job_id_prefix: str = "job", token: Callable[[], str] | None = None) -> None:
+        self.parties: dict[Hashable, Party] = {}  # open connections
+        self.shards: list[ShardEntry] = []
+        self.job: JobData | None = None
+        self.liveness = Liveness.for_intervals(DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_FAILURE_TIMEOUT_S)
+        self._job_ids = itertools.count(1)
+        self._prefix = job_id_prefix
+        self._token = token or (lambda: secrets.token_hex(16))
+        self._asks = itertools.count(1)
+        self._pending: dict[Hashable, tuple[Callable[..., list[ServiceEffect]], tuple[Any, ...]]] = {}
+        self._timers: dict[Hashable, tuple[Callable[..., list[ServiceEffect]], tuple[Any, ...]]] = {}
+        self._pinging: set[int] = set()  # shard ids with a PING in flight
+        self._submits: list[_Parked] = []  # SUBMITs waiting for enough shards
+        self._registrants: list[_Parked] = []  # REGISTER_WORKERs waiting for a free slot
+        self.now_s = 0.0
+
+    # -- the entry point -----------------------------------------------------------
+    def handle(self, event: Event, now_s: float) -> list[ServiceEffect]:
+        """Apply ``event`` at monotonic time ``now_s``; return what the service must do.
+        Raises ``RequestError`` when the frame behind ``event`` is refused at once."""
+        self.now_s = now_s
+        handler = self._events[type(event)]
+        return handler(self, event)
+
+    def tick_interval_s(self) -> float:
+        spec = self.job.spec if self.job is not None else None
+        if spec is None:
+            return tick_interval_s(DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_FAILURE_TIMEOUT_S)
+        return tick_interval_s(spec.heartbeat_interval_s, spec.failure_timeout_s)
+
+    # -- helpers ---------------------------------------------------------------------
+    def _ask(self, kind: Any, targets: list[tuple[Hashable, dict[str, Any]]], timeout_s: float | None,
+             then: Callable[..., list[ServiceEffect]], *args: Any) -> list[ServiceEffect]:
+        ask = ("ask", next(self._asks))
+        self._pending[ask] = (then, args)
+        return [Ask(ask, kind, tuple(targets), timeout_s)]
+
+    def _arm(self, timer: Hashable, delay_s: float, then: Callable[..., list[ServiceEffect]], *args: Any) -> list[ServiceEffect]:
+        self._timers[timer] = (then, args)
+        return [ArmTimer(timer, delay_s)]
+
+    def _open(self, conn: Hashable | None) -> bool:
+        return conn is not None and conn in self.parties
+
+    def _to_driver(self, job: JobData, body: dict[str, Any], arrays: list[Any] | None = None) -> list[ServiceEffect]:
+        return [Notify((job.driver,), MsgType.EVENT, body, arrays)] if self._open(job.driver) else []
+
+    def _worker_conns(self, job: JobData, slots: list[Slot] | None = None) -> tuple[Hashable, ...]:
+        return tuple(s.peer for s in (job.workers if slots is None else slots) if self._open(s.peer))  # type: ignore[misc]
+
+    def _job_of(self, conn: Hashable) -> tuple[JobData, Slot]:
+        job, party = self.job, self.parties.get(conn)
+        if job is None or party is None or party.job_id != job.job_id or job.state is not JobState.RUNNING:
+            raise RequestError("no running job for this worker", code="no_job")
+        assert party.worker_id is not None
+        return job, job.workers[party.worker_id]
+
+    def _move(self, slot: Slot, new: SlotState) -> None:
+        """A slot's move that a worker's message asked for: an illegal one is that worker's error."""
+        try:
+            slot.move(new)
+        except InvalidTransition as exc:
+            raise RequestError(str(exc), code="unexpected") from None
+        if new in WATCHED_SLOT_STATES:
+            self.liveness.watch(("worker", slot.worker_id))
+        else:
+            self.liveness.forget(("worker", slot.worker_id))
+
+    def _slot_heard(self, slot: Slot) -> None:
+        slot.last_heard_s = self.now_s
+        self.liveness.heard(("worker", slot.worker_id))
+
+    def _answer(self, job: JobData, effects: list[Effect]) -> list[ServiceEffect]:
+        """Turn what the barriers and the checkpoint log released into answers: their handles
+        are tagged with the flow that waits ("stats", "trained", "halt")."""
+        out: list[ServiceEffect] = []
+        for effect in effects:
+            tag, *rest = effect.handle  # type: ignore[misc]
+            if tag == "trained":
+                out.append(Release(rest[0], {}) if isinstance(effect, Release) else Refuse(rest[0], effect.message, effect.code))
+            elif tag == "stats":
+                if isinstance(effect, Refuse):
+                    out.append(Refuse(rest[0], effect.message, effect.code))
+                else:
+                    job.stats_waiting.append(rest[0])
+                    if not job.stats_sent:  # the driver names the tables from these and keeps them for the model file
+                        job.stats_sent = True
+                        out.append(PoolStats(job.job_id, effect.value))  # type: ignore[arg-type]
+            elif tag == "halt":
+                out += self._halt_reached(job, rest[0], effect)
+        return out + self._flush_stats(job)
+
+    def _flush_stats(self, job: JobData) -> list[ServiceEffect]:
+        if job.stats_reply is None or not job.tables_set or not job.stats_waiting:
+            return []
+        body, arrays = job.stats_reply
+        waiting, job.stats_waiting = job.stats_waiting, []
+        reply = {**body, "shards": [s.address for s in job.shards], "ranges": job.ranges}
+        return [Release(r, (reply, arrays)) for r in waiting]
+
+    def _changed(self) -> list[ServiceEffect]:
+        """Membership or the job changed: parked SUBMITs and REGISTER_WORKERs may go on now."""
+        out: list[ServiceEffect] = []
+        for parked in list(self._submits):
+            if len(self.shards) >= parked.event.spec.min_shards:
+                self._submits.remove(parked)
+                if self.job is not None:
+                    out.append(Refuse(parked.request, f"job {self.job.job_id} is still running on this server", "busy"))
+                else:
+                    out += self._open_job(parked.event)
+        for parked in list(self._registrants):
+            slot = self._free_slot(None)
+            if slot is None:
+                break
+            self._registrants.remove(parked)
+            out += self._assign(parked.event, slot)
+        return out
+
+    # -- connections -------------------------------------------------------------------
+    def _heard(self, event: Heard) -> list[ServiceEffect]:
+        party = self.parties.setdefault(event.conn, Party())
+        if party.role == "shard":
+            self.liveness.heard(("shard", party.shard_id))
+        elif party.role == "worker" and self.job is not None and party.job_id == self.job.job_id:
+            assert party.worker_id is not None
+            self._slot_heard(self.job.workers[party.worker_id])
+        return []
+
+    def _closed(self, event: ConnectionClosed) -> list[ServiceEffect]:
+        party = self.parties.pop(event.conn, None)
+        out: list[ServiceEffect] = []
+        for parked in [p for p in self._registrants if p.conn == event.conn]:
+            self._registrants.remove(parked)
+            out.append(Refuse(parked.request, "connection closed while waiting for a job", "bad_request"))
+        self._submits = [p for p in self._submits if p.conn != event.conn]
+        if party is None:
+            return out
+        job = self.job
+        if party.role == "shard":
+            self.liveness.forget(("shard", party.shard_id))
+            self._pinging.discard(party.shard_id)  # type: ignore[arg-type]
+            lost = next((s for s in self.shards if s.conn == event.conn), None)
+            self.shards = [s for s in self.shards if s.conn != event.conn]
+            if lost is not None:
+                out += self._shard_lost(lost)
+        elif party.role == "worker" and job is not None and party.job_id == job.job_id:
+            assert party.worker_id is not None
+            out += self._worker_lost(job.workers[party.worker_id])
+        elif party.role == "driver" and job is not None and job.driver == event.conn:
+            log.warning("driver of job %s went away; ending the job", job.job_id)
+            out += self._end_job("the driver disconnected")
+        return out + self._changed()
+
+    # -- shards ------------------------------------------------------------------------
+    def _register_shard(self, event: ShardRegistered) -> list[ServiceEffect]:
+        shard_id = max((s.shard_id for s in self.shards), default=-1) + 1
+        entry = ShardEntry(shard_id, event.address, event.pid, event.conn)
+        self.shards.append(entry)
+        party = self.parties.setdefault(event.conn, Party())
+        party.role, party.shard_id = "shard", shard_id
+        self.liveness.watch(("shard", shard_id))
+        log.info("shard %d registered at %s", shard_id, event.address)
+        out: list[ServiceEffect] = [Release(event.request, {"shard_id": shard_id})]
+        job = self.job
+        if job is not None and job.recovering is not None:
+            out += self._recover(job, job.recovering, entry)
+        return out + self._changed()
+
+    def _setup_targets(self, job: JobData, restore: dict[str, Any] | None, workers: list[int]) -> list[tuple[Hashable, dict[str, Any]]]:
+        spec = job.spec
+        return [
+            (
+                s.conn,
+                {
+                    "job_id": job.job_id, "tables": job.tables, "ranges": {name: r[i] for name, r in job.ranges.items()},
+                    "mode": spec.mode, "staleness": spec.staleness, "workers": workers, "optimizer": spec.optimizer,
+                    "seed": spec.seed, "shard_index": i, "checkpoint": spec.checkpoint, "restore": restore,
+                    "n_shards": len(job.shards),
+                },
+            )
+            for i, s in enumerate(job.shards)
+        ]
+
+    def _shard_lost(self, shard: ShardEntry) -> list[ServiceEffect]:
+        """Wait for a replacement shard when the job has a checkpoint to roll back to; else fail."""
+        job = self.job
+        index = next((i for i, s in enumerate(job.shards) if s.conn == shard.conn), None) if job else None
+        if job is None or index is None:
+            return []
+        why = shard.lost_reason
+        what = f"shard {shard.shard_id} at {shard.address} was lost" + (f": {why}" if why else "")
+        out = self._answer(job, job.checkpoints.settle(error=f"{what} before the final checkpoint was saved", code="bad_request"))
+        failed = shard_lost_verdict(
+            what, job.state, last_checkpoint=job.last_checkpoint, recovering=job.recovering is not None, slots=job.workers
+        )
+        if failed is not None:
+            return out + self._fail(failed)
+        job.recovering = index
+        log.warning("job %s: %s; waiting for a shard to take its place", job.job_id, what)
+        return out + self._to_driver(job, {"kind": "shard_lost", "index": index, "clock": job.last_checkpoint, "reason": what})
+
+    def _recover(self, job: JobData, index: int, shard: ShardEntry) -> list[ServiceEffect]:
+        """Roll every shard back to the last checkpoint and send the workers there."""
+        job.shards[index] = shard
+        clock = job.last_checkpoint
+        assert clock is not None
+        live = [w for w in job.workers if w.state is SlotState.RUNNING]
+        targets = self._setup_targets(job, {"dir": job.spec.checkpoint_dir, "clock": clock}, [w.worker_id for w in live])
+        return self._ask(MsgType.JOB_SETUP, targets, SHARD_SETUP_TIMEOUT_S, self._recovered, job, index, clock, live)
+
+    def _recovered(self, replies: tuple[Any, ...], job: JobData, index: int, clock: int, live: list[Slot]) -> list[ServiceEffect]:
+        if job is not self.job:
+            return []
+        failure = next((r for r in replies if isinstance(r, NoAnswer)), None)
+        if failure is not None:
+            return self._fail(f"recovering shard {index} from the checkpoint at clock {clock} failed: {failure.reason}")
+        job.recovering = None
+        rewind(job.workers, clock)  # a lost worker's partition, not taken over yet, also goes back
+        # The surviving shards knew how far the fastest worker had got: those steps are done again.
+        reached = [int(r["previous_clock"]) for r in replies if r.get("previous_clock") is not None]
+        replayed = max(reached, default=clock) - clock
+        shards = [s.address for s in job.shards]
+        out: list[ServiceEffect] = [
+            Notify(self._worker_conns(job, live), MsgType.EVENT, {"kind": "rewind", "clock": clock, "shards": shards, "ranges": job.ranges})
+        ]
+        return out + self._to_driver(
+            job, {"kind": "shard_recovered", "index": index, "clock": clock, "replayed_steps": replayed, "shards": shards}
+        )
+
+    # -- the driver ----------------------------------------------------------------------
+    def _submit(self, event: JobSubmitted) -> list[ServiceEffect]:
+        """Open a job once enough shards joined: workers may register and run the statistics
+        pass; tables come later (TABLES)."""
+        if self.job is not None:
+            raise RequestError(f"job {self.job.job_id} is still running on this server", code="busy")
+        if len(self.shards) >= event.spec.min_shards:
+            return self._open_job(event)
+        self._submits.append(_Parked(event.request, event.conn, event))
+        return self._arm(("submit", event.request), SHARD_WAIT_S, self._submit_timed_out, event)
+
+    def _submit_timed_out(self, event: JobSubmitted) -> list[ServiceEffect]:
+        parked = next((p for p in self._submits if p.request == event.request), None)
+        if parked is None:
+            return []
+        self._submits.remove(parked)
+        message = f"only {len(self.shards)} of {event.spec.min_shards} shards joined within {SHARD_WAIT_S:g} s"
+        return [Refuse(event.request, message, "no_shards")]
+
+    def _open_job(self, event: JobSubmitted) -> list[ServiceEffect]:
+        spec = event.spec
+        job_id = f"{self._prefix}-{next(self._job_ids)}"
+        workers = set(range(spec.n_workers))
+        job = JobData(
+            job_id, spec, event.conn, list(self.shards),
+            [Slot(i, start_clock=spec.resume_clock) for i in range(spec.n_workers)],
+            Barrier(workers), Barrier(workers), Barrier(workers), self.now_s,
+        )
+        self.job = job
+        job.move(JobState.RUNNING)
+        self.liveness.timeout_s = spec.failure_timeout_s
+        self.liveness.max_gap_s = 2 * tick_interval_s(spec.heartbeat_interval_s, spec.failure_timeout_s)
+        party = self.parties.setdefault(event.conn, Party())
+        party.role, party.job_id = "driver", job_id
+        log.info("job %s: %d workers, %d shards, mode %s", job_id, spec.n_workers, len(self.shards), spec.mode)
+        out: list[ServiceEffect] = [Release(event.request, {"job_id": job_id, "shards": [s.address for s in job.shards]})]
+        return out + self._changed()
+
+    def _tables(self, event: TablesGiven) -> list[ServiceEffect]:
+        """The driver names the job's tables (known once labels are): set them up on every shard."""
+        job = self.job
+        if job is None or job.driver != event.conn or job.ranges:
+            raise RequestError("TABLES comes once, from the driver of the running job")
+        try:
+            tables = [TableSpec.from_dict(t) for t in event.body["tables"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RequestError(f"bad tables: {exc}") from None
+        job.ranges = {t.name: table_ranges(t, len(job.shards)) for t in tables}
+        job.tables = [t.to_dict() for t in tables]
+        targets = self._setup_targets(job, job.spec.resume, [w.worker_id for w in job.workers])
+        return self._ask(MsgType.JOB_SETUP, targets, SHARD_SETUP_TIMEOUT_S, self._tables_set, job, event.request)
+
+    def _tables_set(self, replies: tuple[Any, ...], job: JobData, request: Hashable) -> list[ServiceEffect]:
+        failure = next((r for r in replies if isinstance(r, NoAnswer)), None)
+        if failure is not None:
+            return self._fail(f"shard setup failed: {failure.reason}") + [Refuse(request, f"shard setup failed: {failure.reason}", "bad_request")]
+        if job is not self.job:
+            return [Refuse(request, f"job {job.job_id} ended", "job_ended")]
+        job.tables_set = True
+        out: list[ServiceEffect] = [Release(request, {"shards": [s.address for s in job.shards], "ranges": job.ranges})]
+        out += self._flush_stats(job)
+        every_s = job.spec.checkpoint_every_s
+        if every_s > 0:
+            out += self._arm(("checkpoint_timer", job.job_id), every_s, self._checkpoint_timer, job, every_s)
+        return out
+
+    def _stop(self, event: StopRequested) -> list[ServiceEffect]:
+        """The driver stops training early: workers finish their step and wrap up as usual."""
+        job = self.job
+        if job is None or job.driver != event.conn:
+            return []
+        job.stop_requested = True
+        return [Notify(self._worker_conns(job), MsgType.EVENT, {"kind": "stop"})]
+
+    def _job_end(self, event: JobEndRequested) -> list[ServiceEffect]:
+        """The driver is done with the job; a ``reason`` ends it early (workers are told)."""
+        job = self.job
+        if job is None or job.driver != event.conn:
+            return []
+        reason = event.reason
+        return self._end_job(reason if isinstance(reason, str) and job.state is JobState.RUNNING else None)
+
+    def _end_job(self, reason: str | None) -> list[ServiceEffect]:
+        job = self.job
+        if job is None:
+            return []
+        self.job = None
+        ended = f"job {job.job_id} ended: {reason or 'done'}"
+        out = self._answer(job, job.checkpoints.settle(error=ended, code="job_ended"))
+        for w in job.workers:
+            self.liveness.forget(("worker", w.worker_id))
+        self.liveness.timeout_s = DEFAULT_FAILURE_TIMEOUT_S
+        self.liveness.max_gap_s = 2 * tick_interval_s(DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_FAILURE_TIMEOUT_S)
+        if reason is not None:
+            if job.state is JobState.RUNNING:
+                job.move(JobState.FAILED)
+            out.append(Notify(self._worker_conns(job), MsgType.EVENT, {"kind": "abort", "reason": reason}))
+        for barrier in (job.stats, job.trained, job.final):
+            out += self._answer(job, barrier.fail(ended))
+        waiting, job.stats_waiting = job.stats_waiting, []
+        out += [Refuse(r, ended, "job_ended") for r in waiting]
+        out.append(Notify(tuple(s.conn for s in job.shards if self._open(s.conn)), MsgType.JOB_CLEAR, {"job_id": job.job_id}))
+        return out + self._changed()
+
+    def _fail(self, reason: str) -> list[ServiceEffect]:
+        job = self.job
+        if job is None:
+            return []
+        log.warning("job %s failed: %s", job.job_id, reason)
+        return self._to_driver(job, {"kind": "failed", "reason": reason}) + self._end_job(reason)
+
+    # -- a checkpoint at one clock: pause, checkpoint, resume (or halt) ------------------
+    def _cannot_pause(self, job: JobData) -> str | None:
+        if job is not self.job:
+            return "the job is not running"
+        return cannot_pause(
+            job.job_id, job.state, halting=job.halting, has_checkpoint_dir=bool(job.spec.checkpoint),
+            tables_set=bool(job.ranges), recovering=job.recovering is not None, slots=job.workers,
+        )
+
+    def _halt(self, event: HaltRequested) -> list[ServiceEffect]:
+        job = self.job
+        if job is None or job.driver != event.conn:
+            raise RequestError("HALT comes from the driver of the running job", code="forbidden")
+        return self._pause(job, PauseOp(stop=True, then=("halt", event.request, "stopped by its driver")))
+
+    def _server_stopping(self, event: ServerStopping) -> list[ServiceEffect]:
+        job = self.job
+        if job is None or job.state is not JobState.RUNNING:
+            return [Release(event.request, None)]
+        if not job.spec.checkpoint:
+            return self._fail(event.reason) + [
+                Release(event.request, f"job {job.job_id} stopped (it has no --checkpoint-dir, so no final checkpoint)")
+            ]
+        return self._pause(job, PauseOp(stop=True, then=("server", event.request, event.reason)))
+
+    def _checkpoint_timer(self, job: JobData, every_s: float) -> list[ServiceEffect]:
+        """--checkpoint-every Ns: a checkpoint at one clock every N seconds while the job runs."""
+        if job is not self.job or job.state is not JobState.RUNNING:
+            return []
+        out = self._arm(("checkpoint_timer", job.job_id), every_s, self._checkpoint_timer, job, every_s)
+        if job.pausing is not None:
+            return out  # a stop is under way
+        return out + self._pause(job, PauseOp(stop=False, then=("timer",)))
+
+    def _pause(self, job: JobData, op: PauseOp) -> list[ServiceEffect]:
+        """One pause at a time: a stop waits for a timed checkpoint's pause."""
+        if job.pausing is not None:
+            job.pause_queue.append(op)
+            return []
+        why = self._cannot_pause(job)
+        if why is not None:
+            return self._paused(job, op, error=f"no checkpoint now: {why}")
+        job.pausing = op
+        live = [w for w in job.workers if w.state is SlotState.RUNNING and self._open(w.peer)]
+        if not live:
+            return self._paused(job, op, target=None)
+        op.live = [w.worker_id for w in live]
+        targets = [(w.peer, {"job_id": job.job_id}) for w in live]
+        return self._ask(MsgType.PAUSE, targets, PAUSE_TIMEOUT_S, self._pause_answered, job, op)  # type: ignore[arg-type]
+
+    def _pause_answered(self, replies: tuple[Any, ...], job: JobData, op: PauseOp) -> list[ServiceEffect]:
+        failure = next((r for r in replies if isinstance(r, NoAnswer)), None)
+        if failure is not None:
+            return self._paused(job, op, error=f"no checkpoint now: {failure.reason}")
+        try:
+            target = one_clock([r.get("clock") for r in replies])
+        except ValueError as exc:
+            return self._paused(job, op, error=str(exc), code="bad_request")
+        if job is not self.job:
+            return self._paused(job, op, error="no checkpoint now: the job is not running")
+        op.target = target
+        targets = [(s.conn, {"job_id": job.job_id, "clock": target}) for s in job.shards]
+        return self._ask(MsgType.CHECKPOINT, targets, SHARD_SETUP_TIMEOUT_S, self._checkpoint_answered, job, op)
+
+    def _checkpoint_answered(self, replies: tuple[Any, ...], job: JobData, op: PauseOp) -> list[ServiceEffect]:
+        failure = next((r for r in replies if isinstance(r, NoAnswer)), None)
+        if failure is not None:
+            return self._paused(job, op, error=f"no checkpoint now: {failure.reason}")
+        job.halting = op.stop
+        log.info("job %s: checkpoint at clock %d asked for (%s)", job.job_id, op.target, "stop there" if op.stop else "go on")
+        return self._paused(job, op, target=op.target)
+
+    def _paused(
+        self, job: JobData, op: PauseOp, *, target: int | None = None, error: str | None = None, code: str = "not_now"
+    ) -> list[ServiceEffect]:
+        """The pause is over: let the workers go on (only up to ``target`` when stopping), then
+        whoever asked for it goes on, and the next pause may start."""
+        out: list[ServiceEffect] = []
+        if op.live:
+            until = target if op.stop and error is None else None
+            slots = [job.workers[i] for i in op.live]
+            out.append(Notify(self._worker_conns(job, slots), MsgType.RESUME, {"until": until}))
+        if job.pausing is op:
+            job.pausing = None
+        kind = op.then[0]
+        if kind == "timer":
+            if error is not None:
+                log.info("job %s: skipped a timed checkpoint: %s", job.job_id, error)
+        elif error is not None:
+            out += self._halt_failed(job, op, error, code)
+        elif target is None:
+            out += self._halt_done(job, op, None)
+        else:
+            out += self._answer(job, job.checkpoints.wait(target, ("halt", op)))
+        if job.pausing is None and job.pause_queue:
+            out += self._pause(job, job.pause_queue.pop(0))
+        return out
+
+    def _halt_reached(self, job: JobData, op: PauseOp, effect: Effect) -> list[ServiceEffect]:
+        """The halt's final checkpoint is on disk (Release with its clock; None: the job
+        finished first), or cannot be had (Refuse)."""
+        if isinstance(effect, Refuse):
+            return self._halt_failed(job, op, effect.message, effect.code)
+        return self._halt_done(job, op, effect.value)  # type: ignore[arg-type]
+
+    def _halt_done(self, job: JobData, op: PauseOp, clock: int | None) -> list[ServiceEffect]:
+        kind, request, reason = op.then
+        out: list[ServiceEffect] = []
+        if clock is not None:
+            out += self._to_driver(job, {"kind": "halted", "clock": clock, "dir": job.spec.checkpoint_dir, "reason": reason})
+            if job is self.job:
+                out += self._end_job(f"{reason} at clock {clock}, with a final checkpoint")
+        if kind == "halt":
+            return out + [Release(request, {"clock": clock})]
+        if clock is None:
+            return out + [Release(request, f"job {job.job_id} was finishing; it was not stopped")]
+        return out + [Release(request, f"job {job.job_id} stopped at clock {clock}; its final checkpoint is in {job.spec.checkpoint_dir}")]
+
+    def _halt_failed(self, job: JobData, op: PauseOp, error: str, code: str = "not_now") -> list[ServiceEffect]:
+        kind, request, reason = op.then
+        if kind == "halt":
+            return [Refuse(request, error, code)]
+        out = self._fail(reason) if job is self.job else []
+        return out + [Release(request, f"job {job.job_id} stopped without a final checkpoint: {error}")]
+
+    # -- workers -------------------------------------------------------------------------
+    def _free_slot(self, spare_of: str | None) -> Slot | None:
+        job = self.job
+        if job is None or job.state is not JobState.RUNNING:
+            return None
+        if spare_of is not None and spare_of != job.job_id:
+            return None
+        return free_slot(job.workers, spare_only=spare_of is not None)
+
+    def _register_worker(self, event: WorkerRegistered) -> list[ServiceEffect]:
+        """A worker joins the running job (waiting for one): a free slot, or a lost worker's.
+        With ``spare_of`` (a survivor taking over a lost worker's partition) only a lost
+        worker's slot of that job will do, and the answer comes at once."""
+        slot = self._free_slot(event.spare_of)
+        if slot is None and event.spare_of is not None:
+            raise RequestError("no lost worker's partition is waiting to be taken over", code="no_spare")
+        if slot is None:
+            self._registrants.append(_Parked(event.request, event.conn, event))
+            return []
+        return self._assign(event, slot)
+
+    def _assign(self, event: WorkerRegistered, slot: Slot) -> list[ServiceEffect]:
+        job = self.job
+        assert job is not None
+        replacing = slot.state is SlotState.SPARE
+        slot.peer = event.conn
+        try:
+            self._move(slot, SlotState.RUNNING)
+        except RequestError as exc:
+            return [Refuse(event.request, str(exc), exc.code)]
+        slot.session = self._token()
+        slot.last_heard_s = self.now_s
+        slot.pid, slot.host = event.pid, event.host  # type: ignore[assignment]
+        party = self.parties.setdefault(event.conn, Party())
+        party.role, party.job_id, party.worker_id, party.helper = "worker", job.job_id, slot.worker_id, event.spare_of is not None
+        if replacing and job.ranges:  # tables exist: the gates must know the newcomer before it pushes
+            body = {"job_id": job.job_id, "worker_id": slot.worker_id, "clock": slot.start_clock}
+            return self._ask(MsgType.WORKER_JOINED, [(s.conn, body) for s in job.shards], None, self._joined, job, slot, event, replacing)
+        return self._joined((), job, slot, event, replacing)
+
+    def _joined(self, replies: tuple[Any, ...], job: JobData, slot: Slot, event: WorkerRegistered, replacing: bool) -> list[ServiceEffect]:
+        failure = next((r for r in replies if isinstance(r, NoAnswer)), None)
+        if failure is not None:
+            return [Refuse(event.request, failure.reason, "bad_request")]
+        out = self._to_driver(
+            job,
+            {"kind": "worker_joined", "worker_id": slot.worker_id, "pid": slot.pid, "host": slot.host,
+             "partition": slot.partition, "start_clock": slot.start_clock, "replacing": replacing,
+             "takeover": event.spare_of is not None},
+        )
+        reply = {
+            "job_id": job.job_id,
+            "worker_id": slot.worker_id,
+            "spec": job.spec.to_wire(),
+            "partition": job.spec.partitions[slot.partition],
+            "partition_index": slot.partition,
+            "start_clock": slot.start_clock,
+            "stop": job.stop_requested,
+            "session": slot.session,  # a HEARTBEAT carrying it counts on any connection
+        }
+        return out + [Release(event.request, reply)]
+
+    def _heartbeat(self, event: Heartbeat) -> list[ServiceEffect]:
+        """A worker's clock and rate. On its registering connection, or on any other one when
+        it carries the slot's session token (a session's heartbeat thread)."""
+        body = event.body
+        token = body.get("session")
+        if token is None:
+            job, slot = self._job_of(event.conn)
+        else:
+            job = self.job  # type: ignore[assignment]
+            worker_id = body.get("worker_id")
+            if job is None or body.get("job_id") != job.job_id or job.state is not JobState.RUNNING:
+                raise RequestError("no running job for this heartbeat", code="no_job")
+            if not isinstance(worker_id, int) or isinstance(worker_id, bool) or not 0 <= worker_id < len(job.workers):
+                raise RequestError("a heartbeat with a session token needs its worker_id", code="bad_session")
+            slot = job.workers[worker_id]
+            if not isinstance(token, str) or slot.session is None or not secrets.compare_digest(token, slot.session):
+                raise RequestError(f"wrong session token for worker {worker_id}", code="bad_session")
+            self._slot_heard(slot)
+        clock, samples_s = body.get("clock", slot.clock), body.get("samples_s", 0.0)
+        if isinstance(clock, int) and not isinstance(clock, bool):
+            slot.clock = clock
+        if isinstance(samples_s, int | float) and not isinstance(samples_s, bool):
+            slot.samples_s = float(samples_s)
+        slot.heartbeats += 1
+        return []
+
+    def _worker_lost(self, slot: Slot, reason: str = "connection lost") -> list[ServiceEffect]:
+        job = self.job
+        if job is None or slot.state in (SlotState.FINISHED, SlotState.LOST):
+            return []
+        spare, effects = lose(job.workers, [job.stats, job.trained, job.final], slot)
+        self.liveness.forget(("worker", slot.worker_id))
+        # Its rows between its last acknowledged clock and the stop clock would be missing.
+        out = self._answer(job, job.checkpoints.settle(error=f"worker {slot.worker_id} was lost before the final checkpoint", code="bad_request"))
+        log.warning("job %s: worker %d lost (%s)", job.job_id, slot.worker_id, reason)
+        out += self._to_driver(
+            job, {"kind": "worker_lost", "worker_id": slot.worker_id, "reason": reason, "at_s": self.now_s - job.started_s}
+        )
+        out += self._answer(job, effects)
+        out += self._check_epochs(job)
+        if not job.live_ids():
+            out += self._fail("every worker was lost")
+        if spare is not None:
+            out += self._replace(job, slot, spare)
+        return out
+
+    def _replace(self, job: JobData, lost: Slot, spare: Slot) -> list[ServiceEffect]:
+        """Take the lost worker out of every gate, then let a worker take its partition at
+        the clock the shards acknowledged, so no row of it is skipped: a new worker that
+        registers (psctl train restarts local ones), or else, after the job's
+        ``takeover_after_s``, a surviving worker (it trains the partition alongside its own)."""
+        if not job.ranges:  # before the tables exist nothing was pushed
+            return self._offer(None, job, lost, spare)
+        body = {"job_id": job.job_id, "worker_id": lost.worker_id}
+        targets = [(s.conn, body) for s in job.shards if self._open(s.conn)]
+        return self._ask(MsgType.WORKER_LEFT, targets, None, self._offer, job, lost, spare)
+
+    def _offer(self, replies: tuple[Any, ...] | None, job: JobData, lost: Slot, spare: Slot) -> list[ServiceEffect]:
+        clocks = [r["clock"] for r in replies or () if isinstance(r, dict) and r.get("clock") is not None] or [0]
+        if job is not self.job or job.state is not JobState.RUNNING:
+            return []
+        offer(spare, clocks)
+        log.info("job %s: worker %d may replace worker %d from clock %d", job.job_id, spare.worker_id, lost.worker_id, spare.start_clock)
+        return self._changed() + self._arm(("takeover", job.job_id, spare.worker_id), job.spec.takeover_grace_s, self._take_over, job, spare)
+
+    def _take_over(self, job: JobData, spare: Slot) -> list[ServiceEffect]:
+        if job is not self.job or job.state is not JobState.RUNNING or spare.state is not SlotState.SPARE or spare.peer is not None:
+            return []
+        candidates = [w for w in job.workers if self._open(w.peer) and not self.parties[w.peer].helper]
+        pick = pick_survivor(candidates, job.takeovers)
+        if pick is None or pick.peer is None:
+            return []
+        log.info("job %s: asking worker %d to take over partition %d", job.job_id, pick.worker_id, spare.partition)
+        out: list[ServiceEffect] = [
+            Notify((pick.peer,), MsgType.EVENT, {"kind": "take_over", "job_id": job.job_id, "partition": spare.partition})
+        ]
+        # if it does not come, ask another
+        return out + self._arm(("takeover", job.job_id, spare.worker_id), job.spec.failure_timeout_s, self._take_over, job, spare)
+
+    # -- the failure detector ------------------------------------------------------------
+    def _tick(self, event: Tick) -> list[ServiceEffect]:
+        """PING each shard (its reply, like any frame, shows it is alive) and declare lost the
+        parties silent too long: a stopped, hung or partitioned host keeps its sockets open."""
+        out: list[ServiceEffect] = []
+        for shard in self.shards:
+            if shard.shard_id not in self._pinging and self._open(shard.conn):
+                self._pinging.add(shard.shard_id)
+                out += self._ask(MsgType.PING, [(shard.conn, {})], self.liveness.timeout_s, self._pinged, shard.shard_id)
+        for (role, ident), silent_s in self.liveness.tick(self.now_s):  # type: ignore[misc]
+            if role == "shard":
+                shard = next((s for s in self.shards if s.shard_id == ident), None)
+                if shard is None:
+                    continue
+                reason = f"it did not answer for {silent_s:.1f} s (stopped, hung or cut off)"
+                log.warning("shard %d at %s: %s", shard.shard_id, shard.address, reason)
+                shard.lost_reason = reason
+                out += [Abort(shard.conn, f"declared lost: {reason}"), KillShard(shard.pid)]  # its close does the rest
+            elif self.job is not None and ident < len(self.job.workers):
+                slot = self.job.workers[ident]
+                if slot.state in WATCHED_SLOT_STATES:
+                    out += self._worker_lost(slot, f"no heartbeat for {silent_s:.1f} s")
+                    if slot.peer is not None:
+                        out.append(Abort(slot.peer, "declared lost: no heartbeat"))
+        return out
+
+    def _pinged(self, replies: tuple[Any, ...], shard_id: int) -> list[ServiceEffect]:
+        self._pinging.discard(shard_id)
+        if replies and not isinstance(replies[0], NoAnswer):
+            self.liveness.heard(("shard", shard_id))  # a reply is not a frame the service hands over
+        else:  # not a verdict: silence is judged by the liveness tracker, on time we were running
+            log.debug("PING to shard %d: %s", shard_id, replies[0].reason if replies else "no answer")
+        return []
+
+    # -- the statistics pass, epochs, the end ----------------------------------------------
+    def _stats(self, event: StatsArrived) -> list[ServiceEffect]:
+        job, slot = self._job_of(event.conn)
+        return self._answer(job, job.stats.arrive(slot.worker_id, event.body, ("stats", event.request)))
+
+    def _stats_pooled(self, event: StatsPooled) -> list[ServiceEffect]:
+        job = self.job
+        if job is None or job.job_id != event.job_id:
+            return []
+        if event.error is not None:
+            waiting, job.stats_waiting = job.stats_waiting, []
+            return self._fail(event.error) + [Refuse(r, event.error, "bad_request") for r in waiting]
+        assert event.body is not None
+        job.stats_reply = (event.body, event.arrays or [])
+        return self._to_driver(job, {"kind": "stats", **event.body}, event.arrays or []) + self._flush_stats(job)
+
+    def _progress(self, event: Progress) -> list[ServiceEffect]:
+        job, slot = self._job_of(event.conn)
+        return self._to_driver(job, {"kind": "progress", "worker_id": slot.worker_id, **event.body})
+
+    def _epoch_report(self, event: EpochReported) -> list[ServiceEffect]:
+        job, slot = self._job_of(event.conn)
+        epoch = event.body.get("epoch")
+        if not isinstance(epoch, int) or isinstance(epoch, bool):
+            raise RequestError("EPOCH_REPORT needs an integer epoch")
+        job.epochs.report(epoch, slot.partition, event.body)
+        return self._check_epochs(job)
+
+    def _check_epochs(self, job: JobData) -> list[ServiceEffect]:
+        # A spare slot's partition is awaited too: its replacement will report for it.
+        out: list[ServiceEffect] = []
+        for body in job.epochs.complete({w.partition for w in job.workers if w.state is not SlotState.LOST}):
+            out += self._to_driver(job, body)
+        return out
+
+    def _trained(self, event: Trained) -> list[ServiceEffect]:
+        job, slot = self._job_of(event.conn)
+        self._move(slot, SlotState.TRAINED)
+        return self._answer(job, job.trained.arrive(slot.worker_id, event.body, ("trained", event.request)))
+
+    def _final_report(self, event: FinalReport) -> list[ServiceEffect]:
+        job, slot = self._job_of(event.conn)
+        self._move(slot, SlotState.FINISHED)
+        out = self._answer(job, job.final.arrive(slot.worker_id, event.body))
+        if job.final.result is None:
+            return out
+        reports: list[dict[str, Any]] = list(job.final.result.values())  # type: ignore[arg-type]
+        job.move(JobState.DONE)
+        out += self._answer(job, job.checkpoints.settle())
+        done = {
+            "kind": "done",
+            **pool(reports),
+            "lost_workers": [w.worker_id for w in job.workers if w.state is SlotState.LOST],
+            "bytes_pulled": sum(r.get("bytes_pulled", 0) for r in reports),
+            "bytes_pushed": sum(r.get("bytes_pushed", 0) for r in reports),
+            "seconds": self.now_s - job.started_s,
+        }
+        if job.manifests_writing:  # the driver hears of that checkpoint first: 'done' waits for it
+            job.done_report = done
+            return out
+        return out + self._to_driver(job, done)
+
+    def _failed(self, event: Failed) -> list[ServiceEffect]:
+        _, slot = self._job_of(event.conn)
+        return self._fail(f"worker {slot.worker_id}: {event.message}")
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _checkpointed(self, event: Checkpointed) -> list[ServiceEffect]:
+        """A shard saved a clock; once every shard has, the manifest makes it the job's checkpoint."""
+        job = self.job
+        if job is None or event.job_id != job.job_id or not job.spec.checkpoint:
+            return []
+        clock, index = event.clock, event.shard_index
+        if not isinstance(clock, int) or not isinstance(index, int) or isinstance(clock, bool) or isinstance(index, bool):
+            raise RequestError("CHECKPOINTED needs a clock and a shard_index")
+        if not job.checkpoints.shard_saved(clock, index, len(job.shards)):
+            return []
+        manifest = {"clock": clock, "spec": job.spec.to_wire(), "tables": job.tables, "n_shards": len(job.shards), "job_id": job.job_id}
+        job.manifests_writing.add(clock)
+        return [WriteManifest(job.job_id, job.spec.checkpoint_dir, clock, manifest)]
+
+    def _manifest_written(self, event: ManifestWritten) -> list[ServiceEffect]:
+        job = self.job
+        if job is None or job.job_id != event.job_id:
+            if event.error is not None:
+                log.warning("job %s: writing the checkpoint manifest of clock %d failed: %s", event.job_id, event.clock, event.error)
+            return []
+        job.manifests_writing.discard(event.clock)
+        out: list[ServiceEffect] = []
+        if event.error is not None:
+            log.warning("job %s: writing the checkpoint manifest of clock %d failed: %s", event.job_id, event.clock, event.error)
+        elif not event.skipped:
+            out += self._to_driver(job, {"kind": "checkpoint", "clock": event.clock})
+            out += self._answer(job, job.checkpoints.written(event.clock))
+        if job.done_report is not None and not job.manifests_writing:
+            out += self._to_driver(job, job.done_report)
+            job.done_report = None
+        return out
+
+    def manifest_superseded(self, job_id: str, clock: int) -> bool:
+        """Whether a manifest of ``clock`` would overwrite a later one (the service writes in clock order)."""
+        job = self.job
+        return job is not None and job.job_id == job_id and job.last_checkpoint is not None and job.last_checkpoint >= clock
+
+    # -- STATUS ----------------------------------------------------------------------------
+    def _status(self, event: StatusAsked) -> list[ServiceEffect]:
+        """Membership and the job, with each shard's own figures (asked now, 2 s at most)."""
+        shards = list(self.shards)
+        if not shards:
+            return self._status_body((), event.request, shards)
+        return self._ask(MsgType.STATUS, [(s.conn, {}) for s in shards], STATUS_TIMEOUT_S, self._status_body, event.request, shards)
+
+    def _status_body(self, replies: tuple[Any, ...], request: Hashable, shards: list[ShardEntry]) -> list[ServiceEffect]:
+        rows = []
+        for s, reply in zip(shards, replies):
+            figures = {"error": reply.reason} if isinstance(reply, NoAnswer) else reply
+            host = s.address.rsplit(":", 1)[0]
+            rows.append({**figures, "shard_id": s.shard_id, "address": s.address, "host": host, "pid": s.pid, "state": "up"})
+        body: dict[str, Any] = {"shards": rows, "job": None}
+        job = self.job
+        if job is not None:
+            body["job"] = {
+                "job_id": job.job_id,
+                "mode": job.spec.mode,
+                "staleness": job.spec.staleness,
+                "state": job.state,
+                "epoch": job.epochs.last_reported + 1,
+                "epochs": job.spec.epochs,
+                "last_checkpoint": job.last_checkpoint,
+                "workers": [
+                    {
+                        "worker_id": w.worker_id,
+                        "state": w.state,
+                        "pid": w.pid,
+                        "host": w.host,
+                        "clock": w.clock,
+                        "samples_s": w.samples_s,
+                        "heartbeats": w.heartbeats,
+                        "last_heartbeat_s": None if w.last_heard_s is None else self.now_s - w.last_heard_s,
+                    }
+                    for w in job.workers
+                ],
+            }
+        return [Release(request, body)]
+
+    # -- answers and timers ----------------------------------------------------------------
+    def _answered(self, event: Answered) -> list[ServiceEffect]:
+        then, args = self._pending.pop(event.ask)
+        return then(event.replies, *args)
+
+    def _timer(self, event: TimerFired) -> list[ServiceEffect]:
+        entry = self._timers.pop(event.timer, None)
+        if entry is None:
+            return []
+        then, args = entry
+        return then(*args)
+
+    _events: dict[type, Callable[..., list[ServiceEffect]]] = {
+        Heard: _heard,
+        ConnectionClosed: _closed,
+        ShardRegistered: _register_shard,
+        JobSubmitted: _submit,
+        TablesGiven: _tables,
+        WorkerRegistered: _register_worker,
+        Heartbeat: _heartbeat,
+        Tick: _tick,
+        StatsArrived: _stats,
+        StatsPooled: _stats_pooled,
+        Progress: _progress,
+        EpochReported: _epoch_report,
+        Trained: _trained,
+        FinalReport: _final_report,
+        Failed: _failed,
+        Checkpointed: _checkpointed,
+        ManifestWritten: _manifest_written,
+        Answered: _answered,
+        TimerFired: _timer,
+        HaltRequested: _halt,
+        ServerStopping: _server_stopping,
+        StopRequested: _stop,
+        JobEndRequested: _job_end,
+        StatusAsked: _status,
+    }
