@@ -80,6 +80,10 @@ class KeyPlan:
         self.pull_shards = [
             i for i in range(n_shards) if not self.keyed or any(len(a) for a in self.wire_keys[i])
         ]
+        if self.keyed and not self.pull_shards and n_shards:
+            # A batch that touches no key (rows with no features) still gets each table's
+            # row shape ((0, dim) for an embedding) from a shard's empty reply.
+            self.pull_shards = [0]
         self.n_shards = n_shards
 
     def gather(self, values: Mapping[str, np.ndarray]) -> list[list[np.ndarray]]:

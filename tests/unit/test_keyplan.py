@@ -4,7 +4,7 @@ import asyncio
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from psctl.cluster.client import ShardClient
@@ -67,6 +67,7 @@ def test_an_unknown_table_is_refused():
 
 
 @settings(max_examples=60, deadline=None)
+@example(n_shards=1, seed=9288063, which=["emb"])  # no keys at all for a 2-D table: rows come back (0, 3)
 @given(
     n_shards=st.integers(1, 5),
     seed=st.integers(0, 2**32 - 1),
@@ -151,3 +152,17 @@ async def test_a_step_routes_once_and_its_push_lands_on_the_rows_it_pulled(monke
         pulls = [a for kind, _, a in shard.sent if kind is MsgType.PULL]
         pushes = [a for kind, _, a in shard.sent if kind is MsgType.PUSH]
         assert pushes[0][0] is pulls[0][0] if pulls else len(pushes[0][0]) == 0
+
+
+async def test_a_step_that_touches_no_key_gets_empty_rows_of_the_tables_shape():
+    tables = [TableSpec("emb", 300, dim=3, init="normal")]
+    ranges = shard_ranges(300, 2)
+    shards = [
+        FakeShard(ShardState("j", tables, {"emb": r}, "async", 0, [0], SGD(lr=1.0), seed=0, shard_index=i, n_shards=2))
+        for i, r in enumerate(ranges)
+    ]
+    client = ShardClient(shards, {"emb": ranges}, "j")  # type: ignore[arg-type]
+    plan = client.plan({"emb": np.array([], dtype=np.int64)})
+    rows = (await client.pull(plan, 0))["emb"]
+    assert rows.shape == (0, 3) and rows.dtype == np.float32
+    await client.push({"emb": rows}, 0, 1, plan)  # and its (empty) push is taken
