@@ -34,13 +34,12 @@ class Table:
         """Local row indices of global ``keys`` (sorted, unique, inside this shard's range)."""
         if keys.ndim != 1 or keys.dtype.kind not in "iu":
             raise BadKeys(f"keys for {self.spec.name!r} must be a 1-d integer array")
-        keys = keys.astype(np.int64)  # keys may come narrowed (uint8..uint32); diff them signed
-        if len(keys):
-            if keys[0] < self.lo or keys[-1] >= self.hi:
-                raise BadKeys(f"keys for {self.spec.name!r} fall outside this shard's range [{self.lo}, {self.hi})")
-            if len(keys) > 1 and not (np.diff(keys) > 0).all():
-                raise BadKeys(f"keys for {self.spec.name!r} must be sorted and unique")
-        return keys - self.lo
+        # Order and range on the keys' own dtype: a uint64 key past 2^63 would turn negative as int64.
+        if len(keys) > 1 and not (keys[1:] > keys[:-1]).all():
+            raise BadKeys(f"keys for {self.spec.name!r} must be sorted and unique")
+        if len(keys) and (int(keys[0]) < self.lo or int(keys[-1]) >= self.hi):
+            raise BadKeys(f"keys for {self.spec.name!r} fall outside this shard's range [{self.lo}, {self.hi})")
+        return keys.astype(np.int64) - self.lo
 
     def read(self, keys: np.ndarray | None, rows: np.ndarray | None = None) -> np.ndarray:
         """Values of ``keys`` (all rows: None); ``rows`` from :meth:`locate` spares a second look-up.

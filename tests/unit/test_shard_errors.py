@@ -97,3 +97,18 @@ def test_state_refuses_before_changing_anything():
         s.push(0, 0, {"f": (np.array([60, 40]), np.ones((2, 2), np.float32))}, 1)
     np.testing.assert_array_equal(s.tables["f"].values, before)
     assert s.pushes == 0 and s.gate.clocks[0] == 0
+
+
+def test_uint64_keys_past_int64_are_out_of_range_not_wrapped():
+    keys = np.array([3, 2**63 + 1], np.uint64)  # as int64: [3, -9223372036854775807]
+    dense = ShardState("j", [TableSpec("w", 10)], {"w": (0, 10)}, "async", 0, [0], SGD(lr=0.1), seed=0)
+    with pytest.raises(e.BadKeys, match="outside"):
+        dense.push(0, 0, {"w": (keys, np.ones(2, np.float32))}, 1)
+    assert not dense.tables["w"].values.any() and dense.pushes == 0
+    sparse = ShardState("j", [TableSpec("s", 2**32, sparse=True)], {"s": (0, 2**32)}, "async", 0, [0], SGD(lr=0.1), seed=0)
+    with pytest.raises(e.BadKeys, match="key space"):
+        sparse.push(0, 0, {"s": (keys, np.ones(2, np.float32))}, 1)
+    assert len(sparse.tables["s"]) == 0
+    with pytest.raises(e.BadKeys, match="sorted and unique"):  # unsigned, so no wrap-around in the order check
+        sparse.tables["s"].locate(np.array([5, 3], np.uint64))
+
