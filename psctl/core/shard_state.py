@@ -17,7 +17,7 @@ from psctl.core.consistency import ClockGate, Grad, SyncAccumulator, staleness_f
 from psctl.core.optim import UpdateRule
 from psctl.core.sparse_table import SparseTable
 from psctl.core.tables import TableSpec, init_values
-from psctl.core.shard_errors import BadClock, BadGradient, BadKeys, NotLive, UnknownTable
+from psctl.core.shard_errors import BadClock, BadGradient, BadKeys, NonFiniteGradient, NotLive, UnknownTable
 from psctl.protocol.wire import MAX_ARRAYS
 
 
@@ -116,6 +116,7 @@ class ShardState:
         self.pushes = 0
         self.samples = 0  # rows behind every push, for the "every row used" check
         self.left: dict[int, int] = {}  # worker -> its clock when it left
+        self.nonfinite: dict[int, int] = {}  # worker -> pushes refused for NaN/Inf gradients
         self.started_s = time.monotonic()
 
     def check_tables(self, names: Any, allow_empty: bool = False) -> list[str]:
@@ -159,6 +160,9 @@ class ShardState:
         for name, (keys, grad) in grads.items():
             table = self.tables[name]
             table.check_grad(keys, grad)
+            if grad.dtype.kind in "fc" and not np.isfinite(grad).all():
+                self.nonfinite[worker] = self.nonfinite.get(worker, 0) + 1
+                raise NonFiniteGradient(f"worker {worker} pushed a non-finite gradient (NaN/Inf) for {name!r} at clock {clock}; nothing was applied")
             # validate before anything is applied or accumulated; an async push applies these rows
             rows[name] = None if keys is None else table.locate(keys)
         self.pushes += 1
@@ -223,5 +227,6 @@ class ShardState:
             "clock": self.gate.min_clock(),  # the slowest live worker's: every clock below it is applied (sync)
             "clocks": {str(w): c for w, c in self.gate.clocks.items()},
             "waiting_pulls": self.gate.waiting(),
+            "nonfinite_pushes": {str(w): n for w, n in self.nonfinite.items()},
             "updates_s": self.updates / max(time.monotonic() - self.started_s, 1e-9),
         }

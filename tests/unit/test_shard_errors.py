@@ -112,3 +112,21 @@ def test_uint64_keys_past_int64_are_out_of_range_not_wrapped():
     with pytest.raises(e.BadKeys, match="sorted and unique"):  # unsigned, so no wrap-around in the order check
         sparse.tables["s"].locate(np.array([5, 3], np.uint64))
 
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_a_non_finite_gradient_is_refused_counted_and_nothing_applied(bad, mode):
+    s = state(mode, workers=(0, 1))
+    grad = np.ones((2, 2), np.float32)
+    grad[1, 0] = bad
+    with pytest.raises(e.BadGradient, match=r"worker 1 pushed a non-finite gradient \(NaN/Inf\) for 'f'") as info:
+        s.push(1, 0, {"w": (None, np.ones(10, np.float32)), "f": (np.array([50, 60]), grad)}, 1)
+    assert info.value.code == "non_finite_gradient"
+    assert s.gate.clocks[1] == 0 and s.pushes == 0 and s.samples == 0
+    assert not s.tables["w"].values.any() and not s.tables["f"].values.any()
+    assert s.status()["nonfinite_pushes"] == {"1": 1}
+    # the honest worker's push is still applied (async) or accumulated (sync)
+    s.push(0, 0, {"f": (np.array([50]), np.ones((1, 2), np.float32))}, 1)
+    s.push(1, 0, {"f": (np.array([50]), np.ones((1, 2), np.float32))}, 1)
+    assert np.isfinite(s.tables["f"].values).all() and s.tables["f"].values.any()
+    assert s.status()["nonfinite_pushes"] == {"1": 1}
