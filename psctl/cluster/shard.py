@@ -170,9 +170,11 @@ class ShardService:
         names = state.check_tables(msg.body.get("tables"))
         keys = _keyed_arrays(msg, names, per_table=1)
         peer.check_keys(sum(len(k) for k in keys) if keys is not None else sum(state.tables[n].values.shape[0] for n in names))
-        # Bad keys are refused now, not when the gate opens; the rows found are read then.
-        rows = None if keys is None else state.locate(names, keys)
-        if peer.info.get("role") == "driver" and msg.body.get("dump"):
+        dump = peer.info.get("role") == "driver" and bool(msg.body.get("dump"))
+        # The whole pull is checked now, not when the gate opens (that is inside another
+        # worker's push or leave); the rows found are read then.
+        rows = state.check_pull(names, keys, whole_sparse=dump)
+        if dump:
             arrays, state_names = state.dump(names, with_state=bool(msg.body.get("with_state")))
             return Message(MsgType.PULL, {"state": state_names}, arrays)
         if peer.info.get("role") == "driver" or peer.info.get("worker_id") in state.left:
@@ -182,8 +184,9 @@ class ShardService:
         clock = _require(msg.body, "clock", int)
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         token = _PullToken(fut, names, keys, rows, clock)
-        if state.gate.wait(clock, token):
+        if state.gate.can_read(clock):
             return self._answer_pull(state, token)
+        state.gate.wait(clock, token)
         return fut
 
     def _answer_pull(self, state: ShardState, token: _PullToken) -> Message:
@@ -194,9 +197,17 @@ class ShardService:
         return reply
 
     def _release(self, tokens: list[Any]) -> None:
+        """Answer pulls the gate let go, each on its own: a failure goes to that pull's requester,
+        never to the push or leave that opened the gate, nor to the other pulls released with it."""
         assert self.state is not None
         for token in tokens:
-            self._answer_pull(self.state, token)
+            try:
+                self._answer_pull(self.state, token)
+            except Exception as exc:
+                if token.fut.done():
+                    log.exception("shard %s: answering a pull at clock %d failed", self.shard_id, token.clock)
+                else:
+                    token.fut.set_exception(exc)
 
     def _push(self, peer: net.Peer, msg: Message) -> net.Reply:
         state = self._job(msg.body)

@@ -135,6 +135,21 @@ class ShardState:
             return [self.tables[n].read(None) for n in names]
         return [self.tables[n].read(keys[i], None if rows is None else rows[i]) for i, n in enumerate(names)]
 
+    def check_pull(
+        self, names: list[str], keys: list[np.ndarray] | None, whole_sparse: bool = False
+    ) -> list[np.ndarray] | None:
+        """Validate a pull as it arrives (its keys; whole tables only where they may be read whole,
+        sparse ones only by a dump: ``whole_sparse``); the keys' rows.
+
+        A pull that waits at the gate is answered from someone else's push or leave: it must
+        not fail then."""
+        if keys is not None:
+            return self.locate(names, keys)
+        sparse = [name for name in names if isinstance(self.tables[name], SparseTable)]
+        if sparse and not whole_sparse:
+            raise BadKeys(f"table {sparse[0]!r} is sparse: pull its rows by key (or dump it as a driver)")
+        return None
+
     def locate(self, names: list[str], keys: list[np.ndarray]) -> list[np.ndarray]:
         """Validate each table's keys (range, order, owner) and find their rows, once per request."""
         return [self.tables[n].locate(k) for n, k in zip(names, keys)]
