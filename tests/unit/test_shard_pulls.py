@@ -1,4 +1,5 @@
-"""Pulls parked at the shard's clock gate: checked on arrival, answered each on its own.
+"""Pulls parked at the shard's clock gate: checked on arrival, answered each on its own, dropped with
+their connection and capped per connection.
 
 The shard service is driven frame by frame with in-memory peers (no sockets)."""
 
@@ -9,6 +10,7 @@ import asyncio
 import numpy as np
 import pytest
 
+from psctl.cluster import shard
 from psctl.cluster.shard import ShardService
 from psctl.core.shard_errors import BadKeys
 from psctl.core.shard_state import ShardState
@@ -88,3 +90,41 @@ async def test_a_parked_pull_that_fails_when_answered_fails_alone(monkeypatch):
     with pytest.raises(RequestError, match="reading failed"):
         first.result()
     np.testing.assert_allclose(second.result().arrays[0], -0.5)  # the other released pull is answered
+
+
+async def settle() -> None:
+    """Let the loop run the futures' done callbacks (call_soon)."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+async def test_a_closed_connections_parked_pulls_leave_the_gate():
+    s, (a, b, c) = service()
+    push(s, a, 0)
+    futs = [pull(s, a, 1), pull(s, a, 2)]
+    kept = pull(s, c, 1)
+    assert s.state.gate.waiting() == 3
+    s.peer_lost(a, None)  # a's connection closed (a also leaves the live set)
+    assert s.state.gate.waiting() == 1
+    assert all(f.cancelled() for f in futs)
+    await settle()
+    assert s.handle(FakePeer(), Message(MsgType.STATUS, {})).body["waiting_pulls"] == 1
+    push(s, c, 0)
+    push(s, b, 0)
+    np.testing.assert_allclose(kept.result().arrays[0], -0.5)
+
+
+async def test_parked_pulls_are_capped_per_connection():
+    s, (a, b, c) = service()
+    cap = shard.MAX_PARKED_PULLS_PER_CONNECTION
+    futs = [pull(s, a, 1 + i) for i in range(cap)]
+    with pytest.raises(RequestError, match=f"already has {cap} pulls waiting") as info:
+        pull(s, a, 1)
+    assert info.value.code == "busy"
+    assert isinstance(pull(s, c, 1), asyncio.Future)  # another connection is not held to a's count
+    assert isinstance(pull(s, a, 0), Message)  # a pull the gate lets through now does not count
+    for w in (a, b, c):
+        push(s, w, 0)  # answers a's pull at clock 1: room for one more
+    await settle()
+    assert futs[0].done()
+    assert isinstance(pull(s, a, 5), asyncio.Future)
