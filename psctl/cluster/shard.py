@@ -190,6 +190,7 @@ class ShardService:
         if peer.info.get("role") != "worker":
             raise net.RequestError("say HELLO before PULL")
         clock = _require(msg.body, "clock", int)
+        state.check_pull_clock(peer.info["worker_id"], clock)
         parked: set[_PullToken] = peer.info.setdefault("parked_pulls", set())
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         token = _PullToken(fut, names, keys, rows, clock)

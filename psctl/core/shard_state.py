@@ -117,6 +117,7 @@ class ShardState:
         self.samples = 0  # rows behind every push, for the "every row used" check
         self.left: dict[int, int] = {}  # worker -> its clock when it left
         self.nonfinite: dict[int, int] = {}  # worker -> pushes refused for NaN/Inf gradients
+        self.refused: dict[int, int] = {}  # worker -> clock of its push refused as non-finite, until one is applied
         self.started_s = time.monotonic()
 
     def check_tables(self, names: Any, allow_empty: bool = False) -> list[str]:
@@ -150,6 +151,16 @@ class ShardState:
             raise BadKeys(f"table {sparse[0]!r} is sparse: pull its rows by key (or dump it as a driver)")
         return None
 
+    def check_pull_clock(self, worker: int, clock: int) -> None:
+        """Refuse a pull past a push of this worker that was refused as non-finite: the worker's
+        clock did not move, so the pull would wait at the gate for the worker itself."""
+        refused = self.refused.get(worker)
+        if refused is not None and clock > refused:
+            raise NonFiniteGradient(
+                f"worker {worker} pulled at clock {clock}, but its push of clock {refused} was refused "
+                "as non-finite (NaN/Inf): nothing of it was applied"
+            )
+
     def locate(self, names: list[str], keys: list[np.ndarray]) -> list[np.ndarray]:
         """Validate each table's keys (range, order, owner) and find their rows, once per request."""
         return [self.tables[n].locate(k) for n, k in zip(names, keys)]
@@ -177,9 +188,11 @@ class ShardState:
             table.check_grad(keys, grad)
             if grad.dtype.kind in "fc" and not np.isfinite(grad).all():
                 self.nonfinite[worker] = self.nonfinite.get(worker, 0) + 1
+                self.refused[worker] = clock
                 raise NonFiniteGradient(f"worker {worker} pushed a non-finite gradient (NaN/Inf) for {name!r} at clock {clock}; nothing was applied")
             # validate before anything is applied or accumulated; an async push applies these rows
             rows[name] = None if keys is None else table.locate(keys)
+        self.refused.pop(worker, None)
         self.pushes += 1
         self.samples += count
         if self.acc is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,7 @@ from psctl import net
 from psctl.cluster.client import ShardClient
 from psctl.protocol.wire import MsgType
 
+from ..conftest import EXAMPLES, run_psctl
 from .cluster import ServerProcess, bare_spec, driver_session, status, worker_session
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -53,3 +56,14 @@ async def test_a_nan_push_is_refused_while_an_honest_worker_keeps_training():
             c.close()
         driver.close()
         server.stop()
+
+
+def test_a_worker_whose_push_is_refused_as_non_finite_fails_the_job_naming_itself(tmp_path):
+    reg = EXAMPLES / "regression"
+    kind = "tests.integration.custom_model:DivergingModel"
+    r = run_psctl("train", "custom", str(reg / "train.csv"), "--model-class", kind, "--label", "target", "--workers", "2",
+                  "--epochs", "1", "--out", str(tmp_path / "m.npz"))  # fmt: skip
+    assert r.returncode != 0
+    assert re.search(r"worker \d+ pushed non-finite gradients \(NaN/Inf\): ", r.stderr), r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "m.npz").exists()

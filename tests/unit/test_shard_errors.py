@@ -130,3 +130,16 @@ def test_a_non_finite_gradient_is_refused_counted_and_nothing_applied(bad, mode)
     s.push(1, 0, {"f": (np.array([50]), np.ones((1, 2), np.float32))}, 1)
     assert np.isfinite(s.tables["f"].values).all() and s.tables["f"].values.any()
     assert s.status()["nonfinite_pushes"] == {"1": 1}
+
+
+def test_a_pull_past_a_push_refused_as_non_finite_is_refused_not_left_waiting_for_itself():
+    s = state("sync", workers=(0, 1))
+    with pytest.raises(e.NonFiniteGradient):
+        s.push(0, 0, {"w": (None, np.full(10, np.inf, np.float32))}, 1)
+    s.check_pull_clock(0, 0)  # the clock it is at: fine
+    s.check_pull_clock(1, 1)  # another worker: not its business
+    with pytest.raises(e.NonFiniteGradient, match="worker 0 pulled at clock 1, but its push of clock 0 was refused") as info:
+        s.check_pull_clock(0, 1)
+    assert info.value.code == "non_finite_gradient"
+    s.push(0, 0, {"w": (None, np.ones(10, np.float32))}, 1)  # a finite push of that clock is applied
+    s.check_pull_clock(0, 1)
