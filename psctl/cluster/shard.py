@@ -30,6 +30,7 @@ log = logging.getLogger("psctl.shard")
 NEVER = 2**63 - 1  # a checkpoint clock no job reaches
 MAX_REQUESTED_CHECKPOINTS = 64
 CHECKPOINT_WRITE_TIMEOUT_S = 60.0  # how long a stopping shard waits for a file it is writing
+MAX_PARKED_PULLS_PER_CONNECTION = 16  # pulls one connection may have waiting at the gate (a worker needs 1 or 2)
 
 
 def process_memory() -> dict[str, int]:
@@ -81,7 +82,7 @@ def _write_checkpoint(folder: str, index: int, clock: int, arrays: dict[str, np.
     checkpoint.prune(folder, index, clock)
 
 
-@dataclass
+@dataclass(eq=False)  # by identity: a connection's parked tokens are kept in a set
 class _PullToken:
     fut: asyncio.Future[Message]
     names: list[str]
@@ -142,6 +143,13 @@ class ShardService:
         return handler(self, peer, msg)
 
     def peer_lost(self, peer: net.Peer, exc: BaseException | None) -> None:
+        parked = peer.info.pop("parked_pulls", None)
+        if parked:
+            # Nobody will read their answers: they leave the gate, with the keys they hold.
+            if self.state is not None:
+                self.state.gate.discard(parked)
+            for token in list(parked):
+                token.fut.cancel()
         if peer is self.coordinator:
             log.warning("shard %s lost its coordinator", self.shard_id)
             self._on_coordinator_lost()
@@ -170,9 +178,11 @@ class ShardService:
         names = state.check_tables(msg.body.get("tables"))
         keys = _keyed_arrays(msg, names, per_table=1)
         peer.check_keys(sum(len(k) for k in keys) if keys is not None else sum(state.tables[n].values.shape[0] for n in names))
-        # Bad keys are refused now, not when the gate opens; the rows found are read then.
-        rows = None if keys is None else state.locate(names, keys)
-        if peer.info.get("role") == "driver" and msg.body.get("dump"):
+        dump = peer.info.get("role") == "driver" and bool(msg.body.get("dump"))
+        # The whole pull is checked now, not when the gate opens (that is inside another
+        # worker's push or leave); the rows found are read then.
+        rows = state.check_pull(names, keys, whole_sparse=dump)
+        if dump:
             arrays, state_names = state.dump(names, with_state=bool(msg.body.get("with_state")))
             return Message(MsgType.PULL, {"state": state_names}, arrays)
         if peer.info.get("role") == "driver" or peer.info.get("worker_id") in state.left:
@@ -180,11 +190,28 @@ class ShardService:
         if peer.info.get("role") != "worker":
             raise net.RequestError("say HELLO before PULL")
         clock = _require(msg.body, "clock", int)
+        state.check_pull_clock(peer.info["worker_id"], clock)
+        parked: set[_PullToken] = peer.info.setdefault("parked_pulls", set())
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         token = _PullToken(fut, names, keys, rows, clock)
-        if state.gate.wait(clock, token):
+        if state.gate.can_read(clock):
             return self._answer_pull(state, token)
+        if len(parked) >= MAX_PARKED_PULLS_PER_CONNECTION:
+            raise net.RequestError(
+                f"this connection already has {MAX_PARKED_PULLS_PER_CONNECTION} pulls waiting at the clock gate "
+                f"(MAX_PARKED_PULLS_PER_CONNECTION); wait for their answers before pulling again",
+                code="busy",
+            )
+        state.gate.wait(clock, token)
+        parked.add(token)
+        fut.add_done_callback(lambda _: self._forget_pull(parked, token))
         return fut
+
+    def _forget_pull(self, parked: set[_PullToken], token: _PullToken) -> None:
+        """A parked pull was answered, refused or cancelled (its connection went away)."""
+        parked.discard(token)
+        if token.fut.cancelled() and self.state is not None:
+            self.state.gate.discard((token,))
 
     def _answer_pull(self, state: ShardState, token: _PullToken) -> Message:
         body = {"min_clock": state.gate.min_clock(), "clock": token.clock}
@@ -194,9 +221,17 @@ class ShardService:
         return reply
 
     def _release(self, tokens: list[Any]) -> None:
+        """Answer pulls the gate let go, each on its own: a failure goes to that pull's requester,
+        never to the push or leave that opened the gate, nor to the other pulls released with it."""
         assert self.state is not None
         for token in tokens:
-            self._answer_pull(self.state, token)
+            try:
+                self._answer_pull(self.state, token)
+            except Exception as exc:
+                if token.fut.done():
+                    log.exception("shard %s: answering a pull at clock %d failed", self.shard_id, token.clock)
+                else:
+                    token.fut.set_exception(exc)
 
     def _push(self, peer: net.Peer, msg: Message) -> net.Reply:
         state = self._job(msg.body)

@@ -25,6 +25,7 @@ from psctl.cluster.client import Acks, ShardClient, ShardTimeout
 from psctl.cluster.session import EventTimeout, Session, SessionClosed
 from psctl.core.batching import batch_indices, epoch_steps
 from psctl.core.job import JobSpec
+from psctl.core.shard_errors import NonFiniteGradient
 from psctl.data import csvfile, formats, ratings, vocab
 from psctl.errors import ConnectError, DataError, JobError, PsctlError
 from psctl.models.base import Model, batch_sums, classes_for, encode_targets
@@ -352,6 +353,9 @@ class Worker:
                     await self._train(coord, client, model, prep, val, spec, partition, start_clock)
                     break
                 except (net.ConnectionLost, net.RemoteError) as exc:
+                    if isinstance(exc, net.RemoteError) and exc.code == NonFiniteGradient.code:
+                        # The shard applied none of it; no roll-back mends a model that diverged.
+                        raise PsctlError(f"worker {worker_id} pushed non-finite gradients (NaN/Inf): {exc}") from None
                     if not spec.get("checkpoint"):
                         raise
                     # A shard was lost: the coordinator rolls the shards back to their last

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +89,13 @@ class ClockGate:
 
     def waiting(self) -> int:
         return len(self._waiters)
+
+    def discard(self, tokens: Collection[Any]) -> None:
+        """Forget queued ``tokens`` (their requester went away): they are never returned."""
+        kept = [w for w in self._waiters if w[2] not in tokens]
+        if len(kept) != len(self._waiters):
+            heapq.heapify(kept)
+            self._waiters = kept
 
     def _release(self) -> list[Any]:
         low = self.min_clock()

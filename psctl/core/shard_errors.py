@@ -32,6 +32,12 @@ class BadGradient(ShardError):
     code = "bad_gradient"
 
 
+class NonFiniteGradient(BadGradient):
+    """A gradient holding NaN or Inf: applying it would poison the table, so nothing of the push is."""
+
+    code = "non_finite_gradient"
+
+
 class UnknownTable(ShardError):
     """A table name this job does not have (or a malformed list of names)."""
 

@@ -17,7 +17,7 @@ from psctl.core.consistency import ClockGate, Grad, SyncAccumulator, staleness_f
 from psctl.core.optim import UpdateRule
 from psctl.core.sparse_table import SparseTable
 from psctl.core.tables import TableSpec, init_values
-from psctl.core.shard_errors import BadClock, BadGradient, BadKeys, NotLive, UnknownTable
+from psctl.core.shard_errors import BadClock, BadGradient, BadKeys, NonFiniteGradient, NotLive, UnknownTable
 from psctl.protocol.wire import MAX_ARRAYS
 
 
@@ -34,13 +34,12 @@ class Table:
         """Local row indices of global ``keys`` (sorted, unique, inside this shard's range)."""
         if keys.ndim != 1 or keys.dtype.kind not in "iu":
             raise BadKeys(f"keys for {self.spec.name!r} must be a 1-d integer array")
-        keys = keys.astype(np.int64)  # keys may come narrowed (uint8..uint32); diff them signed
-        if len(keys):
-            if keys[0] < self.lo or keys[-1] >= self.hi:
-                raise BadKeys(f"keys for {self.spec.name!r} fall outside this shard's range [{self.lo}, {self.hi})")
-            if len(keys) > 1 and not (np.diff(keys) > 0).all():
-                raise BadKeys(f"keys for {self.spec.name!r} must be sorted and unique")
-        return keys - self.lo
+        # Order and range on the keys' own dtype: a uint64 key past 2^63 would turn negative as int64.
+        if len(keys) > 1 and not (keys[1:] > keys[:-1]).all():
+            raise BadKeys(f"keys for {self.spec.name!r} must be sorted and unique")
+        if len(keys) and (int(keys[0]) < self.lo or int(keys[-1]) >= self.hi):
+            raise BadKeys(f"keys for {self.spec.name!r} fall outside this shard's range [{self.lo}, {self.hi})")
+        return keys.astype(np.int64) - self.lo
 
     def read(self, keys: np.ndarray | None, rows: np.ndarray | None = None) -> np.ndarray:
         """Values of ``keys`` (all rows: None); ``rows`` from :meth:`locate` spares a second look-up.
@@ -117,6 +116,8 @@ class ShardState:
         self.pushes = 0
         self.samples = 0  # rows behind every push, for the "every row used" check
         self.left: dict[int, int] = {}  # worker -> its clock when it left
+        self.nonfinite: dict[int, int] = {}  # worker -> pushes refused for NaN/Inf gradients
+        self.refused: dict[int, int] = {}  # worker -> clock of its push refused as non-finite, until one is applied
         self.started_s = time.monotonic()
 
     def check_tables(self, names: Any, allow_empty: bool = False) -> list[str]:
@@ -134,6 +135,31 @@ class ShardState:
         if keys is None:
             return [self.tables[n].read(None) for n in names]
         return [self.tables[n].read(keys[i], None if rows is None else rows[i]) for i, n in enumerate(names)]
+
+    def check_pull(
+        self, names: list[str], keys: list[np.ndarray] | None, whole_sparse: bool = False
+    ) -> list[np.ndarray] | None:
+        """Validate a pull as it arrives (its keys; whole tables only where they may be read whole,
+        sparse ones only by a dump: ``whole_sparse``); the keys' rows.
+
+        A pull that waits at the gate is answered from someone else's push or leave: it must
+        not fail then."""
+        if keys is not None:
+            return self.locate(names, keys)
+        sparse = [name for name in names if isinstance(self.tables[name], SparseTable)]
+        if sparse and not whole_sparse:
+            raise BadKeys(f"table {sparse[0]!r} is sparse: pull its rows by key (or dump it as a driver)")
+        return None
+
+    def check_pull_clock(self, worker: int, clock: int) -> None:
+        """Refuse a pull past a push of this worker that was refused as non-finite: the worker's
+        clock did not move, so the pull would wait at the gate for the worker itself."""
+        refused = self.refused.get(worker)
+        if refused is not None and clock > refused:
+            raise NonFiniteGradient(
+                f"worker {worker} pulled at clock {clock}, but its push of clock {refused} was refused "
+                "as non-finite (NaN/Inf): nothing of it was applied"
+            )
 
     def locate(self, names: list[str], keys: list[np.ndarray]) -> list[np.ndarray]:
         """Validate each table's keys (range, order, owner) and find their rows, once per request."""
@@ -160,8 +186,13 @@ class ShardState:
         for name, (keys, grad) in grads.items():
             table = self.tables[name]
             table.check_grad(keys, grad)
+            if grad.dtype.kind in "fc" and not np.isfinite(grad).all():
+                self.nonfinite[worker] = self.nonfinite.get(worker, 0) + 1
+                self.refused[worker] = clock
+                raise NonFiniteGradient(f"worker {worker} pushed a non-finite gradient (NaN/Inf) for {name!r} at clock {clock}; nothing was applied")
             # validate before anything is applied or accumulated; an async push applies these rows
             rows[name] = None if keys is None else table.locate(keys)
+        self.refused.pop(worker, None)
         self.pushes += 1
         self.samples += count
         if self.acc is not None:
@@ -224,5 +255,6 @@ class ShardState:
             "clock": self.gate.min_clock(),  # the slowest live worker's: every clock below it is applied (sync)
             "clocks": {str(w): c for w, c in self.gate.clocks.items()},
             "waiting_pulls": self.gate.waiting(),
+            "nonfinite_pushes": {str(w): n for w, n in self.nonfinite.items()},
             "updates_s": self.updates / max(time.monotonic() - self.started_s, 1e-9),
         }

@@ -62,12 +62,13 @@ class SparseTable:
         name = self.spec.name
         if keys.ndim != 1 or keys.dtype.kind not in "iu":
             raise BadKeys(f"keys for {name!r} must be a 1-d integer array")
-        k = keys.astype(np.int64)  # uint64 keys beyond int64 turn negative and fail the range check
+        # Order and range on the keys' own dtype: a uint64 key past 2^63 would turn negative as int64.
+        if len(keys) > 1 and not (keys[1:] > keys[:-1]).all():
+            raise BadKeys(f"keys for {name!r} must be sorted and unique")
+        if len(keys) and (int(keys[0]) < 0 or int(keys[-1]) >= self.hi):
+            raise BadKeys(f"keys for {name!r} fall outside its key space [0, {self.hi})")
+        k = keys.astype(np.int64)
         if len(k):
-            if k[0] < 0 or k[-1] >= self.hi:
-                raise BadKeys(f"keys for {name!r} fall outside its key space [0, {self.hi})")
-            if len(k) > 1 and not (np.diff(k) > 0).all():
-                raise BadKeys(f"keys for {name!r} must be sorted and unique")
             if self.n_shards > 1 and (key_owner(k, self.n_shards) != self.shard_index).any():
                 raise BadKeys(f"keys for {name!r} include keys another shard owns (hash routing)")
         return self._find(k)

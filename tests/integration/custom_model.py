@@ -24,3 +24,13 @@ class MeanModel(Model):
 
     def predict(self, params, X):
         return np.full(len(X), params["b"][0])
+
+
+class DivergingModel(MeanModel):
+    """A model whose gradient overflows to NaN: the shard refuses it, the worker fails naming itself."""
+
+    kind = "tests.integration.custom_model:DivergingModel"
+
+    def loss_grad(self, params, X, y):
+        loss, grads, outputs = super().loss_grad(params, X, y)
+        return loss, {"b": np.full_like(grads["b"], np.nan)}, outputs

@@ -89,3 +89,11 @@ def test_init_values_independent_of_sharding():
     whole = init_values(spec, 0, 10_000, seed=5)
     parts = np.concatenate([init_values(spec, lo, hi, seed=5) for lo, hi in shard_ranges(10_000, 3)])
     np.testing.assert_array_equal(whole, parts)
+
+
+def test_discarded_tokens_are_never_released():
+    gate = ClockGate([0], staleness=0)
+    assert not gate.wait(1, "a") and not gate.wait(1, "b") and not gate.wait(2, "c")
+    gate.discard({"a", "c"})
+    assert gate.waiting() == 1
+    assert gate.advance(0, 2) == ["b"]

@@ -97,3 +97,49 @@ def test_state_refuses_before_changing_anything():
         s.push(0, 0, {"f": (np.array([60, 40]), np.ones((2, 2), np.float32))}, 1)
     np.testing.assert_array_equal(s.tables["f"].values, before)
     assert s.pushes == 0 and s.gate.clocks[0] == 0
+
+
+def test_uint64_keys_past_int64_are_out_of_range_not_wrapped():
+    keys = np.array([3, 2**63 + 1], np.uint64)  # as int64: [3, -9223372036854775807]
+    dense = ShardState("j", [TableSpec("w", 10)], {"w": (0, 10)}, "async", 0, [0], SGD(lr=0.1), seed=0)
+    with pytest.raises(e.BadKeys, match="outside"):
+        dense.push(0, 0, {"w": (keys, np.ones(2, np.float32))}, 1)
+    assert not dense.tables["w"].values.any() and dense.pushes == 0
+    sparse = ShardState("j", [TableSpec("s", 2**32, sparse=True)], {"s": (0, 2**32)}, "async", 0, [0], SGD(lr=0.1), seed=0)
+    with pytest.raises(e.BadKeys, match="key space"):
+        sparse.push(0, 0, {"s": (keys, np.ones(2, np.float32))}, 1)
+    assert len(sparse.tables["s"]) == 0
+    with pytest.raises(e.BadKeys, match="sorted and unique"):  # unsigned, so no wrap-around in the order check
+        sparse.tables["s"].locate(np.array([5, 3], np.uint64))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_a_non_finite_gradient_is_refused_counted_and_nothing_applied(bad, mode):
+    s = state(mode, workers=(0, 1))
+    grad = np.ones((2, 2), np.float32)
+    grad[1, 0] = bad
+    with pytest.raises(e.BadGradient, match=r"worker 1 pushed a non-finite gradient \(NaN/Inf\) for 'f'") as info:
+        s.push(1, 0, {"w": (None, np.ones(10, np.float32)), "f": (np.array([50, 60]), grad)}, 1)
+    assert info.value.code == "non_finite_gradient"
+    assert s.gate.clocks[1] == 0 and s.pushes == 0 and s.samples == 0
+    assert not s.tables["w"].values.any() and not s.tables["f"].values.any()
+    assert s.status()["nonfinite_pushes"] == {"1": 1}
+    # the honest worker's push is still applied (async) or accumulated (sync)
+    s.push(0, 0, {"f": (np.array([50]), np.ones((1, 2), np.float32))}, 1)
+    s.push(1, 0, {"f": (np.array([50]), np.ones((1, 2), np.float32))}, 1)
+    assert np.isfinite(s.tables["f"].values).all() and s.tables["f"].values.any()
+    assert s.status()["nonfinite_pushes"] == {"1": 1}
+
+
+def test_a_pull_past_a_push_refused_as_non_finite_is_refused_not_left_waiting_for_itself():
+    s = state("sync", workers=(0, 1))
+    with pytest.raises(e.NonFiniteGradient):
+        s.push(0, 0, {"w": (None, np.full(10, np.inf, np.float32))}, 1)
+    s.check_pull_clock(0, 0)  # the clock it is at: fine
+    s.check_pull_clock(1, 1)  # another worker: not its business
+    with pytest.raises(e.NonFiniteGradient, match="worker 0 pulled at clock 1, but its push of clock 0 was refused") as info:
+        s.check_pull_clock(0, 1)
+    assert info.value.code == "non_finite_gradient"
+    s.push(0, 0, {"w": (None, np.ones(10, np.float32))}, 1)  # a finite push of that clock is applied
+    s.check_pull_clock(0, 1)
