@@ -13,7 +13,7 @@ from psctl.apps import recommend
 from psctl.apps.results import json_safe
 from psctl.core.sparse import SparseRows
 from psctl.data import csvfile, formats
-from psctl.errors import DataError, UsageError
+from psctl.errors import DataError, ModelFileError, UsageError
 from psctl.files import loading
 from psctl.models.base import Model, encode_targets, evaluate, predicted_index
 
@@ -29,6 +29,8 @@ class Prediction:
 
 def schema_for(meta: dict[str, Any], path: str) -> csvfile.CsvSchema:
     """Find the model's feature columns (and the label, if present) in ``path``."""
+    if meta.get("schema") is None:
+        raise ModelFileError("the model file has no training schema, so its feature columns cannot be found")
     trained = csvfile.CsvSchema.from_dict(meta["schema"])
     if not trained.has_header:
         columns = csvfile.read_columns(path, has_header=False)
@@ -67,7 +69,7 @@ def predict(model_path: str, data_path: str, model_class_path: str | None = None
     X, labels = csvfile.read_csv(data_path, schema)
     if meta.get("standardize"):
         X = (X - np.asarray(meta["standardize"]["mean"])) / np.asarray(meta["standardize"]["std"])
-    outputs = model.predict({k: v.astype(np.float64) for k, v in params.items()}, X)
+    outputs = model.predict({k: v.astype(np.float64, copy=False) for k, v in params.items()}, X)
     return _finish(model, meta, outputs, labels if schema.label_index is not None else None)
 
 
@@ -114,7 +116,7 @@ def aligned_weights(model: Model, params: dict[str, np.ndarray], X: SparseRows) 
     out, missing = {}, []
     for name, keys in model.keys(X).items():
         stored = params[f"{name}.keys"]
-        values = params[name].astype(np.float64)
+        values = params[name]
         rows = np.zeros((len(keys), *values.shape[1:]))
         found = np.zeros(len(keys), bool)
         if len(stored):

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from typing import IO, Any
 
 import numpy as np
@@ -27,6 +29,11 @@ _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 # RuntimeError: an encrypted member (NotImplementedError, an unknown compression, is one too).
 _DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, OSError)
 MAX_MEMBERS = 4096
+MAX_META_BYTES = 64 << 20
+#: name -> (shape, dtype) of each member, from its .npy header (no data read).
+Headers = dict[str, tuple[tuple[int, ...], np.dtype]]
+#: Given the checked meta and the headers, the members to load (raises ModelFileError to refuse).
+Select = Callable[[dict[str, Any], Headers], set[str]]
 _NPY_HEADERS = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
 
 
@@ -62,50 +69,37 @@ def save_model(path: str, params: dict[str, np.ndarray], meta: dict[str, Any]) -
             os.unlink(tmp)
 
 
-def load_model(path: str, expect_kind: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def load_model(
+    path: str, expect_kind: str | None = None, select: Select | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The parameter arrays and the meta dict of a psctl model file.
 
-    Every way the file can be wrong (missing, not an archive, damaged, a plain numpy
-    archive, object arrays, bad meta, another kind than ``expect_kind``) raises
-    ModelFileError with one sentence.
+    Every way the file can be wrong (missing, not a regular file, not an archive,
+    damaged, a plain numpy archive, object arrays, bad meta, another kind than
+    ``expect_kind``) raises ModelFileError with one sentence. ``select``, given the
+    meta and every member's declared shape and dtype (read from the .npy headers,
+    before any data), names the members to load; the others are never inflated.
     """
-    arrays = _read_archive(path)
-    raw = arrays.pop(META_KEY, None)
-    if raw is None:
-        raise ModelFileError(f"'{path}' is a numpy archive but not a psctl model (no {META_KEY})")
     try:
-        if raw.dtype != np.uint8 or raw.ndim != 1:
-            raise ValueError("not bytes")
-        meta = json.loads(raw.tobytes().decode())
-    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise ModelFileError(f"'{path}' has a {META_KEY} block that is not JSON text") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ModelFileError(f"'{path}' is not a psctl model (wrong {META_KEY} format marker)")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ModelFileError(
-            f"'{path}' is a psctl model of format version {meta.get('format_version')}; this psctl reads {FORMAT_VERSION}"
-        )
-    if not isinstance(meta.get("kind"), str):
-        raise ModelFileError(f"'{path}' does not say what kind of model it holds")
-    if expect_kind is not None and meta["kind"] != expect_kind:
-        raise ModelFileError(f"'{path}' is a {meta['kind']} model, not {expect_kind}")
-    for name, array in arrays.items():
-        if array.dtype.kind not in "fiu":
-            raise ModelFileError(f"'{path}' has a parameter '{name}' of type {array.dtype}, not numbers")
-    return arrays, meta
-
-
-def _read_archive(path: str) -> dict[str, np.ndarray]:
-    try:
-        with open(path, "rb") as fh:
+        with _open_regular(path) as fh:
             # np.load would try a non-zip file as a pickle; refuse it here with a clear word.
             if fh.read(4) not in _ZIP_MAGICS:
                 raise ModelFileError(f"'{path}' is not a psctl model file (not an .npz archive)")
             fh.seek(0)
-            _check_members(fh, path)
+            headers = _check_members(fh, path)
             fh.seek(0)
             with np.load(fh, allow_pickle=False) as archive:
-                return {name: archive[name] for name in archive.files}
+                if META_KEY not in headers:
+                    raise ModelFileError(f"'{path}' is a numpy archive but not a psctl model (no {META_KEY})")
+                meta = _meta(path, headers[META_KEY], archive)
+                if expect_kind is not None and meta["kind"] != expect_kind:
+                    raise ModelFileError(f"'{path}' is a {meta['kind']} model, not {expect_kind}")
+                del headers[META_KEY]
+                for name, (_, dtype) in headers.items():
+                    if dtype.kind not in "fiu":
+                        raise ModelFileError(f"'{path}' has a parameter '{name}' of type {dtype}, not numbers")
+                wanted = set(headers) if select is None else select(meta, headers)
+                return {name: archive[name] for name in headers if name in wanted}, meta
     except FileNotFoundError:
         raise ModelFileError(f"model file '{path}' does not exist") from None
     except IsADirectoryError:
@@ -123,7 +117,48 @@ def _read_archive(path: str) -> dict[str, np.ndarray]:
         raise ModelFileError(f"'{path}' holds more than this machine can load") from None
 
 
-def _check_members(fh: IO[bytes], path: str) -> None:
+def _open_regular(path: str) -> IO[bytes]:
+    """``path`` opened for reading if it is a regular file (O_NONBLOCK: a FIFO must not
+    block the open); ModelFileError otherwise."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(path)
+        if not stat.S_ISREG(mode):
+            raise ModelFileError(f"'{path}' is not a regular file, so not a model file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _meta(path: str, header: tuple[tuple[int, ...], np.dtype], archive: Any) -> dict[str, Any]:
+    shape, dtype = header
+    if dtype != np.uint8 or len(shape) != 1:
+        raise ModelFileError(f"'{path}' has a {META_KEY} block that is not JSON text")
+    if shape[0] > MAX_META_BYTES:
+        raise ModelFileError(f"'{path}' has a {META_KEY} block of {shape[0]} bytes; psctl reads at most {MAX_META_BYTES}")
+    try:
+        meta = json.loads(archive[META_KEY].tobytes().decode())
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ModelFileError(f"'{path}' has a {META_KEY} block that is not JSON text") from None
+    except RecursionError:
+        raise ModelFileError(f"'{path}' has a {META_KEY} block nested too deeply to be a psctl model's") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelFileError(f"'{path}' is not a psctl model (wrong {META_KEY} format marker)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ModelFileError(
+            f"'{path}' is a psctl model of format version {meta.get('format_version')}; this psctl reads {FORMAT_VERSION}"
+        )
+    if not isinstance(meta.get("kind"), str):
+        raise ModelFileError(f"'{path}' does not say what kind of model it holds")
+    return meta
+
+
+def _check_members(fh: IO[bytes], path: str) -> Headers:
     """Before numpy allocates anything: every member is an .npy whose header's shape
     fits the bytes the member really holds (numpy would allocate the declared shape
     first), with no objects, and the whole fits in memory.
@@ -131,6 +166,7 @@ def _check_members(fh: IO[bytes], path: str) -> None:
     The archive's own sizes are trustworthy here: zipfile never inflates a member
     past its declared size and checks its CRC.
     """
+    headers: Headers = {}
     with zipfile.ZipFile(fh) as archive:
         members = archive.infolist()
         if len(members) > MAX_MEMBERS:
@@ -156,6 +192,8 @@ def _check_members(fh: IO[bytes], path: str) -> None:
                         f"'{path}' is damaged or forged: member '{member.filename}' declares {declared} bytes "
                         f"of data but holds {member.file_size - npy.tell()}"
                     )
+                headers[member.filename.removesuffix(".npy")] = (tuple(shape), dtype)
+    return headers
 
 
 def _memory_bytes() -> int:

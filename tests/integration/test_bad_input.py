@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import socket
+import time
 import zipfile
 
 import numpy as np
@@ -118,6 +120,15 @@ def test_predict_plain_numpy_archive(tmp_path):
 def test_predict_object_array_is_refused(tmp_path):
     np.savez(tmp_path / "obj.npz", __meta__=np.array([{"kind": "logreg"}], dtype=object), allow_pickle=True)
     assert_clean_error(run_psctl("predict", str(tmp_path / "obj.npz"), str(TEST)), "object arrays", code=2)
+
+
+def test_predict_on_a_fifo_does_not_hang(tmp_path):
+    os.mkfifo(tmp_path / "m.npz")
+    started = time.monotonic()
+    r = run_psctl("predict", str(tmp_path / "m.npz"), str(TEST), timeout_s=30)
+    assert_clean_error(r, "is not a regular file", code=2)
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert time.monotonic() - started < 30
 
 
 def test_predict_truncated_model(tmp_path, model):
