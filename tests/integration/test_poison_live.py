@@ -24,7 +24,7 @@ async def test_a_nan_push_is_refused_while_an_honest_worker_keeps_training():
     controls, clients, ids = [], [], []
     try:
         spec = bare_spec(2, "async")
-        submitted = await driver.submit(spec, timeout_s=30)
+        await driver.submit(spec, timeout_s=30)
         placed = (await driver.request(MsgType.TABLES, {"tables": spec["tables"]}, timeout_s=30)).body
         for _ in range(2):
             control, reg = await worker_session(server.address)
