@@ -209,6 +209,8 @@ def build_spec(cfg: TrainConfig, source: formats.Source, partitions: list[csvfil
         failure_timeout_s=cfg.failure_timeout_s,
         # How long a lost worker's partition waits for a new worker before a survivor takes
         # it over: long enough for this driver's restart to register, if it will restart one.
+        # Early stopping keeps the weights of the best epoch's end, not of a few steps later.
+        hold_epochs=cfg.patience > 0,
         takeover_after_s=cfg.failure_timeout_s if cfg.max_restarts > 0 and (cfg.local_workers is None or cfg.local_workers > 0) else 0.0,
     )
 
@@ -229,6 +231,7 @@ def resume_spec(cfg: TrainConfig, fresh: JobSpec) -> JobSpec:
     if cfg.server is None and manifest["n_shards"] != cfg.shards:
         cfg.shards = int(manifest["n_shards"])  # the shard files are per shard
     return spec.replace(
+        hold_epochs=fresh.hold_epochs,  # early stopping is this run's choice
         min_shards=int(manifest["n_shards"]), resume={"dir": os.path.abspath(cfg.resume or ""), "clock": int(manifest["clock"])}
     )
 
@@ -497,6 +500,8 @@ async def _follow(
                 on_event(event)
                 if event["kind"] == "epoch":
                     await session.on_epoch(event, on_event)
+                    if session.spec.hold_epochs:  # the workers held at its end go on
+                        control.notify(MsgType.EPOCH_SEEN, {"epoch": event["epoch"]})
                 if event["kind"] == "halted":
                     raise Interrupted(_halted(session.spec, event["clock"], None if halt is not None else event["reason"]))
                 if event["kind"] == "failed":

@@ -211,6 +211,9 @@ class CoordinatorService:
     def _stop(self, conn: int, msg: Message) -> None:
         self._dispatch(core.StopRequested(conn))
 
+    def _epoch_seen(self, conn: int, msg: Message) -> None:
+        self._dispatch(core.EpochSeen(conn, msg.body))
+
     def _halt(self, conn: int, msg: Message) -> Any:
         return self._request(lambda r: core.HaltRequested(r, conn), MsgType.HALT)
 
@@ -267,6 +270,7 @@ class CoordinatorService:
         MsgType.TABLES: _tables,
         MsgType.JOB_END: _job_end,
         MsgType.STOP: _stop,
+        MsgType.EPOCH_SEEN: _epoch_seen,
         MsgType.HALT: _halt,
         MsgType.REGISTER_WORKER: _register_worker,
         MsgType.STATS: _stats,

@@ -38,6 +38,9 @@ PROGRESS_INTERVAL_S = 0.25
 REWIND_TIMEOUT_S = 60.0
 RECONNECT_TRIES = 7  # 0.1 s doubling: about 6 s in all
 RECONNECT_FIRST_DELAY_S = 0.1
+# How long a worker holds at an epoch's end for the driver (hold_epochs): the driver reads
+# the report and may pull every table first, as long as the final pull may take.
+EPOCH_HOLD_TIMEOUT_S = 600.0
 T = TypeVar("T")
 
 
@@ -56,6 +59,7 @@ class _ControlService:
         self.until: int | None = None  # after RESUME: take no step at this clock or later
         self.position: Callable[[], int] = lambda: 0  # the clock this worker will hold at
         self.on_take_over: Callable[[str], None] = lambda job_id: None
+        self.seen_epoch = -1  # hold_epochs: the last epoch the driver has read
         self._wake = asyncio.Event()
 
     def session(self, address: str, *, max_frame_bytes: int, security: net.Security) -> Awaitable[Session]:
@@ -90,6 +94,17 @@ class _ControlService:
             self._wake.clear()
             await self._wake.wait()
 
+    async def wait_epoch_seen(self, epoch: int, timeout_s: float) -> None:
+        """Hold at the end of ``epoch`` until the driver has read its report (early stopping
+        pulls the best epoch's weights meanwhile), the job stops, or a halt says where to stop."""
+        deadline = time.monotonic() + timeout_s
+        while self.abort_reason is None and not self.stop_requested and self.until is None and self.seen_epoch < epoch:
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(deadline - time.monotonic(), 0.0))
+            except TimeoutError:
+                raise JobError(f"the driver did not read epoch {epoch + 1}'s report within {timeout_s:g} s") from None
+
     def pause(self, msg: Message) -> net.Reply:
         self.paused, self.until = True, None
         return Message(MsgType.PAUSE, {"clock": self.position()})
@@ -109,6 +124,12 @@ class _ControlService:
             self._abort(str(event.get("reason", "the job was aborted")))
         elif kind == "stop":
             self.stop_requested = True
+            self._wake.set()
+        elif kind == "epoch_seen":
+            epoch = event.get("epoch")
+            if isinstance(epoch, int) and not isinstance(epoch, bool):
+                self.seen_epoch = max(self.seen_epoch, epoch)
+                self._wake.set()
         elif kind == "take_over":
             self.on_take_over(str(event.get("job_id")))
 
@@ -395,6 +416,7 @@ class Worker:
     ) -> None:
         """Mini-batch steps from ``start_clock`` (0, or where a lost predecessor's pushes stopped)."""
         epochs, batch_size, seed = int(spec["epochs"]), int(spec["batch_size"]), int(spec.get("seed", 0))
+        hold = bool(spec.get("hold_epochs"))
         n_rows = len(prep.y)
         max_rows = max_partition_rows(spec)
         per_epoch = epoch_steps(n_rows, batch_size, max_rows)
@@ -448,10 +470,15 @@ class Worker:
                     recent_loss, recent_n, last_progress = 0.0, 0, now
             if self.control.stop_requested:
                 break  # a partial epoch is not reported
+            if hold and acks is not None:
+                await acks  # the epoch's last push is on the shards before the driver may read them
+                acks = None
             report: dict[str, Any] = {"epoch": epoch, "loss_sum": loss_sum, "sums": sums, "n": rows}
             if val is not None:
                 report["val"] = await self._evaluate(client, model, val, clock)
             coord.notify(MsgType.EPOCH_REPORT, report)
+            if hold and epoch < epochs - 1:
+                await self.control.wait_epoch_seen(epoch, EPOCH_HOLD_TIMEOUT_S)
         if acks is not None:
             await acks
         if recent_n:

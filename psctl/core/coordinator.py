@@ -33,6 +33,7 @@ from psctl.core.events import (  # noqa: F401 (the events and effects are part o
     ConnectionClosed,
     Effect,
     EpochReported,
+    EpochSeen,
     Event,
     Failed,
     FinalReport,
@@ -507,6 +508,7 @@ class JobData:
     takeovers: dict[int, int] = field(default_factory=dict)  # worker id -> partitions it was asked to take over
     manifests_writing: set[int] = field(default_factory=set)  # clocks whose manifest is being written
     done_report: dict[str, Any] | None = None  # the 'done' event, held while a manifest is being written
+    released_epoch: int = -1  # hold_epochs: the last epoch the driver has read; workers go on past its end
 
     @property
     def last_checkpoint(self) -> int | None:
@@ -1196,7 +1198,24 @@ class CoordinatorState:
         if not isinstance(epoch, int) or isinstance(epoch, bool):
             raise RequestError("EPOCH_REPORT needs an integer epoch")
         job.epochs.report(epoch, slot.partition, event.body)
-        return self._check_epochs(job)
+        out = self._check_epochs(job)
+        if job.spec.hold_epochs and epoch <= job.released_epoch and slot.peer is not None:
+            # a replacement (or a rewound worker) redoing an epoch the driver has already read
+            out.append(Notify((slot.peer,), MsgType.EVENT, {"kind": "epoch_seen", "epoch": job.released_epoch}))
+        return out
+
+    def _epoch_seen(self, event: EpochSeen) -> list[ServiceEffect]:
+        """The driver has read an epoch's report: the workers held at its end go on."""
+        job = self.job
+        epoch = event.body.get("epoch")
+        if job is None or job.driver != event.conn or not job.spec.hold_epochs:
+            raise RequestError("EPOCH_SEEN comes from the driver of a running job that holds epochs", code="forbidden")
+        if not isinstance(epoch, int) or isinstance(epoch, bool):
+            raise RequestError("EPOCH_SEEN needs an integer epoch")
+        if epoch <= job.released_epoch:
+            return []
+        job.released_epoch = epoch
+        return [Notify(self._worker_conns(job), MsgType.EVENT, {"kind": "epoch_seen", "epoch": epoch})]
 
     def _check_epochs(self, job: JobData) -> list[ServiceEffect]:
         # A spare slot's partition is awaited too: its replacement will report for it.
@@ -1350,6 +1369,7 @@ class CoordinatorState:
         HaltRequested: _halt,
         ServerStopping: _server_stopping,
         StopRequested: _stop,
+        EpochSeen: _epoch_seen,
         JobEndRequested: _job_end,
         StatusAsked: _status,
     }

@@ -201,6 +201,12 @@ class StopRequested:
 
 
 @dataclass(frozen=True)
+class EpochSeen:
+    conn: Hashable
+    body: dict[str, Any]  # the "epoch" the driver has read: workers held at its end go on
+
+
+@dataclass(frozen=True)
 class JobEndRequested:
     conn: Hashable
     reason: object = None
@@ -214,7 +220,7 @@ class StatusAsked:
 Event = (
     Heard | ConnectionClosed | ShardRegistered | JobSubmitted | TablesGiven | WorkerRegistered | Heartbeat | Tick
     | StatsArrived | StatsPooled | Progress | EpochReported | Trained | FinalReport | Failed | Checkpointed
-    | ManifestWritten | Answered | TimerFired | HaltRequested | ServerStopping | StopRequested | JobEndRequested
+    | ManifestWritten | Answered | TimerFired | HaltRequested | ServerStopping | StopRequested | EpochSeen | JobEndRequested
     | StatusAsked
 )
 

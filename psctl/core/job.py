@@ -50,6 +50,9 @@ class JobSpec:
     takeover_after_s: float | None = None
     validation: dict[str, Any] | None = None  # a held-out file's partitions
     resume: dict[str, Any] | None = None  # {"dir", "clock"}: continue from that checkpoint
+    # Early stopping keeps the best epoch's weights: each worker holds at an epoch's end until
+    # the driver has read that epoch's report (and pulled the weights if they are the best).
+    hold_epochs: bool = False
 
     @property
     def takeover_grace_s(self) -> float:
@@ -135,7 +138,7 @@ _KINDS = {
     "model_params": "dict", "n_features": "positive", "epochs": "count", "batch_size": "positive", "l2": "float",
     "seed": "int", "standardize": "bool", "optimizer": "dict", "min_shards": "positive", "data": "dict",
     "test_split": "fraction", "checkpoint": "dict", "heartbeat_interval_s": "seconds", "failure_timeout_s": "seconds",
-    "takeover_after_s": "seconds0", "validation": "dict", "resume": "dict",
+    "takeover_after_s": "seconds0", "validation": "dict", "resume": "dict", "hold_epochs": "bool",
 }
 _WHAT = {
     "str": "a string", "int": "an integer", "count": "an integer >= 0", "positive": "an integer >= 1",

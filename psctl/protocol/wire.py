@@ -82,6 +82,8 @@ class MsgType(enum.IntEnum):
     PAUSE = 26
     RESUME = 27
     HALT = 28
+    # early stopping: the driver has read an epoch's report (and kept its weights); the workers held at its end go on
+    EPOCH_SEEN = 29
     WORKER_JOINED = 33
     # control plane: coordinator -> shard
     JOB_SETUP = 30

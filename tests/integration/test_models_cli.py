@@ -110,10 +110,10 @@ def test_early_stopping_keeps_the_best_weights(tmp_path):
     best = meta["metrics"]["best_epoch"]
     assert held_out[best] == pytest.approx(min(held_out), abs=1e-4)
     assert best < len(held_out) - 1 and meta["metrics"]["weights_from_epoch"] == best
-    # The saved weights are pulled right after the best epoch's report (workers may be a few
-    # steps further by then): their held-out loss is near the best and below the last epoch's.
+    # The workers hold at each epoch's end while the driver pulls the best epoch's weights:
+    # the saved model is that epoch's (the held-out loss of the report, to the printed digits).
     saved = psctl_json("predict", str(out), str(val))["metrics"]["log_loss"]
-    assert saved == pytest.approx(min(held_out), abs=0.03) and saved < held_out[-1]
+    assert saved == pytest.approx(min(held_out), abs=1e-3) and saved < held_out[-1]
 
 
 def test_test_split_reports_held_out_metrics(tmp_path):

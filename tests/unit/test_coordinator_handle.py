@@ -206,6 +206,33 @@ def test_a_sync_job_runs_to_done():
     assert sim.job.state is JobState.DONE
 
 
+def test_early_stopping_holds_the_workers_at_each_epoch_end_until_the_driver_has_read_it():
+    sim = start(hold_epochs=True)
+    for i in range(2):
+        out = sim(core.EpochReported(f"w{i}", {"epoch": 0, "n": 5, "loss_sum": 1.0}))
+        assert not notified(out, MsgType.EVENT, f"w{i}")  # held: nobody is told to go on yet
+    assert [e["epoch"] for e in sim.driver_events(out) if e["kind"] == "epoch"] == [0]
+    out = sim(core.EpochSeen("d", {"epoch": 0}))
+    assert notified(out, MsgType.EVENT, "w0") == notified(out, MsgType.EVENT, "w1") == [{"kind": "epoch_seen", "epoch": 0}]
+    assert sim(core.EpochSeen("d", {"epoch": 0})) == []  # an epoch is let go once
+    # A worker that redoes an epoch the driver has read (a replacement, a rewind) goes on at once.
+    out = sim(core.EpochReported("w1", {"epoch": 0, "n": 5, "loss_sum": 1.0}))
+    assert notified(out, MsgType.EVENT, "w1") == [{"kind": "epoch_seen", "epoch": 0}] and not sim.driver_events(out)
+    with pytest.raises(RequestError, match="from the driver"):
+        sim(core.EpochSeen("w0", {"epoch": 1}))
+    with pytest.raises(RequestError, match="integer epoch"):
+        sim(core.EpochSeen("d", {"epoch": "1"}))
+    assert sim.job.released_epoch == 0
+
+
+def test_epoch_seen_is_refused_for_a_job_that_does_not_hold_epochs():
+    sim = start()
+    with pytest.raises(RequestError, match="holds epochs"):
+        sim(core.EpochSeen("d", {"epoch": 0}))
+    out = sim(core.EpochReported("w0", {"epoch": 0, "n": 5, "loss_sum": 1.0}))
+    assert not notified(out, MsgType.EVENT, "w0")
+
+
 def test_done_waits_for_the_manifest_being_written_and_the_driver_hears_of_the_checkpoint_first():
     sim = start(checkpoint={"dir": "ck", "every": 10})
     writes = [e for e in sim(core.Checkpointed(sim.job.job_id, 10, 0)) if isinstance(e, WriteManifest)]

@@ -44,6 +44,33 @@ async def test_resume_until_holds_every_step_from_that_clock_until_the_job_ends(
     assert control.abort_reason == "stopped"
 
 
+async def test_an_epoch_end_holds_until_the_driver_has_read_that_epoch_or_the_job_stops():
+    from psctl.errors import JobError
+
+    control = _ControlService()
+    waiting = asyncio.ensure_future(control.wait_epoch_seen(2, 5))
+    control.on_event({"kind": "epoch_seen", "epoch": 1})  # an earlier epoch: still held
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    control.on_event({"kind": "epoch_seen", "epoch": 2})
+    await asyncio.wait_for(waiting, 5)
+    await asyncio.wait_for(control.wait_epoch_seen(1, 5), 5)  # already read: no hold
+    stopping = asyncio.ensure_future(control.wait_epoch_seen(3, 5))
+    control.on_event({"kind": "stop"})  # early stop: the loop then ends the training
+    await asyncio.wait_for(stopping, 5)
+    with pytest.raises(JobError, match="did not read epoch 5's report within 0.05 s"):
+        await _ControlService().wait_epoch_seen(4, 0.05)
+
+
+async def test_a_halt_ends_the_hold_and_holds_the_next_step_for_good():
+    control = _ControlService()
+    waiting = asyncio.ensure_future(control.wait_epoch_seen(0, 5))
+    control.pause(Message(MsgType.PAUSE, {}))
+    control.resume(Message(MsgType.RESUME, {"until": 4}))
+    await asyncio.wait_for(waiting, 5)
+    assert await held(control, 4)
+
+
 async def test_resume_with_a_bad_clock_is_refused():
     from psctl.errors import RequestError
 
