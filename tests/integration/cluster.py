@@ -34,8 +34,8 @@ class ServerProcess:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # bounded by the test's timeout
         if "listening on" not in line:
-            self.stop()
-            raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read() if self.proc.stderr else ''}")
+            code, out, err = self.stop()
+            raise RuntimeError(f"server did not start (exit {code}): {line + out!r} {err}")
         self.address = line.split("listening on ", 1)[1].split()[0]
 
     def stop(self, timeout_s: float = 10) -> tuple[int, str, str]:
