@@ -155,7 +155,7 @@ class TrainConfig:
                              f"{'none' if self.mode == 'async' else 'staleness 0'}")
         if "huber_delta" in self.model_params and self.model_params.get("loss") != "huber":
             raise UsageError("--huber-delta is for --loss huber")
-        if self.resume and self.checkpoint_dir and Path(self.resume).resolve() != Path(self.checkpoint_dir).resolve():
+        if self.resume and self.checkpoint_dir and checkpoint.folder_of(self.resume).resolve() != Path(self.checkpoint_dir).resolve():
             raise UsageError("--resume continues in its own folder; leave out --checkpoint-dir or give the same folder")
         try:
             staleness_for(self.mode, self.staleness)
@@ -218,6 +218,7 @@ def build_spec(cfg: TrainConfig, source: formats.Source, partitions: list[csvfil
 def resume_spec(cfg: TrainConfig, fresh: JobSpec) -> JobSpec:
     """The stopped job's spec (same partitions, hyper-parameters, shards), set to resume at its checkpoint."""
     manifest = checkpoint.read_manifest(cfg.resume or "")
+    folder = checkpoint.folder_of(cfg.resume or "")
     try:
         spec = JobSpec.from_wire(manifest["spec"])
     except RequestError as exc:
@@ -228,11 +229,12 @@ def resume_spec(cfg: TrainConfig, fresh: JobSpec) -> JobSpec:
         )
     if spec.data.get("size") != fresh.data["size"]:
         raise checkpoint.CheckpointError(f"'{spec.data['path']}' changed size since the checkpoint")
+    checkpoint.check_files(folder, manifest)
     if cfg.server is None and manifest["n_shards"] != cfg.shards:
         cfg.shards = int(manifest["n_shards"])  # the shard files are per shard
     return spec.replace(
         hold_epochs=fresh.hold_epochs,  # early stopping is this run's choice
-        min_shards=int(manifest["n_shards"]), resume={"dir": os.path.abspath(cfg.resume or ""), "clock": int(manifest["clock"])}
+        min_shards=int(manifest["n_shards"]), resume={"dir": os.path.abspath(folder), "clock": int(manifest["clock"])}
     )
 
 

@@ -1,0 +1,68 @@
+"""Checkpoints that can be trusted: the files a manifest names stay on disk whatever the
+coordinator does, an older checkpoint is offered when the newest is damaged, a folder
+is relocatable, and what a checkpoint holds is checked before it is used."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from psctl.files import checkpoint
+
+from ..conftest import run_psctl
+from .test_processes import assert_equal_to_clean, kill_everything, resume, seed_args, start_train, train_clean
+
+pytestmark = [pytest.mark.integration]
+
+
+def clocks(folder: Path, shard_index: int) -> list[int]:
+    """The clocks of one shard's files in a checkpoint folder, oldest first."""
+    return sorted(int(p.stem.rsplit("-", 1)[1]) for p in folder.glob(f"shard-{shard_index}-clock-*.npz"))
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Look at the file system until ``predicate`` holds; fail after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)  # the interval between looks, not a synchronisation
+
+
+@pytest.mark.fault
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
+def test_a_stalled_coordinator_does_not_let_the_shards_delete_the_checkpoint_it_committed(tmp_path):
+    common = seed_args("sync", 40, workers=2)
+    train_clean(tmp_path, common)
+    ckpt = tmp_path / "ckpt"
+    proc, address = start_train(
+        [*common, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "20", "--out", str(tmp_path / "never.npz")],
+        until="checkpoint at clock 100",
+    )
+    # The coordinator runs in 'psctl train': stopped, it writes no manifest while the shards,
+    # driven by the workers' pushes, go on saving clock after clock.
+    os.kill(proc.pid, signal.SIGSTOP)
+    committed = checkpoint.read_manifest(ckpt)["clock"]
+    wait_for(
+        lambda: all(max(clocks(ckpt, i), default=0) >= committed + 80 for i in range(2)),
+        timeout_s=90, what=f"both shards to save 4 checkpoints past clock {committed}",
+    )
+    kill_everything(proc, address)
+    manifest = checkpoint.read_manifest(ckpt)
+    assert manifest["clock"] == committed
+    assert all(checkpoint.shard_file(ckpt, i, committed).is_file() for i in range(2))
+    params, meta = resume(tmp_path, common, ckpt, committed)
+    assert_equal_to_clean(tmp_path, params)
+    assert meta["metrics"]["rows_trained"] == 40 * 2000
+    # The resumed job commits checkpoints again, and the shards then remove the old files.
+    final = checkpoint.read_manifest(ckpt)
+    assert final["clock"] > committed and final["previous_clock"] is not None
+    for i in range(2):
+        on_disk = clocks(ckpt, i)
+        assert {final["clock"], final["previous_clock"]} <= set(on_disk) and min(on_disk) >= final["previous_clock"]
