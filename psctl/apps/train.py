@@ -232,9 +232,13 @@ def resume_spec(cfg: TrainConfig, fresh: JobSpec) -> JobSpec:
     checkpoint.check_files(folder, manifest)
     if cfg.server is None and manifest["n_shards"] != cfg.shards:
         cfg.shards = int(manifest["n_shards"])  # the shard files are per shard
+    # A checkpoint folder is relocatable: the job continues in the folder it was resumed from,
+    # wherever it was first written (a copy or a moved folder leaves the original alone).
+    here = os.path.abspath(folder)
     return spec.replace(
         hold_epochs=fresh.hold_epochs,  # early stopping is this run's choice
-        min_shards=int(manifest["n_shards"]), resume={"dir": os.path.abspath(folder), "clock": int(manifest["clock"])}
+        min_shards=int(manifest["n_shards"]), resume={"dir": here, "clock": int(manifest["clock"])},
+        checkpoint={**(spec.checkpoint or {"every": 0, "every_s": 0.0}), "dir": here},
     )
 
 

@@ -1273,7 +1273,9 @@ class CoordinatorState:
         base = job.last_checkpoint if job.last_checkpoint is not None else job.spec.resume.get("clock") if job.spec.resume else None
         previous = max(before + ([base] if base is not None else []), default=None)
         manifest = {
-            "clock": clock, "previous_clock": previous, "spec": job.spec.to_wire(), "tables": job.tables,
+            # No paths: the folder is self-contained, and --resume continues wherever it is now.
+            "clock": clock, "previous_clock": previous, "tables": job.tables,
+            "spec": job.spec.replace(checkpoint={**job.spec.checkpoint, "dir": "."}, resume=None).to_wire(),
             "n_shards": len(job.shards), "job_id": job.job_id,
         }  # fmt: skip
         job.manifests_writing.add(clock)

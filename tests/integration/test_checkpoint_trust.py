@@ -4,15 +4,18 @@ is relocatable, and what a checkpoint holds is checked before it is used."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from psctl.files import checkpoint
+from psctl.files import checkpoint, modelfile
 
 from ..conftest import run_psctl
 from .test_processes import assert_equal_to_clean, kill_everything, resume, seed_args, start_train, train_clean
@@ -66,3 +69,42 @@ def test_a_stalled_coordinator_does_not_let_the_shards_delete_the_checkpoint_it_
     for i in range(2):
         on_disk = clocks(ckpt, i)
         assert {final["clock"], final["previous_clock"]} <= set(on_disk) and min(on_disk) >= final["previous_clock"]
+
+
+def folder_state(folder: Path) -> dict[str, tuple[int, int]]:
+    """Each file's size and modification time: what a resume must leave alone."""
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.fault
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
+def test_a_copied_or_moved_checkpoint_folder_resumes_where_it_is_and_leaves_the_original_alone(tmp_path):
+    common = seed_args("sync", 8, workers=2)
+    original = tmp_path / "ckpt"
+    proc, address = start_train(
+        [*common, "--checkpoint-dir", str(original), "--checkpoint-every", "10", "--out", str(tmp_path / "never.npz")],
+        until="checkpoint at clock 40",
+    )
+    kill_everything(proc, address)
+    clock = checkpoint.read_manifest(original)["clock"]
+    copy, moved = tmp_path / "copy", tmp_path / "moved"
+    shutil.copytree(original, copy)
+    before = folder_state(original)
+
+    r = run_psctl("train", *common, "--resume", str(copy), "--out", str(tmp_path / "from-copy.npz"))
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from the checkpoint at clock {clock}" in r.stdout
+    assert folder_state(original) == before, "resuming a copy wrote into the folder it was copied from"
+    assert checkpoint.read_manifest(copy)["clock"] > clock  # the copy went on checkpointing
+
+    original.rename(moved)
+    after_copy = folder_state(copy)
+    r = run_psctl("train", *common, "--resume", str(moved), "--out", str(tmp_path / "from-moved.npz"))
+    assert r.returncode == 0, r.stderr
+    assert not original.exists() and folder_state(copy) == after_copy
+    assert checkpoint.read_manifest(moved)["clock"] > clock
+    a, _ = modelfile.load_model(str(tmp_path / "from-copy.npz"))
+    b, _ = modelfile.load_model(str(tmp_path / "from-moved.npz"))
+    np.testing.assert_allclose(a["w"], b["w"], rtol=1e-6, atol=1e-7)  # sync: the same run twice
+    assert "/" not in json.dumps(checkpoint.read_manifest(moved)["spec"].get("checkpoint"))  # no paths inside
