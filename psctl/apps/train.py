@@ -237,7 +237,7 @@ def resume_spec(cfg: TrainConfig, fresh: JobSpec) -> JobSpec:
     here = os.path.abspath(folder)
     return spec.replace(
         hold_epochs=fresh.hold_epochs,  # early stopping is this run's choice
-        min_shards=int(manifest["n_shards"]), resume={"dir": here, "clock": int(manifest["clock"])},
+        min_shards=int(manifest["n_shards"]), resume={"dir": here, "clock": int(manifest["clock"]), "job_id": manifest.get("job_id")},
         checkpoint={**(spec.checkpoint or {"every": 0, "every_s": 0.0}), "dir": here},
     )
 

@@ -353,7 +353,8 @@ class ShardService:
             index = int(b.get("shard_index", 0))
             restore = b.get("restore")
             if restore:
-                arrays, meta = checkpoint.load_shard(restore["dir"], index, int(restore["clock"]))
+                job_of_files = restore.get("job_id")  # the job that wrote the files (a resumed job's predecessor)
+                arrays, meta = checkpoint.load_shard(str(restore["dir"]), index, int(restore["clock"]), job_of_files and str(job_of_files))
                 state.restore(arrays, meta, int(restore["clock"]))
             self.checkpoints = None
             if b.get("checkpoint"):

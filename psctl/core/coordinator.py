@@ -740,7 +740,8 @@ class CoordinatorState:
         clock = job.last_checkpoint
         assert clock is not None
         live = [w for w in job.workers if w.state is SlotState.RUNNING]
-        targets = self._setup_targets(job, {"dir": job.spec.checkpoint_dir, "clock": clock}, [w.worker_id for w in live])
+        restore = {"dir": job.spec.checkpoint_dir, "clock": clock, "job_id": job.job_id}  # this job wrote that checkpoint
+        targets = self._setup_targets(job, restore, [w.worker_id for w in live])
         return self._ask(MsgType.JOB_SETUP, targets, SHARD_SETUP_TIMEOUT_S, self._recovered, job, index, clock, live)
 
     def _recovered(self, replies: tuple[Any, ...], job: JobData, index: int, clock: int, live: list[Slot]) -> list[ServiceEffect]:

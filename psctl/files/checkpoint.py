@@ -50,14 +50,23 @@ def save_shard(folder: str | Path, shard_index: int, clock: int, arrays: dict[st
 
 
 def load_shard(
-    folder: str | Path, shard_index: int, clock: int, *, meta_only: bool = False
+    folder: str | Path, shard_index: int, clock: int, job_id: str | None = None, *, meta_only: bool = False
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """One shard's file of the checkpoint at ``clock``; ``meta_only`` reads no arrays (a check before a resume)."""
+    """One shard's file of the checkpoint at ``clock``; refused unless its meta says it is
+    that shard's file of that clock (and of job ``job_id``, when given).
+    ``meta_only`` reads no arrays (a check before a resume)."""
     path = shard_file(folder, shard_index, clock)
     try:
-        return modelfile.load_model(str(path), expect_kind=KIND, select=(lambda m, h: set()) if meta_only else None)
+        arrays, meta = modelfile.load_model(str(path), expect_kind=KIND, select=(lambda m, h: set()) if meta_only else None)
     except PsctlError as exc:
         raise CheckpointError(f"cannot restore shard {shard_index} from clock {clock}: {exc}") from None
+    found = (meta.get("shard_index"), meta.get("clock"), meta.get("job_id"))
+    if found[:2] != (shard_index, clock) or job_id is not None and found[2] != job_id:
+        raise CheckpointError(
+            f"cannot restore shard {shard_index} from clock {clock}: '{path}' is shard {found[0]!r}'s file of clock"
+            f" {found[1]!r} of job {found[2]!r}, not this checkpoint's" + (f" (job {job_id!r})" if job_id is not None else "")
+        )
+    return arrays, meta
 
 
 def file_clocks(folder: str | Path, shard_index: int) -> list[int]:
@@ -104,18 +113,34 @@ def write_manifest(folder: str | Path, body: dict[str, Any]) -> None:
             path.unlink(missing_ok=True)
 
 
+def _is_count(value: Any, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """The manifest of ``folder`` (a checkpoint folder, or one of its per-clock manifests)."""
+    """The manifest of ``folder`` (a checkpoint folder, or one of its per-clock manifests), checked."""
     given = Path(folder)
     path = given if given.suffix == ".json" and not given.is_dir() else given / MANIFEST
     if not path.exists():
         raise CheckpointError(f"'{folder}' holds no psctl checkpoint ({path.name} is missing)")
     try:
         body = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"'{path}' is not a readable checkpoint manifest: {exc}") from None
     if not isinstance(body, dict) or not {"clock", "spec", "tables", "n_shards"} <= body.keys():
         raise CheckpointError(f"'{path}' is not a psctl checkpoint manifest")
+    bad = [
+        name for name, ok in (
+            ("clock", _is_count(body["clock"])),
+            ("n_shards", _is_count(body["n_shards"], 1)),
+            ("spec", isinstance(body["spec"], dict)),
+            ("tables", isinstance(body["tables"], list) and all(isinstance(t, dict) for t in body["tables"])),
+            ("job_id", isinstance(body.get("job_id", ""), str)),
+            ("previous_clock", body.get("previous_clock") is None or _is_count(body["previous_clock"])),
+        ) if not ok
+    ]  # fmt: skip
+    if bad:
+        raise CheckpointError(f"'{path}' is a damaged checkpoint manifest: bad {', '.join(repr(b) for b in bad)}")
     return body
 
 
@@ -131,7 +156,7 @@ def check_files(folder: str | Path, manifest: dict[str, Any]) -> None:
     clock, n_shards = int(manifest["clock"]), int(manifest["n_shards"])
     try:
         for index in range(n_shards):
-            load_shard(folder, index, clock, meta_only=True)
+            load_shard(folder, index, clock, manifest.get("job_id"), meta_only=True)
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}{_older_offer(folder, manifest)}") from None
 
@@ -144,7 +169,7 @@ def _older_offer(folder: str | Path, manifest: dict[str, Any]) -> str:
     try:
         older = read_manifest(path)
         for index in range(int(older["n_shards"])):
-            load_shard(folder, index, int(older["clock"]), meta_only=True)
+            load_shard(folder, index, int(older["clock"]), older.get("job_id"), meta_only=True)
     except (CheckpointError, ValueError, TypeError):
         return ""
     return f"; the checkpoint before it, at clock {previous}, is complete: --resume {path} continues from it"

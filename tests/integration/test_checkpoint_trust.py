@@ -108,3 +108,64 @@ def test_a_copied_or_moved_checkpoint_folder_resumes_where_it_is_and_leaves_the_
     b, _ = modelfile.load_model(str(tmp_path / "from-moved.npz"))
     np.testing.assert_allclose(a["w"], b["w"], rtol=1e-6, atol=1e-7)  # sync: the same run twice
     assert "/" not in json.dumps(checkpoint.read_manifest(moved)["spec"].get("checkpoint"))  # no paths inside
+
+
+@pytest.fixture(scope="module")
+def two_jobs(tmp_path_factory) -> tuple[list[str], Path, Path]:
+    """Two finished jobs of the same shapes (different seeds), each with a checkpoint folder."""
+    base = tmp_path_factory.mktemp("two-jobs")
+    common = seed_args("sync", 3, workers=2)
+    folders = []
+    for seed in (1, 2):
+        folder = base / f"ckpt-{seed}"
+        r = run_psctl("train", *common, "--seed", str(seed), "--checkpoint-dir", str(folder), "--checkpoint-every", "20",
+                      "--out", str(base / f"m{seed}.npz"))
+        assert r.returncode == 0, r.stderr
+        folders.append(folder)
+    return common, folders[0], folders[1]
+
+
+def refused(r, *words: str) -> str:
+    """The one sentence a refused resume printed (exit 2, no traceback)."""
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for word in words:
+        assert word in r.stderr, r.stderr
+    return r.stderr
+
+
+@pytest.mark.timeout(180)
+def test_a_shard_file_of_another_job_is_refused_with_one_sentence(two_jobs, tmp_path):
+    common, mine, other = two_jobs
+    folder = tmp_path / "ckpt"
+    shutil.copytree(mine, folder)
+    clock = checkpoint.read_manifest(folder)["clock"]
+    assert checkpoint.read_manifest(other)["clock"] == clock
+    shutil.copy(checkpoint.shard_file(other, 0, clock), checkpoint.shard_file(folder, 0, clock))  # same shapes, another job
+    r = run_psctl("train", *common, "--seed", "1", "--resume", str(folder), "--out", str(tmp_path / "m.npz"), timeout_s=90)
+    refused(r, f"cannot restore shard 0 from clock {clock}", "of job", "not this checkpoint's")
+    assert not (tmp_path / "m.npz").exists()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(
+    ("path", "value", "words"),
+    [
+        (("spec", "epochs"), "five", ["'epochs' must be an integer >= 1"]),
+        (("spec", "optimizer", "params", "lr"), "x", ["'optimizer.params.lr' must be a positive number"]),
+        (("spec", "checkpoint", "every"), "five", ["'checkpoint.every' must be an integer >= 0"]),
+        (("clock",), "60", ["damaged checkpoint manifest: bad 'clock'"]),
+    ],
+)
+def test_a_hand_edited_manifest_is_refused_with_one_sentence(two_jobs, tmp_path, path, value, words):
+    common, mine, _ = two_jobs
+    folder = tmp_path / "ckpt"
+    shutil.copytree(mine, folder)
+    body = json.loads((folder / "checkpoint.json").read_text())
+    inner = body
+    for key in path[:-1]:
+        inner = inner[key]
+    inner[path[-1]] = value
+    (folder / "checkpoint.json").write_text(json.dumps(body))
+    r = run_psctl("train", *common, "--seed", "1", "--resume", str(folder), "--out", str(tmp_path / "m.npz"), timeout_s=90)
+    refused(r, *words)

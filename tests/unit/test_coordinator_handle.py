@@ -415,7 +415,7 @@ def test_a_lost_shard_is_replaced_and_every_shard_rolls_back_to_the_checkpoint()
     assert released(out, "rs2") == {"shard_id": 1}  # ids after the highest registered one
     (setup,) = [e for e in out if isinstance(e, Ask)]
     assert [c for c, _ in setup.targets] == ["s0", "s2"]
-    assert all(b["restore"] == {"dir": "/tmp/ck", "clock": 4} and b["workers"] == [0, 1] for _, b in setup.targets)
+    assert all(b["restore"] == {"dir": "/tmp/ck", "clock": 4, "job_id": sim.job.job_id} and b["workers"] == [0, 1] for _, b in setup.targets)
     out = sim(Answered(setup.ask, ({"previous_clock": 9}, {})))
     assert notified(out, MsgType.EVENT, "w0") == [
         {"kind": "rewind", "clock": 4, "shards": ["h:0", "h:2"], "ranges": sim.job.ranges}
