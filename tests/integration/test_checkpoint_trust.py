@@ -169,3 +169,46 @@ def test_a_hand_edited_manifest_is_refused_with_one_sentence(two_jobs, tmp_path,
     (folder / "checkpoint.json").write_text(json.dumps(body))
     r = run_psctl("train", *common, "--seed", "1", "--resume", str(folder), "--out", str(tmp_path / "m.npz"), timeout_s=90)
     refused(r, *words)
+
+
+@pytest.mark.timeout(180)
+def test_resume_refuses_options_that_contradict_the_checkpoint(two_jobs, tmp_path):
+    common, mine, _ = two_jobs  # sync, 3 epochs, batch 32, sgd at lr 0.1
+    folder = tmp_path / "ckpt"
+    shutil.copytree(mine, folder)
+    before = folder_state(folder)
+    args = [*common, "--seed", "1", "--epochs", "2", "--lr", "0.05", "--batch-size", "256", "--mode", "async"]
+    r = run_psctl("train", *args, "--resume", str(folder), "--out", str(tmp_path / "m.npz"), timeout_s=90)
+    refused(r, "--resume continues the checkpoint's job with its settings", "--epochs 2 (the checkpoint has 3)",
+            "--lr 0.05 (the checkpoint has 0.1)", "--batch-size 256 (the checkpoint has 32)", "--mode async (the checkpoint has sync)")
+    assert not (tmp_path / "m.npz").exists() and folder_state(folder) == before
+
+
+@pytest.mark.timeout(180)
+def test_resume_takes_the_checkpoints_settings_and_records_what_it_used(two_jobs, tmp_path):
+    common, mine, _ = two_jobs
+    folder = tmp_path / "ckpt"
+    shutil.copytree(mine, folder)
+    # Neither --workers (default 8) nor --epochs (default 10) nor --lr: the checkpoint's 2, 3 and 0.1.
+    data_args = common[:common.index("--workers")]
+    r = run_psctl("train", *data_args, "--resume", str(folder), "--out", str(tmp_path / "m.npz"), timeout_s=90)
+    assert r.returncode == 0, r.stderr
+    assert "epoch 3/3" in r.stdout and "/10" not in r.stdout
+    _, meta = modelfile.load_model(str(tmp_path / "m.npz"))
+    used = meta["training"]
+    assert (used["workers"], used["epochs"], used["lr"], used["mode"], used["batch_size"], used["seed"]) == (2, 3, 0.1, "sync", 32, 1)
+    assert used["checkpoint_dir"] == str(folder) and used["checkpoint_every"] == 20
+    assert meta["metrics"]["rows_trained"] == 3 * 2000
+
+
+@pytest.mark.timeout(180)
+def test_resume_with_more_epochs_trains_them_and_says_so(two_jobs, tmp_path):
+    common, mine, _ = two_jobs
+    folder = tmp_path / "ckpt"
+    shutil.copytree(mine, folder)
+    more = [a if a != "3" else "5" for a in common]  # --epochs 5
+    r = run_psctl("train", *more, "--seed", "1", "--resume", str(folder), "--out", str(tmp_path / "m.npz"), timeout_s=90)
+    assert r.returncode == 0, r.stderr
+    assert "applying --epochs 5 (the checkpoint's job had 3)" in r.stdout and "epoch 5/5" in r.stdout
+    _, meta = modelfile.load_model(str(tmp_path / "m.npz"))
+    assert meta["training"]["epochs"] == 5 and meta["metrics"]["rows_trained"] == 5 * 2000
