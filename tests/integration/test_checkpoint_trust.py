@@ -212,3 +212,23 @@ def test_resume_with_more_epochs_trains_them_and_says_so(two_jobs, tmp_path):
     assert "applying --epochs 5 (the checkpoint's job had 3)" in r.stdout and "epoch 5/5" in r.stdout
     _, meta = modelfile.load_model(str(tmp_path / "m.npz"))
     assert meta["training"]["epochs"] == 5 and meta["metrics"]["rows_trained"] == 5 * 2000
+
+
+@pytest.mark.timeout(180)
+def test_a_damaged_newest_checkpoint_names_the_older_one_and_that_one_resumes(two_jobs, tmp_path):
+    common, mine, _ = two_jobs
+    folder = tmp_path / "ckpt"
+    shutil.copytree(mine, folder)
+    manifest = checkpoint.read_manifest(folder)
+    clock, older = manifest["clock"], manifest["previous_clock"]
+    assert older is not None and older < clock
+    checkpoint.shard_file(folder, 1, clock).write_bytes(b"PK\x03\x04 cut short by a crash")
+    r = run_psctl("train", *common, "--seed", "1", "--resume", str(folder), "--out", str(tmp_path / "m.npz"), timeout_s=90)
+    older_manifest = folder / f"checkpoint-clock-{older}.json"
+    err = " ".join(refused(r, f"cannot restore shard 1 from clock {clock}").split())  # rich wraps long lines
+    assert f"the checkpoint before it, at clock {older}, is complete: --resume {older_manifest} continues from it" in err
+    r = run_psctl("train", *common, "--seed", "1", "--resume", str(older_manifest), "--out", str(tmp_path / "m.npz"), timeout_s=90)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from the checkpoint at clock {older}" in r.stdout
+    _, meta = modelfile.load_model(str(tmp_path / "m.npz"))
+    assert meta["metrics"]["rows_trained"] == 3 * 2000
