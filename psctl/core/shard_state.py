@@ -243,7 +243,8 @@ class ShardState:
     def restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any], clock: int) -> None:
         """Tables and counters from a checkpoint; every worker's clock set to its clock.
 
-        Raises ValueError (one sentence) for a checkpoint of another job or another layout."""
+        Raises ValueError (one sentence) for a checkpoint of another layout (tables, shapes, counters);
+        whose job and clock the file is, files/checkpoint.py checks when it reads it."""
         steps = meta.get("steps")
         counters = [meta.get("updates"), meta.get("samples")]
         if not isinstance(steps, dict) or set(steps) != set(self.tables) or not all(_count(v) for v in [*steps.values(), *counters]):
