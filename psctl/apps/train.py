@@ -9,7 +9,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +130,7 @@ class TrainConfig:
             raise PsctlError("--heartbeat-interval-s must be positive and below --failure-timeout-s")
         if self.checkpoint_every < 0 or self.checkpoint_every_s < 0:
             raise PsctlError("--checkpoint-every must be a positive number of steps, or of seconds as in 30s")
-        if (self.checkpoint_every or self.checkpoint_every_s) and not self.checkpoint_dir:
+        if (self.checkpoint_every or self.checkpoint_every_s) and not (self.checkpoint_dir or self.resume):
             raise PsctlError("--checkpoint-every needs --checkpoint-dir")
         if self.patience < 0:
             raise PsctlError("--patience must not be negative")
@@ -155,7 +155,7 @@ class TrainConfig:
                              f"{'none' if self.mode == 'async' else 'staleness 0'}")
         if "huber_delta" in self.model_params and self.model_params.get("loss") != "huber":
             raise UsageError("--huber-delta is for --loss huber")
-        if self.resume and self.checkpoint_dir and Path(self.resume).resolve() != Path(self.checkpoint_dir).resolve():
+        if self.resume and self.checkpoint_dir and checkpoint.folder_of(self.resume).resolve() != Path(self.checkpoint_dir).resolve():
             raise UsageError("--resume continues in its own folder; leave out --checkpoint-dir or give the same folder")
         try:
             staleness_for(self.mode, self.staleness)
@@ -215,9 +215,11 @@ def build_spec(cfg: TrainConfig, source: formats.Source, partitions: list[csvfil
     )
 
 
-def resume_spec(cfg: TrainConfig, fresh: JobSpec) -> JobSpec:
-    """The stopped job's spec (same partitions, hyper-parameters, shards), set to resume at its checkpoint."""
+def resume_spec(cfg: TrainConfig, fresh: JobSpec) -> tuple[list[str], JobSpec]:
+    """The stopped job's spec (same partitions, hyper-parameters, shards), set to resume at its
+    checkpoint, and the options of this command applied to it (see :func:`resume_options`)."""
     manifest = checkpoint.read_manifest(cfg.resume or "")
+    folder = checkpoint.folder_of(cfg.resume or "")
     try:
         spec = JobSpec.from_wire(manifest["spec"])
     except RequestError as exc:
@@ -228,12 +230,86 @@ def resume_spec(cfg: TrainConfig, fresh: JobSpec) -> JobSpec:
         )
     if spec.data.get("size") != fresh.data["size"]:
         raise checkpoint.CheckpointError(f"'{spec.data['path']}' changed size since the checkpoint")
+    checkpoint.check_files(folder, manifest)
     if cfg.server is None and manifest["n_shards"] != cfg.shards:
         cfg.shards = int(manifest["n_shards"])  # the shard files are per shard
-    return spec.replace(
+    spec, applied = resume_options(cfg, spec)
+    # A checkpoint folder is relocatable: the job continues in the folder it was resumed from,
+    # wherever it was first written (a copy or a moved folder leaves the original alone).
+    here = os.path.abspath(folder)
+    cfg.checkpoint_dir = here  # the model file records where the checkpoints went
+    return applied, spec.replace(
         hold_epochs=fresh.hold_epochs,  # early stopping is this run's choice
-        min_shards=int(manifest["n_shards"]), resume={"dir": os.path.abspath(cfg.resume or ""), "clock": int(manifest["clock"])}
+        min_shards=int(manifest["n_shards"]), resume={"dir": here, "clock": int(manifest["clock"]), "job_id": manifest.get("job_id")},
+        checkpoint={**(spec.checkpoint or {"every": 0, "every_s": 0.0}), "dir": here},
     )
+
+
+# Each option's value when the command does not give it (the CLI's defaults are these).
+_DEFAULTS = {
+    f.name: f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+    for f in fields(TrainConfig) if f.default is not MISSING or f.default_factory is not MISSING
+}
+
+
+def _checkpoint_options(spec: JobSpec) -> list[tuple[str, str, Any]]:
+    """(TrainConfig field, its flag, the checkpoint's value) for each option a resumed job takes from its checkpoint."""
+    opt = spec.optimizer
+    params = opt.get("params", {})
+    ftrl = opt.get("name") == "ftrl"
+    return [
+        ("workers", "--workers", spec.n_workers), ("mode", "--mode", spec.mode), ("staleness", "--staleness", spec.staleness),
+        ("epochs", "--epochs", spec.epochs), ("batch_size", "--batch-size", spec.batch_size), ("seed", "--seed", spec.seed),
+        ("optimizer", "--optimizer", opt.get("name")), ("lr", "--lr", params.get("lr")),
+        ("lr_decay", "--lr-decay", params.get("lr_decay", 0.0)), ("l1", "--l1", params.get("l1", 0.0)),
+        ("l2", "--l2", params.get("l2", 0.0) if ftrl else spec.l2), ("standardize", "--no-standardize", spec.standardize),
+        ("test_split", "--test-split", spec.test_split),
+        ("model_params", "the model's options", {k: v for k, v in spec.model_params.items() if k != "sparse"}),
+        ("heartbeat_interval_s", "--heartbeat-interval-s", spec.heartbeat_interval_s),
+        ("failure_timeout_s", "--failure-timeout-s", spec.failure_timeout_s),
+    ]  # fmt: skip
+
+
+def resume_options(cfg: TrainConfig, spec: JobSpec) -> tuple[JobSpec, list[str]]:
+    """The checkpoint's options against this command's: an option left at its default takes
+    the checkpoint's value; more --epochs and another --checkpoint-every apply (the job goes on
+    longer, or checkpoints at another pace; returned as sentences to show); any other option
+    that differs is refused. ``cfg`` ends up holding the values really used (the model file
+    records them)."""
+    contradicting, applied = [], []
+    for name, flag, theirs in _checkpoint_options(spec):
+        mine = getattr(cfg, name)
+        if mine == theirs:
+            continue
+        if mine == _DEFAULTS[name]:  # not given (or given as the default): the checkpoint's
+            setattr(cfg, name, theirs)
+        elif name == "epochs" and mine > theirs:
+            spec = spec.replace(epochs=mine)
+            applied.append(f"{flag} {mine} (the checkpoint's job had {theirs})")
+        elif flag == "--no-standardize":
+            contradicting.append(f"{flag} (the checkpoint standardizes)")
+        else:
+            shown = "" if flag.startswith("the ") else f" {mine}"
+            contradicting.append(f"{flag}{shown} (the checkpoint has {theirs})")
+    if contradicting:
+        n = len(contradicting)
+        raise UsageError(
+            f"--resume continues the checkpoint's job with its settings, and {', '.join(contradicting)} "
+            f"contradict{'s' if n == 1 else ''} them: leave {'it' if n == 1 else 'them'} out"
+        )
+    every = spec.checkpoint or {}
+    theirs_pace = (int(every.get("every") or 0), float(every.get("every_s") or 0.0))
+    mine_pace = (cfg.checkpoint_every, cfg.checkpoint_every_s)
+    if mine_pace == (0, 0.0):
+        cfg.checkpoint_every, cfg.checkpoint_every_s = theirs_pace
+    elif mine_pace != theirs_pace:
+        spec = spec.replace(checkpoint={**every, "every": cfg.checkpoint_every, "every_s": cfg.checkpoint_every_s})
+        applied.append(f"--checkpoint-every {_pace(*mine_pace)} (the checkpoint's job had {_pace(*theirs_pace)})")
+    return spec, applied
+
+
+def _pace(every: int, every_s: float) -> str:
+    return f"{every_s:g}s" if every_s else str(every) if every else "none"
 
 
 def plan_validation(cfg: TrainConfig, schema: csvfile.CsvSchema | None) -> dict[str, Any]:
@@ -372,8 +448,11 @@ async def train(
     if cfg.validate:
         spec = spec.replace(validation=await asyncio.to_thread(plan_validation, cfg, source.schema))
     if cfg.resume:
-        spec = resume_spec(cfg, spec)
-        on_event({"kind": "resuming", "clock": spec.resume_clock, "dir": cfg.resume})
+        workers = cfg.workers
+        applied, spec = resume_spec(cfg, spec)
+        if cfg.workers != workers:  # the checkpoint's worker count: its partitions (for the figures)
+            partitions = await asyncio.to_thread(csvfile.plan_partitions, cfg.data, cfg.workers, source.has_header)
+        on_event({"kind": "resuming", "clock": spec.resume_clock, "dir": cfg.resume, "epochs": spec.epochs, "applied": applied})
     steps = cfg.epochs * steps_per_job_epoch(partitions, cfg.batch_size)
     on_event(
         {"kind": "planned", "rows": sum(p.n_rows for p in partitions), "features": spec.n_features,

@@ -370,7 +370,9 @@ class _TrainView:
             self._note(f"stopping: every worker stops at one clock and the shards save a final checkpoint in "
                        f"'{event['dir']}' (Ctrl-C again to stop at once)", err)
         elif kind == "resuming":
-            self._note(f"resuming from the checkpoint at clock {event['clock']} in {event['dir']}")
+            self.epochs = event.get("epochs", self.epochs)  # the checkpoint's job's (or more, if given)
+            applied = "".join(f"; applying {a}" for a in event.get("applied", []))
+            self._note(f"resuming from the checkpoint at clock {event['clock']} in {event['dir']}{applied}")
         elif kind == "worker_joined" and event.get("replacing"):
             how = "a surviving worker process took over" if event.get("takeover") else "a new worker took"
             msg = (f"{how} lost partition {event['partition']} from clock {event['start_clock']} "

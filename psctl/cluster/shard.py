@@ -78,8 +78,8 @@ class _Checkpoints:
 
 
 def _write_checkpoint(folder: str, index: int, clock: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    # No pruning here: only the coordinator knows which clocks a manifest names (CHECKPOINTED).
     checkpoint.save_shard(folder, index, clock, arrays, meta)
-    checkpoint.prune(folder, index, clock)
 
 
 @dataclass(eq=False)  # by identity: a connection's parked tokens are kept in a set
@@ -294,6 +294,33 @@ class ShardService:
         if self.coordinator is not None and self.coordinator.is_open:
             self.coordinator.notify(MsgType.CHECKPOINTED, {"job_id": job_id, "clock": clock, "shard_index": plan.index})
 
+    def _committed(self, peer: net.Peer, msg: Message) -> net.Reply:
+        """The coordinator wrote the manifest of ``clock``: remove this shard's files that no
+        manifest can name any more (older than it, except the checkpoint before it)."""
+        state = self.state
+        if state is None or msg.body.get("job_id") != state.job_id:
+            return None  # one-way, after the job ended here: nothing to answer, nothing to remove
+        clock = _require(msg.body, "clock", int)
+        previous = msg.body.get("previous_clock")
+        if previous is not None and (not isinstance(previous, int) or isinstance(previous, bool)):
+            raise net.RequestError("field 'previous_clock' is not an integer")
+        plan = self.checkpoints
+        if plan is None:
+            return None
+        task = asyncio.get_running_loop().create_task(self._prune(plan, state.job_id, clock, previous))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        return None
+
+    async def _prune(self, plan: _Checkpoints, job_id: str, clock: int, previous: int | None) -> None:
+        async with self._write_lock:  # after the files being written, in order
+            try:
+                removed = await asyncio.to_thread(checkpoint.prune, plan.folder, plan.index, clock, previous)
+            except OSError as exc:
+                log.warning("shard %s: removing old checkpoint files in %s failed: %s", self.shard_id, plan.folder, exc)
+                return
+        log.debug("job %s: shard %s removed the files of clocks %s (checkpoint %d)", job_id, self.shard_id, removed, clock)
+
     async def finish_writes(self, timeout_s: float) -> None:
         """Wait (at most ``timeout_s``) for the checkpoint files being written."""
         if self._writes:
@@ -326,7 +353,8 @@ class ShardService:
             index = int(b.get("shard_index", 0))
             restore = b.get("restore")
             if restore:
-                arrays, meta = checkpoint.load_shard(restore["dir"], index, int(restore["clock"]))
+                job_of_files = restore.get("job_id")  # the job that wrote the files (a resumed job's predecessor)
+                arrays, meta = checkpoint.load_shard(str(restore["dir"]), index, int(restore["clock"]), job_of_files and str(job_of_files))
                 state.restore(arrays, meta, int(restore["clock"]))
             self.checkpoints = None
             if b.get("checkpoint"):
@@ -394,13 +422,15 @@ class ShardService:
         MsgType.WORKER_JOINED: _worker_joined,
         MsgType.JOB_CLEAR: _job_clear,
         MsgType.CHECKPOINT: _checkpoint,
+        MsgType.CHECKPOINTED: _committed,
         MsgType.STATUS: _status,
         MsgType.PING: _ping,
     }
 
 
 _FROM_COORDINATOR = frozenset(
-    {MsgType.JOB_SETUP, MsgType.WORKER_LEFT, MsgType.WORKER_JOINED, MsgType.JOB_CLEAR, MsgType.CHECKPOINT}
+    {MsgType.JOB_SETUP, MsgType.WORKER_LEFT, MsgType.WORKER_JOINED, MsgType.JOB_CLEAR, MsgType.CHECKPOINT,
+     MsgType.CHECKPOINTED}
 )
 
 

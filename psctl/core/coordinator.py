@@ -507,6 +507,7 @@ class JobData:
     stop_requested: bool = False  # early stop: workers that join later are told too
     takeovers: dict[int, int] = field(default_factory=dict)  # worker id -> partitions it was asked to take over
     manifests_writing: set[int] = field(default_factory=set)  # clocks whose manifest is being written
+    manifest_previous: dict[int, int | None] = field(default_factory=dict)  # those manifests' previous_clock
     done_report: dict[str, Any] | None = None  # the 'done' event, held while a manifest is being written
     released_epoch: int = -1  # hold_epochs: the last epoch the driver has read; workers go on past its end
 
@@ -739,7 +740,8 @@ class CoordinatorState:
         clock = job.last_checkpoint
         assert clock is not None
         live = [w for w in job.workers if w.state is SlotState.RUNNING]
-        targets = self._setup_targets(job, {"dir": job.spec.checkpoint_dir, "clock": clock}, [w.worker_id for w in live])
+        restore = {"dir": job.spec.checkpoint_dir, "clock": clock, "job_id": job.job_id}  # this job wrote that checkpoint
+        targets = self._setup_targets(job, restore, [w.worker_id for w in live])
         return self._ask(MsgType.JOB_SETUP, targets, SHARD_SETUP_TIMEOUT_S, self._recovered, job, index, clock, live)
 
     def _recovered(self, replies: tuple[Any, ...], job: JobData, index: int, clock: int, live: list[Slot]) -> list[ServiceEffect]:
@@ -1266,8 +1268,19 @@ class CoordinatorState:
             raise RequestError("CHECKPOINTED needs a clock and a shard_index")
         if not job.checkpoints.shard_saved(clock, index, len(job.shards)):
             return []
-        manifest = {"clock": clock, "spec": job.spec.to_wire(), "tables": job.tables, "n_shards": len(job.shards), "job_id": job.job_id}
+        # The checkpoint before this one stays on disk (its manifest and its shard files) in
+        # case this one is damaged: the latest clock committed or being committed below it.
+        before = [c for c in job.manifests_writing if c < clock]
+        base = job.last_checkpoint if job.last_checkpoint is not None else job.spec.resume.get("clock") if job.spec.resume else None
+        previous = max(before + ([base] if base is not None else []), default=None)
+        manifest = {
+            # No paths: the folder is self-contained, and --resume continues wherever it is now.
+            "clock": clock, "previous_clock": previous, "tables": job.tables,
+            "spec": job.spec.replace(checkpoint={**job.spec.checkpoint, "dir": "."}, resume=None).to_wire(),
+            "n_shards": len(job.shards), "job_id": job.job_id,
+        }  # fmt: skip
         job.manifests_writing.add(clock)
+        job.manifest_previous[clock] = previous
         return [WriteManifest(job.job_id, job.spec.checkpoint_dir, clock, manifest)]
 
     def _manifest_written(self, event: ManifestWritten) -> list[ServiceEffect]:
@@ -1277,12 +1290,16 @@ class CoordinatorState:
                 log.warning("job %s: writing the checkpoint manifest of clock %d failed: %s", event.job_id, event.clock, event.error)
             return []
         job.manifests_writing.discard(event.clock)
+        previous = job.manifest_previous.pop(event.clock, None)
         out: list[ServiceEffect] = []
         if event.error is not None:
             log.warning("job %s: writing the checkpoint manifest of clock %d failed: %s", event.job_id, event.clock, event.error)
         elif not event.skipped:
             out += self._to_driver(job, {"kind": "checkpoint", "clock": event.clock})
             out += self._answer(job, job.checkpoints.written(event.clock))
+            # Only now may the shards remove files older than it (except the checkpoint before it).
+            body = {"job_id": job.job_id, "clock": event.clock, "previous_clock": previous}
+            out.append(Notify(tuple(s.conn for s in job.shards), MsgType.CHECKPOINTED, body))
         if job.done_report is not None and not job.manifests_writing:
             out += self._to_driver(job, job.done_report)
             job.done_report = None

@@ -10,6 +10,7 @@ dicts: those layers validate them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,9 +108,9 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def _check(name: str, value: Any) -> Any:
+def _check(name: str, value: Any, kind: str | None = None) -> Any:
     """One field, checked: its wire value converted, or one sentence naming the field."""
-    kind = _KINDS[name]
+    kind = kind or _KINDS[name]
     ok = {
         "str": isinstance(value, str),
         "int": _is_int(value),
@@ -121,11 +122,14 @@ def _check(name: str, value: Any) -> Any:
         "fraction": _is_number(value) and 0 <= value < 1,
         "bool": isinstance(value, bool),
         "dict": isinstance(value, dict),
+        "optimizer": isinstance(value, dict), "checkpoint": isinstance(value, dict), "resume": isinstance(value, dict),
         "parts": isinstance(value, list | tuple) and all(isinstance(p, dict) for p in value),
     }[kind]
     if not ok:
         what = _WHAT[kind]
         raise RequestError(f"bad job spec: '{name}' must be {what}, not {value!r:.40}")
+    if kind in _NESTED:
+        _check_nested(name, value)
     if kind == "parts":
         return tuple(dict(p) for p in value)
     if kind in ("float", "seconds", "seconds0", "fraction"):
@@ -135,13 +139,36 @@ def _check(name: str, value: Any) -> Any:
 
 _KINDS = {
     "model": "str", "n_workers": "positive", "mode": "str", "partitions": "parts", "staleness": "count",
-    "model_params": "dict", "n_features": "positive", "epochs": "count", "batch_size": "positive", "l2": "float",
-    "seed": "int", "standardize": "bool", "optimizer": "dict", "min_shards": "positive", "data": "dict",
-    "test_split": "fraction", "checkpoint": "dict", "heartbeat_interval_s": "seconds", "failure_timeout_s": "seconds",
-    "takeover_after_s": "seconds0", "validation": "dict", "resume": "dict", "hold_epochs": "bool",
+    "model_params": "dict", "n_features": "positive", "epochs": "positive", "batch_size": "positive", "l2": "float",
+    "seed": "int", "standardize": "bool", "optimizer": "optimizer", "min_shards": "positive", "data": "dict",
+    "test_split": "fraction", "checkpoint": "checkpoint", "heartbeat_interval_s": "seconds", "failure_timeout_s": "seconds",
+    "takeover_after_s": "seconds0", "validation": "dict", "resume": "resume", "hold_epochs": "bool",
 }
 _WHAT = {
     "str": "a string", "int": "an integer", "count": "an integer >= 0", "positive": "an integer >= 1",
     "float": "a number", "seconds": "a number of seconds > 0", "seconds0": "a number of seconds >= 0",
     "fraction": "a fraction in [0, 1)", "bool": "true or false", "dict": "an object", "parts": "a list of objects",
+    "optimizer": "an object", "checkpoint": "an object", "resume": "an object",
 }
+
+# Nested objects every worker and shard reads: their fields checked here, once, so a bad
+# value (a hand-edited manifest's "every": "five") is one sentence, not a crash on the cluster.
+_NESTED: dict[str, dict[str, tuple[str, bool]]] = {  # field -> (kind, required)
+    "checkpoint": {"dir": ("str", True), "every": ("count", False), "every_s": ("seconds0", False)},
+    "resume": {"dir": ("str", True), "clock": ("count", True), "job_id": ("str", False)},
+    "optimizer": {"name": ("str", True), "params": ("dict", False)},
+}
+
+
+def _check_nested(name: str, value: dict[str, Any]) -> None:
+    for key, (kind, required) in _NESTED[name].items():
+        if key in value and value[key] is not None or required:
+            try:
+                _check(key, value.get(key), kind)
+            except RequestError:
+                raise RequestError(f"bad job spec: '{name}.{key}' must be {_WHAT[kind]}, not {value.get(key)!r:.40}") from None
+    if name == "optimizer":
+        for key, v in (value.get("params") or {}).items():
+            if not _is_number(v) or not math.isfinite(v) or key == "lr" and not v > 0:
+                what = "a positive number" if key == "lr" else "a finite number"
+                raise RequestError(f"bad job spec: 'optimizer.params.{key}' must be {what}, not {v!r:.40}")

@@ -60,8 +60,13 @@ class Table:
         return {"values": self.values.copy(), **{f"state.{k}": v.copy() for k, v in self.state.items()}}
 
     def restore(self, arrays: dict[str, np.ndarray], steps: int) -> None:
-        if arrays["values"].shape != self.values.shape:
-            raise ValueError(f"table {self.spec.name!r}: checkpoint shape {arrays['values'].shape}, expected {self.values.shape}")
+        name = self.spec.name
+        for key in ("values", *(f"state.{k}" for k in self.state)):
+            target = self.values if key == "values" else self.state[key[len("state."):]]
+            if key not in arrays:
+                raise ValueError(f"table {name!r}: the checkpoint lacks {key!r}")
+            if arrays[key].shape != target.shape:
+                raise ValueError(f"table {name!r}: checkpoint {key} has shape {arrays[key].shape}, expected {target.shape}")
         self.values[...] = arrays["values"]
         for k in self.state:
             self.state[k][...] = arrays[f"state.{k}"]
@@ -236,11 +241,18 @@ class ShardState:
         return arrays, meta
 
     def restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any], clock: int) -> None:
-        """Tables and counters from a checkpoint; every worker's clock set to its clock."""
+        """Tables and counters from a checkpoint; every worker's clock set to its clock.
+
+        Raises ValueError (one sentence) for a checkpoint of another layout (tables, shapes, counters);
+        whose job and clock the file is, files/checkpoint.py checks when it reads it."""
+        steps = meta.get("steps")
+        counters = [meta.get("updates"), meta.get("samples")]
+        if not isinstance(steps, dict) or set(steps) != set(self.tables) or not all(_count(v) for v in [*steps.values(), *counters]):
+            raise ValueError(f"the checkpoint's counters do not fit tables {sorted(self.tables)} (steps {steps!r:.60})")
         for name, table in self.tables.items():
             prefix = f"{name}/"
-            table.restore({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}, int(meta["steps"][name]))
-        self.updates, self.samples = int(meta["updates"]), int(meta["samples"])
+            table.restore({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}, steps[name])
+        self.updates, self.samples = counters
         for worker in list(self.gate.clocks):
             self.gate.clocks[worker] = clock
 
@@ -258,3 +270,7 @@ class ShardState:
             "nonfinite_pushes": {str(w): n for w, n in self.nonfinite.items()},
             "updates_s": self.updates / max(time.monotonic() - self.started_s, 1e-9),
         }
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

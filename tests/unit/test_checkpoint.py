@@ -25,12 +25,38 @@ def test_snapshot_restores_tables_and_counters(tmp_path):
     assert fresh.tables["w"].steps == 1
 
 
-def test_prune_keeps_the_last_two(tmp_path):
+def test_prune_removes_only_files_no_manifest_can_name(tmp_path):
+    s = state()
+    for clock in (10, 20, 30, 40, 50, 60):
+        checkpoint.save_shard(tmp_path, 0, clock, *s.snapshot())
+    # The manifest says 30 (the one before it 20); the shard saved up to 60 meanwhile: a
+    # manifest may still name 40..60, and 20 is kept in case 30 is damaged.
+    assert checkpoint.prune(tmp_path, 0, 30, 20) == [10]
+    assert checkpoint.file_clocks(tmp_path, 0) == [20, 30, 40, 50, 60]
+    assert checkpoint.prune(tmp_path, 0, 60, 30) == [20, 40, 50]
+    assert sorted(p.name for p in tmp_path.glob("shard-0-*")) == ["shard-0-clock-30.npz", "shard-0-clock-60.npz"]
+
+
+def test_the_manifest_before_the_newest_is_kept_and_offered_when_the_newest_is_damaged(tmp_path):
     s = state()
     for clock in (10, 20, 30):
         checkpoint.save_shard(tmp_path, 0, clock, *s.snapshot())
-    checkpoint.prune(tmp_path, 0, 30)
-    assert sorted(p.name for p in tmp_path.glob("shard-0-*")) == ["shard-0-clock-20.npz", "shard-0-clock-30.npz"]
+        checkpoint.write_manifest(tmp_path, {"clock": clock, "previous_clock": clock - 10 or None, "spec": {}, "tables": [], "n_shards": 1})
+    assert sorted(p.name for p in tmp_path.glob("checkpoint*.json")) == ["checkpoint-clock-20.json", "checkpoint-clock-30.json", "checkpoint.json"]
+    checkpoint.check_files(tmp_path, checkpoint.read_manifest(tmp_path))
+    checkpoint.shard_file(tmp_path, 0, 30).write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.check_files(tmp_path, checkpoint.read_manifest(tmp_path))
+    message = str(info.value)
+    assert "cannot restore shard 0 from clock 30" in message
+    assert f"the checkpoint before it, at clock 20, is complete: --resume {tmp_path / 'checkpoint-clock-20.json'} continues from it" in message
+    older = checkpoint.read_manifest(tmp_path / "checkpoint-clock-20.json")
+    assert older["clock"] == 20 and checkpoint.folder_of(tmp_path / "checkpoint-clock-20.json") == tmp_path
+    checkpoint.check_files(tmp_path, older)
+    checkpoint.shard_file(tmp_path, 0, 20).unlink()  # no complete older one: nothing offered
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.check_files(tmp_path, checkpoint.read_manifest(tmp_path))
+    assert "before it" not in str(info.value)
 
 
 def test_manifest_errors(tmp_path):

@@ -246,6 +246,30 @@ def test_done_waits_for_the_manifest_being_written_and_the_driver_hears_of_the_c
     assert [e["kind"] for e in sim.driver_events(out)] == ["checkpoint", "done"]
 
 
+def test_shards_hear_of_each_written_manifest_and_the_checkpoint_before_it():
+    sim = start(n_shards=2, checkpoint={"dir": "ck", "every": 10})
+    out = checkpoint_at(sim, 10)
+    assert [notified(out, MsgType.CHECKPOINTED, f"s{i}") for i in range(2)] == [[{"job_id": sim.job.job_id, "clock": 10, "previous_clock": None}]] * 2
+    # Two manifests under way at once: the later one's predecessor is the earlier one.
+    for clock in (20, 30):
+        writes = [e for i in range(2) for e in sim(core.Checkpointed(sim.job.job_id, clock, i)) if isinstance(e, WriteManifest)]
+        assert [w.manifest["previous_clock"] for w in writes] == [clock - 10]
+    assert notified(sim(core.ManifestWritten(sim.job.job_id, 20)), MsgType.CHECKPOINTED, "s0") == [
+        {"job_id": sim.job.job_id, "clock": 20, "previous_clock": 10}
+    ]
+    assert notified(sim(core.ManifestWritten(sim.job.job_id, 30)), MsgType.CHECKPOINTED, "s1")[0]["previous_clock"] == 20
+    # A failed manifest names nothing: the shards remove no files because of it.
+    sim(core.Checkpointed(sim.job.job_id, 40, 0))
+    sim(core.Checkpointed(sim.job.job_id, 40, 1))
+    assert not notified(sim(core.ManifestWritten(sim.job.job_id, 40, error="disk full")), MsgType.CHECKPOINTED, "s0")
+
+
+def test_a_resumed_jobs_first_manifest_names_the_checkpoint_it_resumed_from():
+    sim = start(checkpoint={"dir": "ck", "every": 10}, resume={"dir": "ck", "clock": 50})
+    writes = [e for e in sim(core.Checkpointed(sim.job.job_id, 60, 0)) if isinstance(e, WriteManifest)]
+    assert writes[0].manifest["previous_clock"] == 50
+
+
 def test_a_manifest_not_written_because_a_later_one_was_still_lets_done_through():
     sim = start(checkpoint={"dir": "ck", "every": 10})
     sim(core.Checkpointed(sim.job.job_id, 10, 0))
@@ -391,7 +415,7 @@ def test_a_lost_shard_is_replaced_and_every_shard_rolls_back_to_the_checkpoint()
     assert released(out, "rs2") == {"shard_id": 1}  # ids after the highest registered one
     (setup,) = [e for e in out if isinstance(e, Ask)]
     assert [c for c, _ in setup.targets] == ["s0", "s2"]
-    assert all(b["restore"] == {"dir": "/tmp/ck", "clock": 4} and b["workers"] == [0, 1] for _, b in setup.targets)
+    assert all(b["restore"] == {"dir": "/tmp/ck", "clock": 4, "job_id": sim.job.job_id} and b["workers"] == [0, 1] for _, b in setup.targets)
     out = sim(Answered(setup.ask, ({"previous_clock": 9}, {})))
     assert notified(out, MsgType.EVENT, "w0") == [
         {"kind": "rewind", "clock": 4, "shards": ["h:0", "h:2"], "ranges": sim.job.ranges}
