@@ -1076,7 +1076,8 @@ class CoordinatorState:
             if not isinstance(worker_id, int) or isinstance(worker_id, bool) or not 0 <= worker_id < len(job.workers):
                 raise RequestError("a heartbeat with a session token needs its worker_id", code="bad_session")
             slot = job.workers[worker_id]
-            if not isinstance(token, str) or slot.session is None or not secrets.compare_digest(token, slot.session):
+            # compared as bytes: compare_digest refuses non-ASCII text with a TypeError
+            if not isinstance(token, str) or slot.session is None or not secrets.compare_digest(token.encode(), slot.session.encode()):
                 raise RequestError(f"wrong session token for worker {worker_id}", code="bad_session")
             self._slot_heard(slot)
         clock, samples_s = body.get("clock", slot.clock), body.get("samples_s", 0.0)

@@ -297,6 +297,8 @@ def test_a_heartbeat_on_another_connection_needs_the_session_token():
     with pytest.raises(RequestError, match="wrong session token") as info:
         sim(core.Heartbeat("beats", {"session": "guess", "job_id": sim.job.job_id, "worker_id": 1}))
     assert info.value.code == "bad_session"
+    with pytest.raises(RequestError, match="wrong session token"):  # not a TypeError from compare_digest
+        sim(core.Heartbeat("beats", {"session": "t\u00f6ken", "job_id": sim.job.job_id, "worker_id": 1}))
 
 
 def test_the_driver_leaving_ends_the_job_and_tells_workers_and_shards():
