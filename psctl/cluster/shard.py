@@ -168,6 +168,7 @@ class ShardService:
         state = self._job(msg.body)
         peer.info["role"] = role
         peer.info["job_id"] = state.job_id
+        peer.admit()
         if role == "worker":
             peer.info["worker_id"] = _require(msg.body, "worker_id", int)
             self.workers[peer.info["worker_id"]] = peer

@@ -26,6 +26,9 @@ class FakePeer:
     def check_keys(self, n_keys: int) -> None:
         pass
 
+    def admit(self) -> None:
+        pass
+
     def notify(self, kind: MsgType, body: dict | None = None, arrays=None) -> None:
         self.notified.append((kind, body or {}))
 

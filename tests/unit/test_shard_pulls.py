@@ -25,6 +25,9 @@ class FakePeer:
     def check_keys(self, n_keys: int) -> None:
         pass
 
+    def admit(self) -> None:
+        pass
+
 
 def service(workers=(0, 1, 2), mode: str = "sync") -> tuple[ShardService, list[FakePeer]]:
     s = ShardService(on_coordinator_lost=lambda: None)
