@@ -33,7 +33,8 @@ SECURITY_OPTIONS: tuple[Option, ...] = (
     Option("secret_file", "--secret-file", str, None,
            f"File (mode 600) with the cluster's shared secret; default ${handshake.SECRET_ENV}.", False),
     Option("insecure", "--insecure", bool, False,
-           "Allow listening beyond loopback without a secret (trusted networks only).", True),
+           "Allow listening beyond loopback without a secret (trusted networks only); "
+           "psctl train's own cluster then gets no fresh random secret.", True),
     Option("tls_cert", "--tls-cert", str, None, "TLS certificate this process presents when it serves (PEM).", True),
     Option("tls_key", "--tls-key", str, None, "Private key of --tls-cert (PEM).", True),
     Option("tls_ca", "--tls-ca", str, None,
