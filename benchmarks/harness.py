@@ -75,7 +75,7 @@ class BenchCluster:
                 placed["shards"],
                 placed["ranges"],
                 reg["job_id"],
-                {"role": "worker", "worker_id": reg["worker_id"]},
+                {"role": "worker", "worker_id": reg["worker_id"], "session": reg["session"]},
                 max_frame_bytes=self.max_frame_bytes,
             )
             yield client

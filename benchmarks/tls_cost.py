@@ -63,9 +63,9 @@ class Setup:
         self.control = await Session.open(address, **frames)  # heartbeats from its thread
         submitted = await self.driver.submit(spec, timeout_s=60)
         placed = (await self.driver.request(MsgType.TABLES, {"tables": spec["tables"]}, timeout_s=60)).body
-        await self.control.register_worker({"pid": 0, "host": "bench"}, timeout_s=60)
+        reg = await self.control.register_worker({"pid": 0, "host": "bench"}, timeout_s=60)
         self.worker = await ShardClient.connect(
-            placed["shards"], placed["ranges"], submitted["job_id"], {"role": "worker", "worker_id": 0},
+            placed["shards"], placed["ranges"], submitted["job_id"], {"role": "worker", "worker_id": 0, "session": reg["session"]},
             max_frame_bytes=self.max_frame_bytes, security=self.security,
         )  # fmt: skip
         return self

@@ -172,7 +172,8 @@ class KVWorker:
             reg = await session.register_worker({"pid": os.getpid(), "host": socket.gethostname()}, timeout_s=None)
             placed = (await session.request(MsgType.STATS, {"stats": None, "labels": []}, timeout_s=None)).body
             client = await ShardClient.connect(
-                placed["shards"], placed["ranges"], reg["job_id"], {"role": "worker", "worker_id": reg["worker_id"]},
+                placed["shards"], placed["ranges"], reg["job_id"],
+                {"role": "worker", "worker_id": reg["worker_id"], "session": reg["session"]},
                 max_frame_bytes=max_frame_bytes, security=security,
                 # A stuck shard is declared lost within the job's failure timeout (then the job
                 # recovers or aborts): the same bound as a worker's.

@@ -9,7 +9,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import numpy as np
 from psctl import net
 from psctl.apps.results import json_safe
 from psctl.cluster.client import ShardClient
-from psctl.cluster.launch import LocalCluster
+from psctl.cluster.launch import LocalCluster, embedded_security
 from psctl.cluster.session import EventTimeout, Session
 from psctl.core.batching import epoch_steps
 from psctl.core.consistency import staleness_for
@@ -459,6 +459,8 @@ async def train(
          "workers": cfg.workers, "steps": steps}
     )
     started = time.monotonic()
+    if cfg.server is None:  # every process of the cluster is ours: a fresh secret unless one was given
+        cfg = replace(cfg, security=embedded_security(cfg.security))
     async with LocalCluster(max_frame_bytes=cfg.max_frame_bytes, security=cfg.security) as cluster:
         if cfg.server is None:
             coordinator = await cluster.start_coordinator()

@@ -32,6 +32,11 @@ log = logging.getLogger("psctl.coordinator")
 MAX_LABELS = 1000
 
 
+# The frames by which a peer says what it is (a shard, a worker, a driver, a worker's heartbeat
+# connection): without a secret, a connection that sends none of them stays in the set-up budget.
+_ROLES = frozenset({MsgType.REGISTER_SHARD, MsgType.REGISTER_WORKER, MsgType.SUBMIT, MsgType.HEARTBEAT})
+
+
 class CoordinatorService:
     def __init__(self) -> None:
         self.state = core.CoordinatorState(job_id_prefix=str(os.getpid()))
@@ -186,6 +191,8 @@ class CoordinatorService:
         handler = self._handlers.get(msg.type)
         if handler is None:
             raise net.RequestError(f"the coordinator does not serve {msg.type.name}", code="unexpected")
+        if msg.type in _ROLES:
+            peer.admit()
         return handler(self, conn, msg)
 
     def peer_lost(self, peer: net.Peer, exc: BaseException | None) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -20,6 +22,17 @@ from psctl.protocol import handshake
 
 CHILD_READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 3.0
+EMBEDDED_SECRET_BYTES = 32
+
+
+def embedded_security(security: net.Security) -> net.Security:
+    """The security of a cluster whose every process this one starts (``psctl train`` without
+    ``--server``): ``security`` with a fresh random secret when it has none, so no other local
+    user can join, read or change it. The children get it through a pipe, like a given one.
+    An explicit secret is kept; ``insecure`` keeps the old cluster without a secret."""
+    if security.secret is not None or security.insecure:
+        return security
+    return dataclasses.replace(security, secret=secrets.token_hex(EMBEDDED_SECRET_BYTES).encode())
 
 
 @dataclass

@@ -33,7 +33,8 @@ SECURITY_OPTIONS: tuple[Option, ...] = (
     Option("secret_file", "--secret-file", str, None,
            f"File (mode 600) with the cluster's shared secret; default ${handshake.SECRET_ENV}.", False),
     Option("insecure", "--insecure", bool, False,
-           "Allow listening beyond loopback without a secret (trusted networks only).", True),
+           "Allow listening beyond loopback without a secret (trusted networks only); "
+           "psctl train's own cluster then gets no fresh random secret.", True),
     Option("tls_cert", "--tls-cert", str, None, "TLS certificate this process presents when it serves (PEM).", True),
     Option("tls_key", "--tls-key", str, None, "Private key of --tls-cert (PEM).", True),
     Option("tls_ca", "--tls-ca", str, None,
@@ -42,8 +43,14 @@ SECURITY_OPTIONS: tuple[Option, ...] = (
            "Seconds a new connection has to authenticate (or, without a secret, send a first frame).", False),
     Option("idle_timeout_s", "--idle-timeout-s", float, net.DEFAULT_IDLE_TIMEOUT_S,
            "Seconds a peer may go silent in the middle of a frame before it is dropped.", False),
+    Option("role_timeout_s", "--role-timeout-s", float, net.DEFAULT_ROLE_TIMEOUT_S,
+           "Without a secret: seconds a new connection has to say what it is (HELLO or REGISTER).", True),
     Option("max_connections", "--max-connections", int, net.DEFAULT_MAX_CONNECTIONS,
-           "Connections a serving process holds at once.", True),
+           "Established connections a serving process holds at once.", True),
+    Option("max_pending_connections", "--max-pending-connections", int, net.DEFAULT_MAX_PENDING_CONNECTIONS,
+           "Connections still in their set-up (handshake, or no role yet) a serving process holds at once.", True),
+    Option("max_pending_per_source", "--max-pending-per-source", int, net.DEFAULT_MAX_PENDING_PER_SOURCE,
+           "Of those, how many one source address may hold.", True),
     Option("max_keys_per_request", "--max-keys-per-request", int, net.DEFAULT_MAX_KEYS_PER_REQUEST,
            "Keys one pull or push may name.", True),
 )  # fmt: skip
@@ -66,6 +73,9 @@ def build_security(*, secret: bytes | None = None, **values: Any) -> net.Securit
         idle_timeout_s=v["idle_timeout_s"],
         max_connections=v["max_connections"],
         max_keys_per_request=v["max_keys_per_request"],
+        max_pending_connections=v["max_pending_connections"],
+        max_pending_per_source=v["max_pending_per_source"],
+        role_timeout_s=v["role_timeout_s"],
     )
 
 
@@ -81,6 +91,9 @@ def security_args(security: net.Security) -> list[str]:
         "idle_timeout_s": security.idle_timeout_s,
         "max_connections": security.max_connections,
         "max_keys_per_request": security.max_keys_per_request,
+        "max_pending_connections": security.max_pending_connections,
+        "max_pending_per_source": security.max_pending_per_source,
+        "role_timeout_s": security.role_timeout_s,
     }
     args: list[str] = []
     for option in SECURITY_OPTIONS:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,6 +103,13 @@ def _keyed_arrays(msg: Message, names: list[str], per_table: int) -> list[np.nda
     return msg.arrays[::per_table] if per_table > 1 else list(msg.arrays)
 
 
+def _sessions(value: Any) -> dict[int, str]:
+    """JOB_SETUP's ``sessions``: worker id (as text) -> that slot's session token."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError("'sessions' must map worker ids to session tokens")
+    return {int(k): v for k, v in value.items()}
+
+
 def _require(body: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     value = body.get(key)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
@@ -123,6 +131,7 @@ class ShardService:
         self.coordinator: net.Peer | None = None
         self.checkpoints: _Checkpoints | None = None
         self.workers: dict[int, net.Peer] = {}  # worker -> the connection it said HELLO on (this job's state)
+        self.sessions: dict[int, str] = {}  # worker -> its slot's session token (from the coordinator)
         # Runs in a thread: the snapshot is taken on the loop, the file written and fsynced off it.
         self._write_checkpoint = write_checkpoint or _write_checkpoint
         self._writes: set[asyncio.Task[None]] = set()
@@ -166,11 +175,20 @@ class ShardService:
         if role not in ("worker", "driver"):
             raise net.RequestError("HELLO needs role 'worker' or 'driver'")
         state = self._job(msg.body)
+        if role == "worker":
+            worker = _require(msg.body, "worker_id", int)
+            token, expected = msg.body.get("session"), self.sessions.get(worker)
+            if not isinstance(token, str) or expected is None or not secrets.compare_digest(token.encode(), expected.encode()):
+                raise net.RequestError(
+                    f"HELLO as worker {worker} needs that worker's session token (from its REGISTER_WORKER reply); "
+                    "this one is missing or wrong",
+                    code="bad_session",
+                )
+            peer.info["worker_id"] = worker
+            self.workers[worker] = peer
         peer.info["role"] = role
         peer.info["job_id"] = state.job_id
-        if role == "worker":
-            peer.info["worker_id"] = _require(msg.body, "worker_id", int)
-            self.workers[peer.info["worker_id"]] = peer
+        peer.admit()
         return Message(MsgType.HELLO, {"shard_id": self.shard_id, "ranges": state.ranges})
 
     def _pull(self, peer: net.Peer, msg: Message) -> net.Reply | asyncio.Future[Message]:
@@ -351,6 +369,7 @@ class ShardService:
                 int(b.get("n_shards", 1)),
             )
             index = int(b.get("shard_index", 0))
+            sessions = _sessions(b.get("sessions", {}))
             restore = b.get("restore")
             if restore:
                 job_of_files = restore.get("job_id")  # the job that wrote the files (a resumed job's predecessor)
@@ -366,6 +385,7 @@ class ShardService:
         previous = self.state
         self.state = state
         self.workers = {}  # workers say HELLO again to the new state
+        self.sessions = sessions
         log.info("shard %s: job %s set up (%s)", self.shard_id, self.state.job_id, self.state.status())
         if previous is not None and previous.job_id == state.job_id and previous.gate.clocks:
             return Message(MsgType.JOB_SETUP, {"previous_clock": max(previous.gate.clocks.values())})
@@ -379,7 +399,11 @@ class ShardService:
 
     def _worker_joined(self, peer: net.Peer, msg: Message) -> net.Reply:
         state = self._job(msg.body)
-        state.gate.add(_require(msg.body, "worker_id", int), _require(msg.body, "clock", int))
+        worker = _require(msg.body, "worker_id", int)
+        session = _require(msg.body, "session", str)
+        if "clock" in msg.body:  # a replacement: it resumes where its predecessor stopped
+            state.gate.add(worker, _require(msg.body, "clock", int))
+        self.sessions[worker] = session  # a HELLO with the old token no longer counts
         return None
 
     def _checkpoint(self, peer: net.Peer, msg: Message) -> net.Reply:
@@ -400,6 +424,7 @@ class ShardService:
             self._release(self.state.gate.drain())
             self.state = None
             self.workers = {}
+            self.sessions = {}
         return None
 
     def _status(self, peer: net.Peer, msg: Message) -> net.Reply:

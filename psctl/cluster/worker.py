@@ -357,7 +357,7 @@ class Worker:
                 shards,
                 ranges,
                 reg["job_id"],
-                {"role": "worker", "worker_id": worker_id},
+                {"role": "worker", "worker_id": worker_id, "session": reg["session"]},
                 max_frame_bytes=self.max_frame_bytes,
                 hashed=[t.name for t in model.tables() if t.sparse],
                 security=self.security,

@@ -703,6 +703,9 @@ class CoordinatorState:
 
     def _setup_targets(self, job: JobData, restore: dict[str, Any] | None, workers: list[int]) -> list[tuple[Hashable, dict[str, Any]]]:
         spec = job.spec
+        # A worker's HELLO to a shard must carry its slot's session token: no other connection
+        # can say HELLO as that worker and take its place.
+        sessions = {str(w.worker_id): w.session for w in job.workers if w.session is not None and w.worker_id in workers}
         return [
             (
                 s.conn,
@@ -710,7 +713,7 @@ class CoordinatorState:
                     "job_id": job.job_id, "tables": job.tables, "ranges": {name: r[i] for name, r in job.ranges.items()},
                     "mode": spec.mode, "staleness": spec.staleness, "workers": workers, "optimizer": spec.optimizer,
                     "seed": spec.seed, "shard_index": i, "checkpoint": spec.checkpoint, "restore": restore,
-                    "n_shards": len(job.shards),
+                    "n_shards": len(job.shards), "sessions": sessions,
                 },
             )
             for i, s in enumerate(job.shards)
@@ -1034,8 +1037,10 @@ class CoordinatorState:
         slot.pid, slot.host = event.pid, event.host  # type: ignore[assignment]
         party = self.parties.setdefault(event.conn, Party())
         party.role, party.job_id, party.worker_id, party.helper = "worker", job.job_id, slot.worker_id, event.spare_of is not None
-        if replacing and job.ranges:  # tables exist: the gates must know the newcomer before it pushes
-            body = {"job_id": job.job_id, "worker_id": slot.worker_id, "clock": slot.start_clock}
+        if job.ranges:  # tables exist: the shards must know the newcomer (its token; a replacement's clock) before its HELLO
+            body: dict[str, Any] = {"job_id": job.job_id, "worker_id": slot.worker_id, "session": slot.session}
+            if replacing:
+                body["clock"] = slot.start_clock
             return self._ask(MsgType.WORKER_JOINED, [(s.conn, body) for s in job.shards], None, self._joined, job, slot, event, replacing)
         return self._joined((), job, slot, event, replacing)
 

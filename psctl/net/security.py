@@ -21,7 +21,13 @@ from psctl.errors import SecurityError
 from psctl.protocol.handshake import SECRET_ENV
 
 DEFAULT_MAX_CONNECTIONS = 1024
+# Connections still in their set-up (before the handshake finishes; without a secret, before
+# the service says the peer took a role) have a budget of their own, so they never take the
+# slots of established ones, and each source address a share of it.
+DEFAULT_MAX_PENDING_CONNECTIONS = 64
+DEFAULT_MAX_PENDING_PER_SOURCE = 16
 DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
+DEFAULT_ROLE_TIMEOUT_S = 60.0
 DEFAULT_IDLE_TIMEOUT_S = 30.0
 DEFAULT_MAX_KEYS_PER_REQUEST = 1 << 24
 MIN_SECRET_BYTES = 16
@@ -156,14 +162,17 @@ class Security:
     insecure: bool = False  # allow a non-loopback bind without a secret
     handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S  # accept -> authenticated (or first frame)
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S  # silence allowed in the middle of a frame
-    max_connections: int = DEFAULT_MAX_CONNECTIONS  # per listening process
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # established ones, per listening process
     max_keys_per_request: int = DEFAULT_MAX_KEYS_PER_REQUEST
+    max_pending_connections: int = DEFAULT_MAX_PENDING_CONNECTIONS  # still in their set-up, per listening process
+    max_pending_per_source: int = DEFAULT_MAX_PENDING_PER_SOURCE  # of those, from one source address
+    role_timeout_s: float = DEFAULT_ROLE_TIMEOUT_S  # without a secret: accept -> the peer took a role
 
     def __post_init__(self) -> None:
-        for name in ("handshake_timeout_s", "idle_timeout_s"):
+        for name in ("handshake_timeout_s", "idle_timeout_s", "role_timeout_s"):
             if not getattr(self, name) > 0:
                 raise SecurityError(f"--{name.replace('_', '-')} must be positive")
-        for name in ("max_connections", "max_keys_per_request"):
+        for name in ("max_connections", "max_keys_per_request", "max_pending_connections", "max_pending_per_source"):
             if getattr(self, name) < 1:
                 raise SecurityError(f"--{name.replace('_', '-')} must be at least 1")
 

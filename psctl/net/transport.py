@@ -10,7 +10,11 @@ secret, :func:`connect` and :class:`Server` run the handshake of psctl.protocol.
 before the service sees any frame, reading it with a parser whose limits fit
 a handshake; optional TLS wraps the same framing; a connection must finish
 its set-up within a deadline, and a peer that stops in the middle of a frame
-is dropped.
+is dropped. Connections still in their set-up (not authenticated; without a
+secret, not yet in a role the service vouched for with :meth:`Peer.admit`)
+have a budget of their own and a share per source address, so they cannot
+take the slots of established ones; when it is full, the longest-silent one of
+the address holding the most makes room, told why in an ERROR frame.
 """
 
 from __future__ import annotations
@@ -132,8 +136,10 @@ class Peer(asyncio.BufferedProtocol):
         self.closed: asyncio.Future[BaseException | None] = self._loop.create_future()
         self._handshake: ServerHandshake | None = None  # set on the accepting side
         self._setup_timer: asyncio.TimerHandle | None = None
+        self._role_timer: asyncio.TimerHandle | None = None
         self._stall_timer: asyncio.TimerHandle | None = None
         self._last_rx_s = self._loop.time()
+        self.source = ""
         self._rx_view: memoryview | None = None
         # Set while connect() checks the other side: its first bytes, to quote if they are not psctl.
         self.first_bytes: bytearray | None = bytearray() if quote_first_bytes else None
@@ -147,6 +153,7 @@ class Peer(asyncio.BufferedProtocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peername = transport.get_extra_info("peername")
+        self.source = str(peername[0]) if peername else ""  # the address a connection budget is shared by
         if peername:
             self.name = f"{self.name}@{peername[0]}:{peername[1]}"
 
@@ -205,6 +212,11 @@ class Peer(asyncio.BufferedProtocol):
             log.warning("%s did not %s within %g s; dropping it", self.name, what, timeout_s)
             self.abort(ConnectionLost(f"did not {what} within {timeout_s:g} s"), tell_peer=True)
 
+    def admit(self) -> None:
+        """The service vouches for this peer (it took a role): on the accepting side it
+        leaves the budget of connections in their set-up. Without a secret a peer that is
+        never admitted is dropped after ``role_timeout_s``; with one, authenticating admits."""
+
     def _authenticated(self) -> None:
         """The handshake succeeded: lift the handshake limits, keep any bytes already received."""
         self.authenticated = True
@@ -221,14 +233,15 @@ class Peer(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        for timer in (self._setup_timer, self._stall_timer):
+        for timer in (self._setup_timer, self._stall_timer, self._role_timer):
             if timer is not None:
                 timer.cancel()
-        self._setup_timer = self._stall_timer = None
+        self._setup_timer = self._stall_timer = self._role_timer = None
         reason = exc or ConnectionLost(f"connection to {self.name} closed")
+        said = f": {self.peer_error}" if self.peer_error else ""  # why the other side closed, if it said
         for fut in self._pending.values():
             if not fut.done():
-                err = ConnectionLost(f"connection to {self.name} closed before the reply")
+                err = ConnectionLost(f"connection to {self.name} closed before the reply{said}")
                 err.__cause__ = reason
                 fut.set_exception(err)
         self._pending.clear()
@@ -457,11 +470,65 @@ class Server:
         self.name = name
         self.security = security
         self.peers: set[Peer] = set()
+        self.pending: set[_ServerPeer] = set()  # still in their set-up
+        self.established: set[_ServerPeer] = set()
+        self.max_pending = security.max_pending_connections
+        self.max_pending_per_source = security.max_pending_per_source
         self.tasks: set[asyncio.Future[None]] = set()  # background work that lives as long as the server
         self._server: asyncio.base_events.Server | None = None
 
     def _make_peer(self) -> Peer:
         return _ServerPeer(self)
+
+    def _accept(self, peer: _ServerPeer) -> bool:
+        """A new connection: refused when the established ones are at their limit; else it
+        joins the set-up budget, making room there if need be."""
+        if len(self.established) >= self.max_connections:
+            log.warning("refusing %s: %d connections already", peer.name, len(self.established))
+            peer.abort(ConnectionLost(f"too many connections (limit {self.max_connections})"), tell_peer=True)
+            return False
+        self._make_room(peer.source)
+        self.peers.add(peer)
+        self.pending.add(peer)
+        return True
+
+    def _make_room(self, source: str) -> None:
+        """Before a connection from ``source`` joins the set-up budget: if its address (or the
+        whole budget) is full, drop the longest-silent connection of that address (of the
+        address holding the most). A flood thus pushes out its own connections first; a
+        client from elsewhere keeps its place while it finishes its set-up."""
+        mine = [p for p in self.pending if p.source == source]
+        if len(mine) >= self.max_pending_per_source:
+            victims = mine
+            reason = (
+                f"too many connections from {source or 'one address'} still in their set-up "
+                f"(limit {self.max_pending_per_source}); dropped the one silent longest"
+            )
+        elif len(self.pending) >= self.max_pending:
+            by_source: dict[str, list[_ServerPeer]] = {}
+            for p in self.pending:
+                by_source.setdefault(p.source, []).append(p)
+            victims = max(by_source.values(), key=len)
+            reason = (
+                f"too many connections still in their set-up (limit {self.max_pending}); "
+                "dropped the one silent longest of the address with the most"
+            )
+        else:
+            return
+        victim = min(victims, key=lambda p: p._last_rx_s)
+        self.pending.discard(victim)
+        log.warning("dropping %s: %s", victim.name, reason)
+        victim.abort(ConnectionLost(reason), tell_peer=True)
+
+    def _admit(self, peer: _ServerPeer) -> None:
+        if peer not in self.pending:
+            return  # admitted already, or dropped
+        self.pending.discard(peer)
+        if len(self.established) >= self.max_connections:
+            log.warning("refusing %s: %d connections already", peer.name, len(self.established))
+            peer.abort(ConnectionLost(f"too many connections (limit {self.max_connections})"), tell_peer=True)
+            return
+        self.established.add(peer)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen; SecurityError for a bind the security settings do not allow."""
@@ -504,15 +571,33 @@ class _ServerPeer(Peer):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        if len(self._server.peers) >= self._server.max_connections:
-            log.warning("refusing %s: %d connections already", self.name, len(self._server.peers))
-            self.abort(ConnectionLost(f"too many connections (limit {self._server.max_connections})"), tell_peer=True)
+        if not self._server._accept(self):
             return
-        self._server.peers.add(self)
         self._start_setup_deadline()
+        if self.security.secret is None:
+            self._role_timer = self._loop.call_later(self.security.role_timeout_s, self._role_expired)
+
+    def _role_expired(self) -> None:
+        self._role_timer = None
+        if self.is_open and self in self._server.pending:
+            timeout_s = self.security.role_timeout_s
+            log.warning("%s did not say what it is within %g s; dropping it", self.name, timeout_s)
+            self.abort(ConnectionLost(f"did not say what it is (HELLO or REGISTER) within {timeout_s:g} s"), tell_peer=True)
+
+    def admit(self) -> None:
+        if self._role_timer is not None:
+            self._role_timer.cancel()
+            self._role_timer = None
+        self._server._admit(self)
+
+    def _authenticated(self) -> None:
+        super()._authenticated()
+        self.admit()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.peers.discard(self)
+        self._server.pending.discard(self)
+        self._server.established.discard(self)
         super().connection_lost(exc)
 
 
@@ -655,6 +740,8 @@ async def _authenticate(peer: Peer, security: Security, what: str, hostport: str
     except ConnectionLost as exc:
         if (sentence := _not_psctl(peer, hostport)) is not None:
             raise ConnectError(sentence) from None
+        if peer.peer_error is not None:
+            raise ConnectError(f"{where} refused the connection: {peer.peer_error}") from None
         if peer.is_open:
             raise ConnectError(
                 f"{hostport} did not answer the psctl handshake within {timeout_s:g} s; is it the {what}?"

@@ -140,9 +140,10 @@ class RawClient:
         self.sent = bytearray()
 
     @classmethod
-    async def open(cls, address: str | tuple[str, int]) -> RawClient:
+    async def open(cls, address: str | tuple[str, int], source: str | None = None) -> RawClient:
+        """Connect, from the loopback address ``source`` if given (127.0.0.0/8 all reach lo)."""
         host, port = net.parse_address(address) if isinstance(address, str) else address
-        client = cls(*await asyncio.open_connection(host, port))
+        client = cls(*await asyncio.open_connection(host, port, local_addr=(source, 0) if source else None))
         _OPENED.append(client)
         return client
 

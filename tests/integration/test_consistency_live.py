@@ -41,7 +41,7 @@ async def job(address: str, spec: dict):
             control, reg = await worker_session(address)
             clients.append(
                 await ShardClient.connect(
-                    placed["shards"], placed["ranges"], reg["job_id"], {"role": "worker", "worker_id": reg["worker_id"]},
+                    placed["shards"], placed["ranges"], reg["job_id"], {"role": "worker", "worker_id": reg["worker_id"], "session": reg["session"]},
                     max_frame_bytes=1 << 20,
                 )
             )

@@ -126,7 +126,7 @@ async def test_a_stopped_shard_process_gives_a_named_error(two_shards):
         placed = (await driver.request(MsgType.TABLES, {"tables": spec["tables"]})).body
         reg = (await control.request(MsgType.REGISTER_WORKER, {"pid": 0, "host": "test"})).body
         client = await ShardClient.connect(
-            placed["shards"], placed["ranges"], job_id, {"role": "worker", "worker_id": reg["worker_id"]},
+            placed["shards"], placed["ranges"], job_id, {"role": "worker", "worker_id": reg["worker_id"], "session": reg["session"]},
             max_frame_bytes=1 << 20, answer_timeout_s=1.0,
         )  # fmt: skip
         await client.push({"w": np.ones(8, np.float32)}, 0, 1)

@@ -297,7 +297,7 @@ async def test_hostile_frames_change_no_parameter_and_the_worker_is_still_served
         # this loop (and the loaded machine) busy, the coordinator does not take it for lost.
         control, reg = await worker_session(coordinator.address, security)
         worker = await ShardClient.connect(
-            reg_placed["shards"], reg_placed["ranges"], job_id, {"role": "worker", "worker_id": 0},
+            reg_placed["shards"], reg_placed["ranges"], job_id, {"role": "worker", "worker_id": 0, "session": reg["session"]},
             max_frame_bytes=MAX_FRAME_BYTES, security=security,
         )  # fmt: skip
         for clock in range(3):

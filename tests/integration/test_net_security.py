@@ -1,5 +1,6 @@
 """The guarded connection in one process over loopback TCP: handshake framing, the
-small pre-handshake parser, the connection limit, set-up and mid-frame deadlines."""
+small pre-handshake parser, the connection limit, the budget of connections in their set-up,
+set-up, role and mid-frame deadlines."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ class Recorder(net.NullService):
     def handle(self, peer: net.Peer, msg: Message) -> net.Reply:
         self.seen.add(peer)
         if msg.type is MsgType.PING:
+            if msg.body.get("admit", True):
+                peer.admit()  # PING is this service's role (a test may ask it not to be)
             return Message(MsgType.PING, {"n": len(self.seen)}, msg.arrays)
         return super().handle(peer, msg)
 
@@ -251,3 +254,79 @@ async def test_a_psctl_server_at_its_connection_limit_is_named_as_the_refusal():
 
 def loop_time() -> float:
     return asyncio.get_running_loop().time()
+
+
+UNDECIDED = Message(MsgType.PING, {"admit": False}, req_id=1)  # answered, but takes no role
+
+
+async def _undecided(address: tuple[str, int], source: str) -> RawClient:
+    """A connection the server has accepted (it answered) that stays in its set-up."""
+    client = await RawClient.open(address, source)
+    client.send(UNDECIDED)
+    assert (await client.frame()).type is MsgType.PING
+    return client
+
+
+async def test_without_a_secret_a_peer_that_takes_no_role_is_dropped_at_the_role_deadline():
+    timeout_s = 0.5
+    server, service, address = await serve(net.Security(role_timeout_s=timeout_s))
+    hangups = Hangups()
+    try:
+        admitted = await net.connect(address)  # its PING takes a role
+        undecided = await _undecided(address, "127.0.0.1")
+        hangups.watch(undecided, timeout_s=10)
+        while not hangups.done:  # the admitted peer is served meanwhile, and after
+            assert (await admitted.request(MsgType.PING, timeout_s=5)).type is MsgType.PING
+        (frames,) = hangups.frames.values()
+        assert frames[-1].type is MsgType.ERROR
+        assert frames[-1].body["message"] == "did not say what it is (HELLO or REGISTER) within 0.5 s"
+        assert all(timeout_s * 0.8 <= after <= timeout_s + 5 for after in hangups.after_s.values()), hangups.after_s
+        assert (await admitted.request(MsgType.PING, timeout_s=5)).type is MsgType.PING
+        admitted.close()
+    finally:
+        hangups.cancel()
+        await server.close()
+
+
+async def test_connections_in_their_set_up_have_their_own_budget_shared_by_address():
+    security = net.Security(max_connections=2, max_pending_connections=4, max_pending_per_source=2)
+    server, service, address = await serve(security)
+    try:
+        a = await _undecided(address, "127.0.0.1")
+        b = await _undecided(address, "127.0.0.1")
+        c = await _undecided(address, "127.0.0.1")  # a third from one address: its longest silent goes
+        (told,) = await a.until_closed()
+        assert told.body["message"] == (
+            "too many connections from 127.0.0.1 still in their set-up (limit 2); dropped the one silent longest"
+        )
+        d = await _undecided(address, "127.0.0.2")
+        e = await _undecided(address, "127.0.0.3")  # the budget is full now: b, c, d, e
+        f = await _undecided(address, "127.0.0.3")  # room is made at the address with the most (127.0.0.1)
+        (told,) = await b.until_closed()
+        assert told.body["message"] == (
+            "too many connections still in their set-up (limit 4); dropped the one silent longest of the address with the most"
+        )
+        for alive in (c, d, e, f):
+            alive.send(UNDECIDED)
+            assert (await alive.frame()).type is MsgType.PING
+        # They do not take the slots of established connections.
+        established = [await net.connect(address) for _ in range(2)]
+        with pytest.raises(ConnectError, match=r"refused the connection: too many connections \(limit 2\)"):
+            await net.connect(address)
+        for peer in established:
+            assert (await peer.request(MsgType.PING, timeout_s=5)).type is MsgType.PING
+            peer.close()
+    finally:
+        await server.close()
+
+
+async def test_with_a_secret_a_refused_client_says_why_it_was_refused():
+    security = net.Security(secret=SECRET, max_connections=1)
+    server, service, address = await serve(security)
+    try:
+        first = await net.connect(address, security=security)
+        with pytest.raises(ConnectError, match=r"refused the connection: too many connections \(limit 1\)$"):
+            await net.connect(address, security=security)
+        first.close()
+    finally:
+        await server.close()

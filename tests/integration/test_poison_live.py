@@ -32,7 +32,7 @@ async def test_a_nan_push_is_refused_while_an_honest_worker_keeps_training():
             ids.append(reg["worker_id"])
             clients.append(
                 await ShardClient.connect(
-                    placed["shards"], placed["ranges"], reg["job_id"], {"role": "worker", "worker_id": reg["worker_id"]},
+                    placed["shards"], placed["ranges"], reg["job_id"], {"role": "worker", "worker_id": reg["worker_id"], "session": reg["session"]},
                     max_frame_bytes=1 << 20,
                 )
             )  # fmt: skip

@@ -69,8 +69,9 @@ class Job:
         self.submitted.update((await self.driver.request(MsgType.TABLES, {"tables": spec["tables"]}, timeout_s=30)).body)
         self.job_id = self.submitted["job_id"]
         self.control, reg = await worker_session(self.address, self.security)
+        self.session = reg["session"]
         self.worker = await ShardClient.connect(
-            self.submitted["shards"], self.submitted["ranges"], self.job_id, {"role": "worker", "worker_id": reg["worker_id"]},
+            self.submitted["shards"], self.submitted["ranges"], self.job_id, {"role": "worker", "worker_id": reg["worker_id"], "session": reg["session"]},
             max_frame_bytes=1 << 20, security=self.security,
         )  # fmt: skip
         return self
@@ -179,7 +180,7 @@ async def test_a_replayed_capture_of_a_worker_session_changes_nothing(secured):
         honest = await RawClient.open(shard)
         await honest.authenticate(security.secret)
         honest.send(
-            Message(MsgType.HELLO, {"job_id": job.job_id, "role": "worker", "worker_id": 0}, req_id=3),
+            Message(MsgType.HELLO, {"job_id": job.job_id, "role": "worker", "worker_id": 0, "session": job.session}, req_id=3),
             Message(MsgType.PUSH, {"job_id": job.job_id, "tables": ["w"], "clock": 0, "count": 1},
                     [np.ones(rows[1] - rows[0], np.float32)], req_id=4),
         )  # fmt: skip

@@ -27,7 +27,7 @@ async def worker(address: str, placed: dict, body: dict | None = None) -> tuple[
     """A worker played by the test: its session (which keeps the coordinator's events) and shard client."""
     session, reg = await worker_session(address, body=body)
     client = await ShardClient.connect(
-        placed["shards"], placed["ranges"], reg["job_id"], {"role": "worker", "worker_id": reg["worker_id"]},
+        placed["shards"], placed["ranges"], reg["job_id"], {"role": "worker", "worker_id": reg["worker_id"], "session": reg["session"]},
         max_frame_bytes=1 << 20,
     )
     return session, reg, client

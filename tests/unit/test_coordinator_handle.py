@@ -329,7 +329,7 @@ def test_a_lost_worker_is_replaced_from_the_clock_the_shards_acknowledged():
     assert sim(core.WorkerRegistered("rw2", "w2")) == []  # the spare is pending until the shards answer
     out = sim.answer(out, MsgType.WORKER_LEFT, {"clock": 7})
     (joined,) = [e for e in out if isinstance(e, Ask) and e.kind is MsgType.WORKER_JOINED]
-    assert joined.targets == (("s0", {"job_id": sim.job.job_id, "worker_id": 2, "clock": 7}),)
+    assert joined.targets == (("s0", {"job_id": sim.job.job_id, "worker_id": 2, "session": "token", "clock": 7}),)
     out = sim.answer(out, MsgType.WORKER_JOINED, {})
     reply = released(out, "rw2")
     assert (reply["worker_id"], reply["partition_index"], reply["start_clock"]) == (2, 0, 7)
@@ -588,3 +588,22 @@ def test_a_failing_worker_moves_the_job_running_to_failed():
     job = sim.job
     out = sim(core.Failed("w1", "out of memory"))
     assert job.state is JobState.FAILED and {"kind": "failed", "reason": "worker 1: out of memory"} in sim.driver_events(out)
+
+
+def test_the_shards_learn_each_workers_session_token_before_its_hello():
+    tokens = iter(f"t{i}" for i in range(10))
+    sim = Sim()
+    sim.core = CoordinatorState(token=lambda: next(tokens))
+    released(sim(core.ShardRegistered("rs0", "s0", "h:0", 100)), "rs0")
+    released(sim(core.JobSubmitted("sub", "d", spec(2))), "sub")
+    assert released(sim(core.WorkerRegistered("rw0", "w0", pid=0, host="x")), "rw0")["session"] == "t0"
+    out = sim(core.TablesGiven("tab", "d", TABLES))
+    (setup,) = [e for e in out if isinstance(e, Ask) and e.kind is MsgType.JOB_SETUP]
+    assert [body["sessions"] for _, body in setup.targets] == [{"0": "t0"}]  # only slots that have one
+    released(sim.answer(out, MsgType.JOB_SETUP, {}), "tab")
+    # A worker that registers once the tables exist: the shards get its token before it is answered.
+    out = sim(core.WorkerRegistered("rw1", "w1", pid=1, host="x"))
+    (joined,) = [e for e in out if isinstance(e, Ask) and e.kind is MsgType.WORKER_JOINED]
+    assert joined.targets == (("s0", {"job_id": sim.job.job_id, "worker_id": 1, "session": "t1"}),)
+    assert not [e for e in out if isinstance(e, Release)]
+    assert released(sim.answer(out, MsgType.WORKER_JOINED, {}), "rw1")["session"] == "t1"

@@ -26,6 +26,9 @@ class FakePeer:
     def check_keys(self, n_keys: int) -> None:
         pass
 
+    def admit(self) -> None:
+        pass
+
     def notify(self, kind: MsgType, body: dict | None = None, arrays=None) -> None:
         self.notified.append((kind, body or {}))
 
@@ -38,6 +41,7 @@ def setup_body(folder: str) -> dict:
         "optimizer": {"name": "sgd", "params": {"lr": 0.5}},
         "mode": "sync",
         "workers": [0, 1],
+        "sessions": {"0": "token-0", "1": "token-1"},
         "checkpoint": {"dir": folder, "every": 1},
     }
 
@@ -60,7 +64,7 @@ async def test_a_pull_and_a_push_are_served_while_a_checkpoint_is_being_written(
     service.coordinator = coordinator  # type: ignore[assignment]
     service.handle(coordinator, Message(MsgType.JOB_SETUP, setup_body(str(tmp_path))))
     for wid, peer in ((0, w0), (1, w1)):
-        service.handle(peer, Message(MsgType.HELLO, {"job_id": "j", "role": "worker", "worker_id": wid}))
+        service.handle(peer, Message(MsgType.HELLO, {"job_id": "j", "role": "worker", "worker_id": wid, "session": f"token-{wid}"}))
 
     # clock 0 complete on both workers: the sync mean is applied and the checkpoint at clock 1 starts
     push(service, w0, 0, 1.0)
@@ -97,7 +101,7 @@ async def test_a_failed_write_is_logged_and_not_reported(tmp_path, caplog):
     service.coordinator = coordinator  # type: ignore[assignment]
     service.handle(coordinator, Message(MsgType.JOB_SETUP, setup_body(str(tmp_path))))
     for wid, peer in ((0, w0), (1, w1)):
-        service.handle(peer, Message(MsgType.HELLO, {"job_id": "j", "role": "worker", "worker_id": wid}))
+        service.handle(peer, Message(MsgType.HELLO, {"job_id": "j", "role": "worker", "worker_id": wid, "session": f"token-{wid}"}))
     push(service, w0, 0, 1.0)
     push(service, w1, 0, 1.0)
     await service.finish_writes(WAIT_S)

@@ -25,6 +25,9 @@ class FakePeer:
     def check_keys(self, n_keys: int) -> None:
         pass
 
+    def admit(self) -> None:
+        pass
+
 
 def service(workers=(0, 1, 2), mode: str = "sync") -> tuple[ShardService, list[FakePeer]]:
     s = ShardService(on_coordinator_lost=lambda: None)
@@ -37,12 +40,13 @@ def service(workers=(0, 1, 2), mode: str = "sync") -> tuple[ShardService, list[F
         "optimizer": {"name": "sgd", "params": {"lr": 0.5}},
         "mode": mode,
         "workers": list(workers),
+        "sessions": {str(w): f"token-{w}" for w in workers},
     }
     s.handle(coordinator, Message(MsgType.JOB_SETUP, body))
     peers = []
     for w in workers:
         p = FakePeer()
-        s.handle(p, Message(MsgType.HELLO, {"job_id": "j", "role": "worker", "worker_id": w}))
+        s.handle(p, Message(MsgType.HELLO, {"job_id": "j", "role": "worker", "worker_id": w, "session": f"token-{w}"}))
         peers.append(p)
     return s, peers
 
