@@ -21,3 +21,15 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value
+
+
+def checkpoint_failed_line(event: dict[str, Any]) -> str:
+    """The one sentence for a ``checkpoint_failed`` event: which save failed and why, and what
+    is still there to resume from (training goes on without that checkpoint)."""
+    last = event.get("last_clock")
+    kept = (
+        f"the checkpoint at clock {last} stays the one to resume from (--resume {event.get('dir')})"
+        if last is not None
+        else "there is no checkpoint to resume from yet"
+    )
+    return f"{event['reason']}; training goes on without it, and {kept}"

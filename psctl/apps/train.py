@@ -559,7 +559,10 @@ async def _follow(
                     dead.append(child)
                     deadline = deadline or time.monotonic() + FAILED_EVENT_GRACE_S
             if get.done():
-                event, get = get.result(), None  # SessionClosed (a JobError): lost the connection to the psctl server
+                try:
+                    event, get = get.result(), None
+                except JobError as exc:  # SessionClosed: lost the connection to the psctl server; or it went silent
+                    raise JobError(f"{exc}{_resume_hint(session.spec, events)}") from exc
                 lost += event["kind"] == "worker_lost"
                 if event["kind"] == "worker_lost" and restarts < cfg.max_restarts and cluster.workers():
                     restarts += 1
@@ -630,6 +633,21 @@ def _halted(spec: JobSpec, clock: int, by_server: str | None) -> str:
         f"{who}: every worker stopped at clock {clock} and the shards saved a final checkpoint in '{folder}'; "
         f"continue with the same command and --resume {folder}"
     )
+
+
+def _resume_hint(spec: JobSpec, events: list[dict[str, Any]]) -> str:
+    """What a job that lost its server can resume from: the manifest on disk (this host may
+    not see the folder: then the last checkpoint the server reported), and the command."""
+    folder = spec.checkpoint_dir
+    if not folder:
+        return ""
+    try:
+        clock = checkpoint.read_manifest(folder)["clock"]
+    except PsctlError:
+        clock = next((e["clock"] for e in reversed(events) if e.get("kind") == "checkpoint"), None)
+    if clock is None:
+        return f"; '{folder}' holds no checkpoint yet"
+    return f"; the last checkpoint in '{folder}' is at clock {clock}: continue with the same command and --resume {folder}"
 
 
 def _last_checkpoint(spec: JobSpec) -> str:

@@ -366,6 +366,10 @@ class _TrainView:
             self._note(msg)
         elif kind == "checkpoint":
             self._note(f"checkpoint at clock {event['clock']}")
+        elif kind == "checkpoint_failed":
+            from psctl.apps.results import checkpoint_failed_line
+
+            self._note(f"warning: {checkpoint_failed_line(event)}", err)
         elif kind == "halting":
             self._note(f"stopping: every worker stops at one clock and the shards save a final checkpoint in "
                        f"'{event['dir']}' (Ctrl-C again to stop at once)", err)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import shutil
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from psctl import net
@@ -25,21 +26,36 @@ READY = "PSCTL_READY"
 
 
 class _StdinWatch(asyncio.Protocol):
-    def __init__(self, stop: asyncio.Event):
+    def __init__(self, stop: asyncio.Event, on_closed: Callable[[], None]):
         self.stop = stop
+        self.on_closed = on_closed
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.on_closed()
         self.stop.set()
 
 
-async def _until_stopped(work: Coroutine[Any, Any, Any], parent_watch: bool) -> Any:
-    """Run ``work`` until it ends, SIGTERM/SIGINT arrives, or (with parent_watch) stdin closes."""
+async def _until_stopped(
+    work: Coroutine[Any, Any, Any], parent_watch: bool, on_parent_gone: Callable[[], None] = lambda: None
+) -> Any:
+    """Run ``work`` until it ends, SIGTERM/SIGINT arrives, or (with parent_watch) stdin closes
+    (then ``on_parent_gone`` runs when this returns)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    closed: list[bool] = []
     if parent_watch:
-        await loop.connect_read_pipe(lambda: _StdinWatch(stop), sys.stdin)
+        await loop.connect_read_pipe(lambda: _StdinWatch(stop, lambda: closed.append(True)), sys.stdin)
+    try:
+        return await _run_until(work, stop)
+    finally:
+        if closed:
+            on_parent_gone()
+
+
+async def _run_until(work: Coroutine[Any, Any, Any], stop: asyncio.Event) -> Any:
+    """``work``'s result, or None once ``stop`` is set first (``work`` is cancelled)."""
     task = asyncio.ensure_future(work)
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -79,6 +95,14 @@ async def worker_main(args: argparse.Namespace, security: net.Security) -> None:
     await Worker(args.server, max_frame_bytes=args.max_frame_bytes, data_path=args.data, model_classes=args.model_class, security=security).run()
 
 
+def _remove_log_dir(folder: str | None) -> None:
+    """The parent closed our stdin: it stopped us, or died (kill -9) and cannot remove its
+    children's log folder itself. Every child tries; the first one removes it (the others'
+    logs are open files: they keep writing to them until they exit)."""
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def security_from_args(args: argparse.Namespace) -> net.Security:
     secret = net.read_secret_fd(args.secret_fd) if args.secret_fd is not None else None
     return build_security(secret=secret, **{o.name: getattr(args, o.name) for o in SECURITY_OPTIONS})
@@ -99,6 +123,7 @@ def parser() -> argparse.ArgumentParser:
     for sp in (s, w):
         sp.add_argument("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES)
         sp.add_argument("--parent-watch", action="store_true")
+        sp.add_argument("--parent-log-dir", default=None, help="the parent's log folder: removed when stdin closes")
         sp.add_argument("--log-level", default="WARNING")
         sp.add_argument("--secret-fd", type=int, default=None, help="read the shared secret from this inherited pipe")
         for option in SECURITY_OPTIONS:
@@ -117,7 +142,7 @@ def main(argv: list[str] | None = None, security: net.Security | None = None) ->
     try:
         if security is None:
             security = security_from_args(args)
-        net.run(lambda: _until_stopped(role_main(args, security), args.parent_watch))
+        net.run(lambda: _until_stopped(role_main(args, security), args.parent_watch, lambda: _remove_log_dir(args.parent_log_dir)))
     except PsctlError as exc:
         print(f"psctl {args.role}: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -94,6 +94,8 @@ class LocalCluster:
     async def _spawn(self, role: str, index: int, args: list[str]) -> Child:
         log_path = self.log_dir / f"{role}-{index}.log"
         args = [*args, *security_args(self.security)]
+        if self._own_log_dir:  # a child whose parent died (kill -9) removes the folder it would have
+            args += ["--parent-log-dir", str(self.log_dir)]
         env = {k: v for k, v in os.environ.items() if k != handshake.SECRET_ENV}
         secret_fd = None
         if self.security.secret is not None:

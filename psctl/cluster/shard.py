@@ -78,6 +78,16 @@ class _Checkpoints:
         self.last_clock = low
 
 
+def write_error(folder: str, exc: BaseException) -> str:
+    """Why a checkpoint file could not be written, naming its folder: "'/ck': No space left on device"."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__  # save_model re-raises the OSError as ModelFileError
+    if isinstance(cause, OSError):
+        return f"'{folder}': {cause.strerror or cause}"
+    return f"'{folder}': {exc}"
+
+
 def _write_checkpoint(folder: str, index: int, clock: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
     # No pruning here: only the coordinator knows which clocks a manifest names (CHECKPOINTED).
     checkpoint.save_shard(folder, index, clock, arrays, meta)
@@ -305,12 +315,19 @@ class ShardService:
         async with self._write_lock:
             try:
                 await asyncio.to_thread(self._write_checkpoint, plan.folder, plan.index, clock, arrays, meta)
-            except Exception:
-                log.exception("shard %s: writing the checkpoint at clock %d failed", self.shard_id, clock)
-                return
-        plan.saved(clock)
+                error = None
+            except Exception as exc:
+                # A full disk (or a file-size limit, a read-only folder) fails this save only: the
+                # push that triggered it was applied and acked; the coordinator hears at once.
+                error = write_error(plan.folder, exc)
+                log.error("shard %s: the checkpoint at clock %d failed: %s", self.shard_id, clock, error)
+        body: dict[str, Any] = {"job_id": job_id, "clock": clock, "shard_index": plan.index}
+        if error is None:
+            plan.saved(clock)
+        else:
+            body["error"] = error
         if self.coordinator is not None and self.coordinator.is_open:
-            self.coordinator.notify(MsgType.CHECKPOINTED, {"job_id": job_id, "clock": clock, "shard_index": plan.index})
+            self.coordinator.notify(MsgType.CHECKPOINTED, body)
 
     def _committed(self, peer: net.Peer, msg: Message) -> net.Reply:
         """The coordinator wrote the manifest of ``clock``: remove this shard's files that no

@@ -87,6 +87,15 @@ class _ControlService:
                 return event
         raise JobError(f"job stopped: {self.abort_reason}")
 
+    async def wait_abort(self, session: Session, timeout_s: float) -> None:
+        """Wait at most ``timeout_s`` for the coordinator to stop the job; then JobError if it did."""
+        try:
+            await self.next_rewind(session, timeout_s)
+        except JobError:
+            if self.abort_reason is not None:
+                raise
+            return
+
     async def wait_turn(self, clock: int) -> None:
         """Hold the step at ``clock`` while the coordinator pauses the workers for a
         checkpoint, or for good once ``clock`` reaches the clock it said to stop at."""
@@ -378,6 +387,10 @@ class Worker:
                         # The shard applied none of it; no roll-back mends a model that diverged.
                         raise PsctlError(f"worker {worker_id} pushed non-finite gradients (NaN/Inf): {exc}") from None
                     if not spec.get("checkpoint"):
+                        # A lost shard fails such a job: the coordinator says so within the failure
+                        # timeout. Wait for that (the job's failure is then the one sentence), and
+                        # leave as a lost worker, to be replaced, only if it does not come.
+                        await self.control.wait_abort(coord, job.failure_timeout_s)
                         raise
                     # A shard was lost: the coordinator rolls the shards back to their last
                     # checkpoint and says where to start again.

@@ -310,6 +310,20 @@ class CheckpointLog:
         self.last = clock
         return self.settle(clock=clock)
 
+    def shard_failed(self, clock: int, error: str) -> list[Effect]:
+        """A shard could not save ``clock``: that clock never becomes the checkpoint (the last one
+        stays), and whoever waits for a checkpoint at or before it is refused with ``error``."""
+        self.saved.pop(clock, None)
+        effects: list[Effect] = []
+        keep = []
+        for target, handle in self.waiters:
+            if target <= clock and (self.last is None or self.last < target):
+                effects.append(Refuse(handle, error, "checkpoint_failed"))
+            else:
+                keep.append((target, handle))
+        self.waiters = keep
+        return effects
+
     def wait(self, clock: int, handle: object) -> list[Effect]:
         """``handle`` waits until the checkpoint reaches ``clock`` (released with that checkpoint's clock)."""
         if self.last is not None and self.last >= clock:
@@ -1272,6 +1286,8 @@ class CoordinatorState:
         clock, index = event.clock, event.shard_index
         if not isinstance(clock, int) or not isinstance(index, int) or isinstance(clock, bool) or isinstance(index, bool):
             raise RequestError("CHECKPOINTED needs a clock and a shard_index")
+        if event.error is not None:
+            return self._checkpoint_failed(job, clock, index, str(event.error))
         if not job.checkpoints.shard_saved(clock, index, len(job.shards)):
             return []
         # The checkpoint before this one stays on disk (its manifest and its shard files) in
@@ -1288,6 +1304,15 @@ class CoordinatorState:
         job.manifests_writing.add(clock)
         job.manifest_previous[clock] = previous
         return [WriteManifest(job.job_id, job.spec.checkpoint_dir, clock, manifest)]
+
+    def _checkpoint_failed(self, job: JobData, clock: int, index: int, error: str) -> list[ServiceEffect]:
+        """A shard could not write its file of ``clock`` (a full disk): the job trains on without
+        that checkpoint, the last one stays the one to resume from; a halt waiting for it fails."""
+        sentence = f"checkpoint at clock {clock} failed on shard {index}: {error}"
+        log.warning("job %s: %s", job.job_id, sentence)
+        event = {"kind": "checkpoint_failed", "clock": clock, "shard_index": index, "reason": sentence,
+                 "last_clock": job.last_checkpoint, "dir": job.spec.checkpoint_dir}  # fmt: skip
+        return self._to_driver(job, event) + self._answer(job, job.checkpoints.shard_failed(clock, sentence))
 
     def _manifest_written(self, event: ManifestWritten) -> list[ServiceEffect]:
         job = self.job

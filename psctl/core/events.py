@@ -151,6 +151,7 @@ class Checkpointed:
     job_id: object
     clock: object
     shard_index: object
+    error: object = None  # why the shard could not write that clock's file (None: it did)
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,7 @@ async def test_a_pull_and_a_push_are_served_while_a_checkpoint_is_being_written(
     assert meta["updates"] == 1 and service.checkpoints.last_clock == 2
 
 
-async def test_a_failed_write_is_logged_and_not_reported(tmp_path, caplog):
+async def test_a_failed_write_is_logged_and_reported_with_its_error(tmp_path, caplog):
     def failing_write(folder, index, clock, arrays, meta):
         raise OSError("disk full")
 
@@ -105,5 +105,8 @@ async def test_a_failed_write_is_logged_and_not_reported(tmp_path, caplog):
     push(service, w0, 0, 1.0)
     push(service, w1, 0, 1.0)
     await service.finish_writes(WAIT_S)
-    assert not coordinator.notified
-    assert "writing the checkpoint at clock 1 failed" in caplog.text
+    # reported, so the coordinator keeps the last checkpoint and tells the driver (issue 13, defect 3)
+    assert coordinator.notified == [
+        (MsgType.CHECKPOINTED, {"job_id": "j", "clock": 1, "shard_index": 0, "error": f"'{tmp_path}': disk full"})
+    ]
+    assert f"the checkpoint at clock 1 failed: '{tmp_path}': disk full" in caplog.text
