@@ -81,7 +81,7 @@ async def test_the_shard_reports_a_failed_save_at_once_and_the_push_that_trigger
     service.coordinator = coordinator  # type: ignore[assignment]
     service.handle(coordinator, Message(MsgType.JOB_SETUP, setup_body(str(tmp_path))))
     for wid, peer in ((0, w0), (1, w1)):
-        service.handle(peer, Message(MsgType.HELLO, {"job_id": "j", "role": "worker", "worker_id": wid}))
+        service.handle(peer, Message(MsgType.HELLO, {"job_id": "j", "role": "worker", "worker_id": wid, "session": f"token-{wid}"}))
     push(service, w0, 0, 1.0)
     assert push(service, w1, 0, 3.0) is None  # this push makes clock 1 due: it is acked, not failed
     await asyncio.wait_for(service.finish_writes(WAIT_S), WAIT_S)
