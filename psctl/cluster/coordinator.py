@@ -266,7 +266,7 @@ class CoordinatorService:
 
     def _checkpointed(self, conn: int, msg: Message) -> None:
         body = msg.body
-        self._dispatch(core.Checkpointed(body.get("job_id"), body.get("clock"), body.get("shard_index"), body.get("error")))
+        self._dispatch(core.Checkpointed(conn, body.get("job_id"), body.get("clock"), body.get("shard_index"), body.get("error")))
 
     def _ping(self, conn: int, msg: Message) -> Message:
         return Message(MsgType.PING, {})

@@ -1286,6 +1286,8 @@ class CoordinatorState:
         clock, index = event.clock, event.shard_index
         if not isinstance(clock, int) or not isinstance(index, int) or isinstance(clock, bool) or isinstance(index, bool):
             raise RequestError("CHECKPOINTED needs a clock and a shard_index")
+        if not 0 <= index < len(job.shards) or job.shards[index].conn != event.conn:
+            raise RequestError(f"CHECKPOINTED for shard {index} comes from that shard only", code="forbidden")
         if event.error is not None:
             return self._checkpoint_failed(job, clock, index, str(event.error))
         if not job.checkpoints.shard_saved(clock, index, len(job.shards)):

@@ -148,6 +148,7 @@ class Failed:
 
 @dataclass(frozen=True)
 class Checkpointed:
+    conn: Hashable  # it must be the connection of the shard at shard_index
     job_id: object
     clock: object
     shard_index: object

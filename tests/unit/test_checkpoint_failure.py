@@ -7,11 +7,14 @@ from __future__ import annotations
 import asyncio
 import errno
 
+import pytest
+
 from psctl.apps.results import checkpoint_failed_line
 from psctl.cluster.shard import ShardService, write_error
 from psctl.core import coordinator as core
 from psctl.core.coordinator import Refuse, WriteManifest
 from psctl.files import checkpoint
+from psctl.errors import RequestError
 from psctl.files.modelfile import ModelFileError
 from psctl.protocol.wire import Message, MsgType
 
@@ -24,8 +27,8 @@ FULL = "'/ck': No space left on device"
 def test_a_failed_save_goes_to_the_driver_and_the_last_checkpoint_stays():
     sim = start(n_shards=2, checkpoint={"dir": "/ck", "every": 10})
     checkpoint_at(sim, 10)
-    out = sim(core.Checkpointed(sim.job.job_id, 20, 0))
-    out += sim(core.Checkpointed(sim.job.job_id, 20, 1, FULL))
+    out = sim(core.Checkpointed("s0", sim.job.job_id, 20, 0))
+    out += sim(core.Checkpointed("s1", sim.job.job_id, 20, 1, FULL))
     assert not [e for e in out if isinstance(e, WriteManifest)]
     (event,) = [e for e in sim.driver_events(out) if e["kind"] == "checkpoint_failed"]
     assert event == {
@@ -46,7 +49,7 @@ def test_a_halt_whose_final_checkpoint_cannot_be_written_fails_with_the_sentence
     sim = start(checkpoint={"dir": "/ck"})
     out = sim.answer(sim.answer(sim(core.HaltRequested("halt", "d")), MsgType.PAUSE, {"clock": 5}), MsgType.CHECKPOINT, {})
     assert not [e for e in out if isinstance(e, Refuse)]
-    out = sim(core.Checkpointed(sim.job.job_id, 5, 0, FULL))
+    out = sim(core.Checkpointed("s0", sim.job.job_id, 5, 0, FULL))
     refusal = refused(out, "halt")
     assert refusal.message == f"checkpoint at clock 5 failed on shard 0: {FULL}" and refusal.code == "checkpoint_failed"
 
@@ -55,7 +58,7 @@ def test_the_server_stopping_a_job_whose_final_checkpoint_fails_says_so():
     sim = start(checkpoint={"dir": "/ck"})
     out = sim.answer(sim(core.ServerStopping("stop", "the psctl server is stopping")), MsgType.PAUSE, {"clock": 6})
     sim.answer(out, MsgType.CHECKPOINT, {})
-    out = sim(core.Checkpointed(sim.job.job_id, 6, 0, FULL))
+    out = sim(core.Checkpointed("s0", sim.job.job_id, 6, 0, FULL))
     assert released(out, "stop") == f"job job-1 stopped without a final checkpoint: checkpoint at clock 6 failed on shard 0: {FULL}"
     assert sim.core.job is None
     assert notified(out, MsgType.JOB_CLEAR, "s0")
@@ -95,3 +98,14 @@ async def test_the_shard_reports_a_failed_save_at_once_and_the_push_that_trigger
     assert push(service, w1, 1, 1.0) is None
     await asyncio.wait_for(service.finish_writes(WAIT_S), WAIT_S)
     assert [b["clock"] for _, b in coordinator.notified] == [1, 2]
+
+
+def test_a_checkpointed_notice_counts_only_from_the_shard_it_names():
+    sim = start(n_shards=2, checkpoint={"dir": "/ck", "every": 10})
+    with pytest.raises(RequestError, match="comes from that shard only") as info:
+        sim(core.Checkpointed("w0", sim.job.job_id, 20, 0, FULL))  # a worker cannot fail (or make) a checkpoint
+    assert info.value.code == "forbidden"
+    with pytest.raises(RequestError, match="comes from that shard only"):
+        sim(core.Checkpointed("s1", sim.job.job_id, 20, 0))  # nor one shard for another
+    with pytest.raises(RequestError, match="comes from that shard only"):
+        sim(core.Checkpointed("s0", sim.job.job_id, 20, 5))

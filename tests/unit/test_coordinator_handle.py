@@ -108,7 +108,7 @@ def start(n_workers: int = 2, n_shards: int = 1, tables: bool = True, **over) ->
 def checkpoint_at(sim: Sim, clock: int) -> list:
     out = []
     for i, _ in enumerate(sim.job.shards):
-        out += sim(core.Checkpointed(sim.job.job_id, clock, i))
+        out += sim(core.Checkpointed(f"s{i}", sim.job.job_id, clock, i))
     (write,) = [e for e in out if isinstance(e, WriteManifest)]
     assert write.clock == clock and write.manifest["clock"] == clock
     return sim(core.ManifestWritten(sim.job.job_id, clock))
@@ -235,7 +235,7 @@ def test_epoch_seen_is_refused_for_a_job_that_does_not_hold_epochs():
 
 def test_done_waits_for_the_manifest_being_written_and_the_driver_hears_of_the_checkpoint_first():
     sim = start(checkpoint={"dir": "ck", "every": 10})
-    writes = [e for e in sim(core.Checkpointed(sim.job.job_id, 10, 0)) if isinstance(e, WriteManifest)]
+    writes = [e for e in sim(core.Checkpointed("s0", sim.job.job_id, 10, 0)) if isinstance(e, WriteManifest)]
     assert [w.clock for w in writes] == [10]
     for i in range(2):
         sim(core.Trained(f"t{i}", f"w{i}", {}))
@@ -252,27 +252,27 @@ def test_shards_hear_of_each_written_manifest_and_the_checkpoint_before_it():
     assert [notified(out, MsgType.CHECKPOINTED, f"s{i}") for i in range(2)] == [[{"job_id": sim.job.job_id, "clock": 10, "previous_clock": None}]] * 2
     # Two manifests under way at once: the later one's predecessor is the earlier one.
     for clock in (20, 30):
-        writes = [e for i in range(2) for e in sim(core.Checkpointed(sim.job.job_id, clock, i)) if isinstance(e, WriteManifest)]
+        writes = [e for i in range(2) for e in sim(core.Checkpointed(f"s{i}", sim.job.job_id, clock, i)) if isinstance(e, WriteManifest)]
         assert [w.manifest["previous_clock"] for w in writes] == [clock - 10]
     assert notified(sim(core.ManifestWritten(sim.job.job_id, 20)), MsgType.CHECKPOINTED, "s0") == [
         {"job_id": sim.job.job_id, "clock": 20, "previous_clock": 10}
     ]
     assert notified(sim(core.ManifestWritten(sim.job.job_id, 30)), MsgType.CHECKPOINTED, "s1")[0]["previous_clock"] == 20
     # A failed manifest names nothing: the shards remove no files because of it.
-    sim(core.Checkpointed(sim.job.job_id, 40, 0))
-    sim(core.Checkpointed(sim.job.job_id, 40, 1))
+    sim(core.Checkpointed("s0", sim.job.job_id, 40, 0))
+    sim(core.Checkpointed("s1", sim.job.job_id, 40, 1))
     assert not notified(sim(core.ManifestWritten(sim.job.job_id, 40, error="disk full")), MsgType.CHECKPOINTED, "s0")
 
 
 def test_a_resumed_jobs_first_manifest_names_the_checkpoint_it_resumed_from():
     sim = start(checkpoint={"dir": "ck", "every": 10}, resume={"dir": "ck", "clock": 50})
-    writes = [e for e in sim(core.Checkpointed(sim.job.job_id, 60, 0)) if isinstance(e, WriteManifest)]
+    writes = [e for e in sim(core.Checkpointed("s0", sim.job.job_id, 60, 0)) if isinstance(e, WriteManifest)]
     assert writes[0].manifest["previous_clock"] == 50
 
 
 def test_a_manifest_not_written_because_a_later_one_was_still_lets_done_through():
     sim = start(checkpoint={"dir": "ck", "every": 10})
-    sim(core.Checkpointed(sim.job.job_id, 10, 0))
+    sim(core.Checkpointed("s0", sim.job.job_id, 10, 0))
     for i in range(2):
         sim(core.Trained(f"t{i}", f"w{i}", {}))
         sim(core.FinalReport(f"w{i}", {"n": 5, "loss_sum": 1.0}))
