@@ -19,7 +19,7 @@ SEED = int(os.environ.get("PSCTL_FUZZ_SEED", "20261201"))
 
 async def run_fuzz(settings: Settings, frames: int | None = None) -> SectionResult:
     frames = frames or (10_000 if settings.quick else 50_000)
-    epochs = max(25, frames // 400)  # the job trains for as long as the frames take, or longer
+    epochs = max(25, frames // 150)  # the job trains for as long as the frames take, or longer (at ~2,500 frames/s)
     folder = settings.tmp_dir / "fuzz"
     folder.mkdir(parents=True, exist_ok=True)
     r = await run_structured_fuzz(folder, frames, SEED, epochs)
@@ -33,7 +33,7 @@ async def run_fuzz(settings: Settings, frames: int | None = None) -> SectionResu
     )
     crashes = len(r.crashed) + (0 if r.train_code == 0 else 1)
     table.rows += [
-        ["seed", SEED],
+        ["seed", str(SEED)],
         ["frames sent", t.frames],
         ["connections (with the secret and without)", t.connections],
         ["connections that parked pulls at far clocks and vanished", t.parked_connections],
@@ -43,7 +43,7 @@ async def run_fuzz(settings: Settings, frames: int | None = None) -> SectionResu
         ["internal errors answered", len(t.internal_errors)],
         [f"parameters changed (weights off the clean run by > {WEIGHT_TOLERANCE:g})", r.weights_changed],
         ["largest weight difference from the clean run", r.max_weight_diff],
-        ["parked pulls left at the end", r.waiting_pulls_after],
+        ["parked pulls left at the end", r.waiting_pulls_after if r.waiting_pulls_after >= 0 else "- (the job had ended)"],
         ["shard RSS before -> after, MiB", f"{r.rss_before / mib:.1f} -> {r.rss_after / mib:.1f}"],
         ["shard RSS growth, MiB", round((r.rss_after - r.rss_before) / mib, 1)],
     ]

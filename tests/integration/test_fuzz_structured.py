@@ -1,7 +1,7 @@
 """The structured fuzzer (tests/fuzzing.py) against a live coordinator and shard while a real job trains.
 
 A clean run of ``psctl train logreg`` (sync mode, one worker) gives the weights to match;
-then ``psctl coordinator`` and ``psctl shard`` (with a secret) run the same job from
+beside it, ``psctl coordinator`` and ``psctl shard`` (with a secret) run the same job from
 ``psctl train --server ... --local-workers 1`` while thousands of frames with valid
 headers and hostile bodies (wrong JSON, unknown or mismatched dtype codes, shapes whose
 product overflows, uint64 keys, NaN/Inf values, JSON nested past the recursion limit,
@@ -27,7 +27,7 @@ pytestmark = [
 ]
 
 FRAMES = 6_000  # about 3-8 s of throwing on a loaded 2-core machine
-EPOCHS = 25  # the job trains for longer than that, so the frames arrive while it runs
+EPOCHS = 40  # the job trains for longer than that (6 s quiet, 30 s loaded), so the frames arrive while it runs
 # Measured here: 5-7 MiB (buffers the allocator keeps, most in the first few thousand frames).
 # Before 1929663 each refused connection's buffers lived until the cycle collector ran: 12.6 MiB
 # for this count, 153 MiB for 30,000 frames (the unit tests of that commit are what catch it).
@@ -44,6 +44,7 @@ async def test_structured_hostile_frames_leave_a_training_job_with_its_clean_run
           f"{result.overlap}; shard RSS {result.rss_before / 2**20:.1f} -> {result.rss_after / 2**20:.1f} MiB; "
           f"replies by code {t.by_code}")  # fmt: skip
     assert t.frames >= FRAMES and t.parked_connections > 0
+    assert result.overlap, "the job ended before the last frame: it did not train alongside the fuzzing"
     assert t.internal_errors == [], t.internal_errors[:5]
     assert result.crashed == [], result.crashed
     assert result.train_code == 0, result.train_stderr[-3000:]
