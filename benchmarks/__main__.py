@@ -18,6 +18,8 @@ from typing import Any
 from benchmarks.common import REPO, SectionResult, Settings, Table, fmt, machine_info
 
 SECTIONS = ("dense", "sparse", "latency", "limits", "train", "start", "peers")
+# Robustness runs, not speed: minutes each, so only when named (--only fuzz, --only faults).
+ON_REQUEST = ("fuzz", "faults")
 ACCURACY_TOLERANCE = 0.005  # "at the same accuracy": within half a percentage point of numpy's
 
 # (key, what, target, passes(measured, figures))
@@ -100,7 +102,9 @@ class Printer:
         sys.stdout.flush()
 
 
-def _section_runner(name: str, settings: Settings, results: dict[str, SectionResult]) -> Callable[[], Coroutine[Any, Any, SectionResult]]:
+def _section_runner(
+    name: str, settings: Settings, results: dict[str, SectionResult], args: argparse.Namespace
+) -> Callable[[], Coroutine[Any, Any, SectionResult]]:
     if name == "dense":
         from benchmarks.dense import run_dense
 
@@ -131,6 +135,14 @@ def _section_runner(name: str, settings: Settings, results: dict[str, SectionRes
         dense = results.get("dense")
         its = dense.figures.get("headline", {}).get("dense_4mb_pullpush_its") if dense else None
         return lambda: run_peers(settings, its)
+    if name == "fuzz":
+        from benchmarks.fuzz import run_fuzz
+
+        return lambda: run_fuzz(settings, args.fuzz_frames)
+    if name == "faults":
+        from benchmarks.faults import run_faults
+
+        return lambda: run_faults(settings, args.fault_repeats)
     raise ValueError(name)
 
 
@@ -143,15 +155,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         metavar="SECTION",
         action="append",
-        help=f"run only these sections (repeat or comma-separate): {', '.join(SECTIONS)}",
+        help=f"run only these sections (repeat or comma-separate): {', '.join(SECTIONS)}; "
+        f"and, only when named: {', '.join(ON_REQUEST)}",
     )
+    p.add_argument("--fuzz-frames", type=int, metavar="N", help="fuzz: hostile frames to send (default 50,000; --quick 10,000)")
+    p.add_argument("--fault-repeats", type=int, metavar="N", help="faults: runs of each fault (default 2; --quick 1)")
     p.add_argument("--plain", action="store_true", help="plain-text tables even when rich is importable")
     args = p.parse_args(argv)
     only = [s.strip() for item in args.only or [] for s in item.split(",") if s.strip()]
-    unknown = [s for s in only if s not in SECTIONS]
+    unknown = [s for s in only if s not in SECTIONS + ON_REQUEST]
     if unknown:
-        p.error(f"unknown section {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
-    args.sections = [s for s in SECTIONS if not only or s in only]
+        p.error(f"unknown section {', '.join(unknown)}; choose from {', '.join(SECTIONS + ON_REQUEST)}")
+    for name, value in (("--fuzz-frames", args.fuzz_frames), ("--fault-repeats", args.fault_repeats)):
+        if value is not None and value < 1:
+            p.error(f"{name} must be at least 1")
+    args.sections = [s for s in SECTIONS if not only or s in only] + [s for s in ON_REQUEST if s in only]
     return args
 
 
@@ -188,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             out.line(f"\n== {name}")
             try:
-                result = net.run(_section_runner(name, settings, results))
+                result = net.run(_section_runner(name, settings, results, args))
             except Exception as exc:
                 traceback.print_exc()
                 failed.append(name)

@@ -177,9 +177,12 @@ class Peer(asyncio.BufferedProtocol):
                 if self.transport is None or self.transport.is_closing():
                     return
         except ProtocolError as exc:
-            self.protocol_error = exc
-            log.warning("%s sent a malformed frame: %s", self.name, exc)
-            self.abort(exc, tell_peer=True)
+            # Only a detached copy goes on (kept, logged): the raised error's traceback holds this
+            # peer's frames, and a peer holding it would live, parser buffers and all, until the
+            # cycle collector ran.
+            self.protocol_error = exc.detached()
+            log.warning("%s sent a malformed frame: %s", self.name, self.protocol_error)
+            self.abort(self.protocol_error, tell_peer=True)
             return
         if self.parser.partial:
             if self._stall_timer is None:

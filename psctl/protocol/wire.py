@@ -119,6 +119,11 @@ _DTYPE_CODES: dict[np.dtype, int] = {dt: code for code, dt in _DTYPES.items()}
 class ProtocolError(Exception):
     """Base of codec errors. The message is safe to send back to the peer."""
 
+    def detached(self) -> ProtocolError:
+        """The same error as a new object with no traceback or context, to keep: a kept traceback
+        keeps its frames alive, and with them whoever raised or caught it."""
+        return type(self)(*self.args)
+
 
 class RemoteProtocolError(ProtocolError):
     """The peer sent bytes that are not a valid psctl frame."""
@@ -373,11 +378,13 @@ class FrameParser:
 
     def _parse_one(self) -> Message | _NeedData:
         if self._broken is not None:
-            raise self._broken
+            raise self._broken.detached()
         try:
             return self._parse()
         except ProtocolError as exc:
-            self._broken = exc
+            # Keep a copy without a traceback: the raised error's frames hold this parser, and a
+            # parser holding them would live, staging buffer and all, until the cycle collector ran.
+            self._broken = exc.detached()
             raise
 
     def _parse(self) -> Message | _NeedData:

@@ -1,11 +1,13 @@
 """The codec, fed whole, one byte at a time and with trailing bytes (h11-style)."""
 
 import contextlib
+import gc
 import json
 import os
 import struct
 import sys
 import tracemalloc
+import weakref
 
 import numpy as np
 import pytest
@@ -397,3 +399,28 @@ def test_a_declared_large_frame_costs_memory_only_as_bytes_arrive():
     parser.receive_data(HEADER.pack(b"PSCT", 1, int(MsgType.PUSH), 0, 0, declared) + b"\0" * 1024)
     assert parser.next_event() is NEED_DATA and parser.partial
     assert resident_bytes() - before < declared // 4
+
+
+@pytest.mark.parametrize("data", [b"x" * 30, HEADER.pack(b"PSCT", 1, 250, 0, 0, 8) + bytes(8)], ids=["not-psctl", "unknown-type"])
+def test_a_parser_that_refused_a_frame_is_freed_by_reference_counting(data):
+    # A refused connection's parser (and its 256 KiB staging buffer) must go when its peer does,
+    # not when the cycle collector next runs: a fuzzer's thousands of refused connections
+    # otherwise pile up buffers that the allocator then keeps as resident memory.
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        parser = FrameParser()
+        parser.receive_data(data)
+        for _ in range(2):  # refused, and refused again: the parser stays broken
+            try:
+                parser.next_event()
+            except RemoteProtocolError:
+                pass
+            else:
+                raise AssertionError("the frame was not refused")
+        gone = weakref.ref(parser)
+        del parser
+        assert gone() is None, "the refused parser is only reachable through a reference cycle"
+    finally:
+        if was_enabled:
+            gc.enable()
