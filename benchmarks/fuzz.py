@@ -36,7 +36,7 @@ async def run_fuzz(settings: Settings, frames: int | None = None) -> SectionResu
         ["seed", str(SEED)],
         ["frames sent", t.frames],
         ["connections (with the secret and without)", t.connections],
-        ["connections that parked pulls at far clocks and vanished", t.parked_connections],
+        ["connections that sent pulls at far clocks and vanished (refused: no session token)", t.parked_connections],
         ["seconds throwing / frames per s", f"{r.fuzz_s:.1f} / {t.frames / r.fuzz_s:.0f}"],
         ["job still training when the last frame was thrown", "yes" if r.overlap else "no"],
         ["crashes (processes that exited or logged a traceback, a failed job)", crashes],

@@ -5,7 +5,8 @@ beside it, ``psctl coordinator`` and ``psctl shard`` (with a secret) run the sam
 ``psctl train --server ... --local-workers 1`` while thousands of frames with valid
 headers and hostile bodies (wrong JSON, unknown or mismatched dtype codes, shapes whose
 product overflows, uint64 keys, NaN/Inf values, JSON nested past the recursion limit,
-pulls parked at far clocks by connections that then vanish) hit both. Afterwards the job
+pulls at far clocks by connections that then vanish, after a HELLO as a worker that the
+shard refuses without the slot's session token) hit both. Afterwards the job
 finished with the clean run's weights, neither process crashed or logged a failed
 handler, no parked pull is left, and the shard's RSS grew by less than RSS_GROWTH_BOUND.
 ``python -m benchmarks --only fuzz`` runs the same with a larger count.
@@ -51,5 +52,6 @@ async def test_structured_hostile_frames_leave_a_training_job_with_its_clean_run
     assert result.weights_changed == 0 and result.max_weight_diff <= WEIGHT_TOLERANCE, result.max_weight_diff
     assert result.waiting_pulls_after == 0  # the vanished connections' parked pulls went with them
     assert growth < RSS_GROWTH_BOUND, f"the shard grew by {growth / 2**20:.1f} MiB"
-    # The handlers saw the frames, not only the codec: refusals from the shard's data plane.
-    assert t.by_code.get("not_live", 0) > 0 and t.by_code.get("bad_request", 0) > 0, t.by_code
+    # The handlers saw the frames, not only the codec; a HELLO as a worker without that slot's
+    # session token is refused, so nobody outside the job parks a pull or pushes.
+    assert t.by_code.get("bad_session", 0) > 0 and t.by_code.get("bad_request", 0) > 0, t.by_code
