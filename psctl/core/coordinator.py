@@ -433,6 +433,13 @@ def one_clock(paused_clocks: list[object]) -> int:
     return max(paused_clocks)  # type: ignore[type-var]
 
 
+def orphan_wait_s(spec: Any) -> float:
+    """How long a job whose every worker was lost waits for a replacement to register:
+    twice the time a lost worker's partition waits for a new worker (a process start on a
+    loaded host takes seconds)."""
+    return 2.0 * max(spec.failure_timeout_s, spec.takeover_grace_s)
+
+
 def shard_lost_verdict(
     what: str, state: JobState, *, last_checkpoint: int | None, recovering: bool, slots: list[Slot]
 ) -> str | None:
@@ -524,6 +531,7 @@ class JobData:
     manifest_previous: dict[int, int | None] = field(default_factory=dict)  # those manifests' previous_clock
     done_report: dict[str, Any] | None = None  # the 'done' event, held while a manifest is being written
     released_epoch: int = -1  # hold_epochs: the last epoch the driver has read; workers go on past its end
+    orphaned: int = 0  # how many times every worker was lost (a timer armed then fails the job unless one registered)
 
     @property
     def last_checkpoint(self) -> int | None:
@@ -1122,10 +1130,23 @@ class CoordinatorState:
         out += self._answer(job, effects)
         out += self._check_epochs(job)
         if not job.live_ids():
-            out += self._fail("every worker was lost")
+            awaited = [s for s in job.workers if s.state in (SlotState.PENDING, SlotState.SPARE)]
+            if not awaited:
+                return out + self._fail("every worker was lost")
+            # Partitions are left to train and a replacement may be starting (psctl train
+            # restarts lost local workers; a user may start `psctl worker`): wait for one.
+            job.orphaned += 1
+            wait_s = orphan_wait_s(job.spec)
+            out += self._arm(("orphaned", job.job_id, job.orphaned), wait_s, self._orphaned, job, job.orphaned, wait_s)
         if spare is not None:
             out += self._replace(job, slot, spare)
         return out
+
+    def _orphaned(self, job: JobData, generation: int, wait_s: float) -> list[ServiceEffect]:
+        """Every worker was lost ``wait_s`` ago: unless one registered since, the job fails."""
+        if job is not self.job or job.state is not JobState.RUNNING or job.orphaned != generation or job.live_ids():
+            return []
+        return self._fail(f"every worker was lost, and no new worker registered within {wait_s:g} s")
 
     def _replace(self, job: JobData, lost: Slot, spare: Slot) -> list[ServiceEffect]:
         """Take the lost worker out of every gate, then let a worker take its partition at

@@ -309,10 +309,29 @@ def test_the_driver_leaving_ends_the_job_and_tells_workers_and_shards():
     assert notified(out, MsgType.JOB_CLEAR, "s0")
 
 
-def test_losing_every_worker_fails_the_job():
+def test_losing_every_worker_fails_the_job_unless_a_replacement_registers_in_time():
     sim = start(n_workers=1, tables=False)
     out = sim(core.ConnectionClosed("w0"))
-    assert {"kind": "failed", "reason": "every worker was lost"} in sim.driver_events(out) and sim.core.job is None
+    assert not [e for e in sim.driver_events(out) if e["kind"] == "failed"]  # its partition awaits a replacement
+    out = sim.fire(out, "orphaned")
+    (failed,) = [e for e in sim.driver_events(out) if e["kind"] == "failed"]
+    assert failed["reason"] == "every worker was lost, and no new worker registered within 2 s" and sim.core.job is None
+
+
+def test_a_replacement_that_registers_while_every_worker_is_lost_keeps_the_job():
+    sim = start(n_workers=2)
+    lost = sim(core.ConnectionClosed("w0")) + sim(core.ConnectionClosed("w1"))
+    assert sim.job.state is JobState.RUNNING and not sim.job.live_ids()
+    for i, left in enumerate([e for e in lost if isinstance(e, Ask) and e.kind is MsgType.WORKER_LEFT]):
+        sim(Answered(left.ask, ({"clock": 3},)))
+    out = sim(core.WorkerRegistered("rw2", "w2"))
+    out += sim.answer(out, MsgType.WORKER_JOINED, {})
+    assert released(out, "rw2")["start_clock"] == 3
+    assert sim.fire(lost, "orphaned") == [] and sim.job.state is JobState.RUNNING
+    # A worker that is then lost too starts the wait again: the old timer does not count.
+    out = sim(core.ConnectionClosed("w2"))
+    (timer,) = [e for e in out if isinstance(e, ArmTimer) and e.timer[0] == "orphaned"]
+    assert timer.timer[2] == 2 and sim.job.state is JobState.RUNNING
 
 
 # -- replacement and takeover -------------------------------------------------------
