@@ -527,6 +527,7 @@ async def _follow(
     exits = {asyncio.ensure_future(c.proc.wait()): c for c in cluster.workers()}
     dead: list[Any] = []
     lost = 0
+    joined: set[int] = set()  # pids of the worker processes that registered for the job
     deadline: float | None = None
     get: asyncio.Future[dict[str, Any]] | None = None
     stopping = asyncio.ensure_future(stop.requested.wait()) if stop is not None else None
@@ -564,6 +565,8 @@ async def _follow(
                 except JobError as exc:  # SessionClosed: lost the connection to the psctl server; or it went silent
                     raise JobError(f"{exc}{_resume_hint(session.spec, events)}") from exc
                 lost += event["kind"] == "worker_lost"
+                if event["kind"] == "worker_joined" and isinstance(event.get("pid"), int):
+                    joined.add(event["pid"])
                 if event["kind"] == "worker_lost" and restarts < cfg.max_restarts and cluster.workers():
                     restarts += 1
                     (child,) = await cluster.start_workers(1, coordinator, cfg.model if ":" in cfg.model else None)
@@ -595,6 +598,17 @@ async def _follow(
             if len(dead) <= lost:
                 deadline = None
             elif deadline is not None and time.monotonic() >= deadline:
+                # A process that died before it registered (killed as it started) holds no slot:
+                # the coordinator will not report it lost, so start another in its place.
+                unregistered = [c for c in dead if c.proc.pid not in joined]
+                if unregistered and restarts < cfg.max_restarts:
+                    dead.remove(unregistered[0])
+                    restarts += 1
+                    (child,) = await cluster.start_workers(1, coordinator, cfg.model if ":" in cfg.model else None)
+                    exits[asyncio.ensure_future(child.proc.wait())] = child
+                    on_event({"kind": "worker_restarted", "replacing": None, "process": unregistered[0].index, "restarts": restarts})
+                    deadline = time.monotonic() + FAILED_EVENT_GRACE_S if len(dead) > lost else None
+                    continue
                 child = dead[lost]
                 last = child.log_tail().splitlines()[-1:] or ["no output"]
                 raise JobError(f"worker process {child.index} exited before the job finished: {last[0]}")

@@ -383,7 +383,9 @@ class _TrainView:
                    f"(worker {event['worker_id']}, pid {event['pid']} on {event['host']})")
             self._note(msg)
         elif kind == "worker_restarted":
-            msg = f"started a new worker process in place of worker {event['replacing']} (restart {event['restarts']})"
+            instead = (f"worker {event['replacing']}" if event.get("replacing") is not None
+                       else f"worker process {event.get('process')}, which exited before it registered")
+            msg = f"started a new worker process in place of {instead} (restart {event['restarts']})"
             self._note(msg)
         elif kind == "early_stop":
             msg = f"early stop after epoch {event['epoch'] + 1}: best held-out loss at epoch {event['best_epoch'] + 1}"

@@ -159,6 +159,32 @@ def test_killed_worker_is_replaced_and_every_row_is_used(tmp_path, mode, by):
 
 @pytest.mark.fault
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
+def test_every_worker_killed_while_a_replacement_starts_and_the_replacement_killed_too(tmp_path):
+    """Kill one of two workers; as soon as its replacement process is started, kill that
+    process (before it can register) and the other worker: no registered worker is left, and
+    the job still finishes with every row, on the processes the driver starts next."""
+    data = EXAMPLES / "seed_pytorch" / "data.csv"
+    proc, address = start_train(
+        ["logreg", str(data), "--label", "1", "--drop", "0", "--workers", "2", "--epochs", "30", "--max-restarts", "5",
+         "--out", str(tmp_path / "m.npz")], until="epoch 2/",
+    )  # fmt: skip
+    assert proc.stdout is not None
+    first, other = worker_pids(address)[:2]
+    os.kill(first, signal.SIGKILL)
+    for line in proc.stdout:  # bounded by the test's timeout
+        if line.startswith("started a new worker process"):
+            break
+    replacement = [p for p in worker_pids(address) if p not in (first, other)]
+    for pid in [*replacement, other]:
+        os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, err
+    _, meta = modelfile.load_model(str(tmp_path / "m.npz"))
+    assert 30 * 2000 <= meta["metrics"]["rows_trained"] <= 30 * 2000 + 2 * 32  # a redone batch per lost worker at most
+
+
+@pytest.mark.fault
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
 def test_stopped_worker_is_declared_dead_by_heartbeat_timeout(tmp_path):
     """SIGSTOP keeps the sockets open (a partitioned host): only the missing heartbeats tell."""
     data = EXAMPLES / "seed_pytorch" / "data.csv"
