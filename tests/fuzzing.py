@@ -444,10 +444,18 @@ async def _running_job(coordinator: str, shard: str, security: net.Security, tra
     return Job(body["job_id"], tables, workers)
 
 
+def _waiting(status: dict[str, Any]) -> int:
+    if "job_id" not in status:
+        return 0  # no job on the shard: nothing can be parked
+    return int(status.get("waiting_pulls", -1))
+
+
 async def _parked_drained(shard: Process, security: net.Security, timeout_s: float = 15) -> int:
-    """The shard's parked pulls once the fuzz connections' closes have reached it (or after the deadline)."""
+    """The shard's parked pulls once the fuzz connections' closes have reached it (or after the
+    deadline). A shard that holds no job any more (the job finished meanwhile, on a fast run)
+    holds no pull either: its gate went with the job."""
     deadline = time.monotonic() + timeout_s
-    while (waiting := int((await _status(shard.address, security)).get("waiting_pulls", -1))) > 0:
+    while (waiting := int(_waiting(await _status(shard.address, security)))) > 0:
         if time.monotonic() > deadline:
             break  # the round trip above is the wait between tries
     return waiting
