@@ -436,7 +436,8 @@ class Worker:
         clock = coord.clock = start_clock
         self.in_step = False
         acks: Acks | None = None  # the previous step's push
-        last_progress = time.monotonic()
+        # The first step is reported at once (the driver sees training start), then every interval.
+        last_progress = time.monotonic() - PROGRESS_INTERVAL_S
         recent_loss, recent_n = 0.0, 0
         first_epoch = start_clock // per_epoch if per_epoch else 0
         for epoch in range(first_epoch, epochs):

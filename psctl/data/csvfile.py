@@ -340,16 +340,22 @@ def _features_exact(rows: list[tuple[int, str]], schema: CsvSchema, path: str | 
     return X
 
 
-# Rows per block when statistics or scaling go over an array in pieces, so a large
-# partition (a memory-mapped in-memory input) never needs float64 copies of itself.
-BLOCK_ROWS = 1 << 16
+# Statistics and scaling go over a large array in blocks of about this many float64
+# bytes, so a partition (a memory-mapped in-memory input) never needs float64 copies of
+# itself: the temporaries stay a few blocks' size.
+BLOCK_BYTES = 4 << 20
+
+
+def _block_rows(X: np.ndarray) -> int:
+    return max(1, BLOCK_BYTES // (8 * max(1, int(np.prod(X.shape[1:])))))
 
 
 def partial_stats(X: np.ndarray) -> dict[str, Any]:
     """Per-column count, mean and M2 (sum of squared deviations) of one partition's rows
-    (in blocks of BLOCK_ROWS rows, merged as :func:`merge_stats` does, beyond that many)."""
-    if len(X) > BLOCK_ROWS:
-        blocks = [partial_stats(X[a : a + BLOCK_ROWS]) for a in range(0, len(X), BLOCK_ROWS)]
+    (in blocks of BLOCK_BYTES, merged as :func:`merge_stats` does, when it is larger)."""
+    step = _block_rows(X)
+    if len(X) > step:
+        blocks = [partial_stats(X[a : a + step]) for a in range(0, len(X), step)]
         mean, m2, count = _merged(blocks)
         return {"count": count, "mean": mean, "m2": m2}
     X = np.asarray(X, dtype=np.float64)
@@ -361,9 +367,10 @@ def scaled_float32(X: np.ndarray, mean_std: tuple[np.ndarray, np.ndarray] | None
     """``(X - mean) / std`` (computed in float64) as a new float32 array, block by block:
     the result is the only copy made of ``X``, which may be a memory-mapped file."""
     out = np.empty(X.shape, np.float32)
-    for a in range(0, len(X), BLOCK_ROWS):
-        block = np.asarray(X[a : a + BLOCK_ROWS], np.float64)
-        out[a : a + BLOCK_ROWS] = block if mean_std is None else (block - mean_std[0]) / mean_std[1]
+    step = _block_rows(X)
+    for a in range(0, len(X), step):
+        block = np.asarray(X[a : a + step], np.float64)
+        out[a : a + step] = block if mean_std is None else (block - mean_std[0]) / mean_std[1]
     return out
 
 
