@@ -519,8 +519,15 @@ def _arrays_source(cfg: TrainConfig, model_cls: type[Model]) -> tuple[formats.So
     fmt = cfg.arrays["format"]
     if (fmt == "ratings") != (model_cls.data_format == "ratings"):
         raise DataError(f"model {cfg.model} does not train on in-memory {fmt} rows")
-    schema = csvfile.CsvSchema.from_dict(cfg.arrays["schema"])
-    source = formats.Source(fmt, dict(cfg.arrays), schema, len(schema.feature_indices), True)
+    schema = csvfile.CsvSchema.from_dict(cfg.arrays["schema"]) if cfg.arrays.get("schema") else None
+    if fmt == "libsvm":  # a sparse matrix: its columns are the features
+        n_features = int(cfg.arrays["n_features"])
+    elif fmt == "hashed_csv":
+        n_features = 2 ** int(cfg.arrays["hash_bits"]) - 1
+    else:
+        assert schema is not None
+        n_features = len(schema.feature_indices)
+    source = formats.Source(fmt, dict(cfg.arrays), schema, n_features, True)
     return source, arrays.plan_partitions(int(cfg.arrays["rows"]), cfg.workers)
 
 

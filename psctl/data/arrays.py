@@ -14,10 +14,12 @@ with ``start``/``end`` as row numbers (``first_line`` is ``start + 1``), so the 
 of the job (steps per epoch, take-over, checkpoints) is the same as for a CSV.
 
 Data spec entries (``spec["data"]`` beside path and size): ``{"storage": "npy",
-"format": "csv" | "ratings", "schema": CsvSchema dict, "labels": path, "labels_size": bytes,
-"rows": n}``. ``format`` is what the rows are (dense numeric features standardized as a
-CSV's, or ratings), so the statistics pass, standardization and model file are the
-ones of that format.
+"format": "csv" | "ratings" | "libsvm" | "hashed_csv", "schema": CsvSchema dict or None,
+"labels": path, "labels_size": bytes, "rows": n}``, and for sparse rows ``"layout": "csr"``
+with ``"indptr"`` and ``"indices"`` paths (``path`` is then the values file). ``format``
+is what the rows are (dense numeric features standardized as a CSV's, ratings, a sparse
+matrix read as LIBSVM rows with 0-based indices, or a frame hashed as a hashed CSV's
+cells), so the statistics pass, standardization and model file are the ones of that format.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from typing import Any
 
 import numpy as np
 
+from psctl.core.sparse import SparseRows
 from psctl.data import csvfile
 from psctl.errors import DataError
 
 FEATURES_FILE = "features.npy"
 LABELS_FILE = "labels.npy"
+CSR_FILES = ("values.npy", "indptr.npy", "indices.npy")
 STORAGE = "npy"
 
 
@@ -56,6 +60,21 @@ def write(folder: str | os.PathLike[str], X: np.ndarray, labels: np.ndarray) -> 
     return paths
 
 
+def write_csr(folder: str | os.PathLike[str], X: SparseRows, labels: np.ndarray) -> tuple[str, str, dict[str, str]]:
+    """Sparse rows as three ``.npy`` files (values, indptr, indices) and the labels; returns
+    the values path, the labels path and the data spec's ``layout``/``indptr``/``indices``."""
+    if labels.dtype == object:
+        raise DataError("in-memory input must be numeric or text arrays, not Python objects")
+    if len(X) != len(labels):
+        raise DataError(f"the features have {len(X)} rows and the labels {len(labels)}")
+    if len(X) == 0:
+        raise DataError("the data has no rows")
+    values, indptr, indices = (str(Path(folder) / name) for name in CSR_FILES)
+    for path, array in ((values, X.values), (indptr, X.indptr), (indices, X.indices), (labels_path := str(Path(folder) / LABELS_FILE), labels)):
+        np.save(path, np.ascontiguousarray(array), allow_pickle=False)
+    return values, labels_path, {"layout": "csr", "indptr": os.path.abspath(indptr), "indices": os.path.abspath(indices)}
+
+
 def plan_partitions(n_rows: int, n_parts: int) -> list[csvfile.Partition]:
     """``n_parts`` contiguous row ranges of about equal size (some empty with fewer rows)."""
     if n_parts < 1:
@@ -67,12 +86,12 @@ def plan_partitions(n_rows: int, n_parts: int) -> list[csvfile.Partition]:
     ]
 
 
-def data_spec(features_path: str, labels_path: str, fmt: str, schema: csvfile.CsvSchema, n_rows: int) -> dict[str, Any]:
+def data_spec(features_path: str, labels_path: str, fmt: str, schema: csvfile.CsvSchema | None, n_rows: int) -> dict[str, Any]:
     """The job spec's ``data`` entries for arrays written by :func:`write` (beside path and size)."""
     return {
         "storage": STORAGE,
         "format": fmt,
-        "schema": schema.to_dict(),
+        "schema": schema.to_dict() if schema is not None else None,
         "labels": os.path.abspath(labels_path),
         "labels_size": os.path.getsize(labels_path),
         "rows": n_rows,
@@ -88,13 +107,31 @@ def _map(path: str, what: str) -> np.ndarray:
         raise DataError(f"cannot read the in-memory {what} file '{path}': {exc}") from None
 
 
-def read_partition(data: dict[str, Any], path: str, part: csvfile.Partition) -> tuple[np.ndarray, np.ndarray]:
-    """Rows [part.start, part.end) of the features (a read-only view into the mapped file,
-    no copy) and their labels (raw label text or numbers, ratings; read into memory)."""
-    X = _map(path, "features")
+def read_partition(data: dict[str, Any], path: str, part: csvfile.Partition) -> tuple[Any, np.ndarray]:
+    """Rows [part.start, part.end) of the features (dense: a read-only view into the mapped
+    file, no copy; csr: SparseRows of that range) and their labels (raw label text or
+    numbers, ratings; read into memory)."""
     labels = _map(data["labels"], "labels")
-    if len(X) != int(data["rows"]) or len(labels) != int(data["rows"]):
-        raise DataError(f"the in-memory data '{path}' does not hold the job's {data['rows']} rows")
-    if not 0 <= part.start <= part.end <= len(X):
-        raise DataError(f"partition {part.index} (rows {part.start}-{part.end}) is outside the data's {len(X)} rows")
-    return X[part.start : part.end], np.array(labels[part.start : part.end])
+    rows = int(data["rows"])
+    if data.get("layout") == "csr":
+        indptr = _map(data["indptr"], "indptr")
+        n = len(indptr) - 1
+    else:
+        X = _map(path, "features")
+        n = len(X)
+    if n != rows or len(labels) != rows:
+        raise DataError(f"the in-memory data '{path}' does not hold the job's {rows} rows")
+    if not 0 <= part.start <= part.end <= n:
+        raise DataError(f"partition {part.index} (rows {part.start}-{part.end}) is outside the data's {n} rows")
+    y = np.array(labels[part.start : part.end])
+    if data.get("layout") != "csr":
+        return X[part.start : part.end], y
+    bounds = np.asarray(indptr[part.start : part.end + 1], np.int64)
+    first, last = int(bounds[0]), int(bounds[-1])
+    values, indices = _map(path, "values"), _map(data["indices"], "indices")
+    if not 0 <= first <= last <= min(len(values), len(indices)) or (np.diff(bounds) < 0).any():
+        raise DataError(f"the in-memory sparse data '{path}' has row offsets outside its values")
+    keys = np.asarray(indices[first:last], np.int64)
+    if len(keys) and keys.min() < 0:
+        raise DataError(f"the in-memory sparse data '{path}' has a negative column index")
+    return SparseRows(bounds - first, keys, np.asarray(values[first:last], np.float32)), y

@@ -34,10 +34,16 @@ try:
     from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d, validate_data
 except ImportError:  # pragma: no cover - the extra's absence is tested in a fresh interpreter
     raise ImportError("psctl.sklearn needs scikit-learn: run pip install 'psctl[sklearn]'") from None
+try:
+    import scipy.sparse as sp
+except ImportError:  # pragma: no cover - scikit-learn requires scipy
+    sp = None
 
 from psctl.apps import recommend
+from psctl.apps.predict import aligned_weights
 from psctl.apps.train import TrainConfig, train
-from psctl.data import arrays, csvfile
+from psctl.core.sparse import SparseRows
+from psctl.data import arrays, csvfile, formats
 from psctl.errors import DataError, ModelFileError, PsctlError, UsageError
 from psctl.files import loading, modelfile
 from psctl.models.base import predicted_index
@@ -101,12 +107,17 @@ class _PSEstimator(BaseEstimator):
             **options, **extra,
         )
 
-    def _train(self, X: np.ndarray, labels: np.ndarray, fmt: str, schema: csvfile.CsvSchema) -> None:
-        """Write X and its labels once, train on them, keep what the model file holds."""
+    def _train(self, X: Any, labels: np.ndarray, fmt: str, schema: csvfile.CsvSchema | None, **extra: Any) -> None:
+        """Write X (an array, or SparseRows) and its labels once, train on them, keep what
+        the model file holds. ``extra``: the format's data spec entries (hash_bits, ...)."""
         with tempfile.TemporaryDirectory(prefix="psctl-fit-") as folder:
             try:
-                features, label_file = arrays.write(folder, X, labels)
-                spec = arrays.data_spec(features, label_file, fmt, schema, len(X))
+                if isinstance(X, SparseRows):
+                    features, label_file, layout = arrays.write_csr(folder, X, labels)
+                    extra.update(layout)
+                else:
+                    features, label_file = arrays.write(folder, X, labels)
+                spec = {**arrays.data_spec(features, label_file, fmt, schema, len(X)), **extra}
                 out = str(Path(folder) / "model.npz")
                 _run(train(self._config(features, spec, out)))
                 model, params, meta = loading.load(out)
@@ -142,10 +153,13 @@ class _PSEstimator(BaseEstimator):
         model, params, meta = loading.load(path)
         if meta["kind"] != cls._kind:
             raise ModelFileError(f"'{path}' is a {meta['kind']} model; {cls.__name__} loads {cls._kind} models")
-        training = meta.get("training") or {}
-        names = cls._get_param_names()
-        est = cls(**{k: training[k] for k in names if k in training and k != "server"},
-                  **{k: (meta.get("model_params") or {})[k] for k in names if k in (meta.get("model_params") or {})})
+        training, options, spec = meta.get("training") or {}, meta.get("model_params") or {}, meta.get("input") or {}
+        names = set(cls._get_param_names())
+        given = {k: training[k] for k in (*_TRAINING, "standardize") if k in names and k in training and k != "server"}
+        given.update({k: options[k] for k in names & set(options)})
+        if spec.get("format") == "hashed_csv":
+            given.update(categorical=list(spec["categorical"]), hash_bits=int(spec["hash_bits"]))
+        est = cls(**given)
         est._set_model(params, meta)
         est._loaded(meta)
         return est
@@ -159,42 +173,143 @@ class _PSEstimator(BaseEstimator):
 
 
 class _LinearEstimator(_PSEstimator):
-    """Dense numeric features, standardized as psctl train does (mean/std of the training data)."""
+    """Features as psctl train reads them: dense numbers standardized (mean/std of the
+    training data), a scipy sparse matrix as LIBSVM rows (0-based columns, not
+    standardized), or, with ``categorical`` or ``hash_bits``, a DataFrame's columns hashed
+    as a hashed CSV's (the named columns' values as text, the others as numbers)."""
 
-    def _fit_features(self, X: Any, y: Any, labels_of: Any) -> None:
+    def _hashed(self) -> bool:
+        return self.categorical is not None or self.hash_bits is not None
+
+    def _fit_features(self, X: Any, y: Any, labels_of: Any, y_numeric: bool = False) -> Any:
+        """Validate X and y, train; returns the validated y (for classes_)."""
+        if self._hashed():
+            return self._fit_hashed(X, y, labels_of, y_numeric)
+        X, y = validate_data(self, X, y, accept_sparse="csr", dtype=(np.float64, np.float32), y_numeric=y_numeric)
+        labels = labels_of(y)
+        if sp is not None and sp.issparse(X):
+            self._train(_sparse_rows(X), labels, "libsvm", None, index_base=0, n_features=X.shape[1])
+            return y
         names = [str(n) for n in getattr(self, "feature_names_in_", [])] or [f"x{i}" for i in range(X.shape[1])]
-        label = next(n for n in ("label", "target", "__label__") if n not in names)
-        schema = csvfile.CsvSchema((label, *names), 0, tuple(range(1, len(names) + 1)), True)
-        self._train(X, labels_of(y), "csv", schema)
+        self._train(X, labels, "csv", _schema(names))
+        return y
+
+    def _fit_hashed(self, X: Any, y: Any, labels_of: Any, y_numeric: bool) -> Any:
+        if not hasattr(X, "columns"):
+            raise ValueError("categorical and hash_bits hash a DataFrame's columns by name; X has no column names")
+        bits = formats.DEFAULT_HASH_BITS if self.hash_bits is None else int(self.hash_bits)
+        names = [str(c) for c in X.columns]
+        categorical = sorted(set(self.categorical or ()))
+        unknown = [c for c in categorical if c not in names]
+        if unknown:
+            raise ValueError(f"categorical column {unknown[0]!r} is not a column of X")
+        if y is None:
+            raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None")
+        y = column_or_1d(y, warn=True)
+        if y_numeric:
+            y = np.asarray(y, np.float64)
+        labels = labels_of(y)
+        self.n_features_in_, self.feature_names_in_ = len(names), np.array(names, dtype=object)
+        self._train(self._hash(X), labels, "hashed_csv", _schema(names), hash_bits=bits, categorical=categorical)
+        return y
+
+    def _hash(self, X: Any) -> SparseRows:
+        if not hasattr(X, "columns"):
+            raise ValueError("this model hashes a DataFrame's columns by name; X has no column names")
+        names = list(self.feature_names_in_)
+        missing = [n for n in names if n not in [str(c) for c in X.columns]]
+        if missing:
+            raise ValueError(f"X lacks the column {missing[0]!r} the model was trained on")
+        by_name = {str(c): c for c in X.columns}
+        spec = self.model_meta_["input"] if hasattr(self, "model_meta_") else None
+        bits = int(spec["hash_bits"]) if spec else (formats.DEFAULT_HASH_BITS if self.hash_bits is None else int(self.hash_bits))
+        categorical = spec["categorical"] if spec else sorted(set(self.categorical or ()))
+        try:
+            return formats.hash_columns([(n, X[by_name[n]].to_numpy()) for n in names], categorical, bits)
+        except DataError as exc:
+            raise ValueError(str(exc)) from None
+
+    def _rows(self, X: Any) -> tuple[Any, dict[str, np.ndarray]]:
+        """The rows as ``psctl predict`` makes them (dense: scaled by the stored mean and std,
+        float64; sparse: SparseRows over model keys) and the weights they need."""
+        check_is_fitted(self)
+        meta = self.model_meta_
+        fmt = (meta.get("input") or {}).get("format", "csv")
+        params = {k: v.astype(np.float64, copy=False) for k, v in self.model_params_.items()}
+        if fmt == "csv":
+            X = validate_data(self, X, reset=False, dtype=np.float64)
+            if meta.get("standardize"):
+                X = (X - np.asarray(meta["standardize"]["mean"])) / np.asarray(meta["standardize"]["std"])
+            return X, params
+        if fmt == "hashed_csv":
+            rows = self._hash(X)
+        else:  # libsvm: a sparse matrix's columns
+            X = validate_data(self, X, reset=False, accept_sparse="csr", dtype=np.float64)
+            rows = _sparse_rows(sp.csr_matrix(X) if not sp.issparse(X) else X)
+        rows.n_cols = meta["n_features"]
+        weights, _ = aligned_weights(self._model(), params, rows)
+        return rows, weights
 
     def _outputs(self, X: Any) -> np.ndarray:
-        """What ``psctl predict`` computes for these rows: scaled by the stored mean and std (float64)."""
-        check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=np.float64)
-        meta = self.model_meta_
-        if meta.get("standardize"):
-            X = (X - np.asarray(meta["standardize"]["mean"])) / np.asarray(meta["standardize"]["std"])
-        params = {k: v.astype(np.float64, copy=False) for k, v in self.model_params_.items()}
-        return self._model().predict(params, X)
+        """What ``psctl predict`` computes for these rows."""
+        rows, params = self._rows(X)
+        return self._model().predict(params, rows)
+
+    def _logits(self, X: Any) -> np.ndarray:
+        """(n, columns of w): the linear scores ``rows @ w + bias``, per column of the model's table."""
+        rows, params = self._rows(X)
+        W = params["w"].reshape(len(params["w"]), -1)
+        return rows @ W[:-1] + W[-1]
 
     def _raw_scale(self) -> tuple[np.ndarray, np.ndarray]:
         """The weights (d, k) and biases (k,) on the input's own scale: the standardization folded in."""
         check_is_fitted(self)
+        meta = self.model_meta_
+        if (meta.get("input") or {}).get("format") == "hashed_csv":
+            raise AttributeError("a hashed model has weights per hashed key, not per column: it has no coef_")
         W = self.model_params_["w"].astype(np.float64)
         W = W.reshape(len(W), -1)
+        if "w.keys" in self.model_params_:  # sparse: the keys that have a weight; the others weigh 0
+            full = np.zeros((meta["n_features"] + 1, W.shape[1]))
+            full[self.model_params_["w.keys"]] = W
+            W = full
         w, b = W[:-1], W[-1]
-        std = self.model_meta_.get("standardize")
+        std = meta.get("standardize")
         if std:
             mean, dev = np.asarray(std["mean"]), np.asarray(std["std"])
             w = w / dev[:, None]
             b = b - mean @ w
         return w, b
 
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        return tags
+
+
+def _schema(names: list[str]) -> csvfile.CsvSchema:
+    """A CSV's schema for these feature columns and a label column (named so it clashes with none)."""
+    label = next(n for n in ("label", "target", "__label__") if n not in names)
+    return csvfile.CsvSchema((label, *names), 0, tuple(range(1, len(names) + 1)), True)
+
+
+def _sparse_rows(X: Any) -> SparseRows:
+    """A scipy CSR matrix as SparseRows (duplicates summed, columns sorted: a copy only if needed)."""
+    if not X.has_canonical_format:
+        X = X.copy()
+        X.sum_duplicates()
+    return SparseRows(X.indptr.astype(np.int64), X.indices.astype(np.int64), X.data.astype(np.float32), X.shape[1])
+
 
 class _Classifier(ClassifierMixin, _LinearEstimator):
     def fit(self, X: Any, y: Any) -> _Classifier:
         """Train on rows ``X`` (array, DataFrame) with class labels ``y``; returns self."""
-        X, y = validate_data(self, X, y, dtype=(np.float64, np.float32))
+        self._fit_features(X, y, self._class_labels)
+        self._order = self._class_order()
+        return self
+
+    def _class_labels(self, y: np.ndarray) -> np.ndarray:
+        """Set ``classes_``; the labels as text, as a CSV would hold them."""
         check_classification_targets(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
@@ -202,10 +317,7 @@ class _Classifier(ClassifierMixin, _LinearEstimator):
                 f"{type(self).__name__} needs samples of at least 2 classes in the data, but the data contains only one class: {self.classes_[0]!r}"
             )
         self._check_classes()
-        text = np.array([str(c) for c in self.classes_])
-        self._fit_features(X, codes, lambda c: text[c])
-        self._order = self._class_order()
-        return self
+        return np.array([str(c) for c in self.classes_])[codes]
 
     def _check_classes(self) -> None:
         pass
@@ -258,10 +370,12 @@ class PSLogisticRegression(_Classifier):
 
     def __init__(self, *, workers: int = 8, shards: int = 2, mode: str = "sync", staleness: int = 0, optimizer: str = "sgd",
                  lr: float | None = None, lr_decay: float = 0.0, epochs: int = 10, batch_size: int = 32, l1: float = 0.0,
-                 l2: float = 0.0, seed: int = 0, standardize: bool = True, server: str | None = None, in_process: bool = False):  # fmt: skip
+                 l2: float = 0.0, seed: int = 0, standardize: bool = True, categorical: list[str] | None = None,
+                 hash_bits: int | None = None, server: str | None = None, in_process: bool = False):  # fmt: skip
         self.workers, self.shards, self.mode, self.staleness, self.optimizer = workers, shards, mode, staleness, optimizer
         self.lr, self.lr_decay, self.epochs, self.batch_size, self.l1, self.l2 = lr, lr_decay, epochs, batch_size, l1, l2
         self.seed, self.standardize, self.server, self.in_process = seed, standardize, server, in_process
+        self.categorical, self.hash_bits = categorical, hash_bits
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
@@ -285,9 +399,7 @@ class PSLogisticRegression(_Classifier):
 
     def decision_function(self, X: Any) -> np.ndarray:
         """The logit of ``classes_[1]`` per row."""
-        w, b = self._raw_scale()
-        X = validate_data(self, X, reset=False, dtype=np.float64)
-        z = (X @ w + b)[:, 0]
+        z = self._logits(X)[:, 0]
         return z if self._order[1] == 1 else -z
 
 
@@ -298,10 +410,12 @@ class PSSoftmaxRegression(_Classifier):
 
     def __init__(self, *, workers: int = 8, shards: int = 2, mode: str = "sync", staleness: int = 0, optimizer: str = "sgd",
                  lr: float | None = None, lr_decay: float = 0.0, epochs: int = 10, batch_size: int = 32, l1: float = 0.0,
-                 l2: float = 0.0, seed: int = 0, standardize: bool = True, server: str | None = None, in_process: bool = False):  # fmt: skip
+                 l2: float = 0.0, seed: int = 0, standardize: bool = True, categorical: list[str] | None = None,
+                 hash_bits: int | None = None, server: str | None = None, in_process: bool = False):  # fmt: skip
         self.workers, self.shards, self.mode, self.staleness, self.optimizer = workers, shards, mode, staleness, optimizer
         self.lr, self.lr_decay, self.epochs, self.batch_size, self.l1, self.l2 = lr, lr_decay, epochs, batch_size, l1, l2
         self.seed, self.standardize, self.server, self.in_process = seed, standardize, server, in_process
+        self.categorical, self.hash_bits = categorical, hash_bits
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities per row, columns in ``classes_`` order."""
@@ -313,9 +427,7 @@ class PSSoftmaxRegression(_Classifier):
 
     def decision_function(self, X: Any) -> np.ndarray:
         """Per-class logits (n, k); for two classes the difference, class 1 minus class 0."""
-        w, b = self._raw_scale()
-        X = validate_data(self, X, reset=False, dtype=np.float64)
-        z = (X @ w + b)[:, self._order]
+        z = self._logits(X)[:, self._order]
         return z[:, 1] - z[:, 0] if z.shape[1] == 2 else z
 
 
@@ -326,10 +438,12 @@ class PSLinearSVC(_Classifier):
 
     def __init__(self, *, workers: int = 8, shards: int = 2, mode: str = "sync", staleness: int = 0, optimizer: str = "sgd",
                  lr: float | None = None, lr_decay: float = 0.0, epochs: int = 10, batch_size: int = 32, l1: float = 0.0,
-                 l2: float = 0.0, seed: int = 0, standardize: bool = True, server: str | None = None, in_process: bool = False):  # fmt: skip
+                 l2: float = 0.0, seed: int = 0, standardize: bool = True, categorical: list[str] | None = None,
+                 hash_bits: int | None = None, server: str | None = None, in_process: bool = False):  # fmt: skip
         self.workers, self.shards, self.mode, self.staleness, self.optimizer = workers, shards, mode, staleness, optimizer
         self.lr, self.lr_decay, self.epochs, self.batch_size, self.l1, self.l2 = lr, lr_decay, epochs, batch_size, l1, l2
         self.seed, self.standardize, self.server, self.in_process = seed, standardize, server, in_process
+        self.categorical, self.hash_bits = categorical, hash_bits
 
     def decision_function(self, X: Any) -> np.ndarray:
         """Margins: (n,) for two classes (positive: ``classes_[1]``), else (n, k)."""
@@ -346,11 +460,13 @@ class PSLinearRegression(RegressorMixin, _LinearEstimator):
     def __init__(self, *, loss: str = "squared", huber_delta: float = 1.0, workers: int = 8, shards: int = 2,
                  mode: str = "sync", staleness: int = 0, optimizer: str = "sgd", lr: float | None = None,
                  lr_decay: float = 0.0, epochs: int = 10, batch_size: int = 32, l1: float = 0.0, l2: float = 0.0,
-                 seed: int = 0, standardize: bool = True, server: str | None = None, in_process: bool = False):  # fmt: skip
+                 seed: int = 0, standardize: bool = True, categorical: list[str] | None = None, hash_bits: int | None = None,
+                 server: str | None = None, in_process: bool = False):  # fmt: skip
         self.loss, self.huber_delta = loss, huber_delta
         self.workers, self.shards, self.mode, self.staleness, self.optimizer = workers, shards, mode, staleness, optimizer
         self.lr, self.lr_decay, self.epochs, self.batch_size, self.l1, self.l2 = lr, lr_decay, epochs, batch_size, l1, l2
         self.seed, self.standardize, self.server, self.in_process = seed, standardize, server, in_process
+        self.categorical, self.hash_bits = categorical, hash_bits
 
     def _config(self, data: str, spec: dict[str, Any], out: str) -> TrainConfig:
         cfg = super()._config(data, spec, out)
@@ -360,8 +476,7 @@ class PSLinearRegression(RegressorMixin, _LinearEstimator):
 
     def fit(self, X: Any, y: Any) -> PSLinearRegression:
         """Train on rows ``X`` (array, DataFrame) with numeric targets ``y``; returns self."""
-        X, y = validate_data(self, X, y, dtype=(np.float64, np.float32), y_numeric=True)
-        self._fit_features(X, y, lambda v: np.asarray(v, np.float64))
+        self._fit_features(X, y, lambda v: np.asarray(v, np.float64), y_numeric=True)
         return self
 
     def predict(self, X: Any) -> np.ndarray:

@@ -166,3 +166,49 @@ def test_a_missing_extra_names_the_pip_install():
     code = "import sys; sys.modules['sklearn'] = None\ntry:\n import psctl.sklearn\nexcept ImportError as e:\n print(e)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.stdout.strip() == "psctl.sklearn needs scikit-learn: run pip install 'psctl[sklearn]'"
+
+
+@pytest.mark.timeout(120)
+def test_a_sparse_matrix_trains_as_libsvm_rows_and_predicts_as_psctl_predict(tmp_path: Path):
+    sp = pytest.importorskip("scipy.sparse", reason="sparse input needs scipy")
+    X, y = _cancer("train.csv")
+    dense = (X / X.max()).to_numpy()
+    S = sp.csr_matrix(np.where(dense > 0.5, dense, 0.0))
+    est = PSLogisticRegression(epochs=5, lr=0.5, **FAST).fit(S, y)
+    assert est.model_meta_["input"] == {"format": "libsvm", "index_base": 0, "n_features": 30}
+    est.save(str(tmp_path / "sparse.npz"))
+    lines = []
+    for label, row in zip(y, S):
+        lines.append(" ".join([str(label), *(f"{j}:{float(v)!r}" for j, v in zip(row.indices, row.data))]))
+    (tmp_path / "rows.libsvm").write_text("\n".join(lines) + "\n")
+    psctl_json("predict", str(tmp_path / "sparse.npz"), str(tmp_path / "rows.libsvm"), "--out", str(tmp_path / "p.csv"))
+    with open(tmp_path / "p.csv") as fh:
+        theirs = [float(r["probability"]) for r in csv.DictReader(fh)]
+    np.testing.assert_allclose(est.predict_proba(S)[:, 1], theirs, atol=1e-6)
+    np.testing.assert_allclose(est.predict_proba(S.toarray()), est.predict_proba(S))  # dense rows of the same numbers
+    np.testing.assert_allclose(S @ est.coef_[0] + est.intercept_[0], est.decision_function(S), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.timeout(120)
+def test_categorical_columns_are_hashed_as_a_hashed_csv_and_predict_as_psctl_predict(tmp_path: Path):
+    rng = np.random.default_rng(3)
+    df = pd.DataFrame({"site": rng.choice(["news", "shop", "mail"], 600), "hour": rng.integers(0, 24, 600),
+                       "price": rng.normal(size=600)})  # fmt: skip
+    df.loc[::17, "price"] = np.nan  # missing: no key, as an empty CSV cell
+    y = ((df.site == "shop") | (df.hour > 18)).astype(int)
+    est = PSLogisticRegression(epochs=8, lr=0.5, categorical=["site", "hour"], hash_bits=18, **FAST).fit(df, y)
+    assert est.model_meta_["input"] == {"format": "hashed_csv", "hash_bits": 18, "categorical": ["hour", "site"]}
+    assert list(est.feature_names_in_) == ["site", "hour", "price"] and est.score(df, y) > 0.8
+    est.save(str(tmp_path / "hashed.npz"))
+    df.assign(label=y).to_csv(tmp_path / "rows.csv", index=False)
+    psctl_json("predict", str(tmp_path / "hashed.npz"), str(tmp_path / "rows.csv"), "--out", str(tmp_path / "p.csv"))
+    with open(tmp_path / "p.csv") as fh:
+        theirs = [float(r["probability"]) for r in csv.DictReader(fh)]
+    np.testing.assert_allclose(est.predict_proba(df)[:, 1], theirs, atol=1e-6)
+    loaded = PSLogisticRegression.load(str(tmp_path / "hashed.npz"))
+    assert (loaded.categorical, loaded.hash_bits) == (["hour", "site"], 18)
+    assert loaded.predict(df).tolist() == est.predict(df).tolist()
+    with pytest.raises(AttributeError, match="no coef_"):
+        est.coef_
+    with pytest.raises(ValueError, match="lacks the column 'price'"):
+        est.predict(df.drop(columns="price"))
