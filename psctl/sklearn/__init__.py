@@ -132,7 +132,6 @@ class _PSEstimator(BaseEstimator):
     def _set_model(self, params: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         self.model_params_ = {k: np.asarray(v) for k, v in params.items()}
         self.model_meta_ = meta
-        self.history_ = None  # training curves: issue 16's other part
 
     def _model(self) -> Any:
         meta = self.model_meta_
