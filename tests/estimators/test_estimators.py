@@ -121,10 +121,11 @@ def test_matrix_factorization_equals_psctl_predict_and_recommend(tmp_path: Path)
 @pytest.mark.timeout(180)
 def test_grid_search_gets_the_same_best_score_twice():
     """GridSearchCV over lr and mode, 2-fold, through the embedded cluster. Every point of
-    the grid is deterministic under a seed: sync mode with 2 workers (the pushes of a clock
-    are summed and applied once, and two summands add the same in either order; the
-    statistics are merged in partition order), and async mode with one worker (nothing to
-    race). Async with several workers is not, so it is not in the grid."""
+    the grid is deterministic under a seed: sync mode with 2 workers (a clock's pushes are
+    summed, each weighted in float64, and two add the same in either order; the statistics
+    are merged in partition order), and async mode with one worker (nothing to race).
+    Async with several workers is not, nor bit for bit sync with three or more (their
+    pushes are summed in arrival order), so neither is in the grid."""
     X, y = _cancer("train.csv")
     base = PSLogisticRegression(epochs=3, seed=7, in_process=True, shards=1)
     grid = [{"mode": ["sync"], "workers": [2], "lr": [0.01, 0.3]}, {"mode": ["async"], "workers": [1], "lr": [0.01, 0.3]}]
