@@ -111,7 +111,7 @@ def main() -> None:
     phases: dict[str, float] = {}
     real_train = pss.train
 
-    def observed_train(cfg: Any) -> Any:  # the estimator's own call, with an observer of its events
+    def observed_train(cfg: Any, **kwargs: Any) -> Any:  # the estimator's own call, with an observer of its events
         def on_event(event: dict[str, Any]) -> None:
             kind = event.get("kind")
             if kind == "progress" and not first_step:
@@ -119,7 +119,7 @@ def main() -> None:
             if kind in ("cluster_up", "submitted", "stats") and kind not in phases:
                 phases[kind] = time.monotonic()
 
-        return real_train(cfg, on_event=on_event)
+        return real_train(cfg, on_event=on_event, **kwargs)
 
     pss.train = observed_train
     sampler = Sampler()

@@ -431,9 +431,24 @@ class _Run:
 
 
 async def train(
-    cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda e: None, stop: StopRequest | None = None
+    cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda e: None, stop: StopRequest | None = None,
+    write_data: Callable[[], None] | None = None,
 ) -> TrainResult:
-    """Run one training job end to end and write the model file (``stop``: see :class:`StopRequest`)."""
+    """Run one training job end to end and write the model file (``stop``: see :class:`StopRequest`).
+
+    ``write_data`` (in-memory input): fills the data file, which already has its final size,
+    in a thread while the cluster starts; the job is submitted once it is done."""
+    writing = asyncio.ensure_future(asyncio.to_thread(write_data)) if write_data is not None else None
+    try:
+        return await _train(cfg, on_event, stop, writing)
+    finally:
+        if writing is not None and not writing.done():
+            await asyncio.wait({writing})  # a thread cannot be stopped: its file is not removed under it
+
+
+async def _train(
+    cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None], stop: StopRequest | None, writing: asyncio.Future[None] | None
+) -> TrainResult:
     cfg.check()
     check_out_path(cfg.out)
     model_cls = model_class(cfg.model)
@@ -490,6 +505,8 @@ async def train(
             if shards_up is not None:
                 await shards_up
             on_event({"kind": "cluster_up", "seconds": time.monotonic() - started, "address": coordinator})
+            if writing is not None:
+                await writing  # the workers read the data once the job is submitted
             reply = await control.submit(spec.to_wire(), timeout_s=SUBMIT_TIMEOUT_S)
             job_id = session.job_id = reply["job_id"]
             on_event({"kind": "submitted", "job_id": job_id, "shards": reply["shards"]})

@@ -25,6 +25,7 @@ cells), so the statistics pass, standardization and model file are the ones of t
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,20 +45,45 @@ def is_arrays(data: dict[str, Any]) -> bool:
     return data.get("storage") == STORAGE
 
 
+WRITE_CHUNK_BYTES = 64 << 20
+
+
 def write(folder: str | os.PathLike[str], X: np.ndarray, labels: np.ndarray) -> tuple[str, str]:
     """Write the features (or ids) and the labels (or ratings) as ``.npy`` files in ``folder``
     (one pass each, straight from the arrays), and return their paths. ``labels`` must be
     numeric or text (``'<U'``): object arrays are refused, as they would need pickling."""
+    features, label_file, fill = start(folder, X, labels)
+    fill()
+    return features, label_file
+
+
+def start(folder: str | os.PathLike[str], X: np.ndarray, labels: np.ndarray) -> tuple[str, str, Callable[[], None]]:
+    """:func:`write` in two parts: the labels file whole, and the features file with its
+    ``.npy`` header and its final size; the function returned writes the rows into it
+    (straight from ``X``'s memory when it is C-ordered), e.g. in a thread while a cluster
+    starts. Workers must not read the file before that function has returned."""
     if X.dtype == object or labels.dtype == object:
         raise DataError("in-memory input must be numeric or text arrays, not Python objects")
     if len(X) != len(labels):
         raise DataError(f"the features have {len(X)} rows and the labels {len(labels)}")
     if len(X) == 0:
         raise DataError("the data has no rows")
-    paths = str(Path(folder) / FEATURES_FILE), str(Path(folder) / LABELS_FILE)
-    for path, array in zip(paths, (X, labels)):
-        np.save(path, np.ascontiguousarray(array), allow_pickle=False)
-    return paths
+    features, label_file = str(Path(folder) / FEATURES_FILE), str(Path(folder) / LABELS_FILE)
+    np.save(label_file, np.ascontiguousarray(labels), allow_pickle=False)
+    X = np.ascontiguousarray(X)
+    with open(features, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, np.lib.format.header_data_from_array_1_0(X))
+        offset = fh.tell()
+        fh.truncate(offset + X.nbytes)
+
+    def fill() -> None:
+        flat = X.reshape(-1).view(np.uint8) if X.size else np.empty(0, np.uint8)
+        with open(features, "r+b") as fh:
+            fh.seek(offset)
+            for at in range(0, len(flat), WRITE_CHUNK_BYTES):
+                fh.write(flat[at : at + WRITE_CHUNK_BYTES])
+
+    return features, label_file, fill
 
 
 def write_csr(folder: str | os.PathLike[str], X: SparseRows, labels: np.ndarray) -> tuple[str, str, dict[str, str]]:

@@ -112,14 +112,15 @@ class _PSEstimator(BaseEstimator):
         the model file holds. ``extra``: the format's data spec entries (hash_bits, ...)."""
         with tempfile.TemporaryDirectory(prefix="psctl-fit-") as folder:
             try:
+                fill = None
                 if isinstance(X, SparseRows):
                     features, label_file, layout = arrays.write_csr(folder, X, labels)
                     extra.update(layout)
-                else:
-                    features, label_file = arrays.write(folder, X, labels)
+                else:  # the rows are written while the cluster starts
+                    features, label_file, fill = arrays.start(folder, X, labels)
                 spec = {**arrays.data_spec(features, label_file, fmt, schema, len(X)), **extra}
                 out = str(Path(folder) / "model.npz")
-                _run(train(self._config(features, spec, out)))
+                _run(train(self._config(features, spec, out), write_data=fill))
                 model, params, meta = loading.load(out)
             except PsctlError as exc:
                 # Bad data or options are a ValueError to scikit-learn (with psctl's sentence);
