@@ -213,3 +213,11 @@ def test_categorical_columns_are_hashed_as_a_hashed_csv_and_predict_as_psctl_pre
         est.coef_
     with pytest.raises(ValueError, match="lacks the column 'price'"):
         est.predict(df.drop(columns="price"))
+
+
+@pytest.mark.timeout(60)
+async def test_fit_works_where_an_event_loop_already_runs():
+    """As in a Jupyter notebook: fit runs the training on a loop of its own, in a thread."""
+    X, y = _cancer("train.csv")
+    est = PSLogisticRegression(epochs=2, **FAST).fit(X, y)
+    assert est.score(X, y) > 0.9
