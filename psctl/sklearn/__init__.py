@@ -342,11 +342,10 @@ class _Classifier(ClassifierMixin, _LinearEstimator):
     def predict(self, X: Any) -> np.ndarray:
         """The class of each row (the one ``psctl predict`` names)."""
         out = self._outputs(X)
-        model_classes = self.model_meta_["classes"]
         task = "binary" if out.ndim == 1 else "classes"
-        # Map the model's class index to ours: the same choice as psctl predict's.
+        # psctl predict's choice of the model's class, mapped to ours
         ours = np.argsort(self._order)
-        return self.classes_[ours[predicted_index(task, out)]] if len(model_classes) else out
+        return self.classes_[ours[predicted_index(task, out)]]
 
     @property
     def coef_(self) -> np.ndarray:

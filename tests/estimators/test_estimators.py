@@ -31,6 +31,7 @@ from psctl.sklearn import (  # noqa: E402
     PSSoftmaxRegression,
 )
 from tests.conftest import EXAMPLES, REPO, psctl_json, run_psctl  # noqa: E402
+from tests.integration.cluster import ServerProcess  # noqa: E402
 
 pytestmark = pytest.mark.integration
 CANCER = EXAMPLES / "breast_cancer"
@@ -221,3 +222,22 @@ async def test_fit_works_where_an_event_loop_already_runs():
     X, y = _cancer("train.csv")
     est = PSLogisticRegression(epochs=2, **FAST).fit(X, y)
     assert est.score(X, y) > 0.9
+
+
+@pytest.mark.timeout(120)
+def test_fits_on_a_running_psctl_server_reuse_it():
+    """server=HOST:PORT: each fit is a job on that server's shards, its workers started here
+    (worker processes, then tasks of this process); the server serves job after job."""
+    X, y = _cancer("train.csv")
+    server = ServerProcess(2)
+    try:
+        on_server = [
+            PSLogisticRegression(epochs=3, seed=2, workers=2, server=server.address, in_process=in_process).fit(X, y)
+            for in_process in (False, True)
+        ]
+    finally:
+        code, _, err = server.stop()
+    assert code == 0, err
+    embedded = PSLogisticRegression(epochs=3, seed=2, workers=2, in_process=True).fit(X, y)
+    for est in on_server:  # sync with two workers: the same model on any cluster
+        np.testing.assert_array_equal(est.model_params_["w"], embedded.model_params_["w"])
