@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import dataclasses
 import json
@@ -15,12 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from psctl import net
 from psctl.apps import recommend
 from psctl.apps.results import json_safe
 from psctl.core.sparse import SparseRows
 from psctl.data import csvfile, formats, ratings
-from psctl.cluster import launch
 from psctl.errors import DataError, Interrupted, ModelFileError, PsctlError, UsageError
 from psctl.files import loading
 from psctl.models.base import Model, encode_targets, evaluate, predicted_index
@@ -333,6 +330,8 @@ def _run(model_path: str, data_path: str, workers: int, model_class_path: str | 
             "write_rows": out is not None,
         }
         (folder / TASK_FILE).write_text(json.dumps(task))
+        from psctl import net  # here, not at the top: a worker process imports this module and needs neither
+
         net.run(lambda: _run_workers(folder, parts, data_path))
         kind = recommend.RatedRows if pred.is_mf else Evaluated
         result = combine(pred, [load_part(kind, folder, k) for k in range(workers)], plan, cold)
@@ -347,6 +346,10 @@ async def _run_workers(folder: Path, parts: list[csvfile.Partition], data_path: 
     """Start a worker per partition and wait for every one; the first that fails ends the
     wait (PsctlError naming it and why) and the others are stopped. Every worker is gone
     when this returns or raises, Ctrl-C (cancellation) included."""
+    import asyncio  # here, as net and launch: the worker processes import this module without them
+
+    from psctl.cluster import launch
+
     procs: list[asyncio.subprocess.Process] = []
     try:
         for k in range(len(parts)):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -21,8 +22,9 @@ from psctl.errors import PsctlError
 
 
 # -- the worker process ------------------------------------------------------------------------
-def _watch_parent() -> None:
-    """Exit as soon as stdin closes: the parent stopped or died, so nobody waits for the result."""
+def _watch_parent(folder: Path) -> None:
+    """Exit as soon as stdin closes: the parent stopped or died, so nobody waits for the result.
+    The task folder goes too: a parent killed with SIGKILL cannot remove it itself."""
 
     def watch() -> None:
         # os.read on the descriptor, not sys.stdin: a daemon thread blocked in a buffered
@@ -32,6 +34,7 @@ def _watch_parent() -> None:
                 pass
         except OSError:
             pass
+        shutil.rmtree(folder, ignore_errors=True)
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
@@ -54,7 +57,7 @@ def work(folder: Path, k: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     folder, k = (sys.argv[1:] if argv is None else argv)[:2]
-    _watch_parent()
+    _watch_parent(Path(folder))
     try:
         work(Path(folder), int(k))
     except PsctlError as exc:

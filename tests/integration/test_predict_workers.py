@@ -175,13 +175,14 @@ def test_workers_of_a_killed_parent_exit(models, big, tmp_path):
     model, _ = models["logreg"]
     proc = _start_predict(model, big, tmp_path / "p.csv", 2)
     pids = _wait_for_workers(proc, 2)
+    folder = Path(next(a for a in Path(f"/proc/{pids[0]}/cmdline").read_bytes().split(b"\0") if b"psctl-predict-" in a).decode())
     proc.kill()
     proc.communicate(timeout=30)
     deadline = time.monotonic() + 30
     while any(_alive(p) for p in pids):
         assert time.monotonic() < deadline, "a predict worker outlived its parent"
         time.sleep(0.01)
-
+    assert not folder.exists()  # the task folder the parent could not remove
 
 def test_bad_input_is_one_sentence(models, tmp_path):
     model, data = models["logreg"]
