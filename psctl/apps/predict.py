@@ -112,7 +112,7 @@ def plan_input(pred: Predictor, data_path: str) -> InputPlan:
         return InputPlan("ratings", schema, schema.has_header, schema.label_index is not None)
     spec = pred.meta.get("input") or {}
     if spec.get("format", "csv") == "libsvm":
-        csvfile.read_columns(data_path, has_header=False)  # the file exists and is text
+        csvfile._open(data_path).close()  # one sentence now if the file is missing, as for CSV
         return InputPlan("sparse", None, False, True)
     schema = schema_for(pred.meta, data_path)
     kind = "sparse" if spec.get("format") in formats.SPARSE_FORMATS else "dense"
@@ -403,6 +403,10 @@ def _join_rows(result: Any, folder: Path, workers: int, out: str) -> None:
                     shutil.copyfileobj(piece, fh.buffer, 1 << 20)
     except OSError as exc:
         raise DataError(f"cannot write predictions to '{out}': {exc.strerror or exc}") from None
+    except BaseException:  # Ctrl-C while joining: no half-written predictions file
+        if Path(out).is_file():
+            Path(out).unlink()
+        raise
 
 
 # -- results as files: numpy arrays as .npy (no pickle), everything else as JSON ----------------
