@@ -81,6 +81,37 @@ class TaskProcess:
         self._task.cancel()
 
 
+async def start_process(
+    args: list[str], log_path: Path, *, env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()
+) -> asyncio.subprocess.Process:
+    """``python <args>`` as a child of this process, the way psctl starts every child: in a
+    session of its own (Ctrl-C reaches this process only, which stops its children in order),
+    stdin a pipe the child watches (it exits when the pipe closes, so it never outlives this
+    process), stdout a pipe, stderr to ``log_path``, and no shared secret in its environment."""
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if k != handshake.SECRET_ENV}
+    with open(log_path, "wb") as log_file:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            *args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log_file,
+            env=env,
+            pass_fds=pass_fds,
+            start_new_session=True,
+        )
+
+
+def kill_process_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL a child started by :func:`start_process` and its group, if it is still running."""
+    if proc.returncode is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @dataclass
 class Child:
     role: str
@@ -160,23 +191,12 @@ class LocalCluster:
                 pipe.write(self.security.secret)  # far below a pipe's buffer: does not block
             args += ["--secret-fd", str(secret_fd)]
         try:
-            with open(log_path, "wb") as log_file:
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "psctl.cluster.child",
-                    role,
-                    *args,
-                    "--parent-watch",
-                    "--max-frame-bytes",
-                    str(self.max_frame_bytes),
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=log_file,
-                    env=env,
-                    pass_fds=() if secret_fd is None else (secret_fd,),
-                    start_new_session=True,  # Ctrl-C reaches us only; we stop the children in order
-                )
+            proc = await start_process(
+                ["-m", "psctl.cluster.child", role, *args, "--parent-watch", "--max-frame-bytes", str(self.max_frame_bytes)],
+                log_path,
+                env=env,
+                pass_fds=() if secret_fd is None else (secret_fd,),
+            )
         finally:
             if secret_fd is not None:
                 os.close(secret_fd)
@@ -268,8 +288,5 @@ def _kill(child: Child) -> None:
     """SIGKILL a child process and its group; cancel a task standing in for one."""
     if isinstance(child.proc, TaskProcess):
         child.proc.kill()
-        return
-    try:
-        os.killpg(child.proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    else:
+        kill_process_group(child.proc)

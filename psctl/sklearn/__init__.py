@@ -573,7 +573,7 @@ class PSMatrixFactorization(RegressorMixin, _PSEstimator):
         """Predicted ratings of (user, item) rows: ``psctl predict --cold-start`` ``cold_start``."""
         mf = self._mf()
         ids, _ = self._rows(X)
-        return recommend.predict_ids(mf, ids, self.cold_start)[1]
+        return recommend.rating_outputs(mf, ids, self.cold_start)[0]
 
     def recommend(self, user: Any, k: int = 10) -> list[tuple[str, float]]:
         """The top ``k`` (item id, predicted rating) for ``user``, best first."""
