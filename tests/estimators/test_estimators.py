@@ -26,6 +26,7 @@ from psctl.errors import ConnectError, ModelFileError  # noqa: E402
 from psctl.files import modelfile  # noqa: E402
 from psctl.sklearn import (  # noqa: E402
     PSLinearRegression,
+    PSLinearSVC,
     PSLogisticRegression,
     PSMatrixFactorization,
     PSSoftmaxRegression,
@@ -241,3 +242,24 @@ def test_fits_on_a_running_psctl_server_reuse_it():
     embedded = PSLogisticRegression(epochs=3, seed=2, workers=2, in_process=True).fit(X, y)
     for est in on_server:  # sync with two workers: the same model on any cluster
         np.testing.assert_array_equal(est.model_params_["w"], embedded.model_params_["w"])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "cls, folder, label",
+    [(PSSoftmaxRegression, "digits", "label"), (PSLinearSVC, "digits", "label"), (PSLinearRegression, "regression", "target")],
+)
+def test_every_linear_kind_predicts_as_psctl_predict(tmp_path: Path, cls, folder, label):
+    train, test = (pd.read_csv(EXAMPLES / folder / f"{n}.csv") for n in ("train", "test"))
+    est = cls(epochs=3, **FAST).fit(train.drop(columns=label), train[label])
+    est.save(str(tmp_path / "m.npz"))
+    psctl_json("predict", str(tmp_path / "m.npz"), str(EXAMPLES / folder / "test.csv"), "--out", str(tmp_path / "p.csv"))
+    theirs = pd.read_csv(tmp_path / "p.csv")
+    X_test = test.drop(columns=label)
+    if cls is PSLinearRegression:
+        np.testing.assert_allclose(est.predict(X_test), theirs["predicted"], rtol=1e-5)  # 6 significant digits
+        return
+    assert est.predict(X_test).tolist() == theirs["predicted"].tolist()
+    scores = theirs[[f"score_{c}" for c in est.classes_]].to_numpy()
+    ours = est.predict_proba(X_test) if cls is PSSoftmaxRegression else est.decision_function(X_test)
+    np.testing.assert_allclose(ours, scores, atol=1e-6)
