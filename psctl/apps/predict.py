@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
+import math
 import shutil
 import signal
 import tempfile
@@ -16,11 +18,14 @@ import numpy as np
 
 from psctl.apps import recommend
 from psctl.apps.results import json_safe
+from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S
 from psctl.core.sparse import SparseRows
 from psctl.data import csvfile, formats, ratings
 from psctl.errors import DataError, Interrupted, ModelFileError, PsctlError, UsageError
 from psctl.files import loading
 from psctl.models.base import Model, encode_targets, evaluate, predicted_index
+
+log = logging.getLogger("psctl.predict")
 
 
 @dataclass
@@ -218,6 +223,7 @@ def predict(
     *,
     workers: int | None = None,
     out: str | None = None,
+    failure_timeout_s: float | None = None,
 ) -> Any:
     """A :class:`Prediction`, or for an mf model a recommend.RatingsPrediction
     (``cold_start``: what to do with users and items the model has not seen; mf only, default nan).
@@ -225,11 +231,16 @@ def predict(
     With ``workers`` N, N worker processes each read and predict one byte range of the file
     (see :func:`predict_spread`); the result and the ``out`` file are the same as
     in one process. ``out``: also write the per-row predictions there.
+    ``failure_timeout_s``: with ``workers``, a worker silent this long is declared lost
+    (default 5 s, as in training).
     """
     if out is not None:
         check_predictions_path(out)
     if workers is not None:
-        return predict_spread(model_path, data_path, workers, model_class_path, cold_start, out)
+        timeout_s = DEFAULT_FAILURE_TIMEOUT_S if failure_timeout_s is None else failure_timeout_s
+        return predict_spread(model_path, data_path, workers, model_class_path, cold_start, out, failure_timeout_s=timeout_s)
+    if failure_timeout_s is not None:
+        raise UsageError("--failure-timeout-s is how long a silent predict worker is waited for; it needs --workers N")
     pred = load_predictor(model_path, model_class_path)
     cold = check_cold_start(pred, cold_start)
     plan = plan_input(pred, data_path)
@@ -274,7 +285,13 @@ def predict_one(model_path: str, user: str, item: str, model_class_path: str | N
 MAX_WORKERS = 256
 #: How long stopped workers get to exit before the parent stops waiting (they were SIGKILLed).
 STOP_TIMEOUT_S = 3.0
-TASK_FILE = "task.json"
+TASK_FILE = "task.json"  # the worker names it too (psctl.apps.predict_workers), before it may import this module
+
+
+def heartbeat_interval_s(failure_timeout_s: float) -> float:
+    """How often a predict worker gives a sign of life: as a training worker by default
+    (0.5 s), and at least four times per failure timeout."""
+    return min(DEFAULT_HEARTBEAT_INTERVAL_S, failure_timeout_s / 4)
 
 
 def predict_spread(
@@ -284,6 +301,8 @@ def predict_spread(
     model_class_path: str | None = None,
     cold_start: str | None = None,
     out: str | None = None,
+    *,
+    failure_timeout_s: float = DEFAULT_FAILURE_TIMEOUT_S,
 ) -> Any:
     """The prediction of ``data_path`` by ``workers`` processes, equal to :func:`predict`'s
     in one process; ``out``: the predictions file, byte for byte the same.
@@ -303,16 +322,29 @@ def predict_spread(
     in a temporary folder. Files need no framing or flow control, numpy writes and reads
     them at disk speed, and ``allow_pickle=False`` means a result can only be numbers or
     fixed-width strings, never code.
+
+    Every worker is watched: it writes a byte to its stdout pipe every
+    :func:`heartbeat_interval_s` (from a thread, so long numpy work does not silence it),
+    and one silent for ``failure_timeout_s`` (stopped, hung) ends the job with a sentence
+    naming it, every worker killed. Silence is judged as the training coordinator judges
+    it (``core.coordinator.Liveness``): only over time this process was running, so a
+    parent that was itself stopped reads what its workers sent meanwhile before it judges
+    any of them.
     """
     if not 1 <= workers <= MAX_WORKERS:
         raise UsageError(f"--workers must be between 1 and {MAX_WORKERS}; got {workers}")
+    if not (isinstance(failure_timeout_s, (int, float)) and math.isfinite(failure_timeout_s) and failure_timeout_s > 0):
+        raise UsageError(f"--failure-timeout-s must be a positive number of seconds; got {failure_timeout_s}")
     try:
-        return _run(model_path, data_path, workers, model_class_path, cold_start, out)
+        return _run(model_path, data_path, workers, model_class_path, cold_start, out, float(failure_timeout_s))
     except KeyboardInterrupt:
         raise Interrupted("interrupted; every predict worker has been stopped and no predictions were written") from None
 
 
-def _run(model_path: str, data_path: str, workers: int, model_class_path: str | None, cold_start: str | None, out: str | None) -> Any:
+def _run(
+    model_path: str, data_path: str, workers: int, model_class_path: str | None, cold_start: str | None, out: str | None,
+    failure_timeout_s: float,
+) -> Any:
     pred = load_predictor(model_path, model_class_path)
     cold = check_cold_start(pred, cold_start)
     plan = plan_input(pred, data_path)
@@ -328,11 +360,12 @@ def _run(model_path: str, data_path: str, workers: int, model_class_path: str | 
             "plan": plan.to_dict(),
             "partitions": [p.to_dict() for p in parts],
             "write_rows": out is not None,
+            "heartbeat_interval_s": heartbeat_interval_s(failure_timeout_s),
         }
         (folder / TASK_FILE).write_text(json.dumps(task))
         from psctl import net  # here, not at the top: a worker process imports this module and needs neither
 
-        net.run(lambda: _run_workers(folder, parts, data_path))
+        net.run(lambda: _run_workers(folder, parts, data_path, failure_timeout_s))
         kind = recommend.RatedRows if pred.is_mf else Evaluated
         result = combine(pred, [load_part(kind, folder, k) for k in range(workers)], plan, cold)
         if out is not None:
@@ -342,32 +375,69 @@ def _run(model_path: str, data_path: str, workers: int, model_class_path: str | 
         shutil.rmtree(folder, ignore_errors=True)
 
 
-async def _run_workers(folder: Path, parts: list[csvfile.Partition], data_path: str) -> None:
-    """Start a worker per partition and wait for every one; the first that fails ends the
-    wait (PsctlError naming it and why) and the others are stopped. Every worker is gone
-    when this returns or raises, Ctrl-C (cancellation) included."""
+async def _run_workers(folder: Path, parts: list[csvfile.Partition], data_path: str, failure_timeout_s: float) -> None:
+    """Start a worker per partition and wait for every one; the first that fails or falls
+    silent for ``failure_timeout_s`` ends the wait (PsctlError naming it and why) and the
+    others are stopped. Every worker is gone when this returns or raises, Ctrl-C
+    (cancellation) included."""
     import asyncio  # here, as net and launch: the worker processes import this module without them
 
     from psctl.cluster import launch
+    from psctl.core.coordinator import Liveness, tick_interval_s
 
+    beat_s = heartbeat_interval_s(failure_timeout_s)
+    tick_s = tick_interval_s(beat_s, failure_timeout_s)
+    liveness = Liveness.for_intervals(beat_s, failure_timeout_s)
+    loop = asyncio.get_running_loop()
     procs: list[asyncio.subprocess.Process] = []
+    listeners: list[asyncio.Future[None]] = []
     try:
         for k in range(len(parts)):
             procs.append(await launch.start_process(["-m", "psctl.apps.predict_workers", str(folder), str(k)], folder / f"worker-{k}.log"))
+            liveness.watch(k)  # from its start: a worker that never beats is lost too
+            listeners.append(asyncio.ensure_future(_listen(procs[k], k, len(parts), liveness)))
+        liveness.tick(loop.time())  # silence counts from here
         waits = {asyncio.ensure_future(p.wait()): k for k, p in enumerate(procs)}
         pending = set(waits)
         while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            done, pending = await asyncio.wait(pending, timeout=tick_s, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 k = waits[task]
+                liveness.forget(k)
                 if procs[k].returncode != 0:
                     raise _worker_failed(folder, k, len(parts), parts[k], procs[k].returncode, data_path)
+            for k, silent_s in liveness.tick(loop.time()):
+                assert isinstance(k, int)
+                raise _worker_silent(k, len(parts), parts[k], silent_s, failure_timeout_s, data_path)
     finally:
+        for listener in listeners:
+            listener.cancel()
         for p in procs:
             launch.kill_process_group(p)
         left = [asyncio.ensure_future(p.wait()) for p in procs if p.returncode is None]
         if left:
             await asyncio.wait(left, timeout=STOP_TIMEOUT_S)
+
+
+async def _listen(proc: Any, k: int, n: int, liveness: Any) -> None:
+    """Count every byte worker ``k`` writes to its stdout as a sign of life, until it closes."""
+    first = True
+    while await proc.stdout.read(1 << 12):
+        liveness.heard(k)
+        if first:
+            log.info("predict worker %d of %d: alive", k + 1, n)
+            first = False
+
+
+def _worker_silent(k: int, n: int, part: csvfile.Partition, silent_s: float, timeout_s: float, data_path: str) -> PsctlError:
+    return PsctlError(
+        f"predict worker {k + 1} of {n} ({_rows_of(part)} of '{data_path}') gave no sign of life for {silent_s:.1f} s "
+        f"(stopped or hung; --failure-timeout-s is {timeout_s:g}), so every worker was stopped; no predictions were written"
+    )
+
+
+def _rows_of(part: csvfile.Partition) -> str:
+    return f"{part.n_rows} rows from line {part.first_line}" if part.n_rows else "no rows"
 
 
 def _worker_failed(folder: Path, k: int, n: int, part: csvfile.Partition, code: int | None, data_path: str) -> PsctlError:
@@ -381,7 +451,7 @@ def _worker_failed(folder: Path, k: int, n: int, part: csvfile.Partition, code: 
     except (OSError, ValueError, KeyError, TypeError):
         pass
     how = f"was killed by signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exited with code {code}"
-    rows = f"{part.n_rows} rows from line {part.first_line}" if part.n_rows else "no rows"
+    rows = _rows_of(part)
     try:
         tail = (folder / f"worker-{k}.log").read_text(errors="replace").strip().splitlines()[-1:]
     except OSError:
