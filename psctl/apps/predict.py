@@ -67,17 +67,28 @@ def predict(model_path: str, data_path: str, model_class_path: str | None = None
         return _predict_sparse(model, params, meta, data_path)
     schema = schema_for(meta, data_path)
     X, labels = csvfile.read_csv(data_path, schema)
+    outputs = apply_dense(model, params, meta, X)
+    return _finish(model, meta, outputs, labels if schema.label_index is not None else None)
+
+
+def apply_dense(model: Model, params: dict[str, np.ndarray], meta: dict[str, Any], X: np.ndarray) -> np.ndarray:
+    """The outputs of a dense (CSV) model for feature rows ``X`` in the model's column order,
+    standardized as in training (``psctl predict`` and ``psctl serve`` both call this)."""
     if meta.get("standardize"):
         X = (X - np.asarray(meta["standardize"]["mean"])) / np.asarray(meta["standardize"]["std"])
-    outputs = model.predict({k: v.astype(np.float64, copy=False) for k, v in params.items()}, X)
-    return _finish(model, meta, outputs, labels if schema.label_index is not None else None)
+    return model.predict({k: v.astype(np.float64, copy=False) for k, v in params.items()}, X)
+
+
+def predicted_labels(model: Model, outputs: np.ndarray) -> list[str] | np.ndarray:
+    """Each row's class label (classifiers), or the outputs themselves (regression)."""
+    if model.task == "regression":
+        return outputs
+    return [model.classes[i] for i in predicted_index(model.task, outputs)]
 
 
 def _finish(model: Model, meta: dict[str, Any], outputs: np.ndarray, labels: np.ndarray | None, unknown: dict[str, int] | None = None) -> Prediction:
     task, classes = model.task, model.classes
-    predicted: list[str] | np.ndarray = (
-        outputs if task == "regression" else [classes[i] for i in predicted_index(task, outputs)]
-    )
+    predicted = predicted_labels(model, outputs)
     scores = None
     if labels is not None:
         y = encode_targets(task, labels, classes)

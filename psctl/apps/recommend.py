@@ -63,16 +63,9 @@ def predict_ratings(mf: MFModel, data_path: str, cold_start: str = "nan") -> Rat
         raise DataError(f"--cold-start must be one of {', '.join(COLD_START)}")
     schema = input_schema(mf, data_path)
     ids, truth = ratings.read_ratings(data_path, schema)
-    rows = ratings.encode_rows(ids, {ratings.USER: mf.users, ratings.ITEM: mf.items})
+    pred, rows = predict_pairs(mf, ids, cold_start)
     u, i = rows[:, 0], rows[:, 1]
     known = (u >= 0) & (i >= 0)
-    pred = np.full(len(rows), np.nan)
-    pred[known] = mf.model.predict(mf.params, rows[known])
-    if cold_start == "mean":
-        cold = ~known
-        pred[cold] = mf.model.mean
-        pred[cold & (u >= 0)] += mf.params["user_bias"][u[cold & (u >= 0)]]
-        pred[cold & (i >= 0)] += mf.params["item_bias"][i[cold & (i >= 0)]]
     keep = known if cold_start == "drop" else np.ones(len(rows), dtype=bool)
     has_truth = schema.label_index is not None
     summary = {
@@ -92,6 +85,23 @@ def predict_ratings(mf: MFModel, data_path: str, cold_start: str = "nan") -> Rat
             scores.update(rmse=metrics.rmse(y, p), mae=metrics.mae(y, p))
     names = (mf.user_col, mf.item_col, mf.rating_col if has_truth else None)
     return RatingsPrediction(mf.meta, ids[keep], pred[keep], truth[keep] if has_truth else None, scores, summary, names)
+
+
+def predict_pairs(mf: MFModel, ids: np.ndarray, cold_start: str = "nan") -> tuple[np.ndarray, np.ndarray]:
+    """Predicted ratings for (user id, item id) text pairs, shape (n, 2), and their table rows
+    (-1 for an id the model has not seen). Unseen pairs are NaN, or with ``cold_start`` "mean"
+    the global mean plus the known side's bias (``psctl predict`` and ``psctl serve`` both call this)."""
+    rows = ratings.encode_rows(ids, {ratings.USER: mf.users, ratings.ITEM: mf.items})
+    u, i = rows[:, 0], rows[:, 1]
+    known = (u >= 0) & (i >= 0)
+    pred = np.full(len(rows), np.nan)
+    pred[known] = mf.model.predict(mf.params, rows[known])
+    if cold_start == "mean":
+        cold = ~known
+        pred[cold] = mf.model.mean
+        pred[cold & (u >= 0)] += mf.params["user_bias"][u[cold & (u >= 0)]]
+        pred[cold & (i >= 0)] += mf.params["item_bias"][i[cold & (i >= 0)]]
+    return pred, rows
 
 
 def describe_cold_start(summary: dict[str, Any]) -> str:

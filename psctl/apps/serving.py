@@ -1,0 +1,355 @@
+"""What ``psctl serve`` answers, without HTTP: model sources, request bodies in, response bodies out.
+
+A :class:`ModelSource` is where a served model's weights come from. Today that is
+a model file (:class:`FileSource`, loaded once at start); a kept model on a live
+server is another source with the same two methods, whose :meth:`snapshot`
+returns the weights it last pulled and whose :meth:`describe` says how fresh
+they are. Everything else here (decoding instances, predicting, recommending,
+the OpenAPI description) works on a :class:`Snapshot` and never asks where it
+came from.
+
+Predictions go through the functions ``psctl predict`` and ``psctl recommend``
+use (:func:`predict.apply_dense`, :func:`recommend.predict_pairs`,
+:func:`recommend.recommend_user`), so a served row gets the numbers the command
+line gives for the same row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from psctl.apps import predict, recommend
+from psctl.data import csvfile, formats
+from psctl.errors import ModelFileError, UsageError
+from psctl.files import loading
+from psctl.models.base import Model
+
+#: A model's name in a URL: letters, digits, '.', '_' and '-' (no '/' or ':').
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+DEFAULT_TOP = 10
+MAX_TOP = 10_000
+
+
+class BadRequest(Exception):
+    """A request psctl serve refuses: ``status`` (4xx) and one sentence."""
+
+    def __init__(self, sentence: str, status: int = 400):
+        super().__init__(sentence)
+        self.status = status
+
+
+# -- where weights come from ------------------------------------------------------------
+@dataclass(frozen=True)
+class Snapshot:
+    """One consistent set of weights of a served model and what is needed to apply them."""
+
+    model: Model
+    params: dict[str, np.ndarray]  # float64, as predict computes with them
+    meta: dict[str, Any]
+    mf: recommend.MFModel | None  # set for mf models
+    columns: tuple[str, ...]  # dense: the feature columns in order; mf: (user column, item column)
+    label: str | None  # dense: the training label column (accepted and ignored in instances)
+    weights_as_of: float  # Unix time the weights were read (a file: when it was loaded)
+
+
+class ModelSource(Protocol):
+    """Where one served model's weights come from (a file now; a kept model on a live server next)."""
+
+    name: str
+
+    def describe(self) -> dict[str, Any]:
+        """Where the weights come from and how fresh they are, as JSON values (in the model's metadata)."""
+        ...
+
+    async def snapshot(self) -> Snapshot:
+        """The weights to answer the next request with. A live source returns its last pull
+        (refreshed in the background at the freshness it promises) or pulls now."""
+        ...
+
+
+def snapshot_of(path: str, model: Model, params: dict[str, np.ndarray], meta: dict[str, Any]) -> Snapshot:
+    """A :class:`Snapshot` of loaded weights; ModelFileError for a model psctl serve cannot answer for."""
+    now = time.time()
+    if meta.get("data_format") == "ratings":
+        mf = recommend.from_loaded(path, model, params, meta)
+        return Snapshot(model, mf.params, meta, mf, (mf.user_col, mf.item_col), mf.rating_col, now)
+    spec = meta.get("input") or {}
+    if spec.get("format", "csv") in formats.SPARSE_FORMATS:
+        raise ModelFileError(
+            f"'{path}' is a {spec['format']} (sparse) model; psctl serve answers for dense CSV and mf models "
+            "(use psctl predict for this one)"
+        )
+    if meta.get("schema") is None:
+        raise ModelFileError(f"'{path}' has no training schema, so psctl serve cannot name its feature columns")
+    schema = csvfile.CsvSchema.from_dict(meta["schema"])
+    floats = {k: v.astype(np.float64, copy=False) for k, v in params.items()}
+    return Snapshot(model, floats, meta, None, schema.feature_names, meta.get("label"), now)
+
+
+@dataclass
+class FileSource:
+    """A model file, loaded and checked once, when psctl serve starts."""
+
+    name: str
+    path: str
+    loaded: Snapshot = field(repr=False)
+
+    @classmethod
+    def load(cls, name: str, path: str, model_class: str | None = None) -> FileSource:
+        if not Path(path).is_file():
+            raise ModelFileError(f"model file '{path}' does not exist" if not Path(path).exists() else f"'{path}' is not a model file")
+        return cls(name, path, snapshot_of(path, *loading.load(path, model_class)))
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "file", "path": self.path, "loaded_at": _iso(self.loaded.weights_as_of)}
+
+    async def snapshot(self) -> Snapshot:
+        return self.loaded
+
+
+def parse_model_args(args: list[str]) -> list[tuple[str, str]]:
+    """``model.npz`` or ``NAME=path`` -> (name, path); a name is the file's stem unless given."""
+    named: dict[str, str] = {}
+    for arg in args:
+        name, sep, path = arg.partition("=")
+        if not sep or not NAME_RE.fullmatch(name):
+            name, path = Path(arg).stem, arg
+        if not NAME_RE.fullmatch(name):
+            raise UsageError(f"'{name}' cannot be a model's name in a URL (letters, digits, . _ -); give NAME=path")
+        if name in named:
+            raise UsageError(f"two models are named '{name}' ({named[name]} and {path}); give one of them as NAME=path")
+        named[name] = path
+    if not named:
+        raise UsageError("give at least one model file to serve")
+    return list(named.items())
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+# -- metadata -------------------------------------------------------------------------
+def metadata(name: str, source: ModelSource, snap: Snapshot) -> dict[str, Any]:
+    """``GET /v1/models/NAME``: what the model is and what its instances must hold."""
+    meta = snap.meta
+    out: dict[str, Any] = {
+        "name": name,
+        "kind": meta.get("kind"),
+        "task": snap.model.task,
+        "columns": list(snap.columns),
+        "source": source.describe(),
+        "trained": {k: meta[k] for k in ("mode", "epochs", "workers", "created") if k in meta},
+    }
+    if snap.mf is not None:
+        out.update(
+            users=len(snap.mf.users),
+            items=len(snap.mf.items),
+            rank=snap.mf.model.rank,
+            global_mean=snap.mf.model.mean,
+            endpoints=[f"/v1/models/{name}:predict", f"/v1/models/{name}:recommend"],
+            output="rating (null for a user or item the model has not seen, unless cold_start is mean)",
+        )
+        return out
+    out["classes"] = snap.model.classes or None
+    out["label"] = snap.label
+    out["standardized"] = bool(meta.get("standardize"))
+    out["endpoints"] = [f"/v1/models/{name}:predict"]
+    out["output"] = {
+        "binary": f"label and probability of the label '{snap.model.classes[1] if snap.model.classes else 1}'",
+        "classes": "label and a score per class",
+        "regression": "value",
+    }[snap.model.task]
+    return out
+
+
+# -- request bodies --------------------------------------------------------------------
+def _refuse_constant(name: str) -> Any:
+    raise BadRequest(f"the body holds {name}, which is not a JSON number; send finite numbers")
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    """A request body as a JSON object; BadRequest with one sentence otherwise."""
+    try:
+        value = json.loads(body, parse_constant=_refuse_constant)
+    except UnicodeDecodeError:
+        raise BadRequest("the body is not UTF-8 text; send JSON") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON ({exc.msg} at character {exc.pos})") from None
+    except RecursionError:
+        raise BadRequest("the body nests too deeply to be a request") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"the body is a JSON {_json_type(value)}; send an object such as {{\"instances\": [...]}}")
+    return value
+
+
+def _json_type(v: Any) -> str:
+    if v is None:
+        return "null"
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}.get(type(v), "value")
+
+
+def _only_keys(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    extra = sorted(set(body) - set(allowed))
+    if extra:
+        raise BadRequest(f"the body has '{extra[0][:40]}', which this endpoint does not take (it takes {', '.join(allowed)})")
+
+
+def instances_of(body: dict[str, Any], max_rows: int) -> list[Any]:
+    _only_keys(body, ("instances", "cold_start"))
+    if "instances" not in body:
+        raise BadRequest('the body has no "instances"; send {"instances": [row, ...]}')
+    rows = body["instances"]
+    if not isinstance(rows, list):
+        raise BadRequest(f'"instances" is a JSON {_json_type(rows)}; it must be an array of rows')
+    if len(rows) > max_rows:
+        raise BadRequest(f"the request has {len(rows)} instances; the limit is {max_rows} (--max-rows)", 413)
+    return rows
+
+
+def _is_number(v: Any) -> bool:
+    return (type(v) is int or type(v) is float) and math.isfinite(v)
+
+
+def dense_matrix(snap: Snapshot, rows: list[Any]) -> np.ndarray:
+    """Instances (objects keyed by column name, or arrays in the model's column order) as an (n, features) matrix."""
+    columns = snap.columns
+    n = len(columns)
+    out = np.empty((len(rows), n))
+    index = {c: j for j, c in enumerate(columns)}
+    for r, row in enumerate(rows):
+        if type(row) is list:
+            if len(row) != n:
+                raise BadRequest(f"instance {r} has {len(row)} values; the model takes {n} ({_names(columns)})")
+            for j, v in enumerate(row):
+                if not _is_number(v):
+                    raise BadRequest(f"instance {r} has {_shown(v)} for column '{columns[j]}', which is not a finite number")
+            out[r] = row
+        elif type(row) is dict:
+            for key, v in row.items():
+                j = index.get(key)
+                if j is None:
+                    if key == snap.label:
+                        continue  # the label column, as a CSV for psctl predict may hold it
+                    raise BadRequest(f"instance {r} has a column '{str(key)[:40]}' the model does not have ({_names(columns)})")
+                if not _is_number(v):
+                    raise BadRequest(f"instance {r} has {_shown(v)} for column '{key}', which is not a finite number")
+                out[r, j] = v
+            if len(row) - (snap.label in row) != n:
+                missing = [c for c in columns if c not in row]
+                raise BadRequest(f"instance {r} lacks {len(missing)} column(s) the model needs: {_names(missing)}")
+        else:
+            raise BadRequest(f"instance {r} is a JSON {_json_type(row)}; send an object keyed by column or an array of {n} numbers")
+    return out
+
+
+def _names(columns: Any, limit: int = 5) -> str:
+    columns = list(columns)
+    return ", ".join(f"'{c}'" for c in columns[:limit]) + (f" and {len(columns) - limit} more" if len(columns) > limit else "")
+
+
+def _shown(v: Any) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _id(v: Any, r: int, what: str) -> str:
+    if type(v) is str and len(v) <= 1024:
+        return v
+    if type(v) is int:
+        return str(v)
+    raise BadRequest(f"instance {r} has {_shown(v)} as its {what}, which is not an id (a string or a whole number)")
+
+
+def pair_ids(snap: Snapshot, rows: list[Any]) -> np.ndarray:
+    """mf instances ({user column: id, item column: id} or [user, item]) as an (n, 2) array of text ids."""
+    user_col, item_col = snap.columns
+    ids = np.empty((len(rows), 2), dtype=object)
+    for r, row in enumerate(rows):
+        if type(row) is list and len(row) == 2:
+            user, item = row
+        elif type(row) is dict:
+            if user_col not in row or item_col not in row:
+                raise BadRequest(f"instance {r} needs the columns '{user_col}' and '{item_col}'")
+            extra = [k for k in row if k not in (user_col, item_col, snap.label)]
+            if extra:
+                raise BadRequest(f"instance {r} has a column '{str(extra[0])[:40]}'; an mf model takes '{user_col}' and '{item_col}'")
+            user, item = row[user_col], row[item_col]
+        else:
+            raise BadRequest(f"instance {r} is not a ({user_col}, {item_col}) pair; send [user, item] or an object with both columns")
+        ids[r] = _id(user, r, user_col), _id(item, r, item_col)
+    return ids.astype(str) if len(rows) else np.empty((0, 2), dtype=str)
+
+
+# -- answers --------------------------------------------------------------------------
+def predictions(snap: Snapshot, body: dict[str, Any], max_rows: int) -> list[Any]:
+    """``POST /v1/models/NAME:predict``: one prediction per instance, in order."""
+    rows = instances_of(body, max_rows)
+    if snap.mf is not None:
+        cold_start = body.get("cold_start", "nan")
+        if cold_start not in ("nan", "mean"):
+            raise BadRequest(f"cold_start is {_shown(cold_start)}; it must be \"nan\" (null ratings) or \"mean\"")
+        ids = pair_ids(snap, rows)
+        rated, table_rows = recommend.predict_pairs(snap.mf, ids, cold_start)
+        known = (table_rows >= 0).all(axis=1)
+        return [
+            {"rating": None if math.isnan(v) else v, "known": k}
+            for v, k in zip(rated.tolist(), known.tolist())
+        ]
+    if "cold_start" in body:
+        raise BadRequest("cold_start is for mf models")
+    outputs = predict.apply_dense(snap.model, snap.params, snap.meta, dense_matrix(snap, rows))
+    task = snap.model.task
+    if task == "regression":
+        return [{"value": v} for v in outputs.tolist()]
+    labels = predict.predicted_labels(snap.model, outputs)
+    if task == "binary":
+        return [{"label": label, "probability": p} for label, p in zip(labels, outputs.tolist())]
+    classes = snap.model.classes
+    return [{"label": label, "scores": dict(zip(classes, row))} for label, row in zip(labels, outputs.tolist())]
+
+
+def recommendations(snap: Snapshot, body: dict[str, Any]) -> dict[str, Any]:
+    """``POST /v1/models/NAME:recommend``: a user's top items by predicted rating."""
+    if snap.mf is None:
+        raise BadRequest(f"recommend is for mf models; this is a {snap.meta.get('kind')} model", 404)
+    _only_keys(body, ("user", "top", "exclude"))
+    if "user" not in body:
+        raise BadRequest('the body has no "user"; send {"user": ID, "top": K}')
+    user = _body_id(body["user"], "user")
+    top = body.get("top", DEFAULT_TOP)
+    if type(top) is not int or not 1 <= top <= MAX_TOP:
+        raise BadRequest(f"top is {_shown(top)}; it must be a whole number from 1 to {MAX_TOP}")
+    exclude = body.get("exclude", [])
+    if not isinstance(exclude, list) or len(exclude) > len(snap.mf.items):
+        raise BadRequest("exclude must be an array of item ids, at most one per item of the model")
+    mf = snap.mf
+    [row] = mf.users.rows(np.array([user]))
+    if row < 0:
+        raise BadRequest(f"user '{user[:40]}' is not in the model (no ratings in its training data)", 404)
+    excluded = None
+    if exclude:
+        items = mf.items.rows(np.array([_body_id(v, "excluded item") for v in exclude]))
+        items = np.unique(items[items >= 0])
+        excluded = (np.full(len(items), row), items)
+    ranked = recommend.recommend_user(mf, user, top, excluded)
+    return {
+        "user": user,
+        "top": top,
+        "items": [{"rank": r, "item": item, "predicted_rating": score} for r, (item, score) in enumerate(ranked, 1)],
+    }
+
+
+def _body_id(v: Any, what: str) -> str:
+    if type(v) is str and len(v) <= 1024:
+        return v
+    if type(v) is int:
+        return str(v)
+    raise BadRequest(f"{what} is {_shown(v)}, which is not an id (a string or a whole number)")
