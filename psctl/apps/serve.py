@@ -128,8 +128,10 @@ class Service:
         app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[errors, auth])
         app.router.add_get("/v1/health", self.health)
         app.router.add_get("/v1/models", self.list_models)
-        app.router.add_get("/v1/models/{target}", self.get_model)
-        app.router.add_post("/v1/models/{target}", self.post_model)
+        # One resource per path, so a 405's Allow header lists exactly that path's methods.
+        app.router.add_get("/v1/models/{name:[^/:]+}", self.get_model)
+        app.router.add_post("/v1/models/{name:[^/:]+}:predict", self.predict)
+        app.router.add_post("/v1/models/{name:[^/:]+}:recommend", self.recommend)
         app.router.add_get("/openapi.json", self.openapi)
         return app
 
@@ -190,24 +192,19 @@ class Service:
         return source
 
     async def get_model(self, request: Any) -> Any:
-        target = request.match_info["target"]
-        if ":" in target:
-            raise serving.BadRequest(f"{target.partition(':')[2][:20]!r} is a POST; use POST /v1/models/NAME:predict", 405)
-        self._source(target)
-        return self._json(await self._metadata(target))
+        name = request.match_info["name"]
+        self._source(name)
+        return self._json(await self._metadata(name))
 
-    async def post_model(self, request: Any) -> Any:
-        name, sep, verb = request.match_info["target"].rpartition(":")
-        if not sep:
-            raise serving.BadRequest("POST a model's :predict or :recommend, e.g. POST /v1/models/NAME:predict", 405)
-        if verb not in ("predict", "recommend"):
-            raise serving.BadRequest(f"models answer :predict and :recommend, not :{verb[:20]}", 404)
-        source = self._source(name)
+    async def predict(self, request: Any) -> Any:
+        source = self._source(request.match_info["name"])
         body = serving.parse_body(await self._read(request))
-        snap = await source.snapshot()
-        if verb == "predict":
-            return self._json({"predictions": serving.predictions(snap, body, self.cfg.max_rows)})
-        return self._json(serving.recommendations(snap, body))
+        return self._json({"predictions": serving.predictions(await source.snapshot(), body, self.cfg.max_rows)})
+
+    async def recommend(self, request: Any) -> Any:
+        source = self._source(request.match_info["name"])
+        body = serving.parse_body(await self._read(request))
+        return self._json(serving.recommendations(await source.snapshot(), body))
 
     async def _read(self, request: Any) -> bytes:
         """The body, within the size limit (aiohttp counts it) and the time limit."""
@@ -223,7 +220,8 @@ class Service:
             raise serving.BadRequest(f"the body did not arrive within {self.cfg.request_timeout_s:g} s (--request-timeout-s)", 408) from None
 
     async def openapi(self, request: Any) -> Any:
-        return self._json(openapi(sorted(self.sources), self.token is not None, self.cfg.max_rows))
+        snaps = {name: await source.snapshot() for name, source in self.sources.items()}
+        return self._json(serving.openapi(snaps, self.token is not None, self.cfg.max_rows))
 
 
 class _Refuse(asyncio.Protocol):
@@ -285,65 +283,3 @@ async def run(cfg: ServeConfig, on_line: Callable[[str], None]) -> None:
     finally:
         await runner.cleanup()
     on_line("psctl serve stopped")
-
-
-# -- the OpenAPI description --------------------------------------------------------
-def openapi(names: list[str], token: bool, max_rows: int) -> dict[str, Any]:
-    """OpenAPI 3.0 for the routes, with the served model names as the ``name`` enum."""
-    error = {"$ref": "#/components/schemas/Error"}
-    errors = {str(code): {"description": why, "content": {"application/json": {"schema": error}}}
-              for code, why in ((400, "a malformed request"), (404, "no such model or path"), (413, "too large"))}  # fmt: skip
-    if token:
-        errors["401"] = {"description": "no or a wrong bearer token", "content": {"application/json": {"schema": error}}}
-    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": names}}
-
-    def ok(schema: dict[str, Any]) -> dict[str, Any]:
-        return {"200": {"description": "done", "content": {"application/json": {"schema": schema}}}, **errors}
-
-    def body(ref: str) -> dict[str, Any]:
-        return {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
-
-    doc: dict[str, Any] = {
-        "openapi": "3.0.3",
-        "info": {"title": "psctl serve", "version": "1", "description": "Predictions in TensorFlow Serving's REST shape."},
-        "paths": {
-            "/v1/health": {"get": {"summary": "Whether the server answers", "security": [], "responses": ok({"type": "object"})}},
-            "/v1/models": {"get": {"summary": "Every served model's metadata", "responses": ok({"type": "object"})}},
-            "/v1/models/{name}": {"get": {"summary": "A model's metadata", "parameters": [name], "responses": ok({"type": "object"})}},
-            "/v1/models/{name}:predict": {
-                "post": {"summary": "Predictions for instances", "parameters": [name], "requestBody": body("PredictRequest"),
-                         "responses": ok({"$ref": "#/components/schemas/PredictResponse"})},
-            },
-            "/v1/models/{name}:recommend": {
-                "post": {"summary": "An mf model's top items for a user", "parameters": [name], "requestBody": body("RecommendRequest"),
-                         "responses": ok({"type": "object"})},
-            },
-            "/openapi.json": {"get": {"summary": "This description", "responses": ok({"type": "object"})}},
-        },
-        "components": {
-            "schemas": {
-                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
-                "PredictRequest": {
-                    "type": "object", "required": ["instances"],
-                    "properties": {
-                        "instances": {"type": "array", "maxItems": max_rows, "items": {
-                            "oneOf": [{"type": "object", "additionalProperties": {"oneOf": [{"type": "number"}, {"type": "string"}]}},
-                                      {"type": "array", "items": {"oneOf": [{"type": "number"}, {"type": "string"}]}}]}},
-                        "cold_start": {"type": "string", "enum": ["nan", "mean"]},
-                    },
-                },
-                "PredictResponse": {"type": "object", "required": ["predictions"],
-                                    "properties": {"predictions": {"type": "array", "items": {"type": "object"}}}},
-                "RecommendRequest": {
-                    "type": "object", "required": ["user"],
-                    "properties": {"user": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
-                                   "top": {"type": "integer", "minimum": 1, "maximum": serving.MAX_TOP},
-                                   "exclude": {"type": "array", "items": {"oneOf": [{"type": "string"}, {"type": "integer"}]}}},
-                },
-            },
-        },
-    }  # fmt: skip
-    if token:
-        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-        doc["security"] = [{"bearer": []}]
-    return doc

@@ -36,6 +36,10 @@ from psctl.models.base import Model
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 DEFAULT_TOP = 10
 MAX_TOP = 10_000
+#: Largest feature value accepted: far past any real feature, and small enough that a
+#: linear model's outputs stay finite.
+MAX_ABS_VALUE = 1e100
+MAX_ID_CHARS = 1024
 
 
 class BadRequest(Exception):
@@ -210,43 +214,48 @@ def instances_of(body: dict[str, Any], max_rows: int) -> list[Any]:
     if not isinstance(rows, list):
         raise BadRequest(f'"instances" is a JSON {_json_type(rows)}; it must be an array of rows')
     if len(rows) > max_rows:
-        raise BadRequest(f"the request has {len(rows)} instances; the limit is {max_rows} (--max-rows)", 413)
+        raise BadRequest(f"the request has {len(rows)} instances; the limit is {max_rows} (--max-rows)")
     return rows
 
 
-def _is_number(v: Any) -> bool:
-    return (type(v) is int or type(v) is float) and math.isfinite(v)
+_NUMBER_TYPES = frozenset((int, float))
 
 
 def dense_matrix(snap: Snapshot, rows: list[Any]) -> np.ndarray:
     """Instances (objects keyed by column name, or arrays in the model's column order) as an (n, features) matrix."""
     columns = snap.columns
     n = len(columns)
-    out = np.empty((len(rows), n))
-    index = {c: j for j, c in enumerate(columns)}
+    known = frozenset(columns)
+    values: list[list[Any]] = []
     for r, row in enumerate(rows):
         if type(row) is list:
             if len(row) != n:
                 raise BadRequest(f"instance {r} has {len(row)} values; the model takes {n} ({_names(columns)})")
-            for j, v in enumerate(row):
-                if not _is_number(v):
-                    raise BadRequest(f"instance {r} has {_shown(v)} for column '{columns[j]}', which is not a finite number")
-            out[r] = row
+            values.append(row)
         elif type(row) is dict:
-            for key, v in row.items():
-                j = index.get(key)
-                if j is None:
-                    if key == snap.label:
-                        continue  # the label column, as a CSV for psctl predict may hold it
-                    raise BadRequest(f"instance {r} has a column '{str(key)[:40]}' the model does not have ({_names(columns)})")
-                if not _is_number(v):
-                    raise BadRequest(f"instance {r} has {_shown(v)} for column '{key}', which is not a finite number")
-                out[r, j] = v
-            if len(row) - (snap.label in row) != n:
+            try:
+                values.append([row[c] for c in columns])
+            except KeyError:
                 missing = [c for c in columns if c not in row]
-                raise BadRequest(f"instance {r} lacks {len(missing)} column(s) the model needs: {_names(missing)}")
+                raise BadRequest(f"instance {r} lacks {len(missing)} column(s) the model needs: {_names(missing)}") from None
+            if len(row) > n:  # every column is there, so the others are extra: only the label may be
+                extra = [k for k in row if k not in known and k != snap.label]
+                if extra:
+                    raise BadRequest(f"instance {r} has a column '{str(extra[0])[:40]}' the model does not have ({_names(columns)})")
         else:
             raise BadRequest(f"instance {r} is a JSON {_json_type(row)}; send an object keyed by column or an array of {n} numbers")
+        if not _NUMBER_TYPES.issuperset(map(type, values[-1])):  # bools, strings, null: one C-level pass per row
+            j = next(j for j, v in enumerate(values[-1]) if type(v) not in _NUMBER_TYPES)
+            raise BadRequest(f"instance {r} has {_shown(values[-1][j])} for column '{columns[j]}', which is not a number")
+    try:
+        out = np.array(values, dtype=np.float64).reshape(len(rows), n)
+    except OverflowError:  # a whole number past float64's range
+        raise BadRequest("an instance has a number too large for a 64-bit float") from None
+    inside = np.abs(out) <= MAX_ABS_VALUE  # False for NaN and infinity too (json reads 1e999 as infinity)
+    if not inside.all():
+        r, j = np.argwhere(~inside)[0]
+        raise BadRequest(f"instance {r} has {rows[r][j] if type(rows[r]) is list else rows[r][columns[j]]} for column "
+                         f"'{columns[j]}', which is not a finite number from -{MAX_ABS_VALUE:g} to {MAX_ABS_VALUE:g}")  # fmt: skip
     return out
 
 
@@ -261,7 +270,7 @@ def _shown(v: Any) -> str:
 
 
 def _id(v: Any, r: int, what: str) -> str:
-    if type(v) is str and len(v) <= 1024:
+    if type(v) is str and len(v) <= MAX_ID_CHARS:
         return v
     if type(v) is int:
         return str(v)
@@ -305,7 +314,11 @@ def predictions(snap: Snapshot, body: dict[str, Any], max_rows: int) -> list[Any
         ]
     if "cold_start" in body:
         raise BadRequest("cold_start is for mf models")
-    outputs = predict.apply_dense(snap.model, snap.params, snap.meta, dense_matrix(snap, rows))
+    with np.errstate(over="ignore", invalid="ignore"):
+        outputs = predict.apply_dense(snap.model, snap.params, snap.meta, dense_matrix(snap, rows))
+    if not np.isfinite(outputs).all():
+        r = int(np.argwhere(~np.isfinite(outputs))[0][0])
+        raise BadRequest(f"instance {r} gives a prediction that is not a finite number (its values are far from the training data's)")
     task = snap.model.task
     if task == "regression":
         return [{"value": v} for v in outputs.tolist()]
@@ -348,8 +361,82 @@ def recommendations(snap: Snapshot, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _body_id(v: Any, what: str) -> str:
-    if type(v) is str and len(v) <= 1024:
+    if type(v) is str and len(v) <= MAX_ID_CHARS:
         return v
     if type(v) is int:
         return str(v)
     raise BadRequest(f"{what} is {_shown(v)}, which is not an id (a string or a whole number)")
+
+
+# -- the OpenAPI description -------------------------------------------------------------
+def openapi(models: dict[str, Snapshot], token: bool, max_rows: int) -> dict[str, Any]:
+    """OpenAPI 3.0 for the routes, with each served model's own paths and request schema
+    (its columns, in order), so a client or a fuzzer knows exactly what is accepted."""
+    error = {"$ref": "#/components/schemas/Error"}
+    refusals = (("400", "a malformed request"), ("404", "no such model, user or path"), ("405", "a method the path does not take"),
+                ("408", "the body came too slowly"), ("413", "too large a body or too many instances"),
+                ("503", "the server holds its connection limit"))  # fmt: skip
+    errors = {code: {"description": why, "content": {"application/json": {"schema": error}}} for code, why in refusals}
+    if token:
+        errors["401"] = {"description": "no or a wrong bearer token", "content": {"application/json": {"schema": error}}}
+
+    def op(summary: str, schema: dict[str, Any], body: dict[str, Any] | None = None, open_: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {"summary": summary, "responses": {
+            "200": {"description": "done", "content": {"application/json": {"schema": schema}}}, **errors}}  # fmt: skip
+        if body is not None:
+            out["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+        if open_:
+            out["security"] = []
+        return out
+
+    obj = {"type": "object"}
+    paths: dict[str, Any] = {
+        "/v1/health": {"get": op("Whether the server answers (no token needed)", obj, open_=True)},
+        "/v1/models": {"get": op("Every served model's metadata", obj)},
+        "/openapi.json": {"get": op("This description", obj)},
+    }
+    predictions = {"type": "object", "required": ["predictions"], "properties": {"predictions": {"type": "array", "items": obj}}}
+    for name, snap in models.items():
+        paths[f"/v1/models/{name}"] = {"get": op(f"Metadata of {name}", obj)}
+        paths[f"/v1/models/{name}:predict"] = {"post": op(f"Predictions of {name}", predictions, _predict_schema(snap, max_rows))}
+        if snap.mf is not None:
+            paths[f"/v1/models/{name}:recommend"] = {"post": op(f"Top items of a user by {name}", obj, _recommend_schema(snap))}
+    doc: dict[str, Any] = {
+        "openapi": "3.0.3",
+        "info": {"title": "psctl serve", "version": "1", "description": "Predictions in TensorFlow Serving's REST shape."},
+        "paths": paths,
+        "components": {"schemas": {"Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}}},
+    }
+    if token:
+        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        doc["security"] = [{"bearer": []}]
+    return doc
+
+
+_ID = {"oneOf": [{"type": "string", "maxLength": MAX_ID_CHARS}, {"type": "integer"}]}
+
+
+def _predict_schema(snap: Snapshot, max_rows: int) -> dict[str, Any]:
+    columns = list(snap.columns)
+    if snap.mf is not None:
+        value: dict[str, Any] = _ID
+        extra: dict[str, Any] = {"cold_start": {"type": "string", "enum": ["nan", "mean"]}}
+    else:
+        value = {"type": "number", "minimum": -MAX_ABS_VALUE, "maximum": MAX_ABS_VALUE}
+        extra = {}
+    by_name = {"type": "object", "required": columns, "additionalProperties": False,
+               "properties": {c: value for c in columns} | ({snap.label: {}} if snap.label and snap.label not in columns else {})}
+    by_order = {"type": "array", "minItems": len(columns), "maxItems": len(columns), "items": value}
+    return {
+        "type": "object", "required": ["instances"], "additionalProperties": False,
+        "properties": {"instances": {"type": "array", "maxItems": max_rows, "items": {"oneOf": [by_name, by_order]}}, **extra},
+    }  # fmt: skip
+
+
+def _recommend_schema(snap: Snapshot) -> dict[str, Any]:
+    assert snap.mf is not None
+    return {
+        "type": "object", "required": ["user"], "additionalProperties": False,
+        "properties": {"user": _ID, "top": {"type": "integer", "minimum": 1, "maximum": MAX_TOP},
+                       "exclude": {"type": "array", "maxItems": len(snap.mf.items), "items": _ID}},
+    }  # fmt: skip

@@ -182,9 +182,12 @@ async def test_list_health_and_openapi(served):
             "cancer": "logreg", "digits": "softmax", "regression": "linreg", "mf": "mf"}  # fmt: skip
         status, doc = await get(s, f"{served.url}/openapi.json")
         assert status == 200 and doc["openapi"].startswith("3.")
-        assert "/v1/models/{name}:predict" in doc["paths"]
-        name = doc["paths"]["/v1/models/{name}:predict"]["post"]["parameters"][0]
-        assert sorted(name["schema"]["enum"]) == ["cancer", "digits", "mf", "regression"]
+        assert {p for p in doc["paths"] if p.endswith(":predict")} == {
+            f"/v1/models/{n}:predict" for n in ("cancer", "digits", "mf", "regression")}  # fmt: skip
+        assert [p for p in doc["paths"] if p.endswith(":recommend")] == ["/v1/models/mf:recommend"]
+        body = doc["paths"]["/v1/models/cancer:predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        by_name, by_order = body["properties"]["instances"]["items"]["oneOf"]
+        assert by_order["minItems"] == by_order["maxItems"] == 30 and len(by_name["required"]) == 30
 
 
 def _is_sentence(body: dict) -> bool:
@@ -203,16 +206,19 @@ HOSTILE = [
     ("POST", "/v1/models/cancer:predict", b'{"instances": [[' + b",".join([b"true"] * 30) + b"]]}", 400),
     ("POST", "/v1/models/cancer:predict", b'{"instances": [[' + b",".join([b"1e999"] * 30) + b"]]}", 400),
     ("POST", "/v1/models/cancer:predict", b'{"instances": [[NaN]]}', 400),
+    ("POST", "/v1/models/cancer:predict", b'{"instances": [[' + b",".join([b"1" + b"0" * 400] * 30) + b"]]}", 400),
     ("POST", "/v1/models/cancer:predict", b'{"instances": [null]}', 400),
     ("POST", "/v1/models/cancer:predict", b'{"inputs": []}', 400),
     ("POST", "/v1/models/cancer:predict", b"[" * 100_000 + b"]" * 100_000, 400),
-    ("POST", "/v1/models/cancer:predict", b'{"instances": [' + b",".join([b"[]"] * 2000) + b"]}", 413),
+    ("POST", "/v1/models/cancer:predict", b'{"instances": [' + b",".join([b"[]"] * 2000) + b"]}", 400),
     ("POST", "/v1/models/mf:predict", b'{"instances": [[1.5, 2]]}', 400),
     ("POST", "/v1/models/mf:predict", b'{"instances": [[1, 2]], "cold_start": "guess"}', 400),
     ("POST", "/v1/models/mf:recommend", b'{"user": 7, "top": -1}', 400),
     ("POST", "/v1/models/mf:recommend", b'{"user": {"a": 1}}', 400),
     ("POST", "/v1/models/cancer:recommend", b'{"user": 7}', 404),
     ("POST", "/v1/models/cancer:explain", b"{}", 404),
+    ("POST", "/v1/models/cancer", b"{}", 405),
+    ("GET", "/v1/models/cancer:recommend", None, 405),
     ("POST", "/v1/models/ghost:predict", b"{}", 404),
     ("GET", "/v1/models/ghost", None, 404),
     ("GET", "/etc/passwd", None, 404),
@@ -230,7 +236,8 @@ async def test_hostile_requests_get_a_sentence_and_the_server_goes_on(models):
     try:
         rss_start = server.rss_bytes()
         good = {"instances": [[1.0] * 30]}
-        async with aiohttp.ClientSession() as s:
+        # A connection each: a pooled one may be closed by --idle-timeout-s just as it is reused.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
             for method, path, body, expected in HOSTILE:
                 async with s.request(method, server.url + path, data=body) as resp:
                     answer = await resp.json(content_type=None)
@@ -366,3 +373,30 @@ def test_bad_command_lines_are_one_sentence(models, tmp_path):
         port = taken.getsockname()[1]
         r = run_psctl("serve", str(models / "cancer.npz"), "--port", str(port))
         assert r.returncode == 1 and "the port is in use" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.timeout(120)
+async def test_tls_with_the_existing_flags(models, tmp_path):
+    import ssl
+
+    from tests.certs import self_signed_cert
+
+    pair = self_signed_cert(tmp_path)
+    if pair is None:
+        pytest.skip("no openssl command and no cryptography package to make a certificate")
+    cert, key = pair
+    r = run_psctl("serve", str(models / "cancer.npz"), "--port", "0", "--tls-cert", str(cert))
+    assert r.returncode == 2 and "both --tls-cert and --tls-key" in r.stderr
+    server = ServeProcess(str(models / "cancer.npz"), "--port", "0", "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        assert server.url.startswith("https://")
+        ctx = ssl.create_default_context(cafile=str(cert))
+        async with aiohttp.ClientSession() as s:
+            status, body = await post(s, f"{server.url}/v1/models/cancer:predict", {"instances": [[1.0] * 30]}, ssl=ctx)
+            assert status == 200 and len(body["predictions"]) == 1
+            with pytest.raises(aiohttp.ClientError):  # plain HTTP to the TLS port gets no answer
+                await get(s, f"http://127.0.0.1:{server.port}/v1/health")
+        assert server.alive()
+    finally:
+        code, _, err = server.stop()
+    assert code == 0, err

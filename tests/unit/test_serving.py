@@ -49,13 +49,16 @@ def test_bodies_that_are_not_json_objects(body, words):
 
 @pytest.mark.parametrize("instances,words,status", [
     ([[1.0]], "has 1 values; the model takes 2", 400),
-    ([[1.0, "2"]], "'b', which is not a finite number", 400),
-    ([[1.0, True]], "not a finite number", 400),
+    ([[1.0, "2"]], "'b', which is not a number", 400),
+    ([[1.0, True]], "true for column 'b', which is not a number", 400),
+    ([{"a": None, "b": 1}], "null for column 'a', which is not a number", 400),
     ([[1.0, 1e308 * 10]], "not a finite number", 400),
     ([{"a": 1}], "lacks 1 column", 400),
     ([{"a": 1, "b": 2, "c": 3}], "a column 'c' the model does not have", 400),
+    ([{"a": 1, "b": 2, "y": 3}, {"a": 1, "b": 2, "y": 0, "z": 1}], "instance 1 has a column 'z'", 400),
+    ([[1, 2], "row"], "instance 1 is a JSON string", 400),
     ([None], "is a JSON null", 400),
-    ([[1, 2]] * 11, "the limit is 10 (--max-rows)", 413),
+    ([[1, 2]] * 11, "the limit is 10 (--max-rows)", 400),
 ])  # fmt: skip
 def test_instances_refused_with_one_sentence(instances, words, status):
     with pytest.raises(serving.BadRequest, match=words.replace("(", r"\(").replace(")", r"\)")) as exc:
