@@ -108,6 +108,16 @@ def check_bind(host: str, token: bytes | None, insecure: bool) -> None:
         )
 
 
+class _QuietBadHttp(logging.Filter):
+    """aiohttp answers a malformed HTTP message (a NUL in a header, a bad request line) with a 400
+    and logs it with a traceback; a client must not be able to fill the log that way."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        return not (record.exc_info and isinstance(record.exc_info[1], HttpProcessingError))
+
+
 def error_body(sentence: str) -> bytes:
     return json.dumps({"error": sentence}).encode()
 
@@ -253,6 +263,7 @@ async def run(cfg: ServeConfig, on_line: Callable[[str], None]) -> None:
     ssl_ctx = net.TlsConfig(cfg.tls_cert, cfg.tls_key).server_context if cfg.tls_cert else None
     sources = load_sources(cfg)
     service = Service(cfg, sources, token, "https" if ssl_ctx else "http")
+    logging.getLogger("aiohttp.server").addFilter(_QuietBadHttp())
     runner = web.AppRunner(service.app(), access_log=None, keepalive_timeout=cfg.idle_timeout_s, handle_signals=False)
     await runner.setup()
     handlers = runner.server

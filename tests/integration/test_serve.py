@@ -285,6 +285,13 @@ async def test_hostile_requests_get_a_sentence_and_the_server_goes_on(models):
             for c in socks:
                 c.close()
 
+        # malformed HTTP itself: aiohttp's 400, and no traceback in the server's log (checked at the end)
+        for raw in (b"GET /v1/health HTTP/1.1\r\nX-Null: \x00\r\n\r\n", b"\x16\x03\x01garbage\r\n\r\n"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(raw)
+            assert (await asyncio.wait_for(reader.read(), 20)).split(b" ", 2)[1] == b"400"
+            writer.close()
+
         # a slow client: headers never finished, or a body that never arrives
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(b"POST /v1/models/cancer:predict HTTP/1.1\r\nHost: x\r\n")
