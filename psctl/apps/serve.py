@@ -251,6 +251,7 @@ class _Refuse(asyncio.Protocol):
 
 # -- running it ---------------------------------------------------------------------
 def load_sources(cfg: ServeConfig) -> dict[str, serving.ModelSource]:
+    """The model sources ``cfg`` names: model files today (kept models on a live server plug in here)."""
     return {name: serving.FileSource.load(name, path, cfg.model_class) for name, path in cfg.models}
 
 
@@ -262,8 +263,21 @@ async def run(cfg: ServeConfig, on_line: Callable[[str], None]) -> None:
     check_bind(cfg.host, token, cfg.insecure)
     ssl_ctx = net.TlsConfig(cfg.tls_cert, cfg.tls_key).server_context if cfg.tls_cert else None
     sources = load_sources(cfg)
-    service = Service(cfg, sources, token, "https" if ssl_ctx else "http")
     logging.getLogger("aiohttp.server").addFilter(_QuietBadHttp())
+    try:
+        for source in sources.values():
+            await source.start()
+        await _serve(cfg, web, sources, token, ssl_ctx, on_line)
+    finally:
+        for source in sources.values():
+            await source.close()
+    on_line("psctl serve stopped")
+
+
+async def _serve(cfg: ServeConfig, web: Any, sources: dict[str, serving.ModelSource], token: bytes | None, ssl_ctx: Any,
+                 on_line: Callable[[str], None]) -> None:  # fmt: skip
+    """Listen, announce, answer until a signal, then stop in steps (accepting, requests in progress)."""
+    service = Service(cfg, sources, token, "https" if ssl_ctx else "http")
     runner = web.AppRunner(service.app(), access_log=None, keepalive_timeout=cfg.idle_timeout_s, handle_signals=False)
     await runner.setup()
     handlers = runner.server
@@ -286,11 +300,12 @@ async def run(cfg: ServeConfig, on_line: Callable[[str], None]) -> None:
         on_line(f"psctl serve listening on {service.scheme}://{shown}:{port} (models: {', '.join(sources)})")
         for name, source in sources.items():
             snap = await source.snapshot()
-            on_line(f"  {name}: {snap.meta.get('kind')} model ({snap.model.task}, {len(snap.columns)} columns) from {source.describe()['path']}")
+            where = source.describe()
+            on_line(f"  {name}: {snap.meta.get('kind')} model ({snap.model.task}, {len(snap.columns)} columns) "
+                    f"from {where.get('path') or where.get('address')}")  # fmt: skip
         await stop.wait()
         server.close()  # stop accepting; then let requests in progress finish, within a bound
         await handlers.shutdown(SHUTDOWN_TIMEOUT_S)
         await server.wait_closed()
     finally:
         await runner.cleanup()
-    on_line("psctl serve stopped")

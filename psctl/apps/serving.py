@@ -65,9 +65,21 @@ class Snapshot:
 
 
 class ModelSource(Protocol):
-    """Where one served model's weights come from (a file now; a kept model on a live server next)."""
+    """Where one served model's weights come from (a file now; a kept model on a live server next).
+
+    psctl serve calls :meth:`start` once before it listens (a live source connects and
+    pulls its first snapshot there, so a bad address is a start-up sentence), then
+    :meth:`snapshot` for every request, and :meth:`close` when it stops. A live source
+    would build its snapshots with :func:`snapshot_of` from pulled tables, and name its
+    freshness in :meth:`describe` (e.g. ``{"kind": "server", "address": ..., "refresh_s": ...,
+    "weights_age_s": ...}``).
+    """
 
     name: str
+
+    async def start(self) -> None:
+        """Connect and read the first weights (a file source has them already)."""
+        ...
 
     def describe(self) -> dict[str, Any]:
         """Where the weights come from and how fresh they are, as JSON values (in the model's metadata)."""
@@ -76,6 +88,10 @@ class ModelSource(Protocol):
     async def snapshot(self) -> Snapshot:
         """The weights to answer the next request with. A live source returns its last pull
         (refreshed in the background at the freshness it promises) or pulls now."""
+        ...
+
+    async def close(self) -> None:
+        """Stop refreshing and let go of connections."""
         ...
 
 
@@ -112,11 +128,17 @@ class FileSource:
             raise ModelFileError(f"model file '{path}' does not exist" if not Path(path).exists() else f"'{path}' is not a model file")
         return cls(name, path, snapshot_of(path, *loading.load(path, model_class)))
 
+    async def start(self) -> None:
+        pass  # loaded and checked in load(), before anything listens
+
     def describe(self) -> dict[str, Any]:
         return {"kind": "file", "path": self.path, "loaded_at": _iso(self.loaded.weights_as_of)}
 
     async def snapshot(self) -> Snapshot:
         return self.loaded
+
+    async def close(self) -> None:
+        pass
 
 
 def parse_model_args(args: list[str]) -> list[tuple[str, str]]:

@@ -77,8 +77,8 @@ def served(models):
     server = ServeProcess(str(models / "cancer.npz"), str(models / "digits.npz"), f"regression={models / 'reg.npz'}",
                           str(models / "mf.npz"), "--port", "0")  # fmt: skip
     yield server
-    code, _, err = server.stop()
-    assert code == 0, err
+    code, out, err = server.stop()
+    assert code == 0 and "psctl serve stopped" in out, err
 
 
 def read_rows(path: Path, drop: str) -> tuple[list[str], list[list[float]]]:
