@@ -416,3 +416,12 @@ async def test_tls_with_the_existing_flags(models, tmp_path):
     finally:
         code, _, err = server.stop()
     assert code == 0, err
+
+
+@pytest.mark.timeout(60)
+def test_without_the_serve_extra_it_names_the_pip_install(models):
+    hide = "import sys; sys.modules['aiohttp'] = None; from psctl.cli import main; sys.argv = ['psctl', *sys.argv[1:]]; main()"
+    r = subprocess.run([sys.executable, "-c", hide, "serve", str(models / "cancer.npz"), "--port", "0"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "needs aiohttp" in r.stderr and "pip install 'psctl[serve]'" in r.stderr
