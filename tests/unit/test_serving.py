@@ -98,3 +98,10 @@ def test_a_file_source_describes_itself_and_returns_its_snapshot():
     meta = serving.metadata("m", source, snap)
     assert meta["columns"] == ["a", "b"] and meta["classes"] == ["no", "yes"] and meta["label"] == "y"
     json.dumps(meta)  # plain JSON values
+
+
+def test_a_sparse_model_is_refused_in_one_sentence():
+    model = LogReg(16, ["0", "1"], sparse=True)
+    meta = {"kind": "logreg", "input": {"format": "hashed_csv", "hash_bits": 4, "categorical": ["c"]}}
+    with pytest.raises(ModelFileError, match="hashed_csv \\(sparse\\) model; psctl serve answers for dense CSV and mf"):
+        serving.snapshot_of("h.npz", model, {"w": np.zeros(1), "w.keys": np.zeros(1, np.int64)}, meta)
