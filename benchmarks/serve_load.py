@@ -15,8 +15,8 @@ and measures with an aiohttp client in this process (keep-alive connections):
   ``--seconds`` (each at its scheduled time, whatever the answers do): the rate
   achieved and p50/p99 latency, measured from the scheduled time, so a stalled
   server shows in p99 (the issue's target: 500/s with p99 under 20 ms on 2 cores);
-- ``in-process``: in this process, the same rows through ``predict.apply_dense``
-  (numpy alone) and through ``serving.predictions`` with JSON decoding and
+- ``in-process``: in this process, the same rows through ``predict.evaluate_rows``
+  (psctl predict's numpy step alone) and through ``serving.predictions`` with JSON decoding and
   encoding (everything the server does but HTTP), per call.
 
 The client shares the machine's cores with the server; on 2 cores it takes a
@@ -147,7 +147,7 @@ def in_process(model_path: Path, rows: list[list[float]], repeats: int) -> dict[
         body = json.dumps({"instances": rows[:n]}).encode()
         timings = {}
         for what, fn in (
-            ("numpy", lambda: predict.apply_dense(snap.model, snap.params, snap.meta, X)),
+            ("numpy", lambda: predict.evaluate_rows(snap.predictor, predict.Rows(X, None))),
             ("with_json", lambda: json.dumps({"predictions": serving.predictions(snap, serving.parse_body(body), 10_000)})),
         ):
             best = float("inf")

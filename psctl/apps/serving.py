@@ -9,9 +9,9 @@ the OpenAPI description) works on a :class:`Snapshot` and never asks where it
 came from.
 
 Predictions go through the functions ``psctl predict`` and ``psctl recommend``
-use (:func:`predict.apply_dense`, :func:`recommend.predict_pairs`,
-:func:`recommend.recommend_user`), so a served row gets the numbers the command
-line gives for the same row.
+use (:func:`predict.evaluate_rows`, :func:`recommend.rating_outputs` with its
+clipping to the training ratings' range, :func:`recommend.recommend_user`), so a
+served row gets the numbers the command line gives for the same row.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ import numpy as np
 from psctl.apps import predict, recommend
 from psctl.data import csvfile, formats
 from psctl.errors import ModelFileError, UsageError
-from psctl.files import loading
-from psctl.models.base import Model
+from psctl.models.base import Model, predicted_index
 
 #: A model's name in a URL: letters, digits, '.', '_' and '-' (no '/' or ':').
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -55,13 +54,22 @@ class BadRequest(Exception):
 class Snapshot:
     """One consistent set of weights of a served model and what is needed to apply them."""
 
-    model: Model
-    params: dict[str, np.ndarray]  # float64, as predict computes with them
-    meta: dict[str, Any]
-    mf: recommend.MFModel | None  # set for mf models
+    predictor: predict.Predictor  # the model, its float64 parameters and meta, as psctl predict applies them
     columns: tuple[str, ...]  # dense: the feature columns in order; mf: (user column, item column)
-    label: str | None  # dense: the training label column (accepted and ignored in instances)
+    label: str | None  # the training label column (accepted and ignored in instances)
     weights_as_of: float  # Unix time the weights were read (a file: when it was loaded)
+
+    @property
+    def model(self) -> Model:
+        return self.predictor.model
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.predictor.meta
+
+    @property
+    def mf(self) -> recommend.MFModel | None:
+        return self.predictor.mf
 
 
 class ModelSource(Protocol):
@@ -70,7 +78,7 @@ class ModelSource(Protocol):
     psctl serve calls :meth:`start` once before it listens (a live source connects and
     pulls its first snapshot there, so a bad address is a start-up sentence), then
     :meth:`snapshot` for every request, and :meth:`close` when it stops. A live source
-    would build its snapshots with :func:`snapshot_of` from pulled tables, and name its
+    would build its snapshots with :func:`snapshot_of` from a ``predict.Predictor`` of pulled tables, and name its
     freshness in :meth:`describe` (e.g. ``{"kind": "server", "address": ..., "refresh_s": ...,
     "weights_age_s": ...}``).
     """
@@ -95,23 +103,21 @@ class ModelSource(Protocol):
         ...
 
 
-def snapshot_of(path: str, model: Model, params: dict[str, np.ndarray], meta: dict[str, Any]) -> Snapshot:
-    """A :class:`Snapshot` of loaded weights; ModelFileError for a model psctl serve cannot answer for."""
+def snapshot_of(pred: predict.Predictor) -> Snapshot:
+    """A :class:`Snapshot` of a loaded model; ModelFileError for a model psctl serve cannot answer for."""
     now = time.time()
-    if meta.get("data_format") == "ratings":
-        mf = recommend.from_loaded(path, model, params, meta)
-        return Snapshot(model, mf.params, meta, mf, (mf.user_col, mf.item_col), mf.rating_col, now)
-    spec = meta.get("input") or {}
+    if pred.mf is not None:
+        return Snapshot(pred, (pred.mf.user_col, pred.mf.item_col), pred.mf.rating_col, now)
+    spec = pred.meta.get("input") or {}
     if spec.get("format", "csv") in formats.SPARSE_FORMATS:
         raise ModelFileError(
-            f"'{path}' is a {spec['format']} (sparse) model; psctl serve answers for dense CSV and mf models "
+            f"'{pred.source}' is a {spec['format']} (sparse) model; psctl serve answers for dense CSV and mf models "
             "(use psctl predict for this one)"
         )
-    if meta.get("schema") is None:
-        raise ModelFileError(f"'{path}' has no training schema, so psctl serve cannot name its feature columns")
-    schema = csvfile.CsvSchema.from_dict(meta["schema"])
-    floats = {k: v.astype(np.float64, copy=False) for k, v in params.items()}
-    return Snapshot(model, floats, meta, None, schema.feature_names, meta.get("label"), now)
+    if pred.meta.get("schema") is None:
+        raise ModelFileError(f"'{pred.source}' has no training schema, so psctl serve cannot name its feature columns")
+    schema = csvfile.CsvSchema.from_dict(pred.meta["schema"])
+    return Snapshot(pred, schema.feature_names, pred.meta.get("label"), now)
 
 
 @dataclass
@@ -126,7 +132,7 @@ class FileSource:
     def load(cls, name: str, path: str, model_class: str | None = None) -> FileSource:
         if not Path(path).is_file():
             raise ModelFileError(f"model file '{path}' does not exist" if not Path(path).exists() else f"'{path}' is not a model file")
-        return cls(name, path, snapshot_of(path, *loading.load(path, model_class)))
+        return cls(name, path, snapshot_of(predict.load_predictor(path, model_class)))
 
     async def start(self) -> None:
         pass  # loaded and checked in load(), before anything listens
@@ -327,9 +333,8 @@ def predictions(snap: Snapshot, body: dict[str, Any], max_rows: int) -> list[Any
         cold_start = body.get("cold_start", "nan")
         if cold_start not in ("nan", "mean"):
             raise BadRequest(f"cold_start is {_shown(cold_start)}; it must be \"nan\" (null ratings) or \"mean\"")
-        ids = pair_ids(snap, rows)
-        rated, table_rows = recommend.predict_pairs(snap.mf, ids, cold_start)
-        known = (table_rows >= 0).all(axis=1)
+        rated, known_user, known_item = recommend.rating_outputs(snap.mf, pair_ids(snap, rows), cold_start)
+        known = known_user & known_item
         return [
             {"rating": None if math.isnan(v) else v, "known": k}
             for v, k in zip(rated.tolist(), known.tolist())
@@ -337,14 +342,14 @@ def predictions(snap: Snapshot, body: dict[str, Any], max_rows: int) -> list[Any
     if "cold_start" in body:
         raise BadRequest("cold_start is for mf models")
     with np.errstate(over="ignore", invalid="ignore"):
-        outputs = predict.apply_dense(snap.model, snap.params, snap.meta, dense_matrix(snap, rows))
+        outputs = predict.evaluate_rows(snap.predictor, predict.Rows(dense_matrix(snap, rows), None)).outputs
     if not np.isfinite(outputs).all():
         r = int(np.argwhere(~np.isfinite(outputs))[0][0])
         raise BadRequest(f"instance {r} gives a prediction that is not a finite number (its values are far from the training data's)")
     task = snap.model.task
     if task == "regression":
         return [{"value": v} for v in outputs.tolist()]
-    labels = predict.predicted_labels(snap.model, outputs)
+    labels = [snap.model.classes[i] for i in predicted_index(task, outputs).tolist()]
     if task == "binary":
         return [{"label": label, "probability": p} for label, p in zip(labels, outputs.tolist())]
     classes = snap.model.classes

@@ -35,6 +35,37 @@ def embedded_security(security: net.Security) -> net.Security:
     return dataclasses.replace(security, secret=secrets.token_hex(EMBEDDED_SECRET_BYTES).encode())
 
 
+async def start_process(
+    args: list[str], log_path: Path, *, env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()
+) -> asyncio.subprocess.Process:
+    """``python <args>`` as a child of this process, the way psctl starts every child: in a
+    session of its own (Ctrl-C reaches this process only, which stops its children in order),
+    stdin a pipe the child watches (it exits when the pipe closes, so it never outlives this
+    process), stdout a pipe, stderr to ``log_path``, and no shared secret in its environment."""
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if k != handshake.SECRET_ENV}
+    with open(log_path, "wb") as log_file:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            *args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log_file,
+            env=env,
+            pass_fds=pass_fds,
+            start_new_session=True,
+        )
+
+
+def kill_process_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL a child started by :func:`start_process` and its group, if it is still running."""
+    if proc.returncode is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @dataclass
 class Child:
     role: str
@@ -85,11 +116,8 @@ class LocalCluster:
     def kill_child(self, pid: int) -> None:
         """SIGKILL the child process ``pid`` (and its group) if this cluster started it."""
         for child in self.children:
-            if child.proc.pid == pid and child.proc.returncode is None:
-                try:
-                    os.killpg(child.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            if child.proc.pid == pid:
+                kill_process_group(child.proc)
 
     async def _spawn(self, role: str, index: int, args: list[str]) -> Child:
         log_path = self.log_dir / f"{role}-{index}.log"
@@ -105,23 +133,12 @@ class LocalCluster:
                 pipe.write(self.security.secret)  # far below a pipe's buffer: does not block
             args += ["--secret-fd", str(secret_fd)]
         try:
-            with open(log_path, "wb") as log_file:
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "psctl.cluster.child",
-                    role,
-                    *args,
-                    "--parent-watch",
-                    "--max-frame-bytes",
-                    str(self.max_frame_bytes),
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=log_file,
-                    env=env,
-                    pass_fds=() if secret_fd is None else (secret_fd,),
-                    start_new_session=True,  # Ctrl-C reaches us only; we stop the children in order
-                )
+            proc = await start_process(
+                ["-m", "psctl.cluster.child", role, *args, "--parent-watch", "--max-frame-bytes", str(self.max_frame_bytes)],
+                log_path,
+                env=env,
+                pass_fds=() if secret_fd is None else (secret_fd,),
+            )
         finally:
             if secret_fd is not None:
                 os.close(secret_fd)
@@ -167,11 +184,7 @@ class LocalCluster:
         if waits:
             done, pending = await asyncio.wait([asyncio.ensure_future(w) for w in waits], timeout=timeout_s)
             for child in self.children:
-                if child.proc.returncode is None:
-                    try:
-                        os.killpg(child.proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                kill_process_group(child.proc)
             if pending:
                 await asyncio.wait(pending, timeout=timeout_s)
         if self._server is not None:

@@ -19,13 +19,13 @@ def snapshot(columns=("a", "b"), label="y") -> serving.Snapshot:
     model = LogReg(len(columns), ["no", "yes"])
     params = {"w": np.array([1.0, -2.0, 0.5])}
     meta = {"kind": "logreg", "standardize": {"mean": [1.0, 0.0], "std": [2.0, 1.0]}}
-    return serving.Snapshot(model, params, meta, None, tuple(columns), label, 0.0)
+    return serving.Snapshot(predict.Predictor(model, params, meta, None, "m.npz"), tuple(columns), label, 0.0)
 
 
 def test_objects_and_arrays_give_the_predict_numbers():
     snap = snapshot()
     rows = [[3.0, 1.0], [0.0, -1.0]]
-    expected = predict.apply_dense(snap.model, snap.params, snap.meta, np.array(rows))
+    expected = predict.evaluate_rows(snap.predictor, predict.Rows(np.array(rows), None)).outputs
     by_array = serving.predictions(snap, {"instances": rows}, 10)
     by_object = serving.predictions(snap, {"instances": [{"b": 1.0, "a": 3, "y": "ignored"}, {"a": 0.0, "b": -1}]}, 10)
     assert by_array == by_object
@@ -104,4 +104,4 @@ def test_a_sparse_model_is_refused_in_one_sentence():
     model = LogReg(16, ["0", "1"], sparse=True)
     meta = {"kind": "logreg", "input": {"format": "hashed_csv", "hash_bits": 4, "categorical": ["c"]}}
     with pytest.raises(ModelFileError, match="hashed_csv \\(sparse\\) model; psctl serve answers for dense CSV and mf"):
-        serving.snapshot_of("h.npz", model, {"w": np.zeros(1), "w.keys": np.zeros(1, np.int64)}, meta)
+        serving.snapshot_of(predict.Predictor(model, {"w": np.zeros(1), "w.keys": np.zeros(1, np.int64)}, meta, None, "h.npz"))
