@@ -81,7 +81,7 @@ def main() -> int:
                 sys.exit(f"psctl serve did not start: {line}{served.stderr.read()}")
             url = line.split("listening on ", 1)[1].split()[0]
             code = subprocess.run([args.st, "run", f"{url}/openapi.json", "--checks", "all", "--max-time", str(args.seconds),
-                                   "--workers", "2", *headers], timeout=args.seconds * 5 + 120).returncode  # fmt: skip
+                                   "--workers", "2", *headers], cwd=tmp, timeout=args.seconds * 5 + 120).returncode  # fmt: skip
             with urllib.request.urlopen(f"{url}/v1/health", timeout=10) as resp:
                 assert resp.status == 200, "psctl serve stopped answering"
             print(f"psctl serve still answers after the fuzzer (schemathesis exit code {code})")
