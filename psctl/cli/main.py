@@ -563,6 +563,44 @@ def _confusion_table(cm: Any, classes: list[str]) -> Table:
     return table
 
 
+# -- serve --------------------------------------------------------------------
+_SECURITY_HELP = {o.name: o.help for o in runtime.SECURITY_OPTIONS}
+
+
+@app.command()
+def serve(
+    models: list[str] = typer.Argument(..., help="Model files to serve, each named by its file stem, or NAME=path."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (beyond loopback only with a token or --insecure)."),
+    port: int = typer.Option(8501, "--port", help="Port to listen on (0: any free port; 8501 is TensorFlow Serving's REST port)."),
+    token_file: str | None = typer.Option(
+        None, "--token-file", help="File (mode 600) with the bearer token clients must send; default $PSCTL_SERVE_TOKEN."
+    ),
+    insecure: bool = typer.Option(False, "--insecure", help="Serve beyond loopback without a token (trusted networks only)."),
+    tls_cert: str | None = typer.Option(None, "--tls-cert", help=_SECURITY_HELP["tls_cert"]),
+    tls_key: str | None = typer.Option(None, "--tls-key", help=_SECURITY_HELP["tls_key"]),
+    model_class: str | None = typer.Option(None, "--model-class", help="Allow loading models of this user class."),
+    max_rows: int = typer.Option(10_000, "--max-rows", help="Instances one request may hold."),
+    max_body_bytes: int = typer.Option(4 << 20, "--max-body-bytes", help="Largest request body."),
+    max_connections: int = typer.Option(1024, "--max-connections", help="Connections held at once; one more is told 503."),
+    idle_timeout_s: float = typer.Option(15.0, "--idle-timeout-s", help="Seconds a connection may go without a complete request."),
+    request_timeout_s: float = typer.Option(10.0, "--request-timeout-s", help="Seconds a request's body has to arrive."),
+) -> None:
+    """Answer prediction requests over HTTP (TensorFlow Serving's REST shape) for model files."""
+    from psctl.apps import serve as srv
+    from psctl.apps.serving import parse_model_args
+
+    try:
+        named = parse_model_args(models)
+    except PsctlError as exc:
+        _usage(str(exc))
+    cfg = srv.ServeConfig(
+        models=named, host=host, port=port, token_file=token_file, insecure=insecure, tls_cert=tls_cert, tls_key=tls_key,
+        model_class=model_class, max_rows=max_rows, max_body_bytes=max_body_bytes, max_connections=max_connections,
+        idle_timeout_s=idle_timeout_s, request_timeout_s=request_timeout_s,
+    )  # fmt: skip
+    _run(lambda: srv.run(cfg, _line))
+
+
 # -- cluster roles ------------------------------------------------------------
 @app.command()
 @_security_options(serving=True)
