@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,12 +64,23 @@ def predict(model_path: str, data_path: str, model_class_path: str | None = None
         return recommend.predict_ratings(mf, data_path, cold_start or "nan")
     if cold_start is not None:
         raise UsageError(f"--cold-start is for mf models; {model_path} is a {meta.get('kind')} model")
+    return predict_loaded(model, params, meta, data_path)
+
+
+def predict_loaded(
+    model: Model, params: dict[str, np.ndarray] | Callable[[Any], dict[str, np.ndarray]], meta: dict[str, Any], data_path: str
+) -> Prediction:
+    """A model that is not mf applied to ``data_path``. ``params``: the model's arrays as a model
+    file holds them, or a function of the rows read that returns the part of them those rows
+    use (a sparse model read from the parameter server: apps/kept.py)."""
     if meta.get("input", {}).get("format", "csv") in formats.SPARSE_FORMATS:
         return _predict_sparse(model, params, meta, data_path)
     schema = schema_for(meta, data_path)
     X, labels = csvfile.read_csv(data_path, schema)
     if meta.get("standardize"):
         X = (X - np.asarray(meta["standardize"]["mean"])) / np.asarray(meta["standardize"]["std"])
+    if callable(params):
+        params = params(X)
     outputs = model.predict({k: v.astype(np.float64, copy=False) for k, v in params.items()}, X)
     return _finish(model, meta, outputs, labels if schema.label_index is not None else None)
 
@@ -85,7 +97,9 @@ def _finish(model: Model, meta: dict[str, Any], outputs: np.ndarray, labels: np.
     return Prediction(meta, outputs, predicted, scores, unknown)
 
 
-def _predict_sparse(model: Model, params: dict[str, np.ndarray], meta: dict[str, Any], path: str) -> Prediction:
+def _predict_sparse(
+    model: Model, params: dict[str, np.ndarray] | Callable[[Any], dict[str, np.ndarray]], meta: dict[str, Any], path: str
+) -> Prediction:
     """LIBSVM or hashed CSV, read as in training. Features the model has no weight for
     (never seen in training, or past a LIBSVM model's feature count) weigh 0 and are counted."""
     spec, n_features = meta["input"], meta["n_features"]
@@ -101,6 +115,8 @@ def _predict_sparse(model: Model, params: dict[str, np.ndarray], meta: dict[str,
         has_labels = schema.label_index is not None
         X, labels = formats.read_whole(spec, path, schema)
         outside = np.empty(0, np.int64)
+    if callable(params):
+        params = params(X)
     weights, missing = aligned_weights(model, params, X)
     unknown = {
         "occurrences": len(outside) + int(np.isin(X.indices, missing).sum()),

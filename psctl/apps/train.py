@@ -23,6 +23,7 @@ from psctl.cluster.session import EventTimeout, Session
 from psctl.core.batching import epoch_steps
 from psctl.core.consistency import staleness_for
 from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S, JobSpec
+from psctl.core.kept import name_problem
 from psctl.core.optim import OPTIMIZERS
 from psctl.core.tables import TableSpec
 from psctl.data import csvfile, formats, ratings, vocab
@@ -108,6 +109,8 @@ class TrainConfig:
     l1: float = 0.0  # ftrl only
     save_optimizer_state: bool = False
     security: net.Security = net.LOCAL  # never written to the model file
+    keep: str | None = None  # leave the trained tables on the server under this name (core/kept.py)
+    replace: bool = False  # --keep of a name kept already replaces that model at the job's end
 
     def check(self) -> None:
         if self.workers < 1:
@@ -150,6 +153,18 @@ class TrainConfig:
         if self.local_workers is not None and self.server is None:
             raise UsageError("--local-workers is for a job on a running server (--server HOST:PORT); "
                              "without --server every worker starts here")
+        if self.keep is not None:
+            if self.server is None:
+                raise UsageError("--keep leaves the model on a running server (--server HOST:PORT); "
+                                 "the cluster train starts without --server ends with the job")
+            problem = name_problem(self.keep)
+            if problem is not None:
+                raise UsageError(f"--keep: {problem}")
+            if self.patience:
+                raise UsageError("--keep keeps the shards' final weights, but with --patience the model file holds "
+                                 "the best epoch's: leave out one of them")
+        if self.replace and self.keep is None:
+            raise UsageError("--replace is for --keep NAME (it replaces the model kept under that name)")
         if self.staleness and self.mode != "ssp":
             raise UsageError(f"--staleness is the bound of --mode ssp; --mode {self.mode} has "
                              f"{'none' if self.mode == 'async' else 'staleness 0'}")
@@ -211,6 +226,7 @@ def build_spec(cfg: TrainConfig, source: formats.Source, partitions: list[csvfil
         # it over: long enough for this driver's restart to register, if it will restart one.
         # Early stopping keeps the weights of the best epoch's end, not of a few steps later.
         hold_epochs=cfg.patience > 0,
+        keep={"name": cfg.keep, "replace": cfg.replace} if cfg.keep is not None else None,
         takeover_after_s=cfg.failure_timeout_s if cfg.max_restarts > 0 and (cfg.local_workers is None or cfg.local_workers > 0) else 0.0,
     )
 
@@ -487,19 +503,40 @@ async def train(
             params = session.best_params if session.best_params is not None else await session.pull_all()
             shards = await session.shard_status()
             done["rows_trained"] = min((int(s.get("samples", 0)) for s in shards), default=0)
+            meta = _model_meta(cfg, source, session, done, time.monotonic() - started)
+            meta["metrics"]["traffic"] = traffic_per_epoch(session.model, partitions, cfg, done)
+            meta["metrics"].update(table_figures(session.model.tables(), params, shards, done, spec))
+            kinds, arrays = vocab_file_parts(session.stats)
+            if kinds:
+                meta["vocab"] = kinds
+            kept_error = await _keep(cfg, control, job_id, meta, arrays, on_event) if cfg.keep else None
             control.notify(MsgType.JOB_END, {"job_id": job_id})
         finally:
             session.close()
             control.close()
-    meta = _model_meta(cfg, source, session, done, time.monotonic() - started)
-    meta["metrics"]["traffic"] = traffic_per_epoch(session.model, partitions, cfg, done)
-    meta["metrics"].update(table_figures(session.model.tables(), params, shards, done, spec))
-    kinds, arrays = vocab_file_parts(session.stats)
-    if kinds:
-        meta["vocab"] = kinds
     params.update(arrays)
     modelfile.save_model(cfg.out, params, meta)
+    if kept_error is not None:
+        raise JobError(f"the model was written to {cfg.out}, but keeping it on the server failed: {kept_error}")
     return TrainResult(cfg.out, meta["metrics"], meta, events)
+
+
+KEEP_TIMEOUT_S = 120.0  # the shards write their parts to the checkpoint folder before they answer
+
+
+async def _keep(
+    cfg: TrainConfig, control: Session, job_id: str, meta: dict[str, Any], extras: dict[str, np.ndarray],
+    on_event: Callable[[dict[str, Any]], None],
+) -> str | None:
+    """Leave the job's tables on the shards as the kept model ``cfg.keep``; why not (one sentence), or None."""
+    names = sorted(extras)
+    body = {"job_id": job_id, "meta": json_safe(meta), "trained_at": time.time(), "extras": names}
+    try:
+        reply = await control.request(MsgType.MODEL_KEEP, body, [extras[n] for n in names], timeout_s=KEEP_TIMEOUT_S)
+    except (net.RemoteError, net.ConnectionLost, JobError) as exc:
+        return str(exc)
+    on_event({"kind": "kept", "name": reply.body["name"], "version": reply.body["version"], "shards": reply.body["shards"]})
+    return None
 
 
 async def _follow(

@@ -1,0 +1,154 @@
+"""Models kept on a running server (psctl train --keep, psctl models, psctl predict --server),
+with real processes on loopback: `psctl server`, `psctl train`, `psctl predict`, `psctl models`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from psctl.files import modelfile
+
+from ..conftest import EXAMPLES, psctl_json, run_psctl
+from .cluster import ServerProcess
+from .test_bad_input import assert_clean_error
+from .test_sparse_cli import write_hashed
+
+TRAIN = EXAMPLES / "breast_cancer" / "train.csv"
+TEST = EXAMPLES / "breast_cancer" / "test.csv"
+
+
+@pytest.fixture
+def server():
+    server = ServerProcess(2)
+    yield server
+    code, _, err = server.stop(timeout_s=30)
+    assert code == 0 and "Traceback" not in err, err
+
+
+def train(server: ServerProcess, *args: str) -> dict:
+    return psctl_json("train", *args, "--server", server.address, "--workers", "2", "--epochs", "2", timeout_s=240)
+
+
+def models(server: ServerProcess) -> list[dict]:
+    return json.loads(ok(run_psctl("models", "--server", server.address, "--json")).stdout)
+
+
+def ok(r):
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "Traceback" not in r.stderr + r.stdout
+    return r
+
+
+def same_predictions(tmp_path, server, name: str, model_file, data) -> tuple[dict, dict]:
+    """Predict ``data`` from the file and from the kept model: the files and metrics are equal."""
+    from_file = psctl_json("predict", str(model_file), str(data), "--out", str(tmp_path / "file.csv"))
+    live = psctl_json("predict", name, str(data), "--server", server.address, "--out", str(tmp_path / "live.csv"))
+    assert (tmp_path / "live.csv").read_bytes() == (tmp_path / "file.csv").read_bytes()
+    assert live["metrics"] == from_file["metrics"] and live["rows"] == from_file["rows"]
+    return from_file, live
+
+
+@pytest.mark.timeout(600)
+def test_a_kept_model_is_listed_predicted_from_and_dropped(tmp_path, server):
+    model = tmp_path / "bc.npz"
+    train(server, "logreg", str(TRAIN), "--keep", "bc", "--out", str(model))
+    (row,) = models(server)
+    assert (row["name"], row["kind"], row["state"]) == ("bc", "logreg", "kept")
+    assert [s["keys"] for s in row["shards"]] == [15, 16] and all(s["bytes"] >= 4 * 15 for s in row["shards"])
+    assert abs(row["trained_at"] - time.time()) < 600 and row["metrics"]["train_accuracy"] > 0.8
+    human = ok(run_psctl("models", "--server", server.address)).stdout
+    assert "bc" in human and "logreg" in human and "kept" in human
+
+    _, live = same_predictions(tmp_path, server, "bc", model, TEST)
+    assert live["pulled"]["keys_pulled"] == 31  # a dense model is read once, whole
+
+    # A second job may not take the name, unless it replaces the model.
+    r = run_psctl("train", "logreg", str(TRAIN), "--server", server.address, "--keep", "bc", "--epochs", "1",
+                  "--workers", "1", "--out", str(tmp_path / "x.npz"), timeout_s=240)  # fmt: skip
+    assert_clean_error(r, "a model named 'bc' is kept on this server already")
+    model2 = tmp_path / "bc2.npz"
+    train(server, "logreg", str(TRAIN), "--keep", "bc", "--replace", "--lr", "0.5", "--out", str(model2))
+    (row2,) = models(server)
+    assert row2["version"] != row["version"]
+    same_predictions(tmp_path, server, "bc", model2, TEST)
+
+    dropped = ok(run_psctl("models", "--server", server.address, "--drop", "bc"))
+    assert "dropped model bc: its parts on 2 shards are freed" in dropped.stdout
+    assert models(server) == []
+    status = psctl_json("status", "--server", server.address)
+    assert all(s["kept"] == [] for s in status["shards"])  # the shards hold nothing of it any more
+    assert_clean_error(run_psctl("models", "--server", server.address, "--drop", "bc"), "no model named 'bc' is kept on this server")
+    assert_clean_error(run_psctl("predict", "bc", str(TEST), "--server", server.address), "no model named 'bc' is kept on this server")
+
+
+@pytest.mark.timeout(600)
+def test_a_hashed_2_pow_32_model_is_read_only_where_the_rows_touch_it(tmp_path, server):
+    data = write_hashed(tmp_path / "train.csv", 600, seed=1)
+    model = tmp_path / "ctr.npz"
+    train(server, "logreg", str(data), "--label", "click", "--categorical", "site,user", "--hash-bits", "32",
+          "--optimizer", "ftrl", "--lr", "1", "--keep", "ctr", "--out", str(model))  # fmt: skip
+    (row,) = models(server)
+    stored = sum(s["keys"] for s in row["shards"])
+    assert 600 < stored <= 600 + 20 + 2
+    test = write_hashed(tmp_path / "test.csv", 50, seed=2)
+    _, live = same_predictions(tmp_path, server, "ctr", model, test)
+    # 50 rows touch at most 50 users, 20 sites, the price and the bias: never the 2^32 keys,
+    # nor even the ~620 stored ones.
+    touched = live["pulled"]["keys_pulled"]
+    assert 20 < touched <= 50 + 20 + 2, live["pulled"]
+    assert live["pulled"]["bytes_pulled"] <= touched * (4 + 1), live["pulled"]  # float32 values and a stored flag each
+    (row,) = models(server)
+    assert sum(s["keys_pulled"] for s in row["shards"]) == touched  # the shards counted the same reads
+
+
+@pytest.mark.timeout(600)
+def test_an_mf_model_predicts_the_same_from_the_server(tmp_path, server):
+    model = tmp_path / "mf.npz"
+    train(server, "mf", str(EXAMPLES / "ratings" / "train.csv"), "--rank", "4", "--keep", "films", "--out", str(model))
+    test = EXAMPLES / "ratings" / "test.csv"
+    _, live = same_predictions(tmp_path, server, "films", model, test)
+    params = modelfile.load_model(str(model))[1]["model_params"]
+    users, items = params["users"], params["items"]
+    # Only the rows of the users and items the test file names (factors and biases), not the whole tables.
+    assert live["pulled"]["keys_pulled"] < 2 * (users + items), (live["pulled"], users, items)
+
+
+@pytest.mark.timeout(600)
+def test_a_kept_model_survives_a_killed_shard_with_checkpoints_on(tmp_path, server):
+    model = tmp_path / "bc.npz"
+    folder = tmp_path / "ck"
+    train(server, "logreg", str(TRAIN), "--keep", "bc", "--checkpoint-dir", str(folder), "--out", str(model))
+    assert len(list((folder / "kept").glob("bc-*-shard-*.npz"))) == 2
+    before = psctl_json("status", "--server", server.address)["shards"]
+    os.kill(before[1]["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while True:  # each round trip is the wait: psctl models asks every shard
+        (row,) = models(server)
+        addresses = [s["address"] for s in row["shards"]]
+        if row["state"] == "kept" and before[1]["address"] not in addresses:
+            break
+        assert time.monotonic() < deadline, row
+    assert row["shards"][1]["keys"] == 16
+    same_predictions(tmp_path, server, "bc", model, TEST)
+    ok(run_psctl("models", "--server", server.address, "--drop", "bc"))
+    assert list((folder / "kept").glob("*.npz")) == []  # dropping removes the parts' files too
+
+
+@pytest.mark.timeout(300)
+def test_keep_is_refused_in_one_sentence_where_it_cannot_work(tmp_path, server):
+    r = run_psctl("train", "logreg", str(TRAIN), "--keep", "bc", "--out", str(tmp_path / "m.npz"))
+    assert_clean_error(r, "--keep leaves the model on a running server (--server HOST:PORT)")
+    r = run_psctl("train", "logreg", str(TRAIN), "--server", server.address, "--keep", "no/slash")
+    assert_clean_error(r, "--keep: a kept model's name is 1 to 64 letters")
+    r = run_psctl("train", "logreg", str(TRAIN), "--replace")
+    assert_clean_error(r, "--replace is for --keep NAME")
+    assert models(server) == []
+    assert "no models are kept on" in ok(run_psctl("models", "--server", server.address)).stdout
+    shard = psctl_json("status", "--server", server.address)["shards"][0]["address"]
+    assert_clean_error(run_psctl("models", "--server", shard), "is a psctl process but not a coordinator")
+    np.testing.assert_equal(models(server), [])
