@@ -152,3 +152,39 @@ def test_keep_is_refused_in_one_sentence_where_it_cannot_work(tmp_path, server):
     shard = psctl_json("status", "--server", server.address)["shards"][0]["address"]
     assert_clean_error(run_psctl("models", "--server", shard), "is a psctl process but not a coordinator")
     np.testing.assert_equal(models(server), [])
+
+
+@pytest.mark.timeout(600)
+async def test_the_python_api_predicts_a_numpy_array_and_a_dataframe_from_a_kept_model(tmp_path, server):
+    import pandas as pd
+
+    import psctl
+    from psctl.apps.predict import schema_for
+    from psctl.data import csvfile
+
+    model = tmp_path / "bc.npz"
+    films = tmp_path / "mf.npz"
+    train(server, "logreg", str(TRAIN), "--keep", "bc", "--out", str(model))
+    train(server, "mf", str(EXAMPLES / "ratings" / "train.csv"), "--rank", "4", "--keep", "films", "--out", str(films))
+    from_file = psctl.predict(str(model), str(TEST))
+    async with await psctl.ServerModel.load(server.address, "bc") as kept:
+        X, _ = csvfile.read_csv(str(TEST), schema_for(from_file.meta, str(TEST)))
+        np.testing.assert_array_equal(await kept.predict(X), from_file.outputs)
+        frame = pd.read_csv(TEST)  # pandas' float parser may round the last bit of a value otherwise
+        np.testing.assert_allclose(await kept.predict(frame), from_file.outputs, rtol=1e-12)
+        assert await kept.predict_labels(frame) == list(from_file.predicted)
+        assert kept.counters["keys_pulled"] == 31  # read once, at load
+        with pytest.raises(psctl.PsctlError, match="takes rows of 30 values"):
+            await kept.predict(np.ones((2, 3)))
+        with pytest.raises(psctl.PsctlError, match="lack 1 column"):
+            await kept.predict(frame.drop(columns=["mean_radius"]))
+    rated = psctl.predict(str(films), str(EXAMPLES / "ratings" / "test.csv"))
+    async with await psctl.ServerModel.load(server.address, "films") as kept:
+        assert kept.columns == ["userId", "movieId"]
+        got = await kept.predict(rated.ids)
+        np.testing.assert_array_equal(got, rated.outputs)
+        frame = pd.read_csv(EXAMPLES / "ratings" / "test.csv").head(3)
+        np.testing.assert_array_equal(await kept.predict(frame), rated.outputs[:3])
+        assert np.isnan(await kept.predict([["no-such-user", "1"]])).all()
+    with pytest.raises(psctl.PsctlError, match="no model named 'nope'"):
+        await psctl.ServerModel.load(server.address, "nope")
