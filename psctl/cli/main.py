@@ -155,6 +155,9 @@ def train(
         None, "--keep", help="With --server: leave the trained model on the server's shards under this name (psctl models)."
     ),
     replace: bool = typer.Option(False, "--replace", help="With --keep: replace a model kept under that name at the job's end."),
+    resume_from: str | None = typer.Option(
+        None, "--resume-from", help="With --server: train the model kept under this name further, in place, while it is served."
+    ),
     heartbeat_interval_s: float = typer.Option(0.5, "--heartbeat-interval-s", help="How often workers report they are alive."),
     failure_timeout_s: float = typer.Option(5.0, "--failure-timeout-s", help="A worker silent this long is declared lost."),
     rank: int | None = typer.Option(None, "--rank", help="mf: factors per user and item (default 10)."),
@@ -218,6 +221,7 @@ def train(
         resume=resume,
         keep=keep,
         replace=replace,
+        resume_from=resume_from,
         failure_timeout_s=failure_timeout_s,
         model_params={k: v for k, v in (("loss", loss), ("huber_delta", huber_delta), ("rank", rank)) if v is not None},
         l2=l2,

@@ -388,6 +388,11 @@ class ShardService:
             )
             index = int(b.get("shard_index", 0))
             sessions = _sessions(b.get("sessions", {}))
+            from_kept = b.get("from_kept")
+            if from_kept:  # train a kept model further, in place (a replacement shard without the part starts fresh)
+                part = self.kept.get((str(from_kept["name"]), str(from_kept["version"])))
+                if part is not None:
+                    state.adopt(part)
             restore = b.get("restore")
             if restore:
                 job_of_files = restore.get("job_id")  # the job that wrote the files (a resumed job's predecessor)
@@ -440,6 +445,9 @@ class ShardService:
     def _job_clear(self, peer: net.Peer, msg: Message) -> net.Reply:
         if self.state is not None and msg.body.get("job_id") == self.state.job_id:
             self._release(self.state.gate.drain())
+            for part in self.kept.values():  # a kept model the job trained further is read-only again
+                for table in part.tables.values():
+                    table.state = {}
             self.state = None
             self.workers = {}
             self.sessions = {}

@@ -536,6 +536,7 @@ class JobData:
     done_report: dict[str, Any] | None = None  # the 'done' event, held while a manifest is being written
     released_epoch: int = -1  # hold_epochs: the last epoch the driver has read; workers go on past its end
     orphaned: int = 0  # how many times every worker was lost (a timer armed then fails the job unless one registered)
+    kept_from: KeptEntry | None = None  # the kept model this job trains further, in place
 
     @property
     def last_checkpoint(self) -> int | None:
@@ -588,6 +589,22 @@ class KeptEntry:
                 {"index": i, "address": None if s is None else s.address, **(sizes[i] or {})} for i, s in enumerate(self.shards)
             ],
         }
+
+
+def _not_trainable(
+    kept: KeptEntry, tables: list[dict[str, Any]], ranges: dict[str, list[tuple[int, int]]], shards: list[ShardEntry]
+) -> str | None:
+    """Why a job's tables cannot be a kept model's trained further in place (one sentence), or None."""
+    def shape(ts: list[dict[str, Any]]) -> dict[str, tuple[Any, ...]]:
+        return {t["name"]: (t["rows"], t.get("dim", 1), t.get("dtype", "float32"), bool(t.get("sparse"))) for t in ts}
+
+    if shape(tables) != shape(kept.tables):
+        return f"kept model {kept.name!r} has tables {shape(kept.tables)}; this job's are {shape(tables)} (another model or data layout)"
+    if [s.conn if s else None for s in kept.shards] != [s.conn for s in shards]:
+        return f"kept model {kept.name!r} lives on other shards than this job's; train it further on the shards that hold it"
+    if {n: [tuple(r) for r in rs] for n, rs in kept.ranges.items()} != {n: [tuple(r) for r in rs] for n, rs in ranges.items()}:
+        return f"kept model {kept.name!r} is split across its shards in other key ranges than this job's tables"
+    return None
 
 
 @dataclass
@@ -783,6 +800,7 @@ class CoordinatorState:
                     "mode": spec.mode, "staleness": spec.staleness, "workers": workers, "optimizer": spec.optimizer,
                     "seed": spec.seed, "shard_index": i, "checkpoint": spec.checkpoint, "restore": restore,
                     "n_shards": len(job.shards), "sessions": sessions,
+                    **({"from_kept": {"name": job.kept_from.name, "version": job.kept_from.version}} if job.kept_from else {}),
                 },
             )
             for i, s in enumerate(job.shards)
@@ -842,6 +860,7 @@ class CoordinatorState:
         if self.job is not None:
             raise RequestError(f"job {self.job.job_id} is still running on this server", code="busy")
         self._check_keep(event.spec.keep)
+        self._kept_to_train(event.spec)
         if len(self.shards) >= event.spec.min_shards:
             return self._open_job(event)
         self._submits.append(_Parked(event.request, event.conn, event))
@@ -865,6 +884,7 @@ class CoordinatorState:
             Barrier(workers), Barrier(workers), Barrier(workers), self.now_s,
         )
         self.job = job
+        job.kept_from = self._kept_to_train(spec)
         job.move(JobState.RUNNING)
         self.liveness.timeout_s = spec.failure_timeout_s
         self.liveness.max_gap_s = 2 * tick_interval_s(spec.heartbeat_interval_s, spec.failure_timeout_s)
@@ -883,7 +903,13 @@ class CoordinatorState:
             tables = [TableSpec.from_dict(t) for t in event.body["tables"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise RequestError(f"bad tables: {exc}") from None
-        job.ranges = {t.name: table_ranges(t, len(job.shards)) for t in tables}
+        ranges = {t.name: table_ranges(t, len(job.shards)) for t in tables}
+        kept = job.kept_from
+        if kept is not None:
+            problem = _not_trainable(kept, [t.to_dict() for t in tables], ranges, job.shards)
+            if problem is not None:
+                raise RequestError(problem, code="bad_request")
+        job.ranges = ranges
         job.tables = [t.to_dict() for t in tables]
         targets = self._setup_targets(job, job.spec.resume, [w.worker_id for w in job.workers])
         return self._ask(MsgType.JOB_SETUP, targets, SHARD_SETUP_TIMEOUT_S, self._tables_set, job, event.request)
@@ -1426,6 +1452,20 @@ class CoordinatorState:
                 "(psctl models --drop) or replace it (--replace)", code="model_exists",
             )
 
+    def _kept_to_train(self, spec: Any) -> KeptEntry | None:
+        """The kept model a SUBMIT's ``from_kept`` names: kept now, and kept again under its name at the end."""
+        if spec.from_kept is None:
+            return None
+        name = spec.from_kept.get("name")
+        entry = self.models.get(name)
+        if entry is None:
+            raise RequestError(f"no model named {name!r} is kept on this server", code="unknown_model")
+        if entry.state is not KeptState.KEPT:
+            raise RequestError(f"model {name!r} cannot be trained now ({entry.state}): {entry.reason}", code="not_now")
+        if spec.keep != {"name": name, "replace": True}:
+            raise RequestError(f"a job that trains kept model {name!r} further keeps it under its name (keep {name!r}, replace)")
+        return entry
+
     def _model_keep(self, event: ModelKept) -> list[ServiceEffect]:
         """The driver's job is trained: every shard turns its tables into a part of the kept model.
         The name switches to the new version only once every shard has its part."""
@@ -1560,6 +1600,9 @@ class CoordinatorState:
         entry = self.models.get(event.name) if isinstance(event.name, str) else None
         if entry is None:
             return [Refuse(event.request, f"no model named {event.name!r} is kept on this server", "unknown_model")]
+        if self.job is not None and self.job.kept_from is entry:
+            return [Refuse(event.request, f"model {entry.name!r} is being trained further by job {self.job.job_id}; "
+                           "drop it when that job has ended", "not_now")]
         del self.models[entry.name]
         log.info("dropped kept model %s (version %s)", entry.name, entry.version)
         targets = [(s.conn, entry.part_body(i)) for i, s in enumerate(entry.shards) if s is not None and self._open(s.conn)]

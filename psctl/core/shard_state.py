@@ -125,6 +125,21 @@ class ShardState:
         self.refused: dict[int, int] = {}  # worker -> clock of its push refused as non-finite, until one is applied
         self.started_s = time.monotonic()
 
+    def adopt(self, part: KeptTables) -> None:
+        """Train a kept model's part in place: its table objects become this job's (with this job's
+        optimizer state), so a reader of the kept model sees every update as it is applied."""
+        for name, table in part.tables.items():
+            mine = self.tables.get(name)
+            if mine is None or mine.spec != table.spec or (mine.lo, mine.hi) != (table.lo, table.hi):
+                raise ValueError(f"kept model {part.name!r}'s table {name!r} is not this job's table {name!r}")
+            table.state = self.rule.init_state(table.values)
+            if isinstance(table, SparseTable):
+                table._init_state = self.rule.init_state
+            table.steps = 0
+            self.tables[name] = table
+        if set(part.tables) != set(self.tables):
+            raise ValueError(f"kept model {part.name!r} has tables {sorted(part.tables)}, this job {sorted(self.tables)}")
+
     def check_tables(self, names: Any, allow_empty: bool = False) -> list[str]:
         if not isinstance(names, list) or not (0 < len(names) or allow_empty) or len(names) > MAX_ARRAYS:
             raise UnknownTable(f"'tables' must be a list of 1 to {MAX_ARRAYS} table names")

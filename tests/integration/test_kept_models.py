@@ -188,3 +188,47 @@ async def test_the_python_api_predicts_a_numpy_array_and_a_dataframe_from_a_kept
         assert np.isnan(await kept.predict([["no-such-user", "1"]])).all()
     with pytest.raises(psctl.PsctlError, match="no model named 'nope'"):
         await psctl.ServerModel.load(server.address, "nope")
+
+
+@pytest.mark.timeout(600)
+async def test_a_kept_model_trained_further_is_read_with_fresh_weights_while_it_trains(tmp_path, server):
+    import asyncio
+    import sys
+
+    from psctl.apps.kept import KeptModel, KeptModelError
+
+    from ..conftest import REPO
+
+    data = write_hashed(tmp_path / "train.csv", 600, seed=1)
+    more = write_hashed(tmp_path / "more.csv", 600, seed=5)
+    hashed = ["--label", "click", "--categorical", "site,user", "--hash-bits", "32", "--optimizer", "ftrl", "--lr", "1"]
+    train(server, "logreg", str(data), *hashed, "--keep", "ctr", "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(tmp_path / "a.npz"))
+    (first,) = models(server)
+    sites = np.array([2**32 - 1], dtype=np.int64)  # the bias key, which every row touches
+    async with await KeptModel.open(server.address, "ctr") as reader:
+        (before, _), = (await reader.rows({"w": sites})).values()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "psctl", "train", "logreg", str(more), *hashed, "--server", server.address,
+            "--workers", "2", "--epochs", "40", "--batch-size", "8", "--resume-from", "ctr",
+            "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(tmp_path / "b.npz"), "--json",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
+        )  # fmt: skip
+        seen_while_training = False
+        while proc.returncode is None:  # each read is a round trip to the shards: the wait between tries
+            try:
+                (now, _), = (await reader.rows({"w": sites})).values()
+            except KeptModelError:  # the job ended and the old version was freed
+                break
+            if now[0] != before[0] and proc.returncode is None:
+                seen_while_training = True
+                break
+        out, err = await asyncio.wait_for(proc.communicate(), 300)
+    assert proc.returncode == 0, err.decode()
+    assert seen_while_training
+    (second,) = models(server)
+    assert second["version"] != first["version"] and second["state"] == "kept"
+    assert [p.name for p in sorted((tmp_path / "ck" / "kept").glob("*.npz"))] == [
+        f"ctr-{second['version']}-shard-{i}.npz" for i in range(2)]  # the old version's files are gone
+    same_predictions(tmp_path, server, "ctr", tmp_path / "b.npz", write_hashed(tmp_path / "test.csv", 50, seed=2))
+    r = run_psctl("train", "logreg", str(TRAIN), "--server", server.address, "--resume-from", "ctr", "--no-standardize")
+    assert_clean_error(r, "kept model ctr reads")

@@ -183,3 +183,45 @@ def test_without_a_checkpoint_folder_a_lost_part_loses_the_model():
     assert asks(sim(core.ShardRegistered("rs9", "s9", "h:9", 109)), MsgType.KEEP_LOAD) == []
     (row,) = listing(sim)
     assert row["state"] == "lost"
+
+
+def resumed(sim, name: str = "ctr", **over) -> list:
+    over.setdefault("keep", {"name": name, "replace": True})
+    out = sim(core.JobSubmitted("sub2", "d", spec(2, from_kept={"name": name}, **over)))
+    for i in range(2):
+        sim(core.WorkerRegistered(f"rw{i}b", f"w{i}", pid=i, host="x"))
+    return out
+
+
+def test_a_kept_model_is_trained_further_in_place_and_kept_again_under_its_name():
+    sim = kept_job()
+    old = sim.core.models["ctr"]
+    sim(core.JobEndRequested("d"))
+    assert released(resumed(sim), "sub2")["job_id"] != old.version
+    assert sim.job.kept_from is old
+    out = sim(core.TablesGiven("tab", "d", {"tables": [{"name": "w", "rows": 10}]}))
+    (setup,) = asks(out, MsgType.JOB_SETUP)
+    assert all(b["from_kept"] == {"name": "ctr", "version": old.version} for _, b in setup.targets)
+    sim(Answered(setup.ask, ({}, {})))
+    assert refused(sim(core.ModelDropRequested("drop", "ctr")), "drop").code == "not_now"  # it is being trained
+    finish(sim)
+    (ask,) = asks(keep(sim), MsgType.KEEP_TABLES)
+    out = sim(Answered(ask.ask, ({"keys": 5},) * 2))
+    assert sim.core.models["ctr"].version == sim.job.job_id
+    assert {b["version"] for _, b in asks(out, MsgType.KEEP_DROP)[0].targets} == {old.version}
+
+
+def test_training_a_kept_model_further_is_refused_for_another_layout_or_name():
+    sim = kept_job()
+    sim(core.JobEndRequested("d"))
+    with pytest.raises(RequestError, match="no model named 'other'"):
+        sim(core.JobSubmitted("x", "d", spec(2, from_kept={"name": "other"}, keep={"name": "other", "replace": True})))
+    with pytest.raises(RequestError, match="keeps it under its name"):
+        sim(core.JobSubmitted("x", "d", spec(2, from_kept={"name": "ctr"})))
+    resumed(sim)
+    with pytest.raises(RequestError, match="has tables .* this job's are"):
+        sim(core.TablesGiven("tab", "d", {"tables": [{"name": "w", "rows": 11}]}))
+    sim(core.JobEndRequested("d"))
+    sim(core.ConnectionClosed("s1"))  # no checkpoint folder: the model is lost
+    with pytest.raises(RequestError, match="cannot be trained now"):
+        resumed(sim)

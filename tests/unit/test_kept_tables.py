@@ -53,3 +53,17 @@ def test_a_part_written_to_its_file_loads_back_equal(tmp_path):
         checkpoint.load_kept(tmp_path, "m", "j", 1)
     checkpoint.remove_kept(tmp_path, "m", "j", 0)
     assert not checkpoint.kept_file(tmp_path, "m", "j", 0).exists()
+
+
+def test_a_job_that_adopts_a_part_trains_it_in_place():
+    part = KeptTables.from_job("m", "j", trained(), {})
+    before = part.read(["h"], [np.array([7])])[0].copy()
+    job = ShardState("j2", SPECS, RANGES, "async", 0, [0], AdaGrad(lr=0.5), seed=0)
+    job.adopt(part)
+    assert job.tables["h"] is part.tables["h"] and "sum_sq" in job.tables["w"].state
+    job.push(0, 0, {"w": (None, np.ones(10, np.float32)), "h": (np.array([7, 9]), np.ones(2, np.float32))}, 1)
+    after, found = part.read(["h"], [np.array([7, 9])])
+    assert after[0] < before[0] and found.tolist() == [1, 1]  # the reader sees the push at once, and the new key
+    other = ShardState("j3", [TableSpec("w", 11), SPECS[1]], {"w": (0, 11), "h": RANGES["h"]}, "async", 0, [0], AdaGrad(lr=0.5), seed=0)
+    with pytest.raises(ValueError, match="is not this job's table 'w'"):
+        other.adopt(part)
