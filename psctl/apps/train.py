@@ -6,6 +6,7 @@ It returns data and calls ``on_event`` with plain dicts; rendering is the CLI's 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections.abc import Callable
@@ -562,7 +563,8 @@ async def _check_resumable(cfg: TrainConfig, source: formats.Source) -> list[str
     return meta.get("classes")
 
 
-KEEP_TIMEOUT_S = 120.0  # the shards write their parts to the checkpoint folder before they answer
+KEEP_TIMEOUT_S = 120.0
+MAX_KEPT_META_BYTES = 768 * 1024  # under the 1 MiB control body, with room for the MODELS reply's other fields  # the shards write their parts to the checkpoint folder before they answer
 
 
 async def _keep(
@@ -572,6 +574,10 @@ async def _keep(
     """Leave the job's tables on the shards as the kept model ``cfg.keep``; why not (one sentence), or None."""
     names = sorted(extras)
     body = {"job_id": job_id, "meta": json_safe(meta), "trained_at": time.time(), "extras": names}
+    size = len(json.dumps(body).encode())
+    if size > MAX_KEPT_META_BYTES:  # the coordinator holds the meta and sends it to readers in one control body
+        return (f"the model's meta (standardization, columns, metrics) takes {size} bytes as JSON; "
+                f"a kept model's may take at most {MAX_KEPT_META_BYTES}")
     try:
         reply = await control.request(MsgType.MODEL_KEEP, body, [extras[n] for n in names], timeout_s=KEEP_TIMEOUT_S)
     except (net.RemoteError, net.ConnectionLost, JobError) as exc:

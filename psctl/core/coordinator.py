@@ -579,16 +579,19 @@ class KeptEntry:
             "dir": self.dir, "tables": self.tables, "ranges": {n: r[index] for n, r in self.ranges.items()},
         }
 
-    def listing(self, sizes: list[dict[str, Any] | None]) -> dict[str, Any]:
+    def listing(self, sizes: list[dict[str, Any] | None], with_meta: bool) -> dict[str, Any]:
         meta = self.meta
-        return {
+        row = {
             "name": self.name, "version": self.version, "kind": meta.get("kind"), "state": str(self.state),
             "reason": self.reason, "trained_at": self.trained_at, "metrics": meta.get("metrics", {}),
-            "checkpoint_dir": self.dir, "meta": meta, "tables": self.tables, "ranges": self.ranges,
+            "checkpoint_dir": self.dir, "tables": self.tables, "ranges": self.ranges,
             "shards": [
                 {"index": i, "address": None if s is None else s.address, **(sizes[i] or {})} for i, s in enumerate(self.shards)
             ],
         }
+        if with_meta:
+            row["meta"] = meta
+        return row
 
 
 def _not_trainable(
@@ -1575,15 +1578,19 @@ class CoordinatorState:
 
     def _models(self, event: ModelsAsked) -> list[ServiceEffect]:
         """The kept models (or the one named), with each part's size and reads (asked now, 2 s at most)."""
-        if event.name is not None and event.name not in self.models:
+        if event.name is not None and (not isinstance(event.name, str) or event.name not in self.models):
             return [Refuse(event.request, f"no model named {event.name!r} is kept on this server", "unknown_model")]
         entries = [self.models[event.name]] if event.name is not None else [self.models[n] for n in sorted(self.models)]
         shards = list({id(s): s for e in entries for s in e.shards if s is not None and self._open(s.conn)}.values())
+        named = event.name is not None  # one model's listing carries its meta (each is bounded); the whole list does not
         if not shards:
-            return self._models_body((), event.request, entries, shards)
-        return self._ask(MsgType.STATUS, [(s.conn, {}) for s in shards], STATUS_TIMEOUT_S, self._models_body, event.request, entries, shards)
+            return self._models_body((), event.request, entries, shards, named)
+        return self._ask(MsgType.STATUS, [(s.conn, {}) for s in shards], STATUS_TIMEOUT_S, self._models_body, event.request,
+                         entries, shards, named)
 
-    def _models_body(self, replies: tuple[Any, ...], request: Hashable, entries: list[KeptEntry], shards: list[ShardEntry]) -> list[ServiceEffect]:
+    def _models_body(
+        self, replies: tuple[Any, ...], request: Hashable, entries: list[KeptEntry], shards: list[ShardEntry], named: bool
+    ) -> list[ServiceEffect]:
         kept_of = {id(s): ({} if isinstance(r, NoAnswer) else {(k.get("name"), k.get("version")): k for k in r.get("kept", [])})
                    for s, r in zip(shards, replies)}
         rows = []
@@ -1592,7 +1599,7 @@ class CoordinatorState:
             for s in e.shards:
                 part = kept_of.get(id(s), {}).get((e.name, e.version)) if s is not None else None
                 sizes.append(None if part is None else {k: part[k] for k in ("keys", "bytes", "pulls", "keys_pulled", "bytes_pulled")})
-            rows.append(e.listing(sizes))
+            rows.append(e.listing(sizes, with_meta=len(entries) == 1 and named))
         return [Release(request, {"models": rows})]
 
     def _model_drop(self, event: ModelDropRequested) -> list[ServiceEffect]:

@@ -84,6 +84,10 @@ def test_keep_lists_and_drops_a_model_and_frees_its_parts():
     assert row["metrics"] == {"accuracy": 0.9} and [s["keys"] for s in row["shards"]] == [5, 5]
     assert [s["address"] for s in row["shards"]] == ["h:0", "h:1"]
     assert refused(sim(core.ModelsAsked("ls", "other")), "ls").code == "unknown_model"
+    for junk in ({"a": 1}, ["ctr"], 3):  # anything a frame may carry is one sentence, not a crash
+        assert refused(sim(core.ModelsAsked("ls", junk)), "ls").code == "unknown_model"
+        assert refused(sim(core.ModelDropRequested("drop", junk)), "drop").code == "unknown_model"
+    assert "meta" not in row and listing(sim, "ctr")[0]["meta"] == META  # one model's listing carries its meta
     out = sim(core.ModelDropRequested("drop", "ctr"))
     (ask,) = asks(out, MsgType.KEEP_DROP)
     assert [b["shard_index"] for _, b in ask.targets] == [0, 1] and "ctr" not in sim.core.models
@@ -225,3 +229,16 @@ def test_training_a_kept_model_further_is_refused_for_another_layout_or_name():
     sim(core.ConnectionClosed("s1"))  # no checkpoint folder: the model is lost
     with pytest.raises(RequestError, match="cannot be trained now"):
         resumed(sim)
+
+
+async def test_a_meta_too_large_for_a_control_body_is_not_kept_and_nothing_is_sent():
+    from psctl.apps import train as training
+
+    class Untouched:
+        async def request(self, *args, **kwargs):
+            raise AssertionError("nothing may be sent")
+
+    cfg = training.TrainConfig("logreg", "x.csv", server="h:1", keep="big")
+    meta = {"kind": "logreg", "standardize": {"mean": [0.123456789] * 100_000, "std": [1.0] * 100_000}}
+    why = await training._keep(cfg, Untouched(), "job-1", meta, {}, lambda e: None)
+    assert why.startswith("the model's meta (standardization, columns, metrics) takes") and "at most 786432" in why
