@@ -469,6 +469,8 @@ class ShardService:
         extra_names = b.get("extras", [])
         if not isinstance(extra_names, list) or len(extra_names) != len(msg.arrays) or not all(isinstance(n, str) for n in extra_names):
             raise net.RequestError("'extras' must name each array of KEEP_TABLES")
+        if not state.tables:
+            raise net.RequestError(f"the tables of job {state.job_id} were handed over already", code="busy")
         part = KeptTables.from_job(name, version, state, dict(zip(extra_names, msg.arrays)))
         folder = b.get("dir")
         if folder is not None:

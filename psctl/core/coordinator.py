@@ -537,6 +537,7 @@ class JobData:
     released_epoch: int = -1  # hold_epochs: the last epoch the driver has read; workers go on past its end
     orphaned: int = 0  # how many times every worker was lost (a timer armed then fails the job unless one registered)
     kept_from: KeptEntry | None = None  # the kept model this job trains further, in place
+    kept: bool = False  # MODEL_KEEP came: the tables are (being) handed over, once
 
     @property
     def last_checkpoint(self) -> int | None:
@@ -1480,8 +1481,8 @@ class CoordinatorState:
         keep = job.spec.keep
         if keep is None:
             raise RequestError(f"job {job.job_id} was not submitted with a name to keep it under", code="bad_request")
-        if self.keeping is not None:
-            raise RequestError(f"model {self.keeping!r} is being kept already", code="busy")
+        if self.keeping is not None or job.kept:
+            raise RequestError(f"the tables of job {job.job_id} are kept already (or being kept)", code="busy")
         self._check_keep(keep)
         meta, extras = body.get("meta"), body.get("extras", [])
         if not isinstance(meta, dict) or not isinstance(meta.get("kind"), str):
@@ -1499,7 +1500,7 @@ class CoordinatorState:
             for i, s in enumerate(job.shards)
         ]
         arrays = [list(event.arrays) if i == 0 else None for i in range(len(targets))]
-        self.keeping = entry.name
+        self.keeping, job.kept = entry.name, True
         return self._ask(MsgType.KEEP_TABLES, targets, SHARD_SETUP_TIMEOUT_S, self._kept, entry, event.request, arrays=arrays)
 
     def _kept(self, replies: tuple[Any, ...], entry: KeptEntry, request: Hashable) -> list[ServiceEffect]:

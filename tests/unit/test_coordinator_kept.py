@@ -42,6 +42,8 @@ def kept_job(n_shards: int = 2, name: str = "ctr", **over):
     assert ask.arrays[0] == ["vocab"] and all(a is None for a in ask.arrays[1:])  # extras go to part 0 only
     reply = sim(Answered(ask.ask, ({"keys": 5, "bytes": 40},) * n_shards))
     assert released(reply, "keep")["name"] == name
+    with pytest.raises(RequestError, match="kept already"):  # once: the tables were handed over
+        keep(sim, name)
     return sim
 
 
