@@ -158,7 +158,7 @@ class TrainConfig:
         if self.keep is not None:
             if self.server is None:
                 raise UsageError("--keep leaves the model on a running server (--server HOST:PORT); "
-                                 "the cluster train starts without --server ends with the job")
+                                 "the cluster that psctl train starts without --server ends with the job")
             problem = name_problem(self.keep)
             if problem is not None:
                 raise UsageError(f"--keep: {problem}")
