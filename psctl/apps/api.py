@@ -282,8 +282,10 @@ class ServerModel:
     an mf model reads, per call, only the rows of the users and items asked for. Rows may be
     a 2-d numpy array in the model's column order (:attr:`columns`) or a pandas DataFrame
     (its columns picked by name); an mf model takes (user, item) id pairs, or a DataFrame with
-    its user and item columns. Models read from hashed or LIBSVM files are predicted from
-    files (``psctl predict NAME FILE --server``), which hash their text as training did.
+    its user and item columns. A hashed-CSV model takes the cells as text (a DataFrame, or an
+    array of strings; an empty cell or a missing value is absent), hashes them as training did,
+    and reads, per call, only the keys those rows touch. A LIBSVM model is predicted from files
+    (``psctl predict NAME FILE --server``).
     """
 
     def __init__(self, kept: Any, params: dict[str, np.ndarray] | None):
@@ -302,10 +304,11 @@ class ServerModel:
 
         kept = await KeptModel.open(address, name, model_class_path=model_class, security=security, max_frame_bytes=max_frame_bytes)
         try:
-            if any(t.get("sparse") for t in kept.tables.values()):
+            sparse = any(t.get("sparse") for t in kept.tables.values())
+            if sparse and kept.meta.get("input", {}).get("format") != "hashed_csv":
                 raise PsctlError(f"model {name!r} reads {kept.meta.get('input', {}).get('format')} input: predict it from a "
                                  f"file with 'psctl predict {name} FILE --server {address}'")  # fmt: skip
-            model = cls(kept, None if isinstance(kept.model, MF) else await kept.dense())
+            model = cls(kept, None if sparse or isinstance(kept.model, MF) else await kept.dense())
         except BaseException:
             kept.close()
             raise
@@ -333,14 +336,19 @@ class ServerModel:
         """What was read from the shards so far: ``keys_pulled``, ``bytes_pulled``."""
         return self._kept.counters()
 
+    @property
+    def hashed(self) -> bool:
+        return (self.meta.get("input") or {}).get("format") == "hashed_csv"
+
     def _rows(self, X: Any) -> np.ndarray:
         columns = self.columns
         if hasattr(X, "columns") and hasattr(X, "to_numpy"):  # a pandas DataFrame (pandas itself is not imported)
             missing = [c for c in columns if c not in set(map(str, X.columns))]
             if missing:
                 raise PsctlError(f"the rows lack {len(missing)} column(s) model {self.name!r} needs: {', '.join(map(repr, missing[:5]))}")
-            X = X[columns].to_numpy()
-        X = np.asarray(X)
+            X = X[columns]
+            X = X.where(X.notna(), "").astype(str).to_numpy() if self.hashed else X.to_numpy()
+        X = np.asarray(X, dtype=str) if self.hashed else np.asarray(X)
         if X.ndim == 1:
             X = X.reshape(1, -1)
         if X.ndim != 2 or X.shape[1] != len(columns):
@@ -352,6 +360,8 @@ class ServerModel:
         """The model's outputs for rows ``X``: P(class 1) (binary), a score per class, values
         (regression), or ratings (mf; NaN for a user or item the model has not seen)."""
         rows = self._rows(X)
+        if self.hashed:
+            return await self._predict_hashed(rows)
         if self._params is None:
             return await self._predict_mf(rows)
         try:
@@ -373,6 +383,29 @@ class ServerModel:
             return outputs
         classes = self._kept.model.classes
         return [classes[i] for i in predicted_index(task, outputs)]
+
+    async def _predict_hashed(self, cells: np.ndarray) -> np.ndarray:
+        from psctl.apps.predict import aligned_weights
+        from psctl.data import formats
+
+        spec = self.meta["input"]
+
+        def numbers(name: str, column: np.ndarray, rows: np.ndarray) -> np.ndarray:
+            try:
+                values = column.astype(np.float64)
+            except ValueError:
+                values = np.full(len(column), np.nan)
+            if not np.isfinite(values).all():
+                bad = int(np.flatnonzero(~np.isfinite(values))[0])
+                raise PsctlError(f"row {int(rows[bad])}, column {name!r}: {column[bad].decode('utf-8', 'replace')[:40]!r} "
+                                 "is not a finite number")  # fmt: skip
+            return values.astype(np.float32)
+
+        encoded = [(name, np.strings.encode(cells[:, j], "utf-8")) for j, name in enumerate(self.columns)]
+        X = formats.hash_columns(len(cells), encoded, spec["categorical"], int(spec["hash_bits"]), numbers)
+        params = await self._kept.params_for(X)
+        weights, _ = aligned_weights(self._kept.model, params, X)
+        return self._kept.model.predict(weights, X)
 
     async def _predict_mf(self, pairs: np.ndarray) -> np.ndarray:
         from psctl.data import ratings

@@ -107,6 +107,29 @@ def test_a_hashed_2_pow_32_model_is_read_only_where_the_rows_touch_it(tmp_path, 
     (row,) = models(server)
     assert sum(s["keys_pulled"] for s in row["shards"]) == touched  # the shards counted the same reads
 
+    # The Python API hashes a DataFrame's cells as training did and reads only the keys they touch.
+    import asyncio
+
+    import pandas as pd
+
+    import psctl
+
+    expected = psctl.predict(str(model), str(test)).outputs
+
+    async def from_python() -> tuple[np.ndarray, np.ndarray, dict]:
+        async with await psctl.ServerModel.load(server.address, "ctr") as kept:
+            frame = pd.read_csv(test, dtype=str, keep_default_na=False)
+            cells = frame[["site", "user", "price"]].to_numpy()
+            got = await kept.predict(frame), await kept.predict(cells), dict(kept.counters)
+            with pytest.raises(psctl.PsctlError, match="row 0, column 'price': 'abc' is not a finite number"):
+                await kept.predict([["site1.com", "u1", "abc"]])
+            return got
+
+    from_frame, from_cells, counters = asyncio.run(from_python())
+    np.testing.assert_allclose(from_frame, expected, rtol=1e-12)
+    np.testing.assert_array_equal(from_cells, from_frame)
+    assert counters["keys_pulled"] == 2 * touched  # two calls, each only the keys its rows touch
+
 
 @pytest.mark.timeout(600)
 def test_an_mf_model_predicts_the_same_from_the_server(tmp_path, server):
