@@ -3,7 +3,7 @@
 The public API, importable from ``psctl`` itself:
 
 - training and prediction as a library: :class:`TrainConfig` and :func:`train`
-  (an awaitable returning a :class:`TrainResult`), :func:`predict`;
+  (an awaitable returning a :class:`TrainResult`), :func:`predict`, :func:`predict_pairs` (an mf model's ratings for (user, item) pairs);
 - the parameter server without the trainer (``psctl.apps.api``): :class:`LocalServer`,
   :class:`Job`, :class:`KVWorker`, :class:`TableSpec`; :class:`ServerModel` (a model kept on a server);
 - :class:`Model`, the base class of a model of your own (``--model-class``);
@@ -41,6 +41,7 @@ _LAZY = {
     "TrainResult": "psctl.apps.train",
     "train": "psctl.apps.train",
     "predict": "psctl.apps.predict",
+    "predict_pairs": "psctl.apps.predict",
     "Model": "psctl.models.base",
 }
 
@@ -63,12 +64,13 @@ __all__ = [
     "UsageError",
     "__version__",
     "predict",
+    "predict_pairs",
     "train",
 ]
 
 if TYPE_CHECKING:
     from psctl.apps.api import Job, KVWorker, LocalServer, ServerModel, TableSpec
-    from psctl.apps.predict import predict
+    from psctl.apps.predict import predict, predict_pairs
     from psctl.apps.train import TrainConfig, TrainResult, train
     from psctl.models.base import Model
 

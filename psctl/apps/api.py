@@ -402,7 +402,7 @@ class ServerModel:
             return values.astype(np.float32)
 
         encoded = [(name, np.strings.encode(cells[:, j], "utf-8")) for j, name in enumerate(self.columns)]
-        X = formats.hash_columns(len(cells), encoded, spec["categorical"], int(spec["hash_bits"]), numbers)
+        X = formats.hash_cell_columns(len(cells), encoded, spec["categorical"], int(spec["hash_bits"]), numbers)
         params = await self._kept.params_for(X)
         weights, _ = aligned_weights(self._kept.model, params, X)
         return self._kept.model.predict(weights, X)

@@ -12,6 +12,8 @@ same arrays a model file would give, so the numbers equal those of the model fil
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,7 +21,6 @@ import numpy as np
 
 from psctl import net
 from psctl.apps import predict as predicting
-from psctl.apps import recommend
 from psctl.core.keyplan import KeyPlan, Routing
 from psctl.data import csvfile, ratings
 from psctl.data.vocab import Vocab, VocabError
@@ -169,9 +170,8 @@ class KeptModel:
             params[name], params[f"{name}.keys"] = values[found], wanted[name][found]
         return params
 
-    async def mf_for(self, data_path: str) -> loading.MFModel:
-        """An mf model restricted to the users and items ``data_path`` names: its vocabularies hold
-        only those ids (in the full vocabularies' order) and its tables only their rows."""
+    async def mf_vocabs(self) -> loading.MFModel:
+        """The mf model's id vocabularies and schema, without its tables (read by :meth:`mf_for`)."""
         meta = self.meta
         extras = await self.extras()
         try:
@@ -181,41 +181,64 @@ class KeptModel:
             schema = csvfile.CsvSchema.from_dict(meta["schema"])
         except (KeyError, TypeError, ValueError, VocabError) as exc:
             raise KeptModelError(f"kept model {self.name!r} is an mf model without its id vocabularies ({exc})") from None
-        full = loading.MFModel(self.model, {}, meta, users, items, schema)
-        ids, _ = await asyncio.to_thread(ratings.read_ratings, data_path, recommend.input_schema(full, data_path))
-        rows = ratings.encode_rows(ids, {ratings.USER: users, ratings.ITEM: items})
+        return loading.MFModel(self.model, {}, meta, users, items, schema)
+
+    async def mf_for(self, full: loading.MFModel, ids: np.ndarray) -> loading.MFModel:
+        """The mf model restricted to the (user, item) id rows ``ids``: its vocabularies hold
+        only those ids (in the full vocabularies' order) and its tables only their rows."""
+        rows = ratings.encode_rows(ids, {ratings.USER: full.users, ratings.ITEM: full.items})
         u = np.unique(rows[:, 0][rows[:, 0] >= 0])
         i = np.unique(rows[:, 1][rows[:, 1] >= 0])
         got = await self.rows({"user_factors": u, "user_bias": u, "item_factors": i, "item_bias": i})
         params = {name: values.astype(np.float64, copy=False) for name, (values, _) in got.items()}
-        return loading.MFModel(self.model, params, meta, Vocab(users.ids[u]), Vocab(items.ids[i]), schema)
+        return loading.MFModel(self.model, params, self.meta, Vocab(full.users.ids[u]), Vocab(full.items.ids[i]), full.schema)
 
     def counters(self) -> dict[str, int]:
         return {"keys_pulled": self.keys_pulled, "bytes_pulled": self.bytes_pulled}
 
 
+#: Bytes of the data file read and evaluated at a time: each batch's keys are pulled from the
+#: shards just before the batch is evaluated, so the file is read once and memory stays bounded.
+BATCH_BYTES = 16 << 20
+
+
 async def predict(
     server: str, name: str, data_path: str, *, model_class_path: str | None = None, cold_start: str | None = None,
-    security: net.Security = net.LOCAL, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    security: net.Security = net.LOCAL, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, batch_bytes: int = BATCH_BYTES,
 ) -> tuple[Any, dict[str, int]]:
     """``psctl predict NAME DATA --server``: the prediction (as apps/predict.py gives for the model
-    file) and what was read from the shards (``keys_pulled``, ``bytes_pulled``)."""
+    file) and what was read from the shards (``keys_pulled``, ``bytes_pulled``).
+
+    The kept model is a :class:`predict.Predictor` source: the file is planned
+    (``plan_input``) and read once, byte range by byte range (``read_rows``); for each batch
+    a sparse or mf model's shards give only the keys that batch touches, then the batch is
+    evaluated (``evaluate_rows``) and the batches are combined (``combine``: metrics over
+    every row, mf ratings clipped to the training range the meta carries)."""
     async with await KeptModel.open(server, name, model_class_path=model_class_path, security=security,
                                     max_frame_bytes=max_frame_bytes) as kept:  # fmt: skip
+        source = f"kept model {name}"
         if isinstance(kept.model, MF):
-            mf = await kept.mf_for(data_path)
-            pred = await asyncio.to_thread(recommend.predict_ratings, mf, data_path, cold_start or "nan")
-            return pred, kept.counters()
-        if cold_start is not None:
-            raise UsageError(f"--cold-start is for mf models; {name} is a {kept.meta.get('kind')} model")
-        if any(t.get("sparse") for t in kept.tables.values()):
-            loop = asyncio.get_running_loop()
-
-            def params(X: Any) -> dict[str, np.ndarray]:  # called in the thread that reads and evaluates
-                return asyncio.run_coroutine_threadsafe(kept.params_for(X), loop).result()
-
-            pred = await asyncio.to_thread(predicting.predict_loaded, kept.model, params, kept.meta, data_path)
+            full = await kept.mf_vocabs()
+            pred = predicting.Predictor(kept.model, {}, kept.meta, full, source)
+        elif any(t.get("sparse") for t in kept.tables.values()):
+            pred = predicting.Predictor(kept.model, {}, kept.meta, None, source)
         else:
             dense = await kept.dense()
-            pred = await asyncio.to_thread(predicting.predict_loaded, kept.model, dense, kept.meta, data_path)
-        return pred, kept.counters()
+            pred = predicting.Predictor(kept.model, {k: v.astype(np.float64, copy=False) for k, v in dense.items()}, kept.meta, None, source)
+        if pred.mf is None and cold_start is not None:
+            raise UsageError(f"--cold-start is for mf models; {name} is a {kept.meta.get('kind')} model")
+        cold = predicting.check_cold_start(pred, cold_start)
+        plan = await asyncio.to_thread(predicting.plan_input, pred, data_path)
+        size = os.path.getsize(data_path)
+        batches = await asyncio.to_thread(csvfile.plan_partitions, data_path, max(1, -(-size // batch_bytes)), plan.has_header)
+        parts = []
+        for part in batches:
+            rows = await asyncio.to_thread(predicting.read_rows, pred, plan, data_path, part)
+            if pred.mf is not None:
+                batch = dataclasses.replace(pred, mf=await kept.mf_for(full, rows.X))
+            elif not pred.params:  # sparse: the stored rows of this batch's keys
+                batch = dataclasses.replace(pred, params=await kept.params_for(rows.X))
+            else:
+                batch = pred
+            parts.append(await asyncio.to_thread(predicting.evaluate_rows, batch, rows, cold))
+        return predicting.combine(pred, parts, plan, cold), kept.counters()

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable
-from dataclasses import dataclass
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import signal
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +18,14 @@ import numpy as np
 
 from psctl.apps import recommend
 from psctl.apps.results import json_safe
+from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S
 from psctl.core.sparse import SparseRows
-from psctl.data import csvfile, formats
-from psctl.errors import DataError, ModelFileError, UsageError
+from psctl.data import csvfile, formats, ratings
+from psctl.errors import DataError, Interrupted, ModelFileError, PsctlError, UsageError
 from psctl.files import loading
 from psctl.models.base import Model, encode_targets, evaluate, predicted_index
+
+log = logging.getLogger("psctl.predict")
 
 
 @dataclass
@@ -55,75 +64,439 @@ def schema_for(meta: dict[str, Any], path: str) -> csvfile.CsvSchema:
     )
 
 
-def predict(model_path: str, data_path: str, model_class_path: str | None = None, cold_start: str | None = None) -> Any:
-    """A :class:`Prediction`, or for an mf model a recommend.RatingsPrediction
-    (``cold_start``: what to do with users and items the model has not seen; mf only, default nan)."""
+# -- where the parameters come from: a model file (a kept model on a server: apps/kept.py) -----
+@dataclass
+class Predictor:
+    """A model ready to apply to rows: its object, float64 parameters and meta (and for mf
+    the vocabularies and tables as :class:`recommend.MFModel`)."""
+
+    model: Model
+    params: dict[str, np.ndarray]
+    meta: dict[str, Any]
+    mf: recommend.MFModel | None = None
+    source: str = ""  # the model's name in messages (its file path, or "kept model NAME": apps/kept.py)
+
+    @property
+    def is_mf(self) -> bool:
+        return self.mf is not None
+
+
+def load_predictor(model_path: str, model_class_path: str | None = None) -> Predictor:
+    """A :class:`Predictor` from a model file (checked as :func:`loading.load` does)."""
     model, params, meta = loading.load(model_path, model_class_path)
     if meta.get("data_format") == "ratings":
-        mf = recommend.from_loaded(model_path, model, params, meta)
-        return recommend.predict_ratings(mf, data_path, cold_start or "nan")
-    if cold_start is not None:
-        raise UsageError(f"--cold-start is for mf models; {model_path} is a {meta.get('kind')} model")
-    return predict_loaded(model, params, meta, data_path)
+        return Predictor(model, params, meta, recommend.from_loaded(model_path, model, params, meta), model_path)
+    return Predictor(model, {k: v.astype(np.float64, copy=False) for k, v in params.items()}, meta, None, model_path)
 
 
-def predict_loaded(
-    model: Model, params: dict[str, np.ndarray] | Callable[[Any], dict[str, np.ndarray]], meta: dict[str, Any], data_path: str
-) -> Prediction:
-    """A model that is not mf applied to ``data_path``. ``params``: the model's arrays as a model
-    file holds them, or a function of the rows read that returns the part of them those rows
-    use (a sparse model read from the parameter server: apps/kept.py)."""
-    if meta.get("input", {}).get("format", "csv") in formats.SPARSE_FORMATS:
-        return _predict_sparse(model, params, meta, data_path)
-    schema = schema_for(meta, data_path)
-    X, labels = csvfile.read_csv(data_path, schema)
-    if meta.get("standardize"):
-        X = (X - np.asarray(meta["standardize"]["mean"])) / np.asarray(meta["standardize"]["std"])
-    if callable(params):
-        params = params(X)
-    outputs = model.predict({k: v.astype(np.float64, copy=False) for k, v in params.items()}, X)
-    return _finish(model, meta, outputs, labels if schema.label_index is not None else None)
+# -- where the rows come from: the model's reading of a data file, one byte range at a time -----
+@dataclass(frozen=True)
+class InputPlan:
+    """How the rows of one data file are read for one model; plain JSON values, so a worker
+    process gets it in its task file. ``kind``: dense, sparse (LIBSVM, hashed CSV) or ratings."""
+
+    kind: str
+    schema: csvfile.CsvSchema | None
+    has_header: bool
+    has_labels: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "schema": None if self.schema is None else self.schema.to_dict(),
+                "has_header": self.has_header, "has_labels": self.has_labels}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InputPlan:
+        schema = None if d["schema"] is None else csvfile.CsvSchema.from_dict(d["schema"])
+        return cls(str(d["kind"]), schema, bool(d["has_header"]), bool(d["has_labels"]))
 
 
-def _finish(model: Model, meta: dict[str, Any], outputs: np.ndarray, labels: np.ndarray | None, unknown: dict[str, int] | None = None) -> Prediction:
-    task, classes = model.task, model.classes
+def plan_input(pred: Predictor, data_path: str) -> InputPlan:
+    """Find the model's columns in ``data_path`` (reads its first line). Raises DataError."""
+    if pred.mf is not None:
+        schema = recommend.input_schema(pred.mf, data_path)
+        return InputPlan("ratings", schema, schema.has_header, schema.label_index is not None)
+    spec = pred.meta.get("input") or {}
+    if spec.get("format", "csv") == "libsvm":
+        csvfile._open(data_path).close()  # one sentence now if the file is missing, as for CSV
+        return InputPlan("sparse", None, False, True)
+    schema = schema_for(pred.meta, data_path)
+    kind = "sparse" if spec.get("format") in formats.SPARSE_FORMATS else "dense"
+    return InputPlan(kind, schema, schema.has_header, schema.label_index is not None)
+
+
+@dataclass
+class Rows:
+    """A batch of input rows as read from a file: dense features, SparseRows over model keys,
+    or (user, item) ids; the label cells (None without a label column); for LIBSVM the raw
+    feature indices past the model's feature count (they weigh 0)."""
+
+    X: Any
+    labels: np.ndarray | None
+    outside: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+
+
+def read_rows(pred: Predictor, plan: InputPlan, path: str, part: csvfile.Partition) -> Rows:
+    """The rows in bytes [part.start, part.end) of ``path`` (only those bytes are read)."""
+    if plan.kind == "ratings":
+        assert plan.schema is not None
+        ids, truth = ratings.read_partition(path, plan.schema, part)
+        return Rows(ids, truth if plan.has_labels else None)
+    spec = pred.meta.get("input") or {}
+    if plan.kind == "dense":
+        assert plan.schema is not None
+        X, labels = csvfile.read_partition(path, plan.schema, part)
+        return Rows(X, labels if plan.has_labels else None)
+    if spec["format"] == "libsvm":
+        X, labels = formats.read_libsvm(path, part, spec.get("index_base"))
+        keys = X.indices - int(spec["index_base"])
+        inside = keys < pred.meta["n_features"]
+        return Rows(X.with_indices(keys, inside), labels, X.indices[~inside])
+    assert plan.schema is not None
+    X, labels = formats.read_hashed_csv(path, part, plan.schema, spec["categorical"], int(spec["hash_bits"]))
+    return Rows(X, labels if plan.has_labels else None)
+
+
+def whole_file(path: str, plan: InputPlan) -> csvfile.Partition:
+    """The one partition covering every row of ``path``."""
+    [whole] = csvfile.plan_partitions(path, 1, plan.has_header)
+    return whole
+
+
+# -- the pure step: a batch of rows and a model in, outputs (and what metrics need) out ----------
+@dataclass
+class Evaluated:
+    """One batch evaluated by :func:`evaluate_rows`: arrays and counts only, so batches
+    evaluated apart (by worker processes) combine exactly in :func:`combine`."""
+
+    outputs: np.ndarray  # see models.base: P(class 1), per-class scores, or values
+    y: np.ndarray | None  # the labels encoded as the model's targets; None without labels
+    unknown_occurrences: int = 0  # sparse input: feature occurrences without a weight
+    unknown_outside: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # distinct raw indices past n_features
+    unknown_missing: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # distinct keys without a stored row
+
+
+def evaluate_rows(pred: Predictor, rows: Rows, cold_start: str = "nan") -> Evaluated | recommend.RatedRows:
+    """Apply the model to one batch of rows (no I/O)."""
+    if pred.mf is not None:
+        return recommend.rate_rows(pred.mf, rows.X, rows.labels, cold_start)
+    model, X = pred.model, rows.X
+    y = None if rows.labels is None else encode_targets(model.task, rows.labels, model.classes)
+    if isinstance(X, SparseRows):
+        weights, missing = aligned_weights(model, pred.params, X)
+        occurrences = len(rows.outside) + int(np.isin(X.indices, missing).sum())
+        return Evaluated(model.predict(weights, X), y, occurrences, np.unique(rows.outside), missing)
+    if pred.meta.get("standardize"):
+        X = (X - np.asarray(pred.meta["standardize"]["mean"])) / np.asarray(pred.meta["standardize"]["std"])
+    return Evaluated(model.predict(pred.params, X), y)
+
+
+def combine(pred: Predictor, parts: list[Any], plan: InputPlan, cold_start: str = "nan", scored: bool = True) -> Any:
+    """The prediction of a whole file from its batches in file order (``scored``: with
+    metrics, computed once over every row, so they equal one batch holding them all)."""
+    if pred.mf is not None:
+        return recommend.combine_parts(pred.mf, parts, cold_start, plan.has_labels, scored)
+    model = pred.model
+    outputs = np.concatenate([p.outputs for p in parts])
     predicted: list[str] | np.ndarray = (
-        outputs if task == "regression" else [classes[i] for i in predicted_index(task, outputs)]
+        outputs if model.task == "regression" else [model.classes[i] for i in predicted_index(model.task, outputs).tolist()]
     )
     scores = None
-    if labels is not None:
-        y = encode_targets(task, labels, classes)
-        scores = {"rows": len(y), **evaluate(task, y, outputs, len(classes))}
-    return Prediction(meta, outputs, predicted, scores, unknown)
+    if plan.has_labels and scored:
+        y = np.concatenate([p.y for p in parts])
+        scores = {"rows": len(y), **evaluate(model.task, y, outputs, len(model.classes))}
+    unknown = None
+    if plan.kind == "sparse":
+        unknown = {
+            "occurrences": sum(p.unknown_occurrences for p in parts),
+            "features": len(np.unique(np.concatenate([p.unknown_outside for p in parts])))
+            + len(np.unique(np.concatenate([p.unknown_missing for p in parts]))),
+        }
+    return Prediction(pred.meta, outputs, predicted, scores, unknown)
 
 
-def _predict_sparse(
-    model: Model, params: dict[str, np.ndarray] | Callable[[Any], dict[str, np.ndarray]], meta: dict[str, Any], path: str
-) -> Prediction:
-    """LIBSVM or hashed CSV, read as in training. Features the model has no weight for
-    (never seen in training, or past a LIBSVM model's feature count) weigh 0 and are counted."""
-    spec, n_features = meta["input"], meta["n_features"]
-    has_labels = True
-    if spec["format"] == "libsvm":
-        X, labels = formats.read_whole(spec, path)
-        keys = X.indices - int(spec["index_base"])
-        inside = keys < n_features
-        outside = X.indices[~inside]
-        X = X.with_indices(keys, inside)
-    else:
-        schema = schema_for(meta, path)
-        has_labels = schema.label_index is not None
-        X, labels = formats.read_whole(spec, path, schema)
-        outside = np.empty(0, np.int64)
-    if callable(params):
-        params = params(X)
-    weights, missing = aligned_weights(model, params, X)
-    unknown = {
-        "occurrences": len(outside) + int(np.isin(X.indices, missing).sum()),
-        "features": len(np.unique(outside)) + len(missing),
-    }
-    outputs = model.predict(weights, X)
-    return _finish(model, meta, outputs, labels if has_labels else None, unknown)
+# -- the whole job, in this process or spread over worker processes ----------------------------
+def predict(
+    model_path: str,
+    data_path: str,
+    model_class_path: str | None = None,
+    cold_start: str | None = None,
+    *,
+    workers: int | None = None,
+    out: str | None = None,
+    failure_timeout_s: float | None = None,
+) -> Any:
+    """A :class:`Prediction`, or for an mf model a recommend.RatingsPrediction
+    (``cold_start``: what to do with users and items the model has not seen; mf only, default nan).
+
+    With ``workers`` N, N worker processes each read and predict one byte range of the file
+    (see :func:`predict_spread`); the result and the ``out`` file are the same as
+    in one process. ``out``: also write the per-row predictions there.
+    ``failure_timeout_s``: with ``workers``, a worker silent this long is declared lost
+    (default 5 s, as in training).
+    """
+    if out is not None:
+        check_predictions_path(out)
+    if workers is not None:
+        timeout_s = DEFAULT_FAILURE_TIMEOUT_S if failure_timeout_s is None else failure_timeout_s
+        return predict_spread(model_path, data_path, workers, model_class_path, cold_start, out, failure_timeout_s=timeout_s)
+    if failure_timeout_s is not None:
+        raise UsageError("--failure-timeout-s is how long a silent predict worker is waited for; it needs --workers N")
+    pred = load_predictor(model_path, model_class_path)
+    cold = check_cold_start(pred, cold_start)
+    plan = plan_input(pred, data_path)
+    result = combine(pred, [evaluate_rows(pred, read_rows(pred, plan, data_path, whole_file(data_path, plan)), cold)], plan, cold)
+    if out is not None:
+        write_predictions(result, out)
+    return result
+
+
+def check_cold_start(pred: Predictor, cold_start: str | None) -> str:
+    """The cold-start strategy to use: ``cold_start`` for mf (default nan); refused for other models."""
+    if pred.mf is None:
+        if cold_start is not None:
+            raise UsageError(f"--cold-start is for mf models; {pred.source} is a {pred.meta.get('kind')} model")
+        return "nan"
+    recommend.check_cold_start(cold_start or "nan")
+    return cold_start or "nan"
+
+
+def predict_pairs(model: str | recommend.MFModel, users: Any, items: Any, cold_start: str = "nan") -> np.ndarray:
+    """Predicted ratings of an mf model (a model file's path, or one loaded by
+    ``recommend.load_mf``) for (user id, item id) pairs: two equal-length sequences or arrays.
+    An unknown user or item is NaN, or under ``cold_start`` "mean" the global mean plus the
+    known side's bias; clipped to the training ratings' range."""
+    mf = recommend.load_mf(model) if isinstance(model, str) else model
+    return recommend.predict_pairs(mf, users, items, cold_start)
+
+
+def predict_one(model_path: str, user: str, item: str, model_class_path: str | None = None, cold_start: str | None = None) -> dict[str, Any]:
+    """``psctl predict MODEL --user U --item I``: the predicted rating of one pair, as plain values."""
+    pred = load_predictor(model_path, model_class_path)
+    if pred.mf is None:
+        raise UsageError(f"--user and --item are for mf models; {model_path} is a {pred.meta.get('kind')} model (give a data file)")
+    cold = check_cold_start(pred, cold_start)
+    rating = recommend.predict_one(pred.mf, user, item, cold)
+    return {"model_path": model_path, "user": user, "item": item, "predicted_rating": rating,
+            "cold_start": cold, "rating_range": None if pred.mf.model.rating_range is None else list(pred.mf.model.rating_range)}
+
+
+# -- spread over worker processes (the worker is psctl.apps.predict_workers) --------------------
+#: The most worker processes one prediction starts.
+MAX_WORKERS = 256
+#: How long stopped workers get to exit before the parent stops waiting (they were SIGKILLed).
+STOP_TIMEOUT_S = 3.0
+TASK_FILE = "task.json"  # the worker names it too (psctl.apps.predict_workers), before it may import this module
+
+
+def heartbeat_interval_s(failure_timeout_s: float) -> float:
+    """How often a predict worker gives a sign of life: as a training worker by default
+    (0.5 s), and at least four times per failure timeout."""
+    return min(DEFAULT_HEARTBEAT_INTERVAL_S, failure_timeout_s / 4)
+
+
+def predict_spread(
+    model_path: str,
+    data_path: str,
+    workers: int,
+    model_class_path: str | None = None,
+    cold_start: str | None = None,
+    out: str | None = None,
+    *,
+    failure_timeout_s: float = DEFAULT_FAILURE_TIMEOUT_S,
+) -> Any:
+    """The prediction of ``data_path`` by ``workers`` processes, equal to :func:`predict`'s
+    in one process; ``out``: the predictions file, byte for byte the same.
+
+    The parent plans N byte ranges of the file (``csvfile.plan_partitions``, as training
+    does) and starts N processes (``python -m psctl.apps.predict_workers FOLDER K``, the
+    way psctl starts every child: ``cluster.launch.start_process``); each reads only its
+    range and applies :func:`read_rows` and :func:`evaluate_rows`. Back come per-row
+    arrays, not per-worker metrics: the parent concatenates them in file order and
+    computes every metric once (:func:`combine`), so accuracy, log loss, AUC, RMSE, ...
+    are exactly those of one process (cheap: 8 bytes a row and class). Each worker also
+    formats its own rows of the predictions file (the slow part in Python); the parent
+    joins them after the header into the bytes one process writes.
+
+    Nothing between the parent and the workers is pickled: the task is a JSON file, the
+    results ``.npy`` files read with ``allow_pickle=False`` plus a JSON file of counts,
+    in a temporary folder. Files need no framing or flow control, numpy writes and reads
+    them at disk speed, and ``allow_pickle=False`` means a result can only be numbers or
+    fixed-width strings, never code.
+
+    Every worker is watched: it writes a byte to its stdout pipe every
+    :func:`heartbeat_interval_s` (from a thread, so long numpy work does not silence it),
+    and one silent for ``failure_timeout_s`` (stopped, hung) ends the job with a sentence
+    naming it, every worker killed. Silence is judged as the training coordinator judges
+    it (``core.coordinator.Liveness``): only over time this process was running, so a
+    parent that was itself stopped reads what its workers sent meanwhile before it judges
+    any of them.
+    """
+    if not 1 <= workers <= MAX_WORKERS:
+        raise UsageError(f"--workers must be between 1 and {MAX_WORKERS}; got {workers}")
+    if not (isinstance(failure_timeout_s, (int, float)) and math.isfinite(failure_timeout_s) and failure_timeout_s > 0):
+        raise UsageError(f"--failure-timeout-s must be a positive number of seconds; got {failure_timeout_s}")
+    try:
+        return _run(model_path, data_path, workers, model_class_path, cold_start, out, float(failure_timeout_s))
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted; every predict worker has been stopped and no predictions were written") from None
+
+
+def _run(
+    model_path: str, data_path: str, workers: int, model_class_path: str | None, cold_start: str | None, out: str | None,
+    failure_timeout_s: float,
+) -> Any:
+    pred = load_predictor(model_path, model_class_path)
+    cold = check_cold_start(pred, cold_start)
+    plan = plan_input(pred, data_path)
+    parts = csvfile.plan_partitions(data_path, workers, plan.has_header)
+    folder = Path(tempfile.mkdtemp(prefix="psctl-predict-"))
+    try:
+        task = {
+            # As typed: a worker runs in this process's folder, so its errors name the files the same way.
+            "model_path": model_path,
+            "model_class": model_class_path,
+            "data_path": data_path,
+            "cold_start": cold,
+            "plan": plan.to_dict(),
+            "partitions": [p.to_dict() for p in parts],
+            "write_rows": out is not None,
+            "heartbeat_interval_s": heartbeat_interval_s(failure_timeout_s),
+        }
+        (folder / TASK_FILE).write_text(json.dumps(task))
+        from psctl import net  # here, not at the top: a worker process imports this module and needs neither
+
+        net.run(lambda: _run_workers(folder, parts, data_path, failure_timeout_s))
+        kind = recommend.RatedRows if pred.is_mf else Evaluated
+        result = combine(pred, [load_part(kind, folder, k) for k in range(workers)], plan, cold)
+        if out is not None:
+            _join_rows(result, folder, workers, out)
+        return result
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def _run_workers(folder: Path, parts: list[csvfile.Partition], data_path: str, failure_timeout_s: float) -> None:
+    """Start a worker per partition and wait for every one; the first that fails or falls
+    silent for ``failure_timeout_s`` ends the wait (PsctlError naming it and why) and the
+    others are stopped. Every worker is gone when this returns or raises, Ctrl-C
+    (cancellation) included."""
+    import asyncio  # here, as net and launch: the worker processes import this module without them
+
+    from psctl.cluster import launch
+    from psctl.core.coordinator import Liveness, tick_interval_s
+
+    beat_s = heartbeat_interval_s(failure_timeout_s)
+    tick_s = tick_interval_s(beat_s, failure_timeout_s)
+    liveness = Liveness.for_intervals(beat_s, failure_timeout_s)
+    loop = asyncio.get_running_loop()
+    procs: list[asyncio.subprocess.Process] = []
+    listeners: list[asyncio.Future[None]] = []
+    try:
+        for k in range(len(parts)):
+            procs.append(await launch.start_process(["-m", "psctl.apps.predict_workers", str(folder), str(k)], folder / f"worker-{k}.log"))
+            liveness.watch(k)  # from its start: a worker that never beats is lost too
+            listeners.append(asyncio.ensure_future(_listen(procs[k], k, len(parts), liveness)))
+        liveness.tick(loop.time())  # silence counts from here
+        waits = {asyncio.ensure_future(p.wait()): k for k, p in enumerate(procs)}
+        pending = set(waits)
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=tick_s, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                k = waits[task]
+                liveness.forget(k)
+                if procs[k].returncode != 0:
+                    raise _worker_failed(folder, k, len(parts), parts[k], procs[k].returncode, data_path)
+            for k, silent_s in liveness.tick(loop.time()):
+                assert isinstance(k, int)
+                raise _worker_silent(k, len(parts), parts[k], silent_s, failure_timeout_s, data_path)
+    finally:
+        for listener in listeners:
+            listener.cancel()
+        for p in procs:
+            launch.kill_process_group(p)
+        left = [asyncio.ensure_future(p.wait()) for p in procs if p.returncode is None]
+        if left:
+            await asyncio.wait(left, timeout=STOP_TIMEOUT_S)
+
+
+async def _listen(proc: Any, k: int, n: int, liveness: Any) -> None:
+    """Count every byte worker ``k`` writes to its stdout as a sign of life, until it closes."""
+    first = True
+    while await proc.stdout.read(1 << 12):
+        liveness.heard(k)
+        if first:
+            log.info("predict worker %d of %d: alive", k + 1, n)
+            first = False
+
+
+def _worker_silent(k: int, n: int, part: csvfile.Partition, silent_s: float, timeout_s: float, data_path: str) -> PsctlError:
+    return PsctlError(
+        f"predict worker {k + 1} of {n} ({_rows_of(part)} of '{data_path}') gave no sign of life for {silent_s:.1f} s "
+        f"(stopped or hung; --failure-timeout-s is {timeout_s:g}), so every worker was stopped; no predictions were written"
+    )
+
+
+def _rows_of(part: csvfile.Partition) -> str:
+    return f"{part.n_rows} rows from line {part.first_line}" if part.n_rows else "no rows"
+
+
+def _worker_failed(folder: Path, k: int, n: int, part: csvfile.Partition, code: int | None, data_path: str) -> PsctlError:
+    """The error a failed worker reported (its one sentence, its type's exit code), or one
+    sentence on how it died."""
+    try:
+        report = json.loads((folder / f"{k}.error.json").read_text())
+        error = PsctlError(str(report["message"]))
+        error.exit_code = int(report["exit_code"])
+        return error
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    how = f"was killed by signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exited with code {code}"
+    rows = _rows_of(part)
+    try:
+        tail = (folder / f"worker-{k}.log").read_text(errors="replace").strip().splitlines()[-1:]
+    except OSError:
+        tail = []
+    said = f" (its last words: {tail[0][:200]})" if tail else ""
+    return PsctlError(
+        f"predict worker {k + 1} of {n} ({rows} of '{data_path}') {how} before it finished{said}; no predictions were written"
+    )
+
+
+def _join_rows(result: Any, folder: Path, workers: int, out: str) -> None:
+    """The header (written as one process writes it), then each worker's rows in file order."""
+    try:
+        with open(out, "w", newline="") as fh:
+            csv.writer(fh).writerow(predictions_header(result))
+            fh.flush()
+            for k in range(workers):
+                with open(folder / f"{k}.rows.csv", "rb") as piece:
+                    shutil.copyfileobj(piece, fh.buffer, 1 << 20)
+    except OSError as exc:
+        raise DataError(f"cannot write predictions to '{out}': {exc.strerror or exc}") from None
+    except BaseException:  # Ctrl-C while joining: no half-written predictions file
+        if Path(out).is_file():
+            Path(out).unlink()
+        raise
+
+
+# -- results as files: numpy arrays as .npy (no pickle), everything else as JSON ----------------
+def save_part(obj: Any, folder: Path, k: int) -> None:
+    plain: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, np.ndarray):
+            np.save(folder / f"{k}.{f.name}.npy", value, allow_pickle=False)
+        else:
+            plain[f.name] = value
+    (folder / f"{k}.result.json").write_text(json.dumps(plain))
+
+
+def load_part(kind: type, folder: Path, k: int) -> Any:
+    values = json.loads((folder / f"{k}.result.json").read_text())
+    for f in dataclasses.fields(kind):
+        if f.name not in values:
+            values[f.name] = np.load(folder / f"{k}.{f.name}.npy", allow_pickle=False)
+    return kind(**values)
 
 
 def aligned_weights(model: Model, params: dict[str, np.ndarray], X: SparseRows) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -151,24 +524,40 @@ def check_predictions_path(out: str) -> None:
 
 
 def write_predictions(pred: Any, out: str) -> None:
-    if pred.meta.get("data_format") == "ratings":
-        return recommend.write_rating_predictions(pred, out)
-    task = pred.meta.get("task", "binary")
-    classes = pred.meta.get("classes") or []
+    """The per-row predictions of ``pred`` as CSV: a header, then one line per row."""
     try:
         with open(out, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            if task == "regression":
-                writer.writerow(["predicted"])
-                writer.writerows([f"{v:.6g}"] for v in pred.outputs)
-            elif task == "binary":
-                writer.writerow(["probability", "predicted"])
-                writer.writerows([f"{p:.6f}", label] for p, label in zip(pred.outputs, pred.predicted))
-            else:
-                writer.writerow([*(f"score_{c}" for c in classes), "predicted"])
-                writer.writerows([*(f"{v:.6f}" for v in row), label] for row, label in zip(pred.outputs, pred.predicted))
+            csv.writer(fh).writerow(predictions_header(pred))
+            write_prediction_rows(pred, fh)
     except OSError as exc:
         raise DataError(f"cannot write predictions to '{out}': {exc.strerror or exc}") from None
+
+
+def predictions_header(pred: Any) -> list[str]:
+    if pred.meta.get("data_format") == "ratings":
+        user, item, rating = pred.columns
+        return [user, item, *([rating] if rating else []), "predicted"]
+    task = pred.meta.get("task", "binary")
+    if task == "regression":
+        return ["predicted"]
+    if task == "binary":
+        return ["probability", "predicted"]
+    return [*(f"score_{c}" for c in pred.meta.get("classes") or []), "predicted"]
+
+
+def write_prediction_rows(pred: Any, fh: Any) -> None:
+    """The rows of ``pred``'s predictions file without its header, to the text file ``fh``
+    (so rows written apart, by worker processes, join into the same bytes)."""
+    if pred.meta.get("data_format") == "ratings":
+        return recommend.write_rating_rows(pred, fh)
+    writer = csv.writer(fh)
+    task = pred.meta.get("task", "binary")
+    if task == "regression":
+        writer.writerows([f"{v:.6g}"] for v in pred.outputs)
+    elif task == "binary":
+        writer.writerows([f"{p:.6f}", label] for p, label in zip(pred.outputs, pred.predicted))
+    else:
+        writer.writerows([*(f"{v:.6f}" for v in row), label] for row, label in zip(pred.outputs, pred.predicted))
 
 
 def prediction_summary(pred: Any, model_path: str, data_path: str, out_path: str | None = None) -> dict[str, Any]:

@@ -59,10 +59,33 @@ class RatingsPrediction:
 def predict_ratings(mf: MFModel, data_path: str, cold_start: str = "nan") -> RatingsPrediction:
     """Predict every row of ``data_path``; rows with an unknown user or item are handled
     by ``cold_start`` (see COLD_START). Metrics cover the rows with a prediction."""
-    if cold_start not in COLD_START:
-        raise DataError(f"--cold-start must be one of {', '.join(COLD_START)}")
+    check_cold_start(cold_start)
     schema = input_schema(mf, data_path)
     ids, truth = ratings.read_ratings(data_path, schema)
+    part = rate_rows(mf, ids, truth if schema.label_index is not None else None, cold_start)
+    return combine_parts(mf, [part], cold_start, schema.label_index is not None)
+
+
+def check_cold_start(cold_start: str) -> None:
+    if cold_start not in COLD_START:
+        raise DataError(f"--cold-start must be one of {', '.join(COLD_START)}")
+
+
+@dataclass
+class RatedRows:
+    """One batch of rows rated by :func:`rate_rows`: what :func:`combine_parts` needs, all of it
+    arrays or counts, so batches rated apart (by worker processes) combine exactly."""
+
+    ids: np.ndarray  # (n, 2) str: user, item of each kept row
+    outputs: np.ndarray  # predicted ratings of the kept rows
+    truth: np.ndarray | None  # the file's ratings of the kept rows
+    counts: dict[str, int]  # rows, cold_rows, unknown_users, unknown_items (before dropping)
+
+
+def rating_outputs(mf: MFModel, ids: np.ndarray, cold_start: str = "nan") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Predicted ratings of (user id, item id) rows, clipped to the training range when the
+    model has one; rows with an unknown side by ``cold_start`` (NaN under nan and drop).
+    Returns (predictions, known user, known item)."""
     rows = ratings.encode_rows(ids, {ratings.USER: mf.users, ratings.ITEM: mf.items})
     u, i = rows[:, 0], rows[:, 1]
     known = (u >= 0) & (i >= 0)
@@ -73,25 +96,70 @@ def predict_ratings(mf: MFModel, data_path: str, cold_start: str = "nan") -> Rat
         pred[cold] = mf.model.mean
         pred[cold & (u >= 0)] += mf.params["user_bias"][u[cold & (u >= 0)]]
         pred[cold & (i >= 0)] += mf.params["item_bias"][i[cold & (i >= 0)]]
-    keep = known if cold_start == "drop" else np.ones(len(rows), dtype=bool)
-    has_truth = schema.label_index is not None
-    summary = {
-        "strategy": cold_start,
-        "rows": int(len(rows)),
+        pred[cold] = mf.model.clip(pred[cold])
+    return pred, u >= 0, i >= 0
+
+
+def rate_rows(mf: MFModel, ids: np.ndarray, truth: np.ndarray | None, cold_start: str = "nan") -> RatedRows:
+    """Rate one batch of rows (pure: no file is read or written)."""
+    pred, known_u, known_i = rating_outputs(mf, ids, cold_start)
+    known = known_u & known_i
+    keep = known if cold_start == "drop" else np.ones(len(ids), dtype=bool)
+    counts = {
+        "rows": int(len(ids)),
         "cold_rows": int((~known).sum()),
-        "unknown_users": int((u < 0).sum()),
-        "unknown_items": int((i < 0).sum()),
+        "unknown_users": int((~known_u).sum()),
+        "unknown_items": int((~known_i).sum()),
     }
-    scores = None
+    return RatedRows(ids[keep], pred[keep], None if truth is None else truth[keep], counts)
+
+
+def combine_parts(mf: MFModel, parts: list[RatedRows], cold_start: str, has_truth: bool, scored: bool = True) -> RatingsPrediction:
+    """The prediction of a whole file from its batches in file order: counts summed, metrics
+    (``scored``) computed once over every kept row (so they equal those of one batch holding them all)."""
+    outputs = np.concatenate([p.outputs for p in parts])
+    ids = np.concatenate([p.ids for p in parts]) if parts else np.empty((0, 2), str)
+    summary: dict[str, Any] = {"strategy": cold_start}
+    for key in ("rows", "cold_rows", "unknown_users", "unknown_items"):
+        summary[key] = sum(p.counts[key] for p in parts)
+    truth, scores = None, None
     if has_truth:
-        scored = np.isfinite(pred)
-        summary["scored_rows"] = int(scored.sum())
-        y, p = truth[scored], pred[scored]
-        scores = {"rows": int(scored.sum())}
+        truth = np.concatenate([p.truth for p in parts if p.truth is not None])
+    if has_truth and scored:
+        finite = np.isfinite(outputs)
+        summary["scored_rows"] = int(finite.sum())
+        y, p = truth[finite], outputs[finite]
+        scores = {"rows": int(finite.sum())}
         if len(y):
             scores.update(rmse=metrics.rmse(y, p), mae=metrics.mae(y, p))
     names = (mf.user_col, mf.item_col, mf.rating_col if has_truth else None)
-    return RatingsPrediction(mf.meta, ids[keep], pred[keep], truth[keep] if has_truth else None, scores, summary, names)
+    return RatingsPrediction(mf.meta, ids, outputs, truth, scores, summary, names)
+
+
+def predict_pairs(mf: MFModel, users: Any, items: Any, cold_start: str = "nan") -> np.ndarray:
+    """Predicted ratings of (user, item) pairs of ids (two equal-length sequences or arrays);
+    an unknown user or item is NaN, or under ``cold_start`` "mean" the global mean plus the
+    known side's bias. Clipped to the training ratings' range when the model has one."""
+    check_cold_start(cold_start)
+    users, items = np.asarray(users).astype(str).reshape(-1), np.asarray(items).astype(str).reshape(-1)
+    if len(users) != len(items):
+        raise DataError(f"got {len(users)} users and {len(items)} items; give one item per user")
+    pred, _, _ = rating_outputs(mf, np.stack([users, items], axis=1) if len(users) else np.empty((0, 2), str), cold_start)
+    return pred
+
+
+def predict_one(mf: MFModel, user: str, item: str, cold_start: str = "nan") -> float:
+    """The predicted rating of one (user, item); DataError (one sentence) when either is not in
+    the model, unless ``cold_start`` is "mean"."""
+    check_cold_start(cold_start)
+    if cold_start != "mean":
+        missing = [f"{what} '{value}'" for what, value, vocab in (("user", user, mf.users), ("item", item, mf.items)) if vocab.rows(np.array([value]))[0] < 0]
+        if missing:
+            raise DataError(
+                f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not in the model "
+                "(no ratings in its training data); --cold-start mean predicts the global mean plus the known side's bias"
+            )
+    return float(predict_pairs(mf, [user], [item], cold_start)[0])
 
 
 def describe_cold_start(summary: dict[str, Any]) -> str:
@@ -114,16 +182,21 @@ def write_rating_predictions(pred: RatingsPrediction, out: str) -> None:
     user, item, rating = pred.columns
     try:
         with open(out, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow([user, item, *([rating] if rating else []), "predicted"])
-            values = [f"{v:.6g}" for v in pred.outputs.tolist()]
-            if rating and pred.truth is not None:
-                truth = [repr(v) for v in pred.truth.tolist()]
-                writer.writerows(zip(pred.ids[:, 0].tolist(), pred.ids[:, 1].tolist(), truth, values))
-            else:
-                writer.writerows(zip(pred.ids[:, 0].tolist(), pred.ids[:, 1].tolist(), values))
+            csv.writer(fh).writerow([user, item, *([rating] if rating else []), "predicted"])
+            write_rating_rows(pred, fh)
     except OSError as exc:
         raise DataError(f"cannot write predictions to '{out}': {exc.strerror or exc}") from None
+
+
+def write_rating_rows(pred: RatingsPrediction, fh: Any) -> None:
+    """The rows of a ratings predictions file, without its header, to the text file ``fh``."""
+    writer = csv.writer(fh)
+    values = [f"{v:.6g}" for v in pred.outputs.tolist()]
+    if pred.columns[2] and pred.truth is not None:
+        truth = [repr(v) for v in pred.truth.tolist()]
+        writer.writerows(zip(pred.ids[:, 0].tolist(), pred.ids[:, 1].tolist(), truth, values))
+    else:
+        writer.writerows(zip(pred.ids[:, 0].tolist(), pred.ids[:, 1].tolist(), values))
 
 
 # -- recommendations -------------------------------------------------------------------
@@ -144,7 +217,8 @@ def rated_count(mf: MFModel, user: str, exclude: tuple[np.ndarray, np.ndarray]) 
 
 
 def scores_for(mf: MFModel, user_rows: np.ndarray) -> np.ndarray:
-    """Predicted rating of every item for each user row: (len(user_rows), items)."""
+    """Predicted rating of every item for each user row: (len(user_rows), items), unclipped
+    (items rank by these; the ratings shown are clipped with ``mf.model.clip``)."""
     P, Q = mf.factors("user_factors"), mf.factors("item_factors")
     return (
         P[user_rows] @ Q.T
@@ -187,7 +261,7 @@ def recommend_user(mf: MFModel, user: str, k: int, exclude: tuple[np.ndarray, np
         raise DataError(f"user '{user}' is not in the model (no ratings in its training data)")
     [(_, items, scores)] = list(_blocks(mf, k, exclude, np.array([row])))
     finite = np.isfinite(scores[0])
-    return list(zip(mf.items.labels(items[0][finite]), scores[0][finite].tolist()))
+    return list(zip(mf.items.labels(items[0][finite]), mf.model.clip(scores[0][finite]).tolist()))
 
 
 def recommend_all(mf: MFModel, k: int, out: str, exclude: tuple[np.ndarray, np.ndarray] | None = None) -> int:
@@ -203,7 +277,7 @@ def recommend_all(mf: MFModel, k: int, out: str, exclude: tuple[np.ndarray, np.n
                 user_ids = np.array(mf.users.labels(block), dtype=object)
                 user_col = np.broadcast_to(user_ids[:, None], items.shape)[finite]
                 item_col = np.array(mf.items.labels(items[finite].reshape(-1)), dtype=object)
-                score_col = [f"{s:.4f}" for s in scores[finite].tolist()]
+                score_col = [f"{s:.4f}" for s in mf.model.clip(scores[finite]).tolist()]
                 writer.writerows(zip(user_col.tolist(), ranks[finite].tolist(), item_col.tolist(), score_col))
                 written += int(finite.sum())
     except OSError as exc:

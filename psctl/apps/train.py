@@ -27,7 +27,7 @@ from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL
 from psctl.core.kept import name_problem
 from psctl.core.optim import OPTIMIZERS
 from psctl.core.tables import TableSpec
-from psctl.data import csvfile, formats, ratings, vocab
+from psctl.data import arrays, csvfile, formats, ratings, vocab
 from psctl.errors import DataError, Interrupted, JobError, PsctlError, RequestError, UsageError
 from psctl.files import checkpoint, modelfile
 from psctl.models.base import Model, classes_for, summarize
@@ -113,6 +113,12 @@ class TrainConfig:
     keep: str | None = None  # leave the trained tables on the server under this name (core/kept.py)
     replace: bool = False  # --keep of a name kept already replaces that model at the job's end
     resume_from: str | None = None  # a kept model to train further, in place, while it is served
+    # In-memory input (psctl.sklearn): ``data`` is a features .npy that every worker maps, and
+    # this is its data spec (psctl.data.arrays.data_spec: format, schema, labels file, rows).
+    arrays: dict[str, Any] | None = None
+    # The embedded cluster's shards and this job's local workers as tasks of this process,
+    # not child processes (cluster.launch.LocalCluster): no process start-up, one core.
+    in_process: bool = False
 
     def check(self) -> None:
         if self.workers < 1:
@@ -180,6 +186,8 @@ class TrainConfig:
                              f"{'none' if self.mode == 'async' else 'staleness 0'}")
         if "huber_delta" in self.model_params and self.model_params.get("loss") != "huber":
             raise UsageError("--huber-delta is for --loss huber")
+        if self.arrays is not None and (self.resume or self.validate):
+            raise UsageError("in-memory data cannot be resumed or validated against a file; train on files for that")
         if self.resume and self.checkpoint_dir and checkpoint.folder_of(self.resume).resolve() != Path(self.checkpoint_dir).resolve():
             raise UsageError("--resume continues in its own folder; leave out --checkpoint-dir or give the same folder")
         try:
@@ -454,13 +462,30 @@ class _Run:
 
 
 async def train(
-    cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda e: None, stop: StopRequest | None = None
+    cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda e: None, stop: StopRequest | None = None,
+    write_data: Callable[[], None] | None = None,
 ) -> TrainResult:
-    """Run one training job end to end and write the model file (``stop``: see :class:`StopRequest`)."""
+    """Run one training job end to end and write the model file (``stop``: see :class:`StopRequest`).
+
+    ``write_data`` (in-memory input): fills the data file, which already has its final size,
+    in a thread while the cluster starts; the job is submitted once it is done."""
+    writing = asyncio.ensure_future(asyncio.to_thread(write_data)) if write_data is not None else None
+    try:
+        return await _train(cfg, on_event, stop, writing)
+    finally:
+        if writing is not None and not writing.done():
+            await asyncio.wait({writing})  # a thread cannot be stopped: its file is not removed under it
+
+
+async def _train(
+    cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None], stop: StopRequest | None, writing: asyncio.Future[None] | None
+) -> TrainResult:
     cfg.check()
     check_out_path(cfg.out)
     model_cls = model_class(cfg.model)
-    if model_cls.data_format == "ratings":
+    if cfg.arrays is not None:
+        source, partitions = _arrays_source(cfg, model_cls)
+    elif model_cls.data_format == "ratings":
         schema = read_schema(cfg, model_cls)
         source = formats.Source(
             "ratings", {"schema": schema.to_dict(), "format": "ratings"}, schema, len(schema.feature_indices), cfg.has_header
@@ -472,7 +497,8 @@ async def train(
         )
     if source.sparse and "sparse" not in model_cls.params:
         raise PsctlError(f"model {cfg.model} does not take sparse input ({source.format})")
-    partitions = await asyncio.to_thread(csvfile.plan_partitions, cfg.data, cfg.workers, source.has_header)
+    if cfg.arrays is None:
+        partitions = await asyncio.to_thread(csvfile.plan_partitions, cfg.data, cfg.workers, source.has_header)
     spec = build_spec(cfg, source, partitions)
     resumed_classes = await _check_resumable(cfg, source) if cfg.resume_from is not None else None
     # bad parameters fail here, not on the cluster
@@ -493,7 +519,7 @@ async def train(
     started = time.monotonic()
     if cfg.server is None:  # every process of the cluster is ours: a fresh secret unless one was given
         cfg = replace(cfg, security=embedded_security(cfg.security))
-    async with LocalCluster(max_frame_bytes=cfg.max_frame_bytes, security=cfg.security) as cluster:
+    async with LocalCluster(max_frame_bytes=cfg.max_frame_bytes, security=cfg.security, in_process=cfg.in_process) as cluster:
         if cfg.server is None:
             coordinator = await cluster.start_coordinator()
             shards_up = asyncio.ensure_future(cluster.start_shards(cfg.shards, coordinator))
@@ -512,6 +538,8 @@ async def train(
             if shards_up is not None:
                 await shards_up
             on_event({"kind": "cluster_up", "seconds": time.monotonic() - started, "address": coordinator})
+            if writing is not None:
+                await writing  # the workers read the data once the job is submitted
             reply = await control.submit(spec.to_wire(), timeout_s=SUBMIT_TIMEOUT_S)
             job_id = session.job_id = reply["job_id"]
             on_event({"kind": "submitted", "job_id": job_id, "shards": reply["shards"]})
@@ -584,6 +612,24 @@ async def _keep(
         return str(exc)
     on_event({"kind": "kept", "name": reply.body["name"], "version": reply.body["version"], "shards": reply.body["shards"]})
     return None
+
+
+def _arrays_source(cfg: TrainConfig, model_cls: type[Model]) -> tuple[formats.Source, list[csvfile.Partition]]:
+    """In-memory input (``cfg.arrays``): read as a CSV of the same columns would be, by row ranges."""
+    assert cfg.arrays is not None
+    fmt = cfg.arrays["format"]
+    if (fmt == "ratings") != (model_cls.data_format == "ratings"):
+        raise DataError(f"model {cfg.model} does not train on in-memory {fmt} rows")
+    schema = csvfile.CsvSchema.from_dict(cfg.arrays["schema"]) if cfg.arrays.get("schema") else None
+    if fmt == "libsvm":  # a sparse matrix: its columns are the features
+        n_features = int(cfg.arrays["n_features"])
+    elif fmt == "hashed_csv":
+        n_features = 2 ** int(cfg.arrays["hash_bits"]) - 1
+    else:
+        assert schema is not None
+        n_features = len(schema.feature_indices)
+    source = formats.Source(fmt, dict(cfg.arrays), schema, n_features, True)
+    return source, arrays.plan_partitions(int(cfg.arrays["rows"]), cfg.workers)
 
 
 async def _follow(
@@ -794,8 +840,8 @@ def _model_meta(cfg: TrainConfig, source: formats.Source, session: _Run, done: d
         "classes": session.model.classes,
         "standardize": None,
         "training": {
-            k: v for k, v in asdict(cfg).items() if k not in ("out", "max_frame_bytes", "local_workers", "security")
-        },
+            k: v for k, v in asdict(cfg).items() if k not in ("out", "max_frame_bytes", "local_workers", "security", "arrays")
+        } | ({"data": "(in memory)"} if cfg.arrays is not None else {}),
         "metrics": {
             "train_loss": done["loss"],
             **{f"train_{k}": v for k, v in done["metrics"].items()},

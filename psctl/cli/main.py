@@ -437,12 +437,17 @@ class _TrainView:
 @_security_options(serving=False)
 def predict(
     model_path: str = typer.Argument(..., help="A model file written by 'psctl train', or with --server a kept model's name."),
-    data: str = typer.Argument(..., help="Data in the model's format: CSV with its feature columns (label optional), or LIBSVM."),
+    data: str | None = typer.Argument(None, help="Data in the model's format: CSV with its feature columns (label optional), or LIBSVM."),
     out_path: str | None = typer.Option(None, "--out", "-o", help="Write per-row predictions to this CSV."),
     model_class: str | None = typer.Option(None, "--model-class", help="Allow loading a model of this user class."),
     cold_start: str | None = typer.Option(
         None, "--cold-start", help="mf: rows with an unseen user or item: nan (default), drop, or mean (global mean + known bias)."
     ),
+    workers: int | None = typer.Option(
+        None, "--workers", "-w", help="Spread the file over this many worker processes (each reads only its byte range); same output as one."
+    ),
+    user: str | None = typer.Option(None, "--user", "-u", help="mf: predict one rating, of this user (with --item), without a data file."),
+    item: str | None = typer.Option(None, "--item", "-i", help="mf: the item of the one rating --user asks for."),
     as_json: bool = typer.Option(False, "--json", help="Print the result (rows, metrics, ...) as one JSON object."),
     server: str | None = typer.Option(
         None, "--server", help="HOST:PORT of a psctl server: MODEL names a model kept there (psctl train --keep)."
@@ -450,24 +455,48 @@ def predict(
     max_frame_bytes: int = MaxFrame,
     security: runtime.Security = runtime.LOCAL,
 ) -> None:
-    """Apply a model file (or a model kept on a server) to data; print metrics when the data has labels."""
-    from psctl.apps.predict import check_predictions_path, prediction_summary, write_predictions
+    """Apply a model file (or a model kept on a server) to data; print metrics when the data has labels (mf: or one rating, --user U --item I)."""
     from psctl.apps.predict import predict as run_predict
+    from psctl.apps.predict import predict_one, prediction_summary
 
     pulled = None
+    if server is not None and (user is not None or item is not None):
+        _usage("--user/--item read a model file; with --server give a data file of (user, item) rows")
+    if server is not None and workers is not None:
+        _usage("--workers is for model files; a kept model (--server) is read by one process, batch by batch")
+    if user is not None or item is not None:
+        if user is None or item is None:
+            _usage("--user and --item go together: give both for one rating")
+        if data is not None or out_path or workers is not None:
+            _usage("--user/--item predict one rating without a data file; leave out the data file, --out and --workers")
+        try:
+            one = predict_one(model_path, user, item, model_class, cold_start)
+        except PsctlError as exc:
+            err.print(f"psctl: error: {exc}", markup=False, highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+        if as_json:
+            from psctl.apps.results import json_safe
+
+            print(json.dumps(json_safe(one), indent=2), flush=True)
+        else:
+            out.print(f"{one['predicted_rating']:.4f}", highlight=False)
+        return
+    if data is None:
+        _usage("give a data file to predict (or, for an mf model, --user U --item I for one rating)")
     try:
-        if out_path:
-            check_predictions_path(out_path)
         if server is None:
-            pred = run_predict(model_path, data, model_class, cold_start)
+            pred = run_predict(model_path, data, model_class, cold_start, workers=workers, out=out_path)
         else:
             from psctl.apps import kept
+            from psctl.apps.predict import check_predictions_path, write_predictions
 
+            if out_path:
+                check_predictions_path(out_path)
             pred, pulled = runtime.run(lambda: kept.predict(server, model_path, data, model_class_path=model_class,
                                                             cold_start=cold_start, security=security,
                                                             max_frame_bytes=max_frame_bytes))  # fmt: skip
-        if out_path:
-            write_predictions(pred, out_path)
+            if out_path:
+                write_predictions(pred, out_path)
     except PsctlError as exc:
         err.print(f"psctl: error: {exc}", markup=False, highlight=False)
         raise typer.Exit(exc.exit_code) from None

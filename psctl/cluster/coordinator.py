@@ -318,7 +318,9 @@ class CoordinatorService:
 def pool_stats(effect: core.PoolStats) -> core.StatsPooled:
     """The driver's stats body from every worker's: their statistics, the labels seen and the
     union of the vocabularies (the data layer's)."""
-    parts = effect.parts
+    # In partition order, not arrival order: merging is not associative in floating point,
+    # so a seeded sync job then gets the same means and deviations, and model, every time.
+    parts = {k: effect.parts[k] for k in sorted(effect.parts)}
     stats = [p["stats"] for p in parts.values() if p.get("stats")]
     all_labels = sorted({str(lbl) for p in parts.values() for lbl in p.get("labels", [])})
     try:

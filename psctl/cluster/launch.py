@@ -1,4 +1,5 @@
-"""The embedded local cluster: a coordinator in this process, shards and workers as child processes."""
+"""The embedded local cluster: a coordinator in this process, shards and workers as child
+processes, or (``in_process``) as tasks of this process's event loop."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from psctl import net
 from psctl.cluster.child import READY
@@ -35,11 +38,85 @@ def embedded_security(security: net.Security) -> net.Security:
     return dataclasses.replace(security, secret=secrets.token_hex(EMBEDDED_SECRET_BYTES).encode())
 
 
+class _Stdin:
+    def __init__(self, stop: asyncio.Event):
+        self._stop = stop
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class TaskProcess:
+    """A shard or worker run as a task of this event loop, standing in for a child process
+    (``wait()``, ``returncode``, ``stdin.close()`` to stop it). Its pid is negative, never a
+    real process's, so nothing signals a process for it; an error ends it with code 1 and its
+    sentence goes to the log file, as a child's would."""
+
+    def __init__(self, index: int, work: Callable[[asyncio.Event], Awaitable[Any]], log_path: Path):
+        self.pid = -1 - index
+        self.returncode: int | None = None
+        self._stop = asyncio.Event()
+        self.stdin = _Stdin(self._stop)
+        self._log_path = log_path
+        self._task = asyncio.ensure_future(self._run(work))
+
+    async def _run(self, work: Callable[[asyncio.Event], Awaitable[Any]]) -> None:
+        from psctl.cluster.child import _run_until
+
+        try:
+            await _run_until(work(self._stop), self._stop)
+            self.returncode = 0
+        except asyncio.CancelledError:
+            self.returncode = -signal.SIGKILL
+            raise
+        except Exception as exc:  # a child process would print it and exit 1
+            self._log_path.write_text(f"psctl: error: {exc}\n")
+            self.returncode = 1
+
+    async def wait(self) -> int:
+        await asyncio.wait({self._task})
+        return self.returncode if self.returncode is not None else -signal.SIGKILL
+
+    def kill(self) -> None:
+        self._task.cancel()
+
+
+async def start_process(
+    args: list[str], log_path: Path, *, env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()
+) -> asyncio.subprocess.Process:
+    """``python <args>`` as a child of this process, the way psctl starts every child: in a
+    session of its own (Ctrl-C reaches this process only, which stops its children in order),
+    stdin a pipe the child watches (it exits when the pipe closes, so it never outlives this
+    process), stdout a pipe, stderr to ``log_path``, and no shared secret in its environment."""
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if k != handshake.SECRET_ENV}
+    with open(log_path, "wb") as log_file:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            *args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log_file,
+            env=env,
+            pass_fds=pass_fds,
+            start_new_session=True,
+        )
+
+
+def kill_process_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL a child started by :func:`start_process` and its group, if it is still running."""
+    if proc.returncode is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @dataclass
 class Child:
     role: str
     index: int
-    proc: asyncio.subprocess.Process
+    proc: asyncio.subprocess.Process | TaskProcess
     log_path: Path
 
     def log_tail(self, lines: int = 5) -> str:
@@ -54,9 +131,14 @@ class LocalCluster:
     """Starts and stops psctl processes on this host. Use ``async with``."""
 
     def __init__(
-        self, *, host: str = "127.0.0.1", max_frame_bytes: int, log_dir: str | None = None, security: net.Security = net.LOCAL
+        self, *, host: str = "127.0.0.1", max_frame_bytes: int, log_dir: str | None = None, security: net.Security = net.LOCAL,
+        in_process: bool = False,
     ):
         self.host = host
+        # Shards and workers as tasks of this event loop instead of processes: the same
+        # services on loopback TCP, without a process start-up (about a second on two cores)
+        # per shard and worker. For small data, where starting processes is most of a job.
+        self.in_process = in_process
         self.max_frame_bytes = max_frame_bytes
         self.security = security
         log_dir = log_dir or os.environ.get("PSCTL_LOG_DIR")  # keep the children's logs there
@@ -86,10 +168,14 @@ class LocalCluster:
         """SIGKILL the child process ``pid`` (and its group) if this cluster started it."""
         for child in self.children:
             if child.proc.pid == pid and child.proc.returncode is None:
-                try:
-                    os.killpg(child.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                _kill(child)
+
+    def _start_task(self, role: str, index: int, work: Callable[[asyncio.Event], Awaitable[Any]]) -> Child:
+        log_path = self.log_dir / f"{role}-{index}.log"
+        n_tasks = sum(isinstance(c.proc, TaskProcess) for c in self.children)
+        child = Child(role, index, TaskProcess(n_tasks, work, log_path), log_path)
+        self.children.append(child)
+        return child
 
     async def _spawn(self, role: str, index: int, args: list[str]) -> Child:
         log_path = self.log_dir / f"{role}-{index}.log"
@@ -105,23 +191,12 @@ class LocalCluster:
                 pipe.write(self.security.secret)  # far below a pipe's buffer: does not block
             args += ["--secret-fd", str(secret_fd)]
         try:
-            with open(log_path, "wb") as log_file:
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "psctl.cluster.child",
-                    role,
-                    *args,
-                    "--parent-watch",
-                    "--max-frame-bytes",
-                    str(self.max_frame_bytes),
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=log_file,
-                    env=env,
-                    pass_fds=() if secret_fd is None else (secret_fd,),
-                    start_new_session=True,  # Ctrl-C reaches us only; we stop the children in order
-                )
+            proc = await start_process(
+                ["-m", "psctl.cluster.child", role, *args, "--parent-watch", "--max-frame-bytes", str(self.max_frame_bytes)],
+                log_path,
+                env=env,
+                pass_fds=() if secret_fd is None else (secret_fd,),
+            )
         finally:
             if secret_fd is not None:
                 os.close(secret_fd)
@@ -143,6 +218,8 @@ class LocalCluster:
 
     async def start_shards(self, n: int, coordinator: str, port: int = 0) -> list[str]:
         """Start ``n`` shard processes and wait until each has registered."""
+        if self.in_process:
+            return await self._start_shard_tasks(n, coordinator, port)
         children = []
         for i in range(n):
             args = ["--coordinator", coordinator, "--host", self.host, "--port", str(port + i if port else 0)]
@@ -152,8 +229,37 @@ class LocalCluster:
     async def start_workers(self, n: int, coordinator: str, model_class: str | None = None) -> list[Child]:
         """Start ``n`` worker processes; they join the coordinator's next job (allowed to load ``model_class``)."""
         first = len([c for c in self.children if c.role == "worker"])
+        if self.in_process:
+            from psctl.cluster.worker import Worker
+
+            def worker(stop: asyncio.Event) -> Awaitable[Any]:
+                return Worker(coordinator, max_frame_bytes=self.max_frame_bytes, security=self.security,
+                              model_classes=[model_class] if model_class else []).run()
+
+            return [self._start_task("worker", first + i, worker) for i in range(n)]
         args = ["--server", coordinator] + (["--model-class", model_class] if model_class else [])
         return [await self._spawn("worker", first + i, args) for i in range(n)]
+
+    async def _start_shard_tasks(self, n: int, coordinator: str, port: int) -> list[str]:
+        from psctl.cluster.shard import run_shard
+
+        first = len([c for c in self.children if c.role == "shard"])
+        addresses: list[asyncio.Future[str]] = [asyncio.get_running_loop().create_future() for _ in range(n)]
+        children = []
+        for i in range(n):
+
+            def shard(stop: asyncio.Event, ready: asyncio.Future[str] = addresses[i], i: int = i) -> Awaitable[Any]:
+                return run_shard(coordinator, self.host, port + i if port else 0, max_frame_bytes=self.max_frame_bytes,
+                                 stop=stop, on_ready=ready.set_result, security=self.security)
+
+            children.append(self._start_task("shard", first + i, shard))
+        for child, address in zip(children, addresses):
+            await asyncio.wait({address, asyncio.ensure_future(child.proc.wait())},
+                                         timeout=CHILD_READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+            if not address.done():
+                tail = child.log_tail()
+                raise PsctlError(f"shard {child.index} did not start" + (f": {tail.splitlines()[-1]}" if tail else ""))
+        return [a.result() for a in addresses]
 
     def workers(self) -> list[Child]:
         return [c for c in self.children if c.role == "worker"]
@@ -168,10 +274,7 @@ class LocalCluster:
             done, pending = await asyncio.wait([asyncio.ensure_future(w) for w in waits], timeout=timeout_s)
             for child in self.children:
                 if child.proc.returncode is None:
-                    try:
-                        os.killpg(child.proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                    _kill(child)
             if pending:
                 await asyncio.wait(pending, timeout=timeout_s)
         if self._server is not None:
@@ -179,3 +282,11 @@ class LocalCluster:
             self._server = None
         if self._own_log_dir:
             shutil.rmtree(self.log_dir, ignore_errors=True)
+
+
+def _kill(child: Child) -> None:
+    """SIGKILL a child process and its group; cancel a task standing in for one."""
+    if isinstance(child.proc, TaskProcess):
+        child.proc.kill()
+    else:
+        kill_process_group(child.proc)

@@ -139,6 +139,7 @@ class ShardService:
         self.shard_id: int | None = None
         self._on_coordinator_lost = on_coordinator_lost
         self.coordinator: net.Peer | None = None
+        self.stopping = False  # set as the shard stops: links closing then are expected
         self.checkpoints: _Checkpoints | None = None
         self.workers: dict[int, net.Peer] = {}  # worker -> the connection it said HELLO on (this job's state)
         self.sessions: dict[int, str] = {}  # worker -> its slot's session token (from the coordinator)
@@ -171,7 +172,8 @@ class ShardService:
             for token in list(parked):
                 token.fut.cancel()
         if peer is self.coordinator:
-            log.warning("shard %s lost its coordinator", self.shard_id)
+            if not self.stopping:
+                log.warning("shard %s lost its coordinator", self.shard_id)
             self._on_coordinator_lost()
             return
         worker = peer.info.get("worker_id")
@@ -591,6 +593,8 @@ async def run_shard(
         await stop.wait()
     finally:
         await service.finish_writes(CHECKPOINT_WRITE_TIMEOUT_S)
+        # Stopping: the coordinator closing its link while this one closes is no loss to warn about.
+        service.stopping = True
         await server.close()
         if service.coordinator is not None:
             service.coordinator.close()

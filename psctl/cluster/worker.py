@@ -26,7 +26,7 @@ from psctl.cluster.session import EventTimeout, Session, SessionClosed
 from psctl.core.batching import batch_indices, epoch_steps
 from psctl.core.job import JobSpec
 from psctl.core.shard_errors import NonFiniteGradient
-from psctl.data import csvfile, formats, ratings, vocab
+from psctl.data import arrays, csvfile, formats, ratings, vocab
 from psctl.errors import ConnectError, DataError, JobError, PsctlError
 from psctl.models.base import Model, batch_sums, classes_for, encode_targets
 from psctl.models.registry import model_class
@@ -160,6 +160,8 @@ class Prepared:
 
 def load_partition(spec: dict[str, Any], path: str, part: csvfile.Partition) -> tuple[Any, np.ndarray]:
     """Features and raw labels of one partition, in the job's data format."""
+    if arrays.is_arrays(spec["data"]):  # in-memory input: a view of the mapped rows
+        return arrays.read_partition(spec["data"], path, part)
     if spec["data"].get("format", "csv") in formats.SPARSE_FORMATS:
         return formats.read_partition(spec["data"], path, part)
     schema = csvfile.CsvSchema.from_dict(spec["data"]["schema"])
@@ -192,10 +194,8 @@ def prepare(raw_X: Any, labels: np.ndarray, classes: list[str], stats_reply: dic
         if (X < 0).any():
             raise JobError("an id of this worker's partition is missing from the job's vocabulary")
     elif spec["data"].get("format", "csv") == "csv":  # dense numeric features: scaled, float32
-        if spec.get("standardize", True) and stats_reply["stats"]:
-            mean, std = csvfile.merge_stats(stats_reply["stats"])
-            X = (raw_X - mean) / std
-        X = X.astype(np.float32)
+        mean_std = csvfile.merge_stats(stats_reply["stats"]) if spec.get("standardize", True) and stats_reply["stats"] else None
+        X = csvfile.scaled_float32(raw_X, mean_std)
     else:  # sparse rows over model keys; LIBSVM's feature count comes from the statistics
         X = formats.to_keys(spec["data"], raw_X, stats_reply["stats"])
         n_features = X.n_cols
@@ -436,7 +436,8 @@ class Worker:
         clock = coord.clock = start_clock
         self.in_step = False
         acks: Acks | None = None  # the previous step's push
-        last_progress = time.monotonic()
+        # The first step is reported at once (the driver sees training start), then every interval.
+        last_progress = time.monotonic() - PROGRESS_INTERVAL_S
         recent_loss, recent_n = 0.0, 0
         first_epoch = start_clock // per_epoch if per_epoch else 0
         for epoch in range(first_epoch, epochs):

@@ -133,7 +133,8 @@ class SyncAccumulator:
             if keys is not None:
                 entry.keyed.setdefault(name, []).append((keys, grad.astype(np.float64) * count))
             elif name in entry.dense:
-                entry.dense[name] += grad * count
+                # In float64 like the first push's, so two pushes add the same in either order.
+                entry.dense[name] += grad.astype(np.float64) * count
             else:
                 entry.dense[name] = grad.astype(np.float64) * count
         entry.count += count

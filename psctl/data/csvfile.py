@@ -340,11 +340,38 @@ def _features_exact(rows: list[tuple[int, str]], schema: CsvSchema, path: str | 
     return X
 
 
+# Statistics and scaling go over a large array in blocks of about this many float64
+# bytes, so a partition (a memory-mapped in-memory input) never needs float64 copies of
+# itself: the temporaries stay a few blocks' size.
+BLOCK_BYTES = 4 << 20
+
+
+def _block_rows(X: np.ndarray) -> int:
+    return max(1, BLOCK_BYTES // (8 * max(1, int(np.prod(X.shape[1:])))))
+
+
 def partial_stats(X: np.ndarray) -> dict[str, Any]:
-    """Per-column count, mean and M2 (sum of squared deviations) of one partition's rows."""
+    """Per-column count, mean and M2 (sum of squared deviations) of one partition's rows
+    (in blocks of BLOCK_BYTES, merged as :func:`merge_stats` does, when it is larger)."""
+    step = _block_rows(X)
+    if len(X) > step:
+        blocks = [partial_stats(X[a : a + step]) for a in range(0, len(X), step)]
+        mean, m2, count = _merged(blocks)
+        return {"count": count, "mean": mean, "m2": m2}
     X = np.asarray(X, dtype=np.float64)
     mean = X.mean(axis=0) if len(X) else np.zeros(X.shape[1])
     return {"count": len(X), "mean": mean, "m2": ((X - mean) ** 2).sum(axis=0)}
+
+
+def scaled_float32(X: np.ndarray, mean_std: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """``(X - mean) / std`` (computed in float64) as a new float32 array, block by block:
+    the result is the only copy made of ``X``, which may be a memory-mapped file."""
+    out = np.empty(X.shape, np.float32)
+    step = _block_rows(X)
+    for a in range(0, len(X), step):
+        block = np.asarray(X[a : a + step], np.float64)
+        out[a : a + step] = block if mean_std is None else (block - mean_std[0]) / mean_std[1]
+    return out
 
 
 def merge_stats(parts: Iterable[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
@@ -353,6 +380,16 @@ def merge_stats(parts: Iterable[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray
     Merges with Chan et al.'s parallel update, which avoids the cancellation of
     sum/sum-of-squares. A std of 0 (a constant column) becomes 1.0 so scaling is safe.
     """
+    mean, m2, count = _merged(parts)
+    if count == 0:
+        raise ValueError("merge_stats needs at least one row")
+    std = np.sqrt(m2 / count)
+    std[std == 0] = 1.0
+    return mean, std
+
+
+def _merged(parts: Iterable[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mean, M2, count) of the union of partial statistics (Chan et al.)."""
     count, mean, m2 = 0, np.zeros(0), np.zeros(0)
     for part in parts:
         n = int(part["count"])
@@ -367,11 +404,7 @@ def merge_stats(parts: Iterable[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray
         mean = mean + delta * (n / total)
         m2 = m2 + part_m2 + delta**2 * (count * n / total)
         count = total
-    if count == 0:
-        raise ValueError("merge_stats needs at least one row")
-    std = np.sqrt(m2 / count)
-    std[std == 0] = 1.0
-    return mean, std
+    return mean, m2, count
 
 
 def _number(text: str) -> float | None:

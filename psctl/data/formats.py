@@ -330,6 +330,54 @@ def column_seed(name: str, kind: str) -> int:
     return int(hash_cells(np.array([f"{kind}:{name}".encode()], dtype="S"), 0)[0])
 
 
+def categorical_keys(cells: np.ndarray, name: str, hash_bits: int) -> np.ndarray:
+    """The keys of a categorical column's cells (byte strings, as a CSV holds them)."""
+    return hash_cells(cells, column_seed(name, "cat")) % np.uint64(2**hash_bits - 1)
+
+
+def numeric_key(name: str, hash_bits: int) -> int:
+    """The one key of a numeric column; its cells are the key's values."""
+    return column_seed(name, "num") % (2**hash_bits - 1)
+
+
+def hash_columns(columns: Sequence[tuple[str, np.ndarray]], categorical: Sequence[str], hash_bits: int) -> SparseRows:
+    """In-memory columns hashed as :func:`read_hashed_csv` hashes a CSV's: a categorical
+    column's cells are its values' text (``str(value)``, what a CSV of them holds), a numeric
+    column's are its numbers; missing cells (None, NaN, empty text) have no key."""
+    n_rows = len(columns[0][1]) if columns else 0
+    parts_rows, parts_keys, parts_values = [], [], []
+    for name, column in columns:
+        column = np.asarray(column)
+        if name in categorical:
+            text = np.array(["" if _missing(v) else str(v) for v in column.tolist()], dtype=str)
+            cells = np.strings.strip(np.char.encode(text, "utf-8")) if len(text) else np.array([], "S1")
+            present = np.flatnonzero(np.strings.str_len(cells) > 0)
+            keys = categorical_keys(cells[present], name, hash_bits)
+            values = np.ones(len(present), np.float32)
+        else:
+            try:
+                numbers = column.astype(np.float64)
+            except (TypeError, ValueError):
+                raise DataError(f"column '{name}' is not numeric; name it in categorical to hash it") from None
+            if np.isinf(numbers).any():
+                raise DataError(f"column '{name}' holds an infinite number")
+            present = np.flatnonzero(~np.isnan(numbers))
+            keys = np.full(len(present), numeric_key(name, hash_bits), np.uint64)
+            values = numbers[present].astype(np.float32)
+        parts_rows.append(present)
+        parts_keys.append(keys.astype(np.int64))
+        parts_values.append(values)
+    if not columns:
+        return SparseRows.from_coo(n_rows, np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32), 2**hash_bits - 1)
+    return SparseRows.from_coo(
+        n_rows, np.concatenate(parts_rows), np.concatenate(parts_keys), np.concatenate(parts_values), 2**hash_bits - 1
+    )
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def read_hashed_csv(
     path: str | os.PathLike[str], part: csvfile.Partition, schema: csvfile.CsvSchema, categorical: Sequence[str], hash_bits: int
 ) -> tuple[SparseRows, np.ndarray]:
@@ -344,7 +392,7 @@ def read_hashed_csv(
         raise DataError(f"'{path}' line {line_no} has {counts[bad] + 1} cells; {reference} has {n_cols}")
     rows = [r.rstrip(b"\r") for r in rows]
     cells = np.array(b",".join(rows).split(b",") if rows else [], dtype="S").reshape(len(rows), n_cols)
-    X = hash_columns(
+    X = hash_cell_columns(
         len(rows), [(schema.columns[j], cells[:, j]) for j in schema.feature_indices], categorical, hash_bits,
         lambda name, column, present: _numbers(column, path, name, present, lines, part),
     )
@@ -358,11 +406,11 @@ def read_hashed_csv(
     return X, np.array([v.decode("utf-8", errors="replace") for v in labels.tolist()], dtype=str)
 
 
-def hash_columns(
+def hash_cell_columns(
     n_rows: int, columns: Sequence[tuple[str, np.ndarray]], categorical: Sequence[str], hash_bits: int,
     numbers: Callable[[str, np.ndarray, np.ndarray], np.ndarray],
 ) -> SparseRows:
-    """Feature columns (name, byte-string cells) as hashed keys: a categorical cell is the key of
+    """Feature columns (name, byte-string cells, as a CSV holds them) as hashed keys: a categorical cell is the key of
     its hashed text (value 1), a numeric one its column's key with the number as the value; an
     empty cell is absent. ``numbers(name, cells, rows)`` parses a numeric column's present cells
     (its sentence names where a bad one is)."""
@@ -372,11 +420,11 @@ def hash_columns(
         column = _clean(cells)
         present = np.flatnonzero(np.strings.str_len(column) > 0)
         if name in categorical:
-            keys = hash_cells(column[present], column_seed(name, "cat")) % np.uint64(space)
+            keys = categorical_keys(column[present], name, hash_bits)
             values = np.ones(len(present), np.float32)
         else:
             values = numbers(name, column[present], present)
-            keys = np.full(len(present), column_seed(name, "num") % space, np.uint64)
+            keys = np.full(len(present), numeric_key(name, hash_bits), np.uint64)
         parts_rows.append(present)
         parts_keys.append(keys.astype(np.int64))
         parts_values.append(values)

@@ -127,6 +127,8 @@ def stats_request(ids: np.ndarray, ratings: np.ndarray) -> tuple[dict[str, Any],
         vocab.check_size(name, len(values))
     names, arrays = vocab.to_message({k: v.tolist() for k, v in distinct.items()})
     stats = csvfile.partial_stats(ratings[:, None]) if len(ratings) else None
+    if stats is not None:  # the range predictions are clipped to
+        stats.update(min=float(ratings.min()), max=float(ratings.max()))
     body = {"stats": None if stats is None else {k: _plain(v) for k, v in stats.items()}, "labels": [], "vocab": names}
     return body, arrays
 
@@ -139,6 +141,15 @@ def global_mean(stats: list[dict[str, Any]]) -> float:
     """The mean rating of the whole data from the workers' partial statistics."""
     mean, _ = csvfile.merge_stats(stats)
     return float(mean[0])
+
+
+def rating_range(stats: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    """(lowest, highest) rating of the whole data from the workers' partial statistics;
+    (None, None) when a partition's statistics lack the range (a worker of an older psctl)."""
+    parts = [s for s in stats if s is not None and int(s.get("count", 0))]
+    if not parts or any("min" not in s or "max" not in s for s in parts):
+        return None, None
+    return min(float(s["min"]) for s in parts), max(float(s["max"]) for s in parts)
 
 
 def encode_rows(ids: np.ndarray, vocabs: Mapping[str, Vocab]) -> np.ndarray:

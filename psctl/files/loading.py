@@ -90,6 +90,8 @@ MODEL_PARAMS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "items": (f"a whole number from 0 to {MAX_COUNT}", _count(0)),
     "mean": ("a finite number", _finite),
     "init_scale": ("a positive number", lambda v: _finite(v) and v > 0),
+    "rating_min": ("a finite number", lambda v: v is None or _finite(v)),
+    "rating_max": ("a finite number", lambda v: v is None or _finite(v)),
 }
 
 

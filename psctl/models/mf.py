@@ -71,7 +71,10 @@ class MF(Model):
     kind = "mf"
     task = "regression"
     data_format = "ratings"
-    params = {"rank": 10, "init_scale": 0.05, "users": 0, "items": 0, "mean": 0.0}
+    #: ``rating_min``/``rating_max``: the range of the training ratings (from the statistics
+    #: pass); predictions are clipped to it. None in model files written before it was kept:
+    #: those predict unclipped.
+    params = {"rank": 10, "init_scale": 0.05, "users": 0, "items": 0, "mean": 0.0, "rating_min": None, "rating_max": None}
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -81,15 +84,28 @@ class MF(Model):
             raise PsctlError("mf init_scale must be positive")
         self.rank = int(self.options["rank"])
         self.mean = float(self.options["mean"])
+        low, high = self.options["rating_min"], self.options["rating_max"]
+        if (low is None) != (high is None) or (low is not None and not float(low) <= float(high)):
+            raise PsctlError("mf rating_min and rating_max must both be given, with rating_min <= rating_max")
+        self.rating_range = None if low is None else (float(low), float(high))
 
     @classmethod
     def data_params(cls, stats: dict[str, Any]) -> dict[str, Any]:
         vocabs = stats["vocab"]
+        low, high = ratings.rating_range(stats["stats"])
         return {
             "users": len(vocabs[ratings.USER]),
             "items": len(vocabs[ratings.ITEM]),
             "mean": ratings.global_mean(stats["stats"]),
+            "rating_min": low,
+            "rating_max": high,
         }
+
+    def clip(self, pred: np.ndarray) -> np.ndarray:
+        """``pred`` clipped to the training ratings' range (unchanged for models without one; NaN stays NaN)."""
+        if self.rating_range is None:
+            return pred
+        return np.clip(pred, *self.rating_range)
 
     def tables(self) -> list[TableSpec]:
         users, items = int(self.options["users"]), int(self.options["items"])
@@ -124,7 +140,8 @@ class MF(Model):
         return loss, {k: v.astype(params[k].dtype, copy=False) for k, v in grads.items()}, pred
 
     def predict(self, params: dict[str, np.ndarray], X: np.ndarray) -> np.ndarray:
-        """Predictions for (user row, item row) pairs that are all in the tables."""
+        """Predictions for (user row, item row) pairs that are all in the tables, clipped to
+        the training ratings' range (see :meth:`clip`)."""
         P, Q = self._factors(params["user_factors"]), self._factors(params["item_factors"])
         u, i = X[:, 0], X[:, 1]
-        return self.mean + params["user_bias"][u] + params["item_bias"][i] + np.einsum("nk,nk->n", P[u], Q[i])
+        return self.clip(self.mean + params["user_bias"][u] + params["item_bias"][i] + np.einsum("nk,nk->n", P[u], Q[i]))

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from psctl.apps.results import json_safe
 from psctl.files import modelfile
 
 from ..conftest import EXAMPLES, psctl_json, run_psctl
@@ -130,6 +131,16 @@ def test_a_hashed_2_pow_32_model_is_read_only_where_the_rows_touch_it(tmp_path, 
     np.testing.assert_array_equal(from_cells, from_frame)
     assert counters["keys_pulled"] == 2 * touched  # two calls, each only the keys its rows touch
 
+    # Batch by batch (a few rows each): the same outputs and metrics as the model file, each
+    # batch pulling only its own rows' keys (so more pulls in all, never the whole model).
+    from psctl.apps import kept as kept_app
+
+    file_pred = psctl.predict(str(model), str(test))
+    pred, pulled = asyncio.run(kept_app.predict(server.address, "ctr", str(test), batch_bytes=300))
+    np.testing.assert_array_equal(pred.outputs, file_pred.outputs)
+    assert json_safe(pred.metrics) == json_safe(file_pred.metrics) and pred.unknown == file_pred.unknown
+    assert touched < pulled["keys_pulled"] <= 50 * (1 + 1 + 2), pulled
+
 
 @pytest.mark.timeout(600)
 def test_an_mf_model_predicts_the_same_from_the_server(tmp_path, server):
@@ -141,6 +152,28 @@ def test_an_mf_model_predicts_the_same_from_the_server(tmp_path, server):
     users, items = params["users"], params["items"]
     # Only the rows of the users and items the test file names (factors and biases), not the whole tables.
     assert live["pulled"]["keys_pulled"] < 2 * (users + items), (live["pulled"], users, items)
+
+    # The kept meta carries the training ratings' range, and the predictions are clipped to it.
+    (row,) = models(server)
+    stats = np.loadtxt(EXAMPLES / "ratings" / "train.csv", delimiter=",", skiprows=1, usecols=2)
+    import asyncio
+
+    from psctl.apps import kept as kept_app
+    from psctl.apps import predict as predicting
+
+    async def meta() -> dict:
+        async with await kept_app.KeptModel.open(server.address, "films") as k:
+            return k.meta
+
+    options = asyncio.run(meta())["model_params"]
+    assert (options["rating_min"], options["rating_max"]) == (stats.min(), stats.max())
+    # Several batches, each pulling its own users and items: the same as the file, clipped.
+    file_pred = predicting.predict(str(model), str(test))
+    pred, _ = asyncio.run(kept_app.predict(server.address, "films", str(test), batch_bytes=2000))
+    np.testing.assert_array_equal(pred.outputs, file_pred.outputs)
+    assert json_safe(pred.metrics) == json_safe(file_pred.metrics) and pred.cold_start == file_pred.cold_start
+    finite = pred.outputs[np.isfinite(pred.outputs)]
+    assert finite.min() >= stats.min() and finite.max() <= stats.max()
 
 
 @pytest.mark.timeout(600)
@@ -177,6 +210,10 @@ def test_keep_is_refused_in_one_sentence_where_it_cannot_work(tmp_path, server):
     shard = psctl_json("status", "--server", server.address)["shards"][0]["address"]
     assert_clean_error(run_psctl("models", "--server", shard), "is a psctl process but not a coordinator")
     np.testing.assert_equal(models(server), [])
+    r = run_psctl("predict", "bc", str(TEST), "--server", server.address, "--workers", "2")
+    assert_clean_error(r, "--workers is for model files; a kept model (--server) is read by one process")
+    r = run_psctl("predict", "films", "--user", "1", "--item", "2", "--server", server.address)
+    assert_clean_error(r, "--user/--item read a model file")
 
 
 @pytest.mark.timeout(600)

@@ -358,11 +358,11 @@ def kill_a_shard_mid_run(tmp_path: Path, common: list[str], every: int, after_cl
 @pytest.mark.fault
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
 def test_killed_shard_comes_back_from_its_checkpoint_and_the_job_goes_on(tmp_path):
-    common = ["logreg", str(SEED), "--label", "1", "--drop", "0", "--workers", "4", "--epochs", "100", "--mode", "sync"]
+    common = ["logreg", str(SEED), "--label", "1", "--drop", "0", "--workers", "4", "--epochs", "40", "--mode", "sync"]
     a, b, meta, _ = kill_a_shard_mid_run(tmp_path, common, every=50, after_clock=200)
     # Sync replays the same batches from the checkpoint: the same model as without the failure.
     np.testing.assert_allclose(b["w"], a["w"], rtol=1e-5, atol=1e-7)
-    assert meta["metrics"]["rows_trained"] == 100 * 2000
+    assert meta["metrics"]["rows_trained"] == 40 * 2000
 
 
 @pytest.mark.fault
@@ -372,12 +372,12 @@ def test_killed_shard_of_a_sparse_hashed_table_comes_back_equal(tmp_path):
 
     data = write_hashed(tmp_path / "clicks.csv", 1600, seed=1)
     common = ["logreg", str(data), "--label", "click", "--categorical", "site,user", "--hash-bits", "32", "--workers", "2",
-              "--optimizer", "ftrl", "--lr", "1", "--epochs", "60", "--batch-size", "16", "--mode", "sync"]
+              "--optimizer", "ftrl", "--lr", "1", "--epochs", "25", "--batch-size", "16", "--mode", "sync"]
     a, b, meta, _ = kill_a_shard_mid_run(tmp_path, common, every=100, after_clock=500)
     # The hashed rows (keys, values, FTRL's z and n) came back from the checkpoint: the same model.
     np.testing.assert_array_equal(b["w.keys"], a["w.keys"])
     np.testing.assert_allclose(b["w"], a["w"], rtol=1e-5, atol=1e-7)
-    assert meta["metrics"]["rows_trained"] == 60 * 1600
+    assert meta["metrics"]["rows_trained"] == 25 * 1600
 
 
 @pytest.mark.fault
@@ -388,7 +388,7 @@ def test_psctl_server_restarts_a_lost_shard_and_the_job_recovers(tmp_path):
         data = EXAMPLES / "seed_pytorch" / "data.csv"
         proc, _ = start_train(
             ["logreg", str(data), "--label", "1", "--drop", "0", "--server", server.address, "--workers", "3",
-             "--epochs", "150", "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "50",
+             "--epochs", "50", "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "50",
              "--out", str(tmp_path / "m.npz")],
             until="checkpoint at clock 150",
         )
@@ -398,7 +398,7 @@ def test_psctl_server_restarts_a_lost_shard_and_the_job_recovers(tmp_path):
         assert proc.returncode == 0, err
         assert " recovered from clock " in out
         _, meta = modelfile.load_model(str(tmp_path / "m.npz"))
-        assert meta["metrics"]["rows_trained"] == 150 * 2000
+        assert meta["metrics"]["rows_trained"] == 50 * 2000
     finally:
         code, out, err = server.stop()
     assert code == 0, err
@@ -425,7 +425,7 @@ def stopped_clock(err: str) -> int:
 @pytest.mark.fault
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
 def test_ctrl_c_saves_a_final_checkpoint_and_resume_equals_an_uninterrupted_run(tmp_path):
-    common = seed_args("sync", 100)
+    common = seed_args("sync", 40)
     train_clean(tmp_path, common)
     ckpt = tmp_path / "ckpt"
     # --checkpoint-dir alone: no periodic checkpoints, only the final one
@@ -439,7 +439,7 @@ def test_ctrl_c_saves_a_final_checkpoint_and_resume_equals_an_uninterrupted_run(
     assert not (tmp_path / "never.npz").exists()
     b, meta = resume(tmp_path, common, ckpt, clock)
     assert_equal_to_clean(tmp_path, b)
-    assert meta["metrics"]["rows_trained"] == 100 * 2000
+    assert meta["metrics"]["rows_trained"] == 40 * 2000
 
 
 @pytest.mark.fault
@@ -447,19 +447,19 @@ def test_ctrl_c_saves_a_final_checkpoint_and_resume_equals_an_uninterrupted_run(
 def test_ctrl_c_in_async_mode_stops_every_worker_at_one_clock(tmp_path):
     # In async mode workers drift apart; the final checkpoint holds them all at one clock,
     # so the resumed job trains every row exactly once per epoch: no step lost, none twice.
-    common = seed_args("async", 300)
+    common = seed_args("async", 100)
     ckpt = tmp_path / "ckpt"
     proc, address = start_train([*common, "--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "never.npz")], until="epoch 3/")
     _, err = interrupt(proc, address)
     assert proc.returncode == 130, err
     _, meta = resume(tmp_path, common, ckpt, stopped_clock(err))
-    assert meta["metrics"]["rows_trained"] == 300 * 2000
+    assert meta["metrics"]["rows_trained"] == 100 * 2000
 
 
 @pytest.mark.fault
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
 def test_timed_checkpoints_are_one_clock_for_all_shards(tmp_path):
-    common = seed_args("sync", 60)
+    common = seed_args("sync", 30)
     train_clean(tmp_path, common)
     ckpt = tmp_path / "ckpt"
     proc, address = start_train(
@@ -469,7 +469,7 @@ def test_timed_checkpoints_are_one_clock_for_all_shards(tmp_path):
     kill_everything(proc, address)
     b, meta = resume(tmp_path, common, ckpt)
     assert_equal_to_clean(tmp_path, b)
-    assert meta["metrics"]["rows_trained"] == 60 * 2000
+    assert meta["metrics"]["rows_trained"] == 30 * 2000
 
 
 @pytest.mark.fault

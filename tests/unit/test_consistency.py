@@ -97,3 +97,18 @@ def test_discarded_tokens_are_never_released():
     gate.discard({"a", "c"})
     assert gate.waiting() == 1
     assert gate.advance(0, 2) == ["b"]
+
+
+def test_two_float32_pushes_give_the_same_mean_in_either_order():
+    """A seeded sync job with two workers is the same bit for bit whichever push arrives
+    first: each push is weighted in float64 (a float32 product would round one of them)."""
+    rng = np.random.default_rng(4)
+    a, b = (rng.normal(size=50).astype(np.float32) for _ in range(2))
+    results = []
+    for first, second in (((a, 32), (b, 31)), ((b, 31), (a, 32))):
+        acc = SyncAccumulator()
+        acc.add(0, {"w": (None, first[0])}, first[1])
+        acc.add(0, {"w": (None, second[0])}, second[1])
+        [(_, means)] = acc.complete(None)
+        results.append(means["w"][1])
+    np.testing.assert_array_equal(results[0], results[1])

@@ -26,6 +26,7 @@ RANK = {
     "cluster": 6,
     "apps": 7,
     "cli": 8,
+    "sklearn": 8,  # scikit-learn estimators: a front end over apps/, like the CLI
 }
 PURE = ("protocol", "core")
 IO_MODULES = {"asyncio", "socket", "ssl", "selectors", "uvloop", "subprocess", "threading"}

@@ -101,7 +101,11 @@ def test_sizes_and_mean_come_from_the_statistics_pass():
         "labels": [],
         "vocab": {"user": Vocab.from_strings(["a", "b", "c"]), "item": Vocab.from_strings(["1"])},
     }
-    assert MF.data_params(stats) == {"users": 3, "items": 1, "mean": pytest.approx(3.5)}
+    # statistics without the rating range (workers of an older psctl): no range, no clipping
+    assert MF.data_params(stats) == {"users": 3, "items": 1, "mean": pytest.approx(3.5), "rating_min": None, "rating_max": None}
+    stats["stats"][0].update(min=2.5, max=3.5)
+    stats["stats"][1].update(min=4.0, max=4.0)
+    assert MF.data_params(stats)["rating_min"] == 2.5 and MF.data_params(stats)["rating_max"] == 4.0
     assert MODELS["mf"] is MF and MF.data_format == "ratings"
 
 
