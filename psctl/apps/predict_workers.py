@@ -5,6 +5,13 @@ file, applies the same pure step as one process (``predict.read_rows``, then
 ``predict.evaluate_rows``), and leaves its per-row arrays (``.npy``, no pickle) and, when
 the parent writes a predictions file, its rows of that file in FOLDER. See
 ``predict.predict_spread`` for the parent's side and why files.
+
+While it works it proves it is alive: it writes to stdout (a pipe the parent reads)
+every ``heartbeat_interval_s`` of the task, as a training worker sends its heartbeats
+(``cluster.session.Heartbeat``) but without a Python thread (see :func:`_beat`), so a
+worker that is stopped or frozen is noticed by the parent within its failure timeout.
+Only the standard library is imported before the first sign; numpy and the model come
+after.
 """
 
 from __future__ import annotations
@@ -12,13 +19,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import threading
 from pathlib import Path
 
-from psctl.apps import predict as P
-from psctl.data import csvfile
 from psctl.errors import PsctlError
+
+TASK_FILE = "task.json"  # predict.TASK_FILE, which this process imports only after its first sign of life
+#: The first sign of life a worker writes to stdout; any byte there counts as one.
+BEAT = b"."
 
 
 # -- the worker process ------------------------------------------------------------------------
@@ -40,9 +50,36 @@ def _watch_parent(folder: Path) -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
-def work(folder: Path, k: int) -> None:
+def _beat(interval_s: float) -> None:
+    """One sign of life now (so the parent hears this worker before anything slow starts),
+    then one byte every ``interval_s`` until the process exits.
+
+    The repeated ones are written by no Python thread: a Python thread needs the
+    interpreter's lock, and numpy calls that hold it throughout starve it (np.loadtxt over
+    600,000 rows held it 2.7 s on a loaded machine). Instead the kernel sends SIGALRM
+    every ``interval_s`` (``setitimer``), and Python's C-level signal handler writes a byte
+    to the wakeup fd, here stdout, at once and without the lock (``signal.set_wakeup_fd``,
+    the mechanism asyncio uses to wake its loop). A stopped (SIGSTOP) or frozen process
+    runs no handler, so it gives no sign. The fd is non-blocking, as set_wakeup_fd needs:
+    while the parent is stopped and the pipe is full, a byte is dropped, never waited on.
+    faulthandler's watchdog thread, the other way to write without the lock, reads the
+    stacks while they change and crashed a worker (SIGSEGV).
+    """
+    try:
+        os.write(1, BEAT)
+    except OSError:  # the parent is gone already: _watch_parent ends this process
+        return
+    os.set_blocking(1, False)
+    signal.set_wakeup_fd(1, warn_on_full_buffer=False)
+    signal.signal(signal.SIGALRM, lambda signum, frame: None)  # the byte is the point; the handler does nothing
+    signal.setitimer(signal.ITIMER_REAL, interval_s, interval_s)
+
+
+def work(folder: Path, k: int, task: dict) -> None:
     """Predict partition ``k`` of the task in ``folder``; write its result files there."""
-    task = json.loads((folder / P.TASK_FILE).read_text())
+    from psctl.apps import predict as P  # after the first beat: numpy and the model load slowly
+    from psctl.data import csvfile
+
     pred = P.load_predictor(task["model_path"], task["model_class"])
     plan = P.InputPlan.from_dict(task["plan"])
     part = csvfile.Partition.from_dict(task["partitions"][k])
@@ -58,11 +95,16 @@ def work(folder: Path, k: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     folder, k = (sys.argv[1:] if argv is None else argv)[:2]
     _watch_parent(Path(folder))
+    task = json.loads((Path(folder) / TASK_FILE).read_text())
+    _beat(float(task["heartbeat_interval_s"]))
     try:
-        work(Path(folder), int(k))
+        work(Path(folder), int(k), task)
     except PsctlError as exc:
         (Path(folder) / f"{k}.error.json").write_text(json.dumps({"message": str(exc), "exit_code": exc.exit_code}))
         return exc.exit_code
+    finally:
+        # No more beats: the interpreter restores SIGALRM's default (terminate) as it exits.
+        signal.setitimer(signal.ITIMER_REAL, 0)
     return 0
 
 

@@ -446,6 +446,9 @@ def predict(
     workers: int | None = typer.Option(
         None, "--workers", "-w", help="Spread the file over this many worker processes (each reads only its byte range); same output as one."
     ),
+    failure_timeout_s: float | None = typer.Option(
+        None, "--failure-timeout-s", help="With --workers: a worker silent this long (stopped, hung) ends the command [default: 5.0]."
+    ),
     user: str | None = typer.Option(None, "--user", "-u", help="mf: predict one rating, of this user (with --item), without a data file."),
     item: str | None = typer.Option(None, "--item", "-i", help="mf: the item of the one rating --user asks for."),
     as_json: bool = typer.Option(False, "--json", help="Print the result (rows, metrics, ...) as one JSON object."),
@@ -462,13 +465,13 @@ def predict(
     pulled = None
     if server is not None and (user is not None or item is not None):
         _usage("--user/--item read a model file; with --server give a data file of (user, item) rows")
-    if server is not None and workers is not None:
-        _usage("--workers is for model files; a kept model (--server) is read by one process, batch by batch")
+    if server is not None and (workers is not None or failure_timeout_s is not None):
+        _usage("--workers and --failure-timeout-s are for model files; a kept model (--server) is read by one process, batch by batch")
     if user is not None or item is not None:
         if user is None or item is None:
             _usage("--user and --item go together: give both for one rating")
-        if data is not None or out_path or workers is not None:
-            _usage("--user/--item predict one rating without a data file; leave out the data file, --out and --workers")
+        if data is not None or out_path or workers is not None or failure_timeout_s is not None:
+            _usage("--user/--item predict one rating without a data file; leave out the data file, --out, --workers and --failure-timeout-s")
         try:
             one = predict_one(model_path, user, item, model_class, cold_start)
         except PsctlError as exc:
@@ -485,7 +488,8 @@ def predict(
         _usage("give a data file to predict (or, for an mf model, --user U --item I for one rating)")
     try:
         if server is None:
-            pred = run_predict(model_path, data, model_class, cold_start, workers=workers, out=out_path)
+            pred = run_predict(model_path, data, model_class, cold_start, workers=workers, out=out_path,
+                               failure_timeout_s=failure_timeout_s)
         else:
             from psctl.apps import kept
             from psctl.apps.predict import check_predictions_path, write_predictions

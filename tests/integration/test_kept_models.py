@@ -211,7 +211,7 @@ def test_keep_is_refused_in_one_sentence_where_it_cannot_work(tmp_path, server):
     assert_clean_error(run_psctl("models", "--server", shard), "is a psctl process but not a coordinator")
     np.testing.assert_equal(models(server), [])
     r = run_psctl("predict", "bc", str(TEST), "--server", server.address, "--workers", "2")
-    assert_clean_error(r, "--workers is for model files; a kept model (--server) is read by one process")
+    assert_clean_error(r, "--workers and --failure-timeout-s are for model files; a kept model (--server) is read by one process")
     r = run_psctl("predict", "films", "--user", "1", "--item", "2", "--server", server.address)
     assert_clean_error(r, "--user/--item read a model file")
 

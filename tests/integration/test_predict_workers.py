@@ -1,14 +1,15 @@
 """``psctl predict --workers N`` and ``--user/--item`` as a person runs them: real processes.
 
 The worker processes must give the very bytes and metrics of one process, for every
-model kind; a worker that dies must end the command with one sentence; Ctrl-C must
-leave no worker behind.
+model kind; a worker that dies or stops must end the command with one sentence; a
+parent that was stopped itself must judge nobody lost; Ctrl-C must leave no worker behind.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,11 +20,13 @@ import numpy as np
 import pytest
 
 from psctl.apps import recommend
+from psctl.data import csvfile
 
 from ..conftest import EXAMPLES, REPO, run_psctl, write_logreg_csv
 from .test_bad_input import assert_clean_error
 from .test_mf_cli import COLUMNS, write_ratings
 from .test_sparse_cli import write_hashed, write_libsvm
+from .test_stalls import stopped_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -121,11 +124,33 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _start_predict(model: Path, data: Path, out: Path, workers: int) -> subprocess.Popen:
+def _start_predict(model: Path, data: Path, out: Path, workers: int, *extra: str, log: str = "ERROR") -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "psctl", "predict", str(model), str(data), "--workers", str(workers), "--out", str(out)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"},
+        [sys.executable, "-m", "psctl", "predict", str(model), str(data), "--workers", str(workers), "--out", str(out), *extra],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "COLUMNS": "200", "PSCTL_LOG": log},
     )
+
+
+def _wait_heard(proc: subprocess.Popen, n: int) -> None:
+    """Read the parent's log (PSCTL_LOG=info) until it has heard each of its ``n`` workers
+    (bounded by the test's timeout): then every one is past its start and working."""
+    assert proc.stderr is not None
+    heard: set[int] = set()
+    for line in proc.stderr:
+        if m := re.search(r"predict worker (\d+) of \d+: alive", line):
+            heard.add(int(m[1]))
+            if len(heard) == n:
+                return
+    pytest.fail(f"the parent heard only workers {sorted(heard)} of {n} before it exited (code {proc.wait()})")
+
+
+def _worker_k(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").rsplit(b"\0", 1)[1])
+
+
+def _task_folder(pid: int) -> Path:
+    return Path(next(a for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if b"psctl-predict-" in a).decode())
 
 
 def _wait_for_workers(proc: subprocess.Popen, n: int, timeout_s: float = 60) -> list[int]:
@@ -184,9 +209,102 @@ def test_workers_of_a_killed_parent_exit(models, big, tmp_path):
         time.sleep(0.01)
     assert not folder.exists()  # the task folder the parent could not remove
 
+FAILURE_TIMEOUT_S = 2.0
+
+
+@pytest.mark.timeout(120)
+def test_a_stopped_worker_is_declared_lost_within_the_failure_timeout(models, big, tmp_path):
+    """kill -STOP of one worker: its pipe stays open and it never exits, so only its
+    silence tells. Every worker goes, and neither the task folder nor --out is left."""
+    model, _ = models["logreg"]
+    victim = None
+    with _start_predict(model, big, tmp_path / "p.csv", 3, "--failure-timeout-s", str(FAILURE_TIMEOUT_S), log="info") as proc:
+        try:
+            _wait_heard(proc, 3)
+            pids = _worker_pids(proc.pid)
+            victim = next(p for p in pids if _worker_k(p) == 1)
+            folder = _task_folder(victim)
+            os.kill(victim, signal.SIGSTOP)
+            stopped = time.monotonic()
+            assert _alive(victim), "the worker finished before it was stopped: the data file is too small"
+            proc.wait(timeout=FAILURE_TIMEOUT_S + 60)
+            took_s = time.monotonic() - stopped
+            result = subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.read(), proc.stderr.read())
+        finally:  # without the watch the command waits forever: leave nothing behind
+            if proc.poll() is None:
+                proc.kill()
+            if victim is not None and _alive(victim):
+                os.kill(victim, signal.SIGKILL)
+    second = csvfile.plan_partitions(big, 3)[1]
+    assert_clean_error(
+        result, f"predict worker 2 of 3 ({second.n_rows} rows from line {second.first_line} of '{big}') gave no sign of life for",
+        f"--failure-timeout-s is {FAILURE_TIMEOUT_S:g}", "so every worker was stopped; no predictions were written",
+    )
+    assert result.returncode == 1
+    silent_s = float(re.search(r"no sign of life for ([\d.]+) s", result.stderr)[1])
+    assert FAILURE_TIMEOUT_S < silent_s <= took_s + 0.5
+    assert took_s < FAILURE_TIMEOUT_S + 15, f"declared lost after {took_s:.1f} s"
+    assert not any(_alive(p) for p in pids), "a predict worker outlived the command"
+    assert not folder.exists() and not (tmp_path / "p.csv").exists()
+
+
+@pytest.fixture(scope="module")
+def bigger(big, tmp_path_factory):
+    """600,000 rows (big's, three times): each of two workers works for seconds, so they
+    are still working when a parent stopped for a few seconds runs again."""
+    path = tmp_path_factory.mktemp("bigger") / "bigger.csv"
+    header, rows = big.read_bytes().split(b"\n", 1)
+    path.write_bytes(header + b"\n" + rows * 3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bigger_single(models, bigger, tmp_path_factory) -> bytes:
+    """The predictions file of ``bigger`` written by one process."""
+    out = tmp_path_factory.mktemp("bigger-single") / "single.csv"
+    single = run_psctl("predict", str(models["logreg"][0]), str(bigger), "--out", str(out))
+    assert single.returncode == 0, single.stderr
+    return out.read_bytes()
+
+
+@pytest.mark.timeout(240)
+def test_a_stopped_parent_declares_no_worker_lost(models, bigger, bigger_single, tmp_path):
+    """kill -STOP of 'psctl predict' itself for twice the failure timeout: its workers went
+    on and wrote to their pipes meanwhile, so when it runs again it reads that before it
+    judges them, and the prediction completes, equal to one process's."""
+    model, _ = models["logreg"]
+    timeout_s = 1.5
+    with _start_predict(model, bigger, tmp_path / "p.csv", 2, "--failure-timeout-s", str(timeout_s), log="info") as proc:
+        try:
+            _wait_heard(proc, 2)
+            stopped_for(proc.pid, 2 * timeout_s)
+            proc.wait(timeout=180)
+            err = proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, err
+    assert "no sign of life" not in err
+    assert (tmp_path / "p.csv").read_bytes() == bigger_single
+
+
+@pytest.mark.timeout(240)
+def test_a_worker_inside_one_long_numpy_call_is_not_declared_lost(models, bigger, bigger_single, tmp_path):
+    """One worker parses 600,000 rows in one np.loadtxt call, which holds the interpreter's
+    lock for seconds on a loaded machine (a Python heartbeat thread would fall silent)."""
+    model, _ = models["logreg"]
+    r = run_psctl("predict", str(model), str(bigger), "--workers", "1", "--failure-timeout-s", "1", "--out", str(tmp_path / "p.csv"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "p.csv").read_bytes() == bigger_single
+
+
 def test_bad_input_is_one_sentence(models, tmp_path):
     model, data = models["logreg"]
     assert_clean_error(run_psctl("predict", str(model), str(data), "--workers", "0"), "--workers must be between 1 and", code=2)
+    for bad_timeout in ("0", "-1", "nan", "inf"):
+        assert_clean_error(run_psctl("predict", str(model), str(data), "--workers", "2", "--failure-timeout-s", bad_timeout),
+                           "--failure-timeout-s must be a positive number of seconds", code=2)
+    assert_clean_error(run_psctl("predict", str(model), str(data), "--failure-timeout-s", "2"), "it needs --workers N", code=2)
     assert_clean_error(run_psctl("predict", str(model), str(tmp_path / "none.csv"), "--workers", "2"), "does not exist", code=2)
     bad = tmp_path / "bad.csv"
     lines = data.read_text().splitlines()
