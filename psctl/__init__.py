@@ -5,7 +5,7 @@ The public API, importable from ``psctl`` itself:
 - training and prediction as a library: :class:`TrainConfig` and :func:`train`
   (an awaitable returning a :class:`TrainResult`), :func:`predict`, :func:`predict_pairs` (an mf model's ratings for (user, item) pairs);
 - the parameter server without the trainer (``psctl.apps.api``): :class:`LocalServer`,
-  :class:`Job`, :class:`KVWorker`, :class:`TableSpec`;
+  :class:`Job`, :class:`KVWorker`, :class:`TableSpec`; :class:`ServerModel` (a model kept on a server);
 - :class:`Model`, the base class of a model of your own (``--model-class``);
 - the typed errors: every :class:`PsctlError` carries one sentence and an ``exit_code``.
 
@@ -35,6 +35,7 @@ _LAZY = {
     "Job": "psctl.apps.api",
     "KVWorker": "psctl.apps.api",
     "LocalServer": "psctl.apps.api",
+    "ServerModel": "psctl.apps.api",
     "TableSpec": "psctl.apps.api",
     "TrainConfig": "psctl.apps.train",
     "TrainResult": "psctl.apps.train",
@@ -56,6 +57,7 @@ __all__ = [
     "ModelFileError",
     "PsctlError",
     "SecurityError",
+    "ServerModel",
     "TableSpec",
     "TrainConfig",
     "TrainResult",
@@ -67,7 +69,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from psctl.apps.api import Job, KVWorker, LocalServer, TableSpec
+    from psctl.apps.api import Job, KVWorker, LocalServer, ServerModel, TableSpec
     from psctl.apps.predict import predict, predict_pairs
     from psctl.apps.train import TrainConfig, TrainResult, train
     from psctl.models.base import Model

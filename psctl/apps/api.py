@@ -15,6 +15,13 @@ each :class:`KVWorker` joins it and runs its own loop::
 
 Models for ``psctl train`` are classes (see :class:`psctl.models.Model`); this
 API is for loops that do not fit that shape.
+
+A model kept on a server (``psctl train --keep NAME``) is predicted from with
+:class:`ServerModel`, reading the live parameters from the shards::
+
+    async with await ServerModel.load(address, "bc") as model:
+        p = await model.predict(X)           # X: rows in the model's column order, or a pandas DataFrame
+        labels = await model.predict_labels(X)
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from psctl.core.tables import TableSpec
 from psctl.errors import JobError, PsctlError
 from psctl.protocol.wire import DEFAULT_MAX_FRAME_BYTES, MsgType
 
-__all__ = ["Job", "KVWorker", "LocalServer", "TableSpec"]
+__all__ = ["Job", "KVWorker", "LocalServer", "ServerModel", "TableSpec"]
 
 SUBMIT_TIMEOUT_S = 60.0
 
@@ -266,3 +273,164 @@ class LocalServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._cluster.stop()
+
+
+class ServerModel:
+    """A model kept on a psctl server, predicted from with the parameters on its shards.
+
+    A dense model's tables are read once, at :meth:`load` (:meth:`refresh` reads them again);
+    an mf model reads, per call, only the rows of the users and items asked for. Rows may be
+    a 2-d numpy array in the model's column order (:attr:`columns`) or a pandas DataFrame
+    (its columns picked by name); an mf model takes (user, item) id pairs, or a DataFrame with
+    its user and item columns. A hashed-CSV model takes the cells as text (a DataFrame, or an
+    array of strings; an empty cell or a missing value is absent), hashes them as training did,
+    and reads, per call, only the keys those rows touch. A LIBSVM model is predicted from files
+    (``psctl predict NAME FILE --server``).
+    """
+
+    def __init__(self, kept: Any, params: dict[str, np.ndarray] | None):
+        self._kept, self._params = kept, params
+        self.name: str = kept.name
+        self.meta: dict[str, Any] = kept.meta
+        self._vocabs: tuple[Any, Any] | None = None
+
+    @classmethod
+    async def load(
+        cls, address: str, name: str, *, model_class: str | None = None, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        security: net.Security = net.LOCAL,
+    ) -> ServerModel:
+        from psctl.apps.kept import KeptModel
+        from psctl.models.mf import MF
+
+        kept = await KeptModel.open(address, name, model_class_path=model_class, security=security, max_frame_bytes=max_frame_bytes)
+        try:
+            sparse = any(t.get("sparse") for t in kept.tables.values())
+            if sparse and kept.meta.get("input", {}).get("format") != "hashed_csv":
+                raise PsctlError(f"model {name!r} reads {kept.meta.get('input', {}).get('format')} input: predict it from a "
+                                 f"file with 'psctl predict {name} FILE --server {address}'")  # fmt: skip
+            model = cls(kept, None if sparse or isinstance(kept.model, MF) else await kept.dense())
+        except BaseException:
+            kept.close()
+            raise
+        return model
+
+    async def refresh(self) -> None:
+        """Read a dense model's tables again (a model kept anew under the same name is another version: load it)."""
+        if self._params is not None:
+            self._params = await self._kept.dense()
+
+    @property
+    def kind(self) -> str:
+        return str(self.meta["kind"])
+
+    @property
+    def columns(self) -> list[str]:
+        """The columns a row holds, in order: the features, or an mf model's user and item columns."""
+        schema = self.meta.get("schema") or {}
+        if self.meta.get("data_format") == "ratings":
+            return [schema["columns"][i] for i in schema["feature_indices"]]
+        return list(self.meta.get("feature_names") or [])
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """What was read from the shards so far: ``keys_pulled``, ``bytes_pulled``."""
+        return self._kept.counters()
+
+    @property
+    def hashed(self) -> bool:
+        return (self.meta.get("input") or {}).get("format") == "hashed_csv"
+
+    def _rows(self, X: Any) -> np.ndarray:
+        columns = self.columns
+        if hasattr(X, "columns") and hasattr(X, "to_numpy"):  # a pandas DataFrame (pandas itself is not imported)
+            missing = [c for c in columns if c not in set(map(str, X.columns))]
+            if missing:
+                raise PsctlError(f"the rows lack {len(missing)} column(s) model {self.name!r} needs: {', '.join(map(repr, missing[:5]))}")
+            X = X[columns]
+            X = X.where(X.notna(), "").astype(str).to_numpy() if self.hashed else X.to_numpy()
+        X = np.asarray(X, dtype=str) if self.hashed else np.asarray(X)
+        if X.ndim == 1:
+            X = X.reshape(1, -1)
+        if X.ndim != 2 or X.shape[1] != len(columns):
+            raise PsctlError(f"model {self.name!r} takes rows of {len(columns)} values ({', '.join(columns[:5])}"
+                             f"{' ...' if len(columns) > 5 else ''}); got an array of shape {X.shape}")  # fmt: skip
+        return X
+
+    async def predict(self, X: Any) -> np.ndarray:
+        """The model's outputs for rows ``X``: P(class 1) (binary), a score per class, values
+        (regression), or ratings (mf; NaN for a user or item the model has not seen)."""
+        rows = self._rows(X)
+        if self.hashed:
+            return await self._predict_hashed(rows)
+        if self._params is None:
+            return await self._predict_mf(rows)
+        try:
+            values = rows.astype(np.float64)
+        except ValueError:
+            raise PsctlError(f"model {self.name!r} takes numbers; the rows hold something else") from None
+        std = self.meta.get("standardize")
+        if std:
+            values = (values - np.asarray(std["mean"])) / np.asarray(std["std"])
+        return self._kept.model.predict({k: v.astype(np.float64, copy=False) for k, v in self._params.items()}, values)
+
+    async def predict_labels(self, X: Any) -> list[str] | np.ndarray:
+        """The predicted class of each row (values for regression and mf)."""
+        from psctl.models.base import predicted_index
+
+        outputs = await self.predict(X)
+        task = self._kept.model.task
+        if task == "regression":
+            return outputs
+        classes = self._kept.model.classes
+        return [classes[i] for i in predicted_index(task, outputs)]
+
+    async def _predict_hashed(self, cells: np.ndarray) -> np.ndarray:
+        from psctl.apps.predict import aligned_weights
+        from psctl.data import formats
+
+        spec = self.meta["input"]
+
+        def numbers(name: str, column: np.ndarray, rows: np.ndarray) -> np.ndarray:
+            try:
+                values = column.astype(np.float64)
+            except ValueError:
+                values = np.full(len(column), np.nan)
+            if not np.isfinite(values).all():
+                bad = int(np.flatnonzero(~np.isfinite(values))[0])
+                raise PsctlError(f"row {int(rows[bad])}, column {name!r}: {column[bad].decode('utf-8', 'replace')[:40]!r} "
+                                 "is not a finite number")  # fmt: skip
+            return values.astype(np.float32)
+
+        encoded = [(name, np.strings.encode(cells[:, j], "utf-8")) for j, name in enumerate(self.columns)]
+        X = formats.hash_cell_columns(len(cells), encoded, spec["categorical"], int(spec["hash_bits"]), numbers)
+        params = await self._kept.params_for(X)
+        weights, _ = aligned_weights(self._kept.model, params, X)
+        return self._kept.model.predict(weights, X)
+
+    async def _predict_mf(self, pairs: np.ndarray) -> np.ndarray:
+        from psctl.data import ratings
+        from psctl.data.vocab import Vocab
+
+        if self._vocabs is None:
+            extras, kinds = await self._kept.extras(), self.meta["vocab"]
+            self._vocabs = tuple(Vocab.from_array(extras[f"vocab_{n}"], kinds[n]) for n in (ratings.USER, ratings.ITEM))  # type: ignore[assignment]
+        users, items = self._vocabs  # type: ignore[misc]
+        rows = ratings.encode_rows(pairs.astype(str), {ratings.USER: users, ratings.ITEM: items})
+        known = (rows[:, 0] >= 0) & (rows[:, 1] >= 0)
+        out = np.full(len(rows), np.nan)
+        if known.any():
+            u, u_at = np.unique(rows[known, 0], return_inverse=True)
+            i, i_at = np.unique(rows[known, 1], return_inverse=True)
+            got = await self._kept.rows({"user_factors": u, "user_bias": u, "item_factors": i, "item_bias": i})
+            params = {name: values.astype(np.float64, copy=False) for name, (values, _) in got.items()}
+            out[known] = self._kept.model.predict(params, np.stack([u_at.reshape(-1), i_at.reshape(-1)], axis=1))
+        return out
+
+    def close(self) -> None:
+        self._kept.close()
+
+    async def __aenter__(self) -> ServerModel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()

@@ -64,7 +64,7 @@ def schema_for(meta: dict[str, Any], path: str) -> csvfile.CsvSchema:
     )
 
 
-# -- where the parameters come from: a model file (a kept model on a server is another source) --
+# -- where the parameters come from: a model file (a kept model on a server: apps/kept.py) -----
 @dataclass
 class Predictor:
     """A model ready to apply to rows: its object, float64 parameters and meta (and for mf
@@ -74,7 +74,7 @@ class Predictor:
     params: dict[str, np.ndarray]
     meta: dict[str, Any]
     mf: recommend.MFModel | None = None
-    source: str = ""  # the model's name in messages (its file path)
+    source: str = ""  # the model's name in messages (its file path, or "kept model NAME": apps/kept.py)
 
     @property
     def is_mf(self) -> bool:

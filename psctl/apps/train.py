@@ -6,6 +6,7 @@ It returns data and calls ``on_event`` with plain dicts; rendering is the CLI's 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from psctl.cluster.session import EventTimeout, Session
 from psctl.core.batching import epoch_steps
 from psctl.core.consistency import staleness_for
 from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S, JobSpec
+from psctl.core.kept import name_problem
 from psctl.core.optim import OPTIMIZERS
 from psctl.core.tables import TableSpec
 from psctl.data import arrays, csvfile, formats, ratings, vocab
@@ -108,6 +110,9 @@ class TrainConfig:
     l1: float = 0.0  # ftrl only
     save_optimizer_state: bool = False
     security: net.Security = net.LOCAL  # never written to the model file
+    keep: str | None = None  # leave the trained tables on the server under this name (core/kept.py)
+    replace: bool = False  # --keep of a name kept already replaces that model at the job's end
+    resume_from: str | None = None  # a kept model to train further, in place, while it is served
     # In-memory input (psctl.sklearn): ``data`` is a features .npy that every worker maps, and
     # this is its data spec (psctl.data.arrays.data_spec: format, schema, labels file, rows).
     arrays: dict[str, Any] | None = None
@@ -156,6 +161,26 @@ class TrainConfig:
         if self.local_workers is not None and self.server is None:
             raise UsageError("--local-workers is for a job on a running server (--server HOST:PORT); "
                              "without --server every worker starts here")
+        if self.keep is not None:
+            if self.server is None:
+                raise UsageError("--keep leaves the model on a running server (--server HOST:PORT); "
+                                 "the cluster that psctl train starts without --server ends with the job")
+            problem = name_problem(self.keep)
+            if problem is not None:
+                raise UsageError(f"--keep: {problem}")
+            if self.patience:
+                raise UsageError("--keep keeps the shards' final weights, but with --patience the model file holds "
+                                 "the best epoch's: leave out one of them")
+        if self.resume_from is not None:
+            if self.server is None:
+                raise UsageError("--resume-from trains a model kept on a running server (--server HOST:PORT) further")
+            if self.keep not in (None, self.resume_from):
+                raise UsageError(f"--resume-from {self.resume_from} keeps the model under its own name; leave out --keep")
+            if self.resume or self.patience:
+                raise UsageError("--resume-from continues a kept model; it does not go with --resume or --patience")
+            self.keep, self.replace = self.resume_from, True
+        if self.replace and self.keep is None:
+            raise UsageError("--replace is for --keep NAME (it replaces the model kept under that name)")
         if self.staleness and self.mode != "ssp":
             raise UsageError(f"--staleness is the bound of --mode ssp; --mode {self.mode} has "
                              f"{'none' if self.mode == 'async' else 'staleness 0'}")
@@ -219,6 +244,8 @@ def build_spec(cfg: TrainConfig, source: formats.Source, partitions: list[csvfil
         # it over: long enough for this driver's restart to register, if it will restart one.
         # Early stopping keeps the weights of the best epoch's end, not of a few steps later.
         hold_epochs=cfg.patience > 0,
+        keep={"name": cfg.keep, "replace": cfg.replace} if cfg.keep is not None else None,
+        from_kept={"name": cfg.resume_from} if cfg.resume_from is not None else None,
         takeover_after_s=cfg.failure_timeout_s if cfg.max_restarts > 0 and (cfg.local_workers is None or cfg.local_workers > 0) else 0.0,
     )
 
@@ -352,6 +379,7 @@ class _Run:
         self.best_params: dict[str, np.ndarray] | None = None
         self.stopping = False
         self.data_params: dict[str, Any] = {}  # what the model took from the statistics pass
+        self.resumed_classes: list[str] | None = None  # --resume-from: the kept model's classes
 
     def make_model(self, classes: list[str]) -> Model:
         assert self.n_features is not None
@@ -362,6 +390,9 @@ class _Run:
         self.stats = event
         self.n_features = formats.n_features_of(self.spec.data, event["stats"]) or self.n_features
         classes = classes_for(self.model_cls.task, event["labels"], self.model_cls.kind)
+        if self.resumed_classes is not None and classes != self.resumed_classes:
+            raise PsctlError(f"kept model {self.cfg.resume_from} predicts the classes {self.resumed_classes}; "
+                             f"this data has {classes}")
         self.data_params = self.model_cls.data_params(event)
         self.model = self.make_model(classes)
         tables = [t.to_dict() for t in self.model.tables()]
@@ -469,6 +500,7 @@ async def _train(
     if cfg.arrays is None:
         partitions = await asyncio.to_thread(csvfile.plan_partitions, cfg.data, cfg.workers, source.has_header)
     spec = build_spec(cfg, source, partitions)
+    resumed_classes = await _check_resumable(cfg, source) if cfg.resume_from is not None else None
     # bad parameters fail here, not on the cluster
     model_cls(source.n_features or 1, ["0", "1"], l2=spec.l2, **spec.model_params)
     if cfg.validate:
@@ -499,6 +531,7 @@ async def _train(
             decode=lambda msg: vocab.attach(msg.body, msg.arrays),
         )
         session = _Run(cfg, model_cls, spec, control)
+        session.resumed_classes = resumed_classes
         try:
             n_local = cfg.workers if cfg.local_workers is None else cfg.local_workers
             await cluster.start_workers(n_local, coordinator, cfg.model if ":" in cfg.model else None)
@@ -515,19 +548,70 @@ async def _train(
             params = session.best_params if session.best_params is not None else await session.pull_all()
             shards = await session.shard_status()
             done["rows_trained"] = min((int(s.get("samples", 0)) for s in shards), default=0)
+            meta = _model_meta(cfg, source, session, done, time.monotonic() - started)
+            meta["metrics"]["traffic"] = traffic_per_epoch(session.model, partitions, cfg, done)
+            meta["metrics"].update(table_figures(session.model.tables(), params, shards, done, spec))
+            kinds, arrays = vocab_file_parts(session.stats)
+            if kinds:
+                meta["vocab"] = kinds
+            kept_error = await _keep(cfg, control, job_id, meta, arrays, on_event) if cfg.keep else None
             control.notify(MsgType.JOB_END, {"job_id": job_id})
         finally:
             session.close()
             control.close()
-    meta = _model_meta(cfg, source, session, done, time.monotonic() - started)
-    meta["metrics"]["traffic"] = traffic_per_epoch(session.model, partitions, cfg, done)
-    meta["metrics"].update(table_figures(session.model.tables(), params, shards, done, spec))
-    kinds, arrays = vocab_file_parts(session.stats)
-    if kinds:
-        meta["vocab"] = kinds
     params.update(arrays)
     modelfile.save_model(cfg.out, params, meta)
+    if kept_error is not None:
+        raise JobError(f"the model was written to {cfg.out}, but keeping it on the server failed: {kept_error}")
     return TrainResult(cfg.out, meta["metrics"], meta, events)
+
+
+async def _check_resumable(cfg: TrainConfig, source: formats.Source) -> list[str] | None:
+    """A kept model can be trained further on this data: the same model, input and columns, and
+    nothing the new data would change under its weights (standardization, id vocabularies)."""
+    from psctl.apps import kept
+
+    assert cfg.server is not None and cfg.resume_from is not None
+    (entry,) = await kept.list_models(cfg.server, cfg.resume_from, cfg.security)
+    meta, name = entry["meta"], cfg.resume_from
+    if meta.get("kind") != cfg.model:
+        raise UsageError(f"kept model {name} is a {meta.get('kind')} model, not {cfg.model}")
+    if meta.get("vocab") or meta.get("data_format") == "ratings":
+        raise UsageError(f"kept model {name} maps its training file's ids to rows; --resume-from is for models without id vocabularies")
+    if meta.get("standardize") or (source.format == "csv" and cfg.standardize):
+        raise UsageError(f"--resume-from {name}: other data would standardize the features differently under the kept weights; "
+                         "train both jobs with --no-standardize")
+    trained = meta.get("input") or {}
+    now = {"format": source.format, **{k: source.data[k] for k in ("hash_bits", "categorical") if k in source.data}}
+    if any(trained.get(k) != v for k, v in now.items()):
+        raise UsageError(f"kept model {name} reads {trained}; this data is read as {now}")
+    columns = list(source.schema.feature_names) if source.schema else []
+    if columns != list(meta.get("feature_names") or []):
+        raise UsageError(f"kept model {name} was trained on the columns {meta.get('feature_names')}; this data has {columns}")
+    return meta.get("classes")
+
+
+KEEP_TIMEOUT_S = 120.0
+MAX_KEPT_META_BYTES = 768 * 1024  # under the 1 MiB control body, with room for the MODELS reply's other fields  # the shards write their parts to the checkpoint folder before they answer
+
+
+async def _keep(
+    cfg: TrainConfig, control: Session, job_id: str, meta: dict[str, Any], extras: dict[str, np.ndarray],
+    on_event: Callable[[dict[str, Any]], None],
+) -> str | None:
+    """Leave the job's tables on the shards as the kept model ``cfg.keep``; why not (one sentence), or None."""
+    names = sorted(extras)
+    body = {"job_id": job_id, "meta": json_safe(meta), "trained_at": time.time(), "extras": names}
+    size = len(json.dumps(body).encode())
+    if size > MAX_KEPT_META_BYTES:  # the coordinator holds the meta and sends it to readers in one control body
+        return (f"the model's meta (standardization, columns, metrics) takes {size} bytes as JSON; "
+                f"a kept model's may take at most {MAX_KEPT_META_BYTES}")
+    try:
+        reply = await control.request(MsgType.MODEL_KEEP, body, [extras[n] for n in names], timeout_s=KEEP_TIMEOUT_S)
+    except (net.RemoteError, net.ConnectionLost, JobError) as exc:
+        return str(exc)
+    on_event({"kind": "kept", "name": reply.body["name"], "version": reply.body["version"], "shards": reply.body["shards"]})
+    return None
 
 
 def _arrays_source(cfg: TrainConfig, model_cls: type[Model]) -> tuple[formats.Source, list[csvfile.Partition]]:

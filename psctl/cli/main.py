@@ -151,6 +151,13 @@ def train(
         "0", "--checkpoint-every", help="Checkpoint every N steps of the slowest worker, or every N seconds as in 30s (or 5m)."
     ),
     resume: str | None = typer.Option(None, "--resume", help="Continue a stopped job from the checkpoint in this folder."),
+    keep: str | None = typer.Option(
+        None, "--keep", help="With --server: leave the trained model on the server's shards under this name (psctl models)."
+    ),
+    replace: bool = typer.Option(False, "--replace", help="With --keep: replace a model kept under that name at the job's end."),
+    resume_from: str | None = typer.Option(
+        None, "--resume-from", help="With --server: train the model kept under this name further, in place, while it is served."
+    ),
     heartbeat_interval_s: float = typer.Option(0.5, "--heartbeat-interval-s", help="How often workers report they are alive."),
     failure_timeout_s: float = typer.Option(5.0, "--failure-timeout-s", help="A worker silent this long is declared lost."),
     rank: int | None = typer.Option(None, "--rank", help="mf: factors per user and item (default 10)."),
@@ -212,6 +219,9 @@ def train(
         checkpoint_every=every_steps,
         checkpoint_every_s=every_s,
         resume=resume,
+        keep=keep,
+        replace=replace,
+        resume_from=resume_from,
         failure_timeout_s=failure_timeout_s,
         model_params={k: v for k, v in (("loss", loss), ("huber_delta", huber_delta), ("rank", rank)) if v is not None},
         l2=l2,
@@ -340,6 +350,8 @@ class _TrainView:
                 self.task = self.progress.add_task("train", total=event["steps"], info="starting")
         elif kind == "cluster_up":
             self._note(f"cluster up in {event['seconds']:.2f} s at {event['address']}")
+        elif kind == "kept":
+            self._note(f"model kept on the server as {event['name']} (version {event['version']}, {len(event['shards'])} shards)")
         elif kind == "submitted":
             self.started = time.monotonic()
             self._note(f"job {event['job_id']} on {len(event['shards'])} shards")
@@ -422,8 +434,9 @@ class _TrainView:
 
 # -- predict ------------------------------------------------------------------
 @app.command()
+@_security_options(serving=False)
 def predict(
-    model_path: str = typer.Argument(..., help="A model file written by 'psctl train'."),
+    model_path: str = typer.Argument(..., help="A model file written by 'psctl train', or with --server a kept model's name."),
     data: str | None = typer.Argument(None, help="Data in the model's format: CSV with its feature columns (label optional), or LIBSVM."),
     out_path: str | None = typer.Option(None, "--out", "-o", help="Write per-row predictions to this CSV."),
     model_class: str | None = typer.Option(None, "--model-class", help="Allow loading a model of this user class."),
@@ -439,11 +452,21 @@ def predict(
     user: str | None = typer.Option(None, "--user", "-u", help="mf: predict one rating, of this user (with --item), without a data file."),
     item: str | None = typer.Option(None, "--item", "-i", help="mf: the item of the one rating --user asks for."),
     as_json: bool = typer.Option(False, "--json", help="Print the result (rows, metrics, ...) as one JSON object."),
+    server: str | None = typer.Option(
+        None, "--server", help="HOST:PORT of a psctl server: MODEL names a model kept there (psctl train --keep)."
+    ),
+    max_frame_bytes: int = MaxFrame,
+    security: runtime.Security = runtime.LOCAL,
 ) -> None:
-    """Apply a model file to data; print metrics when the data has labels (mf: or one rating, --user U --item I)."""
+    """Apply a model file (or a model kept on a server) to data; print metrics when the data has labels (mf: or one rating, --user U --item I)."""
     from psctl.apps.predict import predict as run_predict
     from psctl.apps.predict import predict_one, prediction_summary
 
+    pulled = None
+    if server is not None and (user is not None or item is not None):
+        _usage("--user/--item read a model file; with --server give a data file of (user, item) rows")
+    if server is not None and (workers is not None or failure_timeout_s is not None):
+        _usage("--workers and --failure-timeout-s are for model files; a kept model (--server) is read by one process, batch by batch")
     if user is not None or item is not None:
         if user is None or item is None:
             _usage("--user and --item go together: give both for one rating")
@@ -464,13 +487,32 @@ def predict(
     if data is None:
         _usage("give a data file to predict (or, for an mf model, --user U --item I for one rating)")
     try:
-        pred = run_predict(model_path, data, model_class, cold_start, workers=workers, out=out_path, failure_timeout_s=failure_timeout_s)
+        if server is None:
+            pred = run_predict(model_path, data, model_class, cold_start, workers=workers, out=out_path,
+                               failure_timeout_s=failure_timeout_s)
+        else:
+            from psctl.apps import kept
+            from psctl.apps.predict import check_predictions_path, write_predictions
+
+            if out_path:
+                check_predictions_path(out_path)
+            pred, pulled = runtime.run(lambda: kept.predict(server, model_path, data, model_class_path=model_class,
+                                                            cold_start=cold_start, security=security,
+                                                            max_frame_bytes=max_frame_bytes))  # fmt: skip
+            if out_path:
+                write_predictions(pred, out_path)
     except PsctlError as exc:
         err.print(f"psctl: error: {exc}", markup=False, highlight=False)
         raise typer.Exit(exc.exit_code) from None
     if as_json:
-        print(json.dumps(prediction_summary(pred, model_path, data, out_path), indent=2), flush=True)
+        summary = prediction_summary(pred, model_path, data, out_path)
+        if pulled is not None:
+            summary["server"], summary["pulled"] = server, pulled
+        print(json.dumps(summary, indent=2), flush=True)
         return
+    if pulled is not None:
+        out.print(f"read {pulled['keys_pulled']} keys ({_bytes(pulled['bytes_pulled'])}) of model {model_path} from {server}",
+                  highlight=False)  # fmt: skip
     unknown = getattr(pred, "unknown", None)
     if unknown and unknown["occurrences"]:
         out.print(
@@ -712,6 +754,48 @@ def status(
             await st.watch(server_address, show, stop, interval_s, security)
 
     _run(loop)
+
+
+@app.command()
+@_security_options(serving=False)
+def models(
+    server_address: str = typer.Option(..., "--server", help="HOST:PORT of the coordinator."),
+    drop: str | None = typer.Option(None, "--drop", help="Free the model kept under this name."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    security: runtime.Security = runtime.LOCAL,
+) -> None:
+    """List the models kept on a server (psctl train --keep), or free one with --drop."""
+    from psctl.apps import kept
+
+    if drop is not None:
+        body = _run(lambda: kept.drop_model(server_address, drop, security))
+        if as_json:
+            print(json.dumps(body, indent=2))
+        else:
+            out.print(f"dropped model {body['name']}: its parts on {body['freed']} shards are freed", highlight=False)
+        return
+    rows = _run(lambda: kept.list_models(server_address, security=security))
+    if as_json:
+        print(json.dumps([{k: v for k, v in r.items() if k != "meta"} for r in rows], indent=2))
+        return
+    if not rows:
+        out.print(f"no models are kept on {server_address}", highlight=False)
+        return
+    table = Table(title=f"models kept on {server_address}")
+    for col in ("name", "kind", "state", "trained", "keys", "bytes", "per shard (keys)", "metrics"):
+        table.add_column(col, justify="right" if col in ("keys", "bytes") else "left")
+    for r in rows:
+        parts = r["shards"]
+        trained = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["trained_at"])) if r.get("trained_at") else "-"
+        metrics = r.get("metrics") or {}
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
+                          and k in ("train_loss", "train_accuracy", "train_rmse", "val_loss", "val_accuracy", "val_auc", "val_rmse"))
+        table.add_row(
+            r["name"], str(r.get("kind")), r["state"] + (f" ({r['reason']})" if r.get("reason") else ""), trained,
+            str(sum(p.get("keys", 0) for p in parts)), _bytes(sum(p.get("bytes", 0) for p in parts)),
+            " ".join(str(p.get("keys", "-")) for p in parts), shown or "-",
+        )
+    out.print(table)
 
 
 def _usage(sentence: str) -> None:

@@ -148,16 +148,17 @@ class CoordinatorService:
     async def _ask(self, ask: core.Ask) -> None:
         timeout_s = DEFAULT_REQUEST_TIMEOUT_S if ask.timeout_s is None else ask.timeout_s
 
-        async def one(conn: Hashable, body: dict[str, Any]) -> Any:
+        async def one(conn: Hashable, body: dict[str, Any], arrays: list[Any] | None) -> Any:
             peer = self._peers.get(conn)  # type: ignore[call-overload]
             if peer is None or not peer.is_open:
                 return core.NoAnswer("the connection is closed")
             try:
-                return (await peer.request(ask.kind, body, timeout_s=timeout_s)).body
+                return (await peer.request(ask.kind, body, arrays, timeout_s=timeout_s)).body
             except Exception as exc:  # any failure is an answer the core judges
                 return core.NoAnswer(str(exc))
 
-        replies = await asyncio.gather(*(one(conn, body) for conn, body in ask.targets))
+        arrays = ask.arrays or (None,) * len(ask.targets)
+        replies = await asyncio.gather(*(one(conn, body, a) for (conn, body), a in zip(ask.targets, arrays)))
         self._dispatch(core.Answered(ask.ask, tuple(replies)))
 
     async def _timer(self, timer: core.ArmTimer) -> None:
@@ -271,6 +272,15 @@ class CoordinatorService:
     def _ping(self, conn: int, msg: Message) -> Message:
         return Message(MsgType.PING, {})
 
+    def _model_keep(self, conn: int, msg: Message) -> Any:
+        return self._request(lambda r: core.ModelKept(r, conn, msg.body, tuple(msg.arrays)), MsgType.MODEL_KEEP)
+
+    def _models(self, conn: int, msg: Message) -> Any:
+        return self._request(lambda r: core.ModelsAsked(r, msg.body.get("name")), MsgType.MODELS)
+
+    def _model_drop(self, conn: int, msg: Message) -> Any:
+        return self._request(lambda r: core.ModelDropRequested(r, msg.body.get("name")), MsgType.MODEL_DROP)
+
     _handlers: dict[MsgType, Callable[..., Any]] = {
         MsgType.REGISTER_SHARD: _register_shard,
         MsgType.SUBMIT: _submit,
@@ -290,6 +300,9 @@ class CoordinatorService:
         MsgType.PING: _ping,
         MsgType.HEARTBEAT: _heartbeat,
         MsgType.CHECKPOINTED: _checkpointed,
+        MsgType.MODEL_KEEP: _model_keep,
+        MsgType.MODELS: _models,
+        MsgType.MODEL_DROP: _model_drop,
     }
 
     # -- asked by the server process -----------------------------------------------------

@@ -21,7 +21,7 @@ import numpy as np
 
 from psctl import net
 from psctl.core.optim import make_optimizer
-from psctl.core.shard_state import ShardState
+from psctl.core.shard_state import KeptTables, ShardState
 from psctl.core.tables import TableSpec
 from psctl.files import checkpoint
 from psctl.protocol.wire import Message, MsgType
@@ -147,6 +147,7 @@ class ShardService:
         self._write_checkpoint = write_checkpoint or _write_checkpoint
         self._writes: set[asyncio.Task[None]] = set()
         self._write_lock = asyncio.Lock()  # one file at a time, in clock order
+        self.kept: dict[tuple[str, str], KeptTables] = {}  # (name, version) -> this shard's part of a kept model
 
     def _job(self, body: dict[str, Any]) -> ShardState:
         job_id = body.get("job_id")
@@ -389,6 +390,11 @@ class ShardService:
             )
             index = int(b.get("shard_index", 0))
             sessions = _sessions(b.get("sessions", {}))
+            from_kept = b.get("from_kept")
+            if from_kept:  # train a kept model further, in place (a replacement shard without the part starts fresh)
+                part = self.kept.get((str(from_kept["name"]), str(from_kept["version"])))
+                if part is not None:
+                    state.adopt(part)
             restore = b.get("restore")
             if restore:
                 job_of_files = restore.get("job_id")  # the job that wrote the files (a resumed job's predecessor)
@@ -441,13 +447,86 @@ class ShardService:
     def _job_clear(self, peer: net.Peer, msg: Message) -> net.Reply:
         if self.state is not None and msg.body.get("job_id") == self.state.job_id:
             self._release(self.state.gate.drain())
+            for part in self.kept.values():  # a kept model the job trained further is read-only again
+                for table in part.tables.values():
+                    table.state = {}
             self.state = None
             self.workers = {}
             self.sessions = {}
         return None
 
+    # -- kept models (core/kept.py) ---------------------------------------------
+    def _kept(self, body: dict[str, Any], what: str = "model") -> KeptTables:
+        name, version = _require(body, what, str), _require(body, "version", str)
+        part = self.kept.get((name, version))
+        if part is None:
+            raise net.RequestError(f"this shard holds no kept model {name!r} of version {version!r}", code="unknown_model")
+        return part
+
+    async def _keep_tables(self, peer: net.Peer, msg: Message) -> net.Reply:
+        """The job ends and its tables stay as a kept model (written to the checkpoint folder, if any)."""
+        b = msg.body
+        state = self._job(b)
+        name, version, index = _require(b, "name", str), _require(b, "version", str), _require(b, "shard_index", int)
+        extra_names = b.get("extras", [])
+        if not isinstance(extra_names, list) or len(extra_names) != len(msg.arrays) or not all(isinstance(n, str) for n in extra_names):
+            raise net.RequestError("'extras' must name each array of KEEP_TABLES")
+        if not state.tables:
+            raise net.RequestError(f"the tables of job {state.job_id} were handed over already", code="busy")
+        part = KeptTables.from_job(name, version, state, dict(zip(extra_names, msg.arrays)))
+        folder = b.get("dir")
+        if folder is not None:
+            try:
+                await asyncio.to_thread(checkpoint.save_kept, str(folder), name, version, index, part.arrays())
+            except Exception as exc:
+                raise net.RequestError(f"shard {self.shard_id} could not write its part of model {name!r}: {write_error(str(folder), exc)}") from None
+        self.kept[(name, version)] = part
+        log.info("shard %s: kept model %s (version %s): %s", self.shard_id, name, version, part.status())
+        return Message(MsgType.KEEP_TABLES, part.status())
+
+    async def _keep_load(self, peer: net.Peer, msg: Message) -> net.Reply:
+        """Take a lost shard's place in a kept model: load that shard's part from its file."""
+        b = msg.body
+        name, version = _require(b, "name", str), _require(b, "version", str)
+        index, folder = _require(b, "shard_index", int), _require(b, "dir", str)
+        try:
+            specs = [TableSpec.from_dict(t) for t in b["tables"]]
+            ranges = {n: (int(lo), int(hi)) for n, (lo, hi) in b["ranges"].items()}
+            arrays = await asyncio.to_thread(checkpoint.load_kept, folder, name, version, index)
+            part = KeptTables.from_arrays(name, version, specs, ranges, index, int(b["n_shards"]), arrays)
+        except (KeyError, TypeError, ValueError, checkpoint.CheckpointError) as exc:
+            raise net.RequestError(f"cannot load kept model {name!r}: {exc}") from None
+        self.kept[(name, version)] = part
+        log.info("shard %s: loaded part %d of kept model %s from %s", self.shard_id, index, name, folder)
+        return Message(MsgType.KEEP_LOAD, part.status())
+
+    async def _keep_drop(self, peer: net.Peer, msg: Message) -> net.Reply:
+        """Free a kept model's part (and remove its file)."""
+        b = msg.body
+        name, version = _require(b, "name", str), _require(b, "version", str)
+        self.kept.pop((name, version), None)
+        folder, index = b.get("dir"), b.get("shard_index")
+        if isinstance(folder, str) and isinstance(index, int):
+            try:
+                await asyncio.to_thread(checkpoint.remove_kept, folder, name, version, index)
+            except OSError as exc:
+                log.warning("shard %s: removing the file of kept model %s failed: %s", self.shard_id, name, exc)
+        return Message(MsgType.KEEP_DROP, {})
+
+    def _model_pull(self, peer: net.Peer, msg: Message) -> net.Reply:
+        """Read a kept model: rows by key, whole dense tables, or (``extras``) its other arrays."""
+        part = self._kept(msg.body)
+        peer.admit()  # a reader of kept models says what it is with its first pull
+        if msg.body.get("extras"):
+            names = sorted(part.extras)
+            return Message(MsgType.MODEL_PULL, {"extras": names}, [part.extras[n] for n in names])
+        names = part.check_tables(msg.body.get("tables"))
+        keys = _keyed_arrays(msg, names, per_table=1)
+        peer.check_keys(sum(len(k) for k in keys) if keys is not None else sum(len(part.tables[n]) for n in names))
+        return Message(MsgType.MODEL_PULL, {}, part.read(names, keys))
+
     def _status(self, peer: net.Peer, msg: Message) -> net.Reply:
-        body: dict[str, Any] = {"shard_id": self.shard_id, "pid": os.getpid()}
+        body: dict[str, Any] = {"shard_id": self.shard_id, "pid": os.getpid(), "kept": [p.status() for p in self.kept.values()]}
         if self.state is not None:
             body.update(self.state.status(), **process_memory())
             body["last_checkpoint"] = self.checkpoints.last_clock if self.checkpoints else None
@@ -469,12 +548,16 @@ class ShardService:
         MsgType.CHECKPOINTED: _committed,
         MsgType.STATUS: _status,
         MsgType.PING: _ping,
+        MsgType.MODEL_PULL: _model_pull,
+        MsgType.KEEP_TABLES: _keep_tables,
+        MsgType.KEEP_LOAD: _keep_load,
+        MsgType.KEEP_DROP: _keep_drop,
     }
 
 
 _FROM_COORDINATOR = frozenset(
     {MsgType.JOB_SETUP, MsgType.WORKER_LEFT, MsgType.WORKER_JOINED, MsgType.JOB_CLEAR, MsgType.CHECKPOINT,
-     MsgType.CHECKPOINTED}
+     MsgType.CHECKPOINTED, MsgType.KEEP_TABLES, MsgType.KEEP_LOAD, MsgType.KEEP_DROP}
 )
 
 

@@ -44,6 +44,9 @@ from psctl.core.events import (  # noqa: F401 (the events and effects are part o
     JobSubmitted,
     KillShard,
     ManifestWritten,
+    ModelDropRequested,
+    ModelKept,
+    ModelsAsked,
     NoAnswer,
     Notify,
     PoolStats,
@@ -65,6 +68,7 @@ from psctl.core.events import (  # noqa: F401 (the events and effects are part o
     WriteManifest,
 )
 from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S
+from psctl.core.kept import KEPT_TRANSITIONS, KeptState, name_problem
 from psctl.core.reports import merge_reports, pool
 from psctl.core.tables import TableSpec, table_ranges
 from psctl.errors import RequestError
@@ -532,6 +536,8 @@ class JobData:
     done_report: dict[str, Any] | None = None  # the 'done' event, held while a manifest is being written
     released_epoch: int = -1  # hold_epochs: the last epoch the driver has read; workers go on past its end
     orphaned: int = 0  # how many times every worker was lost (a timer armed then fails the job unless one registered)
+    kept_from: KeptEntry | None = None  # the kept model this job trains further, in place
+    kept: bool = False  # MODEL_KEEP came: the tables are (being) handed over, once
 
     @property
     def last_checkpoint(self) -> int | None:
@@ -543,6 +549,66 @@ class JobData:
 
     def live_ids(self) -> set[int]:
         return live_ids(self.workers)
+
+
+@dataclass
+class KeptEntry:
+    """A kept model in the coordinator's registry: the meta the model file has, and where its parts are.
+
+    ``shards[i]`` holds part i (None: that shard was lost and no other took its place yet).
+    The registry lives as long as the coordinator; the parts' files (in ``dir``) outlive shards."""
+
+    name: str
+    version: str  # the job that trained it
+    meta: dict[str, Any]
+    tables: list[dict[str, Any]]
+    ranges: dict[str, list[tuple[int, int]]]
+    shards: list[ShardEntry | None]
+    dir: str | None
+    trained_at: float | None
+    state: KeptState = KeptState.KEPT
+    reason: str | None = None  # why it is restoring or lost
+
+    def move(self, new: KeptState, reason: str | None = None) -> None:
+        check_move(KEPT_TRANSITIONS, f"kept model {self.name}", self.state, new)  # type: ignore[arg-type]
+        self.state, self.reason = new, reason
+
+    def part_body(self, index: int) -> dict[str, Any]:
+        """What a shard needs to load part ``index`` (KEEP_LOAD) or free it (KEEP_DROP)."""
+        return {
+            "name": self.name, "version": self.version, "shard_index": index, "n_shards": len(self.shards),
+            "dir": self.dir, "tables": self.tables, "ranges": {n: r[index] for n, r in self.ranges.items()},
+        }
+
+    def listing(self, sizes: list[dict[str, Any] | None], with_meta: bool) -> dict[str, Any]:
+        meta = self.meta
+        row = {
+            "name": self.name, "version": self.version, "kind": meta.get("kind"), "state": str(self.state),
+            "reason": self.reason, "trained_at": self.trained_at, "metrics": meta.get("metrics", {}),
+            "checkpoint_dir": self.dir, "tables": self.tables, "ranges": self.ranges,
+            "shards": [
+                {"index": i, "address": None if s is None else s.address, **(sizes[i] or {})} for i, s in enumerate(self.shards)
+            ],
+        }
+        if with_meta:
+            row["meta"] = meta
+        return row
+
+
+def _not_trainable(
+    kept: KeptEntry, tables: list[dict[str, Any]], ranges: dict[str, list[tuple[int, int]]], shards: list[ShardEntry]
+) -> str | None:
+    """Why a job's tables cannot be a kept model's trained further in place (one sentence), or None."""
+    def shape(ts: list[dict[str, Any]]) -> dict[str, tuple[Any, ...]]:
+        return {t["name"]: (t["rows"], t.get("dim", 1), t.get("dtype", "float32"), bool(t.get("sparse"))) for t in ts}
+
+    if shape(tables) != shape(kept.tables):
+        return f"kept model {kept.name!r} has tables {shape(kept.tables)}; this job's are {shape(tables)} (another model or data layout)"
+    if [s.conn if s else None for s in kept.shards] != [s.conn for s in shards]:
+        return f"kept model {kept.name!r} lives on other shards than this job's; train it further on the shards that hold it"
+    if {n: [tuple(r) for r in rs] for n, rs in kept.ranges.items()} != {n: [tuple(r) for r in rs] for n, rs in ranges.items()}:
+        return f"kept model {kept.name!r} is split across its shards in other key ranges than this job's tables"
+    return None
 
 
 @dataclass
@@ -569,6 +635,8 @@ class CoordinatorState:
         self._pinging: set[int] = set()  # shard ids with a PING in flight
         self._submits: list[_Parked] = []  # SUBMITs waiting for enough shards
         self._registrants: list[_Parked] = []  # REGISTER_WORKERs waiting for a free slot
+        self.models: dict[str, KeptEntry] = {}  # kept models by name (core/kept.py)
+        self.keeping: str | None = None  # the name a KEEP_TABLES round is under way for
         self.now_s = 0.0
 
     # -- the entry point -----------------------------------------------------------
@@ -587,10 +655,10 @@ class CoordinatorState:
 
     # -- helpers ---------------------------------------------------------------------
     def _ask(self, kind: Any, targets: list[tuple[Hashable, dict[str, Any]]], timeout_s: float | None,
-             then: Callable[..., list[ServiceEffect]], *args: Any) -> list[ServiceEffect]:
+             then: Callable[..., list[ServiceEffect]], *args: Any, arrays: list[Any] | None = None) -> list[ServiceEffect]:
         ask = ("ask", next(self._asks))
         self._pending[ask] = (then, args)
-        return [Ask(ask, kind, tuple(targets), timeout_s)]
+        return [Ask(ask, kind, tuple(targets), timeout_s, None if arrays is None else tuple(arrays))]
 
     def _arm(self, timer: Hashable, delay_s: float, then: Callable[..., list[ServiceEffect]], *args: Any) -> list[ServiceEffect]:
         self._timers[timer] = (then, args)
@@ -699,7 +767,7 @@ class CoordinatorState:
             lost = next((s for s in self.shards if s.conn == event.conn), None)
             self.shards = [s for s in self.shards if s.conn != event.conn]
             if lost is not None:
-                out += self._shard_lost(lost)
+                out += self._shard_lost(lost) + self._parts_lost(lost)
         elif party.role == "worker" and job is not None and party.job_id == job.job_id:
             assert party.worker_id is not None
             out += self._worker_lost(job.workers[party.worker_id])
@@ -721,7 +789,7 @@ class CoordinatorState:
         job = self.job
         if job is not None and job.recovering is not None:
             out += self._recover(job, job.recovering, entry)
-        return out + self._changed()
+        return out + self._restore_parts(entry) + self._changed()
 
     def _setup_targets(self, job: JobData, restore: dict[str, Any] | None, workers: list[int]) -> list[tuple[Hashable, dict[str, Any]]]:
         spec = job.spec
@@ -736,6 +804,7 @@ class CoordinatorState:
                     "mode": spec.mode, "staleness": spec.staleness, "workers": workers, "optimizer": spec.optimizer,
                     "seed": spec.seed, "shard_index": i, "checkpoint": spec.checkpoint, "restore": restore,
                     "n_shards": len(job.shards), "sessions": sessions,
+                    **({"from_kept": {"name": job.kept_from.name, "version": job.kept_from.version}} if job.kept_from else {}),
                 },
             )
             for i, s in enumerate(job.shards)
@@ -794,6 +863,8 @@ class CoordinatorState:
         pass; tables come later (TABLES)."""
         if self.job is not None:
             raise RequestError(f"job {self.job.job_id} is still running on this server", code="busy")
+        self._check_keep(event.spec.keep)
+        self._kept_to_train(event.spec)
         if len(self.shards) >= event.spec.min_shards:
             return self._open_job(event)
         self._submits.append(_Parked(event.request, event.conn, event))
@@ -817,6 +888,7 @@ class CoordinatorState:
             Barrier(workers), Barrier(workers), Barrier(workers), self.now_s,
         )
         self.job = job
+        job.kept_from = self._kept_to_train(spec)
         job.move(JobState.RUNNING)
         self.liveness.timeout_s = spec.failure_timeout_s
         self.liveness.max_gap_s = 2 * tick_interval_s(spec.heartbeat_interval_s, spec.failure_timeout_s)
@@ -835,7 +907,13 @@ class CoordinatorState:
             tables = [TableSpec.from_dict(t) for t in event.body["tables"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise RequestError(f"bad tables: {exc}") from None
-        job.ranges = {t.name: table_ranges(t, len(job.shards)) for t in tables}
+        ranges = {t.name: table_ranges(t, len(job.shards)) for t in tables}
+        kept = job.kept_from
+        if kept is not None:
+            problem = _not_trainable(kept, [t.to_dict() for t in tables], ranges, job.shards)
+            if problem is not None:
+                raise RequestError(problem, code="bad_request")
+        job.ranges = ranges
         job.tables = [t.to_dict() for t in tables]
         targets = self._setup_targets(job, job.spec.resume, [w.worker_id for w in job.workers])
         return self._ask(MsgType.JOB_SETUP, targets, SHARD_SETUP_TIMEOUT_S, self._tables_set, job, event.request)
@@ -1364,6 +1442,186 @@ class CoordinatorState:
         job = self.job
         return job is not None and job.job_id == job_id and job.last_checkpoint is not None and job.last_checkpoint >= clock
 
+    # -- kept models (core/kept.py) ---------------------------------------------------------
+    def _check_keep(self, keep: dict[str, Any] | None) -> None:
+        """A SUBMIT's ``keep``: a valid name, not kept already unless ``replace``."""
+        if keep is None:
+            return
+        problem = name_problem(keep.get("name"))
+        if problem is not None:
+            raise RequestError(problem, code="bad_name")
+        if keep["name"] in self.models and not keep.get("replace"):
+            raise RequestError(
+                f"a model named {keep['name']!r} is kept on this server already; drop it first "
+                "(psctl models --drop) or replace it (--replace)", code="model_exists",
+            )
+
+    def _kept_to_train(self, spec: Any) -> KeptEntry | None:
+        """The kept model a SUBMIT's ``from_kept`` names: kept now, and kept again under its name at the end."""
+        if spec.from_kept is None:
+            return None
+        name = spec.from_kept.get("name")
+        entry = self.models.get(name)
+        if entry is None:
+            raise RequestError(f"no model named {name!r} is kept on this server", code="unknown_model")
+        if entry.state is not KeptState.KEPT:
+            raise RequestError(f"model {name!r} cannot be trained now ({entry.state}): {entry.reason}", code="not_now")
+        if spec.keep != {"name": name, "replace": True}:
+            raise RequestError(f"a job that trains kept model {name!r} further keeps it under its name (keep {name!r}, replace)")
+        return entry
+
+    def _model_keep(self, event: ModelKept) -> list[ServiceEffect]:
+        """The driver's job is trained: every shard turns its tables into a part of the kept model.
+        The name switches to the new version only once every shard has its part."""
+        job, body = self.job, event.body
+        if job is None or job.driver != event.conn or body.get("job_id") != job.job_id:
+            raise RequestError("MODEL_KEEP comes from the driver of the running job", code="no_job")
+        if job.state is not JobState.DONE:  # every worker finished: nothing pushes to the tables any more
+            raise RequestError(f"job {job.job_id} is still training; a model is kept once every worker finished", code="not_now")
+        keep = job.spec.keep
+        if keep is None:
+            raise RequestError(f"job {job.job_id} was not submitted with a name to keep it under", code="bad_request")
+        if self.keeping is not None or job.kept:
+            raise RequestError(f"the tables of job {job.job_id} are kept already (or being kept)", code="busy")
+        self._check_keep(keep)
+        meta, extras = body.get("meta"), body.get("extras", [])
+        if not isinstance(meta, dict) or not isinstance(meta.get("kind"), str):
+            raise RequestError("MODEL_KEEP needs the model's meta (an object with its kind)")
+        if not isinstance(extras, list) or len(extras) != len(event.arrays) or not all(isinstance(n, str) for n in extras):
+            raise RequestError("MODEL_KEEP's 'extras' must name each of its arrays")
+        trained_at = body.get("trained_at")
+        entry = KeptEntry(
+            keep["name"], job.job_id, meta, list(job.tables), dict(job.ranges), list(job.shards), job.spec.checkpoint_dir,
+            float(trained_at) if isinstance(trained_at, int | float) and not isinstance(trained_at, bool) else None,
+        )
+        targets = [
+            (s.conn, {"job_id": job.job_id, "name": entry.name, "version": entry.version, "shard_index": i,
+                      "dir": entry.dir, "extras": extras if i == 0 else []})
+            for i, s in enumerate(job.shards)
+        ]
+        arrays = [list(event.arrays) if i == 0 else None for i in range(len(targets))]
+        self.keeping, job.kept = entry.name, True
+        return self._ask(MsgType.KEEP_TABLES, targets, SHARD_SETUP_TIMEOUT_S, self._kept, entry, event.request, arrays=arrays)
+
+    def _kept(self, replies: tuple[Any, ...], entry: KeptEntry, request: Hashable) -> list[ServiceEffect]:
+        self.keeping = None
+        failed = [(i, r.reason) for i, r in enumerate(replies) if isinstance(r, NoAnswer)]
+        if failed:
+            index, reason = failed[0]
+            done = [i for i in range(len(replies)) if i not in dict(failed)]
+            out = self._drop_parts(entry, done)  # the parts that were made are freed; an older version stays
+            return out + [Refuse(request, f"keeping model {entry.name!r} failed on shard {index}: {reason}", "bad_request")]
+        old = self.models.get(entry.name)
+        self.models[entry.name] = entry
+        log.info("kept model %s (version %s) on %d shards", entry.name, entry.version, len(entry.shards))
+        out = [] if old is None else self._drop_parts(old)
+        return out + [Release(request, {"name": entry.name, "version": entry.version, "shards": [s.address for s in entry.shards if s]})]
+
+    def _drop_parts(self, entry: KeptEntry, indices: list[int] | None = None) -> list[ServiceEffect]:
+        """Tell the shards holding parts of ``entry`` (those at ``indices``) to free them and their files."""
+        targets = [
+            (s.conn, entry.part_body(i)) for i, s in enumerate(entry.shards)
+            if s is not None and self._open(s.conn) and (indices is None or i in indices)
+        ]
+        return self._ask(MsgType.KEEP_DROP, targets, SHARD_SETUP_TIMEOUT_S, self._parts_dropped) if targets else []
+
+    def _parts_dropped(self, replies: tuple[Any, ...]) -> list[ServiceEffect]:
+        for reply in replies:
+            if isinstance(reply, NoAnswer):  # its shard is gone, and its memory with it
+                log.warning("freeing a kept model's part: %s", reply.reason)
+        return []
+
+    def _parts_lost(self, shard: ShardEntry) -> list[ServiceEffect]:
+        """A shard holding parts of kept models is gone: with a checkpoint folder a new shard loads
+        them; without one the model is lost (listed, with the reason, until it is dropped)."""
+        out: list[ServiceEffect] = []
+        for entry in self.models.values():
+            for i, s in enumerate(entry.shards):
+                if s is None or s.conn != shard.conn:
+                    continue
+                entry.shards[i] = None
+                what = f"shard {shard.shard_id} at {shard.address}, holding part {i}, was lost"
+                if entry.dir is not None and entry.state is not KeptState.LOST:
+                    if entry.state is KeptState.KEPT:
+                        entry.move(KeptState.RESTORING, f"{what}; the next shard to join loads it from {entry.dir}")
+                elif entry.state is not KeptState.LOST:
+                    entry.move(KeptState.LOST, f"{what} and the model has no checkpoint folder")
+                    out += self._drop_parts(entry)
+        return out
+
+    def _restore_parts(self, shard: ShardEntry) -> list[ServiceEffect]:
+        """A shard joined: it takes the first missing part of each restoring model."""
+        out: list[ServiceEffect] = []
+        for entry in self.models.values():
+            if entry.state is not KeptState.RESTORING or None not in entry.shards:
+                continue
+            index = entry.shards.index(None)
+            entry.shards[index] = shard
+            out += self._ask(
+                MsgType.KEEP_LOAD, [(shard.conn, entry.part_body(index))], SHARD_SETUP_TIMEOUT_S,
+                self._part_restored, entry, index, shard,
+            )
+        return out
+
+    def _part_restored(self, replies: tuple[Any, ...], entry: KeptEntry, index: int, shard: ShardEntry) -> list[ServiceEffect]:
+        if self.models.get(entry.name) is not entry or entry.shards[index] is not shard:
+            return []  # dropped or replaced meanwhile, or that shard went too (its loss said so)
+        (reply,) = replies
+        if isinstance(reply, NoAnswer):
+            entry.shards[index] = None
+            if entry.state is KeptState.RESTORING:
+                entry.move(KeptState.LOST, f"part {index} could not be loaded: {reply.reason}")
+            return self._drop_parts(entry)
+        log.info("kept model %s: part %d loaded by shard %d", entry.name, index, shard.shard_id)
+        if entry.state is KeptState.RESTORING and None not in entry.shards:
+            entry.move(KeptState.KEPT)
+        return []
+
+    def _models(self, event: ModelsAsked) -> list[ServiceEffect]:
+        """The kept models (or the one named), with each part's size and reads (asked now, 2 s at most)."""
+        if event.name is not None and (not isinstance(event.name, str) or event.name not in self.models):
+            return [Refuse(event.request, f"no model named {event.name!r} is kept on this server", "unknown_model")]
+        entries = [self.models[event.name]] if event.name is not None else [self.models[n] for n in sorted(self.models)]
+        shards = list({id(s): s for e in entries for s in e.shards if s is not None and self._open(s.conn)}.values())
+        named = event.name is not None  # one model's listing carries its meta (each is bounded); the whole list does not
+        if not shards:
+            return self._models_body((), event.request, entries, shards, named)
+        return self._ask(MsgType.STATUS, [(s.conn, {}) for s in shards], STATUS_TIMEOUT_S, self._models_body, event.request,
+                         entries, shards, named)
+
+    def _models_body(
+        self, replies: tuple[Any, ...], request: Hashable, entries: list[KeptEntry], shards: list[ShardEntry], named: bool
+    ) -> list[ServiceEffect]:
+        kept_of = {id(s): ({} if isinstance(r, NoAnswer) else {(k.get("name"), k.get("version")): k for k in r.get("kept", [])})
+                   for s, r in zip(shards, replies)}
+        rows = []
+        for e in entries:
+            sizes: list[dict[str, Any] | None] = []
+            for s in e.shards:
+                part = kept_of.get(id(s), {}).get((e.name, e.version)) if s is not None else None
+                sizes.append(None if part is None else {k: part[k] for k in ("keys", "bytes", "pulls", "keys_pulled", "bytes_pulled")})
+            rows.append(e.listing(sizes, with_meta=len(entries) == 1 and named))
+        return [Release(request, {"models": rows})]
+
+    def _model_drop(self, event: ModelDropRequested) -> list[ServiceEffect]:
+        """Forget a kept model and free its parts; answered once the shards did (or are gone)."""
+        entry = self.models.get(event.name) if isinstance(event.name, str) else None
+        if entry is None:
+            return [Refuse(event.request, f"no model named {event.name!r} is kept on this server", "unknown_model")]
+        if self.job is not None and self.job.kept_from is entry:
+            return [Refuse(event.request, f"model {entry.name!r} is being trained further by job {self.job.job_id}; "
+                           "drop it when that job has ended", "not_now")]
+        del self.models[entry.name]
+        log.info("dropped kept model %s (version %s)", entry.name, entry.version)
+        targets = [(s.conn, entry.part_body(i)) for i, s in enumerate(entry.shards) if s is not None and self._open(s.conn)]
+        if not targets:
+            return [Release(event.request, {"name": entry.name, "freed": 0})]
+        return self._ask(MsgType.KEEP_DROP, targets, SHARD_SETUP_TIMEOUT_S, self._dropped, entry, event.request)
+
+    def _dropped(self, replies: tuple[Any, ...], entry: KeptEntry, request: Hashable) -> list[ServiceEffect]:
+        freed = sum(not isinstance(r, NoAnswer) for r in replies)
+        return [Release(request, {"name": entry.name, "freed": freed})]
+
     # -- STATUS ----------------------------------------------------------------------------
     def _status(self, event: StatusAsked) -> list[ServiceEffect]:
         """Membership and the job, with each shard's own figures (asked now, 2 s at most)."""
@@ -1443,4 +1701,7 @@ class CoordinatorState:
         EpochSeen: _epoch_seen,
         JobEndRequested: _job_end,
         StatusAsked: _status,
+        ModelKept: _model_keep,
+        ModelsAsked: _models,
+        ModelDropRequested: _model_drop,
     }

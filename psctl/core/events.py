@@ -219,11 +219,37 @@ class StatusAsked:
     request: Hashable
 
 
+@dataclass(frozen=True)
+class ModelKept:
+    """The driver of the running job asks to keep its tables under the spec's ``keep`` name:
+    ``body`` has ``job_id``, ``meta`` (the model file's meta), ``trained_at``; ``arrays`` the
+    model's other arrays (named in ``body["extras"]``), held by the model's shard 0."""
+
+    request: Hashable
+    conn: Hashable
+    body: dict[str, Any]
+    arrays: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelsAsked:
+    """List the kept models (``name`` given: that one only, or an error)."""
+
+    request: Hashable
+    name: object = None
+
+
+@dataclass(frozen=True)
+class ModelDropRequested:
+    request: Hashable
+    name: object
+
+
 Event = (
     Heard | ConnectionClosed | ShardRegistered | JobSubmitted | TablesGiven | WorkerRegistered | Heartbeat | Tick
     | StatsArrived | StatsPooled | Progress | EpochReported | Trained | FinalReport | Failed | Checkpointed
     | ManifestWritten | Answered | TimerFired | HaltRequested | ServerStopping | StopRequested | EpochSeen | JobEndRequested
-    | StatusAsked
+    | StatusAsked | ModelKept | ModelsAsked | ModelDropRequested
 )
 
 
@@ -249,6 +275,7 @@ class Ask:
     kind: Any  # MsgType
     targets: tuple[tuple[Hashable, dict[str, Any]], ...]
     timeout_s: float | None = None
+    arrays: tuple[Any, ...] | None = None  # per target, its frame's arrays (a list) or None
 
 
 @dataclass(frozen=True)

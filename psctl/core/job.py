@@ -54,6 +54,11 @@ class JobSpec:
     # Early stopping keeps the best epoch's weights: each worker holds at an epoch's end until
     # the driver has read that epoch's report (and pulled the weights if they are the best).
     hold_epochs: bool = False
+    # Keep the trained tables on the shards under a name when the job ends (core/kept.py):
+    # {"name": NAME, "replace": bool}.
+    keep: dict[str, Any] | None = None
+    # Train a kept model further, in place (its tables are this job's): {"name": NAME}.
+    from_kept: dict[str, Any] | None = None
 
     @property
     def takeover_grace_s(self) -> float:
@@ -123,6 +128,7 @@ def _check(name: str, value: Any, kind: str | None = None) -> Any:
         "bool": isinstance(value, bool),
         "dict": isinstance(value, dict),
         "optimizer": isinstance(value, dict), "checkpoint": isinstance(value, dict), "resume": isinstance(value, dict),
+        "keep": isinstance(value, dict), "from_kept": isinstance(value, dict),
         "parts": isinstance(value, list | tuple) and all(isinstance(p, dict) for p in value),
     }[kind]
     if not ok:
@@ -143,12 +149,13 @@ _KINDS = {
     "seed": "int", "standardize": "bool", "optimizer": "optimizer", "min_shards": "positive", "data": "dict",
     "test_split": "fraction", "checkpoint": "checkpoint", "heartbeat_interval_s": "seconds", "failure_timeout_s": "seconds",
     "takeover_after_s": "seconds0", "validation": "dict", "resume": "resume", "hold_epochs": "bool",
+    "keep": "keep", "from_kept": "from_kept",
 }
 _WHAT = {
     "str": "a string", "int": "an integer", "count": "an integer >= 0", "positive": "an integer >= 1",
     "float": "a number", "seconds": "a number of seconds > 0", "seconds0": "a number of seconds >= 0",
     "fraction": "a fraction in [0, 1)", "bool": "true or false", "dict": "an object", "parts": "a list of objects",
-    "optimizer": "an object", "checkpoint": "an object", "resume": "an object",
+    "optimizer": "an object", "checkpoint": "an object", "resume": "an object", "keep": "an object", "from_kept": "an object",
 }
 
 # Nested objects every worker and shard reads: their fields checked here, once, so a bad
@@ -157,6 +164,8 @@ _NESTED: dict[str, dict[str, tuple[str, bool]]] = {  # field -> (kind, required)
     "checkpoint": {"dir": ("str", True), "every": ("count", False), "every_s": ("seconds0", False)},
     "resume": {"dir": ("str", True), "clock": ("count", True), "job_id": ("str", False)},
     "optimizer": {"name": ("str", True), "params": ("dict", False)},
+    "keep": {"name": ("str", True), "replace": ("bool", False)},
+    "from_kept": {"name": ("str", True)},
 }
 
 

@@ -125,6 +125,21 @@ class ShardState:
         self.refused: dict[int, int] = {}  # worker -> clock of its push refused as non-finite, until one is applied
         self.started_s = time.monotonic()
 
+    def adopt(self, part: KeptTables) -> None:
+        """Train a kept model's part in place: its table objects become this job's (with this job's
+        optimizer state), so a reader of the kept model sees every update as it is applied."""
+        for name, table in part.tables.items():
+            mine = self.tables.get(name)
+            if mine is None or mine.spec != table.spec or (mine.lo, mine.hi) != (table.lo, table.hi):
+                raise ValueError(f"kept model {part.name!r}'s table {name!r} is not this job's table {name!r}")
+            table.state = self.rule.init_state(table.values)
+            if isinstance(table, SparseTable):
+                table._init_state = self.rule.init_state
+            table.steps = 0
+            self.tables[name] = table
+        if set(part.tables) != set(self.tables):
+            raise ValueError(f"kept model {part.name!r} has tables {sorted(part.tables)}, this job {sorted(self.tables)}")
+
     def check_tables(self, names: Any, allow_empty: bool = False) -> list[str]:
         if not isinstance(names, list) or not (0 < len(names) or allow_empty) or len(names) > MAX_ARRAYS:
             raise UnknownTable(f"'tables' must be a list of 1 to {MAX_ARRAYS} table names")
@@ -274,3 +289,106 @@ class ShardState:
 
 def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+class KeptTables:
+    """One kept model's part on this shard: its tables, read-only, and the reads it served.
+
+    Made from a finished job's tables (:meth:`from_job`: the optimizer state is freed, nothing
+    pushes to a kept model) or from its file after a shard restart (:meth:`from_arrays`).
+    ``extras`` are the model's other arrays (id vocabularies), held by shard 0 only.
+    """
+
+    def __init__(self, name: str, version: str, tables: dict[str, Table | SparseTable], extras: dict[str, np.ndarray]):
+        self.name, self.version = name, version
+        self.tables = tables
+        self.extras = extras
+        self.pulls = 0
+        self.keys_pulled = 0  # keys asked for (whole-table pulls: the table's rows)
+        self.bytes_pulled = 0  # value bytes sent
+
+    @classmethod
+    def from_job(cls, name: str, version: str, state: ShardState, extras: dict[str, np.ndarray]) -> KeptTables:
+        tables, state.tables = state.tables, {}
+        for table in tables.values():
+            table.state = {}
+        return cls(name, version, tables, extras)
+
+    @classmethod
+    def from_arrays(
+        cls, name: str, version: str, specs: list[TableSpec], ranges: dict[str, tuple[int, int]],
+        shard_index: int, n_shards: int, arrays: dict[str, np.ndarray],
+    ) -> KeptTables:
+        """The part :meth:`arrays` wrote; ValueError (one sentence) when they do not fit ``specs``."""
+        rule = _NoState()
+        tables: dict[str, Table | SparseTable] = {}
+        for spec in specs:
+            prefix = f"{spec.name}/"
+            mine = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+            table: Table | SparseTable
+            if spec.sparse:
+                table = SparseTable(spec, shard_index, n_shards, 0, rule)
+            else:
+                table = Table(spec, *ranges[spec.name], 0, rule)
+            table.restore(mine, 0)
+            table.state = {}
+            tables[spec.name] = table
+        extras = {k[len("extra/"):]: v for k, v in arrays.items() if k.startswith("extra/")}
+        return cls(name, version, tables, extras)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What a file of this part holds: each table's values (and a sparse table's keys), the extras."""
+        out: dict[str, np.ndarray] = {}
+        for name, table in self.tables.items():
+            snap = table.snapshot()
+            out.update({f"{name}/{k}": v for k, v in snap.items() if not k.startswith("state.")})
+        out.update({f"extra/{k}": v for k, v in self.extras.items()})
+        return out
+
+    def check_tables(self, names: Any) -> list[str]:
+        if not isinstance(names, list) or not 0 < len(names) <= MAX_ARRAYS // 2:
+            raise UnknownTable(f"'tables' must be a list of 1 to {MAX_ARRAYS // 2} table names")
+        for name in names:
+            if not isinstance(name, str) or name not in self.tables:
+                raise UnknownTable(f"model {self.name!r} has no table {name!r}")
+        return names
+
+    def read(self, names: list[str], keys: list[np.ndarray] | None) -> list[np.ndarray]:
+        """Per table its values of ``keys`` (None: the whole range of a dense table); after each
+        keyed table's values, a uint8 array saying which keys are stored (a sparse table stores
+        only the keys a push touched; a dense table holds all of its range)."""
+        out: list[np.ndarray] = []
+        for i, name in enumerate(names):
+            table = self.tables[name]
+            if keys is None:
+                if isinstance(table, SparseTable):
+                    raise BadKeys(f"table {name!r} of model {self.name!r} is sparse: pull its rows by key")
+                values = table.read(None)
+                self.keys_pulled += len(table)
+                out.append(values)
+            else:
+                rows = table.locate(keys[i])
+                values = table.read(keys[i], rows)
+                self.keys_pulled += len(keys[i])
+                out += [values, (rows >= 0).astype(np.uint8)]
+            self.bytes_pulled += values.nbytes
+        self.pulls += 1
+        return out
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "keys": int(sum(len(t) for t in self.tables.values())),
+            "bytes": int(sum(t.nbytes for t in self.tables.values()) + sum(a.nbytes for a in self.extras.values())),
+            "pulls": self.pulls,
+            "keys_pulled": self.keys_pulled,
+            "bytes_pulled": self.bytes_pulled,
+        }
+
+
+class _NoState:
+    """The update rule of a kept table: it holds no optimizer state and applies nothing."""
+
+    def init_state(self, values: np.ndarray) -> dict[str, np.ndarray]:
+        return {}

@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -392,23 +392,9 @@ def read_hashed_csv(
         raise DataError(f"'{path}' line {line_no} has {counts[bad] + 1} cells; {reference} has {n_cols}")
     rows = [r.rstrip(b"\r") for r in rows]
     cells = np.array(b",".join(rows).split(b",") if rows else [], dtype="S").reshape(len(rows), n_cols)
-    space = 2**hash_bits - 1  # keys 0 .. 2^B - 2; the bias key is 2^B - 1
-    parts_rows, parts_keys, parts_values = [], [], []
-    for j in schema.feature_indices:
-        name = schema.columns[j]
-        column = _clean(cells[:, j])
-        present = np.flatnonzero(np.strings.str_len(column) > 0)
-        if name in categorical:
-            keys = categorical_keys(column[present], name, hash_bits)
-            values = np.ones(len(present), np.float32)
-        else:
-            values = _numbers(column[present], path, name, present, lines, part)
-            keys = np.full(len(present), numeric_key(name, hash_bits), np.uint64)
-        parts_rows.append(present)
-        parts_keys.append(keys.astype(np.int64))
-        parts_values.append(values)
-    X = SparseRows.from_coo(
-        len(rows), np.concatenate(parts_rows), np.concatenate(parts_keys), np.concatenate(parts_values), space
+    X = hash_cell_columns(
+        len(rows), [(schema.columns[j], cells[:, j]) for j in schema.feature_indices], categorical, hash_bits,
+        lambda name, column, present: _numbers(column, path, name, present, lines, part),
     )
     if schema.label_index is None:
         return X, np.array([], dtype=str)
@@ -418,6 +404,31 @@ def read_hashed_csv(
         line_no, _ = _line_numbers(lines, part.first_line)[empty[0]]
         raise DataError(f"'{path}' line {line_no}, column '{schema.columns[schema.label_index]}': the label cell is empty")
     return X, np.array([v.decode("utf-8", errors="replace") for v in labels.tolist()], dtype=str)
+
+
+def hash_cell_columns(
+    n_rows: int, columns: Sequence[tuple[str, np.ndarray]], categorical: Sequence[str], hash_bits: int,
+    numbers: Callable[[str, np.ndarray, np.ndarray], np.ndarray],
+) -> SparseRows:
+    """Feature columns (name, byte-string cells, as a CSV holds them) as hashed keys: a categorical cell is the key of
+    its hashed text (value 1), a numeric one its column's key with the number as the value; an
+    empty cell is absent. ``numbers(name, cells, rows)`` parses a numeric column's present cells
+    (its sentence names where a bad one is)."""
+    space = 2**hash_bits - 1  # keys 0 .. 2^B - 2; the bias key is 2^B - 1
+    parts_rows, parts_keys, parts_values = [], [], []
+    for name, cells in columns:
+        column = _clean(cells)
+        present = np.flatnonzero(np.strings.str_len(column) > 0)
+        if name in categorical:
+            keys = categorical_keys(column[present], name, hash_bits)
+            values = np.ones(len(present), np.float32)
+        else:
+            values = numbers(name, column[present], present)
+            keys = np.full(len(present), numeric_key(name, hash_bits), np.uint64)
+        parts_rows.append(present)
+        parts_keys.append(keys.astype(np.int64))
+        parts_values.append(values)
+    return SparseRows.from_coo(n_rows, np.concatenate(parts_rows), np.concatenate(parts_keys), np.concatenate(parts_values), space)
 
 
 def _clean(column: np.ndarray) -> np.ndarray:

@@ -173,3 +173,35 @@ def _older_offer(folder: str | Path, manifest: dict[str, Any]) -> str:
     except (CheckpointError, ValueError, TypeError):
         return ""
     return f"; the checkpoint before it, at clock {previous}, is complete: --resume {path} continues from it"
+
+
+# -- kept models (psctl train --keep with a checkpoint folder) -------------------------
+KEPT_KIND = "kept-model-part"
+
+
+def kept_file(folder: str | Path, name: str, version: str, shard_index: int) -> Path:
+    """One shard's part of a kept model: ``kept/NAME-VERSION-shard-I.npz`` in the job's checkpoint folder."""
+    return Path(folder) / "kept" / f"{name}-{version}-shard-{shard_index}.npz"
+
+
+def save_kept(folder: str | Path, name: str, version: str, shard_index: int, arrays: dict[str, np.ndarray]) -> Path:
+    path = kept_file(folder, name, version, shard_index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    modelfile.save_model(str(path), arrays, {"kind": KEPT_KIND, "name": name, "version": version, "shard_index": shard_index})
+    return path
+
+
+def load_kept(folder: str | Path, name: str, version: str, shard_index: int) -> dict[str, np.ndarray]:
+    """The arrays :func:`save_kept` wrote; refused unless the file says it is that part."""
+    path = kept_file(folder, name, version, shard_index)
+    try:
+        arrays, meta = modelfile.load_model(str(path), expect_kind=KEPT_KIND)
+    except PsctlError as exc:
+        raise CheckpointError(f"cannot load shard {shard_index}'s part of kept model {name!r}: {exc}") from None
+    if (meta.get("name"), meta.get("version"), meta.get("shard_index")) != (name, version, shard_index):
+        raise CheckpointError(f"'{path}' is not shard {shard_index}'s part of kept model {name!r} (version {version})")
+    return arrays
+
+
+def remove_kept(folder: str | Path, name: str, version: str, shard_index: int) -> None:
+    kept_file(folder, name, version, shard_index).unlink(missing_ok=True)

@@ -148,8 +148,9 @@ def _is_optimizer_state(name: str, tables: list[Any]) -> bool:
     return bool(sep) and state.isidentifier() and any(t.name == table for t in tables)
 
 
-def _model_for(model_path: str, model_class_path: str | None, meta: dict[str, Any], headers: modelfile.Headers) -> tuple[Model, list[Any]]:
-    """The model ``meta`` describes, after checking the meta and every member's declared shape."""
+def model_from_meta(model_path: str, model_class_path: str | None, meta: dict[str, Any]) -> tuple[Model, list[Any]]:
+    """The model ``meta`` describes (checked against META_FIELDS and the model's class) and its tables;
+    ``model_path`` names where the meta came from in the sentences (a file, or a kept model)."""
     check_meta(model_path, meta)
     kind = meta["kind"]
     if ":" in kind and kind != model_class_path:
@@ -167,6 +168,13 @@ def _model_for(model_path: str, model_class_path: str | None, meta: dict[str, An
         tables = model.tables()
     except (KeyError, TypeError, ValueError, PsctlError) as exc:
         raise ModelFileError(f"'{model_path}' is a psctl model without the parts a {kind} model needs ({exc})") from None
+    return model, tables
+
+
+def _model_for(model_path: str, model_class_path: str | None, meta: dict[str, Any], headers: modelfile.Headers) -> tuple[Model, list[Any]]:
+    """The model ``meta`` describes, after checking the meta and every member's declared shape."""
+    model, tables = model_from_meta(model_path, model_class_path, meta)
+    cls, kind = type(model), meta["kind"]
     used = {t.name for t in tables} | {f"{t.name}.keys" for t in tables if t.sparse}
     if cls.data_format == "ratings":
         used |= {f"vocab_{ratings.USER}", f"vocab_{ratings.ITEM}"}

@@ -94,7 +94,17 @@ class MsgType(enum.IntEnum):
     PULL = 40
     PUSH = 41
     LEAVE = 42
+    # kept models (core/kept.py): read by anyone from a shard
+    MODEL_PULL = 43
     PING = 50
+    # kept models: client/driver -> coordinator
+    MODELS = 60
+    MODEL_DROP = 61
+    MODEL_KEEP = 62
+    # kept models: coordinator -> shard
+    KEEP_TABLES = 63
+    KEEP_LOAD = 64
+    KEEP_DROP = 65
 
 
 class Flag(enum.IntFlag):

@@ -1,4 +1,4 @@
-"""`psctl train --server` and `psctl worker --server` pointed at a port that is not psctl:
+"""`psctl train --server`, `psctl worker --server`, `psctl models` and `psctl predict NAME --server` pointed at a port that is not psctl:
 one sentence and a non-zero exit within the handshake timeout, never a hang."""
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ TRAIN = EXAMPLES / "breast_cancer" / "train.csv"
 COMMANDS = {
     "train": ["train", "logreg", str(TRAIN), "--workers", "2", "--epochs", "1", "--server"],
     "worker": ["worker", "--server"],
+    "models": ["models", "--server"],
+    "predict": ["predict", "bc", str(TRAIN), "--server"],
 }
 
 
