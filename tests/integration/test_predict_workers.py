@@ -242,7 +242,7 @@ def test_a_stopped_worker_is_declared_lost_within_the_failure_timeout(models, bi
     )
     assert result.returncode == 1
     silent_s = float(re.search(r"no sign of life for ([\d.]+) s", result.stderr)[1])
-    assert FAILURE_TIMEOUT_S < silent_s <= took_s + 0.5
+    assert FAILURE_TIMEOUT_S <= silent_s <= took_s + 0.5  # printed to 0.1 s: 2.04 s reads "2.0"
     assert took_s < FAILURE_TIMEOUT_S + 15, f"declared lost after {took_s:.1f} s"
     assert not any(_alive(p) for p in pids), "a predict worker outlived the command"
     assert not folder.exists() and not (tmp_path / "p.csv").exists()
