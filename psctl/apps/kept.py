@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from psctl import net
 from psctl.apps import predict as predicting
+from psctl.apps import serving
 from psctl.core.keyplan import KeyPlan, Routing
 from psctl.data import csvfile, ratings
 from psctl.data.vocab import Vocab, VocabError
@@ -28,6 +31,8 @@ from psctl.errors import ModelFileError, PsctlError, UsageError
 from psctl.files import loading
 from psctl.models.mf import MF
 from psctl.protocol.wire import DEFAULT_MAX_FRAME_BYTES, MsgType
+
+log = logging.getLogger("psctl.serve")
 
 MODELS_TIMEOUT_S = 10.0  # the coordinator asks every shard for its figures (2 s at most) before it answers
 DROP_TIMEOUT_S = 60.0  # the shards free the parts and remove their files first
@@ -242,3 +247,143 @@ async def predict(
                 batch = pred
             parts.append(await asyncio.to_thread(predicting.evaluate_rows, batch, rows, cold))
         return predicting.combine(pred, parts, plan, cold), kept.counters()
+
+
+# -- serving a kept model: psctl serve --server ----------------------------------------
+#: Bound on one refresh (reconnecting included); a refresh that takes longer fails and the
+#: source goes on answering with the weights it has, marked stale.
+REFRESH_TIMEOUT_S = 30.0
+DEFAULT_REFRESH_S = 1.0
+MIN_REFRESH_S = 0.05
+
+
+class LiveSource:
+    """A kept model served by ``psctl serve --server`` (a :class:`serving.ModelSource`).
+
+    It reads the whole model from its shards at :meth:`start` and then every ``refresh_s``
+    seconds, measured from the end of one read to the start of the next, and answers every
+    request with the last complete read (a :class:`serving.Snapshot` is replaced in one step,
+    so a request never mixes two reads). So the weights a request sees are at most
+    ``refresh_s`` plus one read's time old while the server answers. A model trained further
+    in place (``--resume-from``) changes between reads; when its job ends the name moves to a
+    new version and the next read follows it. Dense models and mf are served (their tables
+    are read whole: an mf model's size is held in memory); sparse models are refused at start.
+
+    A read that fails (the server unreachable, the model dropped, a shard restarting) leaves
+    the last weights in place: requests are still answered, :meth:`describe` names the error
+    and the weights' age, ``stale`` is true (``GET /v1/health`` answers 503), and reading goes
+    on every ``refresh_s``, reconnecting, until it succeeds again.
+    """
+
+    def __init__(
+        self, name: str, kept_name: str, server: str, *, refresh_s: float = DEFAULT_REFRESH_S,
+        model_class_path: str | None = None, security: net.Security = net.LOCAL,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, notice: Callable[[str], None] = log.warning,
+    ):  # fmt: skip
+        self.name, self.kept_name, self.server, self.refresh_s = name, kept_name, server, refresh_s
+        self.notice = notice  # one line when reading starts failing, and when it works again
+        self._open_args = {"model_class_path": model_class_path, "security": security, "max_frame_bytes": max_frame_bytes}
+        self._kept: KeptModel | None = None
+        self._vocabs: loading.MFModel | None = None  # an mf model's vocabularies, read once per version
+        self._snap: Any = None  # serving.Snapshot
+        self._task: asyncio.Task[None] | None = None
+        self.error: str | None = None  # why the last read failed (None: it succeeded)
+        self.reads = 0
+        self.read_s = 0.0  # how long the last successful read took
+
+    async def start(self) -> None:
+        """The first read; any failure is the start-up's one sentence (nothing listens yet)."""
+        try:
+            await asyncio.wait_for(self._read(), REFRESH_TIMEOUT_S)
+        except TimeoutError:
+            self._drop_connection()
+            raise KeptModelError(f"reading kept model {self.kept_name!r} from {self.server} took over {REFRESH_TIMEOUT_S:g} s") from None
+        except BaseException:
+            self._drop_connection()
+            raise
+        self._task = asyncio.create_task(self._refresh_forever(), name=f"refresh {self.name}")
+
+    @property
+    def stale(self) -> bool:
+        return self.error is not None
+
+    def describe(self) -> dict[str, Any]:
+        snap = self._snap
+        out: dict[str, Any] = {
+            "kind": "server", "address": self.server, "model": self.kept_name,
+            "version": None if self._kept is None else self._kept.version,
+            "refresh_s": self.refresh_s, "weights_as_of": serving.iso_time(snap.weights_as_of),
+            "weights_age_s": round(max(0.0, time.time() - snap.weights_as_of), 3),
+            "read_s": round(self.read_s, 4), "stale": self.stale,
+        }  # fmt: skip
+        if self.error is not None:
+            out["refresh_error"] = self.error
+        return out
+
+    async def snapshot(self) -> Any:
+        return self._snap
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        self._drop_connection()
+
+    # -- reading
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await asyncio.wait_for(self._read(), REFRESH_TIMEOUT_S)
+            except (PsctlError, OSError, TimeoutError) as exc:
+                why = str(exc) or f"no answer within {REFRESH_TIMEOUT_S:g} s"
+                if self.error is None:  # one line per outage; describe() has the latest reason
+                    self.notice(f"serving {self.name}: reading kept model {self.kept_name!r} from {self.server} failed ({why}); "
+                                f"answering with the weights of {self.describe()['weights_as_of']}")  # fmt: skip
+                self.error = why
+                self._drop_connection()  # reconnect, and find the name's version again, next time
+            else:
+                if self.error is not None:
+                    self.notice(f"serving {self.name}: kept model {self.kept_name!r} read again from {self.server}")
+                self.error = None
+
+    async def _read(self) -> None:
+        began, as_of = time.monotonic(), time.time()
+        if self._kept is None:
+            self._kept = await KeptModel.open(self.server, self.kept_name, **self._open_args)
+            self._vocabs = None
+        try:
+            pred = await self._predictor(self._kept)
+        except KeptModelError:
+            # The name may have moved to a new version (a --resume-from or --replace job ended,
+            # and the old version was freed): find it and read once more.
+            self._drop_connection()
+            self._kept = await KeptModel.open(self.server, self.kept_name, **self._open_args)
+            pred = await self._predictor(self._kept)
+        snap = serving.snapshot_of(pred)  # refuses a sparse model, in one sentence
+        self._snap = dataclasses.replace(snap, weights_as_of=as_of)
+        self.reads += 1
+        self.read_s = time.monotonic() - began
+
+    async def _predictor(self, kept: KeptModel) -> predicting.Predictor:
+        source = f"kept model {kept.name}"
+        if any(t.get("sparse") for t in kept.tables.values()):
+            raise KeptModelError(
+                f"kept model {kept.name!r} is a sparse model; psctl serve answers for dense and mf models "
+                "(use psctl predict NAME data --server for this one)"
+            )
+        tables = await kept.dense()
+        params = await asyncio.to_thread(lambda: {k: v.astype(np.float64, copy=False) for k, v in tables.items()})
+        if isinstance(kept.model, MF):
+            if self._vocabs is None:
+                self._vocabs = await kept.mf_vocabs()
+            mf = dataclasses.replace(self._vocabs, params=params)
+            return predicting.Predictor(kept.model, {}, kept.meta, mf, source)
+        return predicting.Predictor(kept.model, params, kept.meta, None, source)
+
+    def _drop_connection(self) -> None:
+        if self._kept is not None:
+            self._kept.close()
+            self._kept = None
+        self._vocabs = None

@@ -27,12 +27,14 @@ import hmac
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from psctl import net
 from psctl.apps import serving
+from psctl.apps.kept import DEFAULT_REFRESH_S, MIN_REFRESH_S, LiveSource
 from psctl.apps.runtime import on_signal
 from psctl.errors import PsctlError, SecurityError, UsageError
 
@@ -56,7 +58,10 @@ PSCTL_SERVE_EXTRA = "pip install 'psctl[serve]'"
 
 @dataclass(frozen=True)
 class ServeConfig:
-    models: list[tuple[str, str]]  # (name, model file)
+    models: list[tuple[str, str]]  # (name, model file), or with ``server`` (served name, kept model name)
+    server: str | None = None  # HOST:PORT of a psctl server whose kept models are served
+    refresh_s: float = DEFAULT_REFRESH_S  # with ``server``: seconds between reads of the weights
+    server_security: net.Security = net.LOCAL  # how to reach ``server`` (its secret, its TLS CA)
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     token_file: str | None = None
@@ -79,6 +84,8 @@ class ServeConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive")
         if not 0 <= self.port <= 65535:
             raise UsageError(f"--port must be from 0 to 65535; got {self.port}")
+        if self.server is not None and not self.refresh_s >= MIN_REFRESH_S:
+            raise UsageError(f"--refresh-s must be at least {MIN_REFRESH_S:g}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise UsageError("serving with TLS needs both --tls-cert and --tls-key")
 
@@ -185,6 +192,11 @@ class Service:
 
     # -- routes
     async def health(self, request: Any) -> Any:
+        """200 while every model's weights are current; 503 (and which) while a live model
+        cannot refresh them (it still answers with its last weights): a readiness probe's cue."""
+        stale = sorted(name for name, source in self.sources.items() if source.stale)
+        if stale:
+            return self._json({"status": "stale", "models": len(self.sources), "stale": stale}, 503)
         return self._json({"status": "ok", "models": len(self.sources)})
 
     async def list_models(self, request: Any) -> Any:
@@ -250,8 +262,19 @@ class _Refuse(asyncio.Protocol):
 
 
 # -- running it ---------------------------------------------------------------------
+def _notice(text: str) -> None:
+    """A line for the operator on stderr, whatever PSCTL_LOG says (a model's weights going stale)."""
+    print(f"psctl serve: {text}", file=sys.stderr, flush=True)
+
+
 def load_sources(cfg: ServeConfig) -> dict[str, serving.ModelSource]:
-    """The model sources ``cfg`` names: model files today (kept models on a live server plug in here)."""
+    """The model sources ``cfg`` names: model files, or with ``cfg.server`` kept models (read at start())."""
+    if cfg.server is not None:
+        return {
+            name: LiveSource(name, kept, cfg.server, refresh_s=cfg.refresh_s, model_class_path=cfg.model_class,
+                             security=cfg.server_security, notice=_notice)
+            for name, kept in cfg.models
+        }  # fmt: skip
     return {name: serving.FileSource.load(name, path, cfg.model_class) for name, path in cfg.models}
 
 
@@ -301,8 +324,8 @@ async def _serve(cfg: ServeConfig, web: Any, sources: dict[str, serving.ModelSou
         for name, source in sources.items():
             snap = await source.snapshot()
             where = source.describe()
-            on_line(f"  {name}: {snap.meta.get('kind')} model ({snap.model.task}, {len(snap.columns)} columns) "
-                    f"from {where.get('path') or where.get('address')}")  # fmt: skip
+            origin = where.get("path") or f"kept model {where['model']} on {where['address']}, read every {where['refresh_s']:g} s"
+            on_line(f"  {name}: {snap.meta.get('kind')} model ({snap.model.task}, {len(snap.columns)} columns) from {origin}")
         await stop.wait()
         server.close()  # stop accepting; then let requests in progress finish, within a bound
         await handlers.shutdown(SHUTDOWN_TIMEOUT_S)

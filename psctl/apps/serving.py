@@ -1,10 +1,10 @@
 """What ``psctl serve`` answers, without HTTP: model sources, request bodies in, response bodies out.
 
-A :class:`ModelSource` is where a served model's weights come from. Today that is
-a model file (:class:`FileSource`, loaded once at start); a kept model on a live
-server is another source with the same two methods, whose :meth:`snapshot`
-returns the weights it last pulled and whose :meth:`describe` says how fresh
-they are. Everything else here (decoding instances, predicting, recommending,
+A :class:`ModelSource` is where a served model's weights come from: a model file
+(:class:`FileSource`, loaded once at start) or a kept model on a live server
+(:class:`psctl.apps.kept.LiveSource`, read again every ``--refresh-s``), whose
+:meth:`snapshot` returns the weights it last read and whose :meth:`describe` says
+how fresh they are. Everything else here (decoding instances, predicting, recommending,
 the OpenAPI description) works on a :class:`Snapshot` and never asks where it
 came from.
 
@@ -73,17 +73,19 @@ class Snapshot:
 
 
 class ModelSource(Protocol):
-    """Where one served model's weights come from (a file now; a kept model on a live server next).
+    """Where one served model's weights come from (a model file, or a kept model on a live server).
 
     psctl serve calls :meth:`start` once before it listens (a live source connects and
-    pulls its first snapshot there, so a bad address is a start-up sentence), then
+    reads its first snapshot there, so a bad address is a start-up sentence), then
     :meth:`snapshot` for every request, and :meth:`close` when it stops. A live source
-    would build its snapshots with :func:`snapshot_of` from a ``predict.Predictor`` of pulled tables, and name its
-    freshness in :meth:`describe` (e.g. ``{"kind": "server", "address": ..., "refresh_s": ...,
-    "weights_age_s": ...}``).
+    builds its snapshots with :func:`snapshot_of` from a ``predict.Predictor`` of the tables it
+    read, and names its freshness in :meth:`describe` (``{"kind": "server", "address": ...,
+    "refresh_s": ..., "weights_age_s": ..., "stale": ...}``).
     """
 
     name: str
+    #: True while the source cannot refresh its weights (``GET /v1/health`` answers 503).
+    stale: bool
 
     async def start(self) -> None:
         """Connect and read the first weights (a file source has them already)."""
@@ -127,6 +129,7 @@ class FileSource:
     name: str
     path: str
     loaded: Snapshot = field(repr=False)
+    stale: bool = False  # a file's weights are what it holds
 
     @classmethod
     def load(cls, name: str, path: str, model_class: str | None = None) -> FileSource:
@@ -138,13 +141,32 @@ class FileSource:
         pass  # loaded and checked in load(), before anything listens
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "file", "path": self.path, "loaded_at": _iso(self.loaded.weights_as_of)}
+        return {"kind": "file", "path": self.path, "loaded_at": iso_time(self.loaded.weights_as_of)}
 
     async def snapshot(self) -> Snapshot:
         return self.loaded
 
     async def close(self) -> None:
         pass
+
+
+def parse_kept_args(args: list[str]) -> list[tuple[str, str]]:
+    """``NAME`` or ``ALIAS=NAME`` of models kept on a server -> (served name, kept name)."""
+    named: dict[str, str] = {}
+    for arg in args:
+        alias, sep, kept = arg.partition("=")
+        if not sep:
+            alias = kept = arg
+        for what in (alias, kept):
+            if not NAME_RE.fullmatch(what):
+                raise UsageError(f"'{what}' cannot be a kept model's name (1 to 128 of letters, digits, . _ -); "
+                                 "with --server give kept model names, NAME or ALIAS=NAME")  # fmt: skip
+        if alias in named:
+            raise UsageError(f"two models are served as '{alias}' ({named[alias]} and {kept}); give one of them as ALIAS=NAME")
+        named[alias] = kept
+    if not named:
+        raise UsageError("give at least one kept model's name to serve")
+    return list(named.items())
 
 
 def parse_model_args(args: list[str]) -> list[tuple[str, str]]:
@@ -164,8 +186,9 @@ def parse_model_args(args: list[str]) -> list[tuple[str, str]]:
     return list(named.items())
 
 
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+def iso_time(t: float) -> str:
+    """``t`` (Unix time) in UTC, to the millisecond: 2026-12-01T21:50:03.123Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
 
 
 # -- metadata -------------------------------------------------------------------------

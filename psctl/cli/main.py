@@ -611,7 +611,7 @@ _SECURITY_HELP = {o.name: o.help for o in runtime.SECURITY_OPTIONS}
 
 @app.command()
 def serve(
-    models: list[str] = typer.Argument(..., help="Model files to serve, each named by its file stem, or NAME=path."),
+    models: list[str] = typer.Argument(..., help="Model files to serve, each named by its file stem, or NAME=path (with --server: kept models, NAME or ALIAS=NAME)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (beyond loopback only with a token or --insecure)."),
     port: int = typer.Option(8501, "--port", help="Port to listen on (0: any free port; 8501 is TensorFlow Serving's REST port)."),
     token_file: str | None = typer.Option(
@@ -626,19 +626,35 @@ def serve(
     max_connections: int = typer.Option(1024, "--max-connections", help="Connections held at once; one more is told 503."),
     idle_timeout_s: float = typer.Option(15.0, "--idle-timeout-s", help="Seconds a connection may go without a complete request."),
     request_timeout_s: float = typer.Option(10.0, "--request-timeout-s", help="Seconds a request's body has to arrive."),
+    server: str | None = typer.Option(
+        None, "--server", help="HOST:PORT of a psctl server: serve the models kept there (MODELS are kept names, NAME or ALIAS=NAME)."
+    ),
+    refresh_s: float | None = typer.Option(
+        None, "--refresh-s", help="With --server: seconds between reads of the weights (default 1; a request's weights are at most this plus one read old)."
+    ),
+    secret_file: str | None = typer.Option(None, "--secret-file", help="With --server: " + _SECURITY_HELP["secret_file"]),
+    tls_ca: str | None = typer.Option(None, "--tls-ca", help="With --server: " + _SECURITY_HELP["tls_ca"]),
+    handshake_timeout_s: float | None = typer.Option(None, "--handshake-timeout-s", help="With --server: " + _SECURITY_HELP["handshake_timeout_s"]),
 ) -> None:
-    """Answer prediction requests over HTTP (TensorFlow Serving's REST shape) for model files."""
+    """Answer prediction requests over HTTP (TensorFlow Serving's REST shape) for model files, or for models kept on a server."""
     from psctl.apps import serve as srv
-    from psctl.apps.serving import parse_model_args
+    from psctl.apps.serving import parse_kept_args, parse_model_args
 
+    if server is None and any(v is not None for v in (refresh_s, secret_file, tls_ca, handshake_timeout_s)):
+        _usage("--refresh-s, --secret-file, --tls-ca and --handshake-timeout-s are for serving kept models; give --server HOST:PORT")
     try:
-        named = parse_model_args(models)
+        named = parse_model_args(models) if server is None else parse_kept_args(models)
+        client = {"secret_file": secret_file, "tls_ca": tls_ca}
+        if handshake_timeout_s is not None:
+            client["handshake_timeout_s"] = handshake_timeout_s
+        server_security = runtime.build_security(**client) if server is not None else runtime.LOCAL
     except PsctlError as exc:
         _usage(str(exc))
     cfg = srv.ServeConfig(
         models=named, host=host, port=port, token_file=token_file, insecure=insecure, tls_cert=tls_cert, tls_key=tls_key,
         model_class=model_class, max_rows=max_rows, max_body_bytes=max_body_bytes, max_connections=max_connections,
-        idle_timeout_s=idle_timeout_s, request_timeout_s=request_timeout_s,
+        idle_timeout_s=idle_timeout_s, request_timeout_s=request_timeout_s, server=server,
+        refresh_s=srv.DEFAULT_REFRESH_S if refresh_s is None else refresh_s, server_security=server_security,
     )  # fmt: skip
     _run(lambda: srv.run(cfg, _line))
 

@@ -1,4 +1,5 @@
-"""`psctl train --server`, `psctl worker --server`, `psctl models` and `psctl predict NAME --server` pointed at a port that is not psctl:
+"""`psctl train --server`, `psctl worker --server`, `psctl models`, `psctl predict NAME --server` and
+`psctl serve NAME --server` pointed at a port that is not psctl:
 one sentence and a non-zero exit within the handshake timeout, never a hang."""
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ COMMANDS = {
     "worker": ["worker", "--server"],
     "models": ["models", "--server"],
     "predict": ["predict", "bc", str(TRAIN), "--server"],
+    "serve": ["serve", "bc", "--port", "0", "--server"],
 }
 
 

@@ -124,6 +124,25 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _stop_all(pids: list[int], timeout_s: float = 30) -> None:
+    """SIGSTOP the workers ``pids`` and wait until each is stopped: from then on the command
+    cannot finish on its own, however slowly this test process ran since it found them."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        while True:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                state = "gone"
+            if state in ("T", "t"):
+                break
+            assert state not in ("Z", "X", "gone"), "a predict worker finished before it was stopped: the data file is too small"
+            assert time.monotonic() < deadline, f"predict worker {pid} did not stop (state {state})"
+            time.sleep(0.01)  # a polling interval: the state is re-read
+
+
 def _start_predict(model: Path, data: Path, out: Path, workers: int, *extra: str, log: str = "ERROR") -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "psctl", "predict", str(model), str(data), "--workers", str(workers), "--out", str(out), *extra],
@@ -173,6 +192,7 @@ def test_a_killed_worker_ends_the_command_with_one_sentence(models, big, tmp_pat
     model, _ = models["logreg"]
     proc = _start_predict(model, big, tmp_path / "p.csv", 3)
     victim = _wait_for_workers(proc, 3)[1]
+    _stop_all([victim])  # so it is killed before it finished, however slow this test is
     os.kill(victim, signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
     result = subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
@@ -185,6 +205,7 @@ def test_ctrl_c_leaves_no_worker_behind(models, big, tmp_path):
     model, _ = models["logreg"]
     proc = _start_predict(model, big, tmp_path / "p.csv", 3)
     pids = _wait_for_workers(proc, 3)
+    _stop_all(pids)  # the command cannot have finished when Ctrl-C reaches it (the parent kills stopped workers too)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
@@ -200,9 +221,12 @@ def test_workers_of_a_killed_parent_exit(models, big, tmp_path):
     model, _ = models["logreg"]
     proc = _start_predict(model, big, tmp_path / "p.csv", 2)
     pids = _wait_for_workers(proc, 2)
+    _stop_all(pids)  # still working when their parent dies, however slow this test is
     folder = Path(next(a for a in Path(f"/proc/{pids[0]}/cmdline").read_bytes().split(b"\0") if b"psctl-predict-" in a).decode())
     proc.kill()
     proc.communicate(timeout=30)
+    for pid in pids:
+        os.kill(pid, signal.SIGCONT)
     deadline = time.monotonic() + 30
     while any(_alive(p) for p in pids):
         assert time.monotonic() < deadline, "a predict worker outlived its parent"
@@ -222,11 +246,14 @@ def test_a_stopped_worker_is_declared_lost_within_the_failure_timeout(models, bi
         try:
             _wait_heard(proc, 3)
             pids = _worker_pids(proc.pid)
+            assert len(pids) == 3, "a worker finished before it was stopped: the data file is too small"
+            _stop_all(pids)  # all, so none can finish meanwhile; then every one but the victim goes on
             victim = next(p for p in pids if _worker_k(p) == 1)
-            folder = _task_folder(victim)
-            os.kill(victim, signal.SIGSTOP)
             stopped = time.monotonic()
-            assert _alive(victim), "the worker finished before it was stopped: the data file is too small"
+            for pid in pids:
+                if pid != victim:
+                    os.kill(pid, signal.SIGCONT)
+            folder = _task_folder(victim)
             proc.wait(timeout=FAILURE_TIMEOUT_S + 60)
             took_s = time.monotonic() - stopped
             result = subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.read(), proc.stderr.read())
