@@ -288,6 +288,7 @@ class LiveSource:
         self._snap: Any = None  # serving.Snapshot
         self._task: asyncio.Task[None] | None = None
         self.error: str | None = None  # why the last read failed (None: it succeeded)
+        self.version: str | None = None  # the kept version the last successful read was of
         self.reads = 0
         self.read_s = 0.0  # how long the last successful read took
 
@@ -311,7 +312,7 @@ class LiveSource:
         snap = self._snap
         out: dict[str, Any] = {
             "kind": "server", "address": self.server, "model": self.kept_name,
-            "version": None if self._kept is None else self._kept.version,
+            "version": self.version,  # of the weights answered with (the last read)
             "refresh_s": self.refresh_s, "weights_as_of": serving.iso_time(snap.weights_as_of),
             "weights_age_s": round(max(0.0, time.time() - snap.weights_as_of), 3),
             "read_s": round(self.read_s, 4), "stale": self.stale,
@@ -363,6 +364,7 @@ class LiveSource:
             pred = await self._predictor(self._kept)
         snap = serving.snapshot_of(pred)  # refuses a sparse model, in one sentence
         self._snap = dataclasses.replace(snap, weights_as_of=as_of)
+        self.version = self._kept.version
         self.reads += 1
         self.read_s = time.monotonic() - began
 

@@ -111,6 +111,7 @@ async def test_a_kept_model_trained_further_is_served_with_its_new_weights_withi
             assert await served_probabilities(s, served.url, rows) == expected
             status, later = await get(s, f"{served.url}/v1/models/bc")
             assert later["source"]["stale"] and later["source"]["weights_as_of"] == meta["source"]["weights_as_of"]
+            assert later["source"]["version"] == now["version"]  # of the weights it answers with
     finally:
         code, out, err = served.stop()
     assert code == 0 and "psctl serve stopped" in out and "Traceback" not in err, err
