@@ -207,6 +207,48 @@ class KeptModel:
 BATCH_BYTES = 16 << 20
 
 
+def plan_batches(data_path: str, plan: predicting.InputPlan, at_least: int, batch_bytes: int = BATCH_BYTES) -> list[csvfile.Partition]:
+    """The byte ranges a kept model's prediction reads one at a time: at most ``batch_bytes``
+    each, and at least ``at_least`` of them (one per worker process)."""
+    size = os.path.getsize(data_path)
+    return csvfile.plan_partitions(data_path, max(at_least, -(-size // batch_bytes)), plan.has_header)
+
+
+async def base_predictor(kept: KeptModel) -> predicting.Predictor:
+    """The kept model as a :class:`predict.Predictor` before any rows: a dense model's
+    tables (read once, whole); a sparse model without its rows; an mf model with its id
+    vocabularies and no factors (:func:`batch_predictor` reads what a batch needs)."""
+    source = f"kept model {kept.name}"
+    if isinstance(kept.model, MF):
+        return predicting.Predictor(kept.model, {}, kept.meta, await kept.mf_vocabs(), source)
+    if any(t.get("sparse") for t in kept.tables.values()):
+        return predicting.Predictor(kept.model, {}, kept.meta, None, source)
+    dense = await kept.dense()
+    return predicting.Predictor(kept.model, {k: v.astype(np.float64, copy=False) for k, v in dense.items()}, kept.meta, None, source)
+
+
+async def open_predictor(
+    server: str, name: str, model_class_path: str | None = None, security: net.Security = net.LOCAL,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+) -> predicting.Predictor:
+    """:func:`base_predictor` of the kept model ``name``, its connections closed again
+    (the parent of ``psctl predict NAME --server --workers N`` plans and combines with it)."""
+    async with await KeptModel.open(server, name, model_class_path=model_class_path, security=security,
+                                    max_frame_bytes=max_frame_bytes) as kept:  # fmt: skip
+        return await base_predictor(kept)
+
+
+async def batch_predictor(kept: KeptModel, pred: predicting.Predictor, rows: Any) -> predicting.Predictor:
+    """``pred`` with what the rows ``rows`` (from ``read_rows``) touch read from the shards:
+    an mf model's factor rows of their users and items, a sparse model's stored rows of their
+    keys. A dense model has everything already."""
+    if pred.mf is not None:
+        return dataclasses.replace(pred, mf=await kept.mf_for(pred.mf, rows.X))
+    if not pred.params:
+        return dataclasses.replace(pred, params=await kept.params_for(rows.X))
+    return pred
+
+
 async def predict(
     server: str, name: str, data_path: str, *, model_class_path: str | None = None, cold_start: str | None = None,
     security: net.Security = net.LOCAL, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, batch_bytes: int = BATCH_BYTES,
@@ -221,30 +263,16 @@ async def predict(
     every row, mf ratings clipped to the training range the meta carries)."""
     async with await KeptModel.open(server, name, model_class_path=model_class_path, security=security,
                                     max_frame_bytes=max_frame_bytes) as kept:  # fmt: skip
-        source = f"kept model {name}"
-        if isinstance(kept.model, MF):
-            full = await kept.mf_vocabs()
-            pred = predicting.Predictor(kept.model, {}, kept.meta, full, source)
-        elif any(t.get("sparse") for t in kept.tables.values()):
-            pred = predicting.Predictor(kept.model, {}, kept.meta, None, source)
-        else:
-            dense = await kept.dense()
-            pred = predicting.Predictor(kept.model, {k: v.astype(np.float64, copy=False) for k, v in dense.items()}, kept.meta, None, source)
+        pred = await base_predictor(kept)
         if pred.mf is None and cold_start is not None:
             raise UsageError(f"--cold-start is for mf models; {name} is a {kept.meta.get('kind')} model")
         cold = predicting.check_cold_start(pred, cold_start)
         plan = await asyncio.to_thread(predicting.plan_input, pred, data_path)
-        size = os.path.getsize(data_path)
-        batches = await asyncio.to_thread(csvfile.plan_partitions, data_path, max(1, -(-size // batch_bytes)), plan.has_header)
+        batches = await asyncio.to_thread(plan_batches, data_path, plan, 1, batch_bytes)
         parts = []
         for part in batches:
             rows = await asyncio.to_thread(predicting.read_rows, pred, plan, data_path, part)
-            if pred.mf is not None:
-                batch = dataclasses.replace(pred, mf=await kept.mf_for(full, rows.X))
-            elif not pred.params:  # sparse: the stored rows of this batch's keys
-                batch = dataclasses.replace(pred, params=await kept.params_for(rows.X))
-            else:
-                batch = pred
+            batch = await batch_predictor(kept, pred, rows)
             parts.append(await asyncio.to_thread(predicting.evaluate_rows, batch, rows, cold))
         return predicting.combine(pred, parts, plan, cold), kept.counters()
 

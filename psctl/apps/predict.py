@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import tempfile
@@ -224,6 +225,10 @@ def predict(
     workers: int | None = None,
     out: str | None = None,
     failure_timeout_s: float | None = None,
+    server: str | None = None,
+    security: Any = None,
+    max_frame_bytes: int | None = None,
+    pulled: dict[str, int] | None = None,
 ) -> Any:
     """A :class:`Prediction`, or for an mf model a recommend.RatingsPrediction
     (``cold_start``: what to do with users and items the model has not seen; mf only, default nan).
@@ -232,13 +237,18 @@ def predict(
     (see :func:`predict_spread`); the result and the ``out`` file are the same as
     in one process. ``out``: also write the per-row predictions there.
     ``failure_timeout_s``: with ``workers``, a worker silent this long is declared lost
-    (default 5 s, as in training).
+    (default 5 s, as in training). ``server`` (with ``workers``): ``model_path`` names a model
+    kept on that psctl server, read by each worker from the shards (``security``,
+    ``max_frame_bytes``: how to reach them).
     """
     if out is not None:
         check_predictions_path(out)
     if workers is not None:
         timeout_s = DEFAULT_FAILURE_TIMEOUT_S if failure_timeout_s is None else failure_timeout_s
-        return predict_spread(model_path, data_path, workers, model_class_path, cold_start, out, failure_timeout_s=timeout_s)
+        return predict_spread(model_path, data_path, workers, model_class_path, cold_start, out, failure_timeout_s=timeout_s,
+                              server=server, security=security, max_frame_bytes=max_frame_bytes, pulled=pulled)  # fmt: skip
+    if server is not None:
+        raise UsageError("predict(server=...) reads a kept model with workers; without them use psctl.apps.kept.predict")
     if failure_timeout_s is not None:
         raise UsageError("--failure-timeout-s is how long a silent predict worker is waited for; it needs --workers N")
     pred = load_predictor(model_path, model_class_path)
@@ -303,9 +313,23 @@ def predict_spread(
     out: str | None = None,
     *,
     failure_timeout_s: float = DEFAULT_FAILURE_TIMEOUT_S,
+    server: str | None = None,
+    security: Any = None,
+    max_frame_bytes: int | None = None,
+    pulled: dict[str, int] | None = None,
+    batch_bytes: int | None = None,
 ) -> Any:
     """The prediction of ``data_path`` by ``workers`` processes, equal to :func:`predict`'s
     in one process; ``out``: the predictions file, byte for byte the same.
+
+    With ``server``, ``model_path`` is the name of a model kept there: the parent reads its
+    meta (and a dense model's tables, to check the data's columns), and each worker opens
+    its own connections to the shards and reads its range in batches of at most
+    ``kept.BATCH_BYTES``, pulling for each batch only the keys its rows touch (a sparse or
+    mf model) as ``psctl predict NAME --server`` does in one process. The workers get the
+    cluster's secret down an inherited pipe, never in argv, the environment or a file.
+    ``pulled`` (a dict) gets what the workers read in all (``keys_pulled``, ``bytes_pulled``);
+    ``batch_bytes`` replaces ``kept.BATCH_BYTES``.
 
     The parent plans N byte ranges of the file (``csvfile.plan_partitions``, as training
     does) and starts N processes (``python -m psctl.apps.predict_workers FOLDER K``, the
@@ -336,19 +360,41 @@ def predict_spread(
     if not (isinstance(failure_timeout_s, (int, float)) and math.isfinite(failure_timeout_s) and failure_timeout_s > 0):
         raise UsageError(f"--failure-timeout-s must be a positive number of seconds; got {failure_timeout_s}")
     try:
-        return _run(model_path, data_path, workers, model_class_path, cold_start, out, float(failure_timeout_s))
+        return _run(model_path, data_path, workers, model_class_path, cold_start, out, float(failure_timeout_s),
+                    server, security, max_frame_bytes, pulled, batch_bytes)  # fmt: skip
     except KeyboardInterrupt:
         raise Interrupted("interrupted; every predict worker has been stopped and no predictions were written") from None
 
 
 def _run(
     model_path: str, data_path: str, workers: int, model_class_path: str | None, cold_start: str | None, out: str | None,
-    failure_timeout_s: float,
+    failure_timeout_s: float, server: str | None = None, security: Any = None, max_frame_bytes: int | None = None,
+    pulled: dict[str, int] | None = None,
+    batch_bytes: int | None = None,
 ) -> Any:
-    pred = load_predictor(model_path, model_class_path)
+    from psctl import net  # here, not at the top: a worker process imports this module and needs neither
+
+    security = net.LOCAL if security is None else security
+    from psctl.protocol.wire import DEFAULT_MAX_FRAME_BYTES
+
+    frame = DEFAULT_MAX_FRAME_BYTES if max_frame_bytes is None else max_frame_bytes
+    if server is None:
+        pred = load_predictor(model_path, model_class_path)
+    else:
+        from psctl.apps import kept
+
+        pred = net.run(lambda: kept.open_predictor(server, model_path, model_class_path, security, frame))
+        if pred.mf is None and cold_start is not None:
+            raise UsageError(f"--cold-start is for mf models; {model_path} is a {pred.meta.get('kind')} model")
     cold = check_cold_start(pred, cold_start)
     plan = plan_input(pred, data_path)
-    parts = csvfile.plan_partitions(data_path, workers, plan.has_header)
+    if server is None:
+        batches = csvfile.plan_partitions(data_path, workers, plan.has_header)
+        assign = [(k, k + 1) for k in range(workers)]
+    else:  # byte ranges of at most kept.BATCH_BYTES, consecutive ones to each worker
+        batches = kept.plan_batches(data_path, plan, workers, batch_bytes or kept.BATCH_BYTES)
+        assign = [(k * len(batches) // workers, (k + 1) * len(batches) // workers) for k in range(workers)]
+    spans = [_span(k, batches[lo:hi]) for k, (lo, hi) in enumerate(assign)]
     folder = Path(tempfile.mkdtemp(prefix="psctl-predict-"))
     try:
         task = {
@@ -358,24 +404,40 @@ def _run(
             "data_path": data_path,
             "cold_start": cold,
             "plan": plan.to_dict(),
-            "partitions": [p.to_dict() for p in parts],
+            "partitions": [p.to_dict() for p in batches],
+            "assign": assign,  # worker k predicts partitions [lo, hi)
             "write_rows": out is not None,
             "heartbeat_interval_s": heartbeat_interval_s(failure_timeout_s),
         }
+        if server is not None:
+            tls = security.tls
+            task["server"] = {
+                "address": server, "max_frame_bytes": frame, "tls_ca": tls.ca if tls else None, "tls": tls is not None,
+                "handshake_timeout_s": security.handshake_timeout_s, "idle_timeout_s": security.idle_timeout_s,
+            }  # fmt: skip
         (folder / TASK_FILE).write_text(json.dumps(task))
-        from psctl import net  # here, not at the top: a worker process imports this module and needs neither
-
-        net.run(lambda: _run_workers(folder, parts, data_path, failure_timeout_s))
+        net.run(lambda: _run_workers(folder, spans, data_path, failure_timeout_s, security.secret if server else None))
         kind = recommend.RatedRows if pred.is_mf else Evaluated
-        result = combine(pred, [load_part(kind, folder, k) for k in range(workers)], plan, cold)
+        result = combine(pred, [load_part(kind, folder, j) for j in range(len(batches))], plan, cold)
+        if server is not None and pulled is not None:
+            for k in range(workers):
+                for key, n in json.loads((folder / f"{k}.pulled.json").read_text()).items():
+                    pulled[key] = pulled.get(key, 0) + int(n)
         if out is not None:
-            _join_rows(result, folder, workers, out)
+            _join_rows(result, folder, len(batches), out)
         return result
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-async def _run_workers(folder: Path, parts: list[csvfile.Partition], data_path: str, failure_timeout_s: float) -> None:
+def _span(k: int, parts: list[csvfile.Partition]) -> csvfile.Partition:
+    """The byte range of consecutive partitions, as one (what worker ``k`` reads)."""
+    return csvfile.Partition(k, parts[0].start, parts[-1].end, parts[0].first_line, sum(p.n_rows for p in parts))
+
+
+async def _run_workers(
+    folder: Path, parts: list[csvfile.Partition], data_path: str, failure_timeout_s: float, secret: bytes | None = None
+) -> None:
     """Start a worker per partition and wait for every one; the first that fails or falls
     silent for ``failure_timeout_s`` ends the wait (PsctlError naming it and why) and the
     others are stopped. Every worker is gone when this returns or raises, Ctrl-C
@@ -393,7 +455,7 @@ async def _run_workers(folder: Path, parts: list[csvfile.Partition], data_path: 
     listeners: list[asyncio.Future[None]] = []
     try:
         for k in range(len(parts)):
-            procs.append(await launch.start_process(["-m", "psctl.apps.predict_workers", str(folder), str(k)], folder / f"worker-{k}.log"))
+            procs.append(await _start_worker(launch, folder, k, secret))
             liveness.watch(k)  # from its start: a worker that never beats is lost too
             listeners.append(asyncio.ensure_future(_listen(procs[k], k, len(parts), liveness)))
         liveness.tick(loop.time())  # silence counts from here
@@ -417,6 +479,21 @@ async def _run_workers(folder: Path, parts: list[csvfile.Partition], data_path: 
         left = [asyncio.ensure_future(p.wait()) for p in procs if p.returncode is None]
         if left:
             await asyncio.wait(left, timeout=STOP_TIMEOUT_S)
+
+
+async def _start_worker(launch: Any, folder: Path, k: int, secret: bytes | None) -> Any:
+    """``python -m psctl.apps.predict_workers FOLDER K [SECRET_FD]``: the secret (to read a
+    kept model from the shards) down a pipe the worker inherits, as psctl's other children get it."""
+    args = ["-m", "psctl.apps.predict_workers", str(folder), str(k)]
+    if secret is None:
+        return await launch.start_process(args, folder / f"worker-{k}.log")
+    read_fd, write_fd = os.pipe()
+    try:
+        with os.fdopen(write_fd, "wb") as pipe:
+            pipe.write(secret)  # far below a pipe's buffer: does not block
+        return await launch.start_process([*args, str(read_fd)], folder / f"worker-{k}.log", pass_fds=(read_fd,))
+    finally:
+        os.close(read_fd)
 
 
 async def _listen(proc: Any, k: int, n: int, liveness: Any) -> None:

@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from psctl.errors import PsctlError
 
@@ -75,30 +76,73 @@ def _beat(interval_s: float) -> None:
     signal.setitimer(signal.ITIMER_REAL, interval_s, interval_s)
 
 
-def work(folder: Path, k: int, task: dict) -> None:
-    """Predict partition ``k`` of the task in ``folder``; write its result files there."""
+def work(folder: Path, k: int, task: dict, secret: bytes | None = None) -> None:
+    """Predict the partitions the task assigns to worker ``k``; write their result files there."""
     from psctl.apps import predict as P  # after the first beat: numpy and the model load slowly
     from psctl.data import csvfile
 
-    pred = P.load_predictor(task["model_path"], task["model_class"])
     plan = P.InputPlan.from_dict(task["plan"])
-    part = csvfile.Partition.from_dict(task["partitions"][k])
-    rows = P.read_rows(pred, plan, task["data_path"], part)
+    lo, hi = task["assign"][k]
+    parts = [csvfile.Partition.from_dict(task["partitions"][j]) for j in range(lo, hi)]
+    if task.get("server") is None:
+        pred = P.load_predictor(task["model_path"], task["model_class"])
+        for part in parts:
+            _predict_part(P, folder, task, plan, pred, part, P.read_rows(pred, plan, task["data_path"], part))
+        return
+    _run_quietly(_from_kept(P, folder, k, task, plan, parts, secret))
+
+
+def _predict_part(P: Any, folder: Path, task: dict, plan: Any, pred: Any, part: Any, rows: Any) -> None:
     evaluated = P.evaluate_rows(pred, rows, task["cold_start"])
     if task["write_rows"]:
         mine = P.combine(pred, [evaluated], plan, task["cold_start"], scored=False)
-        with open(folder / f"{k}.rows.csv", "w", newline="") as fh:
+        with open(folder / f"{part.index}.rows.csv", "w", newline="") as fh:
             P.write_prediction_rows(mine, fh)
-    P.save_part(evaluated, folder, k)
+    P.save_part(evaluated, folder, part.index)
+
+
+async def _from_kept(P: Any, folder: Path, k: int, task: dict, plan: Any, parts: list, secret: bytes | None) -> None:
+    """The partitions of a model kept on a server: for each, read its rows, pull what they touch
+    from the shards (this worker's own connections), and predict them."""
+    from psctl import net
+    from psctl.apps import kept
+
+    where = task["server"]
+    security = net.Security(
+        secret=secret, tls=net.TlsConfig(ca=where["tls_ca"]) if where["tls"] else None,
+        handshake_timeout_s=where["handshake_timeout_s"], idle_timeout_s=where["idle_timeout_s"],
+    )  # fmt: skip
+    async with await kept.KeptModel.open(where["address"], task["model_path"], model_class_path=task["model_class"],
+                                         security=security, max_frame_bytes=where["max_frame_bytes"]) as model:  # fmt: skip
+        pred = await kept.base_predictor(model)
+        for part in parts:
+            rows = P.read_rows(pred, plan, task["data_path"], part)
+            _predict_part(P, folder, task, plan, await kept.batch_predictor(model, pred, rows), part, rows)
+        (folder / f"{k}.pulled.json").write_text(json.dumps(model.counters()))
+
+
+def _run_quietly(main: Any) -> None:
+    """Run ``main`` on a plain selector event loop. Not uvloop, nor anything that registers
+    signal handlers: they would take the wakeup fd, which is this process's heartbeat."""
+    import asyncio
+
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        runner.run(main)
 
 
 def main(argv: list[str] | None = None) -> int:
-    folder, k = (sys.argv[1:] if argv is None else argv)[:2]
+    args = sys.argv[1:] if argv is None else argv
+    folder, k = args[:2]
     _watch_parent(Path(folder))
     task = json.loads((Path(folder) / TASK_FILE).read_text())
     _beat(float(task["heartbeat_interval_s"]))
     try:
-        work(Path(folder), int(k), task)
+        secret = None
+        if len(args) > 2:  # the cluster's secret, down an inherited pipe (read after the first sign: psctl.net loads numpy)
+            from psctl.net.security import read_secret_fd
+
+            secret = read_secret_fd(int(args[2]))
+        work(Path(folder), int(k), task, secret)
     except PsctlError as exc:
         (Path(folder) / f"{k}.error.json").write_text(json.dumps({"message": str(exc), "exit_code": exc.exit_code}))
         return exc.exit_code

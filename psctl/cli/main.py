@@ -465,8 +465,8 @@ def predict(
     pulled = None
     if server is not None and (user is not None or item is not None):
         _usage("--user/--item read a model file; with --server give a data file of (user, item) rows")
-    if server is not None and (workers is not None or failure_timeout_s is not None):
-        _usage("--workers and --failure-timeout-s are for model files; a kept model (--server) is read by one process, batch by batch")
+    if server is not None and workers is None and failure_timeout_s is not None:
+        _usage("--failure-timeout-s is how long a silent predict worker is waited for; it needs --workers N")
     if user is not None or item is not None:
         if user is None or item is None:
             _usage("--user and --item go together: give both for one rating")
@@ -487,9 +487,11 @@ def predict(
     if data is None:
         _usage("give a data file to predict (or, for an mf model, --user U --item I for one rating)")
     try:
-        if server is None:
+        if server is None or workers is not None:
+            pulled = None if server is None else {}
             pred = run_predict(model_path, data, model_class, cold_start, workers=workers, out=out_path,
-                               failure_timeout_s=failure_timeout_s)
+                               failure_timeout_s=failure_timeout_s, server=server, security=security,
+                               max_frame_bytes=max_frame_bytes, pulled=pulled)  # fmt: skip
         else:
             from psctl.apps import kept
             from psctl.apps.predict import check_predictions_path, write_predictions

@@ -56,6 +56,17 @@ def same_predictions(tmp_path, server, name: str, model_file, data) -> tuple[dic
     return from_file, live
 
 
+def same_with_workers(tmp_path, server, name: str, data, workers: int = 3) -> dict:
+    """``--server --workers N``: each worker reads its own byte range and pulls its rows' keys;
+    the predictions file and metrics are one process's (same_predictions wrote file.csv)."""
+    spread = psctl_json("predict", name, str(data), "--server", server.address, "--workers", str(workers),
+                        "--out", str(tmp_path / "spread.csv"))  # fmt: skip
+    assert (tmp_path / "spread.csv").read_bytes() == (tmp_path / "file.csv").read_bytes()
+    alone = psctl_json("predict", name, str(data), "--server", server.address)
+    assert spread["metrics"] == alone["metrics"] and spread["rows"] == alone["rows"]
+    return spread
+
+
 @pytest.mark.timeout(600)
 def test_a_kept_model_is_listed_predicted_from_and_dropped(tmp_path, server):
     model = tmp_path / "bc.npz"
@@ -103,10 +114,14 @@ def test_a_hashed_2_pow_32_model_is_read_only_where_the_rows_touch_it(tmp_path, 
     # 50 rows touch at most 50 users, 20 sites, the price and the bias: never the 2^32 keys,
     # nor even the ~620 stored ones.
     touched = live["pulled"]["keys_pulled"]
+
     assert 20 < touched <= 50 + 20 + 2, live["pulled"]
     assert live["pulled"]["bytes_pulled"] <= touched * (4 + 1), live["pulled"]  # float32 values and a stored flag each
     (row,) = models(server)
     assert sum(s["keys_pulled"] for s in row["shards"]) == touched  # the shards counted the same reads
+    spread = same_with_workers(tmp_path, server, "ctr", test)
+    # three workers: each its own rows' keys (a site or the bias may be pulled by two or three)
+    assert touched <= spread["pulled"]["keys_pulled"] <= touched + 2 * (20 + 2), spread["pulled"]
 
     # The Python API hashes a DataFrame's cells as training did and reads only the keys they touch.
     import asyncio
@@ -148,6 +163,7 @@ def test_an_mf_model_predicts_the_same_from_the_server(tmp_path, server):
     train(server, "mf", str(EXAMPLES / "ratings" / "train.csv"), "--rank", "4", "--keep", "films", "--out", str(model))
     test = EXAMPLES / "ratings" / "test.csv"
     _, live = same_predictions(tmp_path, server, "films", model, test)
+    same_with_workers(tmp_path, server, "films", test)
     params = modelfile.load_model(str(model))[1]["model_params"]
     users, items = params["users"], params["items"]
     # Only the rows of the users and items the test file names (factors and biases), not the whole tables.
@@ -174,6 +190,12 @@ def test_an_mf_model_predicts_the_same_from_the_server(tmp_path, server):
     assert json_safe(pred.metrics) == json_safe(file_pred.metrics) and pred.cold_start == file_pred.cold_start
     finite = pred.outputs[np.isfinite(pred.outputs)]
     assert finite.min() >= stats.min() and finite.max() <= stats.max()
+    # Two worker processes, several batches each (consecutive byte ranges): the same again.
+    pulled: dict = {}
+    spread = predicting.predict_spread("films", str(test), 2, server=server.address, pulled=pulled, batch_bytes=2000)
+    np.testing.assert_array_equal(spread.outputs, file_pred.outputs)
+    assert json_safe(spread.metrics) == json_safe(file_pred.metrics) and spread.cold_start == file_pred.cold_start
+    assert 0 < pulled["keys_pulled"] < 2 * 2 * (users + items), pulled
 
 
 @pytest.mark.timeout(600)
@@ -211,7 +233,9 @@ def test_keep_is_refused_in_one_sentence_where_it_cannot_work(tmp_path, server):
     assert_clean_error(run_psctl("models", "--server", shard), "is a psctl process but not a coordinator")
     np.testing.assert_equal(models(server), [])
     r = run_psctl("predict", "bc", str(TEST), "--server", server.address, "--workers", "2")
-    assert_clean_error(r, "--workers and --failure-timeout-s are for model files; a kept model (--server) is read by one process")
+    assert_clean_error(r, "no model named 'bc' is kept on this server")
+    r = run_psctl("predict", "bc", str(TEST), "--server", server.address, "--failure-timeout-s", "2")
+    assert_clean_error(r, "--failure-timeout-s is how long a silent predict worker is waited for; it needs --workers N")
     r = run_psctl("predict", "films", "--user", "1", "--item", "2", "--server", server.address)
     assert_clean_error(r, "--user/--item read a model file")
 

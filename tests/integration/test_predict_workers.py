@@ -203,7 +203,8 @@ def test_a_killed_worker_ends_the_command_with_one_sentence(models, big, tmp_pat
 @pytest.mark.timeout(120)
 def test_ctrl_c_leaves_no_worker_behind(models, big, tmp_path):
     model, _ = models["logreg"]
-    proc = _start_predict(model, big, tmp_path / "p.csv", 3)
+    # A long failure timeout: the stopped workers must not be judged silent before Ctrl-C is handled.
+    proc = _start_predict(model, big, tmp_path / "p.csv", 3, "--failure-timeout-s", "100")
     pids = _wait_for_workers(proc, 3)
     _stop_all(pids)  # the command cannot have finished when Ctrl-C reaches it (the parent kills stopped workers too)
     proc.send_signal(signal.SIGINT)
