@@ -790,7 +790,8 @@ def models(
         if as_json:
             print(json.dumps(body, indent=2))
         else:
-            out.print(f"dropped model {body['name']}: its parts on {body['freed']} shards are freed", highlight=False)
+            n = body["freed"]
+            out.print(f"dropped model {body['name']}: its parts on {n} shard{'' if n == 1 else 's'} are freed", highlight=False)
         return
     rows = _run(lambda: kept.list_models(server_address, security=security))
     if as_json:
