@@ -120,6 +120,27 @@ async def test_a_kept_model_trained_further_is_served_with_its_new_weights_withi
 
 
 @pytest.mark.timeout(600)
+async def test_a_kept_mf_model_is_served_as_its_file_predicts(tmp_path, server):
+    model = tmp_path / "films.npz"
+    train(server, "mf", str(EXAMPLES / "ratings" / "train.csv"), "--epochs", "2", "--rank", "4", "--keep", "films", "--out", str(model))
+    served = ServeProcess("films", "--server", server.address, "--port", "0")
+    try:
+        async with aiohttp.ClientSession() as s:
+            status, body = await post(s, f"{served.url}/v1/models/films:predict", {"instances": [[2, 5579], ["7", "no-such-film"]]})
+            assert status == 200, body
+            status, top = await post(s, f"{served.url}/v1/models/films:recommend", {"user": 7, "top": 3})
+            assert status == 200 and len(top["items"]) == 3, top
+    finally:
+        code, _, err = served.stop()
+    assert code == 0 and "Traceback" not in err, err
+    one = psctl_json("predict", str(model), "--user", "2", "--item", "5579")
+    assert body["predictions"] == [{"rating": pytest.approx(one["predicted_rating"], rel=1e-12), "known": True},
+                                   {"rating": None, "known": False}]  # fmt: skip
+    expected = psctl_json("recommend", str(model), "--user", "7", "--top", "3")
+    assert [i["item"] for i in top["items"]] == [str(i["item"]) for i in expected["items"]]
+
+
+@pytest.mark.timeout(600)
 def test_what_psctl_serve_server_refuses_is_one_sentence(tmp_path, server):
     def refused(*args: str, sentence: str, code: int = 2) -> None:
         r = run_psctl("serve", *args, "--port", "0", timeout_s=60)
