@@ -367,15 +367,22 @@ class LiveSource:
                 await asyncio.wait_for(self._read(), REFRESH_TIMEOUT_S)
             except (PsctlError, OSError, TimeoutError) as exc:
                 why = str(exc) or f"no answer within {REFRESH_TIMEOUT_S:g} s"
-                if self.error is None:  # one line per outage; describe() has the latest reason
-                    self.notice(f"serving {self.name}: reading kept model {self.kept_name!r} from {self.server} failed ({why}); "
-                                f"answering with the weights of {self.describe()['weights_as_of']}")  # fmt: skip
-                self.error = why
-                self._drop_connection()  # reconnect, and find the name's version again, next time
+                self._failed(why)
+            except Exception as exc:  # a bug, or an answer psctl does not expect: stale, never silently stuck
+                log.exception("serving %s: reading kept model %r failed", self.name, self.kept_name)
+                self._failed(f"{type(exc).__name__}: {exc}")
             else:
                 if self.error is not None:
                     self.notice(f"serving {self.name}: kept model {self.kept_name!r} read again from {self.server}")
                 self.error = None
+
+    def _failed(self, why: str) -> None:
+        """Keep answering with the last weights, marked stale; say so once per outage."""
+        if self.error is None:  # one line per outage; describe() has the latest reason
+            self.notice(f"serving {self.name}: reading kept model {self.kept_name!r} from {self.server} failed ({why}); "
+                        f"answering with the weights of {self.describe()['weights_as_of']}")  # fmt: skip
+        self.error = why
+        self._drop_connection()  # reconnect, and find the name's version again, next time
 
     async def _read(self) -> None:
         began, as_of = time.monotonic(), time.time()
