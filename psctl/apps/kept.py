@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -202,16 +201,8 @@ class KeptModel:
         return {"keys_pulled": self.keys_pulled, "bytes_pulled": self.bytes_pulled}
 
 
-#: Bytes of the data file read and evaluated at a time: each batch's keys are pulled from the
-#: shards just before the batch is evaluated, so the file is read once and memory stays bounded.
-BATCH_BYTES = 16 << 20
-
-
-def plan_batches(data_path: str, plan: predicting.InputPlan, at_least: int, batch_bytes: int = BATCH_BYTES) -> list[csvfile.Partition]:
-    """The byte ranges a kept model's prediction reads one at a time: at most ``batch_bytes``
-    each, and at least ``at_least`` of them (one per worker process)."""
-    size = os.path.getsize(data_path)
-    return csvfile.plan_partitions(data_path, max(at_least, -(-size // batch_bytes)), plan.has_header)
+BATCH_BYTES = predicting.BATCH_BYTES  # a kept model is read and predicted this much of the file at a time
+plan_batches = predicting.plan_batches
 
 
 async def base_predictor(kept: KeptModel) -> predicting.Predictor:
@@ -247,6 +238,28 @@ async def batch_predictor(kept: KeptModel, pred: predicting.Predictor, rows: Any
     if not pred.params:
         return dataclasses.replace(pred, params=await kept.params_for(rows.X))
     return pred
+
+
+def predict_spread(
+    server: str, name: str, data_path: str, workers: int, *, model_class_path: str | None = None,
+    cold_start: str | None = None, out: str | None = None, failure_timeout_s: float | None = None,
+    security: net.Security = net.LOCAL, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, batch_bytes: int = 0,
+) -> tuple[Any, dict[str, int]]:
+    """``psctl predict NAME DATA --server --workers N``: :func:`predict`'s result and counts,
+    from N worker processes (``predict.predict_spread``), each reading its own byte ranges and
+    pulling its own rows' keys. Not a coroutine: it runs its own event loops."""
+    if out is not None:
+        predicting.check_predictions_path(out)
+    pred = net.run(lambda: open_predictor(server, name, model_class_path, security, max_frame_bytes))
+    if pred.mf is None and cold_start is not None:
+        raise UsageError(f"--cold-start is for mf models; {name} is a {pred.meta.get('kind')} model")
+    pulled: dict[str, int] = {}
+    result = predicting.predict_spread(
+        name, data_path, workers, model_class_path, cold_start, out, server=server,
+        failure_timeout_s=predicting.DEFAULT_FAILURE_TIMEOUT_S if failure_timeout_s is None else failure_timeout_s,
+        predictor=pred, security=security, max_frame_bytes=max_frame_bytes, pulled=pulled, batch_bytes=batch_bytes,
+    )  # fmt: skip
+    return result, pulled
 
 
 async def predict(

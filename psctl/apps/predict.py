@@ -225,10 +225,7 @@ def predict(
     workers: int | None = None,
     out: str | None = None,
     failure_timeout_s: float | None = None,
-    server: str | None = None,
-    security: Any = None,
-    max_frame_bytes: int | None = None,
-    pulled: dict[str, int] | None = None,
+
 ) -> Any:
     """A :class:`Prediction`, or for an mf model a recommend.RatingsPrediction
     (``cold_start``: what to do with users and items the model has not seen; mf only, default nan).
@@ -237,18 +234,14 @@ def predict(
     (see :func:`predict_spread`); the result and the ``out`` file are the same as
     in one process. ``out``: also write the per-row predictions there.
     ``failure_timeout_s``: with ``workers``, a worker silent this long is declared lost
-    (default 5 s, as in training). ``server`` (with ``workers``): ``model_path`` names a model
-    kept on that psctl server, read by each worker from the shards (``security``,
-    ``max_frame_bytes``: how to reach them).
+    (default 5 s, as in training). A model kept on a server: ``kept.predict`` (one process)
+    and ``kept.predict_spread`` (workers).
     """
     if out is not None:
         check_predictions_path(out)
     if workers is not None:
         timeout_s = DEFAULT_FAILURE_TIMEOUT_S if failure_timeout_s is None else failure_timeout_s
-        return predict_spread(model_path, data_path, workers, model_class_path, cold_start, out, failure_timeout_s=timeout_s,
-                              server=server, security=security, max_frame_bytes=max_frame_bytes, pulled=pulled)  # fmt: skip
-    if server is not None:
-        raise UsageError("predict(server=...) reads a kept model with workers; without them use psctl.apps.kept.predict")
+        return predict_spread(model_path, data_path, workers, model_class_path, cold_start, out, failure_timeout_s=timeout_s)
     if failure_timeout_s is not None:
         raise UsageError("--failure-timeout-s is how long a silent predict worker is waited for; it needs --workers N")
     pred = load_predictor(model_path, model_class_path)
@@ -314,22 +307,24 @@ def predict_spread(
     *,
     failure_timeout_s: float = DEFAULT_FAILURE_TIMEOUT_S,
     server: str | None = None,
+    predictor: Predictor | None = None,
     security: Any = None,
     max_frame_bytes: int | None = None,
     pulled: dict[str, int] | None = None,
-    batch_bytes: int | None = None,
+    batch_bytes: int = 0,
 ) -> Any:
     """The prediction of ``data_path`` by ``workers`` processes, equal to :func:`predict`'s
     in one process; ``out``: the predictions file, byte for byte the same.
 
-    With ``server``, ``model_path`` is the name of a model kept there: the parent reads its
-    meta (and a dense model's tables, to check the data's columns), and each worker opens
+    With ``server`` (``kept.predict_spread``), ``model_path`` is the name of a model kept
+    there and ``predictor`` what the parent read of it (its meta, a dense model's tables), to
+    plan the file and combine the results; each worker opens
     its own connections to the shards and reads its range in batches of at most
     ``kept.BATCH_BYTES``, pulling for each batch only the keys its rows touch (a sparse or
     mf model) as ``psctl predict NAME --server`` does in one process. The workers get the
     cluster's secret down an inherited pipe, never in argv, the environment or a file.
     ``pulled`` (a dict) gets what the workers read in all (``keys_pulled``, ``bytes_pulled``);
-    ``batch_bytes`` replaces ``kept.BATCH_BYTES``.
+    ``batch_bytes`` (0: :data:`BATCH_BYTES`) bounds a kept model's batches.
 
     The parent plans N byte ranges of the file (``csvfile.plan_partitions``, as training
     does) and starts N processes (``python -m psctl.apps.predict_workers FOLDER K``, the
@@ -361,38 +356,34 @@ def predict_spread(
         raise UsageError(f"--failure-timeout-s must be a positive number of seconds; got {failure_timeout_s}")
     try:
         return _run(model_path, data_path, workers, model_class_path, cold_start, out, float(failure_timeout_s),
-                    server, security, max_frame_bytes, pulled, batch_bytes)  # fmt: skip
+                    server, predictor, security, max_frame_bytes, pulled, batch_bytes or BATCH_BYTES)  # fmt: skip
     except KeyboardInterrupt:
-        raise Interrupted("interrupted; every predict worker has been stopped and no predictions were written") from None
+        raise Interrupted(INTERRUPTED) from None
 
 
 def _run(
     model_path: str, data_path: str, workers: int, model_class_path: str | None, cold_start: str | None, out: str | None,
-    failure_timeout_s: float, server: str | None = None, security: Any = None, max_frame_bytes: int | None = None,
-    pulled: dict[str, int] | None = None,
-    batch_bytes: int | None = None,
+    failure_timeout_s: float, server: str | None = None, predictor: Predictor | None = None, security: Any = None,
+    max_frame_bytes: int | None = None, pulled: dict[str, int] | None = None, batch_bytes: int = 0,
 ) -> Any:
-    from psctl import net  # here, not at the top: a worker process imports this module and needs neither
-
-    security = net.LOCAL if security is None else security
+    # here, not at the top: a worker process imports this module and needs neither
+    from psctl import net
     from psctl.protocol.wire import DEFAULT_MAX_FRAME_BYTES
 
+    security = net.LOCAL if security is None else security
     frame = DEFAULT_MAX_FRAME_BYTES if max_frame_bytes is None else max_frame_bytes
     if server is None:
         pred = load_predictor(model_path, model_class_path)
     else:
-        from psctl.apps import kept
-
-        pred = net.run(lambda: kept.open_predictor(server, model_path, model_class_path, security, frame))
-        if pred.mf is None and cold_start is not None:
-            raise UsageError(f"--cold-start is for mf models; {model_path} is a {pred.meta.get('kind')} model")
+        assert predictor is not None, "a kept model's predictor comes from kept.predict_spread"
+        pred = predictor
     cold = check_cold_start(pred, cold_start)
     plan = plan_input(pred, data_path)
     if server is None:
         batches = csvfile.plan_partitions(data_path, workers, plan.has_header)
         assign = [(k, k + 1) for k in range(workers)]
-    else:  # byte ranges of at most kept.BATCH_BYTES, consecutive ones to each worker
-        batches = kept.plan_batches(data_path, plan, workers, batch_bytes or kept.BATCH_BYTES)
+    else:  # byte ranges of at most BATCH_BYTES, consecutive ones to each worker
+        batches = plan_batches(data_path, plan, workers, batch_bytes or BATCH_BYTES)
         assign = [(k * len(batches) // workers, (k + 1) * len(batches) // workers) for k in range(workers)]
     spans = [_span(k, batches[lo:hi]) for k, (lo, hi) in enumerate(assign)]
     folder = Path(tempfile.mkdtemp(prefix="psctl-predict-"))
@@ -430,6 +421,21 @@ def _run(
         shutil.rmtree(folder, ignore_errors=True)
 
 
+INTERRUPTED = "interrupted; every predict worker has been stopped and no predictions were written"
+
+#: Bytes of the data file read and evaluated at a time with a kept model: each batch's keys are
+#: pulled from the shards just before the batch is evaluated, so the file is read once and
+#: memory stays bounded.
+BATCH_BYTES = 16 << 20
+
+
+def plan_batches(data_path: str, plan: InputPlan, at_least: int, batch_bytes: int = BATCH_BYTES) -> list[csvfile.Partition]:
+    """The byte ranges a kept model's prediction reads one at a time: at most ``batch_bytes``
+    each, and at least ``at_least`` of them (one per worker process)."""
+    size = os.path.getsize(data_path)
+    return csvfile.plan_partitions(data_path, max(at_least, -(-size // batch_bytes)), plan.has_header)
+
+
 def _span(k: int, parts: list[csvfile.Partition]) -> csvfile.Partition:
     """The byte range of consecutive partitions, as one (what worker ``k`` reads)."""
     return csvfile.Partition(k, parts[0].start, parts[-1].end, parts[0].first_line, sum(p.n_rows for p in parts))
@@ -453,6 +459,12 @@ async def _run_workers(
     loop = asyncio.get_running_loop()
     procs: list[asyncio.subprocess.Process] = []
     listeners: list[asyncio.Future[None]] = []
+    # Ctrl-C through the loop's own handler: it wakes the loop at once. The runner's default
+    # one runs only when the loop next runs Python code, which with every worker quiet
+    # (stopped) is the next tick, after the failure timeout has judged them.
+    interrupted = asyncio.Event()
+    loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    ctrl_c = asyncio.ensure_future(interrupted.wait())
     try:
         for k in range(len(parts)):
             procs.append(await _start_worker(launch, folder, k, secret))
@@ -462,7 +474,10 @@ async def _run_workers(
         waits = {asyncio.ensure_future(p.wait()): k for k, p in enumerate(procs)}
         pending = set(waits)
         while pending:
-            done, pending = await asyncio.wait(pending, timeout=tick_s, return_when=asyncio.FIRST_COMPLETED)
+            done, pending = await asyncio.wait({*pending, ctrl_c}, timeout=tick_s, return_when=asyncio.FIRST_COMPLETED)
+            if interrupted.is_set():
+                raise Interrupted(INTERRUPTED)  # once every worker is stopped, below
+            pending.discard(ctrl_c)
             for task in done:
                 k = waits[task]
                 liveness.forget(k)
@@ -472,6 +487,8 @@ async def _run_workers(
                 assert isinstance(k, int)
                 raise _worker_silent(k, len(parts), parts[k], silent_s, failure_timeout_s, data_path)
     finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        ctrl_c.cancel()
         for listener in listeners:
             listener.cancel()
         for p in procs:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from psctl import net
+from psctl.apps import history
 from psctl.apps.results import json_safe
 from psctl.cluster.client import ShardClient
 from psctl.cluster.launch import LocalCluster, embedded_security
@@ -549,6 +550,7 @@ async def _train(
             shards = await session.shard_status()
             done["rows_trained"] = min((int(s.get("samples", 0)) for s in shards), default=0)
             meta = _model_meta(cfg, source, session, done, time.monotonic() - started)
+            meta["history"] = history.from_events(events, session.model_cls.task)
             meta["metrics"]["traffic"] = traffic_per_epoch(session.model, partitions, cfg, done)
             meta["metrics"].update(table_figures(session.model.tables(), params, shards, done, spec))
             kinds, arrays = vocab_file_parts(session.stats)
@@ -654,6 +656,7 @@ async def _follow(
     cfg = session.cfg
     restarts = 0
     events: list[dict[str, Any]] = []
+    followed = time.monotonic()  # the history's clock: seconds since the job was submitted
     exits = {asyncio.ensure_future(c.proc.wait()): c for c in cluster.workers()}
     dead: list[Any] = []
     lost = 0
@@ -695,13 +698,15 @@ async def _follow(
                 except JobError as exc:  # SessionClosed: lost the connection to the psctl server; or it went silent
                     raise JobError(f"{exc}{_resume_hint(session.spec, events)}") from exc
                 lost += event["kind"] == "worker_lost"
+                restarted: dict[str, Any] | None = None
                 if event["kind"] == "worker_joined" and isinstance(event.get("pid"), int):
                     joined.add(event["pid"])
                 if event["kind"] == "worker_lost" and restarts < cfg.max_restarts and cluster.workers():
                     restarts += 1
                     (child,) = await cluster.start_workers(1, coordinator, cfg.model if ":" in cfg.model else None)
                     exits[asyncio.ensure_future(child.proc.wait())] = child
-                    on_event({"kind": "worker_restarted", "replacing": event["worker_id"], "restarts": restarts})
+                    restarted = {"kind": "worker_restarted", "replacing": event["worker_id"], "restarts": restarts}
+                    on_event(restarted)
                 if event["kind"] == "shard_lost" and cfg.server is None:
                     # The embedded cluster started the shard, so it starts the replacement.
                     await cluster.start_shards(1, coordinator)
@@ -713,7 +718,11 @@ async def _follow(
                     await session.on_stats(event)
                 event = session.with_metrics(event)
                 if event["kind"] != "progress":
+                    event["since_submit_s"] = time.monotonic() - followed
                     events.append(event)
+                if restarted is not None:  # the history has the loss first, then the new process
+                    events.append({**restarted, "since_submit_s": time.monotonic() - followed})
+                    restarted = None
                 on_event(event)
                 if event["kind"] == "epoch":
                     await session.on_epoch(event, on_event)
@@ -736,7 +745,9 @@ async def _follow(
                     restarts += 1
                     (child,) = await cluster.start_workers(1, coordinator, cfg.model if ":" in cfg.model else None)
                     exits[asyncio.ensure_future(child.proc.wait())] = child
-                    on_event({"kind": "worker_restarted", "replacing": None, "process": unregistered[0].index, "restarts": restarts})
+                    restarted = {"kind": "worker_restarted", "replacing": None, "process": unregistered[0].index, "restarts": restarts}
+                    events.append({**restarted, "since_submit_s": time.monotonic() - followed})
+                    on_event(restarted)
                     deadline = time.monotonic() + FAILED_EVENT_GRACE_S if len(dead) > lost else None
                     continue
                 child = dead[lost]

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -187,6 +188,7 @@ def train(
     out_path: str = typer.Option("model.npz", "--out", "-o", help="Where to write the model."),
     model_class: str | None = typer.Option(None, "--model-class", help="Train your own model class (pkg.module:Class) instead of MODEL."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object (progress goes to stderr)."),
+    plot: str | None = typer.Option(None, "--plot", help="Also draw the training curves to this image (.png, .svg, .pdf; the plot extra)."),
     max_frame_bytes: int = MaxFrame,
     security: runtime.Security = runtime.LOCAL,
 ) -> None:
@@ -194,6 +196,8 @@ def train(
     from psctl.apps.train import StopRequest, TrainConfig, result_summary
     from psctl.apps.train import train as run_train
 
+    if plot is not None:
+        _check_plot_path(plot)  # before training: a missing extra or folder is not found out at the end
     if shards is not None and server is not None:
         _usage("--shards is for the embedded cluster; a running server (--server) has its own shards")
     every_steps, every_s = _steps_or_seconds(checkpoint_every, "--checkpoint-every")
@@ -256,6 +260,8 @@ def train(
         result = _run(main)
     finally:
         view.close()
+    if plot is not None:
+        _save_plot(result.meta, plot, result.model_path)
     if as_json:
         print(json.dumps(result_summary(result), indent=2), flush=True)
         return
@@ -277,6 +283,53 @@ def train(
         out.print(_traffic(m["traffic"]), highlight=False)
     if m["lost_workers"]:
         out.print(f"warning: workers lost during training: {m['lost_workers']}", highlight=False)
+
+
+def _check_plot_path(path: str) -> None:
+    from psctl.apps import history
+
+    try:
+        history.check_available()
+    except PsctlError as exc:
+        _usage(str(exc))
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".png", ".svg", ".pdf"):
+        _usage(f"--plot/--out '{path}': give a .png, .svg or .pdf file")
+    if Path(path).is_dir() or not Path(path).absolute().parent.is_dir():
+        _usage(f"--plot/--out '{path}' is a folder or in a folder that does not exist")
+
+
+def _save_plot(meta: dict[str, Any], path: str, model_path: str) -> None:
+    from psctl.apps import history
+
+    try:
+        history.save(meta.get("history") or {}, path, f"{meta.get('kind')} model {Path(model_path).name}")
+    except PsctlError as exc:
+        err.print(f"psctl: error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    err.print(f"training curves drawn to {path}", highlight=False)
+
+
+@app.command()
+def plot(
+    model_path: str = typer.Argument(..., help="A model file written by 'psctl train'."),
+    out_path: str = typer.Option("curves.png", "--out", "-o", help="The image to write (.png, .svg or .pdf)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the history (per epoch, and the events) as JSON instead."),
+) -> None:
+    """Draw a model's training curves: loss and metric per epoch (training, held-out), samples/s, staleness, events."""
+    from psctl.apps import history
+
+    if not as_json:
+        _check_plot_path(out_path)
+    try:
+        meta = history.model_meta(model_path)
+    except PsctlError as exc:
+        err.print(f"psctl: error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    if as_json:
+        print(json.dumps(meta.get("history") or {}, indent=2), flush=True)
+        return
+    _save_plot(meta, out_path, model_path)
 
 
 def _traffic(t: dict[str, float]) -> str:
@@ -487,11 +540,16 @@ def predict(
     if data is None:
         _usage("give a data file to predict (or, for an mf model, --user U --item I for one rating)")
     try:
-        if server is None or workers is not None:
-            pulled = None if server is None else {}
+        if server is None:
             pred = run_predict(model_path, data, model_class, cold_start, workers=workers, out=out_path,
-                               failure_timeout_s=failure_timeout_s, server=server, security=security,
-                               max_frame_bytes=max_frame_bytes, pulled=pulled)  # fmt: skip
+                               failure_timeout_s=failure_timeout_s)  # fmt: skip
+        elif workers is not None:
+            from psctl.apps import kept
+
+            pred, pulled = kept.predict_spread(
+                server, model_path, data, workers, model_class_path=model_class, cold_start=cold_start, out=out_path,
+                failure_timeout_s=failure_timeout_s, security=security, max_frame_bytes=max_frame_bytes,
+            )  # fmt: skip
         else:
             from psctl.apps import kept
             from psctl.apps.predict import check_predictions_path, write_predictions

@@ -68,6 +68,10 @@ class ShardClient:
         self.addresses = list(addresses) if addresses is not None else [p.name for p in peers]
         self.answer_timeout_s = answer_timeout_s
         self.bytes_pulled = 0
+        #: How many clocks the slowest live worker was behind the last pull's clock when the
+        #: shards answered it (the worst over the shards asked): 0 in sync mode, at most the
+        #: staleness bound in ssp, anything in async.
+        self.last_staleness = 0
         self.bytes_pushed = 0
 
     @classmethod
@@ -113,6 +117,9 @@ class ShardClient:
             self.bytes_pulled += sum(a.nbytes for a in arrays)
             asked.append((i, self.peers[i].request_nowait(MsgType.PULL, body, arrays)))
         replies = await self._answers(asked, "pull")
+        lows = [r.body.get("min_clock") for r in replies]
+        lows = [low for low in lows if isinstance(low, int) and not isinstance(low, bool)]
+        self.last_staleness = max(0, clock - min(lows)) if lows else 0
         parts = {i: r.arrays for (i, _), r in zip(asked, replies)}
         self.bytes_pulled += sum(a.nbytes for r in replies for a in r.arrays)
         return plan.scatter(parts)

@@ -444,6 +444,7 @@ class Worker:
             if self.control.stop_requested:
                 break
             loss_sum, sums, rows = 0.0, {}, 0
+            staleness: dict[str, int] = {}  # clocks behind -> steps, as the gate answered this epoch's pulls
             skip = start_clock - epoch * per_epoch if epoch == first_epoch else 0
             for step, idx in enumerate(batch_indices(n_rows, batch_size, seed, partition, epoch, max_rows)):
                 if step < skip:
@@ -459,6 +460,8 @@ class Worker:
                 # The pull goes out behind the previous push on each connection,
                 # so it sees that push; its ack is collected afterwards.
                 params = await client.pull(plan, clock)
+                behind = str(client.last_staleness)
+                staleness[behind] = staleness.get(behind, 0) + 1
                 if acks is not None:
                     await acks
                 loss, grads, outputs = model.loss_grad(params, X, y)
@@ -487,7 +490,7 @@ class Worker:
             if hold and acks is not None:
                 await acks  # the epoch's last push is on the shards before the driver may read them
                 acks = None
-            report: dict[str, Any] = {"epoch": epoch, "loss_sum": loss_sum, "sums": sums, "n": rows}
+            report: dict[str, Any] = {"epoch": epoch, "loss_sum": loss_sum, "sums": sums, "n": rows, "staleness": staleness}
             if val is not None:
                 report["val"] = await self._evaluate(client, model, val, clock)
             coord.notify(MsgType.EPOCH_REPORT, report)

@@ -69,7 +69,7 @@ from psctl.core.events import (  # noqa: F401 (the events and effects are part o
 )
 from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S
 from psctl.core.kept import KEPT_TRANSITIONS, KeptState, name_problem
-from psctl.core.reports import merge_reports, pool
+from psctl.core.reports import count_dicts, merge_reports, pool
 from psctl.core.tables import TableSpec, table_ranges
 from psctl.errors import RequestError
 from psctl.protocol.wire import MsgType
@@ -1318,6 +1318,11 @@ class CoordinatorState:
         epoch = event.body.get("epoch")
         if not isinstance(epoch, int) or isinstance(epoch, bool):
             raise RequestError("EPOCH_REPORT needs an integer epoch")
+        if "staleness" in event.body:
+            try:
+                count_dicts([event.body["staleness"]])
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise RequestError(f"EPOCH_REPORT: {exc}") from None
         job.epochs.report(epoch, slot.partition, event.body)
         out = self._check_epochs(job)
         if job.spec.hold_epochs and epoch <= job.released_epoch and slot.peer is not None:

@@ -133,6 +133,8 @@ class _PSEstimator(BaseEstimator):
     def _set_model(self, params: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         self.model_params_ = {k: np.asarray(v) for k, v in params.items()}
         self.model_meta_ = meta
+        # Per epoch: loss, metric, held-out figures, samples/s, staleness; and the events (psctl.apps.history).
+        self.history_ = meta.get("history") or {"epochs": [], "events": []}
 
     def _model(self) -> Any:
         meta = self.model_meta_

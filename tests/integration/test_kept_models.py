@@ -191,8 +191,7 @@ def test_an_mf_model_predicts_the_same_from_the_server(tmp_path, server):
     finite = pred.outputs[np.isfinite(pred.outputs)]
     assert finite.min() >= stats.min() and finite.max() <= stats.max()
     # Two worker processes, several batches each (consecutive byte ranges): the same again.
-    pulled: dict = {}
-    spread = predicting.predict_spread("films", str(test), 2, server=server.address, pulled=pulled, batch_bytes=2000)
+    spread, pulled = kept_app.predict_spread(server.address, "films", str(test), 2, batch_bytes=2000)
     np.testing.assert_array_equal(spread.outputs, file_pred.outputs)
     assert json_safe(spread.metrics) == json_safe(file_pred.metrics) and spread.cold_start == file_pred.cold_start
     assert 0 < pulled["keys_pulled"] < 2 * 2 * (users + items), pulled

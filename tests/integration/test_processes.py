@@ -155,6 +155,15 @@ def test_killed_worker_is_replaced_and_every_row_is_used(tmp_path, mode, by):
     assert clean_meta["metrics"]["rows_trained"] == 40 * 2000
     assert abs(meta["metrics"]["train_accuracy"] - clean_meta["metrics"]["train_accuracy"]) <= 0.01
     assert "epoch 40/40" in out
+    # The model file's history has every epoch and marks the loss after the epoch it followed.
+    history = meta["history"]
+    assert [e["epoch"] for e in history["epochs"]] == list(range(1, 41))
+    (lost,) = [m for m in history["events"] if m["kind"] == "worker_lost"]
+    assert 1 <= lost["after_epoch"] < 40
+    kinds = [m["kind"] for m in history["events"]]
+    assert kinds == (["worker_lost", "worker_restarted", "replacement_joined"] if by == "new process" else ["worker_lost", "take_over"])
+    if mode == "sync":
+        assert all(e["staleness"].keys() == {"0"} for e in history["epochs"])
 
 
 @pytest.mark.fault
