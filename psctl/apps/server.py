@@ -6,6 +6,8 @@ first) and returns when SIGINT or SIGTERM arrives, or when its work ends.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from typing import Any
 
@@ -29,15 +31,21 @@ async def serve(
     coordinator: str | None = None,
     max_frame_bytes: int,
     security: net.Security = net.LOCAL,
+    failure_timeout_s: float | None = None,
 ) -> None:
     """A coordinator (unless ``coordinator`` names one to join) and ``shards`` shard processes,
-    restarted when they exit, until a signal; a running job is stopped at one clock first."""
+    restarted when they exit, until a signal; a running job is stopped at one clock first.
+    ``failure_timeout_s``: how long a shard may be silent between jobs before it is declared
+    lost and restarted (a job uses its own)."""
     if shards < 1:
         raise UsageError("--shards must be at least 1")
+    check_failure_timeout(failure_timeout_s)
+    if coordinator and failure_timeout_s is not None:
+        raise UsageError("--failure-timeout-s is the coordinator's; with --coordinator give it to that coordinator")
     if coordinator and port:
         raise UsageError("--port is the coordinator's port; with --coordinator the shards take free ports")
     async with LocalCluster(host=host, max_frame_bytes=max_frame_bytes, security=security) as cluster:
-        address = coordinator or await cluster.start_coordinator(port)
+        address = coordinator or await cluster.start_coordinator(port, failure_timeout_s)
         shard_addresses = await cluster.start_shards(shards, address)
         signalled = on_signal()
         if coordinator:
@@ -50,12 +58,19 @@ async def serve(
     on_line("psctl server stopped")
 
 
+def check_failure_timeout(failure_timeout_s: float | None) -> None:
+    if failure_timeout_s is not None and not (math.isfinite(failure_timeout_s) and failure_timeout_s > 0):
+        raise UsageError(f"--failure-timeout-s must be a positive number of seconds; got {failure_timeout_s}")
+
+
 async def run_coordinator(
     on_line: Callable[[str], None], *, host: str = "127.0.0.1", port: int = 0, max_frame_bytes: int,
-    security: net.Security = net.LOCAL,
+    security: net.Security = net.LOCAL, failure_timeout_s: float | None = None,
 ) -> None:
     """The coordinator alone, until a signal."""
-    srv, _, address = await start_coordinator(host, port, max_frame_bytes=max_frame_bytes, security=security)
+    check_failure_timeout(failure_timeout_s)
+    srv, _, address = await start_coordinator(host, port, max_frame_bytes=max_frame_bytes, security=security,
+                                              idle_failure_timeout_s=failure_timeout_s)  # fmt: skip
     signalled = on_signal()
     on_line(f"psctl coordinator listening on {address}")
     try:

@@ -727,6 +727,9 @@ def server(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (beyond loopback only with a secret)."),
     port: int = typer.Option(0, "--port", help="Coordinator port (0: any free port)."),
     coordinator: str | None = typer.Option(None, "--coordinator", help="Join this coordinator instead of starting one."),
+    failure_timeout_s: float | None = typer.Option(
+        None, "--failure-timeout-s", help="Between jobs: a shard silent this long is declared lost and restarted [default: 5.0]."
+    ),
     max_frame_bytes: int = MaxFrame,
     security: runtime.Security = runtime.LOCAL,
 ) -> None:
@@ -734,7 +737,7 @@ def server(
     from psctl.apps.server import serve
 
     _run(lambda: serve(shards, _line, host=host, port=port, coordinator=coordinator, max_frame_bytes=max_frame_bytes,
-                       security=security))  # fmt: skip
+                       security=security, failure_timeout_s=failure_timeout_s))  # fmt: skip
 
 
 def _line(text: str) -> None:
@@ -747,13 +750,17 @@ def _line(text: str) -> None:
 def coordinator_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (beyond loopback only with a secret)."),
     port: int = typer.Option(0, "--port"),
+    failure_timeout_s: float | None = typer.Option(
+        None, "--failure-timeout-s", help="Between jobs: a shard silent this long is declared lost [default: 5.0]."
+    ),
     max_frame_bytes: int = MaxFrame,
     security: runtime.Security = runtime.LOCAL,
 ) -> None:
     """Run the coordinator alone (shards join with 'psctl server --coordinator' or 'psctl shard')."""
     from psctl.apps.server import run_coordinator
 
-    _run(lambda: run_coordinator(_line, host=host, port=port, max_frame_bytes=max_frame_bytes, security=security))
+    _run(lambda: run_coordinator(_line, host=host, port=port, max_frame_bytes=max_frame_bytes, security=security,
+                                 failure_timeout_s=failure_timeout_s))  # fmt: skip
 
 
 @app.command()

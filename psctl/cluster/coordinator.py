@@ -38,8 +38,8 @@ _ROLES = frozenset({MsgType.REGISTER_SHARD, MsgType.REGISTER_WORKER, MsgType.SUB
 
 
 class CoordinatorService:
-    def __init__(self) -> None:
-        self.state = core.CoordinatorState(job_id_prefix=str(os.getpid()))
+    def __init__(self, idle_failure_timeout_s: float = core.DEFAULT_FAILURE_TIMEOUT_S) -> None:
+        self.state = core.CoordinatorState(job_id_prefix=str(os.getpid()), idle_failure_timeout_s=idle_failure_timeout_s)
         self._conns = itertools.count(1)
         self._peers: dict[int, net.Peer] = {}  # conn id -> its connection (the core knows ids only)
         self._requests = itertools.count(1)
@@ -342,9 +342,10 @@ async def start_coordinator(
     max_frame_bytes: int,
     max_connections: int | None = None,
     security: net.Security = net.LOCAL,
+    idle_failure_timeout_s: float | None = None,
 ) -> tuple[net.Server, CoordinatorService, str]:
     """Listen and return (server, service, 'host:port')."""
-    service = CoordinatorService()
+    service = CoordinatorService() if idle_failure_timeout_s is None else CoordinatorService(idle_failure_timeout_s)
     server = net.Server(
         service, max_frame_bytes=max_frame_bytes, max_connections=max_connections, name="coordinator", security=security
     )

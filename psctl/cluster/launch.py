@@ -155,10 +155,11 @@ class LocalCluster:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def start_coordinator(self, port: int = 0) -> str:
+    async def start_coordinator(self, port: int = 0, idle_failure_timeout_s: float | None = None) -> str:
         self._server, self.coordinator, address = await start_coordinator(
-            self.host, port, max_frame_bytes=self.max_frame_bytes, security=self.security
-        )
+            self.host, port, max_frame_bytes=self.max_frame_bytes, security=self.security,
+            idle_failure_timeout_s=idle_failure_timeout_s,
+        )  # fmt: skip
         # A shard the coordinator declared lost (stopped, hung) is killed: its exit makes the
         # driver or `psctl server` start another, as for a shard that died.
         self.coordinator.on_shard_declared_lost = self.kill_child

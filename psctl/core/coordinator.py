@@ -621,11 +621,17 @@ class _Parked:
 class CoordinatorState:
     """Every decision of the coordinator; see the section's comment above."""
 
-    def __init__(self, job_id_prefix: str = "job", token: Callable[[], str] | None = None) -> None:
+    def __init__(
+        self, job_id_prefix: str = "job", token: Callable[[], str] | None = None,
+        idle_failure_timeout_s: float = DEFAULT_FAILURE_TIMEOUT_S,
+    ) -> None:  # fmt: skip
         self.parties: dict[Hashable, Party] = {}  # open connections
         self.shards: list[ShardEntry] = []
         self.job: JobData | None = None
-        self.liveness = Liveness.for_intervals(DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_FAILURE_TIMEOUT_S)
+        # Between jobs a shard is watched with this timeout (psctl server --failure-timeout-s);
+        # a job watches everyone with its own.
+        self.idle_failure_timeout_s = idle_failure_timeout_s
+        self.liveness = Liveness.for_intervals(DEFAULT_HEARTBEAT_INTERVAL_S, idle_failure_timeout_s)
         self._job_ids = itertools.count(1)
         self._prefix = job_id_prefix
         self._token = token or (lambda: secrets.token_hex(16))
@@ -957,8 +963,8 @@ class CoordinatorState:
         out = self._answer(job, job.checkpoints.settle(error=ended, code="job_ended"))
         for w in job.workers:
             self.liveness.forget(("worker", w.worker_id))
-        self.liveness.timeout_s = DEFAULT_FAILURE_TIMEOUT_S
-        self.liveness.max_gap_s = 2 * tick_interval_s(DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_FAILURE_TIMEOUT_S)
+        self.liveness.timeout_s = self.idle_failure_timeout_s
+        self.liveness.max_gap_s = 2 * tick_interval_s(DEFAULT_HEARTBEAT_INTERVAL_S, self.idle_failure_timeout_s)
         if reason is not None:
             if job.state is JobState.RUNNING:
                 job.move(JobState.FAILED)

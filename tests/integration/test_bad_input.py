@@ -183,3 +183,11 @@ def test_predict_forged_array_header(tmp_path, model):
             archive.writestr(name, raw)
     r = run_psctl("predict", str(tmp_path / "forged.npz"), str(TEST))
     assert_clean_error(r, "is damaged or forged: member 'w.npy' declares 1073741824 bytes", code=2)
+
+
+@pytest.mark.parametrize("command", [["server", "--shards", "1"], ["coordinator"]])
+@pytest.mark.parametrize("value", ["0", "-2", "nan"])
+def test_a_server_failure_timeout_that_is_not_positive_is_one_sentence(command, value):
+    r = run_psctl(*command, "--failure-timeout-s", value, timeout_s=60)
+    assert_clean_error(r, "--failure-timeout-s must be a positive number of seconds")
+    assert r.returncode == 2

@@ -626,3 +626,15 @@ def test_the_shards_learn_each_workers_session_token_before_its_hello():
     assert joined.targets == (("s0", {"job_id": sim.job.job_id, "worker_id": 1, "session": "t1"}),)
     assert not [e for e in out if isinstance(e, Release)]
     assert released(sim.answer(out, MsgType.WORKER_JOINED, {}), "rw1")["session"] == "t1"
+
+
+def test_between_jobs_a_shard_is_watched_with_the_servers_own_failure_timeout():
+    """psctl server --failure-timeout-s: an idle server's shards get its timeout, not the default 5 s."""
+    for idle_s, lost_by in ((5.0, 6.0), (30.0, None)):
+        sim = Sim()
+        sim.core = CoordinatorState(token=lambda: "token", idle_failure_timeout_s=idle_s)
+        assert released(sim(core.ShardRegistered("rs0", "s0", "h:0", 100)), "rs0") == {"shard_id": 0}
+        out = tick_until(sim, 12.0)  # the PING is never answered
+        killed = [e for e in out if isinstance(e, KillShard)]
+        assert killed == ([KillShard(100)] if lost_by else []), (idle_s, out)
+        assert sim.core.liveness.timeout_s == idle_s
