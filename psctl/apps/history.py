@@ -31,6 +31,7 @@ MARKED = {
     "rewind": "rolled back",
     "resuming": "resumed",
     "early_stop": "early stop",
+    "converged": "converged",
 }
 #: The one figure per task the metric panel shows (summarize's names).
 MAIN_METRIC = {"regression": "rmse", "binary": "accuracy", "classes": "accuracy"}

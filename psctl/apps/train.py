@@ -38,6 +38,12 @@ from psctl.protocol.wire import DEFAULT_MAX_FRAME_BYTES, Message, MsgType
 SUBMIT_TIMEOUT_S = 60.0
 # Step sizes that work for standardized or 0/1 features (FTRL's is its alpha; 0.3 on a9a: README).
 DEFAULT_LR = {"sgd": 0.1, "adagrad": 0.1, "adam": 0.01, "ftrl": 0.3}
+# Without --epochs, a model whose defaults say ``converge`` stops once its training loss has
+# not fallen by CONVERGE_TOL below the best for CONVERGE_EPOCHS epochs (scikit-learn's SGD
+# rule, its tol and n_iter_no_change): big data stop after a few passes, small data run on.
+CONVERGE_TOL = 1e-3
+CONVERGE_EPOCHS = 3
+TRAINING_OPTIONS = ("optimizer", "lr", "batch_size", "epochs", "l2")
 FAILED_EVENT_GRACE_S = 2.0
 FINAL_PULL_TIMEOUT_S = 600.0  # a sparse table of millions of keys takes seconds to gather
 HALT_TIMEOUT_S = 60.0
@@ -75,10 +81,12 @@ class TrainConfig:
     local_workers: int | None = None  # with --server: how many of the workers to start here
     mode: str = "sync"
     staleness: int = 0
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float | None = None  # None: the optimizer's DEFAULT_LR
-    l2: float = 0.0
+    # None: not given, filled by resolve_defaults (the model's defaults, or psctl's first ones
+    # when the optimizer's options are given): TRAINING_OPTIONS.
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    l2: float | None = None
     seed: int = 0
     label: str | None = None
     drop: tuple[str, ...] = ()
@@ -107,7 +115,7 @@ class TrainConfig:
     n_features: int | None = None  # libsvm: None takes the largest index in the data
     hash_bits: int | None = None  # csv: hash --categorical columns into 2^hash_bits keys
     categorical: tuple[str, ...] = ()
-    optimizer: str = "sgd"
+    optimizer: str | None = None
     l1: float = 0.0  # ftrl only
     save_optimizer_state: bool = False
     security: net.Security = net.LOCAL  # never written to the model file
@@ -120,17 +128,21 @@ class TrainConfig:
     # The embedded cluster's shards and this job's local workers as tasks of this process,
     # not child processes (cluster.launch.LocalCluster): no process start-up, one core.
     in_process: bool = False
+    # Set by resolve_defaults: the options it filled in, and whether the job stops once converged.
+    defaulted: tuple[str, ...] | None = None
+    converge: bool = False
 
     def check(self) -> None:
         if self.workers < 1:
             raise PsctlError("--workers must be at least 1")
         if self.shards < 1:
             raise PsctlError("--shards must be at least 1")
-        if self.epochs < 1 or self.batch_size < 1:
+        # None (not given) is filled in by resolve_defaults
+        if (self.epochs is not None and self.epochs < 1) or (self.batch_size is not None and self.batch_size < 1):
             raise PsctlError("--epochs and --batch-size must be at least 1")
         if self.lr is not None and not self.lr > 0:
             raise PsctlError("--lr must be positive")
-        if self.l2 < 0:
+        if self.l2 is not None and self.l2 < 0:
             raise PsctlError("--l2 must not be negative")
         if self.lr_decay < 0:
             raise PsctlError("--lr-decay must not be negative")
@@ -148,9 +160,9 @@ class TrainConfig:
             raise PsctlError("--patience must not be negative")
         if self.patience and not (self.validate or self.test_split):
             raise PsctlError("--patience needs held-out rows: give --validate FILE or --test-split FRACTION")
-        if self.optimizer not in OPTIMIZERS:
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise PsctlError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}; got '{self.optimizer}'")
-        if self.lr_decay and self.optimizer != "sgd":
+        if self.lr_decay and self.optimizer not in (None, "sgd"):
             raise PsctlError("--lr-decay is for --optimizer sgd; the other optimizers adapt their steps per key")
         if self.l1 < 0:
             raise PsctlError("--l1 must not be negative")
@@ -197,6 +209,31 @@ class TrainConfig:
             raise PsctlError(f"{exc}") from None
 
 
+def resolve_defaults(cfg: TrainConfig, model_cls: type[Model]) -> None:
+    """Fill the training options ``cfg`` leaves out (None), once.
+
+    When the command sets none of the optimizer's options (--optimizer, --lr, --lr-decay),
+    every option left out is the model's tuned default (``Model.defaults``: AdaGrad for the
+    linear models and mf) and, without --epochs, the job stops once converged. Otherwise
+    the command is tuning the optimizer itself, and what it leaves out is what it always
+    was: SGD, the optimizer's DEFAULT_LR, batch 32, 10 epochs, no L2.
+    """
+    if cfg.defaulted is not None:
+        return
+    tuned = cfg.optimizer is None and cfg.lr is None and not cfg.lr_decay
+    preset = model_cls.defaults if tuned else {**Model.defaults, "lr": None}
+    filled = []
+    for name in TRAINING_OPTIONS:
+        if getattr(cfg, name) is None:
+            value = preset[name]
+            if name == "lr" and value is None:
+                value = DEFAULT_LR.get(str(cfg.optimizer), 0.1)
+            setattr(cfg, name, value)
+            filled.append(name)
+    cfg.defaulted = tuple(filled)
+    cfg.converge = bool(preset.get("converge")) and "epochs" in filled
+
+
 @dataclass
 class TrainResult:
     model_path: str
@@ -207,7 +244,8 @@ class TrainResult:
 
 def optimizer_spec(cfg: TrainConfig) -> dict[str, Any]:
     """The shards' update rule. FTRL takes --l1 and --l2 itself (in its proximal step)."""
-    params: dict[str, Any] = {"lr": DEFAULT_LR.get(cfg.optimizer, 0.1) if cfg.lr is None else cfg.lr}
+    assert cfg.optimizer is not None and cfg.lr is not None, "resolve_defaults first"
+    params: dict[str, Any] = {"lr": cfg.lr}
     if cfg.optimizer == "sgd":
         params["lr_decay"] = cfg.lr_decay
     elif cfg.optimizer == "ftrl":
@@ -317,7 +355,7 @@ def resume_options(cfg: TrainConfig, spec: JobSpec) -> tuple[JobSpec, list[str]]
         mine = getattr(cfg, name)
         if mine == theirs:
             continue
-        if mine == _DEFAULTS[name]:  # not given (or given as the default): the checkpoint's
+        if name in (cfg.defaulted or ()) or mine == _DEFAULTS[name]:  # not given (or given as the default): the checkpoint's
             setattr(cfg, name, theirs)
         elif name == "epochs" and mine > theirs:
             spec = spec.replace(epochs=mine)
@@ -378,6 +416,7 @@ class _Run:
         self.client: ShardClient | None = None  # the driver's own connections to the shards
         self.best_loss, self.best_epoch, self.since_best = float("inf"), -1, 0
         self.best_params: dict[str, np.ndarray] | None = None
+        self.best_train_loss, self.flat_epochs = float("inf"), 0  # cfg.converge
         self.stopping = False
         self.data_params: dict[str, Any] = {}  # what the model took from the statistics pass
         self.resumed_classes: list[str] | None = None  # --resume-from: the kept model's classes
@@ -409,7 +448,12 @@ class _Run:
         return event
 
     async def on_epoch(self, event: dict[str, Any], on_event: Callable[[dict[str, Any]], None]) -> None:
-        """Track the best held-out loss; keep those weights; stop after --patience epochs without better."""
+        """Track the best held-out loss; keep those weights; stop after --patience epochs without
+        better. Or, with ``cfg.converge``, stop once the training loss stops falling."""
+        if self.stopping:
+            return
+        if self.cfg.converge:
+            self._check_converged(event, on_event)
         if "val" not in event or self.stopping:
             return
         loss = event["val"]["loss"]
@@ -423,6 +467,15 @@ class _Run:
                 self.stopping = True
                 self.control.notify(MsgType.STOP, {})
                 on_event({"kind": "early_stop", "epoch": event["epoch"], "best_epoch": self.best_epoch})
+
+    def _check_converged(self, event: dict[str, Any], on_event: Callable[[dict[str, Any]], None]) -> None:
+        loss = float(event["loss"])
+        self.flat_epochs = self.flat_epochs + 1 if loss > self.best_train_loss - CONVERGE_TOL else 0
+        self.best_train_loss = min(self.best_train_loss, loss)
+        if self.flat_epochs >= CONVERGE_EPOCHS and event["epoch"] < self.spec.epochs - 1:
+            self.stopping = True
+            self.control.notify(MsgType.STOP, {})
+            on_event({"kind": "converged", "epoch": event["epoch"], "epochs": CONVERGE_EPOCHS, "tol": CONVERGE_TOL})
 
     async def _shards(self) -> ShardClient:
         """The driver's own connections to the shards (opened once)."""
@@ -481,9 +534,10 @@ async def train(
 async def _train(
     cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None], stop: StopRequest | None, writing: asyncio.Future[None] | None
 ) -> TrainResult:
+    model_cls = model_class(cfg.model)
+    resolve_defaults(cfg, model_cls)
     cfg.check()
     check_out_path(cfg.out)
-    model_cls = model_class(cfg.model)
     if cfg.arrays is not None:
         source, partitions = _arrays_source(cfg, model_cls)
     elif model_cls.data_format == "ratings":
@@ -515,7 +569,7 @@ async def _train(
     steps = cfg.epochs * steps_per_job_epoch(partitions, cfg.batch_size)
     on_event(
         {"kind": "planned", "rows": sum(p.n_rows for p in partitions), "features": spec.n_features,
-         "workers": cfg.workers, "steps": steps}
+         "workers": cfg.workers, "steps": steps, "epochs": cfg.epochs, "converge": cfg.converge}
     )
     started = time.monotonic()
     if cfg.server is None:  # every process of the cluster is ours: a fresh secret unless one was given
@@ -551,7 +605,8 @@ async def _train(
             done["rows_trained"] = min((int(s.get("samples", 0)) for s in shards), default=0)
             meta = _model_meta(cfg, source, session, done, time.monotonic() - started)
             meta["history"] = history.from_events(events, session.model_cls.task)
-            meta["metrics"]["traffic"] = traffic_per_epoch(session.model, partitions, cfg, done)
+            epochs_run = len(meta["history"]["epochs"]) or cfg.epochs  # fewer when stopped early
+            meta["metrics"]["traffic"] = traffic_per_epoch(session.model, partitions, cfg, done, epochs_run)
             meta["metrics"].update(table_figures(session.model.tables(), params, shards, done, spec))
             kinds, arrays = vocab_file_parts(session.stats)
             if kinds:
@@ -890,15 +945,17 @@ def read_schema(cfg: TrainConfig, model_cls: type[Model]) -> csvfile.CsvSchema:
     return csvfile.read_schema(cfg.data, cfg.label, cfg.drop, cfg.has_header)
 
 
-def traffic_per_epoch(model: Model, partitions: list[csvfile.Partition], cfg: TrainConfig, done: dict[str, Any]) -> dict[str, float]:
-    """Bytes pulled and pushed per epoch (all workers), and what pulling whole tables
-    at every step would cost. Pulled bytes count parameter values received;
-    pushed bytes count keys and gradient values sent."""
+def traffic_per_epoch(
+    model: Model, partitions: list[csvfile.Partition], cfg: TrainConfig, done: dict[str, Any], epochs: int
+) -> dict[str, float]:
+    """Bytes pulled and pushed per epoch (all workers, over the ``epochs`` the job ran), and
+    what pulling whole tables at every step would cost. Pulled bytes count parameter values
+    received; pushed bytes count keys and gradient values sent."""
     steps = steps_per_job_epoch(partitions, cfg.batch_size)
     table_bytes = sum(t.rows * t.dim * np.dtype(t.dtype).itemsize for t in model.tables())
     return {
-        "pulled_per_epoch": done.get("bytes_pulled", 0) / cfg.epochs,
-        "pushed_per_epoch": done.get("bytes_pushed", 0) / cfg.epochs,
+        "pulled_per_epoch": done.get("bytes_pulled", 0) / max(epochs, 1),
+        "pushed_per_epoch": done.get("bytes_pushed", 0) / max(epochs, 1),
         "dense_per_epoch": float(steps * table_bytes),
         "steps_per_epoch": steps,
     }

@@ -135,8 +135,10 @@ def train(
     ),
     mode: str = typer.Option("sync", "--mode", help="sync, async or ssp."),
     staleness: int = typer.Option(0, "--staleness", help="Bound on clock lag in ssp mode."),
-    epochs: int = typer.Option(10, "--epochs"),
-    batch_size: int = typer.Option(32, "--batch-size"),
+    epochs: int | None = typer.Option(
+        None, "--epochs", help="Passes over the data (default: the model's, 20 or 10, ending once the loss stops falling)."
+    ),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Rows per step and worker (default: the model's, 16 or 512)."),
     lr: float | None = typer.Option(
         None, "--lr", help="Learning rate of the shards' optimizer (FTRL's alpha); default 0.1, adam 0.01, ftrl 0.3."
     ),
@@ -165,8 +167,14 @@ def train(
     user_col: str = typer.Option("userId", "--user-col", help="mf: the user id column (name or index)."),
     item_col: str = typer.Option("movieId", "--item-col", help="mf: the item id column (name or index)."),
     rating_col: str = typer.Option("rating", "--rating-col", help="mf: the rating column (name or index)."),
-    l2: float = typer.Option(0.0, "--l2", help="L2 regularization strength (with ftrl: FTRL's L2)."),
-    optimizer: str = typer.Option("sgd", "--optimizer", help="The shards' update rule: sgd, adagrad, adam or ftrl."),
+    l2: float | None = typer.Option(
+        None, "--l2", help="L2 regularization strength (with ftrl: FTRL's L2); default: the model's, 0.001 or mf 0.1."
+    ),
+    optimizer: str | None = typer.Option(
+        None, "--optimizer",
+        help="The shards' update rule: sgd, adagrad, adam or ftrl. Default: the model's tuned defaults (adagrad); "
+        "with --optimizer, --lr or --lr-decay given: sgd, batch 32, 10 epochs, no L2, as in psctl 0.1.",
+    ),
     l1: float = typer.Option(0.0, "--l1", help="FTRL's L1 strength: larger gives fewer non-zero weights."),
     save_optimizer_state: bool = typer.Option(
         False, "--save-optimizer-state", help="Also store the optimizer's per-key state in the model file."
@@ -275,7 +283,8 @@ def train(
     if "best_epoch" in m:
         weights = "the best epoch's" if m["weights_from_epoch"] != "last" else "the last epoch's"
         out.print(f"best held-out loss {m['best_val_loss']:.4f} at epoch {m['best_epoch'] + 1}; saved {weights} weights", highlight=False)
-    out.print(f"rows trained: {m['rows_trained']} ({m['rows_trained'] / max(cfg.epochs, 1):.0f} per epoch)", highlight=False)
+    epochs_run = len(result.meta.get("history", {}).get("epochs", [])) or cfg.epochs or 1
+    out.print(f"rows trained: {m['rows_trained']} ({m['rows_trained'] / epochs_run:.0f} per epoch)", highlight=False)
     if result.meta.get("model_params", {}).get("sparse"):
         for line in _sparse_lines(m):  # its own traffic line: against a dense model of the key space
             out.print(line, highlight=False)
@@ -372,8 +381,8 @@ def _figures(metrics: dict[str, Any], prefix: str = "") -> str:
 class _TrainView:
     """Renders driver events: a rich progress bar on a terminal, plain lines otherwise."""
 
-    def __init__(self, epochs: int, console: Console):
-        self.epochs = epochs
+    def __init__(self, epochs: int | None, console: Console):
+        self.epochs = epochs or 0  # None: the model's default, known at the "planned" event
         self.console = console
         self.interactive = console.is_terminal
         self.clocks: dict[int, int] = {}
@@ -387,6 +396,7 @@ class _TrainView:
     def on_event(self, event: dict[str, Any]) -> None:
         kind = event["kind"]
         if kind == "planned":
+            self.epochs = event.get("epochs") or self.epochs
             features = "features from the data" if event["features"] is None else f"{event['features']} features"
             self._plain(f"planned: {event['rows']} rows, {features}, {event['workers']} workers")
             if self.interactive:
@@ -451,6 +461,10 @@ class _TrainView:
             instead = (f"worker {event['replacing']}" if event.get("replacing") is not None
                        else f"worker process {event.get('process')}, which exited before it registered")
             msg = f"started a new worker process in place of {instead} (restart {event['restarts']})"
+            self._note(msg)
+        elif kind == "converged":
+            msg = (f"converged after epoch {event['epoch'] + 1}: the training loss fell by less than {event['tol']:g} "
+                   f"in {event['epochs']} epochs (give --epochs N to train exactly N)")
             self._note(msg)
         elif kind == "early_stop":
             msg = f"early stop after epoch {event['epoch'] + 1}: best held-out loss at epoch {event['best_epoch'] + 1}"

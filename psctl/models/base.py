@@ -43,6 +43,13 @@ class Model:
     params: ClassVar[dict[str, Any]] = {}
     #: The input format the model reads: "csv" (numeric features) or "ratings" (user, item, rating).
     data_format: ClassVar[str] = "csv"
+    #: The training options a job takes when its command sets none of the optimizer's (no
+    #: --optimizer, --lr or --lr-decay): each left out option is this value. ``converge``:
+    #: without --epochs, stop before ``epochs`` once the training loss stops falling
+    #: (psctl.apps.train.resolve_defaults). A model without its own keeps psctl's first defaults.
+    defaults: ClassVar[dict[str, Any]] = {
+        "optimizer": "sgd", "lr": 0.1, "batch_size": 32, "epochs": 10, "l2": 0.0, "converge": False,
+    }  # fmt: skip
 
     def __init__(self, n_features: int, classes: Sequence[str] = (), l2: float = 0.0, **params: Any):
         unknown = set(params) - set(self.params)
@@ -84,6 +91,13 @@ class LinearModel(Model):
     """
 
     params: ClassVar[dict[str, Any]] = {"sparse": False}
+    # AdaGrad's per-key step is the same whether a key's gradient is a mean over 16 rows
+    # (async, ssp) or over every worker's (sync), so one step size serves all three modes;
+    # batch 16 gives a sync job on a few thousand rows enough updates per epoch.
+    # Chosen in docs/DEFAULTS.md against scikit-learn on digits, breast cancer, a9a and MNIST.
+    defaults: ClassVar[dict[str, Any]] = {
+        "optimizer": "adagrad", "lr": 0.1, "batch_size": 16, "epochs": 20, "l2": 1e-3, "converge": True,
+    }  # fmt: skip
 
     def dim(self) -> int:
         """Columns of ``w``: 1, or one per class."""

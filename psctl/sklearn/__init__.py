@@ -369,9 +369,9 @@ class PSLogisticRegression(_Classifier):
 
     _kind = "logreg"
 
-    def __init__(self, *, workers: int = 8, shards: int = 2, mode: str = "sync", staleness: int = 0, optimizer: str = "sgd",
-                 lr: float | None = None, lr_decay: float = 0.0, epochs: int = 10, batch_size: int = 32, l1: float = 0.0,
-                 l2: float = 0.0, seed: int = 0, standardize: bool = True, categorical: list[str] | None = None,
+    def __init__(self, *, workers: int = 8, shards: int = 2, mode: str = "sync", staleness: int = 0, optimizer: str | None = None,
+                 lr: float | None = None, lr_decay: float = 0.0, epochs: int | None = None, batch_size: int | None = None, l1: float = 0.0,
+                 l2: float | None = None, seed: int = 0, standardize: bool = True, categorical: list[str] | None = None,
                  hash_bits: int | None = None, server: str | None = None, in_process: bool = False):  # fmt: skip
         self.workers, self.shards, self.mode, self.staleness, self.optimizer = workers, shards, mode, staleness, optimizer
         self.lr, self.lr_decay, self.epochs, self.batch_size, self.l1, self.l2 = lr, lr_decay, epochs, batch_size, l1, l2
@@ -409,9 +409,9 @@ class PSSoftmaxRegression(_Classifier):
 
     _kind = "softmax"
 
-    def __init__(self, *, workers: int = 8, shards: int = 2, mode: str = "sync", staleness: int = 0, optimizer: str = "sgd",
-                 lr: float | None = None, lr_decay: float = 0.0, epochs: int = 10, batch_size: int = 32, l1: float = 0.0,
-                 l2: float = 0.0, seed: int = 0, standardize: bool = True, categorical: list[str] | None = None,
+    def __init__(self, *, workers: int = 8, shards: int = 2, mode: str = "sync", staleness: int = 0, optimizer: str | None = None,
+                 lr: float | None = None, lr_decay: float = 0.0, epochs: int | None = None, batch_size: int | None = None, l1: float = 0.0,
+                 l2: float | None = None, seed: int = 0, standardize: bool = True, categorical: list[str] | None = None,
                  hash_bits: int | None = None, server: str | None = None, in_process: bool = False):  # fmt: skip
         self.workers, self.shards, self.mode, self.staleness, self.optimizer = workers, shards, mode, staleness, optimizer
         self.lr, self.lr_decay, self.epochs, self.batch_size, self.l1, self.l2 = lr, lr_decay, epochs, batch_size, l1, l2
@@ -437,9 +437,9 @@ class PSLinearSVC(_Classifier):
 
     _kind = "svm"
 
-    def __init__(self, *, workers: int = 8, shards: int = 2, mode: str = "sync", staleness: int = 0, optimizer: str = "sgd",
-                 lr: float | None = None, lr_decay: float = 0.0, epochs: int = 10, batch_size: int = 32, l1: float = 0.0,
-                 l2: float = 0.0, seed: int = 0, standardize: bool = True, categorical: list[str] | None = None,
+    def __init__(self, *, workers: int = 8, shards: int = 2, mode: str = "sync", staleness: int = 0, optimizer: str | None = None,
+                 lr: float | None = None, lr_decay: float = 0.0, epochs: int | None = None, batch_size: int | None = None, l1: float = 0.0,
+                 l2: float | None = None, seed: int = 0, standardize: bool = True, categorical: list[str] | None = None,
                  hash_bits: int | None = None, server: str | None = None, in_process: bool = False):  # fmt: skip
         self.workers, self.shards, self.mode, self.staleness, self.optimizer = workers, shards, mode, staleness, optimizer
         self.lr, self.lr_decay, self.epochs, self.batch_size, self.l1, self.l2 = lr, lr_decay, epochs, batch_size, l1, l2
@@ -459,8 +459,8 @@ class PSLinearRegression(RegressorMixin, _LinearEstimator):
     _model_options = ("loss", "huber_delta")
 
     def __init__(self, *, loss: str = "squared", huber_delta: float = 1.0, workers: int = 8, shards: int = 2,
-                 mode: str = "sync", staleness: int = 0, optimizer: str = "sgd", lr: float | None = None,
-                 lr_decay: float = 0.0, epochs: int = 10, batch_size: int = 32, l1: float = 0.0, l2: float = 0.0,
+                 mode: str = "sync", staleness: int = 0, optimizer: str | None = None, lr: float | None = None,
+                 lr_decay: float = 0.0, epochs: int | None = None, batch_size: int | None = None, l1: float = 0.0, l2: float | None = None,
                  seed: int = 0, standardize: bool = True, categorical: list[str] | None = None, hash_bits: int | None = None,
                  server: str | None = None, in_process: bool = False):  # fmt: skip
         self.loss, self.huber_delta = loss, huber_delta
@@ -509,8 +509,8 @@ class PSMatrixFactorization(RegressorMixin, _PSEstimator):
 
     def __init__(self, *, rank: int = 10, cold_start: str = "mean", user_col: str = "userId", item_col: str = "movieId",
                  rating_col: str = "rating", workers: int = 8, shards: int = 2, mode: str = "sync", staleness: int = 0,
-                 optimizer: str = "sgd", lr: float | None = None, lr_decay: float = 0.0, epochs: int = 10,
-                 batch_size: int = 32, l1: float = 0.0, l2: float = 0.0, seed: int = 0, server: str | None = None,
+                 optimizer: str | None = None, lr: float | None = None, lr_decay: float = 0.0, epochs: int | None = None,
+                 batch_size: int | None = None, l1: float = 0.0, l2: float | None = None, seed: int = 0, server: str | None = None,
                  in_process: bool = False):  # fmt: skip
         self.rank, self.cold_start, self.user_col, self.item_col, self.rating_col = rank, cold_start, user_col, item_col, rating_col
         self.workers, self.shards, self.mode, self.staleness, self.optimizer = workers, shards, mode, staleness, optimizer

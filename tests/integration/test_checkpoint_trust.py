@@ -118,8 +118,9 @@ def two_jobs(tmp_path_factory) -> tuple[list[str], Path, Path]:
     folders = []
     for seed in (1, 2):
         folder = base / f"ckpt-{seed}"
-        r = run_psctl("train", *common, "--seed", str(seed), "--checkpoint-dir", str(folder), "--checkpoint-every", "20",
-                      "--out", str(base / f"m{seed}.npz"))
+        # --optimizer sgd: SGD's defaults (lr 0.1, batch 32), which the resumes below compare against.
+        r = run_psctl("train", *common, "--seed", str(seed), "--optimizer", "sgd", "--checkpoint-dir", str(folder),
+                      "--checkpoint-every", "20", "--out", str(base / f"m{seed}.npz"))
         assert r.returncode == 0, r.stderr
         folders.append(folder)
     return common, folders[0], folders[1]

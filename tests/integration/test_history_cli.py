@@ -32,7 +32,7 @@ def test_train_keeps_the_history_and_draws_it(tmp_path):
     _, meta = modelfile.load_model(str(model))
     h = meta["history"]
     assert (h["task"], h["metric"]) == ("classes", "accuracy") and [e["epoch"] for e in h["epochs"]] == [1, 2, 3]
-    steps = steps_per_job_epoch(csvfile.plan_partitions(TRAIN, 3, True), 32)
+    steps = steps_per_job_epoch(csvfile.plan_partitions(TRAIN, 3, True), meta["training"]["batch_size"])
     for e in h["epochs"]:
         assert e["samples"] == 1438 and 0 < e["metrics"]["accuracy"] <= 1 and 0 < e["val_metrics"]["accuracy"] <= 1
         assert e["val_loss"] > 0 and e["samples_per_s"] > 0
