@@ -40,7 +40,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from psctl import metrics, modelfile, ratings  # noqa: E402
+from psctl.data import ratings  # noqa: E402
+from psctl.files import modelfile  # noqa: E402
+from psctl.models import metrics  # noqa: E402
 from psctl.apps.recommend import load_mf, predict_ratings  # noqa: E402
 from psctl.core.tables import shard_ranges  # noqa: E402
 
