@@ -689,6 +689,14 @@ def _arrays_source(cfg: TrainConfig, model_cls: type[Model]) -> tuple[formats.So
     return source, arrays.plan_partitions(int(cfg.arrays["rows"]), cfg.workers)
 
 
+def _driver_event(event: dict[str, Any], events: list[dict[str, Any]], on_event: Callable[[dict[str, Any]], None],
+                  followed: float) -> None:
+    """An event of the driver's own (early_stop, converged): shown, and kept in the history."""
+    event = {**event, "since_submit_s": time.monotonic() - followed}
+    events.append(event)
+    on_event(event)
+
+
 async def _follow(
     cluster: LocalCluster,
     coordinator: str,
@@ -780,7 +788,7 @@ async def _follow(
                     restarted = None
                 on_event(event)
                 if event["kind"] == "epoch":
-                    await session.on_epoch(event, on_event)
+                    await session.on_epoch(event, lambda e: _driver_event(e, events, on_event, followed))
                     if session.spec.hold_epochs:  # the workers held at its end go on
                         control.notify(MsgType.EPOCH_SEEN, {"epoch": event["epoch"]})
                 if event["kind"] == "halted":

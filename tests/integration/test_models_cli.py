@@ -110,6 +110,8 @@ def test_early_stopping_keeps_the_best_weights(tmp_path):
     best = meta["metrics"]["best_epoch"]
     assert held_out[best] == pytest.approx(min(held_out), abs=1e-4)
     assert best < len(held_out) - 1 and meta["metrics"]["weights_from_epoch"] == best
+    stops = [e for e in meta["history"]["events"] if e["kind"] == "early_stop"]  # the plot marks it
+    assert len(stops) == 1 and stops[0]["after_epoch"] == len(held_out), meta["history"]["events"]
     # The workers hold at each epoch's end while the driver pulls the best epoch's weights:
     # the saved model is that epoch's (the held-out loss of the report, to the printed digits).
     saved = psctl_json("predict", str(out), str(val))["metrics"]["log_loss"]
