@@ -137,7 +137,7 @@ def test_workers_on_other_hosts_train_and_survive_a_cut_link(hosts: Hosts, tmp_p
         # 2. Cut one worker's link mid-run: declared lost by heartbeat timeout, the job finishes without it.
         workers = [hosts.run(ns, "worker", "--server", address) for ns in hosts.workers]
         driver = hosts.run(hosts.server, "train", "logreg", str(TRAIN), "--server", address, "--workers", "2",
-                           "--local-workers", "0", "--epochs", "400", "--failure-timeout-s", "2",
+                           "--local-workers", "0", "--epochs", "400", "--optimizer", "sgd", "--failure-timeout-s", "2",
                            "--heartbeat-interval-s", "0.2", "--out", str(tmp_path / "cut.npz"))
         assert driver.stdout is not None
         for line in driver.stdout:  # bounded by the test timeout

@@ -174,7 +174,7 @@ def test_every_worker_killed_while_a_replacement_starts_and_the_replacement_kill
     the job still finishes with every row, on the processes the driver starts next."""
     data = EXAMPLES / "seed_pytorch" / "data.csv"
     proc, address = start_train(
-        ["logreg", str(data), "--label", "1", "--drop", "0", "--workers", "2", "--epochs", "30", "--max-restarts", "5",
+        ["logreg", str(data), "--label", "1", "--drop", "0", "--workers", "2", "--epochs", "30", "--max-restarts", "5", "--optimizer", "sgd",
          "--out", str(tmp_path / "m.npz")], until="epoch 2/",
     )  # fmt: skip
     assert proc.stdout is not None
@@ -198,7 +198,7 @@ def test_stopped_worker_is_declared_dead_by_heartbeat_timeout(tmp_path):
     """SIGSTOP keeps the sockets open (a partitioned host): only the missing heartbeats tell."""
     data = EXAMPLES / "seed_pytorch" / "data.csv"
     proc, address = start_train(
-        ["logreg", str(data), "--label", "1", "--drop", "0", "--workers", "4", "--mode", "sync", "--epochs", "60",
+        ["logreg", str(data), "--label", "1", "--drop", "0", "--workers", "4", "--mode", "sync", "--epochs", "60", "--optimizer", "sgd",
          "--heartbeat-interval-s", "0.2", "--failure-timeout-s", "2", "--out", str(tmp_path / "m.npz")],
         until="epoch 2/",
     )
@@ -287,7 +287,7 @@ def test_status_reports_shards_and_workers(tmp_path):
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
 def test_sigkill_everything_then_resume_equals_an_uninterrupted_run(tmp_path):
     data = EXAMPLES / "seed_pytorch" / "data.csv"
-    common = ["logreg", str(data), "--label", "1", "--drop", "0", "--workers", "4", "--epochs", "10", "--mode", "sync"]
+    common = ["logreg", str(data), "--label", "1", "--drop", "0", "--workers", "4", "--epochs", "10", "--mode", "sync", "--optimizer", "sgd"]
     train_clean(tmp_path, common)
     ckpt = tmp_path / "ckpt"
     proc = subprocess.Popen(
@@ -367,7 +367,8 @@ def kill_a_shard_mid_run(tmp_path: Path, common: list[str], every: int, after_cl
 @pytest.mark.fault
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
 def test_killed_shard_comes_back_from_its_checkpoint_and_the_job_goes_on(tmp_path):
-    common = ["logreg", str(SEED), "--label", "1", "--drop", "0", "--workers", "4", "--epochs", "40", "--mode", "sync"]
+    common = ["logreg", str(SEED), "--label", "1", "--drop", "0", "--workers", "4", "--epochs", "40", "--mode", "sync",
+              "--optimizer", "sgd"]
     a, b, meta, _ = kill_a_shard_mid_run(tmp_path, common, every=50, after_clock=200)
     # Sync replays the same batches from the checkpoint: the same model as without the failure.
     np.testing.assert_allclose(b["w"], a["w"], rtol=1e-5, atol=1e-7)
@@ -415,7 +416,8 @@ def test_psctl_server_restarts_a_lost_shard_and_the_job_recovers(tmp_path):
 
 
 def seed_args(mode: str, epochs: int, workers: int = 4) -> list[str]:
-    return ["logreg", str(SEED), "--label", "1", "--drop", "0", "--workers", str(workers), "--epochs", str(epochs), "--mode", mode]
+    return ["logreg", str(SEED), "--label", "1", "--drop", "0", "--workers", str(workers), "--epochs", str(epochs), "--mode", mode,
+            "--optimizer", "sgd"]
 
 
 def interrupt(proc: subprocess.Popen, address: str) -> tuple[str, str]:
