@@ -125,7 +125,8 @@ class Job:
             await self._placing
             await self._until("done")
 
-        await asyncio.wait_for(done(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            await done()
         assert self._placed is not None
         client = await ShardClient.connect(
             self._placed["shards"], self._placed["ranges"], self.job_id, {"role": "driver"},

@@ -336,7 +336,8 @@ class LiveSource:
     async def start(self) -> None:
         """The first read; any failure is the start-up's one sentence (nothing listens yet)."""
         try:
-            await asyncio.wait_for(self._read(), REFRESH_TIMEOUT_S)
+            async with asyncio.timeout(REFRESH_TIMEOUT_S):
+                await self._read()
         except TimeoutError:
             self._drop_connection()
             raise KeptModelError(f"reading kept model {self.kept_name!r} from {self.server} took over {REFRESH_TIMEOUT_S:g} s") from None
@@ -377,7 +378,11 @@ class LiveSource:
         while True:
             await asyncio.sleep(self.refresh_s)
             try:
-                await asyncio.wait_for(self._read(), REFRESH_TIMEOUT_S)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
+                # cancellation close() sends when a read ends at the same moment, and this
+                # loop would then refresh forever with close() waiting on it.
+                async with asyncio.timeout(REFRESH_TIMEOUT_S):
+                    await self._read()
             except (PsctlError, OSError, TimeoutError) as exc:
                 why = str(exc) or f"no answer within {REFRESH_TIMEOUT_S:g} s"
                 self._failed(why)

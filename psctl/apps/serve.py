@@ -235,9 +235,10 @@ class Service:
             raise self.web.HTTPRequestEntityTooLarge(max_size=self.cfg.max_body_bytes, actual_size=length)
         try:
             if length is not None and length <= SMALL_BODY_BYTES:
-                return await asyncio.wait_for(request.read(), self.cfg.request_timeout_s)
-            async with self.large_reads:
-                return await asyncio.wait_for(request.read(), self.cfg.request_timeout_s)
+                async with asyncio.timeout(self.cfg.request_timeout_s):
+                    return await request.read()
+            async with self.large_reads, asyncio.timeout(self.cfg.request_timeout_s):
+                return await request.read()
         except TimeoutError:
             raise serving.BadRequest(f"the body did not arrive within {self.cfg.request_timeout_s:g} s (--request-timeout-s)", 408) from None
 

@@ -208,7 +208,8 @@ class LocalCluster:
     async def _ready(self, child: Child) -> str:
         assert child.proc.stdout is not None
         try:
-            line = await asyncio.wait_for(child.proc.stdout.readline(), CHILD_READY_TIMEOUT_S)
+            async with asyncio.timeout(CHILD_READY_TIMEOUT_S):
+                line = await child.proc.stdout.readline()
         except TimeoutError:
             line = b""
         text = line.decode(errors="replace").strip()

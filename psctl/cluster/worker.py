@@ -110,7 +110,8 @@ class _ControlService:
         while self.abort_reason is None and not self.stop_requested and self.until is None and self.seen_epoch < epoch:
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), max(deadline - time.monotonic(), 0.0))
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                    await self._wake.wait()
             except TimeoutError:
                 raise JobError(f"the driver did not read epoch {epoch + 1}'s report within {timeout_s:g} s") from None
 

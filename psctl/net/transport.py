@@ -396,7 +396,8 @@ class Peer(asyncio.BufferedProtocol):
 
     async def wait_reply(self, fut: asyncio.Future[Message], timeout_s: float | None) -> Message:
         try:
-            return await asyncio.wait_for(fut, timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: on 3.11 it can swallow a cancellation
+                return await fut
         except TimeoutError:
             raise ConnectionLost(f"{self.name} did not answer within {timeout_s} s") from None
 
@@ -637,17 +638,15 @@ async def connect(
     svc = service or NullService()
     tls = security.tls.client_context if security.tls is not None else None
     try:
-        _, peer = await asyncio.wait_for(
-            loop.create_connection(
+        async with asyncio.timeout(timeout_s):
+            _, peer = await loop.create_connection(
                 lambda: Peer(svc, max_frame_bytes=max_frame_bytes, name=what, security=security, quote_first_bytes=True),
                 host,
                 port,
                 ssl=tls,
                 server_hostname=host if tls else None,
                 ssl_handshake_timeout=security.handshake_timeout_s if tls else None,
-            ),
-            timeout_s,
-        )
+            )
     except TimeoutError:
         raise ConnectError(f"cannot reach {where}: no answer within {timeout_s:g} s") from None
     except ssl.SSLError as exc:

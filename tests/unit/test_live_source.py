@@ -131,3 +131,28 @@ async def test_start_refuses_a_sparse_model_and_lets_go_of_its_connections(monke
     with pytest.raises(kept.KeptModelError, match="is a sparse model; psctl serve answers for dense and mf models"):
         await source.start()
     assert all(k.closed for k in server.opened) and source._task is None
+
+
+async def test_a_cancel_that_arrives_as_a_read_ends_stops_the_refreshing(monkeypatch):
+    """The cancel close() sends can land after a read finished but before the refresh loop
+    resumed; on Python 3.11 asyncio.wait_for returned the read's result then and the loop went
+    on refreshing forever (close() waited on it: psctl serve would not stop). Deterministic:
+    the cancel is queued from inside the read, ahead of the read's own completion."""
+    FakeServer(monkeypatch)
+    source = kept.LiveSource("bc", "bc", "h:1", refresh_s=0.01, notice=lambda _: None)
+    await source.start()
+    real, queued = kept.serving.snapshot_of, []
+
+    def snapshot_then_cancel(pred):
+        if not queued:
+            assert source._task is not None
+            asyncio.get_running_loop().call_soon(source._task.cancel)
+            queued.append(True)
+        return real(pred)
+
+    monkeypatch.setattr(kept.serving, "snapshot_of", snapshot_then_cancel)
+    try:
+        await until(lambda: source._task is not None and source._task.done(), "the refresh task to end on its cancel")
+        assert source._task.cancelled()
+    finally:
+        await source.close()
