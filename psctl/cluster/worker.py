@@ -26,6 +26,7 @@ from psctl.cluster.session import EventTimeout, Session, SessionClosed
 from psctl.core.batching import batch_indices, epoch_steps
 from psctl.core.job import JobSpec
 from psctl.core.shard_errors import NonFiniteGradient
+from psctl.core.sparse import SparseRows
 from psctl.data import arrays, csvfile, formats, ratings, vocab
 from psctl.errors import ConnectError, DataError, JobError, PsctlError
 from psctl.models.base import Model, batch_sums, classes_for, encode_targets
@@ -159,9 +160,21 @@ class Prepared:
 
 
 def load_partition(spec: dict[str, Any], path: str, part: csvfile.Partition) -> tuple[Any, np.ndarray]:
-    """Features and raw labels of one partition, in the job's data format."""
+    """Features and raw labels of one partition, in the job's data format.
+
+    A file is parsed slice by slice (``csvfile.slice_partition``): run in a thread, the
+    parse then lets the heartbeat thread have the interpreter's lock between slices."""
     if arrays.is_arrays(spec["data"]):  # in-memory input: a view of the mapped rows
         return arrays.read_partition(spec["data"], path, part)
+    pieces = [_load_slice(spec, path, piece) for piece in csvfile.slice_partition(path, part)]
+    if len(pieces) == 1:
+        return pieces[0]
+    Xs, labels = zip(*pieces)
+    X = SparseRows.concat(Xs) if isinstance(Xs[0], SparseRows) else np.concatenate(Xs)
+    return X, np.concatenate(labels)
+
+
+def _load_slice(spec: dict[str, Any], path: str, part: csvfile.Partition) -> tuple[Any, np.ndarray]:
     if spec["data"].get("format", "csv") in formats.SPARSE_FORMATS:
         return formats.read_partition(spec["data"], path, part)
     schema = csvfile.CsvSchema.from_dict(spec["data"]["schema"])
