@@ -103,7 +103,10 @@ def _predict_part(P: Any, folder: Path, task: dict, plan: Any, pred: Any, part: 
 
 async def _from_kept(P: Any, folder: Path, k: int, task: dict, plan: Any, parts: list, secret: bytes | None) -> None:
     """The partitions of a model kept on a server: for each, read its rows, pull what they touch
-    from the shards (this worker's own connections), and predict them."""
+    from the shards (this worker's own connections), and predict them. Reading and predicting
+    run in a thread, so the loop goes on serving the connections meanwhile."""
+    import asyncio
+
     from psctl import net
     from psctl.apps import kept
 
@@ -116,8 +119,9 @@ async def _from_kept(P: Any, folder: Path, k: int, task: dict, plan: Any, parts:
                                          security=security, max_frame_bytes=where["max_frame_bytes"]) as model:  # fmt: skip
         pred = await kept.base_predictor(model)
         for part in parts:
-            rows = P.read_rows(pred, plan, task["data_path"], part)
-            _predict_part(P, folder, task, plan, await kept.batch_predictor(model, pred, rows), part, rows)
+            rows = await asyncio.to_thread(P.read_rows, pred, plan, task["data_path"], part)
+            batch = await kept.batch_predictor(model, pred, rows)
+            await asyncio.to_thread(_predict_part, P, folder, task, plan, batch, part, rows)
         (folder / f"{k}.pulled.json").write_text(json.dumps(model.counters()))
 
 

@@ -25,7 +25,9 @@ from psctl.cluster.client import Acks, ShardClient, ShardTimeout
 from psctl.cluster.session import EventTimeout, Session, SessionClosed
 from psctl.core.batching import batch_indices, epoch_steps
 from psctl.core.job import JobSpec
+from psctl.core.keyplan import KeyPlan
 from psctl.core.shard_errors import NonFiniteGradient
+from psctl.core.sparse import SparseRows
 from psctl.data import arrays, csvfile, formats, ratings, vocab
 from psctl.errors import ConnectError, DataError, JobError, PsctlError
 from psctl.models.base import Model, batch_sums, classes_for, encode_targets
@@ -41,6 +43,11 @@ RECONNECT_FIRST_DELAY_S = 0.1
 # How long a worker holds at an epoch's end for the driver (hold_epochs): the driver reads
 # the report and may pull every table first, as long as the final pull may take.
 EPOCH_HOLD_TIMEOUT_S = 600.0
+# A mini-batch step's computation runs in a thread once one took longer than this on the loop:
+# a model whose steps are slow (user code) then leaves the loop free for the coordinator's
+# requests and events, and a quick one pays no thread hop (about 150 us a step, measured
+# here against a 100 us logreg step).
+INLINE_COMPUTE_S = 0.02
 T = TypeVar("T")
 
 
@@ -160,9 +167,21 @@ class Prepared:
 
 
 def load_partition(spec: dict[str, Any], path: str, part: csvfile.Partition) -> tuple[Any, np.ndarray]:
-    """Features and raw labels of one partition, in the job's data format."""
+    """Features and raw labels of one partition, in the job's data format.
+
+    A file is parsed slice by slice (``csvfile.slice_partition``): run in a thread, the
+    parse then lets the heartbeat thread have the interpreter's lock between slices."""
     if arrays.is_arrays(spec["data"]):  # in-memory input: a view of the mapped rows
         return arrays.read_partition(spec["data"], path, part)
+    pieces = [_load_slice(spec, path, piece) for piece in csvfile.slice_partition(path, part)]
+    if len(pieces) == 1:
+        return pieces[0]
+    Xs, labels = zip(*pieces)
+    X = SparseRows.concat(Xs) if isinstance(Xs[0], SparseRows) else np.concatenate(Xs)
+    return X, np.concatenate(labels)
+
+
+def _load_slice(spec: dict[str, Any], path: str, part: csvfile.Partition) -> tuple[Any, np.ndarray]:
     if spec["data"].get("format", "csv") in formats.SPARSE_FORMATS:
         return formats.read_partition(spec["data"], path, part)
     schema = csvfile.CsvSchema.from_dict(spec["data"]["schema"])
@@ -209,6 +228,58 @@ def split_validation(labels: np.ndarray, fraction: float, seed: int, partition: 
     """A partition's (train, held-out) row indices: stratified by label for classifiers."""
     key = labels if stratify else np.zeros(len(labels), dtype=np.int8)
     return csvfile.stratified_split(key, fraction, seed * 1_000_003 + partition)
+
+
+def split_rows(raw_X: Any, labels: np.ndarray, fraction: float, seed: int, partition: int, stratify: bool) -> tuple[Any, np.ndarray, Any, np.ndarray]:
+    """The partition's training rows and labels, then its held-out ones (``split_validation``)."""
+    train_rows, val_rows = split_validation(labels, fraction, seed, partition, stratify)
+    return raw_X[train_rows], labels[train_rows], raw_X[val_rows], labels[val_rows]
+
+
+def plan_rows(client: ShardClient, model: Model, X: Any) -> KeyPlan:
+    """The routing of the keys that rows ``X`` touch (plain computation: it may run in a thread)."""
+    return client.plan(model.keys(X))
+
+
+def evaluate(model: Model, params: dict[str, np.ndarray], rows: Prepared) -> dict[str, Any]:
+    """Loss and additive figures of ``params`` on ``rows``, as a report carries them."""
+    loss, _, outputs = model.loss_grad(params, rows.X, rows.y)
+    return {"loss_sum": float(loss) * len(rows.y), "n": len(rows.y), "sums": batch_sums(model.task, outputs, rows.y)}
+
+
+def step_figures(model: Model, params: dict[str, np.ndarray], X: Any, y: np.ndarray, epoch: int) -> tuple[float, dict[str, np.ndarray], dict[str, float]]:
+    """One mini-batch's loss, gradients and additive figures; PsctlError if they are not finite."""
+    loss, grads, outputs = model.loss_grad(params, X, y)
+    figures = batch_sums(model.task, outputs, y)
+    if not all(map(math.isfinite, (float(loss) * len(y), *figures.values()))):
+        # Pushing would spread inf/NaN to the tables; the reports could not carry it either.
+        raise PsctlError(f"the loss overflowed in epoch {epoch + 1}: training diverged; try a smaller --lr")
+    return float(loss), grads, figures
+
+
+class Offload:
+    """Runs a repeated computation on the loop while it is quick and in a thread once it is not.
+
+    The first call runs in a thread (a user's model may be slow from its first step); the
+    time the computation took decides the next call. Only plain computation may be given:
+    nothing that touches the loop or its objects, since it may run in another thread.
+    """
+
+    def __init__(self, inline_s: float = INLINE_COMPUTE_S):
+        self.inline_s = inline_s
+        self.inline = False
+
+    async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
+        if self.inline:
+            return self._timed(fn, *args)
+        return await asyncio.to_thread(self._timed, fn, *args)
+
+    def _timed(self, fn: Callable[..., T], *args: Any) -> T:
+        started = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.inline = time.perf_counter() - started < self.inline_s
 
 
 async def _with_backoff(attempt: Callable[[], Awaitable[T]], check: Callable[[], None], tries: int = RECONNECT_TRIES) -> T:
@@ -334,32 +405,31 @@ class Worker:
             raise DataError(f"data file '{path}' does not exist on worker host {socket.gethostname()}")
         if os.path.getsize(path) != job.data["size"]:
             raise DataError(f"data file '{path}' on this host differs in size from the job's ({job.data['size']} bytes)")
+        # Every computation over the partition, and the model's code, runs in a thread (each
+        # ``to_thread`` below): the loop stays free for the coordinator's requests and events
+        # and for a partition this process took over. Parsing goes slice by slice, so the
+        # heartbeat thread gets the interpreter's lock (load_partition).
         raw_X, labels = await asyncio.to_thread(load_partition, spec, path, part)
         val_raw: tuple[Any, np.ndarray] | None = None
         if job.test_split:
-            train_rows, val_rows = split_validation(labels, job.test_split, job.seed, partition, model_cls.task != "regression")
-            val_raw = (raw_X[val_rows], labels[val_rows])
-            raw_X, labels = raw_X[train_rows], labels[train_rows]
+            split = await asyncio.to_thread(split_rows, raw_X, labels, job.test_split, job.seed, partition, model_cls.task != "regression")
+            raw_X, labels, val_raw = split[0], split[1], (split[2], split[3])
         elif job.validation:
             val_part = csvfile.Partition.from_dict(job.validation["partitions"][partition])
             val_raw = await asyncio.to_thread(load_partition, {**spec, "data": job.validation}, job.validation["path"], val_part)
 
         body, arrays = await asyncio.to_thread(stats_request, raw_X, labels, spec, model_cls)
         if val_raw is not None and model_cls.task != "regression":  # classes must cover the held-out labels too
-            body["labels"] = sorted(set(body["labels"]) | set(val_raw[1].tolist()))
+            held_out = val_raw[1]
+            body["labels"] = await asyncio.to_thread(lambda: sorted(set(body["labels"]) | set(held_out.tolist())))
         reply = await coord.request(MsgType.STATS, body, arrays, timeout_s=None)
         self._check_abort()
         stats = await asyncio.to_thread(vocab.attach, reply.body, reply.arrays)
         classes = classes_for(model_cls.task, stats["labels"], model_cls.kind)
-        # Off the event loop (a large partition takes seconds to scale), so heartbeats go on.
         prep = await asyncio.to_thread(prepare, raw_X, labels, classes, stats, spec, model_cls.task)
         val = await asyncio.to_thread(prepare, *val_raw, classes, stats, spec, model_cls.task) if val_raw is not None else None
-        model = model_cls(
-            prep.n_features,
-            classes,
-            l2=job.l2,
-            **job.model_params,
-            **model_cls.data_params(stats),
+        model = await asyncio.to_thread(
+            lambda: model_cls(prep.n_features, classes, l2=job.l2, **job.model_params, **model_cls.data_params(stats))
         )
 
         async def connect_shards(shards: list[str], ranges: dict[str, Any]) -> ShardClient:
@@ -408,9 +478,10 @@ class Worker:
             report: dict[str, Any] = {"loss_sum": 0.0, "sums": {}, "n": len(prep.y)}
             report.update(bytes_pulled=client.bytes_pulled, bytes_pushed=client.bytes_pushed)
             if len(prep.y):
-                params = await client.pull(model.keys(prep.X))
-                loss, _, outputs = model.loss_grad(params, prep.X, prep.y)
-                report.update(loss_sum=float(loss) * len(prep.y), sums=batch_sums(model.task, outputs, prep.y))
+                # The whole partition at once: the longest computation of the job, so in a thread.
+                params = await client.pull(await asyncio.to_thread(plan_rows, client, model, prep.X))
+                figures = await asyncio.to_thread(evaluate, model, params, prep)
+                report.update(loss_sum=figures["loss_sum"], sums=figures["sums"])
             report.update(trained_bytes)  # training traffic only, not the evaluation pull
             coord.notify(MsgType.FINAL_REPORT, report)
             return report
@@ -441,6 +512,7 @@ class Worker:
         last_progress = time.monotonic() - PROGRESS_INTERVAL_S
         recent_loss, recent_n = 0.0, 0
         first_epoch = start_clock // per_epoch if per_epoch else 0
+        plan_step, compute_step = Offload(), Offload()  # each decides by its own time
         for epoch in range(first_epoch, epochs):
             if self.control.stop_requested:
                 break
@@ -457,7 +529,7 @@ class Worker:
                 self.in_step = True
                 X, y = prep.X[idx], prep.y[idx]
                 # One routing of the batch's keys for the pull and the push of this step.
-                plan = client.plan(model.keys(X))
+                plan = await plan_step(plan_rows, client, model, X)
                 # The pull goes out behind the previous push on each connection,
                 # so it sees that push; its ack is collected afterwards.
                 params = await client.pull(plan, clock)
@@ -465,19 +537,15 @@ class Worker:
                 staleness[behind] = staleness.get(behind, 0) + 1
                 if acks is not None:
                     await acks
-                loss, grads, outputs = model.loss_grad(params, X, y)
-                figures = batch_sums(model.task, outputs, y)
-                if not all(map(math.isfinite, (float(loss) * len(idx), *figures.values()))):
-                    # Pushing would spread inf/NaN to the tables; the reports could not carry it either.
-                    raise PsctlError(f"the loss overflowed in epoch {epoch + 1}: training diverged; try a smaller --lr")
+                loss, grads, figures = await compute_step(step_figures, model, params, X, y, epoch)
                 acks = client.push(grads, clock, len(idx), plan)
                 clock = coord.clock = clock + 1
                 self.in_step = False
-                loss_sum += float(loss) * len(idx)
+                loss_sum += loss * len(idx)
                 rows += len(idx)
                 coord.samples += len(idx)
                 _add(sums, figures)
-                recent_loss += float(loss) * len(idx)
+                recent_loss += loss * len(idx)
                 recent_n += len(idx)
                 now = time.monotonic()
                 if now - last_progress >= PROGRESS_INTERVAL_S:
@@ -506,6 +574,5 @@ class Worker:
         """Loss and additive figures of the current parameters on ``rows`` (held-out data)."""
         if not len(rows.y):
             return {"loss_sum": 0.0, "n": 0, "sums": {}}
-        params = await client.pull(model.keys(rows.X), clock)
-        loss, _, outputs = model.loss_grad(params, rows.X, rows.y)
-        return {"loss_sum": float(loss) * len(rows.y), "n": len(rows.y), "sums": batch_sums(model.task, outputs, rows.y)}
+        params = await client.pull(await asyncio.to_thread(plan_rows, client, model, rows.X), clock)
+        return await asyncio.to_thread(evaluate, model, params, rows)

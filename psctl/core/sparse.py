@@ -98,6 +98,17 @@ class SparseRows:
         indptr = np.concatenate(([0], np.cumsum(counts)))
         return cls(indptr, np.asarray(keys)[order], np.asarray(values)[order], n_cols)
 
+    @classmethod
+    def concat(cls, parts: Sequence[SparseRows]) -> SparseRows:
+        """The rows of ``parts``, one after another (the key space is the first part's)."""
+        if len(parts) == 1:
+            return parts[0]
+        offsets = np.cumsum([0] + [p.nnz for p in parts[:-1]])
+        indptr = np.concatenate([parts[0].indptr[:1], *(p.indptr[1:] + o for p, o in zip(parts, offsets))])
+        indices = np.concatenate([p.indices for p in parts])
+        values = np.concatenate([p.values for p in parts])
+        return cls(indptr, indices, values, parts[0].n_cols)
+
     def __len__(self) -> int:
         return len(self.indptr) - 1
 

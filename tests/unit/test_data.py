@@ -175,6 +175,42 @@ def test_partition_plan_property(lines, n_parts, chunk, final_newline):
         check_plan(path, text, n_parts)
 
 
+@settings(max_examples=150, deadline=None)
+@given(lines=lines_strategy, n_parts=st.integers(1, 4), max_bytes=st.integers(1, 80), final_newline=st.booleans())
+def test_slices_of_a_partition_read_as_the_partition(lines, n_parts, max_bytes, final_newline):
+    """A partition cut into slices (what a worker parses per call): contiguous, aligned to
+    line starts, each with its rows and first row's line; together they read the same rows."""
+    text = "\n".join(["label,a", *lines]) + ("\n" if final_newline else "")
+    if not row_lines(text):
+        return
+    raw = text.encode()
+    with tempfile.TemporaryDirectory() as folder:
+        path = str(Path(folder) / "p.csv")
+        Path(path).write_bytes(raw)
+        schema = csvfile.read_schema(path)
+        for part in csvfile.plan_partitions(path, n_parts):
+            slices = csvfile.slice_partition(path, part, max_bytes)
+            assert [s.start for s in slices][0] == part.start and slices[-1].end == part.end
+            assert all(a.end == b.start for a, b in zip(slices, slices[1:]))
+            assert sum(s.n_rows for s in slices) == part.n_rows and {s.index for s in slices} == {part.index}
+            for s in slices:
+                assert s.start in (0, len(raw)) or raw[s.start - 1 : s.start] == b"\n"
+                offset = raw[: s.start].count(b"\n")
+                found = [offset + i + 1 for i, line in enumerate(raw[s.start : s.end].decode().split("\n")) if line.strip()]
+                assert len(found) == s.n_rows and (not found or s.first_line == found[0])
+                assert s.end - s.start <= max(max_bytes, 1) + len(max(raw.split(b"\n"), key=len)) + 1
+            got = [csvfile.read_partition(path, schema, s) for s in slices]
+            whole = csvfile.read_partition(path, schema, part)
+            np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), whole[0])
+            np.testing.assert_array_equal(np.concatenate([g[1] for g in got]), whole[1])
+
+
+def test_a_partition_smaller_than_a_slice_is_one_slice(tmp_path):
+    p = write(tmp_path, "label,a\n0,1\n1,2\n")
+    [part] = csvfile.plan_partitions(p, 1)
+    assert csvfile.slice_partition(p, part) == [part]
+
+
 # --- reading rows --------------------------------------------------------------------
 
 
