@@ -26,7 +26,7 @@ from psctl.cluster.session import EventTimeout, Session, SessionClosed
 from psctl.core.batching import batch_indices, epoch_steps
 from psctl.core.job import JobSpec
 from psctl.core.shard_errors import NonFiniteGradient
-from psctl.data import arrays, csvfile, formats, ratings, vocab
+from psctl.data import arrays, csvfile, formats, parquet, ratings, storage, vocab
 from psctl.errors import ConnectError, DataError, JobError, PsctlError
 from psctl.models.base import Model, batch_sums, classes_for, encode_targets
 from psctl.models.registry import model_class
@@ -162,12 +162,27 @@ def load_partition(spec: dict[str, Any], path: str, part: csvfile.Partition) -> 
     """Features and raw labels of one partition, in the job's data format."""
     if arrays.is_arrays(spec["data"]):  # in-memory input: a view of the mapped rows
         return arrays.read_partition(spec["data"], path, part)
+    if parquet.is_parquet_data(spec["data"]):  # only the row groups holding the partition's rows
+        report = parquet.ReadReport()
+        rows = parquet.read_partition(spec["data"], path, part, report)
+        log.info("partition %d of '%s': %s", part.index, path, report.describe())
+        return rows
     if spec["data"].get("format", "csv") in formats.SPARSE_FORMATS:
         return formats.read_partition(spec["data"], path, part)
     schema = csvfile.CsvSchema.from_dict(spec["data"]["schema"])
     if spec["data"].get("format", "csv") == "ratings":
         return ratings.read_partition(path, schema, part)
     return csvfile.read_partition(path, schema, part)
+
+
+def check_input(path: str, data: dict[str, Any]) -> None:
+    """DataError unless this host sees the job's input at ``path``, of the job's size."""
+    if parquet.is_parquet_data(data):
+        return parquet.check_unchanged(data, path)
+    if not storage.exists(path):
+        raise DataError(f"data file '{path}' does not exist on worker host {socket.gethostname()}")
+    if storage.stored_size(path) != data["size"]:
+        raise DataError(f"data file '{path}' on this host differs in size from the job's ({data['size']} bytes)")
 
 
 def stats_request(raw_X: Any, labels: np.ndarray, spec: dict[str, Any], model_cls: type[Model]) -> tuple[dict[str, Any], list[np.ndarray]]:
@@ -329,10 +344,7 @@ class Worker:
         model_cls = model_class(job.model)
         part = csvfile.Partition.from_dict(reg["partition"])
         path = self.data_path or job.data["path"]
-        if not os.path.exists(path):
-            raise DataError(f"data file '{path}' does not exist on worker host {socket.gethostname()}")
-        if os.path.getsize(path) != job.data["size"]:
-            raise DataError(f"data file '{path}' on this host differs in size from the job's ({job.data['size']} bytes)")
+        await asyncio.to_thread(check_input, path, job.data)
         raw_X, labels = await asyncio.to_thread(load_partition, spec, path, part)
         val_raw: tuple[Any, np.ndarray] | None = None
         if job.test_split:
