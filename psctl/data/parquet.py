@@ -324,7 +324,7 @@ def _features(table: Any, names: list[str], path: str, first_row: int) -> np.nda
         values = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
         bad = np.flatnonzero(~np.isfinite(values))
         if len(bad):
-            raise DataError(f"'{path}' row {first_row + int(bad[0]) + 1}, column '{name}': {values[bad[0]]!r} is not finite")
+            raise DataError(f"'{path}' row {first_row + int(bad[0]) + 1}, column '{name}': {float(values[bad[0]])} is not finite")
         X[:, c] = values
     return X
 

@@ -135,9 +135,9 @@ def open_input(path: str | os.PathLike[str]) -> BinaryIO:
     raw = open_stored(path)
     kind = compression(path)
     if kind is None:
-        return raw if not is_url(path) else _Checked(raw, os.fspath(path), None)
+        return raw if not is_url(path) else _Checked(raw, raw, os.fspath(path), None)
     try:
-        return _Checked(_decompressor(kind, raw), os.fspath(path), kind)
+        return _Checked(_decompressor(kind, raw), raw, os.fspath(path), kind)
     except BaseException:
         raw.close()
         raise
@@ -168,11 +168,11 @@ def _decode_errors() -> tuple[type[BaseException], ...]:
 
 
 class _Checked:
-    """A stream whose read errors are one sentence. Over a decompressor it also buffers
-    (readline) and seeks forward by decompressing and discarding."""
+    """A stream whose read errors are one sentence, with ``readline(limit)`` (which fsspec's
+    files lack). Over a decompressor it seeks forward by decompressing and discarding."""
 
-    def __init__(self, inner: Any, path: str, kind: str | None):
-        self._inner, self._path, self._kind = inner, path, kind
+    def __init__(self, inner: Any, raw: BinaryIO, path: str, kind: str | None):
+        self._inner, self._raw, self._path, self._kind = inner, raw, path, kind
         self._buf = b""
         self._pos = 0  # position in the text of the next byte returned
 
@@ -185,12 +185,14 @@ class _Checked:
     def _more(self, n: int) -> bytes:
         try:
             return self._inner.read(n)
-        except _decode_errors() as exc:
-            raise self._fail(exc) from None
+        except (UsageError, DataError):
+            raise
+        except Exception as exc:  # a damaged stream, or the filesystem's client failing
+            if self._kind is not None and isinstance(exc, _decode_errors()):
+                raise self._fail(exc) from None
+            raise storage_error(self._path, exc) from None
 
     def read(self, n: int = -1) -> bytes:
-        if self._kind is None:
-            return self._call(self._inner.read, n)
         parts, have = [self._buf], len(self._buf)
         while n < 0 or have < n:
             chunk = self._more(DISCARD_BYTES if n < 0 else max(n - have, 1 << 16))
@@ -204,8 +206,6 @@ class _Checked:
         return out
 
     def readline(self, limit: int = -1) -> bytes:
-        if self._kind is None:
-            return self._call(self._inner.readline, limit)
         while b"\n" not in self._buf and (limit < 0 or len(self._buf) < limit):
             chunk = self._more(1 << 16)
             if not chunk:
@@ -218,25 +218,23 @@ class _Checked:
         self._pos += len(out)
         return out
 
-    def _call(self, method: Any, *args: Any) -> Any:
-        try:
-            return method(*args)
-        except (UsageError, DataError):
-            raise
-        except Exception as exc:
-            raise self._fail(exc) from None
-
     def tell(self) -> int:
-        return self._inner.tell() if self._kind is None else self._pos
+        return self._pos
 
     def seek(self, pos: int, whence: int = 0) -> int:
         if whence != 0:
             raise ValueError("psctl input streams seek from the start only")
-        if self._kind is None:
-            return self._call(self._inner.seek, pos)
+        if self._kind is None:  # a plain remote file seeks anywhere
+            try:
+                self._inner.seek(pos)
+            except Exception as exc:
+                raise self._fail(exc) from None
+            self._buf, self._pos = b"", pos
+            return pos
         if pos < self._pos:  # back: decompress again from the start
-            self._inner.close()
-            self._inner = _decompressor(self._kind, open_stored(self._path))
+            self.close()
+            self._raw = open_stored(self._path)
+            self._inner = _decompressor(self._kind, self._raw)
             self._buf, self._pos = b"", 0
         while self._pos < pos:
             if not self.read(min(pos - self._pos, DISCARD_BYTES)):
@@ -244,7 +242,10 @@ class _Checked:
         return self._pos
 
     def close(self) -> None:
-        self._inner.close()
+        try:
+            self._inner.close()
+        finally:
+            self._raw.close()  # gzip and bz2 leave the file they were given open
 
     def __enter__(self) -> _Checked:
         return self
