@@ -16,6 +16,8 @@ import threading
 import numpy as np
 import pytest
 
+from psctl.apps import predict as predicting
+from psctl.apps import serving
 from psctl.data import csvfile
 from psctl.files import modelfile
 
@@ -188,6 +190,11 @@ def test_s3_csv_trains_and_predicts_as_the_local_file_and_keeps_the_model_there(
     s3.get(f"{BUCKET}/models/m.npz", str(tmp_path / "m.npz"))
     summary = predict(f"s3://{BUCKET}/models/m.npz", f"s3://{BUCKET}/test.csv", tmp_path / "p.csv", "--workers", "2")
     assert_same_as_ref(ref, tmp_path / "m.npz", tmp_path / "p.csv", summary)
+    served = serving.FileSource.load("m", f"s3://{BUCKET}/models/m.npz")  # psctl serve m=s3://...
+    local = predicting.load_predictor(str(tmp_path / "m.npz"))
+    assert served.describe()["path"] == f"s3://{BUCKET}/models/m.npz"
+    for name, value in local.params.items():
+        np.testing.assert_array_equal(served.loaded.predictor.params[name], value)
 
 
 def test_s3_compressed_csv_and_parquet_folder_train_as_the_local_file(ref, s3, tmp_path):
