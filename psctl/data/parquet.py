@@ -34,6 +34,8 @@ from psctl.errors import DataError
 STORAGE = "parquet"
 SUFFIXES = (".parquet", ".pq", ".parq")
 MAX_FILES = 100_000
+# Names that are files of text input, never a Parquet folder.
+TEXT_SUFFIXES = (".csv", ".tsv", ".txt", ".gz", ".gzip", ".bz2", ".zst", ".zstd", ".svm", ".libsvm", ".data")
 
 
 def _pq() -> Any:
@@ -52,6 +54,8 @@ def is_parquet(path: str, fmt: str = "auto") -> bool:
     name = path.rstrip("/")
     if name.lower().endswith(SUFFIXES):
         return True
+    if os.path.splitext(name)[1].lower() in TEXT_SUFFIXES:  # no listing (a round trip to object storage) for these
+        return False
     return _is_dir(path)
 
 

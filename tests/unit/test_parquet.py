@@ -166,3 +166,16 @@ def test_a_file_that_lost_a_column_since_planning_is_one_sentence(tmp_path):
     pq.write_table(pa.table({"label": [1, 0], "z": [1.0, 2.0]}), path)
     with pytest.raises(DataError, match="lacks the column"):
         parquet.read_rows(dataset, schema, parquet.plan_partitions(dataset, 1)[0])
+
+
+def test_parquet_is_told_by_the_name_a_folder_or_the_format(tmp_path, monkeypatch, data):
+    path, _, _ = data
+    assert parquet.is_parquet(str(path)) and parquet.is_parquet(str(tmp_path))  # a folder (here of d.csv and d.parquet)
+    assert not parquet.is_parquet(str(tmp_path / "d.csv")) and parquet.is_parquet(str(tmp_path / "d.csv"), "parquet")
+    assert not parquet.is_parquet(str(path), "csv")
+
+    def no_listing(url):
+        raise AssertionError(f"listed {url}")
+
+    monkeypatch.setattr(parquet.storage, "filesystem", no_listing)
+    assert not parquet.is_parquet("s3://bucket/train.csv.gz") and parquet.is_parquet("s3://bucket/t.parquet")
