@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import threading
 import zlib
 from typing import Any, BinaryIO
 
@@ -268,6 +269,34 @@ def text_size(path: str | os.PathLike[str], fh: BinaryIO | None = None) -> int:
     return total
 
 
+# The last compressed stream read_range used, left open at its position: ranges read in
+# order (a partition parsed slice by slice) decompress the file once, not once a range.
+_last_stream: dict[str, _Checked] = {}
+_last_stream_lock = threading.Lock()
+
+
+def _read_compressed(path: str, start: int, end: int) -> bytes:
+    with _last_stream_lock:
+        stream = _last_stream.pop(path, None)
+        for other in _last_stream.values():
+            other.close()
+        _last_stream.clear()
+    if stream is None or stream.tell() > start:
+        if stream is not None:
+            stream.close()
+        stream = open_input(path)  # type: ignore[assignment]
+    assert isinstance(stream, _Checked)
+    try:
+        stream.seek(start)
+        raw = stream.read(end - start)
+    except BaseException:
+        stream.close()
+        raise
+    with _last_stream_lock:
+        _last_stream[path] = stream
+    return raw
+
+
 def read_range(path: str | os.PathLike[str], start: int, end: int) -> bytes:
     """Bytes [start, end) of the input's text: a local seek, one ranged request for a URL,
     or the decompressed stream up to ``end``. DataError when the file is shorter."""
@@ -278,6 +307,8 @@ def read_range(path: str | os.PathLike[str], start: int, end: int) -> bytes:
             raw = fs.cat_file(inner, start=start, end=end) if end > start else b""
         except Exception as exc:
             raise storage_error(path, exc) from None
+    elif compression(path) is not None:
+        raw = _read_compressed(path, start, end)
     else:
         with open_input(path) as fh:
             fh.seek(start)

@@ -199,3 +199,16 @@ def test_a_missing_extra_names_its_pip_install(tmp_path, monkeypatch, module, ca
     monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
     with pytest.raises(UsageError, match=f"needs {module}, which is not installed; run: {extra}".replace("[", r"\[").replace("]", r"\]")):
         call(tmp_path)
+
+
+def test_ranges_read_in_order_decompress_the_file_once(tmp_path, monkeypatch):
+    text = b"".join(b"%06d\n" % i for i in range(50_000))
+    path = tmp_path / "n.txt.gz"
+    path.write_bytes(gzip.compress(text))
+    opened = []
+    real = storage.open_stored
+    monkeypatch.setattr(storage, "open_stored", lambda p, *a: opened.append(p) or real(p, *a))
+    step = 7 * 5000
+    pieces = [storage.read_range(str(path), a, a + step) for a in range(0, len(text), step)]
+    assert b"".join(pieces) == text and len(opened) == 1
+    assert storage.read_range(str(path), 0, 7) == b"000000\n" and len(opened) == 2  # back: opened again
