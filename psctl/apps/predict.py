@@ -21,7 +21,7 @@ from psctl.apps import recommend
 from psctl.apps.results import json_safe
 from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S
 from psctl.core.sparse import SparseRows
-from psctl.data import csvfile, formats, ratings
+from psctl.data import csvfile, formats, parquet, ratings, storage
 from psctl.errors import DataError, Interrupted, ModelFileError, PsctlError, UsageError
 from psctl.files import loading
 from psctl.models.base import Model, encode_targets, evaluate, predicted_index
@@ -38,30 +38,38 @@ class Prediction:
     unknown: dict[str, int] | None = None  # sparse input: feature occurrences / features without a weight
 
 
-def schema_for(meta: dict[str, Any], path: str) -> csvfile.CsvSchema:
-    """Find the model's feature columns (and the label, if present) in ``path``."""
+def schema_for(meta: dict[str, Any], path: str, delimiter: str | None = None,
+               dataset: parquet.Dataset | None = None) -> csvfile.CsvSchema:
+    """Find the model's feature columns (and the label, if present) in ``path`` (a CSV
+    separated by ``delimiter``, by default the training file's, or the Parquet ``dataset``)."""
     if meta.get("schema") is None:
         raise ModelFileError("the model file has no training schema, so its feature columns cannot be found")
     trained = csvfile.CsvSchema.from_dict(meta["schema"])
-    if not trained.has_header:
-        columns = csvfile.read_columns(path, has_header=False)
+    sep = trained.delimiter if delimiter is None else delimiter
+    if not trained.has_header and dataset is None:
+        columns = csvfile.read_columns(path, has_header=False, delimiter=sep)
         if len(columns) == len(trained.columns):
-            return trained
+            return csvfile.CsvSchema(trained.columns, trained.label_index, trained.feature_indices, False, sep)
         if len(columns) == len(trained.feature_indices):
-            return csvfile.CsvSchema(columns, None, tuple(range(len(columns))), False)
+            return csvfile.CsvSchema(columns, None, tuple(range(len(columns))), False, sep)
         raise DataError(
             f"'{path}' has {len(columns)} columns; the model expects {len(trained.columns)} (with label) "
             f"or {len(trained.feature_indices)} (without)"
         )
-    header = csvfile.read_columns(path)
+    header = dataset.columns if dataset is not None else csvfile.read_columns(path, delimiter=sep)
     index = {name: i for i, name in enumerate(header)}
     missing = [n for n in trained.feature_names if n not in index]
     if missing:
         shown = ", ".join(f"'{m}'" for m in missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise DataError(f"'{path}' lacks {len(missing)} column(s) the model was trained on: {shown}")
     label = meta.get("label")
+    if dataset is not None and not trained.has_header:  # a Parquet file names its columns: the training file's numbers
+        index = {**{str(i): i for i in range(len(header))}, **index}
+        missing = [n for n in trained.feature_names if n not in index]
+        if missing:
+            raise DataError(f"'{path}' lacks {len(missing)} column(s) the model was trained on")
     return csvfile.CsvSchema(
-        tuple(header), index.get(label) if label is not None else None, tuple(index[n] for n in trained.feature_names), True
+        tuple(header), index.get(label) if label is not None else None, tuple(index[n] for n in trained.feature_names), True, sep
     )
 
 
@@ -100,29 +108,50 @@ class InputPlan:
     schema: csvfile.CsvSchema | None
     has_header: bool
     has_labels: bool
+    parquet: dict[str, Any] | None = None  # Parquet input: its files and row groups (parquet.Dataset.to_data)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "schema": None if self.schema is None else self.schema.to_dict(),
-                "has_header": self.has_header, "has_labels": self.has_labels}
+                "has_header": self.has_header, "has_labels": self.has_labels, "parquet": self.parquet}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> InputPlan:
         schema = None if d["schema"] is None else csvfile.CsvSchema.from_dict(d["schema"])
-        return cls(str(d["kind"]), schema, bool(d["has_header"]), bool(d["has_labels"]))
+        return cls(str(d["kind"]), schema, bool(d["has_header"]), bool(d["has_labels"]), d.get("parquet"))
+
+    def dataset(self, path: str) -> parquet.Dataset | None:
+        return None if self.parquet is None else parquet.Dataset.from_data(path, self.parquet)
 
 
-def plan_input(pred: Predictor, data_path: str) -> InputPlan:
-    """Find the model's columns in ``data_path`` (reads its first line). Raises DataError."""
-    if pred.mf is not None:
-        schema = recommend.input_schema(pred.mf, data_path)
-        return InputPlan("ratings", schema, schema.has_header, schema.label_index is not None)
+def plan_input(pred: Predictor, data_path: str, delimiter: str | None = None) -> InputPlan:
+    """Find the model's columns in ``data_path`` (reads its first line, or a Parquet
+    input's footers); ``delimiter``: the CSV's, when not the training file's. Raises DataError."""
+    if delimiter is not None:
+        delimiter = csvfile.check_delimiter(delimiter)
     spec = pred.meta.get("input") or {}
+    if pred.mf is None and spec.get("format", "csv") == "csv" and parquet.is_parquet(data_path):
+        if delimiter is not None:
+            raise UsageError("--delimiter is for CSV input; a Parquet file names its columns")
+        dataset = parquet.describe(data_path)
+        schema = schema_for(pred.meta, data_path, dataset=dataset)
+        return InputPlan("dense", schema, True, schema.label_index is not None, dataset.to_data(schema))
+    if pred.mf is not None:
+        schema = recommend.input_schema(pred.mf, data_path, delimiter=delimiter)
+        return InputPlan("ratings", schema, schema.has_header, schema.label_index is not None)
     if spec.get("format", "csv") == "libsvm":
         csvfile._open(data_path).close()  # one sentence now if the file is missing, as for CSV
         return InputPlan("sparse", None, False, True)
-    schema = schema_for(pred.meta, data_path)
+    schema = schema_for(pred.meta, data_path, delimiter)
     kind = "sparse" if spec.get("format") in formats.SPARSE_FORMATS else "dense"
     return InputPlan(kind, schema, schema.has_header, schema.label_index is not None)
+
+
+def plan_parts(path: str, plan: InputPlan, n_parts: int) -> list[csvfile.Partition]:
+    """``n_parts`` partitions of the input: byte ranges of a text file, row ranges of Parquet."""
+    dataset = plan.dataset(path)
+    if dataset is not None:
+        return parquet.plan_partitions(dataset, n_parts)
+    return csvfile.plan_partitions(path, n_parts, plan.has_header)
 
 
 @dataclass
@@ -145,7 +174,11 @@ def read_rows(pred: Predictor, plan: InputPlan, path: str, part: csvfile.Partiti
     spec = pred.meta.get("input") or {}
     if plan.kind == "dense":
         assert plan.schema is not None
-        X, labels = csvfile.read_partition(path, plan.schema, part)
+        dataset = plan.dataset(path)
+        if dataset is not None:
+            X, labels = parquet.read_rows(dataset, plan.schema, part)
+        else:
+            X, labels = csvfile.read_partition(path, plan.schema, part)
         return Rows(X, labels if plan.has_labels else None)
     if spec["format"] == "libsvm":
         X, labels = formats.read_libsvm(path, part, spec.get("index_base"))
@@ -159,7 +192,7 @@ def read_rows(pred: Predictor, plan: InputPlan, path: str, part: csvfile.Partiti
 
 def whole_file(path: str, plan: InputPlan) -> csvfile.Partition:
     """The one partition covering every row of ``path``."""
-    [whole] = csvfile.plan_partitions(path, 1, plan.has_header)
+    [whole] = plan_parts(path, plan, 1)
     return whole
 
 
@@ -225,7 +258,7 @@ def predict(
     workers: int | None = None,
     out: str | None = None,
     failure_timeout_s: float | None = None,
-
+    delimiter: str | None = None,
 ) -> Any:
     """A :class:`Prediction`, or for an mf model a recommend.RatingsPrediction
     (``cold_start``: what to do with users and items the model has not seen; mf only, default nan).
@@ -241,12 +274,13 @@ def predict(
         check_predictions_path(out)
     if workers is not None:
         timeout_s = DEFAULT_FAILURE_TIMEOUT_S if failure_timeout_s is None else failure_timeout_s
-        return predict_spread(model_path, data_path, workers, model_class_path, cold_start, out, failure_timeout_s=timeout_s)
+        return predict_spread(model_path, data_path, workers, model_class_path, cold_start, out, failure_timeout_s=timeout_s,
+                              delimiter=delimiter)
     if failure_timeout_s is not None:
         raise UsageError("--failure-timeout-s is how long a silent predict worker is waited for; it needs --workers N")
     pred = load_predictor(model_path, model_class_path)
     cold = check_cold_start(pred, cold_start)
-    plan = plan_input(pred, data_path)
+    plan = plan_input(pred, data_path, delimiter)
     result = combine(pred, [evaluate_rows(pred, read_rows(pred, plan, data_path, whole_file(data_path, plan)), cold)], plan, cold)
     if out is not None:
         write_predictions(result, out)
@@ -312,6 +346,7 @@ def predict_spread(
     max_frame_bytes: int | None = None,
     pulled: dict[str, int] | None = None,
     batch_bytes: int = 0,
+    delimiter: str | None = None,
 ) -> Any:
     """The prediction of ``data_path`` by ``workers`` processes, equal to :func:`predict`'s
     in one process; ``out``: the predictions file, byte for byte the same.
@@ -356,7 +391,7 @@ def predict_spread(
         raise UsageError(f"--failure-timeout-s must be a positive number of seconds; got {failure_timeout_s}")
     try:
         return _run(model_path, data_path, workers, model_class_path, cold_start, out, float(failure_timeout_s),
-                    server, predictor, security, max_frame_bytes, pulled, batch_bytes or BATCH_BYTES)  # fmt: skip
+                    server, predictor, security, max_frame_bytes, pulled, batch_bytes or BATCH_BYTES, delimiter)  # fmt: skip
     except KeyboardInterrupt:
         raise Interrupted(INTERRUPTED) from None
 
@@ -365,6 +400,7 @@ def _run(
     model_path: str, data_path: str, workers: int, model_class_path: str | None, cold_start: str | None, out: str | None,
     failure_timeout_s: float, server: str | None = None, predictor: Predictor | None = None, security: Any = None,
     max_frame_bytes: int | None = None, pulled: dict[str, int] | None = None, batch_bytes: int = 0,
+    delimiter: str | None = None,
 ) -> Any:
     # here, not at the top: a worker process imports this module and needs neither
     from psctl import net
@@ -378,9 +414,9 @@ def _run(
         assert predictor is not None, "a kept model's predictor comes from kept.predict_spread"
         pred = predictor
     cold = check_cold_start(pred, cold_start)
-    plan = plan_input(pred, data_path)
+    plan = plan_input(pred, data_path, delimiter)
     if server is None:
-        batches = csvfile.plan_partitions(data_path, workers, plan.has_header)
+        batches = plan_parts(data_path, plan, workers)
         assign = [(k, k + 1) for k in range(workers)]
     else:  # byte ranges of at most BATCH_BYTES, consecutive ones to each worker
         batches = plan_batches(data_path, plan, workers, batch_bytes or BATCH_BYTES)
@@ -432,8 +468,9 @@ BATCH_BYTES = 16 << 20
 def plan_batches(data_path: str, plan: InputPlan, at_least: int, batch_bytes: int = BATCH_BYTES) -> list[csvfile.Partition]:
     """The byte ranges a kept model's prediction reads one at a time: at most ``batch_bytes``
     each, and at least ``at_least`` of them (one per worker process)."""
-    size = os.path.getsize(data_path)
-    return csvfile.plan_partitions(data_path, max(at_least, -(-size // batch_bytes)), plan.has_header)
+    dataset = plan.dataset(data_path)
+    size = dataset.size if dataset is not None else storage.stored_size(data_path)
+    return plan_parts(data_path, plan, max(at_least, -(-size // batch_bytes)))
 
 
 def _span(k: int, parts: list[csvfile.Partition]) -> csvfile.Partition:

@@ -29,12 +29,14 @@ def _column_ref(schema: csvfile.CsvSchema, index: int) -> str:
     return schema.columns[index] if schema.has_header else str(index)
 
 
-def input_schema(mf: MFModel, path: str, need_rating: bool = False) -> csvfile.CsvSchema:
-    """The model's user and item columns (and the rating, if present) in ``path``."""
+def input_schema(mf: MFModel, path: str, need_rating: bool = False, delimiter: str | None = None) -> csvfile.CsvSchema:
+    """The model's user and item columns (and the rating, if present) in ``path``, a CSV
+    separated by ``delimiter`` (by default as the training file was)."""
     s = mf.schema
     rating = _column_ref(s, s.label_index) if s.label_index is not None else "rating"
     return ratings.read_schema(
-        path, _column_ref(s, s.feature_indices[0]), _column_ref(s, s.feature_indices[1]), rating, s.has_header, need_rating
+        path, _column_ref(s, s.feature_indices[0]), _column_ref(s, s.feature_indices[1]), rating, s.has_header, need_rating,
+        delimiter=s.delimiter if delimiter is None else delimiter,
     )
 
 

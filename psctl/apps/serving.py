@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from psctl.apps import predict, recommend
-from psctl.data import csvfile, formats
+from psctl.data import csvfile, formats, storage
 from psctl.errors import ModelFileError, UsageError
 from psctl.models.base import Model, predicted_index
 
@@ -133,7 +133,7 @@ class FileSource:
 
     @classmethod
     def load(cls, name: str, path: str, model_class: str | None = None) -> FileSource:
-        if not Path(path).is_file():
+        if not storage.is_url(path) and not Path(path).is_file():  # a URL's errors: modelfile's sentences
             raise ModelFileError(f"model file '{path}' does not exist" if not Path(path).exists() else f"'{path}' is not a model file")
         return cls(name, path, snapshot_of(predict.load_predictor(path, model_class)))
 

@@ -28,7 +28,7 @@ from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL
 from psctl.core.kept import name_problem
 from psctl.core.optim import OPTIMIZERS
 from psctl.core.tables import TableSpec
-from psctl.data import arrays, csvfile, formats, ratings, vocab
+from psctl.data import arrays, csvfile, formats, parquet, ratings, storage, vocab
 from psctl.errors import DataError, Interrupted, JobError, PsctlError, RequestError, UsageError
 from psctl.files import checkpoint, modelfile
 from psctl.models.base import Model, classes_for, summarize
@@ -110,7 +110,8 @@ class TrainConfig:
     rating_col: str = "rating"
     out: str = "model.npz"
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
-    format: str = "auto"  # csv or libsvm, detected from the file by default
+    format: str = "auto"  # csv, libsvm or parquet, detected from the file by default
+    delimiter: str | None = None  # CSV: the cell separator (a comma by default)
     index_base: int | None = None  # libsvm: 0 or 1; None detects it
     n_features: int | None = None  # libsvm: None takes the largest index in the data
     hash_bits: int | None = None  # csv: hash --categorical columns into 2^hash_bits keys
@@ -269,7 +270,7 @@ def build_spec(cfg: TrainConfig, source: formats.Source, partitions: list[csvfil
         standardize=cfg.standardize,
         optimizer=optimizer_spec(cfg),
         min_shards=cfg.shards if cfg.server is None else 1,
-        data={"path": os.path.abspath(cfg.data), "size": os.path.getsize(cfg.data), **source.data},
+        data={"path": storage.absolute(cfg.data), "size": input_size(cfg.data, source), **source.data},
         partitions=tuple(p.to_dict() for p in partitions),
         test_split=cfg.test_split,
         checkpoint=(
@@ -287,6 +288,13 @@ def build_spec(cfg: TrainConfig, source: formats.Source, partitions: list[csvfil
         from_kept={"name": cfg.resume_from} if cfg.resume_from is not None else None,
         takeover_after_s=cfg.failure_timeout_s if cfg.max_restarts > 0 and (cfg.local_workers is None or cfg.local_workers > 0) else 0.0,
     )
+
+
+def input_size(path: str, source: formats.Source) -> int:
+    """The input's stored bytes (a Parquet folder's: its files' together); workers check it."""
+    if parquet.is_parquet_data(source.data):
+        return sum(int(size) for _, size, _ in source.data["files"])
+    return storage.stored_size(path)
 
 
 def resume_spec(cfg: TrainConfig, fresh: JobSpec) -> tuple[list[str], JobSpec]:
@@ -391,14 +399,23 @@ def plan_validation(cfg: TrainConfig, schema: csvfile.CsvSchema | None) -> dict[
     assert cfg.validate is not None
     if schema is None:
         raise PsctlError("--validate takes a CSV of the training file's columns; for other inputs use --test-split")
-    val_schema = csvfile.read_schema(cfg.validate, cfg.label, cfg.drop, cfg.has_header)
+    if parquet.is_parquet(cfg.validate, cfg.format):
+        dataset = parquet.describe(cfg.validate)
+        val_schema = parquet.read_schema(dataset, cfg.label, cfg.drop)
+        extra = dataset.to_data(val_schema)
+        partitions = parquet.plan_partitions(dataset, cfg.workers)
+        size = dataset.size
+    else:
+        val_schema = csvfile.read_schema(cfg.validate, cfg.label, cfg.drop, cfg.has_header, schema.delimiter)
+        extra = {"schema": val_schema.to_dict()}
+        partitions = csvfile.plan_partitions(cfg.validate, cfg.workers, cfg.has_header)
+        size = storage.stored_size(cfg.validate)
     if val_schema.columns != schema.columns:
         raise DataError(f"'{cfg.validate}' does not have the training file's columns")
-    partitions = csvfile.plan_partitions(cfg.validate, cfg.workers, cfg.has_header)
     return {
-        "path": os.path.abspath(cfg.validate),
-        "size": os.path.getsize(cfg.validate),
-        "schema": val_schema.to_dict(),
+        "path": storage.absolute(cfg.validate),
+        "size": size,
+        **extra,
         "partitions": [p.to_dict() for p in partitions],
     }
 
@@ -538,8 +555,13 @@ async def _train(
     resolve_defaults(cfg, model_cls)
     cfg.check()
     check_out_path(cfg.out)
+    delimiter = csvfile.check_delimiter(cfg.delimiter)
+    dataset: parquet.Dataset | None = None
     if cfg.arrays is not None:
         source, partitions = _arrays_source(cfg, model_cls)
+    elif cfg.format != "libsvm" and parquet.is_parquet(cfg.data, cfg.format):
+        dataset = await asyncio.to_thread(parquet.describe, cfg.data)
+        source = _parquet_source(cfg, model_cls, dataset)
     elif model_cls.data_format == "ratings":
         schema = read_schema(cfg, model_cls)
         source = formats.Source(
@@ -548,12 +570,12 @@ async def _train(
     else:
         source = formats.plan_source(
             cfg.data, cfg.format, label=cfg.label, drop=cfg.drop, has_header=cfg.has_header, index_base=cfg.index_base,
-            n_features=cfg.n_features, hash_bits=cfg.hash_bits, categorical=cfg.categorical,
+            n_features=cfg.n_features, hash_bits=cfg.hash_bits, categorical=cfg.categorical, delimiter=delimiter,
         )
     if source.sparse and "sparse" not in model_cls.params:
         raise PsctlError(f"model {cfg.model} does not take sparse input ({source.format})")
     if cfg.arrays is None:
-        partitions = await asyncio.to_thread(csvfile.plan_partitions, cfg.data, cfg.workers, source.has_header)
+        partitions = await asyncio.to_thread(_plan, cfg, source, dataset, cfg.workers)
     spec = build_spec(cfg, source, partitions)
     resumed_classes = await _check_resumable(cfg, source) if cfg.resume_from is not None else None
     # bad parameters fail here, not on the cluster
@@ -564,7 +586,7 @@ async def _train(
         workers = cfg.workers
         applied, spec = resume_spec(cfg, spec)
         if cfg.workers != workers:  # the checkpoint's worker count: its partitions (for the figures)
-            partitions = await asyncio.to_thread(csvfile.plan_partitions, cfg.data, cfg.workers, source.has_header)
+            partitions = await asyncio.to_thread(_plan, cfg, source, dataset, cfg.workers)
         on_event({"kind": "resuming", "clock": spec.resume_clock, "dir": cfg.resume, "epochs": spec.epochs, "applied": applied})
     steps = cfg.epochs * steps_per_job_epoch(partitions, cfg.batch_size)
     on_event(
@@ -669,6 +691,26 @@ async def _keep(
         return str(exc)
     on_event({"kind": "kept", "name": reply.body["name"], "version": reply.body["version"], "shards": reply.body["shards"]})
     return None
+
+
+def _plan(cfg: TrainConfig, source: formats.Source, dataset: parquet.Dataset | None, n_parts: int) -> list[csvfile.Partition]:
+    """The input's partitions: row ranges of a Parquet dataset, byte ranges of a text file."""
+    if dataset is not None:
+        return parquet.plan_partitions(dataset, n_parts)
+    return csvfile.plan_partitions(cfg.data, n_parts, source.has_header)
+
+
+def _parquet_source(cfg: TrainConfig, model_cls: type[Model], dataset: parquet.Dataset) -> formats.Source:
+    """Parquet input: numeric feature columns read as a CSV of the same columns would be."""
+    if model_cls.data_format == "ratings" or cfg.categorical or cfg.hash_bits is not None:
+        raise UsageError("Parquet input is read as numeric feature columns and a label; mf ratings and "
+                         "--categorical/--hash-bits take CSV input")
+    if cfg.delimiter is not None or not cfg.has_header:
+        raise UsageError("--delimiter and --no-header are for CSV input; a Parquet file names its columns")
+    if cfg.index_base is not None or cfg.n_features is not None:
+        raise UsageError("--index-base and --n-features are for LIBSVM input")
+    schema = parquet.read_schema(dataset, cfg.label, cfg.drop)
+    return formats.Source("csv", dataset.to_data(schema), schema, len(schema.feature_indices), True)
 
 
 def _arrays_source(cfg: TrainConfig, model_cls: type[Model]) -> tuple[formats.Source, list[csvfile.Partition]]:
@@ -949,8 +991,9 @@ def read_schema(cfg: TrainConfig, model_cls: type[Model]) -> csvfile.CsvSchema:
     if model_cls.data_format == "ratings":
         if cfg.label is not None or cfg.drop:
             raise PsctlError(f"{model_cls.kind} reads --user-col, --item-col and --rating-col; --label and --drop are for feature CSVs")
-        return ratings.read_schema(cfg.data, cfg.user_col, cfg.item_col, cfg.rating_col, cfg.has_header)
-    return csvfile.read_schema(cfg.data, cfg.label, cfg.drop, cfg.has_header)
+        return ratings.read_schema(cfg.data, cfg.user_col, cfg.item_col, cfg.rating_col, cfg.has_header,
+                                   delimiter=csvfile.check_delimiter(cfg.delimiter))
+    return csvfile.read_schema(cfg.data, cfg.label, cfg.drop, cfg.has_header, csvfile.check_delimiter(cfg.delimiter))
 
 
 def traffic_per_epoch(
@@ -977,6 +1020,8 @@ def vocab_file_parts(stats: dict[str, Any] | None) -> tuple[dict[str, str], dict
 
 
 def check_out_path(out: str) -> None:
+    if storage.is_url(out):  # written through fsspec at the end (files/modelfile.py)
+        return
     if Path(out).is_dir():
         raise UsageError(f"--out names the folder '{out}'; give the model file's path, e.g. {Path(out) / 'model.npz'}")
     parent = Path(out).resolve().parent

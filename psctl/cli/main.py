@@ -179,7 +179,10 @@ def train(
     save_optimizer_state: bool = typer.Option(
         False, "--save-optimizer-state", help="Also store the optimizer's per-key state in the model file."
     ),
-    data_format: str = typer.Option("auto", "--format", help="csv or libsvm; detected from the file by default."),
+    data_format: str = typer.Option(
+        "auto", "--format", help="csv, libsvm or parquet; detected from the file by default (.parquet or a folder of them: parquet)."
+    ),
+    delimiter: str | None = typer.Option(None, "--delimiter", help="CSV: the cell separator, one character or 'tab' (default ',')."),
     index_base: int | None = typer.Option(None, "--index-base", help="LIBSVM: 0- or 1-based indices (default: detected)."),
     n_features: int | None = typer.Option(
         None, "--n-features", help="LIBSVM: the feature count, when the file does not show the largest index."
@@ -248,6 +251,7 @@ def train(
         out=out_path,
         max_frame_bytes=max_frame_bytes,
         format=data_format,
+        delimiter=delimiter,
         index_base=index_base,
         n_features=n_features,
         hash_bits=hash_bits,
@@ -516,6 +520,9 @@ def predict(
     failure_timeout_s: float | None = typer.Option(
         None, "--failure-timeout-s", help="With --workers: a worker silent this long (stopped, hung) ends the command [default: 5.0]."
     ),
+    delimiter: str | None = typer.Option(
+        None, "--delimiter", help="CSV: the cell separator, one character or 'tab' (default: the training file's)."
+    ),
     user: str | None = typer.Option(None, "--user", "-u", help="mf: predict one rating, of this user (with --item), without a data file."),
     item: str | None = typer.Option(None, "--item", "-i", help="mf: the item of the one rating --user asks for."),
     as_json: bool = typer.Option(False, "--json", help="Print the result (rows, metrics, ...) as one JSON object."),
@@ -551,12 +558,14 @@ def predict(
         else:
             out.print(f"{one['predicted_rating']:.4f}", highlight=False)
         return
+    if delimiter is not None and server is not None:
+        _usage("--delimiter is for a model file's prediction; a kept model reads its training file's delimiter")
     if data is None:
         _usage("give a data file to predict (or, for an mf model, --user U --item I for one rating)")
     try:
         if server is None:
             pred = run_predict(model_path, data, model_class, cold_start, workers=workers, out=out_path,
-                               failure_timeout_s=failure_timeout_s)  # fmt: skip
+                               failure_timeout_s=failure_timeout_s, delimiter=delimiter)  # fmt: skip
         elif workers is not None:
             from psctl.apps import kept
 

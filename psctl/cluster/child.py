@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -124,7 +125,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES)
         sp.add_argument("--parent-watch", action="store_true")
         sp.add_argument("--parent-log-dir", default=None, help="the parent's log folder: removed when stdin closes")
-        sp.add_argument("--log-level", default="WARNING")
+        # PSCTL_LOG sets the CLI's level and its children's (their log files are kept with PSCTL_LOG_DIR).
+        sp.add_argument("--log-level", default=os.environ.get("PSCTL_LOG", "WARNING").upper())
         sp.add_argument("--secret-fd", type=int, default=None, help="read the shared secret from this inherited pipe")
         for option in SECURITY_OPTIONS:
             if option.kind is bool:

@@ -28,7 +28,7 @@ from psctl.core.job import JobSpec
 from psctl.core.keyplan import KeyPlan
 from psctl.core.shard_errors import NonFiniteGradient
 from psctl.core.sparse import SparseRows
-from psctl.data import arrays, csvfile, formats, ratings, vocab
+from psctl.data import arrays, csvfile, formats, parquet, ratings, storage, vocab
 from psctl.errors import ConnectError, DataError, JobError, PsctlError
 from psctl.models.base import Model, batch_sums, classes_for, encode_targets
 from psctl.models.registry import model_class
@@ -173,6 +173,11 @@ def load_partition(spec: dict[str, Any], path: str, part: csvfile.Partition) -> 
     parse then lets the heartbeat thread have the interpreter's lock between slices."""
     if arrays.is_arrays(spec["data"]):  # in-memory input: a view of the mapped rows
         return arrays.read_partition(spec["data"], path, part)
+    if parquet.is_parquet_data(spec["data"]):  # only the row groups holding the partition's rows
+        report = parquet.ReadReport()
+        rows = parquet.read_partition(spec["data"], path, part, report)
+        log.info("partition %d of '%s': %s", part.index, path, report.describe())
+        return rows
     pieces = [_load_slice(spec, path, piece) for piece in csvfile.slice_partition(path, part)]
     if len(pieces) == 1:
         return pieces[0]
@@ -188,6 +193,16 @@ def _load_slice(spec: dict[str, Any], path: str, part: csvfile.Partition) -> tup
     if spec["data"].get("format", "csv") == "ratings":
         return ratings.read_partition(path, schema, part)
     return csvfile.read_partition(path, schema, part)
+
+
+def check_input(path: str, data: dict[str, Any]) -> None:
+    """DataError unless this host sees the job's input at ``path``, of the job's size."""
+    if parquet.is_parquet_data(data):
+        return parquet.check_unchanged(data, path)
+    if not storage.exists(path):
+        raise DataError(f"data file '{path}' does not exist on worker host {socket.gethostname()}")
+    if storage.stored_size(path) != data["size"]:
+        raise DataError(f"data file '{path}' on this host differs in size from the job's ({data['size']} bytes)")
 
 
 def stats_request(raw_X: Any, labels: np.ndarray, spec: dict[str, Any], model_cls: type[Model]) -> tuple[dict[str, Any], list[np.ndarray]]:
@@ -401,10 +416,7 @@ class Worker:
         model_cls = model_class(job.model)
         part = csvfile.Partition.from_dict(reg["partition"])
         path = self.data_path or job.data["path"]
-        if not os.path.exists(path):
-            raise DataError(f"data file '{path}' does not exist on worker host {socket.gethostname()}")
-        if os.path.getsize(path) != job.data["size"]:
-            raise DataError(f"data file '{path}' on this host differs in size from the job's ({job.data['size']} bytes)")
+        await asyncio.to_thread(check_input, path, job.data)
         # Every computation over the partition, and the model's code, runs in a thread (each
         # ``to_thread`` below): the loop stays free for the coordinator's requests and events
         # and for a partition this process took over. Parsing goes slice by slice, so the

@@ -2,7 +2,9 @@
 mergeable column statistics and label handling.
 
 A *row* is a non-blank line after the header. Partitions are byte ranges aligned to
-line starts, so a worker reads its own range and nothing else.
+line starts, so a worker reads its own range and nothing else. The cells are separated
+by the schema's ``delimiter`` (a comma unless ``--delimiter`` says otherwise). The bytes
+come through :mod:`.storage`: a local file, a URL, or a compressed file's text.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from psctl.data import storage
 from psctl.errors import DataError
 
 CHUNK_BYTES = 4 << 20
@@ -38,6 +41,7 @@ class CsvSchema:
     label_index: int | None  # None: the file has no label column (predict input)
     feature_indices: tuple[int, ...]
     has_header: bool
+    delimiter: str = ","
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -54,6 +58,7 @@ class CsvSchema:
             None if label is None else int(label),
             tuple(int(i) for i in d["feature_indices"]),
             bool(d["has_header"]),
+            str(d.get("delimiter", ",")),
         )
 
 
@@ -80,14 +85,22 @@ class Partition:
 
 
 def _open(path: str | os.PathLike[str]) -> BinaryIO:
-    try:
-        return open(path, "rb")
-    except FileNotFoundError:
-        raise DataError(f"data file '{path}' does not exist") from None
-    except IsADirectoryError:
-        raise DataError(f"data file '{path}' is a directory, not a file") from None
-    except OSError as exc:
-        raise DataError(f"cannot read data file '{path}': {exc.strerror or exc}") from None
+    """The input's text (a local file, a URL, decompressed): see :func:`storage.open_input`."""
+    return storage.open_input(path)
+
+
+DELIMITER_NAMES = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|", "space": " "}
+
+
+def check_delimiter(delimiter: str | None) -> str:
+    """The cell separator ``--delimiter`` names: one character (``tab`` or ``\\t`` for a tab).
+    UsageError-like DataError for anything a line-based reader cannot split on."""
+    if delimiter is None:
+        return ","
+    value = DELIMITER_NAMES.get(delimiter.lower(), delimiter) if len(delimiter) > 1 else delimiter
+    if len(value) != 1 or value in "\n\r\"" or len(value.encode()) != 1:
+        raise DataError(f"--delimiter must be one ASCII character other than a quote or newline (or 'tab'); got {delimiter!r}")
+    return value
 
 
 def _line_too_long(path: str | os.PathLike[str], line_no: int) -> DataError:
@@ -122,7 +135,8 @@ def _quoted_list(values: Sequence[str], limit: int = 8) -> str:
 
 
 def read_schema(
-    path: str | os.PathLike[str], label: str | None = None, drop: Sequence[str] = (), has_header: bool = True
+    path: str | os.PathLike[str], label: str | None = None, drop: Sequence[str] = (), has_header: bool = True,
+    delimiter: str = ",",
 ) -> CsvSchema:
     """Read the first line of ``path`` and resolve the label and feature columns.
 
@@ -130,7 +144,14 @@ def read_schema(
     Without ``label`` the column named ``label`` is used, else column 0. Every column
     that is neither the label nor dropped is a feature. Raises DataError.
     """
-    columns = read_columns(path, has_header)
+    return schema_of(read_columns(path, has_header, delimiter), path, label, drop, has_header, delimiter)
+
+
+def schema_of(
+    columns: tuple[str, ...], path: str | os.PathLike[str], label: str | None = None, drop: Sequence[str] = (),
+    has_header: bool = True, delimiter: str = ",",
+) -> CsvSchema:
+    """The label and features among ``columns`` (of ``path``, for the sentences), as :func:`read_schema` resolves them."""
     duplicates = sorted({c for c in columns if columns.count(c) > 1})
     if duplicates:
         raise DataError(f"'{path}' has duplicate column names: {_quoted_list(duplicates)}")
@@ -141,16 +162,16 @@ def read_schema(
     features = tuple(i for i in range(len(columns)) if i != label_index and i not in dropped)
     if not features:
         raise DataError(f"'{path}' has no feature columns left after the label and --drop")
-    return CsvSchema(columns, label_index, features, has_header)
+    return CsvSchema(columns, label_index, features, has_header, delimiter)
 
 
-def read_columns(path: str | os.PathLike[str], has_header: bool = True) -> tuple[str, ...]:
+def read_columns(path: str | os.PathLike[str], has_header: bool = True, delimiter: str = ",") -> tuple[str, ...]:
     """The column names from the first line ("0".."n-1" without a header)."""
     with _open(path) as fh:
         first = _first_line(fh, path)
     if not first.strip():
         raise DataError(f"the first line of '{path}' is blank")
-    cells = [_cell(c) for c in first.decode("utf-8-sig", errors="replace").split(",")]
+    cells = [_cell(c) for c in first.decode("utf-8-sig", errors="replace").split(delimiter)]
     return tuple(cells) if has_header else tuple(str(i) for i in range(len(cells)))
 
 
@@ -217,7 +238,7 @@ def plan_partitions(path: str | os.PathLike[str], n_parts: int, has_header: bool
             data_start, line_no = len(first), 2
         else:
             data_start, line_no = (len(_UTF8_BOM) if first.startswith(_UTF8_BOM) else 0), 1
-        size = os.fstat(fh.fileno()).st_size
+        size = storage.text_size(path, fh)
         # Partition k > 0 starts at the first line start at or after targets[k - 1].
         targets = data_start + np.arange(1, n_parts) * (size - data_start) // n_parts
         starts = np.full(n_parts, size)
@@ -294,11 +315,7 @@ def slice_partition(path: str | os.PathLike[str], part: Partition, max_bytes: in
 
 def read_lines(path: str | os.PathLike[str], part: Partition) -> tuple[list[str], list[str]]:
     """Only bytes [part.start, part.end) of ``path``: every line, and the rows (non-blank lines)."""
-    with _open(path) as fh:
-        fh.seek(part.start)
-        raw = fh.read(part.end - part.start)
-    if len(raw) != part.end - part.start:
-        raise DataError(f"data file '{path}' is shorter than when it was partitioned")
+    raw = storage.read_range(path, part.start, part.end)
     # Undecodable bytes become U+FFFD: harmless in a dropped column, "not a number" in a feature.
     lines = raw.decode("utf-8", errors="replace").split("\n")
     return lines, [line for line in lines if line.strip(_BLANK_STR)]
@@ -319,7 +336,7 @@ def read_partition(path: str | os.PathLike[str], schema: CsvSchema, part: Partit
     if schema.label_index is None:
         return X, np.array([], dtype=str)
     label = schema.label_index
-    labels = np.array([_cell(row.split(",", label + 1)[label]) for row in rows], dtype=str)
+    labels = np.array([_cell(row.split(schema.delimiter, label + 1)[label]) for row in rows], dtype=str)
     empty = np.flatnonzero(labels == "")
     if len(empty):
         line_no = _numbered_rows(lines, part.first_line)[empty[0]][0]
@@ -347,10 +364,10 @@ def _features_fast(rows: list[str], schema: CsvSchema) -> np.ndarray:
         return np.empty((0, len(schema.feature_indices)))
     # loadtxt with usecols ignores extra cells, so count them first.
     n_commas = len(schema.columns) - 1
-    if any(row.count(",") != n_commas for row in rows):
+    if any(row.count(schema.delimiter) != n_commas for row in rows):
         raise ValueError("wrong number of cells")
     X = np.loadtxt(
-        rows, delimiter=",", usecols=schema.feature_indices, dtype=np.float64, comments=None, quotechar='"', ndmin=2
+        rows, delimiter=schema.delimiter, usecols=schema.feature_indices, dtype=np.float64, comments=None, quotechar='"', ndmin=2
     )
     if not np.isfinite(X).all():
         raise ValueError("a feature is not finite")
@@ -367,7 +384,7 @@ def _features_exact(rows: list[tuple[int, str]], schema: CsvSchema, path: str | 
     reference = "the header" if schema.has_header else "the first line"
     X = np.empty((len(rows), len(schema.feature_indices)))
     for r, (line_no, line) in enumerate(rows):
-        cells = line.split(",")
+        cells = line.split(schema.delimiter)
         if len(cells) != len(names):
             raise DataError(f"'{path}' line {line_no} has {len(cells)} cells; {reference} has {len(names)}")
         for c, j in enumerate(schema.feature_indices):

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from psctl.core.sparse import SparseRows, mix64
-from psctl.data import csvfile
+from psctl.data import csvfile, storage
 from psctl.errors import DataError
 
 FORMATS = ("auto", "csv", "libsvm")
@@ -89,18 +89,21 @@ def plan_source(
     n_features: int | None = None,
     hash_bits: int | None = None,
     categorical: Sequence[str] = (),
+    delimiter: str = ",",
 ) -> Source:
     """Resolve the input format and its columns or layout. Raises DataError with one sentence."""
     if fmt not in FORMATS:
         raise DataError(f"--format must be one of {', '.join(FORMATS)}; got '{fmt}'")
     if fmt == "auto":
-        fmt = detect_format(path)
+        fmt = "csv" if delimiter != "," else detect_format(path)
     hashed = hash_bits is not None or bool(categorical)
     if fmt == "libsvm":
         if hashed:
             raise DataError("--hash-bits and --categorical are for CSV input, not LIBSVM")
         if label is not None or drop:
             raise DataError("--label and --drop are for CSV input; a LIBSVM line starts with its label")
+        if delimiter != ",":
+            raise DataError("--delimiter is for CSV input; LIBSVM items are separated by spaces")
         if index_base not in (None, 0, 1):
             raise DataError("--index-base must be 0 or 1")
         if n_features is not None and n_features < 1:
@@ -109,7 +112,7 @@ def plan_source(
         return Source("libsvm", spec, None, n_features, has_header=False)
     if index_base is not None or n_features is not None:
         raise DataError("--index-base and --n-features are for LIBSVM input")
-    schema = csvfile.read_schema(path, label, drop, has_header)
+    schema = csvfile.read_schema(path, label, drop, has_header, delimiter)
     if not hashed:
         return Source("csv", {"format": "csv", "schema": schema.to_dict()}, schema, len(schema.feature_indices), has_header)
     bits = DEFAULT_HASH_BITS if hash_bits is None else hash_bits
@@ -136,12 +139,7 @@ def read_partition(spec: dict[str, Any], path: str, part: csvfile.Partition) -> 
 
 def _rows_of(path: str | os.PathLike[str], part: csvfile.Partition) -> tuple[list[bytes], list[bytes]]:
     """The partition's lines and its rows (non-blank lines), as bytes."""
-    with csvfile._open(path) as fh:
-        fh.seek(part.start)
-        raw = fh.read(part.end - part.start)
-    if len(raw) != part.end - part.start:
-        raise DataError(f"data file '{path}' is shorter than when it was partitioned")
-    lines = raw.split(b"\n")
+    lines = storage.read_range(path, part.start, part.end).split(b"\n")
     return lines, [ln for ln in lines if ln.strip()]
 
 
@@ -384,14 +382,15 @@ def read_hashed_csv(
     """A CSV partition as hashed keys (see the module doc) and its label cells."""
     lines, rows = _rows_of(path, part)
     n_cols = len(schema.columns)
-    counts = np.fromiter((r.count(b",") for r in rows), np.int64, count=len(rows))
+    sep = schema.delimiter.encode()
+    counts = np.fromiter((r.count(sep) for r in rows), np.int64, count=len(rows))
     if (counts != n_cols - 1).any():
         bad = int(np.flatnonzero(counts != n_cols - 1)[0])
         line_no, _ = _line_numbers(lines, part.first_line)[bad]
         reference = "the header" if schema.has_header else "the first line"
         raise DataError(f"'{path}' line {line_no} has {counts[bad] + 1} cells; {reference} has {n_cols}")
     rows = [r.rstrip(b"\r") for r in rows]
-    cells = np.array(b",".join(rows).split(b",") if rows else [], dtype="S").reshape(len(rows), n_cols)
+    cells = np.array(sep.join(rows).split(sep) if rows else [], dtype="S").reshape(len(rows), n_cols)
     X = hash_cell_columns(
         len(rows), [(schema.columns[j], cells[:, j]) for j in schema.feature_indices], categorical, hash_bits,
         lambda name, column, present: _numbers(column, path, name, present, lines, part),

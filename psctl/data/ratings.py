@@ -30,13 +30,14 @@ def read_schema(
     rating_col: str = "rating",
     has_header: bool = True,
     need_rating: bool = True,
+    delimiter: str = ",",
 ) -> csvfile.CsvSchema:
     """Find the user, item and rating columns (names, or 0-based indices as text).
 
     Without ``need_rating`` a file lacking the rating column is fine (label_index None).
     Raises DataError naming the missing column.
     """
-    columns = csvfile.read_columns(path, has_header)
+    columns = csvfile.read_columns(path, has_header, delimiter)
     user = csvfile._column_index(columns, user_col, "user", path)
     item = csvfile._column_index(columns, item_col, "item", path)
     if user == item:
@@ -46,7 +47,7 @@ def read_schema(
         rating = csvfile._column_index(columns, rating_col, "rating", path)
         if rating in (user, item):
             raise DataError(f"the rating column of '{path}' must differ from the user and item columns")
-    return csvfile.CsvSchema(columns, rating, (user, item), has_header)
+    return csvfile.CsvSchema(columns, rating, (user, item), has_header, delimiter)
 
 
 def read_partition(path: str | os.PathLike[str], schema: csvfile.CsvSchema, part: csvfile.Partition) -> tuple[np.ndarray, np.ndarray]:
@@ -78,9 +79,9 @@ def _fast(rows: list[str], schema: csvfile.CsvSchema) -> tuple[np.ndarray, np.nd
     if not rows:
         return np.empty((0, 2), dtype=str), np.empty(0)
     n_commas = len(schema.columns) - 1
-    if any(row.count(",") != n_commas for row in rows):
+    if any(row.count(schema.delimiter) != n_commas for row in rows):
         raise ValueError("wrong number of cells")
-    cells = np.loadtxt(rows, delimiter=",", usecols=cols, dtype=str, comments=None, quotechar='"', ndmin=2)
+    cells = np.loadtxt(rows, delimiter=schema.delimiter, usecols=cols, dtype=str, comments=None, quotechar='"', ndmin=2)
     ids = np.char.strip(cells[:, :2])
     if (ids == "").any():
         raise ValueError("an empty id")
@@ -100,7 +101,7 @@ def _exact(rows: list[tuple[int, str]], schema: csvfile.CsvSchema, path: str | o
     ids = np.empty((len(rows), 2), dtype=object)
     ratings = np.empty(len(rows) if schema.label_index is not None else 0)
     for r, (line_no, line) in enumerate(rows):
-        cells = line.split(",")
+        cells = line.split(schema.delimiter)
         if len(cells) != len(names):
             raise DataError(f"'{path}' line {line_no} has {len(cells)} cells; {reference} has {len(names)}")
         for c, j in enumerate((user, item)):

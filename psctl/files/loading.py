@@ -49,6 +49,7 @@ def _csv_schema(v: Any) -> bool:
         and (v.get("label_index") is None or _count(0)(v.get("label_index")))
         and _list_of(int, _count(0))(v.get("feature_indices"))
         and isinstance(v.get("has_header"), bool)
+        and isinstance(v.get("delimiter", ","), str) and len(v.get("delimiter", ",")) == 1
         and all(i < len(v["columns"]) for i in [*v["feature_indices"], *([v["label_index"]] if v["label_index"] is not None else [])])
     )
 

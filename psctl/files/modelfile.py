@@ -2,10 +2,15 @@
 
 ``__meta__`` is the UTF-8 JSON text as a uint8 array, so the archive loads with
 ``allow_pickle=False``. It always carries ``format`` and ``format_version``.
+
+A path may be a URL (``s3://bucket/model.npz``, any fsspec protocol; the ``s3`` extra):
+the archive is built in memory and written with one PUT (atomic on object storage), and
+read back through fsspec's file object.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -19,7 +24,8 @@ from typing import IO, Any
 import numpy as np
 from numpy.lib import format as npy_format
 
-from psctl.errors import ModelFileError
+from psctl.data import storage
+from psctl.errors import DataError, ModelFileError, UsageError
 
 FORMAT = "psctl-model"
 FORMAT_VERSION = 1
@@ -54,6 +60,8 @@ def save_model(path: str, params: dict[str, np.ndarray], meta: dict[str, Any]) -
         arrays[name] = array
     meta = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION}
     arrays[META_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    if storage.is_url(path):
+        return _save_url(path, arrays)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".psctl-model-", suffix=".npz")
@@ -67,6 +75,20 @@ def save_model(path: str, params: dict[str, np.ndarray], meta: dict[str, Any]) -
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _save_url(url: str, arrays: dict[str, np.ndarray]) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    try:
+        fs, inner = storage.filesystem(url)
+    except DataError as exc:
+        raise ModelFileError(str(exc).replace("cannot read", "cannot write the model file to", 1)) from None
+    try:
+        fs.pipe_file(inner, buffer.getvalue())
+    except Exception as exc:  # the filesystem's client errors (botocore, aiohttp ...)
+        detail = " ".join((getattr(exc, "strerror", None) or str(exc) or type(exc).__name__).split())[:300]
+        raise ModelFileError(f"cannot write model file '{url}': {detail}") from None
 
 
 def load_model(
@@ -100,6 +122,8 @@ def load_model(
                         raise ModelFileError(f"'{path}' has a parameter '{name}' of type {dtype}, not numbers")
                 wanted = set(headers) if select is None else select(meta, headers)
                 return {name: archive[name] for name in headers if name in wanted}, meta
+    except (ModelFileError, UsageError):
+        raise
     except FileNotFoundError:
         raise ModelFileError(f"model file '{path}' does not exist") from None
     except IsADirectoryError:
@@ -115,11 +139,24 @@ def load_model(
         raise ModelFileError(f"'{path}' is a damaged or truncated .npz archive ({type(exc).__name__})") from None
     except MemoryError:
         raise ModelFileError(f"'{path}' holds more than this machine can load") from None
+    except Exception as exc:
+        if not storage.is_url(path):
+            raise
+        detail = " ".join((str(exc) or type(exc).__name__).split())[:300]
+        raise ModelFileError(f"cannot read model file '{path}': {detail}") from None
 
 
 def _open_regular(path: str) -> IO[bytes]:
     """``path`` opened for reading if it is a regular file (O_NONBLOCK: a FIFO must not
-    block the open); ModelFileError otherwise."""
+    block the open); ModelFileError otherwise. A URL: fsspec's file object for it."""
+    if storage.is_url(path):
+        try:
+            fs, inner = storage.filesystem(path)
+        except DataError as exc:
+            raise ModelFileError(str(exc)) from None
+        if fs.isdir(inner):
+            raise IsADirectoryError(path)
+        return fs.open(inner, "rb")
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         mode = os.fstat(fd).st_mode
