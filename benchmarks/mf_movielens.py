@@ -38,7 +38,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# Run as a script, Python puts benchmarks/ first on the path, where profile.py hides the standard
+# library's profile module (pyspark imports cProfile): the repository takes that place instead.
+sys.path[:] = [str(REPO), *(p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks")]
 
 from psctl.data import ratings  # noqa: E402
 from psctl.files import modelfile  # noqa: E402

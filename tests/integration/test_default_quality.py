@@ -27,8 +27,9 @@ def train_and_score(tmp_path, model: str, train, test, mode: str) -> tuple[float
 @pytest.mark.parametrize("mode", MODES)
 def test_softmax_on_digits(tmp_path, mode):
     accuracy, meta = train_and_score(tmp_path, "softmax", EXAMPLES / "digits" / "train.csv", EXAMPLES / "digits" / "test.csv", mode)
-    # 0.96 is the target (docs/DEFAULTS.md) and a linear model's ceiling on this split; sync runs
-    # repeat exactly, async and ssp ones vary by a row or two of the 360 test rows (0.955-0.964).
+    # 0.96 is the target (docs/DEFAULTS.md, Limits): 345 of the 359 test rows, what the exact optimum
+    # of the same objective gets. Sync runs repeat exactly; async and ssp ones land a row either side
+    # (0.955-0.967; 3 of 38 runs below 0.96), so asserting 0.96 there would fail some suite runs.
     assert accuracy >= (0.96 if mode == "sync" else 0.95), accuracy
     assert meta["optimizer"] == {"name": "adagrad", "params": {"lr": 0.1}} and meta["training"]["batch_size"] == 16
 
