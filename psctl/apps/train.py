@@ -282,8 +282,11 @@ def build_spec(cfg: TrainConfig, source: formats.Source, partitions: list[csvfil
         failure_timeout_s=cfg.failure_timeout_s,
         # How long a lost worker's partition waits for a new worker before a survivor takes
         # it over: long enough for this driver's restart to register, if it will restart one.
-        # Early stopping keeps the weights of the best epoch's end, not of a few steps later.
-        hold_epochs=cfg.patience > 0,
+        # Early stopping keeps the weights of the best epoch's end, not of a few steps later;
+        # the convergence stop ends the job exactly at the epoch that converged (without the
+        # hold, the workers trained on into the next epoch until the STOP reached them, so how
+        # far depended on timing, and the same seed gave other weights on a loaded machine).
+        hold_epochs=cfg.patience > 0 or cfg.converge,
         keep={"name": cfg.keep, "replace": cfg.replace} if cfg.keep is not None else None,
         from_kept={"name": cfg.resume_from} if cfg.resume_from is not None else None,
         takeover_after_s=cfg.failure_timeout_s if cfg.max_restarts > 0 and (cfg.local_workers is None or cfg.local_workers > 0) else 0.0,
