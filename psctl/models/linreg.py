@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from psctl.errors import PsctlError
-from psctl.models.base import LinearModel
+from psctl.models.base import LinearModel, row_scores
 
 LOSSES = ("squared", "huber")
 
@@ -42,5 +42,4 @@ class LinReg(LinearModel):
         return loss, {"w": grad}, z
 
     def predict(self, params: dict[str, np.ndarray], X: np.ndarray) -> np.ndarray:
-        w = params["w"]
-        return X @ w[:-1] + w[-1]
+        return row_scores(params["w"], X)

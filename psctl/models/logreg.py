@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from psctl.models.base import LinearModel
+from psctl.models.base import LinearModel, row_scores
 
 
 def _logits(w: np.ndarray, X: np.ndarray) -> np.ndarray:
@@ -30,8 +30,8 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 def predict_proba(w: np.ndarray, X: np.ndarray) -> np.ndarray:
-    """P(class 1) per row."""
-    return _sigmoid(_logits(w, X))
+    """P(class 1) per row, each row's independent of the others (``row_scores``)."""
+    return _sigmoid(row_scores(w, X))
 
 
 class LogReg(LinearModel):
@@ -43,7 +43,7 @@ class LogReg(LinearModel):
     def loss_grad(self, params: dict[str, np.ndarray], X: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
         w = params["w"]
         loss, grad = loss_grad(w, X, y, self.l2)
-        return loss, {"w": grad}, predict_proba(w, X)
+        return loss, {"w": grad}, _sigmoid(_logits(w, X))
 
     def predict(self, params: dict[str, np.ndarray], X: np.ndarray) -> np.ndarray:
         return predict_proba(params["w"], X)

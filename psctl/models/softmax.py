@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from psctl.models.base import LinearModel
+from psctl.models.base import LinearModel, row_scores
 
 
 def _logits(W: np.ndarray, X: np.ndarray) -> np.ndarray:
@@ -12,7 +12,7 @@ def _logits(W: np.ndarray, X: np.ndarray) -> np.ndarray:
 
 
 def probabilities(W: np.ndarray, X: np.ndarray) -> np.ndarray:
-    z = _logits(W, X)
+    z = row_scores(W, X)
     z = z - z.max(axis=1, keepdims=True)  # exp never overflows
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from psctl.models.base import LinearModel
+from psctl.models.base import LinearModel, row_scores
 
 
 def _scores(W: np.ndarray, X: np.ndarray) -> np.ndarray:
@@ -53,4 +53,4 @@ class SVM(LinearModel):
         return loss, {"w": grad}, class_scores(z)
 
     def predict(self, params: dict[str, np.ndarray], X: np.ndarray) -> np.ndarray:
-        return class_scores(_scores(params["w"], X))
+        return class_scores(row_scores(params["w"], X))

@@ -67,6 +67,21 @@ def test_outputs_have_the_task_shape(kind, classes, params):
     assert grads["w"].dtype == np.float32 and outputs.shape == expected
 
 
+@pytest.mark.parametrize(("kind", "classes", "params"), CASES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_rows_prediction_does_not_depend_on_the_rows_beside_it(kind, classes, params, dtype):
+    """Prediction spread over workers writes one process's bytes and metrics only if a row's
+    output is the same to the bit in any partition (BLAS's gemv is not: numpy 2.4, 3 rows vs 1)."""
+    model = MODELS[kind](40, classes, **params)
+    (spec,) = model.tables()
+    W = RNG.normal(size=spec.shape(spec.rows)).astype(dtype)
+    rows = RNG.normal(size=(37, 40)).astype(dtype)
+    whole = model.predict({"w": W}, rows)
+    for size in (1, 2, 3, 5, 8, 13):
+        parts = [model.predict({"w": W}, rows[i : i + size].copy()) for i in range(0, len(rows), size)]
+        assert np.array_equal(np.concatenate(parts), whole), size
+
+
 def test_softmax_learns_separable_classes():
     model = MODELS["softmax"](2, ["x", "y", "z"])
     centers = np.array([[4, 0], [-4, 0], [0, 4]])
