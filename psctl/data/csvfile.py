@@ -315,10 +315,90 @@ def slice_partition(path: str | os.PathLike[str], part: Partition, max_bytes: in
 
 def read_lines(path: str | os.PathLike[str], part: Partition) -> tuple[list[str], list[str]]:
     """Only bytes [part.start, part.end) of ``path``: every line, and the rows (non-blank lines)."""
-    raw = storage.read_range(path, part.start, part.end)
+    return _split_lines(storage.read_range(path, part.start, part.end))
+
+
+def _split_lines(raw: bytes) -> tuple[list[str], list[str]]:
     # Undecodable bytes become U+FFFD: harmless in a dropped column, "not a number" in a feature.
     lines = raw.decode("utf-8", errors="replace").split("\n")
     return lines, [line for line in lines if line.strip(_BLANK_STR)]
+
+
+#: Set to False to parse with numpy even where pyarrow is installed (the tests compare both).
+USE_ARROW = True
+#: Bytes from which a partition (or a worker's slice of one) goes to pyarrow. Importing pyarrow
+#: costs a process 0.2-0.4 s of CPU, more than numpy's parser spends on a few MiB, so small
+#: inputs (most jobs, and every start-up) never import it; a slice of SLICE_BYTES does.
+ARROW_MIN_BYTES = 1 << 20
+
+
+def _values(array: Any, dtype: type) -> np.ndarray:
+    """The values of a pyarrow array without nulls, as a numpy view of its data buffer.
+    (pyarrow's own ``to_numpy`` imports pandas when it is installed: 0.3-0.9 s a process.)"""
+    data = np.frombuffer(array.buffers()[1], dtype)
+    return data[array.offset : array.offset + len(array)]
+
+
+def _read_arrow(raw: bytes, schema: CsvSchema, n_rows: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(X, labels)`` of a partition's bytes parsed by pyarrow's CSV reader, when pyarrow is
+    installed (the ``parquet`` extra) and the bytes are plain CSV it reads exactly as
+    :func:`_features_exact` would; otherwise None, and numpy's parser or the exact one decide
+    (including every error sentence). pyarrow parses in C++ threads without the interpreter's
+    lock, 2-3x faster than ``np.loadtxt`` here (0.10 s for 200k rows of 20 numbers, loadtxt
+    0.35 s, pandas 0.19 s), and its float parsing is correctly rounded as numpy's is, so the
+    values are the same to the bit.
+
+    Refused, so decided by the other paths: any double quote in the bytes (pyarrow would
+    read a quoted delimiter as part of a cell, where the other paths split the row), a
+    non-finite or empty cell, a row with another number of cells, a blank line of spaces,
+    an empty label (the error sentence needs its line number), anything pyarrow does not
+    parse as a number, and a row count other than the partition's ``n_rows`` (a lone
+    carriage return ends a line for pyarrow, not for the partition planner).
+    """
+    if not USE_ARROW or len(raw) < ARROW_MIN_BYTES or b'"' in raw or not raw.strip(_BLANK):
+        return None
+    try:
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+    except ImportError:
+        return None
+    names = [f"c{i}" for i in range(len(schema.columns))]  # header names may repeat or be empty
+    features = [names[j] for j in schema.feature_indices]
+    types = {name: pa.float64() for name in features}
+    label = None if schema.label_index is None else names[schema.label_index]
+    if label is not None:
+        types[label] = pa.string()
+    try:
+        table = pacsv.read_csv(
+            pa.py_buffer(raw),
+            read_options=pacsv.ReadOptions(column_names=names, encoding="utf8"),
+            parse_options=pacsv.ParseOptions(delimiter=schema.delimiter, quote_char='"', double_quote=True,
+                                             escape_char=False, newlines_in_values=False, ignore_empty_lines=True),
+            convert_options=pacsv.ConvertOptions(column_types=types, include_columns=[*features, *([label] if label else [])],
+                                                 null_values=[], strings_can_be_null=False, quoted_strings_can_be_null=False),
+        )  # fmt: skip
+    except (pa.ArrowException, UnicodeError, ValueError, TypeError):
+        return None
+    if table.num_rows != n_rows or any(table.column(f).null_count for f in features):
+        return None
+    X = np.empty((table.num_rows, len(features)))
+    for c, f in enumerate(features):
+        at = 0
+        for chunk in table.column(f).chunks:
+            X[at : at + len(chunk), c] = _values(chunk, np.float64)
+            at += len(chunk)
+    if not np.isfinite(X).all():
+        return None
+    if label is None:
+        return X, np.array([], dtype=str)
+    # Each distinct label cell cleaned once, as the other paths clean every cell (_cell).
+    cells = table.column(label).combine_chunks().dictionary_encode()
+    if not pa.types.is_int32(cells.indices.type):
+        return None
+    labels = np.array([_cell(text) for text in cells.dictionary.to_pylist()], dtype=str)[_values(cells.indices, np.int32)]
+    if (labels == "").any():
+        return None
+    return X, labels
 
 
 def read_partition(path: str | os.PathLike[str], schema: CsvSchema, part: Partition) -> tuple[np.ndarray, np.ndarray]:
@@ -328,7 +408,11 @@ def read_partition(path: str | os.PathLike[str], schema: CsvSchema, part: Partit
     and the stripped label cells as an array of str (empty without a label column).
     Raises DataError naming the file line and column of the first bad cell.
     """
-    lines, rows = read_lines(path, part)
+    raw = storage.read_range(path, part.start, part.end)
+    fast = _read_arrow(raw, schema, part.n_rows)
+    if fast is not None:
+        return fast
+    lines, rows = _split_lines(raw)
     try:
         X = _features_fast(rows, schema)
     except ValueError:

@@ -296,6 +296,65 @@ def test_fast_and_exact_paths_agree(tmp_path):
     np.testing.assert_array_equal(exact[3], values[3])
 
 
+cells_strategy = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.integers(-10**20, 10**20).map(str),
+    st.sampled_from(["", " ", "1_000", " 2 ", "+3", ".5", "5.", "1e5", "-0", "nan", "inf", "x", "0x10", "\t7", "1,2",
+                     '"4"', ' "4"', "\xff", "\r"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.lists(st.tuples(st.sampled_from(["a", "b", " c ", "", '"d"', "1"]), st.lists(cells_strategy, min_size=3, max_size=3)),
+                  min_size=1, max_size=8),
+    blank=st.sampled_from(["", "\n", "\n \n", "\r\n"]), ending=st.sampled_from(["\n", "\r\n"]),
+)  # fmt: skip
+def test_pyarrow_reads_every_partition_as_numpy_and_the_exact_path_do(rows, blank, ending):
+    """Where pyarrow is installed it parses CSV partitions first; whatever the cells, the
+    values, labels and error sentences are those of the numpy and exact paths."""
+    pytest.importorskip("pyarrow", reason="the fast CSV path needs pyarrow (psctl[parquet])")
+    text = "label,a,b,c" + ending + ending.join(",".join([label, *cells]) for label, cells in rows) + blank + ending
+    with tempfile.TemporaryDirectory() as folder:
+        path = str(Path(folder) / "p.csv")
+        Path(path).write_bytes(text.encode("utf-8", errors="surrogateescape").replace(b"\xc3\xbf", b"\xff"))
+        try:
+            schema = csvfile.read_schema(path)
+            parts = csvfile.plan_partitions(path, 2)
+        except DataError:
+            return
+        results = []
+        for use_arrow in (True, False):
+            with mock.patch.object(csvfile, "USE_ARROW", use_arrow), mock.patch.object(csvfile, "ARROW_MIN_BYTES", 0):
+                try:
+                    results.append([csvfile.read_partition(path, schema, part) for part in parts])
+                except DataError as exc:
+                    results.append(str(exc))
+    arrow, numpy_paths = results
+    if isinstance(numpy_paths, str) or isinstance(arrow, str):
+        assert arrow == numpy_paths
+        return
+    for (xa, la), (xn, ln) in zip(arrow, numpy_paths):
+        np.testing.assert_array_equal(xa, xn)
+        assert xa.dtype == xn.dtype and la.tolist() == ln.tolist()
+
+
+def test_pyarrow_is_the_path_taken_for_plain_numbers(tmp_path):
+    pytest.importorskip("pyarrow", reason="the fast CSV path needs pyarrow (psctl[parquet])")
+    p = write(tmp_path, "label,a,b\nx,1,2.5\ny,3,-4e-3\n")
+    schema = csvfile.read_schema(p)
+    [part] = csvfile.plan_partitions(p, 1)
+    with mock.patch.object(csvfile, "_features_fast", side_effect=AssertionError("numpy path taken")), \
+            mock.patch.object(csvfile, "ARROW_MIN_BYTES", 0):
+        X, labels = csvfile.read_partition(p, schema, part)
+    assert X.tolist() == [[1.0, 2.5], [3.0, -0.004]] and labels.tolist() == ["x", "y"]
+    # Small inputs stay with numpy: importing pyarrow would cost more than it saves.
+    with mock.patch.object(csvfile, "_features_fast", wraps=csvfile._features_fast) as numpy_path:
+        small = csvfile.read_partition(p, schema, part)
+    assert numpy_path.call_count == 1
+    np.testing.assert_array_equal(small[0], X)
+
+
 def test_empty_partition(tmp_path):
     p = write(tmp_path, "label,a,b\n0,1,2\n")
     schema = csvfile.read_schema(p)
