@@ -1,0 +1,123 @@
+"""``psctl health``: whether the psctl process at an address is up and answering as its role.
+
+A readiness and liveness probe (a Kubernetes ``exec`` probe, a Slurm script's wait): it
+speaks psctl's own handshake and asks STATUS, so a port that is open but is not psctl,
+or a psctl process that does not answer, is unhealthy. Every step shares one deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from psctl import net
+from psctl.errors import ConnectError, PsctlError, UsageError
+from psctl.protocol.wire import MsgType
+
+ROLES = ("coordinator", "shard", "any")
+DEFAULT_TIMEOUT_S = 5.0
+RETRY_INTERVAL_S = 0.5  # between tries of wait_until_up: a refused connection returns at once
+
+
+class NotRegistered(PsctlError):
+    """A shard that answers but has not registered with its coordinator yet (it may soon)."""
+
+
+@dataclass(frozen=True)
+class Health:
+    """What the process at ``address`` answered: its ``role`` and a short ``summary``."""
+
+    address: str
+    role: str  # "coordinator" or "shard"
+    summary: str
+    status: dict[str, Any]  # the STATUS body it sent
+
+
+def check_role(role: str) -> None:
+    if role not in ROLES:
+        raise UsageError(f"--role must be one of {', '.join(ROLES)}; got '{role}'")
+
+
+def check_timeout(timeout_s: float, flag: str = "--timeout-s") -> None:
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise UsageError(f"{flag} must be a positive number of seconds; got {timeout_s}")
+
+
+async def probe(
+    address: str, role: str = "any", security: net.Security = net.LOCAL, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> Health:
+    """Connect to ``address`` (TLS and the shared secret as ``security`` says), ask STATUS, and
+    check that the answer is from ``role``: a coordinator, or a shard registered with its
+    coordinator. Everything, the TCP connection and the handshake included, ends within ``timeout_s``.
+
+    Raises :class:`ConnectError` (unreachable, not psctl, no answer in time),
+    :class:`SecurityError` (authentication) or :class:`PsctlError` (another role, a shard
+    not registered yet), each with one sentence."""
+    check_role(role)
+    check_timeout(timeout_s)
+    net.parse_address(address)  # a malformed address is its own sentence, not a timeout
+    # The handshake's own bound must not outlast the probe's.
+    bounded = dataclasses.replace(security, handshake_timeout_s=min(security.handshake_timeout_s, timeout_s))
+    what = "psctl process" if role == "any" else f"psctl {role}"
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(timeout_s):
+            peer = await net.connect(address, what=what, security=bounded, timeout_s=timeout_s)
+            try:
+                left_s = max(timeout_s - (time.monotonic() - started), 1e-3)
+                body = (await peer.request(MsgType.STATUS, timeout_s=left_s)).body
+            finally:
+                peer.close()
+    except TimeoutError:
+        raise ConnectError(f"the {what} at {address} did not answer within {timeout_s:g} s") from None
+    except net.RemoteError as exc:
+        raise PsctlError(f"{address} is a psctl process that does not report its status ({exc}); is it a coordinator or shard?") from None
+    except net.ConnectionLost as exc:
+        raise ConnectError(f"the {what} at {address} closed the connection before answering: {exc}") from None
+    return _judge(address, role, body)
+
+
+def _judge(address: str, role: str, body: dict[str, Any]) -> Health:
+    """The answer as a role, or the sentence saying why it is not healthy as ``role``."""
+    if isinstance(body.get("shards"), list):
+        found = "coordinator"
+        job = body.get("job")
+        jobs = "no job running" if not isinstance(job, dict) else f"job {job.get('job_id')} {job.get('state')}"
+        n = len(body["shards"])
+        summary = f"{n} shard{'' if n == 1 else 's'} registered, {jobs}"
+    elif "shard_id" in body:
+        found = "shard"
+        if body["shard_id"] is None:
+            raise NotRegistered(f"the psctl shard at {address} has not registered with its coordinator yet")
+        summary = f"shard {body['shard_id']}" + (f", job {body['job_id']}" if body.get("job_id") else ", no job")
+    else:
+        raise PsctlError(f"{address} is a psctl process but neither a coordinator nor a shard")
+    if role != "any" and role != found:
+        raise PsctlError(f"{address} is a psctl {found}, not a {role}")
+    return Health(address, found, summary, body)
+
+
+async def wait_until_up(
+    address: str, role: str, security: net.Security, wait_s: float, probe_timeout_s: float = DEFAULT_TIMEOUT_S
+) -> Health:
+    """Probe ``address`` until it answers as ``role`` or ``wait_s`` has passed (then the last
+    reason, in one sentence). A failed authentication or another role ends the wait at once:
+    waiting does not mend them."""
+    check_timeout(wait_s, "--wait-s")
+    check_role(role)
+    net.parse_address(address)  # malformed: no wait mends it
+    deadline = time.monotonic() + wait_s
+    while True:
+        left_s = deadline - time.monotonic()
+        try:
+            return await probe(address, role, security, timeout_s=max(min(probe_timeout_s, left_s), 1e-3))
+        except (ConnectError, NotRegistered) as exc:
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                raise ConnectError(f"the {role} at {address} did not come up within {wait_s:g} s: {exc}") from None
+            await asyncio.sleep(min(RETRY_INTERVAL_S, left_s))  # retry interval, not synchronisation
+
