@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,21 +103,26 @@ def _judge(address: str, role: str, body: dict[str, Any]) -> Health:
 
 
 async def wait_until_up(
-    address: str, role: str, security: net.Security, wait_s: float, probe_timeout_s: float = DEFAULT_TIMEOUT_S
+    address: str, role: str, security: net.Security, wait_s: float, probe_timeout_s: float = DEFAULT_TIMEOUT_S,
+    on_waiting: Callable[[str], None] = lambda reason: None,
 ) -> Health:
     """Probe ``address`` until it answers as ``role`` or ``wait_s`` has passed (then the last
     reason, in one sentence). A failed authentication or another role ends the wait at once:
-    waiting does not mend them."""
+    waiting does not mend them. ``on_waiting`` gets the first failure's sentence, once."""
     check_timeout(wait_s, "--wait-s")
     check_role(role)
     net.parse_address(address)  # malformed: no wait mends it
     deadline = time.monotonic() + wait_s
+    waited = False
     while True:
         left_s = deadline - time.monotonic()
         try:
             return await probe(address, role, security, timeout_s=max(min(probe_timeout_s, left_s), 1e-3))
         except (ConnectError, NotRegistered) as exc:
             left_s = deadline - time.monotonic()
+            if not waited:
+                waited = True
+                on_waiting(str(exc))
             if left_s <= 0:
                 raise ConnectError(f"the {role} at {address} did not come up within {wait_s:g} s: {exc}") from None
             await asyncio.sleep(min(RETRY_INTERVAL_S, left_s))  # retry interval, not synchronisation

@@ -890,39 +890,41 @@ def start(
 ) -> None:
     """Run the role $PSCTL_ROLE names (coordinator, shard, server, worker or train); each of its flags may be
     given as PSCTL_<FLAG> (--secret-file: PSCTL_SECRET_FILE), the rest of the command line goes to the role."""
-    import click
-
     from psctl.apps import health as hl
     from psctl.apps import start as rules
 
     try:
         role = rules.role_from_env(os.environ)
         name = rules.ROLES[role][0]
-        command = typer.main.get_command(app).commands[name]  # typer builds fresh click objects: setting envvar here stays here
+        command = typer.main.get_command(app).commands[name]  # typer builds fresh objects: setting envvar here stays here
         flags = []
         for param in command.params:
-            flag = max(param.opts, key=len) if isinstance(param, click.Option) else str(param.name)
+            flag = max(param.opts, key=len) if param.param_type_name == "option" else str(param.name)
             param.envvar = rules.flag_envvar(flag)
             flags.append(flag)
         rules.check_variables(role, os.environ, flags)
     except PsctlError as exc:
         _fail(exc)
-    try:
-        sub = command.make_context(name, list(ctx.args), parent=ctx)
-    except click.ClickException as exc:
-        exc.show()
-        raise typer.Exit(exc.exit_code) from None
-    with sub:
+    run_role = command.callback
+    assert run_role is not None
+
+    def wait_then_run(**params: Any) -> Any:
+        """The role's own command, once its coordinator answers (with --wait-s)."""
         try:
-            address = rules.wait_target(role, sub.params, wait_s)
+            address = rules.wait_target(role, params, wait_s)
             if address is not None:
-                security = runtime.build_security(**{o.name: sub.params[o.name] for o in runtime.SECURITY_OPTIONS if o.name in sub.params})
+                security = runtime.build_security(**{o.name: params[o.name] for o in runtime.SECURITY_OPTIONS if o.name in params})
                 assert wait_s is not None
-                _run(lambda: hl.wait_until_up(address, "coordinator", security, wait_s))
+                _run(lambda: hl.wait_until_up(address, "coordinator", security, wait_s, on_waiting=lambda why: _line(
+                    f"psctl: waiting up to {wait_s:g} s for the coordinator at {address} ({why})")))
                 _line(f"psctl: the coordinator at {address} is up; starting the {role}")
         except PsctlError as exc:
             _fail(exc)
-        command.invoke(sub)
+        return run_role(**params)
+
+    command.callback = wait_then_run
+    # Parsing errors of the role's flags (or of their variables) are shown as the role's own command shows them.
+    command.main(args=list(ctx.args), prog_name=f"psctl {name}")
 
 
 @app.command()
