@@ -24,8 +24,9 @@ DEFAULT_TIMEOUT_S = 5.0
 RETRY_INTERVAL_S = 0.5  # between tries of wait_until_up: a refused connection returns at once
 
 
-class NotRegistered(PsctlError):
-    """A shard that answers but has not registered with its coordinator yet (it may soon)."""
+class NotReady(PsctlError):
+    """Up but not ready yet: a shard not registered with its coordinator, a coordinator with
+    fewer shards than asked for. Either may change soon."""
 
 
 @dataclass(frozen=True)
@@ -48,18 +49,30 @@ def check_timeout(timeout_s: float, flag: str = "--timeout-s") -> None:
         raise UsageError(f"{flag} must be a positive number of seconds; got {timeout_s}")
 
 
+def check_min_shards(role: str, min_shards: int) -> str:
+    """The role to ask for: ``--min-shards`` is a coordinator's figure."""
+    if min_shards < 0:
+        raise UsageError(f"--min-shards must be 0 or more; got {min_shards}")
+    if min_shards and role == "shard":
+        raise UsageError("--min-shards counts the shards registered with a coordinator; give --role coordinator")
+    return "coordinator" if min_shards else role
+
+
 async def probe(
-    address: str, role: str = "any", security: net.Security = net.LOCAL, timeout_s: float = DEFAULT_TIMEOUT_S
+    address: str, role: str = "any", security: net.Security = net.LOCAL, timeout_s: float = DEFAULT_TIMEOUT_S,
+    min_shards: int = 0,
 ) -> Health:
     """Connect to ``address`` (TLS and the shared secret as ``security`` says), ask STATUS, and
-    check that the answer is from ``role``: a coordinator, or a shard registered with its
-    coordinator. Everything, the TCP connection and the handshake included, ends within ``timeout_s``.
+    check that the answer is from ``role``: a coordinator (with at least ``min_shards`` shards
+    registered), or a shard registered with its coordinator. Everything, the TCP connection and
+    the handshake included, ends within ``timeout_s``.
 
     Raises :class:`ConnectError` (unreachable, not psctl, no answer in time),
-    :class:`SecurityError` (authentication) or :class:`PsctlError` (another role, a shard
-    not registered yet), each with one sentence."""
+    :class:`SecurityError` (authentication), :class:`NotReady` or :class:`PsctlError` (another
+    role), each with one sentence."""
     check_role(role)
     check_timeout(timeout_s)
+    role = check_min_shards(role, min_shards)
     net.parse_address(address)  # a malformed address is its own sentence, not a timeout
     # The handshake's own bound must not outlast the probe's.
     bounded = dataclasses.replace(security, handshake_timeout_s=min(security.handshake_timeout_s, timeout_s))
@@ -79,10 +92,10 @@ async def probe(
         raise PsctlError(f"{address} is a psctl process that does not report its status ({exc}); is it a coordinator or shard?") from None
     except net.ConnectionLost as exc:
         raise ConnectError(f"the {what} at {address} closed the connection before answering: {exc}") from None
-    return _judge(address, role, body)
+    return _judge(address, role, body, min_shards)
 
 
-def _judge(address: str, role: str, body: dict[str, Any]) -> Health:
+def _judge(address: str, role: str, body: dict[str, Any], min_shards: int = 0) -> Health:
     """The answer as a role, or the sentence saying why it is not healthy as ``role``."""
     if isinstance(body.get("shards"), list):
         found = "coordinator"
@@ -90,10 +103,12 @@ def _judge(address: str, role: str, body: dict[str, Any]) -> Health:
         jobs = "no job running" if not isinstance(job, dict) else f"job {job.get('job_id')} {job.get('state')}"
         n = len(body["shards"])
         summary = f"{n} shard{'' if n == 1 else 's'} registered, {jobs}"
+        if n < min_shards:
+            raise NotReady(f"the psctl coordinator at {address} has {n} of the {min_shards} shards asked for registered")
     elif "shard_id" in body:
         found = "shard"
         if body["shard_id"] is None:
-            raise NotRegistered(f"the psctl shard at {address} has not registered with its coordinator yet")
+            raise NotReady(f"the psctl shard at {address} has not registered with its coordinator yet")
         summary = f"shard {body['shard_id']}" + (f", job {body['job_id']}" if body.get("job_id") else ", no job")
     else:
         raise PsctlError(f"{address} is a psctl process but neither a coordinator nor a shard")
@@ -104,21 +119,22 @@ def _judge(address: str, role: str, body: dict[str, Any]) -> Health:
 
 async def wait_until_up(
     address: str, role: str, security: net.Security, wait_s: float, probe_timeout_s: float = DEFAULT_TIMEOUT_S,
-    on_waiting: Callable[[str], None] = lambda reason: None,
+    on_waiting: Callable[[str], None] = lambda reason: None, min_shards: int = 0,
 ) -> Health:
     """Probe ``address`` until it answers as ``role`` or ``wait_s`` has passed (then the last
     reason, in one sentence). A failed authentication or another role ends the wait at once:
     waiting does not mend them. ``on_waiting`` gets the first failure's sentence, once."""
     check_timeout(wait_s, "--wait-s")
     check_role(role)
+    role = check_min_shards(role, min_shards)
     net.parse_address(address)  # malformed: no wait mends it
     deadline = time.monotonic() + wait_s
     waited = False
     while True:
         left_s = deadline - time.monotonic()
         try:
-            return await probe(address, role, security, timeout_s=max(min(probe_timeout_s, left_s), 1e-3))
-        except (ConnectError, NotRegistered) as exc:
+            return await probe(address, role, security, timeout_s=max(min(probe_timeout_s, left_s), 1e-3), min_shards=min_shards)
+        except (ConnectError, NotReady) as exc:
             left_s = deadline - time.monotonic()
             if not waited:
                 waited = True

@@ -15,6 +15,7 @@ from psctl.errors import UsageError
 
 ROLE_ENV = "PSCTL_ROLE"
 WAIT_ENV = "PSCTL_WAIT_S"
+MIN_SHARDS_ENV = "PSCTL_MIN_SHARDS"
 
 #: role -> (the psctl command it runs, the parameter naming the coordinator to wait for or None).
 ROLES: dict[str, tuple[str, str | None]] = {
@@ -26,7 +27,7 @@ ROLES: dict[str, tuple[str, str | None]] = {
 }
 
 #: PSCTL_* variables psctl reads that are no role's flag.
-OTHER_VARIABLES = frozenset({ROLE_ENV, WAIT_ENV, "PSCTL_SECRET", "PSCTL_LOG", "PSCTL_LOG_DIR", "PSCTL_SERVE_TOKEN"})
+OTHER_VARIABLES = frozenset({ROLE_ENV, WAIT_ENV, MIN_SHARDS_ENV, "PSCTL_SECRET", "PSCTL_LOG", "PSCTL_LOG_DIR", "PSCTL_SERVE_TOKEN"})
 
 
 def role_from_env(environ: Mapping[str, str]) -> str:
@@ -58,10 +59,12 @@ def check_variables(role: str, environ: Mapping[str, str], flags: Iterable[str])
         )
 
 
-def wait_target(role: str, params: Mapping[str, object], wait_s: float | None) -> str | None:
+def wait_target(role: str, params: Mapping[str, object], wait_s: float | None, min_shards: int = 0) -> str | None:
     """The coordinator address ``--wait-s`` waits for, or None without ``--wait-s``;
     one sentence when the role has no coordinator to wait for."""
     if wait_s is None:
+        if min_shards:
+            raise UsageError("--min-shards is what --wait-s waits for; give --wait-s too")
         return None
     name = ROLES[role][1]
     address = params.get(name) if name else None

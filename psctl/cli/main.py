@@ -872,12 +872,13 @@ def health(
     server_address: str = typer.Option(..., "--server", help="HOST:PORT of a coordinator or a shard."),
     role: str = typer.Option("any", "--role", help="What must answer there: coordinator, shard (registered with its coordinator) or any."),
     timeout_s: float = typer.Option(5.0, "--timeout-s", help="Seconds for the whole check: connection, handshake and answer."),
+    min_shards: int = typer.Option(0, "--min-shards", help="A coordinator is healthy only with at least this many shards registered."),
     security: runtime.Security = runtime.LOCAL,
 ) -> None:
     """Exit 0 when the psctl coordinator or shard at --server answers (a readiness or liveness probe); else one sentence."""
     from psctl.apps import health as hl
 
-    found = _run(lambda: hl.probe(server_address, role, security, timeout_s))
+    found = _run(lambda: hl.probe(server_address, role, security, timeout_s, min_shards))
     out.print(f"psctl {found.role} at {found.address} is up: {found.summary}", highlight=False, markup=False)
 
 
@@ -886,6 +887,9 @@ def start(
     ctx: typer.Context,
     wait_s: float | None = typer.Option(
         None, "--wait-s", envvar="PSCTL_WAIT_S", help="Wait up to this many seconds for the role's coordinator to answer before starting."
+    ),
+    min_shards: int = typer.Option(
+        0, "--min-shards", envvar="PSCTL_MIN_SHARDS", help="With --wait-s: wait until the coordinator has this many shards registered."
     ),
 ) -> None:
     """Run the role $PSCTL_ROLE names (coordinator, shard, server, worker or train); each of its flags may be
@@ -911,13 +915,13 @@ def start(
     def wait_then_run(**params: Any) -> Any:
         """The role's own command, once its coordinator answers (with --wait-s)."""
         try:
-            address = rules.wait_target(role, params, wait_s)
+            address = rules.wait_target(role, params, wait_s, min_shards)
             if address is not None:
                 security = runtime.build_security(**{o.name: params[o.name] for o in runtime.SECURITY_OPTIONS if o.name in params})
                 assert wait_s is not None
-                _run(lambda: hl.wait_until_up(address, "coordinator", security, wait_s, on_waiting=lambda why: _line(
-                    f"psctl: waiting up to {wait_s:g} s for the coordinator at {address} ({why})")))
-                _line(f"psctl: the coordinator at {address} is up; starting the {role}")
+                up = _run(lambda: hl.wait_until_up(address, "coordinator", security, wait_s, min_shards=min_shards,
+                                                   on_waiting=lambda why: _line(f"psctl: waiting up to {wait_s:g} s for the coordinator at {address} ({why})")))
+                _line(f"psctl: the coordinator at {address} is up ({up.summary}); starting the {role}")
         except PsctlError as exc:
             _fail(exc)
         return run_role(**params)

@@ -33,7 +33,7 @@ def test_a_healthy_answer_names_its_role(body, role, found, summary):
     [
         (SHARD, "coordinator", "h:1 is a psctl shard, not a coordinator", PsctlError),
         (COORDINATOR, "shard", "h:1 is a psctl coordinator, not a shard", PsctlError),
-        ({"shard_id": None, "kept": []}, "any", "the psctl shard at h:1 has not registered with its coordinator yet", health.NotRegistered),
+        ({"shard_id": None, "kept": []}, "any", "the psctl shard at h:1 has not registered with its coordinator yet", health.NotReady),
         ({"models": []}, "any", "h:1 is a psctl process but neither a coordinator nor a shard", PsctlError),
     ],
 )
@@ -124,3 +124,16 @@ def test_wait_s_without_a_coordinator_to_wait_for_is_refused(role, params, why):
     with pytest.raises(UsageError) as caught:
         start.wait_target(role, params, 10.0)
     assert str(caught.value) == f"--wait-s waits for a coordinator to come up, and there is none to wait for: {why}"
+
+
+def test_min_shards_counts_a_coordinator_s_shards():
+    assert health._judge("h:1", "coordinator", COORDINATOR, min_shards=2).role == "coordinator"
+    with pytest.raises(health.NotReady) as caught:
+        health._judge("h:1", "coordinator", COORDINATOR, min_shards=3)
+    assert str(caught.value) == "the psctl coordinator at h:1 has 2 of the 3 shards asked for registered"
+    assert health.check_min_shards("any", 2) == "coordinator" and health.check_min_shards("shard", 0) == "shard"
+    for role, n, sentence in [("shard", 1, "give --role coordinator"), ("any", -1, "--min-shards must be 0 or more; got -1")]:
+        with pytest.raises(UsageError, match=sentence):
+            health.check_min_shards(role, n)
+    with pytest.raises(UsageError, match="--min-shards is what --wait-s waits for; give --wait-s too"):
+        start.wait_target("train", {"server": "c:1"}, None, min_shards=2)
