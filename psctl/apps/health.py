@@ -22,6 +22,7 @@ from psctl.protocol.wire import MsgType
 ROLES = ("coordinator", "shard", "any")
 DEFAULT_TIMEOUT_S = 5.0
 RETRY_INTERVAL_S = 0.5  # between tries of wait_until_up: a refused connection returns at once
+MIN_TRY_S = 0.2  # wait_until_up's shortest try
 
 
 class NotReady(PsctlError):
@@ -129,17 +130,16 @@ async def wait_until_up(
     role = check_min_shards(role, min_shards)
     net.parse_address(address)  # malformed: no wait mends it
     deadline = time.monotonic() + wait_s
-    waited = False
+    last: PsctlError | None = None
     while True:
         left_s = deadline - time.monotonic()
+        if last is not None and left_s < MIN_TRY_S:  # a try this short would only report its own timeout
+            raise ConnectError(f"the {role} at {address} did not come up within {wait_s:g} s: {last}")
         try:
-            return await probe(address, role, security, timeout_s=max(min(probe_timeout_s, left_s), 1e-3), min_shards=min_shards)
+            return await probe(address, role, security, timeout_s=max(min(probe_timeout_s, left_s), MIN_TRY_S), min_shards=min_shards)
         except (ConnectError, NotReady) as exc:
-            left_s = deadline - time.monotonic()
-            if not waited:
-                waited = True
+            if last is None:
                 on_waiting(str(exc))
-            if left_s <= 0:
-                raise ConnectError(f"the {role} at {address} did not come up within {wait_s:g} s: {exc}") from None
-            await asyncio.sleep(min(RETRY_INTERVAL_S, left_s))  # retry interval, not synchronisation
+            last = exc
+            await asyncio.sleep(max(min(RETRY_INTERVAL_S, deadline - time.monotonic()), 0))  # retry interval, not synchronisation
 

@@ -921,7 +921,7 @@ def start(
                 assert wait_s is not None
                 up = _run(lambda: hl.wait_until_up(address, "coordinator", security, wait_s, min_shards=min_shards,
                                                    on_waiting=lambda why: _line(f"psctl: waiting up to {wait_s:g} s for the coordinator at {address} ({why})")))
-                _line(f"psctl: the coordinator at {address} is up ({up.summary}); starting the {role}")
+                _line(f"psctl: the coordinator at {address} is up ({up.summary}); starting psctl {name}")
         except PsctlError as exc:
             _fail(exc)
         return run_role(**params)

@@ -130,7 +130,7 @@ def test_a_shard_started_first_waits_for_its_coordinator_with_a_secret():
         line = shard.stdout.readline()  # bounded by the test's timeout
         assert line.startswith(f"psctl: waiting up to 40 s for the coordinator at {coordinator} (cannot reach"), line
         procs.append(start("coordinator", PSCTL_PORT=str(port), PSCTL_SECRET=secret))
-        assert shard.stdout.readline().strip() == f"psctl: the coordinator at {coordinator} is up (0 shards registered, no job running); starting the shard"
+        assert shard.stdout.readline().strip() == f"psctl: the coordinator at {coordinator} is up (0 shards registered, no job running); starting psctl shard"
         args = ("health", "--server", f"127.0.0.1:{shard_port}", "--role", "shard")
         deadline = time.monotonic() + 30
         while (r := with_secret(secret, *args)).returncode != 0:  # each try is a fresh process: the wait between tries
