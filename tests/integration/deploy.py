@@ -210,25 +210,41 @@ class LocalCluster:
         pod.proc = subprocess.Popen(pod.argv, env=self.process_env(pod), cwd=REPO,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
-    def run_probe(self, pod: Pod, kind: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
-        words = pod.probe(kind)
-        assert words is not None, f"{pod.name} has no {kind}"
-        argv = [self.local(w, pod) for w in self.command(words)]
-        return subprocess.run(argv, env=self.process_env(pod), cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+    def run_probes(self, probes: list[tuple[Pod, str]], timeout_s: float = 60) -> list[tuple[int, str, str]]:
+        """Exec each (pod, readinessProbe or livenessProbe) at once, as the kubelet would; (code, stdout, stderr) each."""
+        procs = []
+        for pod, kind in probes:
+            words = pod.probe(kind)
+            assert words is not None, f"{pod.name} has no {kind}"
+            argv = [self.local(w, pod) for w in self.command(words)]
+            procs.append(subprocess.Popen(argv, env=self.process_env(pod), cwd=REPO,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+        results = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout_s)
+            results.append((proc.returncode, out, err))
+        return results
 
-    def stop(self, timeout_s: float = 20) -> dict[str, tuple[int | None, str, str]]:
-        """SIGTERM every process still running (as the kubelet does), then collect each one's output."""
+    def stop(self, *order: str, timeout_s: float = 20) -> dict[str, tuple[int | None, str, str]]:
+        """SIGTERM the processes still running, as the kubelet does, workload by workload in
+        ``order`` (the rest last), and collect each one's output. (A shard whose coordinator
+        stopped first is already exiting; a SIGTERM then would kill it outright.)"""
+        rank = {w: i for i, w in enumerate(order)}
+        groups: dict[int, list[Pod]] = {}
         for pod in self.pods:
-            if pod.proc is not None and pod.proc.poll() is None:
-                pod.proc.terminate()
+            groups.setdefault(rank.get(pod.workload, len(order)), []).append(pod)
         outputs = {}
-        for pod in self.pods:
-            if pod.proc is None:
-                continue
-            try:
-                out, err = pod.proc.communicate(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                pod.proc.kill()
-                out, err = pod.proc.communicate(timeout=10)
-            outputs[pod.name] = (pod.proc.returncode, out, err)
+        for _, pods in sorted(groups.items()):
+            for pod in pods:
+                if pod.proc is not None and pod.proc.poll() is None:
+                    pod.proc.terminate()
+            for pod in pods:
+                if pod.proc is None:
+                    continue
+                try:
+                    out, err = pod.proc.communicate(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    pod.proc.kill()
+                    out, err = pod.proc.communicate(timeout=10)
+                outputs[pod.name] = (pod.proc.returncode, out, err)
         return outputs

@@ -6,15 +6,11 @@ from __future__ import annotations
 
 import copy
 import secrets
-import warnings
 
+import kubernetes_validate
 import pytest
 
 from .deploy import KUBERNETES, LocalCluster, manifests
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)  # the validator's own imports, not psctl's
-    import kubernetes_validate
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -82,13 +78,13 @@ def test_the_manifests_pods_train_the_job_as_local_processes(tmp_path):
             assert pod.proc.returncode == 0, (pod.name, w_err)
             assert "worker done:" in w_out, w_out
         # The probes, run as the kubelet runs them: all pass on the running cluster.
-        for pod in [coordinator, *shards]:
-            for kind in ("readinessProbe", "livenessProbe"):
-                r = cluster.run_probe(pod, kind)
-                assert r.returncode == 0, (pod.name, kind, r.stderr)
-        assert "2 shards registered" in cluster.run_probe(coordinator, "readinessProbe").stdout
+        probes = [(pod, kind) for pod in [coordinator, *shards] for kind in ("readinessProbe", "livenessProbe")]
+        results = cluster.run_probes(probes)
+        for (pod, kind), (code, _, err) in zip(probes, results):
+            assert code == 0, (pod.name, kind, err)
+        assert "2 shards registered" in results[0][1], results[0]
     finally:
-        outputs = cluster.stop()
+        outputs = cluster.stop("Job/psctl-train", "Job/psctl-workers", "StatefulSet/psctl-shard")
     for pod in [coordinator, *shards]:
         code, _, err = outputs[pod.name]
         assert code == 0 and "Traceback" not in err, (pod.name, code, err)
