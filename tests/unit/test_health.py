@@ -137,3 +137,14 @@ def test_min_shards_counts_a_coordinator_s_shards():
             health.check_min_shards(role, n)
     with pytest.raises(UsageError, match="--min-shards is what --wait-s waits for; give --wait-s too"):
         start.wait_target("train", {"server": "c:1"}, None, min_shards=2)
+
+
+@pytest.mark.parametrize("port", [-1, 65536, 70000])
+def test_a_port_out_of_range_is_one_sentence(port):
+    from psctl.apps.server import check_port
+
+    with pytest.raises(UsageError) as caught:
+        check_port(port)
+    assert str(caught.value) == f"--port must be from 0 to 65535 (0: any free port); got {port}"
+    for ok in (0, 1, 7000, 65535):
+        check_port(ok)
