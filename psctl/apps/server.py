@@ -39,6 +39,7 @@ async def serve(
     lost and restarted (a job uses its own)."""
     if shards < 1:
         raise UsageError("--shards must be at least 1")
+    check_port(port)
     check_failure_timeout(failure_timeout_s)
     if coordinator and failure_timeout_s is not None:
         raise UsageError("--failure-timeout-s is the coordinator's; with --coordinator give it to that coordinator")
@@ -58,6 +59,12 @@ async def serve(
     on_line("psctl server stopped")
 
 
+def check_port(port: int) -> None:
+    """A port a role listens on: 0 (any free one) or 1-65535; the OS would take 70000 as 4464."""
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port must be from 0 to 65535 (0: any free port); got {port}")
+
+
 def check_failure_timeout(failure_timeout_s: float | None) -> None:
     if failure_timeout_s is not None and not (math.isfinite(failure_timeout_s) and failure_timeout_s > 0):
         raise UsageError(f"--failure-timeout-s must be a positive number of seconds; got {failure_timeout_s}")
@@ -68,6 +75,7 @@ async def run_coordinator(
     security: net.Security = net.LOCAL, failure_timeout_s: float | None = None,
 ) -> None:
     """The coordinator alone, until a signal."""
+    check_port(port)
     check_failure_timeout(failure_timeout_s)
     srv, _, address = await start_coordinator(host, port, max_frame_bytes=max_frame_bytes, security=security,
                                               idle_failure_timeout_s=failure_timeout_s)  # fmt: skip
@@ -84,6 +92,7 @@ def run_shard(
     security: net.Security = net.LOCAL,
 ) -> int:
     """One shard joining ``coordinator`` in this process, until a signal; returns the exit code."""
+    check_port(port)
     args = ["shard", "--coordinator", coordinator, "--host", host, "--port", str(port)]
     if advertise_host:
         args += ["--advertise-host", advertise_host]

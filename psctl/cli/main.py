@@ -799,8 +799,12 @@ def shard(
     """Run one shard that joins a coordinator."""
     from psctl.apps.server import run_shard
 
-    raise typer.Exit(run_shard(coordinator, host=host, port=port, advertise_host=advertise_host,
-                               max_frame_bytes=max_frame_bytes, security=security))  # fmt: skip
+    try:
+        code = run_shard(coordinator, host=host, port=port, advertise_host=advertise_host,
+                         max_frame_bytes=max_frame_bytes, security=security)  # fmt: skip
+    except PsctlError as exc:
+        _fail(exc)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -864,6 +868,71 @@ def status(
 
 @app.command()
 @_security_options(serving=False)
+def health(
+    server_address: str = typer.Option(..., "--server", help="HOST:PORT of a coordinator or a shard."),
+    role: str = typer.Option("any", "--role", help="What must answer there: coordinator, shard (registered with its coordinator) or any."),
+    timeout_s: float = typer.Option(5.0, "--timeout-s", help="Seconds for the whole check: connection, handshake and answer."),
+    min_shards: int = typer.Option(0, "--min-shards", help="A coordinator is healthy only with at least this many shards registered."),
+    security: runtime.Security = runtime.LOCAL,
+) -> None:
+    """Exit 0 when the psctl coordinator or shard at --server answers (a readiness or liveness probe); else one sentence."""
+    from psctl.apps import health as hl
+
+    found = _run(lambda: hl.probe(server_address, role, security, timeout_s, min_shards))
+    out.print(f"psctl {found.role} at {found.address} is up: {found.summary}", highlight=False, markup=False)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def start(
+    ctx: typer.Context,
+    wait_s: float | None = typer.Option(
+        None, "--wait-s", envvar="PSCTL_WAIT_S", help="Wait up to this many seconds for the role's coordinator to answer before starting."
+    ),
+    min_shards: int = typer.Option(
+        0, "--min-shards", envvar="PSCTL_MIN_SHARDS", help="With --wait-s: wait until the coordinator has this many shards registered."
+    ),
+) -> None:
+    """Run the role $PSCTL_ROLE names (coordinator, shard, server, worker or train); each of its flags may be
+    given as PSCTL_<FLAG> (--secret-file: PSCTL_SECRET_FILE), the rest of the command line goes to the role."""
+    from psctl.apps import health as hl
+    from psctl.apps import start as rules
+
+    try:
+        role = rules.role_from_env(os.environ)
+        name = rules.ROLES[role][0]
+        command = typer.main.get_command(app).commands[name]  # typer builds fresh objects: setting envvar here stays here
+        flags = []
+        for param in command.params:
+            flag = max(param.opts, key=len) if param.param_type_name == "option" else str(param.name)
+            param.envvar = rules.flag_envvar(flag)
+            flags.append(flag)
+        rules.check_variables(role, os.environ, flags)
+    except PsctlError as exc:
+        _fail(exc)
+    run_role = command.callback
+    assert run_role is not None
+
+    def wait_then_run(**params: Any) -> Any:
+        """The role's own command, once its coordinator answers (with --wait-s)."""
+        try:
+            address = rules.wait_target(role, params, wait_s, min_shards)
+            if address is not None:
+                security = runtime.build_security(**{o.name: params[o.name] for o in runtime.SECURITY_OPTIONS if o.name in params})
+                assert wait_s is not None
+                up = _run(lambda: hl.wait_until_up(address, "coordinator", security, wait_s, min_shards=min_shards,
+                                                   on_waiting=lambda why: _line(f"psctl: waiting up to {wait_s:g} s for the coordinator at {address} ({why})")))
+                _line(f"psctl: the coordinator at {address} is up ({up.summary}); starting psctl {name}")
+        except PsctlError as exc:
+            _fail(exc)
+        return run_role(**params)
+
+    command.callback = wait_then_run
+    # Parsing errors of the role's flags (or of their variables) are shown as the role's own command shows them.
+    command.main(args=list(ctx.args), prog_name=f"psctl {name}")
+
+
+@app.command()
+@_security_options(serving=False)
 def models(
     server_address: str = typer.Option(..., "--server", help="HOST:PORT of the coordinator."),
     drop: str | None = typer.Option(None, "--drop", help="Free the model kept under this name."),
@@ -903,6 +972,12 @@ def models(
             " ".join(str(p.get("keys", "-")) for p in parts), shown or "-",
         )
     out.print(table)
+
+
+def _fail(exc: PsctlError) -> None:
+    """Refuse with the error's sentence and its exit code."""
+    err.print(f"psctl: error: {exc}", markup=False, highlight=False)
+    raise typer.Exit(exc.exit_code) from None
 
 
 def _usage(sentence: str) -> None:
