@@ -198,7 +198,9 @@ class LocalCluster:
 
     def _argv(self, pod: Pod) -> list[str]:
         words = pod.container.get("command", self.entrypoint) + pod.container.get("args", [])
-        return [self.local(w, pod) for w in self.command(words)]
+        # The container's words are mapped, then psctl is swapped for this Python: mapped after,
+        # the interpreter's own path would be taken for a mount when it lies under one (/tmp).
+        return self.command([self.local(w, pod) for w in words])
 
     def process_env(self, pod: Pod) -> dict[str, str]:
         """Only what the container would have, plus what runs this repository's psctl here."""
@@ -216,7 +218,7 @@ class LocalCluster:
         for pod, kind in probes:
             words = pod.probe(kind)
             assert words is not None, f"{pod.name} has no {kind}"
-            argv = [self.local(w, pod) for w in self.command(words)]
+            argv = self.command([self.local(w, pod) for w in words])
             procs.append(subprocess.Popen(argv, env=self.process_env(pod), cwd=REPO,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
         results = []
