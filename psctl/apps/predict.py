@@ -366,7 +366,7 @@ def predict_spread(
 
     The parent plans N byte ranges of the file (``csvfile.plan_partitions``, as training
     does) and starts N processes (``python -m psctl.apps.predict_workers FOLDER K``, the
-    way psctl starts every child: ``cluster.launch.start_process``); each reads only its
+    way psctl starts every child: ``cluster.processes.start_process``); each reads only its
     range and applies :func:`read_rows` and :func:`evaluate_rows`. Back come per-row
     arrays, not per-worker metrics: the parent concatenates them in file order and
     computes every metric once (:func:`combine`), so accuracy, log loss, AUC, RMSE, ...
@@ -488,9 +488,9 @@ async def _run_workers(
     silent for ``failure_timeout_s`` ends the wait (PsctlError naming it and why) and the
     others are stopped. Every worker is gone when this returns or raises, Ctrl-C
     (cancellation) included."""
-    import asyncio  # here, as net and launch: the worker processes import this module without them
+    import asyncio  # here, as net and processes: the worker processes import this module without them
 
-    from psctl.cluster import launch
+    from psctl.cluster import processes
     from psctl.core.coordinator import Liveness, tick_interval_s
 
     beat_s = heartbeat_interval_s(failure_timeout_s)
@@ -507,7 +507,7 @@ async def _run_workers(
     ctrl_c = asyncio.ensure_future(interrupted.wait())
     try:
         for k in range(len(parts)):
-            procs.append(await _start_worker(launch, folder, k, secret))
+            procs.append(await _start_worker(processes, folder, k, secret))
             liveness.watch(k)  # from its start: a worker that never beats is lost too
             listeners.append(asyncio.ensure_future(_listen(procs[k], k, len(parts), liveness)))
         liveness.tick(loop.time())  # silence counts from here
@@ -532,23 +532,23 @@ async def _run_workers(
         for listener in listeners:
             listener.cancel()
         for p in procs:
-            launch.kill_process_group(p)
+            processes.kill_process_group(p)
         left = [asyncio.ensure_future(p.wait()) for p in procs if p.returncode is None]
         if left:
             await asyncio.wait(left, timeout=STOP_TIMEOUT_S)
 
 
-async def _start_worker(launch: Any, folder: Path, k: int, secret: bytes | None) -> Any:
+async def _start_worker(processes: Any, folder: Path, k: int, secret: bytes | None) -> Any:
     """``python -m psctl.apps.predict_workers FOLDER K [SECRET_FD]``: the secret (to read a
     kept model from the shards) down a pipe the worker inherits, as psctl's other children get it."""
     args = ["-m", "psctl.apps.predict_workers", str(folder), str(k)]
     if secret is None:
-        return await launch.start_process(args, folder / f"worker-{k}.log")
+        return await processes.start_process(args, folder / f"worker-{k}.log")
     read_fd, write_fd = os.pipe()
     try:
         with os.fdopen(write_fd, "wb") as pipe:
             pipe.write(secret)  # far below a pipe's buffer: does not block
-        return await launch.start_process([*args, str(read_fd)], folder / f"worker-{k}.log", pass_fds=(read_fd,))
+        return await processes.start_process([*args, str(read_fd)], folder / f"worker-{k}.log", pass_fds=(read_fd,))
     finally:
         os.close(read_fd)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import secrets
 import shutil
 import signal
-import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -17,13 +17,19 @@ from pathlib import Path
 from typing import Any
 
 from psctl import net
+from psctl.cluster import forkserver
 from psctl.cluster.child import READY
+from psctl.cluster.forkserver import ForkedProcess, ForkServer
+from psctl.cluster.processes import kill_process_group, start_process
 from psctl.cluster.options import security_args
 from psctl.cluster.coordinator import CoordinatorService, start_coordinator
 from psctl.errors import PsctlError
 from psctl.protocol import handshake
 
 CHILD_READY_TIMEOUT_S = 30.0
+# PSCTL_FORKSERVER=0 execs every child as `python -m psctl.cluster.child` instead of forking
+# it from the cluster's fork server (psctl/cluster/forkserver.py).
+FORKSERVER_ENV = "PSCTL_FORKSERVER"
 STOP_TIMEOUT_S = 3.0
 EMBEDDED_SECRET_BYTES = 32
 
@@ -81,42 +87,11 @@ class TaskProcess:
         self._task.cancel()
 
 
-async def start_process(
-    args: list[str], log_path: Path, *, env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()
-) -> asyncio.subprocess.Process:
-    """``python <args>`` as a child of this process, the way psctl starts every child: in a
-    session of its own (Ctrl-C reaches this process only, which stops its children in order),
-    stdin a pipe the child watches (it exits when the pipe closes, so it never outlives this
-    process), stdout a pipe, stderr to ``log_path``, and no shared secret in its environment."""
-    if env is None:
-        env = {k: v for k, v in os.environ.items() if k != handshake.SECRET_ENV}
-    with open(log_path, "wb") as log_file:
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            *args,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=log_file,
-            env=env,
-            pass_fds=pass_fds,
-            start_new_session=True,
-        )
-
-
-def kill_process_group(proc: asyncio.subprocess.Process) -> None:
-    """SIGKILL a child started by :func:`start_process` and its group, if it is still running."""
-    if proc.returncode is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 @dataclass
 class Child:
     role: str
     index: int
-    proc: asyncio.subprocess.Process | TaskProcess
+    proc: asyncio.subprocess.Process | ForkedProcess | TaskProcess
     log_path: Path
 
     def log_tail(self, lines: int = 5) -> str:
@@ -148,6 +123,7 @@ class LocalCluster:
         self.children: list[Child] = []
         self.coordinator: CoordinatorService | None = None
         self._server: net.Server | None = None
+        self._forkserver: asyncio.Task[ForkServer | None] | None = None
 
     async def __aenter__(self) -> LocalCluster:
         return self
@@ -163,7 +139,34 @@ class LocalCluster:
         # A shard the coordinator declared lost (stopped, hung) is killed: its exit makes the
         # driver or `psctl server` start another, as for a shard that died.
         self.coordinator.on_shard_declared_lost = self.kill_child
+        self._start_forkserver()  # imports while the coordinator waits for its first party
         return address
+
+    def _child_env(self) -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if k != handshake.SECRET_ENV}
+
+    def _start_forkserver(self) -> None:
+        if self._forkserver is None and not self.in_process and forkserver.available() and os.environ.get(FORKSERVER_ENV) != "0":
+            self._forkserver = asyncio.ensure_future(self._new_forkserver())
+
+    async def _new_forkserver(self) -> ForkServer | None:
+        try:
+            return await ForkServer.start(self.log_dir / "forkserver.log", self._child_env())
+        except OSError as exc:  # the children are exec'd instead
+            logging.getLogger(__name__).warning("no fork server (%s): starting each process on its own", exc)
+            return None
+
+    async def _forked(self) -> ForkServer | None:
+        """The cluster's fork server, started again if it died; None to exec children instead."""
+        self._start_forkserver()
+        if self._forkserver is None:
+            return None
+        server = await self._forkserver
+        if server is not None and not server.alive:
+            self._forkserver = None
+            self._start_forkserver()
+            server = await self._forkserver if self._forkserver is not None else None
+        return server
 
     def kill_child(self, pid: int) -> None:
         """SIGKILL the child process ``pid`` (and its group) if this cluster started it."""
@@ -183,21 +186,24 @@ class LocalCluster:
         args = [*args, *security_args(self.security)]
         if self._own_log_dir:  # a child whose parent died (kill -9) removes the folder it would have
             args += ["--parent-log-dir", str(self.log_dir)]
-        env = {k: v for k, v in os.environ.items() if k != handshake.SECRET_ENV}
+        args = [role, *args, "--parent-watch", "--max-frame-bytes", str(self.max_frame_bytes)]
         secret_fd = None
         if self.security.secret is not None:
             # The secret goes down a pipe the child inherits: not argv, not the environment.
             secret_fd, write_fd = os.pipe()
             with os.fdopen(write_fd, "wb") as pipe:
                 pipe.write(self.security.secret)  # far below a pipe's buffer: does not block
-            args += ["--secret-fd", str(secret_fd)]
+        pass_fds = () if secret_fd is None else (secret_fd,)
+        proc: asyncio.subprocess.Process | ForkedProcess
         try:
-            proc = await start_process(
-                ["-m", "psctl.cluster.child", role, *args, "--parent-watch", "--max-frame-bytes", str(self.max_frame_bytes)],
-                log_path,
-                env=env,
-                pass_fds=() if secret_fd is None else (secret_fd,),
-            )
+            server = await self._forked()
+            if server is not None:
+                proc = await server.spawn(args, log_path, pass_fds=pass_fds, fd_flags=("--secret-fd",)[: len(pass_fds)],
+                                          timeout_s=CHILD_READY_TIMEOUT_S)  # fmt: skip
+            else:
+                secret_args = [] if secret_fd is None else ["--secret-fd", str(secret_fd)]
+                proc = await start_process(["-m", "psctl.cluster.child", *args, *secret_args], log_path,
+                                           env=self._child_env(), pass_fds=pass_fds)  # fmt: skip
         finally:
             if secret_fd is not None:
                 os.close(secret_fd)
@@ -279,11 +285,24 @@ class LocalCluster:
                     _kill(child)
             if pending:
                 await asyncio.wait(pending, timeout=timeout_s)
+        for child in self.children:
+            if isinstance(child.proc, ForkedProcess):
+                child.proc.close()
+        await self._stop_forkserver(timeout_s)
         if self._server is not None:
             await self._server.close()
             self._server = None
         if self._own_log_dir:
             shutil.rmtree(self.log_dir, ignore_errors=True)
+
+
+    async def _stop_forkserver(self, timeout_s: float) -> None:
+        task, self._forkserver = self._forkserver, None
+        if task is None:
+            return
+        server = await task  # bounded: it starts the process, it does not wait for its imports
+        if server is not None:
+            await server.close(timeout_s)
 
 
 def _kill(child: Child) -> None:

@@ -242,3 +242,28 @@ def keep_beating(peer: net.Peer, interval_s: float = 0.05, body: dict[str, Any] 
     task = asyncio.ensure_future(beat())
     _BEATING.add(task)
     task.add_done_callback(_BEATING.discard)
+
+
+def descendants(pid: int) -> list[Path]:
+    """The /proc folders of ``pid``'s live children and their children, and so on (the
+    embedded cluster's shards and workers are children of its fork server)."""
+    parents: dict[int, list[Path]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if stat[0] != "Z":
+                parents.setdefault(int(stat[1]), []).append(entry)
+    found, todo = [], [pid]
+    while todo:
+        for entry in parents.get(todo.pop(), []):
+            found.append(entry)
+            todo.append(int(entry.name))
+    return found
+
+
+def cluster_children(pid: int) -> list[Path]:
+    """The shard and worker processes among ``pid``'s descendants."""
+    return [p for p in descendants(pid) if b"psctl.cluster.child" in (p / "cmdline").read_bytes().split(b"\0")]

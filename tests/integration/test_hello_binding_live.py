@@ -26,7 +26,7 @@ from psctl.protocol import handshake
 from psctl.protocol.wire import MsgType
 
 from ..conftest import EXAMPLES
-from .cluster import ServerProcess, bare_spec, driver_session, worker_session
+from .cluster import ServerProcess, bare_spec, cluster_children, driver_session, worker_session
 
 pytestmark = pytest.mark.integration
 
@@ -69,13 +69,6 @@ async def test_a_hello_as_a_live_worker_from_another_connection_does_not_evict_i
     assert code == 0 and "Traceback" not in err, err[-3000:]
 
 
-def _parent(proc_dir: Path) -> int | None:
-    try:
-        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the children's command lines from /proc")
 @pytest.mark.parametrize("insecure", [False, True], ids=["default", "insecure"])
@@ -96,7 +89,7 @@ async def test_the_embedded_cluster_has_a_fresh_secret_by_default(tmp_path, inse
             if line.startswith("epoch 1/"):
                 break
         assert address, "psctl train never printed its cluster's address"
-        children = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == proc.pid]
+        children = cluster_children(proc.pid)
         assert len(children) == 3  # 1 shard, 2 workers
         given = [b"--secret-fd" in (child / "cmdline").read_bytes().split(b"\0") for child in children]
         if insecure:

@@ -27,6 +27,8 @@ from ..certs import self_signed_cert
 from ..conftest import EXAMPLES, run_psctl
 from .cluster import (
     Hangups,
+    cluster_children,
+    descendants,
     RawClient,
     ServerProcess,
     bare_spec,
@@ -270,21 +272,14 @@ def test_the_embedded_cluster_keeps_the_secret_off_command_lines_and_environment
         for line in proc.stdout:  # bounded by the test's timeout
             if line.startswith("epoch 1/"):
                 break
-        children = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == proc.pid]
+        children = cluster_children(proc.pid)
         assert len(children) == 4  # 2 shards, 2 workers: all trained with the secret
-        for child in children:
+        for child in descendants(proc.pid):  # the fork server they came from included
             assert secret not in (child / "cmdline").read_bytes()
             assert secret not in (child / "environ").read_bytes()
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=20)
-
-
-def _parent(proc_dir: Path) -> int | None:
-    try:
-        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 @pytest.fixture(scope="module")
