@@ -134,7 +134,7 @@ def train(
     model file there (any path or URL ``psctl predict`` reads).
 
     ``data``: a DataFrame (``input_mode="spark"``, the default for one) with the ``label``
-    column and numeric ``features`` (default: every other numeric column); with
+    column and numeric ``features`` (default: every other column); with
     ``categorical`` (and ``hash_bits``), those columns' values are hashed as ``psctl train
     --categorical`` hashes a CSV's. For ``mf``: ``user_col``, ``item_col`` and ``rating_col``.
     Or a CSV or Parquet path or URL that every executor sees (``input_mode="files"``, the
@@ -179,7 +179,7 @@ def train(
                                max_frame_bytes=cfg.max_frame_bytes, bind_host=host, **plan)
     with tempfile.TemporaryDirectory(prefix="psctl-spark-") as tmp:
         cfg.out = out if out is not None else os.path.join(tmp, "model.npz")
-        result = _run(_drive(session, frame, cfg, task_plan, host, on_event or (lambda e: None)))
+        result = _run(_drive(session, frame, cfg, task_plan, host, on_event if on_event is not None else (lambda e: None)))
         _, params, meta = loading.load(cfg.out)
     return TrainedModel(params, meta, result.events, out)
 
@@ -206,7 +206,7 @@ def _plan_frame(
             raise DataError(f"the label column {label!r} of {model_cls.kind} is {types[label].simpleString()}, not numeric")
         tasks.check_columns(types, categorical, "is named in categorical")
         if features is None:
-            features = [n for n in types if n != label and (n in numeric or n in categorical)]
+            features = [n for n in types if n != label]  # as psctl train reads every column of a CSV
         tasks.check_columns(types, tuple(features), "is named in features")
         if not features:
             raise DataError("the DataFrame has no numeric feature column besides the label")
@@ -215,7 +215,7 @@ def _plan_frame(
         text = [n for n in features if n not in numeric and n not in categorical]
         if text:
             raise DataError(f"feature column {text[0]!r} is {types[text[0]].simpleString()}, not numeric: "
-                            "name it in categorical to hash its values")
+                            "name it in categorical to hash its values, or leave it out of features")
         columns, target = tuple(features), label
         schema = csvfile.CsvSchema((label, *features), 0, tuple(range(1, len(features) + 1)), True)
         hashed = bool(categorical) or hash_bits is not None
