@@ -278,6 +278,8 @@ async def _drive(
             if not done:
                 spark.sparkContext.cancelJobGroup(group)
                 await asyncio.wait({stage}, timeout=TASKS_STOP_TIMEOUT_S)
+        if stage.done() and not stage.cancelled():
+            stage.exception()  # retrieved: the job's own error, if any, is the one raised
 
 
 def _run_stage(spark: SparkSession, frame: DataFrame, plan: tasks.TaskPlan, group: str) -> list[Any]:

@@ -29,7 +29,7 @@ import numpy as np
 from psctl import net
 from psctl.cluster.launch import LocalCluster
 from psctl.data import arrays, csvfile, formats, ratings
-from psctl.errors import DataError, JobError
+from psctl.errors import ConnectError, DataError, JobError
 
 SHARD_STOP_TIMEOUT_S = 60.0  # the driver pulls the model, then closes the coordinator
 
@@ -130,7 +130,7 @@ async def _serve(plan: TaskPlan, k: int, features: str | None, folder: str) -> i
         while True:
             (worker,) = await cluster.start_workers(1, plan.coordinator, data_path=features, partition=partition)
             code = await worker.proc.wait()
-            if code == 0:
+            if code in (0, ConnectError.exit_code):  # done; or the coordinator is gone: the driver ended the job
                 break
             if restarts >= plan.max_restarts:
                 last = (worker.log_tail().splitlines() or ["no output"])[-1]

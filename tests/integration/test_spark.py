@@ -220,3 +220,10 @@ def test_an_empty_dataframe_and_missing_values_are_one_sentence(spark, ps):
         ps.train(spark.createDataFrame([(0, 1.0), (1, None)], "label INT, a DOUBLE"), workers=2)
     with pytest.raises(PsctlError, match="task slots"):
         ps.train(spark.createDataFrame([(0, 1.0)], "label INT, a DOUBLE"), workers=3)
+
+
+def test_a_job_that_fails_on_the_cluster_is_one_sentence(spark, ps):
+    events = Events()
+    with pytest.raises(DataError, match="logreg needs exactly two label values; found 10"):
+        ps.train(_csv(spark, DIGITS / "train.csv"), "logreg", workers=2, on_event=events)
+    assert _none_left(events.address) == []
