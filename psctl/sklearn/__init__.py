@@ -46,7 +46,7 @@ from psctl.core.sparse import SparseRows
 from psctl.data import arrays, csvfile, formats, ratings
 from psctl.errors import DataError, ModelFileError, PsctlError, UsageError
 from psctl.files import loading, modelfile
-from psctl.models.base import predicted_index
+from psctl.models.base import class_values, predicted_index
 from psctl.models.registry import model_class
 
 __all__ = ["PSLinearRegression", "PSLinearSVC", "PSLogisticRegression", "PSMatrixFactorization", "PSSoftmaxRegression"]
@@ -80,16 +80,6 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     if "error" in box:
         raise box["error"]
     return box["result"]
-
-
-def _classes_from_meta(names: list[str]) -> np.ndarray:
-    """A loaded model's class labels: integers or numbers when every label is one, else text."""
-    for kind in (int, float):
-        try:
-            return np.array([kind(n) for n in names])
-        except ValueError:
-            pass
-    return np.array(names)
 
 
 class _PSEstimator(BaseEstimator):
@@ -331,7 +321,7 @@ class _Classifier(ClassifierMixin, _LinearEstimator):
 
     def _loaded(self, meta: dict[str, Any]) -> None:
         super()._loaded(meta)
-        self.classes_ = _classes_from_meta(meta["classes"])
+        self.classes_ = class_values(meta["classes"])
         self._order = self._class_order()
 
     def _scores(self, X: Any) -> np.ndarray:

@@ -53,6 +53,7 @@ from psctl.cluster.launch import embedded_security
 from psctl.data import arrays, csvfile, formats
 from psctl.errors import DataError, JobError, UsageError
 from psctl.files import loading, modelfile
+from psctl.models.base import class_values
 from psctl.models.registry import model_class
 from psctl.spark import tasks
 
@@ -341,7 +342,7 @@ def predict(df: DataFrame, model: str | TrainedModel | tuple[str, str], *, cold_
 def _class_type(meta: dict[str, Any]) -> T.DataType:
     if meta.get("task") == "regression":
         return T.DoubleType()
-    values = tasks.class_values(meta["classes"])
+    values = class_values(meta["classes"])
     return {"i": T.LongType(), "f": T.DoubleType()}.get(values.dtype.kind, T.StringType())
 
 

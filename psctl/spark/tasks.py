@@ -49,7 +49,7 @@ class TaskPlan:
     hash_bits: int = 0
     max_restarts: int = 3
     max_frame_bytes: int = 0
-    bind_host: str = "127.0.0.1"  # where a shard listens: loopback in local mode, else this host's address
+    bind_host: str = "127.0.0.1"  # where the coordinator listens: loopback in local mode (the shards too), else the driver's
 
 
 def _column(batches: list[Any], name: str) -> np.ndarray:
@@ -106,7 +106,10 @@ def run_task(plan: TaskPlan, batches: Iterator[Any]) -> Iterator[Any]:
     import pyarrow as pa
     from pyspark import BarrierTaskContext
 
-    k = BarrierTaskContext.get().partitionId()
+    context = BarrierTaskContext.get()
+    k = context.partitionId()
+    if not net.is_loopback(plan.bind_host):  # a shard listens on its executor's own address
+        plan = dataclasses.replace(plan, bind_host=context.getTaskInfos()[k].address.rsplit(":", 1)[0])
     folder = tempfile.mkdtemp(prefix="psctl-spark-")
     try:
         features, n = (None, 0) if plan.fmt == "files" else write_rows(plan, list(batches), folder)
@@ -167,7 +170,7 @@ def predict_columns(pred: Any, batches: list[Any], columns: tuple[str, ...], col
     import pyarrow as pa
 
     from psctl.apps import predict as apps_predict
-    from psctl.models.base import predicted_index
+    from psctl.models.base import class_values, predicted_index
 
     meta = pred.meta
     if pred.mf is not None:
@@ -190,16 +193,6 @@ def predict_columns(pred: Any, batches: list[Any], columns: tuple[str, ...], col
         probs = np.column_stack([1 - out, out]) if out.ndim == 1 else out
         result["probability"] = pa.array(list(probs.astype(np.float64)), pa.list_(pa.float64()))
     return result
-
-
-def class_values(names: list[str]) -> np.ndarray:
-    """A model's class labels as values: integers or numbers when every label is one, else text."""
-    for kind in (int, float):
-        try:
-            return np.array([kind(n) for n in names])
-        except ValueError:
-            pass
-    return np.array(names)
 
 
 def check_columns(present: dict[str, str], wanted: tuple[str, ...], what: str) -> None:

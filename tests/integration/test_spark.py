@@ -227,3 +227,9 @@ def test_a_job_that_fails_on_the_cluster_is_one_sentence(spark, ps):
     with pytest.raises(DataError, match="logreg needs exactly two label values; found 10"):
         ps.train(_csv(spark, DIGITS / "train.csv"), "logreg", workers=2, on_event=events)
     assert _none_left(events.address) == []
+
+
+def test_a_missing_extra_names_the_pip_install():
+    code = "import sys; sys.modules['pyspark'] = None\ntry:\n import psctl.spark\nexcept ImportError as e:\n print(e)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.stdout.strip() == "psctl.spark needs pyspark: run pip install 'psctl[spark]'"
