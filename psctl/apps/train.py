@@ -126,6 +126,8 @@ class TrainConfig:
     # In-memory input (psctl.sklearn): ``data`` is a features .npy that every worker maps, and
     # this is its data spec (psctl.data.arrays.data_spec: format, schema, labels file, rows).
     arrays: dict[str, Any] | None = None
+    # With --server: submit once this many shards have registered (psctl.spark: its shard tasks); else 1.
+    min_shards: int | None = None
     # The embedded cluster's shards and this job's local workers as tasks of this process,
     # not child processes (cluster.launch.LocalCluster): no process start-up, one core.
     in_process: bool = False
@@ -269,7 +271,7 @@ def build_spec(cfg: TrainConfig, source: formats.Source, partitions: list[csvfil
         seed=cfg.seed,
         standardize=cfg.standardize,
         optimizer=optimizer_spec(cfg),
-        min_shards=cfg.shards if cfg.server is None else 1,
+        min_shards=cfg.shards if cfg.server is None else (cfg.min_shards or 1),
         data={"path": storage.absolute(cfg.data), "size": input_size(cfg.data, source), **source.data},
         partitions=tuple(p.to_dict() for p in partitions),
         test_split=cfg.test_split,
@@ -289,14 +291,27 @@ def build_spec(cfg: TrainConfig, source: formats.Source, partitions: list[csvfil
         hold_epochs=cfg.patience > 0 or cfg.converge,
         keep={"name": cfg.keep, "replace": cfg.replace} if cfg.keep is not None else None,
         from_kept={"name": cfg.resume_from} if cfg.resume_from is not None else None,
-        takeover_after_s=cfg.failure_timeout_s if cfg.max_restarts > 0 and (cfg.local_workers is None or cfg.local_workers > 0) else 0.0,
+        takeover_after_s=takeover_after_s(cfg, source),
     )
+
+
+# Rows that each worker holds alone (arrays.is_per_worker) cannot be taken over by a survivor:
+# a lost worker's partition waits this long for its own replacement (psctl.spark restarts it).
+NO_TAKEOVER_S = 24 * 3600.0
+
+
+def takeover_after_s(cfg: TrainConfig, source: formats.Source) -> float:
+    if arrays.is_per_worker(source.data):
+        return NO_TAKEOVER_S
+    return cfg.failure_timeout_s if cfg.max_restarts > 0 and (cfg.local_workers is None or cfg.local_workers > 0) else 0.0
 
 
 def input_size(path: str, source: formats.Source) -> int:
     """The input's stored bytes (a Parquet folder's: its files' together); workers check it."""
     if parquet.is_parquet_data(source.data):
         return sum(int(size) for _, size, _ in source.data["files"])
+    if arrays.is_per_worker(source.data):  # no file here: each worker holds its rows
+        return 0
     return storage.stored_size(path)
 
 
@@ -731,6 +746,10 @@ def _arrays_source(cfg: TrainConfig, model_cls: type[Model]) -> tuple[formats.So
         assert schema is not None
         n_features = len(schema.feature_indices)
     source = formats.Source(fmt, dict(cfg.arrays), schema, n_features, True)
+    if arrays.is_per_worker(cfg.arrays):  # the partitions the workers hold
+        if len(cfg.arrays["partition_rows"]) != cfg.workers:
+            raise UsageError(f"the in-memory data has {len(cfg.arrays['partition_rows'])} partitions for {cfg.workers} workers")
+        return source, arrays.partitions_of(cfg.arrays["partition_rows"])
     return source, arrays.plan_partitions(int(cfg.arrays["rows"]), cfg.workers)
 
 

@@ -93,7 +93,8 @@ async def worker_main(args: argparse.Namespace, security: net.Security) -> None:
     from psctl.cluster.worker import Worker
 
     announce(args.server)
-    await Worker(args.server, max_frame_bytes=args.max_frame_bytes, data_path=args.data, model_classes=args.model_class, security=security).run()
+    await Worker(args.server, max_frame_bytes=args.max_frame_bytes, data_path=args.data, model_classes=args.model_class, security=security,
+                 partition=args.partition).run()
 
 
 def _remove_log_dir(folder: str | None) -> None:
@@ -121,6 +122,7 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--server", required=True)
     w.add_argument("--data", default=None)
     w.add_argument("--model-class", action="append", default=[])
+    w.add_argument("--partition", type=int, default=None, help="--data holds this partition's rows only (psctl.spark)")
     for sp in (s, w):
         sp.add_argument("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES)
         sp.add_argument("--parent-watch", action="store_true")

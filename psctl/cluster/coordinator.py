@@ -230,8 +230,12 @@ class CoordinatorService:
 
     def _register_worker(self, conn: int, msg: Message) -> Any:
         body = msg.body
+        partition = body.get("partition")
+        if partition is not None and (not isinstance(partition, int) or isinstance(partition, bool) or partition < 0):
+            raise net.RequestError("REGISTER_WORKER 'partition' must be a partition's index")
         return self._request(
-            lambda r: core.WorkerRegistered(r, conn, body.get("pid"), body.get("host"), body.get("spare_of")), MsgType.REGISTER_WORKER
+            lambda r: core.WorkerRegistered(r, conn, body.get("pid"), body.get("host"), body.get("spare_of"), partition),
+            MsgType.REGISTER_WORKER,
         )
 
     def _heartbeat(self, conn: int, msg: Message) -> None:

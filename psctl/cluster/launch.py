@@ -234,18 +234,22 @@ class LocalCluster:
             children.append(await self._spawn("shard", len([c for c in self.children if c.role == "shard"]), args))
         return list(await asyncio.gather(*(self._ready(c) for c in children)))
 
-    async def start_workers(self, n: int, coordinator: str, model_class: str | None = None) -> list[Child]:
-        """Start ``n`` worker processes; they join the coordinator's next job (allowed to load ``model_class``)."""
+    async def start_workers(
+        self, n: int, coordinator: str, model_class: str | None = None, *, data_path: str | None = None, partition: int | None = None
+    ) -> list[Child]:
+        """Start ``n`` worker processes; they join the coordinator's next job (allowed to load ``model_class``).
+        ``data_path`` and ``partition``: each reads its rows there, and holds that partition's only."""
         first = len([c for c in self.children if c.role == "worker"])
         if self.in_process:
             from psctl.cluster.worker import Worker
 
             def worker(stop: asyncio.Event) -> Awaitable[Any]:
                 return Worker(coordinator, max_frame_bytes=self.max_frame_bytes, security=self.security,
-                              model_classes=[model_class] if model_class else []).run()
+                              model_classes=[model_class] if model_class else [], data_path=data_path, partition=partition).run()
 
             return [self._start_task("worker", first + i, worker) for i in range(n)]
         args = ["--server", coordinator] + (["--model-class", model_class] if model_class else [])
+        args += (["--data", data_path] if data_path else []) + (["--partition", str(partition)] if partition is not None else [])
         return [await self._spawn("worker", first + i, args) for i in range(n)]
 
     async def _start_shard_tasks(self, n: int, coordinator: str, port: int) -> list[str]:

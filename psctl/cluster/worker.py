@@ -199,6 +199,8 @@ def check_input(path: str, data: dict[str, Any]) -> None:
     """DataError unless this host sees the job's input at ``path``, of the job's size."""
     if parquet.is_parquet_data(data):
         return parquet.check_unchanged(data, path)
+    if arrays.is_per_worker(data):  # this worker's rows only: arrays.read_partition checks their count
+        return arrays.check_local(path)
     if not storage.exists(path):
         raise DataError(f"data file '{path}' does not exist on worker host {socket.gethostname()}")
     if storage.stored_size(path) != data["size"]:
@@ -329,7 +331,11 @@ class Worker:
         data_path: str | None = None,
         model_classes: Sequence[str] = (),
         security: net.Security = net.LOCAL,
+        partition: int | None = None,
     ):
+        # ``partition``: this worker holds that partition's rows alone (``data_path`` names
+        # them; psctl.spark's tasks), so it joins only as that partition's worker.
+        self.partition = partition
         # A job spec names its model; a user's class ('pkg.mod:Class') is imported only
         # when this worker was started allowing it, so a job cannot make a worker import code.
         self.model_classes = set(model_classes)
@@ -361,6 +367,10 @@ class Worker:
 
     def _take_over(self, job_id: str) -> None:
         """Train a lost worker's partition alongside this one, as a second worker of the job."""
+        if self.partition is not None:  # the lost partition's rows are not here
+            log.warning("job %s: cannot take over a lost worker's partition: this worker holds only partition %d's rows",
+                        job_id, self.partition)
+            return
         helper = Worker(
             self.coordinator_address,
             max_frame_bytes=self.max_frame_bytes,
@@ -387,6 +397,8 @@ class Worker:
             body: dict[str, Any] = {"pid": os.getpid(), "host": socket.gethostname()}
             if spare_of is not None:
                 body["spare_of"] = spare_of
+            if self.partition is not None:
+                body["partition"] = self.partition
             # No bound: `psctl worker` waits for the next job. Heartbeats start with the reply:
             # reading the data and waiting for the other workers' statistics can take longer
             # than the failure timeout.

@@ -361,11 +361,12 @@ def live_ids(slots: list[Slot]) -> set[int]:
     return {s.worker_id for s in slots if s.state in LIVE_SLOT_STATES}
 
 
-def free_slot(slots: list[Slot], *, spare_only: bool) -> Slot | None:
+def free_slot(slots: list[Slot], *, spare_only: bool, partition: int | None = None) -> Slot | None:
     """The slot a registering worker gets: the first waiting or spare one (only a spare for
-    a survivor taking a lost partition over)."""
+    a survivor taking a lost partition over; only one of ``partition`` for a worker that
+    holds that partition's rows alone)."""
     states = (SlotState.SPARE,) if spare_only else (SlotState.WAITING, SlotState.SPARE)
-    return next((s for s in slots if s.state in states and s.peer is None), None)
+    return next((s for s in slots if s.state in states and s.peer is None and partition in (None, s.partition)), None)
 
 
 def lose(slots: list[Slot], barriers: list[Barrier], slot: Slot) -> tuple[Slot | None, list[Effect]]:
@@ -740,9 +741,9 @@ class CoordinatorState:
                 else:
                     out += self._open_job(parked.event)
         for parked in list(self._registrants):
-            slot = self._free_slot(None)
+            slot = self._free_slot(None, parked.event.partition)
             if slot is None:
-                break
+                continue  # a worker of another partition may still find its slot
             self._registrants.remove(parked)
             out += self._assign(parked.event, slot)
         return out
@@ -1109,19 +1110,19 @@ class CoordinatorState:
         return out + [Release(request, f"job {job.job_id} stopped without a final checkpoint: {error}")]
 
     # -- workers -------------------------------------------------------------------------
-    def _free_slot(self, spare_of: str | None) -> Slot | None:
+    def _free_slot(self, spare_of: str | None, partition: int | None = None) -> Slot | None:
         job = self.job
         if job is None or job.state is not JobState.RUNNING:
             return None
         if spare_of is not None and spare_of != job.job_id:
             return None
-        return free_slot(job.workers, spare_only=spare_of is not None)
+        return free_slot(job.workers, spare_only=spare_of is not None, partition=partition)
 
     def _register_worker(self, event: WorkerRegistered) -> list[ServiceEffect]:
         """A worker joins the running job (waiting for one): a free slot, or a lost worker's.
         With ``spare_of`` (a survivor taking over a lost worker's partition) only a lost
         worker's slot of that job will do, and the answer comes at once."""
-        slot = self._free_slot(event.spare_of)
+        slot = self._free_slot(event.spare_of, event.partition)
         if slot is None and event.spare_of is not None:
             raise RequestError("no lost worker's partition is waiting to be taken over", code="no_spare")
         if slot is None:

@@ -83,6 +83,7 @@ class WorkerRegistered:
     pid: object = None
     host: object = None
     spare_of: str | None = None  # a survivor taking a lost partition over: only a spare slot of that job
+    partition: int | None = None  # a worker that holds one partition's rows only (psctl.spark): only that partition's slot
 
 
 @dataclass(frozen=True)

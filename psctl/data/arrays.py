@@ -45,19 +45,45 @@ def is_arrays(data: dict[str, Any]) -> bool:
     return data.get("storage") == STORAGE
 
 
+def is_per_worker(data: dict[str, Any]) -> bool:
+    """Each worker holds only its own partition's rows, in a folder of its own (psctl.spark:
+    a Spark task writes the rows it was given there): the job's ``path`` is no file, and a
+    worker's ``data_path`` names its features file, the other files beside it."""
+    return is_arrays(data) and bool(data.get("per_worker"))
+
+
+def check_local(path: str) -> None:
+    if not os.path.exists(path):
+        raise DataError(f"this worker's in-memory rows '{path}' do not exist")
+
+
+def per_worker_spec(fmt: str, schema: csvfile.CsvSchema | None, partition_rows: list[int], **extra: Any) -> dict[str, Any]:
+    """The data spec of rows that each worker holds alone (:func:`is_per_worker`):
+    ``partition_rows[k]`` rows in partition k."""
+    return {"storage": STORAGE, "per_worker": True, "format": fmt, "schema": schema.to_dict() if schema is not None else None,
+            "rows": int(sum(partition_rows)), "partition_rows": [int(n) for n in partition_rows], **extra}
+
+
+def partitions_of(partition_rows: list[int]) -> list[csvfile.Partition]:
+    """Contiguous row ranges of these sizes (partition k: ``partition_rows[k]`` rows)."""
+    bounds = np.concatenate([[0], np.cumsum(np.asarray(partition_rows, np.int64))])
+    return [csvfile.Partition(k, int(bounds[k]), int(bounds[k + 1]), int(bounds[k]) + 1, int(n)) for k, n in enumerate(partition_rows)]
+
+
 WRITE_CHUNK_BYTES = 64 << 20
 
 
-def write(folder: str | os.PathLike[str], X: np.ndarray, labels: np.ndarray) -> tuple[str, str]:
+def write(folder: str | os.PathLike[str], X: np.ndarray, labels: np.ndarray, allow_empty: bool = False) -> tuple[str, str]:
     """Write the features (or ids) and the labels (or ratings) as ``.npy`` files in ``folder``
     (one pass each, straight from the arrays), and return their paths. ``labels`` must be
-    numeric or text (``'<U'``): object arrays are refused, as they would need pickling."""
-    features, label_file, fill = start(folder, X, labels)
+    numeric or text (``'<U'``): object arrays are refused, as they would need pickling.
+    ``allow_empty``: one worker's partition, which may have no rows."""
+    features, label_file, fill = start(folder, X, labels, allow_empty)
     fill()
     return features, label_file
 
 
-def start(folder: str | os.PathLike[str], X: np.ndarray, labels: np.ndarray) -> tuple[str, str, Callable[[], None]]:
+def start(folder: str | os.PathLike[str], X: np.ndarray, labels: np.ndarray, allow_empty: bool = False) -> tuple[str, str, Callable[[], None]]:
     """:func:`write` in two parts: the labels file whole, and the features file with its
     ``.npy`` header and its final size; the function returned writes the rows into it
     (straight from ``X``'s memory when it is C-ordered), e.g. in a thread while a cluster
@@ -66,7 +92,7 @@ def start(folder: str | os.PathLike[str], X: np.ndarray, labels: np.ndarray) -> 
         raise DataError("in-memory input must be numeric or text arrays, not Python objects")
     if len(X) != len(labels):
         raise DataError(f"the features have {len(X)} rows and the labels {len(labels)}")
-    if len(X) == 0:
+    if len(X) == 0 and not allow_empty:
         raise DataError("the data has no rows")
     features, label_file = str(Path(folder) / FEATURES_FILE), str(Path(folder) / LABELS_FILE)
     np.save(label_file, np.ascontiguousarray(labels), allow_pickle=False)
@@ -86,14 +112,14 @@ def start(folder: str | os.PathLike[str], X: np.ndarray, labels: np.ndarray) -> 
     return features, label_file, fill
 
 
-def write_csr(folder: str | os.PathLike[str], X: SparseRows, labels: np.ndarray) -> tuple[str, str, dict[str, str]]:
+def write_csr(folder: str | os.PathLike[str], X: SparseRows, labels: np.ndarray, allow_empty: bool = False) -> tuple[str, str, dict[str, str]]:
     """Sparse rows as three ``.npy`` files (values, indptr, indices) and the labels; returns
     the values path, the labels path and the data spec's ``layout``/``indptr``/``indices``."""
     if labels.dtype == object:
         raise DataError("in-memory input must be numeric or text arrays, not Python objects")
     if len(X) != len(labels):
         raise DataError(f"the features have {len(X)} rows and the labels {len(labels)}")
-    if len(X) == 0:
+    if len(X) == 0 and not allow_empty:
         raise DataError("the data has no rows")
     values, indptr, indices = (str(Path(folder) / name) for name in CSR_FILES)
     for path, array in ((values, X.values), (indptr, X.indptr), (indices, X.indices), (labels_path := str(Path(folder) / LABELS_FILE), labels)):
@@ -137,6 +163,8 @@ def read_partition(data: dict[str, Any], path: str, part: csvfile.Partition) -> 
     """Rows [part.start, part.end) of the features (dense: a read-only view into the mapped
     file, no copy; csr: SparseRows of that range) and their labels (raw label text or
     numbers, ratings; read into memory)."""
+    if is_per_worker(data):
+        return _read_own(data, path, part)
     labels = _map(data["labels"], "labels")
     rows = int(data["rows"])
     if data.get("layout") == "csr":
@@ -161,3 +189,16 @@ def read_partition(data: dict[str, Any], path: str, part: csvfile.Partition) -> 
     if len(keys) and keys.min() < 0:
         raise DataError(f"the in-memory sparse data '{path}' has a negative column index")
     return SparseRows(bounds - first, keys, np.asarray(values[first:last], np.float32)), y
+
+
+def _read_own(data: dict[str, Any], path: str, part: csvfile.Partition) -> tuple[Any, np.ndarray]:
+    """A worker's own rows (:func:`is_per_worker`): the files in ``path``'s folder hold ``part`` alone."""
+    folder = Path(path).parent
+    n = len(_map(str(folder / LABELS_FILE), "labels"))
+    if n != part.n_rows:
+        raise DataError(f"this worker holds {n} rows, but partition {part.index} has {part.n_rows}: the data changed "
+                        "between the row count and the training pass (persist() a DataFrame whose rows are not deterministic)")
+    own = {**data, "per_worker": False, "rows": n, "labels": str(folder / LABELS_FILE)}
+    if data.get("layout") == "csr":
+        own.update(indptr=str(folder / CSR_FILES[1]), indices=str(folder / CSR_FILES[2]))
+    return read_partition(own, path, csvfile.Partition(part.index, 0, n, 1, n))

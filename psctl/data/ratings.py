@@ -166,3 +166,13 @@ def random_split(n_rows: int, test_fraction: float, seed: int) -> tuple[np.ndarr
     order = np.random.default_rng(seed).permutation(n_rows)
     n_test = round(n_rows * test_fraction)
     return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def id_text(values: np.ndarray) -> np.ndarray:
+    """In-memory ids as text, as a CSV would hold them: an integer-valued float is that integer."""
+    values = np.asarray(values)
+    if values.dtype.kind == "f" and np.isfinite(values).all() and (values == np.round(values)).all():
+        values = values.astype(np.int64)
+    if values.dtype.kind == "O":
+        values = np.array([str(v) for v in values.tolist()])
+    return values.astype(str)

@@ -175,6 +175,17 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def class_values(names: list[str]) -> np.ndarray:
+    """A model's class labels (normalized text, as its meta keeps them) as values: integers or
+    numbers when every label is one, else text."""
+    for kind in (int, float):
+        try:
+            return np.array([kind(n) for n in names])
+        except ValueError:
+            pass
+    return np.array(names)
+
+
 def predicted_index(task: str, outputs: np.ndarray) -> np.ndarray:
     """Class index per row for classifiers."""
     if task == "binary":

@@ -43,10 +43,10 @@ from psctl.apps import recommend
 from psctl.apps.predict import aligned_weights
 from psctl.apps.train import TrainConfig, train
 from psctl.core.sparse import SparseRows
-from psctl.data import arrays, csvfile, formats
+from psctl.data import arrays, csvfile, formats, ratings
 from psctl.errors import DataError, ModelFileError, PsctlError, UsageError
 from psctl.files import loading, modelfile
-from psctl.models.base import predicted_index
+from psctl.models.base import class_values, predicted_index
 from psctl.models.registry import model_class
 
 __all__ = ["PSLinearRegression", "PSLinearSVC", "PSLogisticRegression", "PSMatrixFactorization", "PSSoftmaxRegression"]
@@ -80,16 +80,6 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     if "error" in box:
         raise box["error"]
     return box["result"]
-
-
-def _classes_from_meta(names: list[str]) -> np.ndarray:
-    """A loaded model's class labels: integers or numbers when every label is one, else text."""
-    for kind in (int, float):
-        try:
-            return np.array([kind(n) for n in names])
-        except ValueError:
-            pass
-    return np.array(names)
 
 
 class _PSEstimator(BaseEstimator):
@@ -331,7 +321,7 @@ class _Classifier(ClassifierMixin, _LinearEstimator):
 
     def _loaded(self, meta: dict[str, Any]) -> None:
         super()._loaded(meta)
-        self.classes_ = _classes_from_meta(meta["classes"])
+        self.classes_ = class_values(meta["classes"])
         self._order = self._class_order()
 
     def _scores(self, X: Any) -> np.ndarray:
@@ -540,7 +530,7 @@ class PSMatrixFactorization(RegressorMixin, _PSEstimator):
             raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None (no rating column either)")
         if len(columns[0]) == 0:
             raise ValueError(f"Found array with 0 sample(s) (shape=(0, 2)) while a minimum of 1 is required by {type(self).__name__}.")
-        ids = np.stack([_id_text(c) for c in columns], axis=1)
+        ids = np.stack([ratings.id_text(c) for c in columns], axis=1)
         if y is None:
             return ids, None
         try:
@@ -580,20 +570,9 @@ class PSMatrixFactorization(RegressorMixin, _PSEstimator):
     def recommend(self, user: Any, k: int = 10) -> list[tuple[str, float]]:
         """The top ``k`` (item id, predicted rating) for ``user``, best first."""
         recommend.check_top(k)
-        return recommend.recommend_user(self._mf(), str(_id_text(np.array([user]))[0]), k)
+        return recommend.recommend_user(self._mf(), str(ratings.id_text(np.array([user]))[0]), k)
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
         tags.input_tags.string = True  # ids may be text
         return tags
-
-
-def _id_text(values: np.ndarray) -> np.ndarray:
-    """Ids as text, as a CSV would hold them: an integer-valued float is that integer."""
-    values = np.asarray(values)
-    if values.dtype.kind == "f" and np.isfinite(values).all() and (values == np.round(values)).all():
-        values = values.astype(np.int64)
-    if values.dtype.kind == "O":
-        values = np.array([str(v) for v in values.tolist()])
-    return values.astype(str)
-

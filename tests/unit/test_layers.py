@@ -27,6 +27,7 @@ RANK = {
     "apps": 7,
     "cli": 8,
     "sklearn": 8,  # scikit-learn estimators: a front end over apps/, like the CLI
+    "spark": 8,  # psctl on Spark: a front end over apps/ (train, predict), like sklearn/; never cli/
 }
 PURE = ("protocol", "core")
 IO_MODULES = {"asyncio", "socket", "ssl", "selectors", "uvloop", "subprocess", "threading"}
