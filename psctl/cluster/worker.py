@@ -241,6 +241,14 @@ def prepare(raw_X: Any, labels: np.ndarray, classes: list[str], stats_reply: dic
     return Prepared(X, y, classes, n_features)
 
 
+# Whether a step's numbers are finite is checked explicitly (step_figures); numpy's floating
+# point warnings add nothing to that, and OpenBLAS kernels can raise the invalid flag on
+# finite float32 input (numpy#24067, OpenBLAS#1924), which a caller's warnings filter set to
+# "error" (an in-process worker in a user's program or a test) would turn into a lost worker.
+def _no_fp_warnings() -> np.errstate:
+    return np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore")
+
+
 def split_validation(labels: np.ndarray, fraction: float, seed: int, partition: int, stratify: bool) -> tuple[np.ndarray, np.ndarray]:
     """A partition's (train, held-out) row indices: stratified by label for classifiers."""
     key = labels if stratify else np.zeros(len(labels), dtype=np.int8)
@@ -260,14 +268,16 @@ def plan_rows(client: ShardClient, model: Model, X: Any) -> KeyPlan:
 
 def evaluate(model: Model, params: dict[str, np.ndarray], rows: Prepared) -> dict[str, Any]:
     """Loss and additive figures of ``params`` on ``rows``, as a report carries them."""
-    loss, _, outputs = model.loss_grad(params, rows.X, rows.y)
+    with _no_fp_warnings():
+        loss, _, outputs = model.loss_grad(params, rows.X, rows.y)
     return {"loss_sum": float(loss) * len(rows.y), "n": len(rows.y), "sums": batch_sums(model.task, outputs, rows.y)}
 
 
 def step_figures(model: Model, params: dict[str, np.ndarray], X: Any, y: np.ndarray, epoch: int) -> tuple[float, dict[str, np.ndarray], dict[str, float]]:
     """One mini-batch's loss, gradients and additive figures; PsctlError if they are not finite."""
-    loss, grads, outputs = model.loss_grad(params, X, y)
-    figures = batch_sums(model.task, outputs, y)
+    with _no_fp_warnings():
+        loss, grads, outputs = model.loss_grad(params, X, y)
+        figures = batch_sums(model.task, outputs, y)
     if not all(map(math.isfinite, (float(loss) * len(y), *figures.values()))):
         # Pushing would spread inf/NaN to the tables; the reports could not carry it either.
         raise PsctlError(f"the loss overflowed in epoch {epoch + 1}: training diverged; try a smaller --lr")
