@@ -20,7 +20,7 @@ from psctl import net
 from psctl.apps import history
 from psctl.apps.results import json_safe
 from psctl.cluster.client import ShardClient
-from psctl.cluster.launch import LocalCluster, embedded_security
+from psctl.cluster.launch import Child, LocalCluster, embedded_security
 from psctl.cluster.session import EventTimeout, Session
 from psctl.core.batching import epoch_steps
 from psctl.core.consistency import staleness_for
@@ -858,7 +858,7 @@ async def _follow(
                 if event["kind"] == "halted":
                     raise Interrupted(_halted(session.spec, event["clock"], None if halt is not None else event["reason"]))
                 if event["kind"] == "failed":
-                    raise JobError(f"training failed: {event['reason']}")
+                    raise JobError(f"training failed: {event['reason']}{_first_exit(cluster.workers())}")
                 if event["kind"] == "done":
                     return events, event
             if len(dead) <= lost:
@@ -886,6 +886,16 @@ async def _follow(
         for fut in [*exits, get, stopping, halt]:
             if fut is not None:
                 fut.cancel()
+
+
+def _first_exit(workers: list[Child]) -> str:
+    """What the first of the embedded cluster's workers that failed said, as the end of a
+    sentence ("" when none did): the cause behind "every worker was lost"."""
+    for child in workers:
+        if child.proc.returncode not in (None, 0):
+            last = child.log_tail().splitlines()[-1:] or ["no output"]
+            return f" (worker process {child.index} exited with code {child.proc.returncode}: {last[0]})"
+    return ""
 
 
 async def _next_event(control: Session) -> dict[str, Any]:

@@ -78,3 +78,12 @@ def _slow_off_the_loop(what):
     while time.thread_time() < end:  # CPU time of this thread: on a busy machine the wall time is longer
         n = (n * 31 + 7) % 1_000_003
     return n
+
+
+class RaisingModel(MeanModel):
+    """A user's model with a bug: every step raises. The job fails, and says what was raised."""
+
+    kind = "tests.integration.custom_model:RaisingModel"
+
+    def loss_grad(self, params, X, y):
+        raise ValueError("boom in the user's loss_grad")

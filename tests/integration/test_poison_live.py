@@ -67,3 +67,17 @@ def test_a_worker_whose_push_is_refused_as_non_finite_fails_the_job_naming_itsel
     assert re.search(r"worker \d+ pushed non-finite gradients \(NaN/Inf\): ", r.stderr), r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "m.npz").exists()
+
+
+def test_a_job_whose_every_worker_failed_says_what_the_first_one_raised(tmp_path):
+    """"every worker was lost" alone hides the cause; the error names the exception a
+    worker process died of (here a user's model that raises in every step)."""
+    reg = EXAMPLES / "regression"
+    kind = "tests.integration.custom_model:RaisingModel"
+    r = run_psctl("train", "custom", str(reg / "train.csv"), "--model-class", kind, "--label", "target", "--workers", "2",
+                  "--epochs", "1", "--max-restarts", "0", "--failure-timeout-s", "1", "--out", str(tmp_path / "m.npz"))  # fmt: skip
+    assert r.returncode == 4, r.stderr
+    assert re.search(r"training failed: every worker was lost.*\(worker process \d exited with code 1: "
+                     r"ValueError: boom in the user's loss_grad\)$", r.stderr.strip().splitlines()[-1]), r.stderr  # fmt: skip
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "m.npz").exists()
