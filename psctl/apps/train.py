@@ -858,7 +858,7 @@ async def _follow(
                 if event["kind"] == "halted":
                     raise Interrupted(_halted(session.spec, event["clock"], None if halt is not None else event["reason"]))
                 if event["kind"] == "failed":
-                    raise JobError(f"training failed: {event['reason']}{_first_exit(cluster.workers())}")
+                    raise JobError(f"training failed: {event['reason']}{_first_exit(event['reason'], cluster.workers())}")
                 if event["kind"] == "done":
                     return events, event
             if len(dead) <= lost:
@@ -888,9 +888,13 @@ async def _follow(
                 fut.cancel()
 
 
-def _first_exit(workers: list[Child]) -> str:
-    """What the first of the embedded cluster's workers that failed said, as the end of a
-    sentence ("" when none did): the cause behind "every worker was lost"."""
+def _first_exit(reason: str, workers: list[Child]) -> str:
+    """When the job failed because its workers were lost, what the first of the embedded
+    cluster's workers that exited with an error said, as the end of the sentence: the cause
+    behind "every worker was lost". "" for any other failure (a lost shard: the workers only
+    echo the coordinator's reason) or when no worker process failed."""
+    if not reason.startswith("every worker was lost"):
+        return ""
     for child in workers:
         if child.proc.returncode not in (None, 0):
             last = child.log_tail().splitlines()[-1:] or ["no output"]

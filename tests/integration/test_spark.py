@@ -26,6 +26,8 @@ from ..conftest import EXAMPLES, REPO  # noqa: E402
 
 pytestmark = [
     pytest.mark.integration,
+    # Each test is one or two Spark jobs of a few seconds; the first also starts the JVM.
+    pytest.mark.timeout(300),
     # pyspark 4.3 warns about pandas 3 on every Arrow UDF; psctl.spark uses no pandas.
     pytest.mark.filterwarnings("ignore:PySpark does not yet fully support pandas:FutureWarning"),
 ]
@@ -39,7 +41,12 @@ def spark():
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the executors' Python: this venv's
     from pyspark.sql import SparkSession
 
+    # The JVM's start is most of this module's CPU time. C1 only and the serial collector halve
+    # it (8 s against 15-17 s to getOrCreate on 2 cores at load 4-6): under the suite's load the
+    # default JVM took the first test past its timeout, and a test interrupted inside a py4j call
+    # leaves the gateway broken for every test after it.
     session = (SparkSession.builder.master("local[2]").appName("psctl-tests").config("spark.ui.enabled", "false")
+               .config("spark.driver.extraJavaOptions", "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC")
                .config("spark.sql.shuffle.partitions", "2").getOrCreate())  # fmt: skip
     session.sparkContext.setLogLevel("ERROR")
     yield session
