@@ -46,6 +46,7 @@ sys.path[:] = [str(REPO), *(p for p in sys.path if Path(p or ".").resolve() != R
 
 from benchmarks.common import machine_info  # noqa: E402
 from psctl.models import metrics  # noqa: E402
+from psctl.models.base import LinearModel  # noqa: E402
 
 CATEGORICAL = [f"C{j + 1}" for j in range(26)]
 NUMERIC = ["I1", "I2", "I3"]
@@ -106,7 +107,8 @@ def run_flags(name: str) -> tuple[str, list[str]]:
         sys.exit(f"run {name!r}: the mode must be one of {', '.join(MODES)}")
     extra = []
     if "a" in flags:  # an optimizer option: the rest of the tuned defaults must be named
-        extra += ["--optimizer", "ftrl", "--lr", flags["a"], "--l2", "0.001", "--batch-size", flags.get("b", "16")]
+        tuned = LinearModel.sparse_defaults or {}
+        extra += ["--optimizer", "ftrl", "--lr", flags["a"], "--l2", str(tuned["l2"]), "--batch-size", flags.get("b", str(tuned["batch_size"]))]
     elif "b" in flags:
         extra += ["--batch-size", flags["b"]]
     return mode, extra

@@ -37,8 +37,8 @@ from psctl.protocol.wire import DEFAULT_MAX_FRAME_BYTES, Message, MsgType
 
 SUBMIT_TIMEOUT_S = 60.0
 # Step sizes that work for standardized or 0/1 features (FTRL's is its alpha on per-key summed
-# gradients: 0.2 on a9a and hashed clicks, docs/DEFAULTS.md).
-DEFAULT_LR = {"sgd": 0.1, "adagrad": 0.1, "adam": 0.01, "ftrl": 0.2}
+# gradients: 0.1, the sparse defaults', docs/DEFAULTS.md).
+DEFAULT_LR = {"sgd": 0.1, "adagrad": 0.1, "adam": 0.01, "ftrl": 0.1}
 # Without --epochs, a model whose defaults say ``converge`` stops once its training loss has
 # not fallen by CONVERGE_TOL below the best for CONVERGE_EPOCHS epochs (scikit-learn's SGD
 # rule, its tol and n_iter_no_change): big data stop after a few passes, small data run on.

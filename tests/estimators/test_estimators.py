@@ -201,7 +201,7 @@ def test_a_sparse_matrix_takes_the_sparse_defaults_and_a_dense_one_the_dense_one
     X, y = _cancer("train.csv")
     dense = (X / X.max()).to_numpy()
     sparse = PSLogisticRegression(epochs=3, **FAST).fit(sp.csr_matrix(dense), y)
-    assert sparse.model_meta_["optimizer"] == {"name": "ftrl", "params": {"lr": 0.2, "l1": 0.0, "l2": 0.001}}
+    assert sparse.model_meta_["optimizer"] == {"name": "ftrl", "params": {"lr": 0.1, "l1": 0.0, "l2": 0.001}}
     assert sparse.model_meta_["training"]["batch_size"] == 16 and sparse.score(sp.csr_matrix(dense), y) > 0.8
     plain = PSLogisticRegression(epochs=3, **FAST).fit(dense, y)
     assert plain.model_meta_["optimizer"] == {"name": "adagrad", "params": {"lr": 0.1}}

@@ -33,8 +33,8 @@ def test_no_optimizer_option_takes_the_linear_models_tuned_defaults(model):
 def test_sparse_input_takes_ftrl_on_per_key_sums(model):
     cfg = TrainConfig(model, "data.svm")
     resolve_defaults(cfg, model_class(model), sparse=True)
-    assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.epochs, cfg.l2, cfg.converge) == ("ftrl", 0.2, 16, 20, 1e-3, True)
-    assert optimizer_spec(cfg) == {"name": "ftrl", "params": {"lr": 0.2, "l1": 0.0, "l2": 1e-3}}
+    assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.epochs, cfg.l2, cfg.converge) == ("ftrl", 0.1, 16, 20, 1e-3, True)
+    assert optimizer_spec(cfg) == {"name": "ftrl", "params": {"lr": 0.1, "l1": 0.0, "l2": 1e-3}}
     assert model_class(model)(5, ["0", "1", "2"], sparse=True).key_sums
     assert not model_class(model)(5, ["0", "1", "2"]).key_sums
 
@@ -64,7 +64,7 @@ def test_given_options_win_and_epochs_given_means_exactly_that_many():
 @pytest.mark.parametrize(
     ("options", "optimizer", "lr"),
     [({"lr": 0.5}, "sgd", 0.5), ({"lr_decay": 0.01}, "sgd", 0.1), ({"optimizer": "adam"}, "adam", 0.01),
-     ({"optimizer": "ftrl"}, "ftrl", 0.2), ({"optimizer": "adagrad"}, "adagrad", 0.1)],
+     ({"optimizer": "ftrl"}, "ftrl", 0.1), ({"optimizer": "adagrad"}, "adagrad", 0.1)],
 )  # fmt: skip
 def test_an_optimizer_option_keeps_the_first_defaults(options, optimizer, lr):
     """Explicit flags work as before the tuned defaults: sgd, batch 32, 10 epochs, no L2."""
