@@ -212,11 +212,17 @@ class KVWorker:
             raise PsctlError(f"table {table!r} was already pushed in clock {self._clock}")
         self._pending[table] = (None if keys is None else np.asarray(keys, dtype=np.int64), np.asarray(values))
 
-    async def clock(self, count: int = 1) -> int:
-        """Send this clock's pushes (``count`` samples, for sync averaging) and advance the clock."""
+    async def clock(self, count: int = 1, sums: bool = False) -> int:
+        """Send this clock's pushes and advance the clock.
+
+        ``count``: the samples behind them. The pushes are batch means by default: in sync mode
+        the shards apply the ``count``-weighted mean of every worker's. ``sums=True``: they are
+        per-key sums over the batch (the gradient of its summed loss), and in sync mode the
+        shards add every worker's sums for a key, which is what one process would push for the
+        union of the batches. In a sync job all workers of a clock push the same kind."""
         keys = {n: k for n, (k, _) in self._pending.items()}
         grads = {n: g for n, (_, g) in self._pending.items()}
-        self._acks = self._client.push(grads, self._clock, count, self._client.plan(keys))
+        self._acks = self._client.push(grads, self._clock, count, self._client.plan(keys), sums=sums)
         self._pending = {}
         self._clock += 1
         self._session.clock = self._clock  # for the heartbeat thread

@@ -36,8 +36,9 @@ from psctl.models.registry import model_class
 from psctl.protocol.wire import DEFAULT_MAX_FRAME_BYTES, Message, MsgType
 
 SUBMIT_TIMEOUT_S = 60.0
-# Step sizes that work for standardized or 0/1 features (FTRL's is its alpha; 0.3 on a9a: README).
-DEFAULT_LR = {"sgd": 0.1, "adagrad": 0.1, "adam": 0.01, "ftrl": 0.3}
+# Step sizes that work for standardized or 0/1 features (FTRL's is its alpha on per-key summed
+# gradients: 0.1, the sparse defaults', docs/DEFAULTS.md).
+DEFAULT_LR = {"sgd": 0.1, "adagrad": 0.1, "adam": 0.01, "ftrl": 0.1}
 # Without --epochs, a model whose defaults say ``converge`` stops once its training loss has
 # not fallen by CONVERGE_TOL below the best for CONVERGE_EPOCHS epochs (scikit-learn's SGD
 # rule, its tol and n_iter_no_change): big data stop after a few passes, small data run on.
@@ -169,8 +170,8 @@ class TrainConfig:
             raise PsctlError("--lr-decay is for --optimizer sgd; the other optimizers adapt their steps per key")
         if self.l1 < 0:
             raise PsctlError("--l1 must not be negative")
-        if self.l1 and self.optimizer != "ftrl":
-            raise PsctlError("--l1 needs --optimizer ftrl")
+        if self.l1 and self.optimizer not in (None, "ftrl"):  # None: the defaults are not filled in yet
+            raise PsctlError(f"--l1 is FTRL's (the default optimizer for sparse input); --optimizer {self.optimizer} has none")
         if self.local_workers is not None and not 0 <= self.local_workers <= self.workers:
             raise PsctlError("--local-workers must be between 0 and --workers")
         # Options that contradict each other: refused here, before anything starts.
@@ -212,19 +213,22 @@ class TrainConfig:
             raise PsctlError(f"{exc}") from None
 
 
-def resolve_defaults(cfg: TrainConfig, model_cls: type[Model]) -> None:
-    """Fill the training options ``cfg`` leaves out (None), once.
+def resolve_defaults(cfg: TrainConfig, model_cls: type[Model], sparse: bool = False) -> None:
+    """Fill the training options ``cfg`` leaves out (None), once, for input of the kind given
+    (``sparse``: LIBSVM or hashed CSV, known once the input is).
 
     When the command sets none of the optimizer's options (--optimizer, --lr, --lr-decay),
     every option left out is the model's tuned default (``Model.defaults``: AdaGrad for the
-    linear models and mf) and, without --epochs, the job stops once converged. Otherwise
-    the command is tuning the optimizer itself, and what it leaves out is what it always
-    was: SGD, the optimizer's DEFAULT_LR, batch 32, 10 epochs, no L2.
+    linear models and mf; ``Model.sparse_defaults`` for sparse input: FTRL for the linear
+    models) and, without --epochs, the job stops once converged. Otherwise the command is
+    tuning the optimizer itself, and what it leaves out is what it always was: SGD, the
+    optimizer's DEFAULT_LR, batch 32, 10 epochs, no L2.
     """
     if cfg.defaulted is not None:
         return
     tuned = cfg.optimizer is None and cfg.lr is None and not cfg.lr_decay
-    preset = model_cls.defaults if tuned else {**Model.defaults, "lr": None}
+    tuned_preset = (model_cls.sparse_defaults if sparse else None) or model_cls.defaults
+    preset = tuned_preset if tuned else {**Model.defaults, "lr": None}
     filled = []
     for name in TRAINING_OPTIONS:
         if getattr(cfg, name) is None:
@@ -570,8 +574,7 @@ async def _train(
     cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None], stop: StopRequest | None, writing: asyncio.Future[None] | None
 ) -> TrainResult:
     model_cls = model_class(cfg.model)
-    resolve_defaults(cfg, model_cls)
-    cfg.check()
+    cfg.check()  # what does not depend on the defaults; again once they are filled in
     check_out_path(cfg.out)
     delimiter = csvfile.check_delimiter(cfg.delimiter)
     dataset: parquet.Dataset | None = None
@@ -592,6 +595,8 @@ async def _train(
         )
     if source.sparse and "sparse" not in model_cls.params:
         raise PsctlError(f"model {cfg.model} does not take sparse input ({source.format})")
+    resolve_defaults(cfg, model_cls, sparse=source.sparse)  # the defaults depend on the input's kind
+    cfg.check()
     if cfg.arrays is None:
         partitions = await asyncio.to_thread(_plan, cfg, source, dataset, cfg.workers)
     spec = build_spec(cfg, source, partitions)

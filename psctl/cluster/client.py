@@ -124,14 +124,19 @@ class ShardClient:
         self.bytes_pulled += sum(a.nbytes for r in replies for a in r.arrays)
         return plan.scatter(parts)
 
-    def push(self, grads: Mapping[str, np.ndarray], clock: int, count: int, plan: KeyPlan | None = None) -> Acks:
+    def push(
+        self, grads: Mapping[str, np.ndarray], clock: int, count: int, plan: KeyPlan | None = None, sums: bool = False
+    ) -> Acks:
         """Send every shard its part of each gradient (laid out like the pull of ``plan``; no plan:
-        whole tables) at ``clock``, for ``count`` rows. Every shard gets a push, perhaps empty,
-        because a push is also how a shard learns the worker's clock. Returns the acks to await."""
+        whole tables) at ``clock``, for ``count`` rows; ``sums``: the gradients are per-key sums
+        over the batch, not its mean. Every shard gets a push, perhaps empty, because a push is
+        also how a shard learns the worker's clock. Returns the acks to await."""
         plan = plan if plan is not None else self.plan(dict.fromkeys(grads))
         body: dict[str, Any] = {"job_id": self.job_id, "tables": plan.names, "clock": clock, "count": count}
         if plan.keyed:
             body["keyed"] = True
+        if sums:
+            body["sums"] = True
         futs = []
         for i, peer in enumerate(self.peers):
             arrays = plan.push_arrays(i, grads)

@@ -277,8 +277,11 @@ class ShardService:
         if count < 1:
             raise net.RequestError("'count' must be >= 1")
         clock = _require(msg.body, "clock", int)
+        sums = msg.body.get("sums", False)
+        if not isinstance(sums, bool):
+            raise net.RequestError("'sums' must be true or false")
         table_grads = {n: (None if keys is None else keys[i], grads[i]) for i, n in enumerate(names)}
-        self._release(state.push(worker, clock, table_grads, count))
+        self._release(state.push(worker, clock, table_grads, count, sums))
         self._maybe_checkpoint(state)
         return None
 

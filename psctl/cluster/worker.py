@@ -274,9 +274,12 @@ def evaluate(model: Model, params: dict[str, np.ndarray], rows: Prepared) -> dic
 
 
 def step_figures(model: Model, params: dict[str, np.ndarray], X: Any, y: np.ndarray, epoch: int) -> tuple[float, dict[str, np.ndarray], dict[str, float]]:
-    """One mini-batch's loss, gradients and additive figures; PsctlError if they are not finite."""
+    """One mini-batch's loss, the gradients to push and additive figures; PsctlError if they are
+    not finite. The gradients are the batch's mean, or per-key sums for a ``key_sums`` model."""
     with _no_fp_warnings():
         loss, grads, outputs = model.loss_grad(params, X, y)
+        if model.key_sums:
+            grads = {name: g * len(y) for name, g in grads.items()}
         figures = batch_sums(model.task, outputs, y)
     if not all(map(math.isfinite, (float(loss) * len(y), *figures.values()))):
         # Pushing would spread inf/NaN to the tables; the reports could not carry it either.
@@ -572,7 +575,7 @@ class Worker:
                 if acks is not None:
                     await acks
                 loss, grads, figures = await compute_step(step_figures, model, params, X, y, epoch)
-                acks = client.push(grads, clock, len(idx), plan)
+                acks = client.push(grads, clock, len(idx), plan, sums=model.key_sums)
                 clock = coord.clock = clock + 1
                 self.in_step = False
                 loss_sum += loss * len(idx)

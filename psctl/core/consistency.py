@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from psctl.core.shard_errors import MixedPush
+
 MODES = ("sync", "ssp", "async")
 
 
@@ -113,30 +115,51 @@ class _Pending:
     dense: dict[str, np.ndarray] = field(default_factory=dict)
     keyed: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
     count: int = 0
+    sums: bool | None = None  # None until a push with gradients says which kind the clock holds
 
 
 class SyncAccumulator:
-    """Sums pushes per clock and releases each clock's sample-weighted mean once.
+    """Combines the pushes of each clock and releases the result once.
 
-    Weighting by samples makes the applied update equal to the mean gradient
-    over the union of the workers' batches, even when batch sizes differ.
+    Two kinds of push, one kind per clock:
+
+    - batch means (``sums=False``): released as their sample-weighted mean, which
+      is the mean gradient over the union of the workers' batches, even when
+      batch sizes differ;
+    - per-key sums (``sums=True``, the gradient of the batch's summed loss):
+      released as their plain sum, which is the per-key sum over the union of the
+      batches. So a sync clock applies exactly what one process would push for the
+      union batch, and a key's update does not shrink as workers are added.
+
     Keyed (sparse) pushes are merged by key: a key two workers touched gets
-    the sum of both contributions.
+    the sum of both contributions (weighted by ``count`` for means).
     """
 
     def __init__(self) -> None:
         self._pending: dict[int, _Pending] = {}
 
-    def add(self, clock: int, grads: dict[str, Grad], count: int) -> None:
+    def check(self, clock: int, sums: bool) -> None:
+        """Raise :class:`MixedPush` if a push of this kind may not join ``clock`` (nothing changes)."""
+        entry = self._pending.get(clock)
+        if entry is not None and entry.sums is not None and entry.sums != sums:
+            have, got = ("per-key sums", "batch means") if entry.sums else ("batch means", "per-key sums")
+            raise MixedPush(f"clock {clock} holds {have}; a push of {got} cannot be combined with them")
+
+    def add(self, clock: int, grads: dict[str, Grad], count: int, sums: bool = False) -> None:
+        if grads:  # a clock tick without gradients is of neither kind
+            self.check(clock, sums)
         entry = self._pending.setdefault(clock, _Pending())
+        if grads:
+            entry.sums = sums
+        weight = 1 if sums else count
         for name, (keys, grad) in grads.items():
             if keys is not None:
-                entry.keyed.setdefault(name, []).append((keys, grad.astype(np.float64) * count))
+                entry.keyed.setdefault(name, []).append((keys, grad.astype(np.float64) * weight))
             elif name in entry.dense:
                 # In float64 like the first push's, so two pushes add the same in either order.
-                entry.dense[name] += grad.astype(np.float64) * count
+                entry.dense[name] += grad.astype(np.float64) * weight
             else:
-                entry.dense[name] = grad.astype(np.float64) * count
+                entry.dense[name] = grad.astype(np.float64) * weight
         entry.count += count
 
     def complete(self, min_clock: int | None) -> list[tuple[int, dict[str, Grad]]]:
@@ -147,11 +170,12 @@ class SyncAccumulator:
             entry = self._pending.pop(clock)
             if not entry.count:
                 continue
-            means: dict[str, Grad] = {name: (None, acc / entry.count) for name, acc in entry.dense.items()}
+            divisor = 1 if entry.sums else entry.count  # sums add up; means are weighted by samples
+            combined: dict[str, Grad] = {name: (None, acc / divisor) for name, acc in entry.dense.items()}
             for name, parts in entry.keyed.items():
-                keys, sums = merge_rows(parts)
-                means[name] = (keys, sums / entry.count)
-            out.append((clock, means))
+                keys, rows = merge_rows(parts)
+                combined[name] = (keys, rows / divisor)
+            out.append((clock, combined))
         return out
 
     def __len__(self) -> int:

@@ -50,6 +50,13 @@ class NotLive(ShardError):
     code = "not_live"
 
 
+class MixedPush(ShardError):
+    """In sync mode, a push of per-key sums into a clock that holds batch means, or the other
+    way round: the two cannot be combined into one update."""
+
+    code = "mixed_push"
+
+
 class BadClock(ShardError):
     """A push tagged with another clock than the one the shard expects from that worker."""
 

@@ -195,8 +195,13 @@ class ShardState:
             arrays += [keys, values, *(state[s] for s in state_names[name])]
         return arrays, state_names
 
-    def push(self, worker: int, clock: int, grads: dict[str, Grad], count: int) -> list[Any]:
-        """Apply (or, in sync mode, accumulate) one push; return the gate tokens now ready."""
+    def push(self, worker: int, clock: int, grads: dict[str, Grad], count: int, sums: bool = False) -> list[Any]:
+        """Apply (or, in sync mode, accumulate) one push; return the gate tokens now ready.
+
+        ``sums``: the gradients are per-key sums over the batch (the gradient of its summed
+        loss), not its mean. Applied alone (async, ssp) either is the optimizer's input as it
+        is; in sync mode a clock's sums are added, its means averaged by ``count``
+        (:class:`~psctl.core.consistency.SyncAccumulator`), and one clock never mixes them."""
         if worker not in self.gate.clocks:
             raise NotLive(f"worker {worker} is not in the live set of job {self.job_id}")
         expected = self.gate.clocks[worker]
@@ -212,11 +217,13 @@ class ShardState:
                 raise NonFiniteGradient(f"worker {worker} pushed a non-finite gradient (NaN/Inf) for {name!r} at clock {clock}; nothing was applied")
             # validate before anything is applied or accumulated; an async push applies these rows
             rows[name] = None if keys is None else table.locate(keys)
+        if self.acc is not None and grads:
+            self.acc.check(clock, sums)
         self.refused.pop(worker, None)
         self.pushes += 1
         self.samples += count
         if self.acc is not None:
-            self.acc.add(clock, grads, count)
+            self.acc.add(clock, grads, count, sums)
         else:
             self._apply(grads, rows)
         ready = self.gate.advance(worker, clock + 1)

@@ -43,6 +43,29 @@ async def test_sync_sparse_rows_and_clock_only_ticks():
             assert final["emb"].shape == (100, 2)
 
 
+async def test_sync_adds_per_key_sums_and_refuses_a_mean_in_the_same_clock():
+    """clock(sums=True): the shards add both workers' sums for a key (3 and 70 on two shards),
+    where batch means would be averaged; a mean pushed into a clock of sums is refused."""
+    async with LocalServer(shards=2) as server:
+        async with await Job.submit(server.address, [TableSpec("emb", 100, dim=2)], workers=2, mode="sync", lr=1.0) as job:
+            a, b = await asyncio.gather(KVWorker.join(server.address), KVWorker.join(server.address))
+            a.push("emb", np.ones((2, 2), np.float32), keys=np.array([3, 70]))
+            b.push("emb", np.full((1, 2), 2.0, np.float32), keys=np.array([70]))
+            await a.clock(count=16, sums=True)
+            await b.clock(count=16, sums=True)
+            rows = await a.pull("emb", keys=np.array([3, 4, 70]))
+            np.testing.assert_allclose(rows[:, 0], [-1.0, 0.0, -3.0])  # summed, whatever the counts
+            a.push("emb", np.ones((1, 2), np.float32), keys=np.array([3]))
+            b.push("emb", np.ones((1, 2), np.float32), keys=np.array([3]))
+            await a.clock(sums=True)
+            await b.clock()  # a mean into clock 1, which holds a's sums
+            with pytest.raises(PsctlError, match="clock 1 holds per-key sums"):
+                await b.pull("emb", keys=np.array([3]))
+            await a.close()
+            await b.close()
+            await job.wait(timeout_s=30)
+
+
 KV_WORKER = """
 import asyncio, sys, time
 import numpy as np

@@ -43,6 +43,8 @@ COLUMNS = ["--user-col", "who", "--item-col", "what", "--rating-col", "stars"]
 
 
 def train_mf(train: Path, out: Path, mode: str, lr: float, epochs: int = 15) -> None:
+    """``lr``: SGD's step per rating (each user's and item's rows get their ratings' summed
+    gradient), the same in every mode."""
     r = run_psctl("train", "mf", str(train), "--workers", "4", "--shards", "2", "--mode", mode, *(["--staleness", "1"] if mode == "ssp" else []),
                   "--rank", "2", "--epochs", str(epochs), "--batch-size", "32", "--lr", str(lr), "--l2", "0.02",
                   *COLUMNS, "--out", str(out))
@@ -61,7 +63,7 @@ def trained(tmp_path_factory):
     directory = tmp_path_factory.mktemp("mf")
     train, test, facts = write_ratings(directory)
     model = directory / "model.npz"
-    train_mf(train, model, "sync", lr=2.5)
+    train_mf(train, model, "sync", lr=0.02)
     return model, train, test, facts
 
 
@@ -124,7 +126,7 @@ def test_recommend_leaves_out_what_the_user_rated(trained, tmp_path):
 def test_other_modes_learn_too(tmp_path, mode):
     train, test, facts = write_ratings(tmp_path, seed=2)
     model = tmp_path / "m.npz"
-    train_mf(train, model, mode, lr=0.6)
+    train_mf(train, model, mode, lr=0.02)
     p = psctl_json("predict", str(model), str(test), "--cold-start", "drop")
     assert p["metrics"]["rmse"] < 0.7 * facts["baseline_rmse"], p
 

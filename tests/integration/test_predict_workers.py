@@ -49,7 +49,7 @@ def models(tmp_path_factory):
     train("linreg", str(EXAMPLES / "regression" / "train.csv"), "--epochs", "3", "--out", str(d / "linreg.npz"))
     out["linreg"] = (d / "linreg.npz", EXAMPLES / "regression" / "test.csv")
     mf_train, mf_test, _ = write_ratings(d)
-    train("mf", str(mf_train), *COLUMNS, "--rank", "2", "--epochs", "5", "--lr", "2.5", "--out", str(d / "mf.npz"))
+    train("mf", str(mf_train), *COLUMNS, "--rank", "2", "--epochs", "5", "--lr", "0.04", "--out", str(d / "mf.npz"))
     out["mf"] = (d / "mf.npz", mf_test)
     hashed_train = write_hashed(d / "hashed.csv", 600, seed=1)
     train("logreg", str(hashed_train), "--label", "click", "--categorical", "site,user", "--hash-bits", "32", "--epochs", "3",
@@ -371,7 +371,7 @@ def test_a_trained_mf_model_never_predicts_outside_the_training_range(tmp_path):
     """The issue saw 5.31 on a 0.5-5 scale: a large step overshoots for users with few ratings."""
     train_file = EXAMPLES / "ratings" / "train.csv"
     model = tmp_path / "mf.npz"
-    r = run_psctl("train", "mf", str(train_file), "--workers", "2", "--rank", "8", "--epochs", "8", "--lr", "4", "--l2", "0",
+    r = run_psctl("train", "mf", str(train_file), "--workers", "2", "--rank", "8", "--epochs", "8", "--lr", "0.0625", "--l2", "0",
                   "--out", str(model))
     assert r.returncode == 0, r.stderr
     mf = recommend.load_mf(str(model))

@@ -69,7 +69,7 @@ def models(tmp_path_factory):
     train("logreg", str(EXAMPLES / "breast_cancer/train.csv"), "--epochs", "3", "--lr", "0.5", "--out", str(d / "cancer.npz"))
     train("softmax", str(EXAMPLES / "digits/train.csv"), "--epochs", "2", "--lr", "0.5", "--out", str(d / "digits.npz"))
     train("linreg", str(EXAMPLES / "regression/train.csv"), "--label", "target", "--epochs", "3", "--out", str(d / "reg.npz"))
-    train("mf", str(EXAMPLES / "ratings/train.csv"), "--epochs", "3", "--rank", "4", "--lr", "10", "--l2", "0.1", "--out", str(d / "mf.npz"))
+    train("mf", str(EXAMPLES / "ratings/train.csv"), "--epochs", "3", "--rank", "4", "--lr", "0.16", "--l2", "0.1", "--out", str(d / "mf.npz"))
     return d
 
 

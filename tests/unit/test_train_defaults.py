@@ -8,7 +8,7 @@ import pytest
 from psctl.apps import train as train_app
 from psctl.apps.train import CONVERGE_EPOCHS, CONVERGE_TOL, TrainConfig, optimizer_spec, resolve_defaults, resume_options
 from psctl.core.job import JobSpec
-from psctl.errors import UsageError
+from psctl.errors import PsctlError, UsageError
 from psctl.models.base import Model
 from psctl.models.registry import model_class
 
@@ -29,6 +29,27 @@ def test_no_optimizer_option_takes_the_linear_models_tuned_defaults(model):
     assert optimizer_spec(cfg) == {"name": "adagrad", "params": {"lr": 0.1}}
 
 
+@pytest.mark.parametrize("model", ["logreg", "softmax", "svm", "linreg"])
+def test_sparse_input_takes_ftrl_on_per_key_sums(model):
+    cfg = TrainConfig(model, "data.svm")
+    resolve_defaults(cfg, model_class(model), sparse=True)
+    assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.epochs, cfg.l2, cfg.converge) == ("ftrl", 0.1, 16, 20, 1e-3, True)
+    assert optimizer_spec(cfg) == {"name": "ftrl", "params": {"lr": 0.1, "l1": 0.0, "l2": 1e-3}}
+    assert model_class(model)(5, ["0", "1", "2"], sparse=True).key_sums
+    assert not model_class(model)(5, ["0", "1", "2"]).key_sums
+
+
+def test_l1_alone_is_ftrls_on_sparse_input_and_refused_on_dense():
+    cfg = TrainConfig("logreg", "data.svm", l1=1.0)
+    cfg.check()  # the defaults are not filled in yet: nothing to refuse
+    resolve_defaults(cfg, model_class("logreg"), sparse=True)
+    cfg.check()
+    assert optimizer_spec(cfg)["params"]["l1"] == 1.0
+    dense = resolved("logreg", l1=1.0)
+    with pytest.raises(PsctlError, match="--l1 is FTRL's .*--optimizer adagrad has none"):
+        dense.check()
+
+
 def test_mf_has_its_own_defaults():
     cfg = resolved("mf")
     assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.epochs, cfg.l2) == ("adagrad", 0.1, 512, 10, 0.1)
@@ -43,7 +64,7 @@ def test_given_options_win_and_epochs_given_means_exactly_that_many():
 @pytest.mark.parametrize(
     ("options", "optimizer", "lr"),
     [({"lr": 0.5}, "sgd", 0.5), ({"lr_decay": 0.01}, "sgd", 0.1), ({"optimizer": "adam"}, "adam", 0.01),
-     ({"optimizer": "ftrl"}, "ftrl", 0.3), ({"optimizer": "adagrad"}, "adagrad", 0.1)],
+     ({"optimizer": "ftrl"}, "ftrl", 0.1), ({"optimizer": "adagrad"}, "adagrad", 0.1)],
 )  # fmt: skip
 def test_an_optimizer_option_keeps_the_first_defaults(options, optimizer, lr):
     """Explicit flags work as before the tuned defaults: sgd, batch 32, 10 epochs, no L2."""
