@@ -27,7 +27,6 @@ Rows whose data is absent are skipped with the reason.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import subprocess
@@ -46,6 +45,7 @@ sys.path[:] = [str(REPO), *(p for p in sys.path if Path(p or ".").resolve() != R
 
 from benchmarks import mf_movielens  # noqa: E402
 from benchmarks.common import machine_info  # noqa: E402
+from psctl.data.idx import read_idx  # noqa: E402
 
 EXAMPLES = REPO / "examples"
 SHARED = REPO.parent / "shared" / "data"  # --shared
@@ -77,17 +77,9 @@ def meets(row: Row, value: float) -> bool:
 
 
 # -- data ---------------------------------------------------------------------------
-def _idx(path: Path) -> np.ndarray:
-    """An IDX file (MNIST's format) as an array."""
-    data = gzip.decompress(path.read_bytes())
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(data[3])]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * data[3]).reshape(dims)
-
-
 def _mnist_csv(images: Path, labels: Path, out: Path) -> Path:
     if not out.exists():
-        X = _idx(images).reshape(-1, 784)
-        y = _idx(labels)
+        X, y = read_idx(images).reshape(-1, 784), read_idx(labels)
         header = ",".join(["label", *(f"px{i}" for i in range(784))])
         np.savetxt(out, np.column_stack([y, X]), fmt="%d", delimiter=",", header=header, comments="")
     return out
