@@ -54,11 +54,8 @@ def _accuracy(scored: DataFrame) -> float:
 
 
 def mnist(spark: SparkSession, folder: Path, limit: int | None = None, workers: int | None = None, epochs: int | None = None,
-          mllib_max_iter: int = 100) -> dict[str, Any]:
-    """psctl softmax and MLlib's multinomial LogisticRegression on one MNIST split: figures of both."""
-    from pyspark.ml.classification import LogisticRegression
-    from pyspark.ml.feature import VectorAssembler
-
+          mllib_max_iter: int = 100, peer: bool = True) -> dict[str, Any]:
+    """psctl softmax and (with ``peer``) MLlib's multinomial LogisticRegression on one MNIST split: figures of both."""
     workers = workers or spark.sparkContext.defaultParallelism
     started = time.monotonic()
     train, test = (mnist_frame(spark, folder, s, limit).persist() for s in ("train", "test"))
@@ -73,18 +70,24 @@ def mnist(spark: SparkSession, folder: Path, limit: int | None = None, workers: 
     accuracy = _accuracy(psctl.spark.predict(test, trained))
     out["psctl"] = {"accuracy": accuracy, "train_s": t1 - t0, "predict_s": time.monotonic() - t1,
                     "epochs": len(trained.meta["history"]["epochs"]), "rows_trained": trained.metrics["rows_trained"]}
-
-    assembler = VectorAssembler(inputCols=train.columns[1:], outputCol="features")
-    t0 = time.monotonic()
-    lr = LogisticRegression(family="multinomial", maxIter=mllib_max_iter, labelCol="label", featuresCol="features")
-    fitted = lr.fit(assembler.transform(train))
-    t1 = time.monotonic()
-    accuracy = _accuracy(fitted.transform(assembler.transform(test)))
-    out["mllib"] = {"accuracy": accuracy, "train_s": t1 - t0, "predict_s": time.monotonic() - t1,
-                    "iterations": fitted.summary.totalIterations}
+    if peer:
+        out["mllib"] = _mllib_logreg(train, test, mllib_max_iter)
     train.unpersist()
     test.unpersist()
     return out
+
+
+def _mllib_logreg(train: DataFrame, test: DataFrame, max_iter: int) -> dict[str, Any]:
+    from pyspark.ml.classification import LogisticRegression
+    from pyspark.ml.feature import VectorAssembler
+
+    assembler = VectorAssembler(inputCols=train.columns[1:], outputCol="features")
+    t0 = time.monotonic()
+    lr = LogisticRegression(family="multinomial", maxIter=max_iter, labelCol="label", featuresCol="features")
+    fitted = lr.fit(assembler.transform(train))
+    t1 = time.monotonic()
+    accuracy = _accuracy(fitted.transform(assembler.transform(test)))
+    return {"accuracy": accuracy, "train_s": t1 - t0, "predict_s": time.monotonic() - t1, "iterations": fitted.summary.totalIterations}
 
 
 def _rmse(scored: DataFrame) -> tuple[float, int]:
@@ -157,6 +160,7 @@ def main() -> int:
     if "als" in only and not args.ratings.is_file():
         print(f"the ratings file {args.ratings} does not exist: pass --ratings FILE (MovieLens' ratings.csv).", file=sys.stderr)
         return 2
+    sys.stdout.reconfigure(line_buffering=True)  # each workload's lines as it ends, under spark-submit too
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the executors run this Python
     builder = SparkSession.builder.appName("psctl-mnist-als").config("spark.ui.showConsoleProgress", "false")
     if "PYSPARK_GATEWAY_PORT" not in os.environ:  # plain python, not spark-submit (which sets --master)
