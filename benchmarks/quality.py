@@ -27,7 +27,6 @@ Rows whose data is absent are skipped with the reason.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import subprocess
@@ -46,6 +45,7 @@ sys.path[:] = [str(REPO), *(p for p in sys.path if Path(p or ".").resolve() != R
 
 from benchmarks import mf_movielens  # noqa: E402
 from benchmarks.common import machine_info  # noqa: E402
+from psctl.data.idx import mnist  # noqa: E402
 
 EXAMPLES = REPO / "examples"
 SHARED = REPO.parent / "shared" / "data"  # --shared
@@ -77,19 +77,12 @@ def meets(row: Row, value: float) -> bool:
 
 
 # -- data ---------------------------------------------------------------------------
-def _idx(path: Path) -> np.ndarray:
-    """An IDX file (MNIST's format) as an array."""
-    data = gzip.decompress(path.read_bytes())
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(data[3])]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * data[3]).reshape(dims)
-
-
-def _mnist_csv(images: Path, labels: Path, out: Path) -> Path:
+def mnist_csv(folder: Path, split: str, out: Path, limit: int | None = None) -> Path:
+    """MNIST's ``split`` (its first ``limit`` rows) as a CSV: a header, then label and 784 pixels a line."""
     if not out.exists():
-        X = _idx(images).reshape(-1, 784)
-        y = _idx(labels)
+        X, y = mnist(folder, split)
         header = ",".join(["label", *(f"px{i}" for i in range(784))])
-        np.savetxt(out, np.column_stack([y, X]), fmt="%d", delimiter=",", header=header, comments="")
+        np.savetxt(out, np.column_stack([y, X])[:limit], fmt="%d", delimiter=",", header=header, comments="")
     return out
 
 
@@ -102,8 +95,7 @@ def files(row: Row, workdir: Path, shared: Path = SHARED) -> tuple[Path, Path] |
         src = shared / "mnist"
         if not (src / "train-images-idx3-ubyte.gz").is_file():
             return f"MNIST not found in {src}"
-        return (_mnist_csv(src / "train-images-idx3-ubyte.gz", src / "train-labels-idx1-ubyte.gz", workdir / "mnist-train.csv"),
-                _mnist_csv(src / "t10k-images-idx3-ubyte.gz", src / "t10k-labels-idx1-ubyte.gz", workdir / "mnist-test.csv"))  # fmt: skip
+        return mnist_csv(src, "train", workdir / "mnist-train.csv"), mnist_csv(src, "test", workdir / "mnist-test.csv")
     if row.key == "a9a":
         src = shared / "libsvm-a9a"
         if not (src / "a9a").is_file():

@@ -7,6 +7,7 @@ on the same split; the fault test kills a worker's process mid-training.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ pytest.importorskip("pyspark")
 
 from psctl.errors import DataError, PsctlError  # noqa: E402
 
-from ..conftest import EXAMPLES, REPO  # noqa: E402
+from ..conftest import EXAMPLES, REPO, SHARED_DATA  # noqa: E402
 
 pytestmark = [
     pytest.mark.integration,
@@ -240,3 +241,19 @@ def test_a_missing_extra_names_the_pip_install():
     code = "import sys; sys.modules['pyspark'] = None\ntry:\n import psctl.spark\nexcept ImportError as e:\n print(e)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.stdout.strip() == "psctl.spark needs pyspark: run pip install 'psctl[spark]'"
+
+
+def test_the_mnist_example_on_a_small_subset(spark):
+    """examples/spark_mnist_als.py's MNIST path (DataFrames of 785 columns from the IDX files,
+    psctl softmax trained and predicting) on the first 600 rows of each set. MLlib's side is left
+    out: it doubled the test's time (10 s under load) and tests Spark, not psctl."""
+    mnist = SHARED_DATA / "mnist"
+    if not (mnist / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"MNIST is not in {mnist} (../shared/data beside the repository)")
+    spec = importlib.util.spec_from_file_location("spark_mnist_als", EXAMPLES / "spark_mnist_als.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    r = example.mnist(spark, mnist, limit=600, workers=2, epochs=2, peer=False)
+    assert (r["train_rows"], r["test_rows"]) == (600, 600)
+    assert r["psctl"]["rows_trained"] == 600 * 2  # every row, both epochs
+    assert r["psctl"]["accuracy"] >= 0.75, r
