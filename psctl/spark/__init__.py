@@ -362,9 +362,12 @@ def _kept_model_bytes(address: str, name: str) -> bytes:
 
     async def read() -> TrainedModel:
         kept = await ServerModel.load(address, name)
-        if kept._params is None:
-            raise UsageError(f"kept model {name} reads its rows per call (mf, hashed); predict from its model file on Spark")
-        return TrainedModel(dict(kept._params), dict(kept.meta))
+        try:  # the tables are read by now: the connections to the server close either way
+            if kept._params is None:
+                raise UsageError(f"kept model {name} reads its rows per call (mf, hashed); predict from its model file on Spark")
+            return TrainedModel(dict(kept._params), dict(kept.meta))
+        finally:
+            kept.close()
 
     return _run(read()).to_bytes()
 
