@@ -6,7 +6,9 @@ is answered lives in :mod:`psctl.apps.serving`; this module only moves bytes
 and holds the limits:
 
 - a body is at most ``max_body_bytes`` (413) and must arrive within
-  ``request_timeout_s`` (408); a request holds at most ``max_rows`` instances;
+  ``request_timeout_s`` (408); the rest of a body refused before it was read is
+  drained for at most as long, then the connection is closed; a request holds at
+  most ``max_rows`` instances;
 - a connection may be idle (no complete request: a silent client, or headers
   sent a byte at a time) for ``idle_timeout_s``, then it is closed;
 - at most ``max_connections`` connections are held; one more is told 503 in one
@@ -302,7 +304,11 @@ async def _serve(cfg: ServeConfig, web: Any, sources: dict[str, serving.ModelSou
                  on_line: Callable[[str], None]) -> None:  # fmt: skip
     """Listen, announce, answer until a signal, then stop in steps (accepting, requests in progress)."""
     service = Service(cfg, sources, token, "https" if ssl_ctx else "http")
-    runner = web.AppRunner(service.app(), access_log=None, keepalive_timeout=cfg.idle_timeout_s, handle_signals=False)
+    # lingering_time: after an answer given before the body was read (413, 408), aiohttp reads and
+    # drops the rest of the body for up to 10 s before closing; a slow client would hold the
+    # connection that long past its 408. The rest of a body gets the time a body gets.
+    runner = web.AppRunner(service.app(), access_log=None, keepalive_timeout=cfg.idle_timeout_s, handle_signals=False,
+                           lingering_time=cfg.request_timeout_s)
     await runner.setup()
     handlers = runner.server
 

@@ -46,6 +46,8 @@ def test_logreg_on_breast_cancer(tmp_path, mode):
 def test_logreg_on_a9a_converges_in_a_few_epochs(tmp_path, mode):
     accuracy, meta = train_and_score(tmp_path, "logreg", A9A / "a9a", A9A / "a9a.t", mode)
     assert accuracy >= 0.848, accuracy
+    # read as LIBSVM (no --format), with sparse input's default optimizer
+    assert meta["n_features"] == 123 and meta["optimizer"]["name"] == "ftrl", meta["optimizer"]
     # a9a's training loss flattens after its first passes: the job stops long before 20 epochs
     epochs = len(meta["history"]["epochs"])
     assert epochs < 20 and any(e["kind"] == "converged" for e in meta["history"]["events"]), meta["history"]["events"]

@@ -48,14 +48,6 @@ def test_softmax_digits_sync(tmp_path, digits_split):
     assert float(rows["accuracy"]) == pytest.approx(p["accuracy"], abs=1e-4) and "confusion matrix" in shown.stdout
 
 
-@pytest.mark.parametrize("mode", ["async", "ssp"])
-def test_softmax_digits_async_modes(tmp_path, digits_split, mode):
-    # Measured 0.955-0.969 over runs: async update order varies, so the bound here is looser.
-    _, p = train_predict(tmp_path, "softmax", *digits_split, "--mode", mode, *(["--staleness", "2"] if mode == "ssp" else []), "--batch-size", "8",
-                         "--epochs", "40", "--lr", "0.1", "--l2", "0.001")
-    assert p["accuracy"] >= 0.94
-
-
 def test_svm_digits_one_vs_rest(tmp_path, digits_split):
     _, p = train_predict(tmp_path, "svm", *digits_split, "--batch-size", "8", "--epochs", "30", "--lr", "0.05",
                          "--l2", "0.001")

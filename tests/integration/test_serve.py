@@ -310,8 +310,11 @@ async def test_hostile_requests_get_a_sentence_and_the_server_goes_on(models):
         writer.close()
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(b"POST /v1/models/cancer:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 500000\r\n\r\n{")
+        started = time.monotonic()
         reply = await asyncio.wait_for(reader.read(), 20)
         assert reply.startswith(b"HTTP/1.1 408") and b"--request-timeout-s" in reply
+        # closed within the request timeout again, not after aiohttp's 10 s of lingering on the body
+        assert time.monotonic() - started < 9
         writer.close()
 
         assert server.alive()
