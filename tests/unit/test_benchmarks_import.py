@@ -15,3 +15,17 @@ BENCHMARKS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "benc
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_benchmark_module_imports(name):
     importlib.import_module(f"benchmarks.{name}")
+
+
+@pytest.mark.timeout(60)
+def test_the_suite_cpu_report_sums_by_file_and_ranks_tests(tmp_path):
+    from benchmarks import suite_cpu
+
+    (tmp_path / "tests-1.tsv").write_text("tests/a.py::t1\t2.0\t0.5\t1.5\ntests/a.py::t2\t9.0\t0.5\t0.5\n")
+    (tmp_path / "tests-2.tsv").write_text("tests/b.py::t3\t1.0\t0.1\t0.0\n")
+    rows = suite_cpu.read(tmp_path)
+    assert sorted(rows) == [("tests/a.py::t1", 2.0, 2.0), ("tests/a.py::t2", 9.0, 1.0), ("tests/b.py::t3", 1.0, 0.1)]
+    text = suite_cpu.report(rows, top=1)
+    assert text.startswith("3 tests: CPU 3 s, wall 12 s")
+    assert "     3.0     11.0      2  tests/a.py" in text and "tests/b.py" not in text
+    assert text.splitlines()[-1].endswith("tests/a.py::t2")  # waits 8 s
