@@ -292,15 +292,15 @@ def slice_partition(path: str | os.PathLike[str], part: Partition, max_bytes: in
     send. Parsed slice by slice, the lock changes hands between slices.
     """
     max_bytes = SLICE_BYTES if max_bytes is None else max_bytes
-    if part.end - part.start <= max_bytes or part.n_rows == 0:
+    if part.end - part.start <= max_bytes:
         return [part]
     with _open(path) as fh:
         fh.seek(part.start)
         scans = list(_scan_lines(_Bounded(fh, part.end), part.start, 0, path))  # type: ignore[arg-type]
     offsets, lines, is_row = (np.concatenate([s[i] for s in scans]) for i in range(3))
-    if not is_row.any():
-        return [part]
-    shift = part.first_line - int(lines[is_row][0])  # a line's file line number is its index + shift
+    # A line's file line number is its index + shift. ``first_line`` names the first row, or
+    # for a partition of blank lines only (cut too: its bytes are read as any others) its start.
+    shift = part.first_line - int(lines[is_row][0] if is_row.any() else lines[0])
     targets = part.start + max_bytes * np.arange(1, -(-(part.end - part.start) // max_bytes))
     cuts = np.unique(np.searchsorted(offsets, targets))
     bounds = [0, *(int(c) for c in cuts if 0 < c < len(offsets)), len(offsets)]
