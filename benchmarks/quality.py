@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py [--only digits,cancer,svm,mnist,a9a,movielens] [--modes sync,async,ssp]
                                  [--workers 8] [--repeat N] [--markdown FILE] [--workdir DIR]
+                                 [--split examples|sklearn]
 
 For every row and mode it runs, as processes, what a person would type with no
 hyper-parameter flag at all:
@@ -18,7 +19,10 @@ wall times. ``ssp`` runs with its default bound (staleness 0). ``--repeat N`` tr
 row N times per mode and shows the lowest and highest figure (async and ssp runs differ
 from run to run); a mode meets the target only if every run does.
 
-Splits: digits and breast cancer are examples/ (stratified 80/20, seed 42); MNIST is its
+Splits: digits and breast cancer are examples/ (stratified 80/20, seed 42, psctl's own
+``stratified_split``), or with ``--split sklearn`` scikit-learn's ``train_test_split``
+(``test_size=0.2, stratify=y, random_state=42``) of its own copies (tests/splits.py: the
+split issue 16's scikit-learn figures were measured on; docs/DEFAULTS.md, Limits); MNIST is its
 own 60k/10k (../shared/data/mnist, written once as CSV into --workdir); a9a -> a9a.t;
 MovieLens small is a random 80/20 split (seed 42), cold-start test rows dropped.
 Rows whose data is absent are skipped with the reason.
@@ -45,6 +49,7 @@ sys.path[:] = [str(REPO), *(p for p in sys.path if Path(p or ".").resolve() != R
 
 from benchmarks import mf_movielens  # noqa: E402
 from benchmarks.common import machine_info  # noqa: E402
+from tests.splits import issue_split  # noqa: E402
 from psctl.data.idx import mnist  # noqa: E402
 
 EXAMPLES = REPO / "examples"
@@ -86,11 +91,16 @@ def mnist_csv(folder: Path, split: str, out: Path, limit: int | None = None) -> 
     return out
 
 
-def files(row: Row, workdir: Path, shared: Path = SHARED) -> tuple[Path, Path] | str:
+def files(row: Row, workdir: Path, shared: Path = SHARED, split: str = "examples") -> tuple[Path, Path] | str:
     """(train, test) for a row, or why it cannot run."""
     if row.key in ("digits", "svm", "cancer"):
-        folder = EXAMPLES / ("breast_cancer" if row.key == "cancer" else "digits")
-        return folder / "train.csv", folder / "test.csv"
+        name = "breast_cancer" if row.key == "cancer" else "digits"
+        if split == "examples":
+            return EXAMPLES / name / "train.csv", EXAMPLES / name / "test.csv"
+        try:
+            return issue_split(name, workdir / f"sklearn-{name}")
+        except ImportError:
+            return "scikit-learn not installed (it ships the data and makes the split): pip install 'psctl[sklearn]'"
     if row.key == "mnist":
         src = shared / "mnist"
         if not (src / "train-images-idx3-ubyte.gz").is_file():
@@ -202,6 +212,8 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, default=None, help="Also write the table (and the machine) here.")
     parser.add_argument("--workdir", type=Path, default=None, help="Models and converted data (default: a temp dir).")
     parser.add_argument("--shared", type=Path, default=SHARED, help="The shared datasets folder (MNIST, a9a, MovieLens).")
+    parser.add_argument("--split", choices=("examples", "sklearn"), default="examples",
+                        help="Digits and breast cancer: examples/ or scikit-learn's train_test_split of its own copies.")
     args = parser.parse_args()
     keys = args.only.split(",")
     unknown = set(keys) - {r.key for r in ROWS}
@@ -214,7 +226,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     results = []
     for row in (r for r in ROWS if r.key in keys):
-        found = files(row, workdir, args.shared)
+        found = files(row, workdir, args.shared, args.split)
         if isinstance(found, str):
             print(f"{row.what}: skipped, {found}", flush=True)
             results.append({"row": row, "skipped": found})

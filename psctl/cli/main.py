@@ -140,7 +140,7 @@ def train(
     ),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Rows per step and worker (default: the model's, 16 or 512)."),
     lr: float | None = typer.Option(
-        None, "--lr", help="Learning rate of the shards' optimizer (FTRL's alpha); default 0.1, adam 0.01, ftrl 0.1."
+        None, "--lr", help="Learning rate of the shards' optimizer (FTRL's alpha); default 0.1 (svm with no optimizer option: 0.3), adam 0.01, ftrl 0.1."
     ),
     lr_decay: float = typer.Option(0.0, "--lr-decay", help="Step size lr / (1 + lr_decay * t), t = updates applied."),
     loss: str | None = typer.Option(None, "--loss", help="linreg: squared (default) or huber."),

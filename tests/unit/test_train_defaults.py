@@ -21,12 +21,12 @@ def resolved(model: str = "softmax", **options) -> TrainConfig:
     return cfg
 
 
-@pytest.mark.parametrize("model", ["logreg", "softmax", "svm", "linreg"])
-def test_no_optimizer_option_takes_the_linear_models_tuned_defaults(model):
+@pytest.mark.parametrize(("model", "lr"), [("logreg", 0.1), ("softmax", 0.1), ("svm", 0.3), ("linreg", 0.1)])
+def test_no_optimizer_option_takes_the_linear_models_tuned_defaults(model, lr):
     cfg = resolved(model)
-    assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.epochs, cfg.l2) == ("adagrad", 0.1, 16, 20, 1e-3)
+    assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.epochs, cfg.l2) == ("adagrad", lr, 16, 20, 1e-3)
     assert cfg.converge and set(cfg.defaulted) == {"optimizer", "lr", "batch_size", "epochs", "l2"}
-    assert optimizer_spec(cfg) == {"name": "adagrad", "params": {"lr": 0.1}}
+    assert optimizer_spec(cfg) == {"name": "adagrad", "params": {"lr": lr}}
 
 
 @pytest.mark.parametrize("model", ["logreg", "softmax", "svm", "linreg"])
