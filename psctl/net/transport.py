@@ -310,7 +310,8 @@ class Peer(asyncio.BufferedProtocol):
             log.exception("handler for %s failed", msg.type.name)
             self._reply_error(msg, f"internal error: {exc}", "internal")
             return
-        if inspect.isawaitable(result):
+        # Most handlers answer at once; only the others are asked whether they are awaitable.
+        if result is not None and not isinstance(result, Message) and inspect.isawaitable(result):
             self.spawn(self._finish(msg, result))
         else:
             self._reply(msg, result)
@@ -395,6 +396,8 @@ class Peer(asyncio.BufferedProtocol):
         return await self.wait_reply(fut, timeout_s)
 
     async def wait_reply(self, fut: asyncio.Future[Message], timeout_s: float | None) -> Message:
+        if fut.done():  # answered already: no timer to arm
+            return fut.result()
         try:
             async with asyncio.timeout(timeout_s):  # not wait_for: on 3.11 it can swallow a cancellation
                 return await fut
