@@ -187,18 +187,36 @@ class ShardClient:
         return self.plan(dict.fromkeys(what))
 
     async def _answers(self, asked: list[tuple[int, asyncio.Future[Message]]], what: str) -> list[Message]:
-        return list(await asyncio.gather(*(self._answer(i, fut, what) for i, fut in asked)))
+        """Every shard's reply, in order; the first failure raises as soon as it is known.
 
-    async def _answer(self, shard: int, fut: asyncio.Future[Message], what: str) -> Message:
-        """The reply ``fut`` of shard ``shard``; while none comes, the shard must keep answering pings."""
+        A step's replies usually come within the deadline, so one wait covers them all
+        (a task per shard, as ``gather`` makes, costs more than the step's own work); only
+        shards still silent after it are pinged, each by :meth:`_answer`.
+        """
+        futs = [fut for _, fut in asked]
+        pending = [fut for fut in futs if not fut.done()]
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=self.answer_timeout_s, return_when=asyncio.FIRST_EXCEPTION)
+            _raise_first_failure(futs)
+            if still:
+                late = [self._answer(i, fut, what, silent=True) for i, fut in asked if not fut.done()]
+                await asyncio.gather(*late)
+        _raise_first_failure(futs)
+        return [fut.result() for fut in futs]
+
+    async def _answer(self, shard: int, fut: asyncio.Future[Message], what: str, silent: bool = False) -> Message:
+        """The reply ``fut`` of shard ``shard``; while none comes, the shard must keep answering pings.
+        ``silent``: it has been silent for ``answer_timeout_s`` already; ping it first."""
         if fut.done():
             return fut.result()
-        waited_s = 0.0
+        waited_s = self.answer_timeout_s if silent else 0.0
         while True:
-            done, _ = await asyncio.wait({fut}, timeout=self.answer_timeout_s)
-            if done:
-                return fut.result()
-            waited_s += self.answer_timeout_s
+            if not silent:
+                done, _ = await asyncio.wait({fut}, timeout=self.answer_timeout_s)
+                if done:
+                    return fut.result()
+                waited_s += self.answer_timeout_s
+            silent = False
             # A pull may wait at the clock gate for as long as the job needs; a shard that
             # answers a ping is alive and the gate holds the pull: keep waiting.
             try:
@@ -213,6 +231,13 @@ class ShardClient:
                 ) from None
             if fut.done():
                 return fut.result()
+
+
+def _raise_first_failure(futs: list[asyncio.Future[Message]]) -> None:
+    """Raise the error of the first future (in shard order) that failed, if one did."""
+    for fut in futs:
+        if fut.done() and fut.exception() is not None:
+            raise fut.exception()  # type: ignore[misc]
 
 
 def _dump_offset(state_names: dict[str, list[str]], tables: list[str], name: str) -> int:

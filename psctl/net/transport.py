@@ -132,6 +132,8 @@ class Peer(asyncio.BufferedProtocol):
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._write_ready: asyncio.Event | None = None
+        # Frames sent during this turn of the loop, written together at its end (see send).
+        self._out: list[bytes | memoryview] = []
         self._loop = asyncio.get_running_loop()
         self.closed: asyncio.Future[BaseException | None] = self._loop.create_future()
         self._handshake: ServerHandshake | None = None  # set on the accepting side
@@ -310,7 +312,8 @@ class Peer(asyncio.BufferedProtocol):
             log.exception("handler for %s failed", msg.type.name)
             self._reply_error(msg, f"internal error: {exc}", "internal")
             return
-        if inspect.isawaitable(result):
+        # Most handlers answer at once; only the others are asked whether they are awaitable.
+        if result is not None and not isinstance(result, Message) and inspect.isawaitable(result):
             self.spawn(self._finish(msg, result))
         else:
             self._reply(msg, result)
@@ -366,9 +369,26 @@ class Peer(asyncio.BufferedProtocol):
 
     # -- outgoing ----------------------------------------------------------
     def send(self, msg: Message) -> None:
+        """Queue ``msg``'s frame; every frame sent to this peer in one turn of the loop goes
+        out in one ``writelines`` when the turn ends.
+
+        Over loopback each write is a system call that also wakes the reader, the largest
+        cost of a small message (issue 17): a worker's push and its next pull, or a shard's
+        ack and the pull reply behind it, so cost one. Frames keep their order, and an
+        error in encoding still raises here. The arrays are written by reference, so the
+        caller must not mutate them afterwards (as :func:`encode` says).
+        """
         if self.transport is None or self.transport.is_closing():
             raise ConnectionLost(f"connection to {self.name} is closed")
-        self.transport.writelines(encode(msg))
+        frame = encode(msg)
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out += frame
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
 
     def request_nowait(
         self, kind: MsgType, body: dict[str, Any] | None = None, arrays: list[np.ndarray] | None = None
@@ -395,6 +415,8 @@ class Peer(asyncio.BufferedProtocol):
         return await self.wait_reply(fut, timeout_s)
 
     async def wait_reply(self, fut: asyncio.Future[Message], timeout_s: float | None) -> Message:
+        if fut.done():  # answered already: no timer to arm
+            return fut.result()
         try:
             async with asyncio.timeout(timeout_s):  # not wait_for: on 3.11 it can swallow a cancellation
                 return await fut
@@ -407,6 +429,7 @@ class Peer(asyncio.BufferedProtocol):
 
     async def drain(self) -> None:
         """Wait until the transport's write buffer is below its high-water mark."""
+        self._flush()  # what this turn queued counts
         if self._write_ready is not None:
             await self._write_ready.wait()
 
@@ -436,6 +459,7 @@ class Peer(asyncio.BufferedProtocol):
                 self.send(error_message(str(reason), 0, "protocol"))
             except ConnectionLost:
                 pass
+        self._flush()
         transport.close()
         self._loop.call_later(CLOSE_GRACE_S, self._hard_abort, transport)
 
@@ -445,6 +469,7 @@ class Peer(asyncio.BufferedProtocol):
 
     def close(self) -> None:
         if self.transport is not None:
+            self._flush()
             self.transport.close()
 
     async def wait_closed(self) -> None:

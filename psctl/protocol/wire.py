@@ -179,7 +179,7 @@ def encode(msg: Message) -> list[bytes | memoryview]:
     the caller must not mutate the arrays until the buffers are written.
     """
     try:
-        body = json.dumps(msg.body, separators=(",", ":"), allow_nan=False).encode()
+        body = _ENCODER.encode(msg.body).encode()
     except (TypeError, ValueError) as exc:  # not JSON, a NaN, a circular reference
         raise LocalProtocolError(f"the control body cannot travel as JSON: {exc}") from None
     if len(msg.arrays) > MAX_ARRAYS:
@@ -231,10 +231,15 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# Built once: json.dumps and json.loads with options build a new coder per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
 def _json_object(raw: bytes) -> dict[str, Any]:
     """Strict JSON: finite numbers only, so whatever decodes also encodes again."""
     try:
-        body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+        body = _DECODER.decode(raw.decode())
     except (ValueError, RecursionError):  # also UnicodeDecodeError, and ints past the digit limit
         raise RemoteProtocolError("control body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -247,13 +252,17 @@ def _zeros(payload: memoryview, start: int, end: int, what: str) -> None:
         raise RemoteProtocolError(f"{what} must be zero bytes")
 
 
+# Table lookups: calling an enum class costs more than the rest of a small frame's checks.
+_MSG_TYPES = {int(t): t for t in MsgType}
+_FLAGS = {int(f): f for f in (Flag.NONE, Flag.REPLY, Flag.ONEWAY, Flag.REPLY | Flag.ONEWAY)}
+
+
 def decode_payload(msg_type: int, flags: int, req_id: int, payload: memoryview, max_body_bytes: int) -> Message:
     """Parse one payload. Arrays are zero-copy views into ``payload``."""
-    try:
-        kind = MsgType(msg_type)
-    except ValueError:
-        raise RemoteProtocolError(f"unknown message type {msg_type}") from None
-    if flags & ~int(Flag.REPLY | Flag.ONEWAY):
+    kind = _MSG_TYPES.get(msg_type)
+    if kind is None:
+        raise RemoteProtocolError(f"unknown message type {msg_type}")
+    if flags not in _FLAGS:
         raise RemoteProtocolError(f"unknown flag bits 0x{flags:x}")
     size = len(payload)
     if size < PAYLOAD_PREFIX.size:
@@ -305,7 +314,7 @@ def decode_payload(msg_type: int, flags: int, req_id: int, payload: memoryview, 
         pos += pad
     if pos != size:
         raise RemoteProtocolError(f"{size - pos} unexpected bytes at the end of the payload")
-    return Message(kind, body, arrays, req_id, Flag(flags))
+    return Message(kind, body, arrays, req_id, _FLAGS[flags])
 
 
 class FrameParser:
