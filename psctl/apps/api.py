@@ -201,8 +201,13 @@ class KVWorker:
     async def pull(self, table: str, keys: np.ndarray | None = None) -> np.ndarray:
         """A whole table, or the rows ``keys`` (sorted, unique), as the job's mode allows at this clock."""
         self._check(table)
-        await self._settle()
-        got = await self._client.pull({table: None if keys is None else np.asarray(keys, dtype=np.int64)}, self._clock)
+        # The pull goes out behind this worker's last push on each connection, so it sees it;
+        # the push's acks are collected after (its quiet acks come with the pull's replies).
+        keys = None if keys is None else np.asarray(keys, dtype=np.int64)
+        acks, self._acks = self._acks, None  # a failed push raises once, here
+        got = await self._client.pull({table: keys}, self._clock, after=acks)
+        if acks is not None:
+            await acks
         return got[table]
 
     def push(self, table: str, values: np.ndarray, keys: np.ndarray | None = None) -> None:
@@ -220,6 +225,7 @@ class KVWorker:
         per-key sums over the batch (the gradient of its summed loss), and in sync mode the
         shards add every worker's sums for a key, which is what one process would push for the
         union of the batches. In a sync job all workers of a clock push the same kind."""
+        await self._settle()  # clocks without a pull between them: the last push's acks first
         keys = {n: k for n, (k, _) in self._pending.items()}
         grads = {n: g for n, (_, g) in self._pending.items()}
         self._acks = self._client.push(grads, self._clock, count, self._client.plan(keys), sums=sums)
@@ -245,7 +251,7 @@ class KVWorker:
             self._session.close()
 
     async def _settle(self) -> None:
-        """Wait for the last clock's acks (a pull must see this worker's own pushes)."""
+        """Wait for the last clock's acks (a failed push raises here)."""
         acks, self._acks = self._acks, None
         if acks is not None:
             await acks

@@ -30,13 +30,18 @@ class ShardTimeout(net.ConnectionLost):
 
 
 class Acks:
-    """The acks of one push: ``await acks`` waits for every shard's, under the client's deadline."""
+    """The acks of one push: ``await acks`` waits for every shard's, under the client's deadline.
+
+    A push is sent quiet (answered only if it fails): the reply to the next request on
+    the same connection, the step's next pull, acknowledges it. A shard that request
+    did not go to is asked with a PING when the acks are awaited.
+    """
 
     def __init__(self, client: ShardClient, futs: list[asyncio.Future[Message]]):
-        self._client, self._futs = client, futs
+        self._client, self.futs = client, futs
 
     def __await__(self) -> Generator[Any, None, None]:
-        return self._client._answers(list(enumerate(self._futs)), "push").__await__()
+        return self._client._acked(self.futs).__await__()
 
 
 class ShardClient:
@@ -102,10 +107,15 @@ class ShardClient:
         """Route a step's keys (per table: sorted unique keys, or None for the whole table) once."""
         return KeyPlan(self.routing, keys)
 
-    async def pull(self, what: KeyPlan | Mapping[str, np.ndarray | None] | Sequence[str], clock: int = 0) -> dict[str, np.ndarray]:
+    async def pull(
+        self, what: KeyPlan | Mapping[str, np.ndarray | None] | Sequence[str], clock: int = 0, after: Acks | None = None
+    ) -> dict[str, np.ndarray]:
         """Each table's rows of the plan's keys (whole tables: names, or None keys), waiting at the gate for ``clock``.
 
         Only shards that own some of the keys are asked (every shard for whole tables).
+        ``after``: the acks of the push this pull follows. A shard that refused that push
+        may hold the pull at its gate for good (its clock never advanced), so the push's
+        error ends the pull at once; await the acks after the pull.
         """
         plan = self._as_plan(what)
         body: dict[str, Any] = {"job_id": self.job_id, "tables": plan.names, "clock": clock}
@@ -115,7 +125,10 @@ class ShardClient:
         for i in plan.pull_shards:
             arrays = plan.pull_arrays(i)
             self.bytes_pulled += sum(a.nbytes for a in arrays)
-            asked.append((i, self.peers[i].request_nowait(MsgType.PULL, body, arrays)))
+            fut = self.peers[i].request_nowait(MsgType.PULL, body, arrays)
+            if after is not None:
+                _fail_with(after.futs[i], fut)
+            asked.append((i, fut))
         replies = await self._answers(asked, "pull")
         lows = [r.body.get("min_clock") for r in replies]
         lows = [low for low in lows if isinstance(low, int) and not isinstance(low, bool)]
@@ -141,7 +154,7 @@ class ShardClient:
         for i, peer in enumerate(self.peers):
             arrays = plan.push_arrays(i, grads)
             self.bytes_pushed += sum(a.nbytes for a in arrays)
-            futs.append(peer.request_nowait(MsgType.PUSH, body, arrays))
+            futs.append(peer.request_quiet(MsgType.PUSH, body, arrays))
         return Acks(self, futs)
 
     async def dump(
@@ -185,6 +198,13 @@ class ShardClient:
         if isinstance(what, Mapping):
             return self.plan(what)
         return self.plan(dict.fromkeys(what))
+
+    async def _acked(self, futs: list[asyncio.Future[Message]]) -> list[Message]:
+        """Every shard's ack of one push: a shard whose ack no later reply has brought is pinged."""
+        for i, fut in enumerate(futs):
+            if not fut.done() and self.peers[i].is_open:
+                self.peers[i].request_nowait(MsgType.PING, {})
+        return await self._answers(list(enumerate(futs)), "push")
 
     async def _answers(self, asked: list[tuple[int, asyncio.Future[Message]]], what: str) -> list[Message]:
         """Every shard's reply, in order; the first failure raises as soon as it is known.
@@ -231,6 +251,16 @@ class ShardClient:
                 ) from None
             if fut.done():
                 return fut.result()
+
+
+def _fail_with(first: asyncio.Future[Message], then: asyncio.Future[Message]) -> None:
+    """When ``first`` fails, ``then`` fails with its error (unless answered already)."""
+
+    def done(fut: asyncio.Future[Message]) -> None:
+        if not fut.cancelled() and fut.exception() is not None and not then.done():
+            then.set_exception(fut.exception())  # type: ignore[arg-type]
+
+    first.add_done_callback(done)
 
 
 def _raise_first_failure(futs: list[asyncio.Future[Message]]) -> None:

@@ -130,6 +130,10 @@ def _require(body: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> A
 class ShardService:
     """Frames -> ShardState. One instance per shard process."""
 
+    # A push is handled at once (``_push`` returns None or raises): workers send it quiet,
+    # acknowledged by the pull reply behind it (net.Peer.request_quiet).
+    quiet_types = frozenset({MsgType.PUSH})
+
     def __init__(
         self,
         on_coordinator_lost: Callable[[], None],

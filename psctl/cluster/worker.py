@@ -569,7 +569,7 @@ class Worker:
                 plan = await plan_step(plan_rows, client, model, X)
                 # The pull goes out behind the previous push on each connection,
                 # so it sees that push; its ack is collected afterwards.
-                params = await client.pull(plan, clock)
+                params = await client.pull(plan, clock, after=acks)
                 behind = str(client.last_staleness)
                 staleness[behind] = staleness.get(behind, 0) + 1
                 if acks is not None:

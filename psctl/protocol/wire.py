@@ -111,6 +111,9 @@ class Flag(enum.IntFlag):
     NONE = 0
     REPLY = 1  # this frame answers req_id
     ONEWAY = 2  # no reply expected
+    # A request answered only if it fails: the receiver handles it before it reads the next
+    # frame, so any later reply on the connection says it succeeded (docs/PROTOCOL.md).
+    QUIET = 4
 
 
 _DTYPES: dict[int, np.dtype] = {
@@ -254,7 +257,7 @@ def _zeros(payload: memoryview, start: int, end: int, what: str) -> None:
 
 # Table lookups: calling an enum class costs more than the rest of a small frame's checks.
 _MSG_TYPES = {int(t): t for t in MsgType}
-_FLAGS = {int(f): f for f in (Flag.NONE, Flag.REPLY, Flag.ONEWAY, Flag.REPLY | Flag.ONEWAY)}
+_FLAGS = {int(f): f for f in (Flag.NONE, Flag.REPLY, Flag.ONEWAY, Flag.REPLY | Flag.ONEWAY, Flag.QUIET)}
 
 
 def decode_payload(msg_type: int, flags: int, req_id: int, payload: memoryview, max_body_bytes: int) -> Message:

@@ -26,7 +26,10 @@ RANGES = {"w": [(0, 8)]}
 
 class SilentShard(net.NullService):
     """Answers the connection's first PING (connect() checks it is psctl) and HELLO, then holds
-    every pull and push; answers later pings unless ``mute``."""
+    every pull, takes pushes (sent quiet, they are answered only if they fail) and answers
+    later pings unless ``mute``: a push's ack is then never known."""
+
+    quiet_types = frozenset({MsgType.PUSH})
 
     def __init__(self, mute: bool):
         self.mute = mute
@@ -46,6 +49,8 @@ class SilentShard(net.NullService):
             if self.pings >= 3:
                 self.third_ping.set()
             return Message(MsgType.PING, {})
+        if msg.type is MsgType.PUSH:
+            return None
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self.held.append(fut)
         return fut
