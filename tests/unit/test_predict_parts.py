@@ -105,3 +105,41 @@ def test_mf_batches_evaluated_apart_combine_to_the_whole(tmp_path):
         apart = predict.combine(pred, parts, plan, cold)
         assert np.array_equal(whole.outputs, apart.outputs, equal_nan=True) and np.array_equal(whole.ids, apart.ids)
         assert whole.metrics == apart.metrics and whole.cold_start == apart.cold_start
+
+
+def _csv_writer_rows(task, outputs, labels):
+    """What write_prediction_rows wrote before it formatted blocks: csv.writer, a list per row."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out)
+    if task == "regression":
+        writer.writerows([f"{v:.6g}"] for v in outputs)
+    elif task == "binary":
+        writer.writerows([f"{p:.6f}", label] for p, label in zip(outputs, labels))
+    else:
+        writer.writerows([*(f"{v:.6f}" for v in row), label] for row, label in zip(outputs, labels))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("task", ["binary", "classes", "regression"])
+def test_predictions_are_written_as_csv_writer_writes_them(task, monkeypatch):
+    import io
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(predict, "ROWS_PER_WRITE", 7)  # blocks that do not divide the rows
+    rng = np.random.default_rng(5)
+    n = 50
+    texts = np.array(["yes", "no", "a,b", 'say "hi"', "line\nbreak", " padded ", "ünï"])
+    labels = texts[rng.integers(0, len(texts), n)]
+    special = [np.nan, np.inf, -np.inf, -0.0, 1e300, 5e-324, 0.5, 0.0000005, 0.0000015]
+    if task == "classes":
+        outputs = rng.random((n, 3)).astype(np.float32)
+        outputs[: len(special), 0] = [min(v, 3e38) if v > 0 else v for v in special]  # within float32
+    else:
+        outputs = np.r_[special, rng.normal(scale=1e3, size=n - len(special))]
+    pred = SimpleNamespace(meta={"task": task}, outputs=outputs, predicted=labels)
+    fh = io.StringIO()
+    predict.write_prediction_rows(pred, fh)
+    assert fh.getvalue() == _csv_writer_rows(task, outputs, labels)
