@@ -294,23 +294,44 @@ def slice_partition(path: str | os.PathLike[str], part: Partition, max_bytes: in
     max_bytes = SLICE_BYTES if max_bytes is None else max_bytes
     if part.end - part.start <= max_bytes:
         return [part]
+    targets = part.start + max_bytes * np.arange(1, -(-(part.end - part.start) // max_bytes))
+    # One pass, chunk by chunk, keeping only each slice's figures (a partition of millions of
+    # lines never holds an array per line). A slice: [start offset, its first line (relative),
+    # its first row's relative line or -1, its rows].
+    slices: list[list[int]] = []
+    first_row, first_any, next_target, base = -1, -1, 0, 0
     with _open(path) as fh:
         fh.seek(part.start)
-        scans = list(_scan_lines(_Bounded(fh, part.end), part.start, 0, path))  # type: ignore[arg-type]
-    offsets, lines, is_row = (np.concatenate([s[i] for s in scans]) for i in range(3))
-    # A line's file line number is its index + shift. ``first_line`` names the first row, or
-    # for a partition of blank lines only (cut too: its bytes are read as any others) its start.
-    shift = part.first_line - int(lines[is_row][0] if is_row.any() else lines[0])
-    targets = part.start + max_bytes * np.arange(1, -(-(part.end - part.start) // max_bytes))
-    cuts = np.unique(np.searchsorted(offsets, targets))
-    bounds = [0, *(int(c) for c in cuts if 0 < c < len(offsets)), len(offsets)]
-    out = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        rows = np.flatnonzero(is_row[a:b])
-        first = int(lines[a + rows[0]] if len(rows) else lines[a]) + shift
-        end = int(offsets[b]) if b < len(offsets) else part.end
-        out.append(Partition(part.index, int(offsets[a]), end, first, len(rows)))
-    return out
+        for offsets, lines, is_row in _scan_lines(_Bounded(fh, part.end), part.start, 0, path):  # type: ignore[arg-type]
+            if first_any < 0:
+                first_any = int(lines[0])
+            rows_at = np.flatnonzero(is_row)
+            if first_row < 0 and len(rows_at):
+                first_row = int(lines[rows_at[0]])
+            # Where the slices starting in this chunk begin: the first line start at or after a target.
+            cuts = [0] if not slices else []
+            while next_target < len(targets) and offsets[-1] >= targets[next_target]:
+                at = int(np.searchsorted(offsets, targets[next_target]))
+                if base + at > 0 and (not cuts or cuts[-1] != at) and (not slices or base + at != slices[-1][1]):
+                    cuts.append(at)
+                next_target += 1
+            bounds = [*cuts, len(offsets)]
+            if bounds[0] != 0:  # the chunk's first lines finish the slice under way
+                slices[-1][3] += int(is_row[: bounds[0]].sum())
+                if slices[-1][2] < 0 and is_row[: bounds[0]].any():
+                    slices[-1][2] = int(lines[np.flatnonzero(is_row[: bounds[0]])[0]])
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                rows = np.flatnonzero(is_row[a:b])
+                slices.append([int(offsets[a]), int(lines[a]), int(lines[a + rows[0]]) if len(rows) else -1, len(rows)])
+            base += len(offsets)
+    # A line's file line number is its relative number + shift. ``first_line`` names the first row,
+    # or for a partition of blank lines only (cut too: its bytes are read as any others) its start.
+    shift = part.first_line - (first_row if first_row >= 0 else first_any)
+    ends = [s[0] for s in slices[1:]] + [part.end]
+    return [
+        Partition(part.index, start, end, (row if row >= 0 else line) + shift, n)
+        for (start, line, row, n), end in zip(slices, ends)
+    ]
 
 
 def read_lines(path: str | os.PathLike[str], part: Partition) -> tuple[list[str], list[str]]:
