@@ -9,6 +9,7 @@ partition and report.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import math
 import os
@@ -50,6 +51,27 @@ EPOCH_HOLD_TIMEOUT_S = 600.0
 # here against a 100 us logreg step).
 INLINE_COMPUTE_S = 0.02
 T = TypeVar("T")
+
+
+# glibc's mallopt parameter, and the size from which an allocation is its own mapping.
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def return_freed_memory() -> None:
+    """Make this worker process give the memory it frees back to the system, so its resident
+    size follows what it holds: each slice's parse (a few MiB of temporaries, freed at once)
+    would otherwise stay resident in allocator caches. Set in a worker process only.
+
+    Why: glibc raises its mmap threshold to the largest block freed, after which blocks of that
+    size come from per-thread arenas (the threads of ``asyncio.to_thread``) and stay resident
+    when freed; a fixed threshold keeps every block of 1 MiB or more its own mapping. pyarrow's
+    own pool (mimalloc) keeps freed pages too: the system allocator is used instead."""
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")  # read when pyarrow first allocates
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def max_partition_rows(spec: dict[str, Any]) -> int:

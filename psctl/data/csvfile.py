@@ -376,6 +376,27 @@ def _read_arrow(raw: bytes, schema: CsvSchema, n_rows: int) -> tuple[np.ndarray,
     parse as a number, and a row count other than the partition's ``n_rows`` (a lone
     carriage return ends a line for pyarrow, not for the partition planner).
     """
+    label = [] if schema.label_index is None else [schema.label_index]
+    table = _arrow_table(raw, schema, n_rows, list(schema.feature_indices), label)
+    if table is None:
+        return None
+    X = np.empty((table.num_rows, len(schema.feature_indices)))
+    for c, j in enumerate(schema.feature_indices):
+        at = 0
+        for chunk in table.column(f"c{j}").chunks:
+            X[at : at + len(chunk), c] = _values(chunk, np.float64)
+            at += len(chunk)
+    if not np.isfinite(X).all():
+        return None
+    if not label:
+        return X, np.array([], dtype=str)
+    labels = arrow_text(table, label[0])
+    return None if labels is None else (X, labels)
+
+
+def _arrow_table(raw: bytes, schema: CsvSchema, n_rows: int, numeric: list[int], text: list[int]) -> Any:
+    """The columns ``numeric`` (float64, no empty cell) and ``text`` (strings) of a partition's
+    bytes as a pyarrow table (column ``c<index>``), or None where :func:`_read_arrow` says."""
     if not USE_ARROW or len(raw) < ARROW_MIN_BYTES or b'"' in raw or not raw.strip(_BLANK):
         return None
     try:
@@ -384,42 +405,33 @@ def _read_arrow(raw: bytes, schema: CsvSchema, n_rows: int) -> tuple[np.ndarray,
     except ImportError:
         return None
     names = [f"c{i}" for i in range(len(schema.columns))]  # header names may repeat or be empty
-    features = [names[j] for j in schema.feature_indices]
-    types = {name: pa.float64() for name in features}
-    label = None if schema.label_index is None else names[schema.label_index]
-    if label is not None:
-        types[label] = pa.string()
+    types = {names[j]: pa.float64() for j in numeric} | {names[j]: pa.string() for j in text}
     try:
         table = pacsv.read_csv(
             pa.py_buffer(raw),
             read_options=pacsv.ReadOptions(column_names=names, encoding="utf8"),
             parse_options=pacsv.ParseOptions(delimiter=schema.delimiter, quote_char='"', double_quote=True,
                                              escape_char=False, newlines_in_values=False, ignore_empty_lines=True),
-            convert_options=pacsv.ConvertOptions(column_types=types, include_columns=[*features, *([label] if label else [])],
+            convert_options=pacsv.ConvertOptions(column_types=types, include_columns=[names[j] for j in [*numeric, *text]],
                                                  null_values=[], strings_can_be_null=False, quoted_strings_can_be_null=False),
         )  # fmt: skip
     except (pa.ArrowException, UnicodeError, ValueError, TypeError):
         return None
-    if table.num_rows != n_rows or any(table.column(f).null_count for f in features):
+    if table.num_rows != n_rows or any(table.column(names[j]).null_count for j in numeric):
         return None
-    X = np.empty((table.num_rows, len(features)))
-    for c, f in enumerate(features):
-        at = 0
-        for chunk in table.column(f).chunks:
-            X[at : at + len(chunk), c] = _values(chunk, np.float64)
-            at += len(chunk)
-    if not np.isfinite(X).all():
-        return None
-    if label is None:
-        return X, np.array([], dtype=str)
-    # Each distinct label cell cleaned once, as the other paths clean every cell (_cell).
-    cells = table.column(label).combine_chunks().dictionary_encode()
+    return table
+
+
+def arrow_text(table: Any, index: int) -> np.ndarray | None:
+    """Column ``index`` of an :func:`_arrow_table` as cleaned cells (:func:`_cell`) in a str array,
+    each distinct cell cleaned once (no Python string per row); None if a cell is empty."""
+    import pyarrow as pa
+
+    cells = table.column(f"c{index}").combine_chunks().dictionary_encode()
     if not pa.types.is_int32(cells.indices.type):
         return None
-    labels = np.array([_cell(text) for text in cells.dictionary.to_pylist()], dtype=str)[_values(cells.indices, np.int32)]
-    if (labels == "").any():
-        return None
-    return X, labels
+    values = np.array([_cell(text) for text in cells.dictionary.to_pylist()], dtype=str)[_values(cells.indices, np.int32)]
+    return None if (values == "").any() else values
 
 
 def read_partition(path: str | os.PathLike[str], schema: CsvSchema, part: Partition) -> tuple[np.ndarray, np.ndarray]:

@@ -39,9 +39,10 @@ MEMORY_SHARE = 2 / 3
 #: Streaming mode: the shuffle window's share of the budget. A window is held once while its
 #: slices are joined and their parse's temporaries exist, so about twice this at its peak.
 WINDOW_SHARE = 1 / 3
-#: Rows a memory-mode evaluation computes at once (the model's temporaries for a whole large
-#: partition, e.g. a sparse batch's unique keys, would be several times its compact size).
-EVAL_BLOCK_ROWS = 1 << 16
+#: Compact bytes of the rows a memory-mode evaluation computes at once: the model's temporaries
+#: for a whole large partition (a sparse batch's unique keys and their positions: 3-4 times its
+#: entries' bytes) would be several times its compact size. About a slice's rows.
+EVAL_BLOCK_BYTES = 2 << 20
 
 Compact = Callable[[Any, np.ndarray], tuple[Any, np.ndarray]]
 Load = Callable[[csvfile.Partition], tuple[Any, np.ndarray]]
@@ -350,8 +351,9 @@ class MemoryRows:
         return MemoryEpoch(self.X, self.y, batch_indices(self.n, batch_size, seed, partition, epoch, max_rows))
 
     def blocks(self) -> Iterator[tuple[Any, np.ndarray]]:
-        for a in range(0, self.n, EVAL_BLOCK_ROWS):
-            yield self.X[a : a + EVAL_BLOCK_ROWS], self.y[a : a + EVAL_BLOCK_ROWS]
+        step = max(1, int(EVAL_BLOCK_BYTES * self.n / max(self.compact_bytes, 1)))
+        for a in range(0, self.n, step):
+            yield self.X[a : a + step], self.y[a : a + step]
 
 
 def _join(parts: list[tuple[Any, np.ndarray]]) -> tuple[Any, np.ndarray]:
