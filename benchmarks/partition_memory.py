@@ -8,14 +8,15 @@ Each run is ``psctl train ... --json``; every worker reads its own peak RSS (VmH
 size (the bytes of its rows as the model uses them: float32 features, uint32 keys and float32
 values, int32 ids and float32 ratings, and the encoded labels) in ``metrics.worker_memory``.
 
-1. The baseline: what a worker holds with (almost) no data, from a job on the 455-row breast
-   cancer file, plus what importing pyarrow adds (the reader of every slice of 1 MiB or more),
-   measured in a fresh interpreter. This is the constant the bounds are stated over.
+1. The constant of each input: the peak RSS, less its compact size, of a worker whose partition
+   is one slice (``csvfile.SLICE_BYTES``, 2 MiB) of that CSV: the interpreter, numpy, psctl,
+   pyarrow (the reader of every slice of 1 MiB or more), one slice's parse and a training step.
+   The bounds are stated over it.
 2. For dense (50 float columns), hashed (``benchmarks/hashed_synth.py``: 26 categorical and 3
    numeric columns) and ratings (user, item, rating) CSVs of ``--rows`` rows, one job in memory
    mode and one forced into streaming mode with ``--stream-budget``: per worker, compact size,
-   peak RSS, (peak - baseline) / compact in memory mode, and peak - baseline against the budget
-   when streamed.
+   peak RSS, (peak - constant) / compact in memory mode, and peak - constant against the budget
+   when streamed. The ratings file has 25 times ``--rows`` rows (a rating is 12 compact bytes).
 3. A dense CSV of ``--big-mb`` MB (a block of rows repeated), larger than ``--big-budget`` times
    the workers, trained in the default mode (auto, which streams it), one epoch.
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import os
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
+from psctl.data.csvfile import SLICE_BYTES  # noqa: E402
 from psctl.data.stream import parse_size  # noqa: E402
 
 MB = 1 << 20
@@ -48,18 +50,6 @@ def psctl_train(*args: str) -> tuple[dict, float]:
     if r.returncode != 0:
         sys.exit(f"psctl train {' '.join(args)} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout), time.monotonic() - started
-
-
-def pyarrow_import_bytes() -> int:
-    code = (
-        "import re\n"
-        "def hwm(): return int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024\n"
-        "import numpy, psctl.cluster.worker\n"
-        "before = hwm()\n"
-        "import pyarrow, pyarrow.csv\n"
-        "print(hwm() - before)\n"
-    )
-    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout)
 
 
 def dense_block(rows: int, features: int, seed: int) -> bytes:
@@ -105,10 +95,11 @@ def workers_of(result: dict) -> list[dict]:
     return result["metrics"]["worker_memory"]
 
 
-def row(kind: str, mode: str, w: dict, baseline: int, budget: int | None) -> str:
+def row(kind: str, mode: str, w: dict, constant: int, budget: int) -> str:
     compact, peak = w["compact_bytes"], w["peak_rss_bytes"]
-    over = peak - baseline
-    bound = f"(peak - baseline) / compact {over / compact:.2f}" if mode == "memory" else f"peak - baseline {over / MB:.0f} MB of a {budget / MB:.0f} MB budget"
+    over = peak - constant
+    bound = (f"(peak - constant) / compact {over / compact:.2f}" if mode == "memory"
+             else f"peak - constant {over / MB:.0f} MB of a {budget / MB:.0f} MB budget")
     return f"| {kind} | {mode} | {w['worker_id']} | {compact / MB:.1f} | {peak / MB:.0f} | {bound} |"
 
 
@@ -121,16 +112,11 @@ def main() -> None:
     ap.add_argument("--big-budget", default="64MB")
     ap.add_argument("--folder", default="/tmp/psctl-pm")
     args = ap.parse_args()
-
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
-    common = ["--workers", str(args.workers), "--epochs", "1", "--batch-size", "4096", "--out", str(folder / "m.npz")]
 
-    tiny, _ = psctl_train("logreg", str(REPO / "examples" / "breast_cancer" / "train.csv"), *common)
-    no_data = max(w["peak_rss_bytes"] for w in workers_of(tiny))
-    arrow = pyarrow_import_bytes()
-    baseline = no_data + arrow
-    print(f"baseline: a worker with no data {no_data / MB:.0f} MB + importing pyarrow {arrow / MB:.0f} MB = {baseline / MB:.0f} MB")
+    def common(workers: int) -> list[str]:
+        return ["--workers", str(workers), "--epochs", "1", "--batch-size", "4096", "--out", str(folder / "m.npz")]
 
     inputs = {}
     dense = folder / "dense.csv"
@@ -142,8 +128,21 @@ def main() -> None:
     cats = ",".join(f"C{j + 1}" for j in range(26))
     inputs["hashed"] = ["logreg", str(hashed), "--categorical", cats, "--hash-bits", "24"]
     rated = folder / "ratings.csv"
-    write_ratings(rated, args.rows * 5)
+    write_ratings(rated, args.rows * 25)
     inputs["ratings"] = ["mf", str(rated), "--rank", "10"]
+
+    # The constant of each input: a worker whose partition is one slice of it (pyarrow parses it).
+    constants = {}
+    for kind, job in inputs.items():
+        head = folder / f"head-{kind}.csv"
+        with open(job[1], "rb") as src:
+            text = src.read(SLICE_BYTES - (64 << 10))
+        head.write_bytes(text[: text.rindex(b"\n") + 1])
+        result, _ = psctl_train(job[0], str(head), *job[2:], *common(1), "--partition-mode", "memory")
+        (w,) = workers_of(result)
+        constants[kind] = w["peak_rss_bytes"] - w["compact_bytes"]
+        print(f"constant ({kind}): a worker holding one slice ({head.stat().st_size / MB:.1f} MB of CSV): "
+              f"peak {w['peak_rss_bytes'] / MB:.0f} MB - compact {w['compact_bytes'] / MB:.1f} MB = {constants[kind] / MB:.0f} MB")
 
     stream_budget = parse_size(args.stream_budget)
     print("| input | mode | worker | compact MB | peak RSS MB | bound |")
@@ -151,9 +150,9 @@ def main() -> None:
     for kind, job in inputs.items():
         size = Path(job[1]).stat().st_size
         for mode, extra in (("memory", ["--partition-mode", "memory"]), ("stream", ["--partition-mode", "stream", "--worker-memory", args.stream_budget])):
-            result, seconds = psctl_train(*job, *common, *extra)
+            result, seconds = psctl_train(*job, *common(args.workers), *extra)
             for w in workers_of(result):
-                print(row(f"{kind} ({size / MB:.0f} MB CSV, {seconds:.0f} s)", mode, w, baseline, stream_budget))
+                print(row(f"{kind} ({size / MB:.0f} MB CSV, {seconds:.0f} s)", mode, w, constants[kind], stream_budget))
 
     if args.big_mb:
         big = folder / "big.csv"
@@ -161,14 +160,15 @@ def main() -> None:
         budget = parse_size(args.big_budget)
         size = big.stat().st_size
         print(f"large: {big} {size / MB:.0f} MB, {n} rows; budget {budget / MB:.0f} MB x {args.workers} workers = {budget * args.workers / MB:.0f} MB")
-        result, seconds = psctl_train("logreg", str(big), *common, "--worker-memory", args.big_budget)
+        result, seconds = psctl_train("logreg", str(big), *common(args.workers), "--worker-memory", args.big_budget)
         for w in workers_of(result):
+            over = w["peak_rss_bytes"] - constants["dense"]
             print(f"  worker {w['worker_id']}: {w['mode']} mode, compact {w['compact_bytes'] / MB:.0f} MB, peak RSS {w['peak_rss_bytes'] / MB:.0f} MB "
-                  f"= baseline {baseline / MB:.0f} MB + {(w['peak_rss_bytes'] - baseline) / MB:.0f} MB (budget {budget / MB:.0f} MB)")
+                  f"= constant {constants['dense'] / MB:.0f} MB + {over / MB:.0f} MB (budget {budget / MB:.0f} MB)")
         m = result["metrics"]
         print(f"  {seconds:.0f} s, rows trained {result['rows_trained']}, train accuracy {m.get('train_accuracy', float('nan')):.4f}")
-    host = re.sub(r"\s+", " ", Path("/proc/cpuinfo").read_text().split("model name")[1].split("\n")[0].strip(": "))
-    print(f"host: {host}, Python {sys.version.split()[0]}")
+    host = Path("/proc/cpuinfo").read_text().split("model name")[1].split("\n")[0].strip(" \t:")
+    print(f"host: {host}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
 
 
 if __name__ == "__main__":

@@ -39,9 +39,11 @@ MEMORY_SHARE = 2 / 3
 #: Streaming mode: the shuffle window's share of the budget. A window is held once while its
 #: slices are joined and their parse's temporaries exist, so about twice this at its peak.
 WINDOW_SHARE = 1 / 3
-#: Compact bytes of the rows a memory-mode evaluation computes at once: the model's temporaries
-#: for a whole large partition (a sparse batch's unique keys and their positions: 3-4 times its
-#: entries' bytes) would be several times its compact size. About a slice's rows.
+#: The most rows, and compact bytes of rows, an evaluation computes at once (in either mode):
+#: a model's temporaries for many rows (a sparse batch's unique keys and their positions, 3-4
+#: times its entries' bytes; mf's factors of every row, rank x 8 bytes several times) would be
+#: several times their compact size.
+EVAL_BLOCK_ROWS = 1 << 14
 EVAL_BLOCK_BYTES = 2 << 20
 
 Compact = Callable[[Any, np.ndarray], tuple[Any, np.ndarray]]
@@ -351,9 +353,15 @@ class MemoryRows:
         return MemoryEpoch(self.X, self.y, batch_indices(self.n, batch_size, seed, partition, epoch, max_rows))
 
     def blocks(self) -> Iterator[tuple[Any, np.ndarray]]:
-        step = max(1, int(EVAL_BLOCK_BYTES * self.n / max(self.compact_bytes, 1)))
-        for a in range(0, self.n, step):
-            yield self.X[a : a + step], self.y[a : a + step]
+        return eval_blocks(self.X, self.y)
+
+
+def eval_blocks(X: Any, y: np.ndarray) -> Iterator[tuple[Any, np.ndarray]]:
+    """Rows in consecutive blocks of at most EVAL_BLOCK_ROWS rows and about EVAL_BLOCK_BYTES."""
+    n = len(y)
+    step = max(1, min(EVAL_BLOCK_ROWS, int(EVAL_BLOCK_BYTES * n / max(compact_bytes(X, y), 1))))
+    for a in range(0, n, step):
+        yield X[a : a + step], y[a : a + step]
 
 
 def _join(parts: list[tuple[Any, np.ndarray]]) -> tuple[Any, np.ndarray]:
@@ -420,7 +428,7 @@ class StreamRows:
 
     def blocks(self) -> Iterator[tuple[Any, np.ndarray]]:
         for _, X, y in _chunks(self.pf, self.which, self.compact):
-            yield X, y
+            yield from eval_blocks(X, y)
 
 
 def window_rows(budget: int, row_bytes: float) -> int:
