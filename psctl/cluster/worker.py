@@ -497,6 +497,7 @@ class Worker:
         # and for a partition this process took over. Parsing goes slice by slice, so the
         # heartbeat thread gets the interpreter's lock (load_partition).
         data = await self._read_data(coord, job, spec, path, part, partition, model_cls)
+        peak_read = process_memory()["peak_rss_bytes"]  # the statistics pass and the rows held
         stats, classes, rows, val, n_features = data.stats, data.classes, data.rows, data.val, data.n_features
         model = await asyncio.to_thread(
             lambda: model_cls(n_features, classes, l2=job.l2, **job.model_params, **model_cls.data_params(stats))
@@ -541,6 +542,7 @@ class Worker:
                     client = await _with_backoff(lambda: connect_shards(rewind["shards"], rewind["ranges"]), self._check_abort)
                     start_clock = int(rewind["clock"])
             trained_bytes = {"bytes_pulled": client.bytes_pulled, "bytes_pushed": client.bytes_pushed}
+            peak_trained = process_memory()["peak_rss_bytes"]
             await client.leave()
             await coord.request(MsgType.TRAINED, {}, timeout_s=None)
             self._check_abort()
@@ -552,7 +554,8 @@ class Worker:
                 figures = await self._evaluate(client, model, rows, None)
                 report.update(loss_sum=figures["loss_sum"], sums=figures["sums"])
             report["memory"] = {"mode": rows.mode, "compact_bytes": int(rows.compact_bytes + (val.compact_bytes if val else 0)),
-                                "budget_bytes": self.budget_bytes, **process_memory()}
+                                "budget_bytes": self.budget_bytes, "peak_rss_read_bytes": peak_read,
+                                "peak_rss_trained_bytes": peak_trained, **process_memory()}
             report.update(trained_bytes)  # training traffic only, not the evaluation pull
             coord.notify(MsgType.FINAL_REPORT, report)
             return report
@@ -722,7 +725,7 @@ class Worker:
         else:
             n_train = pf.n("train")
             row_bytes = stream.estimate_bytes(pf, "train", sample) / max(n_train, 1)
-            window = stream.window_rows(self.budget_bytes, row_bytes)
+            window = stream.window_rows(self.budget_bytes, row_bytes, max((c.rows for c in pf.train), default=0), job.batch_size)
             rows = stream.StreamRows(pf, "train", compact, window, stream.estimate_bytes(pf, "train", sample))
             val = stream.StreamRows(held, "val", compact, window, stream.estimate_bytes(held, "val", sample)) if n_held else None
         if (job.validation or job.test_split) and val is None:  # every worker reports held-out figures

@@ -1720,7 +1720,10 @@ class CoordinatorState:
     }
 
 
-_MEMORY_FIELDS = {"mode": str, "compact_bytes": int, "budget_bytes": int, "rss_bytes": int, "peak_rss_bytes": int}
+_MEMORY_FIELDS = {
+    "mode": str, "compact_bytes": int, "budget_bytes": int, "rss_bytes": int, "peak_rss_bytes": int,
+    "peak_rss_read_bytes": int, "peak_rss_trained_bytes": int,  # the peak once the rows were read, once trained
+}
 
 
 def worker_memory(reports: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:

@@ -36,8 +36,8 @@ DEFAULT_MEMORY_FRACTION = 0.5
 #: Memory mode when the compact partition is at most this share of the budget: the rest is
 #: for what reading a slice and an evaluation block take beside it.
 MEMORY_SHARE = 2 / 3
-#: Streaming mode: the shuffle window's share of the budget. A window is held once while its
-#: slices are joined and their parse's temporaries exist, so about twice this at its peak.
+#: Streaming mode: the shuffle window's share of the budget. A window is filled in place (one
+#: copy of its rows); beside it are a slice's parse, a batch and the rows carried to the next.
 WINDOW_SHARE = 1 / 3
 #: The most rows, and compact bytes of rows, an evaluation computes at once (in either mode):
 #: a model's temporaries for many rows (a sparse batch's unique keys and their positions, 3-4
@@ -286,8 +286,9 @@ def _chunks(pf: PartitionFile, which: str, compact: Compact) -> Iterator[tuple[i
     for j in range(len(pf.slices)):
         if not counts[j].rows:
             continue
-        train_X, train_y, val_X, val_y = pf.rows(j)
-        X, y = compact(train_X, train_y) if which == "train" else compact(val_X, val_y)
+        raw = pf.rows(j)
+        X, y = compact(*raw[:2]) if which == "train" else compact(*raw[2:])
+        del raw  # the parsed slice is not held while the caller uses its compact rows
         yield j, X, y
 
 
@@ -296,10 +297,17 @@ def gather(pf: PartitionFile, which: str, compact: Compact) -> tuple[Any, np.nda
     arrays allocated once at their final size (None: there are none)."""
     counts = pf.train if which == "train" else pf.val
     n, nnz = sum(c.rows for c in counts), sum(c.nnz for c in counts)
+    return fill((chunk for _, *chunk in _chunks(pf, which, compact)), n, nnz)
+
+
+def fill(chunks: Iterator[Any], n: int, nnz: int) -> tuple[Any, np.ndarray] | None:
+    """Compact chunks (X, y) one after another in arrays of ``n`` rows (``nnz`` sparse entries)
+    allocated once, with the first chunk's types: no second copy of the rows at any time.
+    None when there are no chunks; DataError when they do not hold ``n`` rows."""
     X_out: Any = None  # dense rows, or (indptr, indices, values, n_cols) until the end
     y_out: np.ndarray | None = None
     row, entry = 0, 0
-    for _, X, y in _chunks(pf, which, compact):
+    for X, y in chunks:
         if y_out is None:
             y_out = np.empty(n, y.dtype)
             if isinstance(X, SparseRows):
@@ -307,6 +315,8 @@ def gather(pf: PartitionFile, which: str, compact: Compact) -> tuple[Any, np.nda
             else:
                 X_out = np.empty((n, *X.shape[1:]), X.dtype)
         m = len(y)
+        if row + m > n or (isinstance(X, SparseRows) and entry + X.nnz > nnz):
+            raise DataError("the data file changed while it was read: its rows differ from the statistics pass's")
         y_out[row : row + m] = y
         if isinstance(X, SparseRows):
             indptr, indices, values, _ = X_out
@@ -364,14 +374,6 @@ def eval_blocks(X: Any, y: np.ndarray) -> Iterator[tuple[Any, np.ndarray]]:
         yield X[a : a + step], y[a : a + step]
 
 
-def _join(parts: list[tuple[Any, np.ndarray]]) -> tuple[Any, np.ndarray]:
-    if len(parts) == 1:
-        return parts[0]
-    Xs, ys = zip(*parts)
-    X = SparseRows.concat(Xs) if isinstance(Xs[0], SparseRows) else np.concatenate(Xs)
-    return X, np.concatenate(ys)
-
-
 class StreamEpoch:
     """An epoch of a streamed partition: windows of slices read as the batches need them."""
 
@@ -391,6 +393,7 @@ class StreamEpoch:
         while self.at >= len(self.batches):
             plan = next(self.windows, None)
             if plan is None:
+                self.window = self.carry = None  # not held through the evaluation that follows
                 return None
             self._read(plan)
         pos = self.batches[self.at]
@@ -399,14 +402,25 @@ class StreamEpoch:
         return X[pos], y[pos]
 
     def _read(self, plan: Any) -> None:
-        old, self.window, self.batches = self.window, None, []  # the last window goes before the next is read
-        parts = [self.carry] if self.carry is not None else []
-        del old
-        for j in plan.slices:
-            train_X, train_y, _, _ = self.rows.pf.rows(j)
-            parts.append(self.rows.compact(train_X, train_y))
-        X, y = _join(parts)
-        parts.clear()
+        self.window, self.batches = None, []  # the last window goes before the next is read
+        carry, self.carry = self.carry, None
+        counts = [self.rows.pf.train[j] for j in plan.slices]
+        n = sum(c.rows for c in counts) + (len(carry[1]) if carry is not None else 0)
+        nnz = sum(c.nnz for c in counts) + (_nnz(carry[0]) if carry is not None else 0)
+
+        def chunks() -> Iterator[tuple[Any, np.ndarray]]:
+            if carry is not None:
+                yield carry
+            for j in plan.slices:
+                raw = self.rows.pf.rows(j)
+                chunk = self.rows.compact(*raw[:2])
+                del raw  # the parsed slice is not held while its compact rows are copied in
+                yield chunk
+
+        got = fill(chunks(), n, nnz)  # the carried rows (less than a batch) are copied in
+        if got is None:
+            raise DataError("the data file changed while it was read: its rows differ from the statistics pass's")
+        X, y = got
         self.carry = (X[plan.carry], y[plan.carry]) if len(plan.carry) else None
         self.window, self.batches, self.at = (X, y), plan.batches, 0
 
@@ -431,6 +445,10 @@ class StreamRows:
             yield from eval_blocks(X, y)
 
 
-def window_rows(budget: int, row_bytes: float) -> int:
-    """Rows of a streamed epoch's shuffle window: :data:`WINDOW_SHARE` of the budget."""
-    return max(1, int(WINDOW_SHARE * budget / max(row_bytes, 1.0)))
+def window_rows(budget: int, row_bytes: float, slice_rows: int, batch_size: int) -> int:
+    """Rows of a streamed epoch's shuffle window: :data:`WINDOW_SHARE` of the budget, less what is
+    held beside it while a slice is read into it (that slice's rows twice: parsed and compact, the
+    window overshooting by up to a slice; a batch), and at least one batch (a window always takes
+    whole slices, so it holds one slice at least)."""
+    rows = WINDOW_SHARE * budget / max(row_bytes, 1.0) - 2 * slice_rows - batch_size
+    return max(batch_size, int(rows))
