@@ -619,15 +619,18 @@ class Worker:
                 if acks is not None:
                     await acks
                 loss, grads, figures = await compute_step(step_figures, model, params, X, y, epoch)
-                acks = client.push(grads, clock, len(y), plan, sums=model.key_sums)
+                n = len(y)
+                acks = client.push(grads, clock, n, plan, sums=model.key_sums)
+                # Not held while the next batch is read (a streamed epoch's next window).
+                batch = X = y = params = grads = plan = None
                 clock = coord.clock = clock + 1
                 self.in_step = False
-                loss_sum += loss * len(y)
-                trained += len(y)
-                coord.samples += len(y)
+                loss_sum += loss * n
+                trained += n
+                coord.samples += n
                 _add(sums, figures)
-                recent_loss += loss * len(y)
-                recent_n += len(y)
+                recent_loss += loss * n
+                recent_n += n
                 now = time.monotonic()
                 if now - last_progress >= PROGRESS_INTERVAL_S:
                     coord.notify(
