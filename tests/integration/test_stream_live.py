@@ -90,17 +90,22 @@ def test_a_validation_file_is_evaluated_slice_by_slice(tmp_path, big_csv):
 
 @pytest.mark.fault
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
-def test_a_streamed_partition_taken_over_replays_its_batches(tmp_path, big_csv):
+@pytest.mark.parametrize("by", ["new process", "survivor"])
+def test_a_streamed_partition_taken_over_replays_its_batches(tmp_path, big_csv, by):
     """A killed worker's partition resumes at the clock the shards acknowledged, its batches
-    drawn again from the file in the same order: every row trained, as in the clean run."""
+    drawn again from the file in the same order: every row trained, as in the clean run. By a
+    survivor (--max-restarts 0): the surviving worker process streams the lost partition too."""
     args = ["logreg", str(big_csv), "--workers", "2", "--mode", "sync", "--epochs", "3", "--batch-size", "256",
             "--lr", "0.1", "--optimizer", "adagrad", "--worker-memory", "1MB"]
     clean = psctl_json("train", *args, "--out", str(tmp_path / "clean.npz"), timeout_s=200)
-    proc, address = start_train([*args, "--out", str(tmp_path / "m.npz")], until="epoch 1/")
+    extra = [] if by == "new process" else ["--max-restarts", "0"]
+    proc, address = start_train([*args, *extra, "--out", str(tmp_path / "m.npz")], until="epoch 1/")
     os.kill(worker_pids(address)[0], signal.SIGKILL)
     out, err = proc.communicate(timeout=200)
     assert proc.returncode == 0, err
     assert "warning: workers lost during training" in out
+    if by == "survivor":
+        assert "a surviving worker process took over lost partition" in out
     _, meta = modelfile.load_model(str(tmp_path / "m.npz"))
     assert 3 * ROWS <= meta["metrics"]["rows_trained"] <= 3 * ROWS + 256  # a push redone at most
     assert abs(meta["metrics"]["train_accuracy"] - clean["metrics"]["train_accuracy"]) <= 0.01
