@@ -18,7 +18,7 @@ from psctl.cluster import child
 from psctl.cluster.coordinator import start_coordinator
 from psctl.cluster.launch import LocalCluster
 from psctl.cluster.supervisor import Supervisor, stop_running_job
-from psctl.cluster.worker import Worker
+from psctl.cluster.worker import Worker, return_freed_memory
 from psctl.errors import UsageError
 
 
@@ -104,5 +104,6 @@ async def run_worker(
     security: net.Security = net.LOCAL,
 ) -> dict[str, Any]:
     """One worker joining the next job of ``server``; returns its final report (``n``, ``loss_sum``)."""
+    return_freed_memory()  # this process is the worker
     worker = Worker(server, max_frame_bytes=max_frame_bytes, data_path=data, model_classes=model_classes or [], security=security)
     return await worker.run()

@@ -24,11 +24,11 @@ from psctl.cluster.launch import Child, LocalCluster, embedded_security
 from psctl.cluster.session import EventTimeout, Session
 from psctl.core.batching import epoch_steps
 from psctl.core.consistency import staleness_for
-from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S, JobSpec
+from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S, PARTITION_MODES, JobSpec
 from psctl.core.kept import name_problem
 from psctl.core.optim import OPTIMIZERS
 from psctl.core.tables import TableSpec
-from psctl.data import arrays, csvfile, formats, parquet, ratings, storage, vocab
+from psctl.data import arrays, csvfile, formats, parquet, ratings, storage, stream, vocab
 from psctl.errors import DataError, Interrupted, JobError, PsctlError, RequestError, UsageError
 from psctl.files import checkpoint, modelfile
 from psctl.models.base import Model, classes_for, summarize
@@ -132,6 +132,11 @@ class TrainConfig:
     # The embedded cluster's shards and this job's local workers as tasks of this process,
     # not child processes (cluster.launch.LocalCluster): no process start-up, one core.
     in_process: bool = False
+    # How each worker holds its partition (psctl/data/stream.py): auto, memory or stream, and
+    # its memory budget for its rows (a size as in 64MB; None: half this host's memory divided
+    # by the workers started here).
+    partition_mode: str = "auto"
+    worker_memory: str | None = None
     # Set by resolve_defaults: the options it filled in, and whether the job stops once converged.
     defaulted: tuple[str, ...] | None = None
     converge: bool = False
@@ -207,6 +212,13 @@ class TrainConfig:
             raise UsageError("in-memory data cannot be resumed or validated against a file; train on files for that")
         if self.resume and self.checkpoint_dir and checkpoint.folder_of(self.resume).resolve() != Path(self.checkpoint_dir).resolve():
             raise UsageError("--resume continues in its own folder; leave out --checkpoint-dir or give the same folder")
+        if self.partition_mode not in PARTITION_MODES:
+            raise UsageError(f"--partition-mode must be one of {', '.join(PARTITION_MODES)}; got '{self.partition_mode}'")
+        if self.worker_memory is not None:
+            try:
+                stream.parse_size(self.worker_memory)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
         try:
             staleness_for(self.mode, self.staleness)
         except ValueError as exc:
@@ -260,8 +272,20 @@ def optimizer_spec(cfg: TrainConfig) -> dict[str, Any]:
     return {"name": cfg.optimizer, "params": params}
 
 
+def worker_memory_bytes(cfg: TrainConfig) -> int:
+    """Each worker's memory budget: --worker-memory, or half this host's memory divided by the
+    workers started here (all of them when this command starts none: they join from elsewhere)."""
+    if cfg.worker_memory is not None:
+        return stream.parse_size(cfg.worker_memory)
+    local = cfg.workers if cfg.server is None or cfg.local_workers is None else cfg.local_workers
+    return stream.default_budget(local or cfg.workers)
+
+
 def build_spec(cfg: TrainConfig, source: formats.Source, partitions: list[csvfile.Partition]) -> JobSpec:
     """The job as the coordinator and workers see it. Tables come after the statistics pass."""
+    if cfg.partition_mode == "stream" and (arrays.is_arrays(source.data) or parquet.is_parquet_data(source.data)):
+        raise UsageError("--partition-mode stream reads a CSV or LIBSVM file again every epoch; "
+                         "in-memory and Parquet input are read whole (leave it out)")
     return JobSpec(
         model=cfg.model,
         model_params={**cfg.model_params, "sparse": True} if source.sparse else cfg.model_params,
@@ -296,6 +320,8 @@ def build_spec(cfg: TrainConfig, source: formats.Source, partitions: list[csvfil
         keep={"name": cfg.keep, "replace": cfg.replace} if cfg.keep is not None else None,
         from_kept={"name": cfg.resume_from} if cfg.resume_from is not None else None,
         takeover_after_s=takeover_after_s(cfg, source),
+        partition_mode=cfg.partition_mode,
+        worker_memory_bytes=worker_memory_bytes(cfg),
     )
 
 
@@ -344,6 +370,8 @@ def resume_spec(cfg: TrainConfig, fresh: JobSpec) -> tuple[list[str], JobSpec]:
     cfg.checkpoint_dir = here  # the model file records where the checkpoints went
     return applied, spec.replace(
         hold_epochs=fresh.hold_epochs,  # early stopping is this run's choice
+        # How the workers hold their rows changes no result's meaning: this run's choice too.
+        partition_mode=fresh.partition_mode, worker_memory_bytes=fresh.worker_memory_bytes,
         min_shards=int(manifest["n_shards"]), resume={"dir": here, "clock": int(manifest["clock"]), "job_id": manifest.get("job_id")},
         checkpoint={**(spec.checkpoint or {"every": 0, "every_s": 0.0}), "dir": here},
     )
@@ -1008,6 +1036,7 @@ def _model_meta(cfg: TrainConfig, source: formats.Source, session: _Run, done: d
             "bytes_pulled": done.get("bytes_pulled", 0),
             "bytes_pushed": done.get("bytes_pushed", 0),
             "seconds": seconds,
+            "worker_memory": done.get("worker_memory", []),
         },
     }
     if session.best_epoch >= 0:

@@ -148,6 +148,13 @@ def train(
     validate: str | None = typer.Option(None, "--validate", help="Held-out CSV, evaluated every epoch."),
     test_split: float = typer.Option(0.0, "--test-split", help="Hold out this fraction of the rows (stratified for classifiers)."),
     patience: int = typer.Option(0, "--patience", help="Stop after N epochs without a better held-out loss; keep the best weights."),
+    partition_mode: str = typer.Option(
+        "auto", "--partition-mode",
+        help="How a worker holds its rows: memory (whole, compact), stream (read from the file every epoch), or auto by --worker-memory.",
+    ),
+    worker_memory: str | None = typer.Option(
+        None, "--worker-memory", help="Each worker's memory budget for its rows, as in 64MB or 2GiB (default: half this host's memory / local workers)."
+    ),
     max_restarts: int = typer.Option(3, "--max-restarts", help="Replace up to N lost local worker processes."),
     checkpoint_dir: str | None = typer.Option(None, "--checkpoint-dir", help="Folder for shard checkpoints (shared by all shards)."),
     checkpoint_every: str = typer.Option(
@@ -228,6 +235,8 @@ def train(
         validate=validate,
         test_split=test_split,
         patience=patience,
+        partition_mode=partition_mode,
+        worker_memory=worker_memory,
         heartbeat_interval_s=heartbeat_interval_s,
         max_restarts=max_restarts,
         checkpoint_dir=checkpoint_dir,

@@ -90,8 +90,9 @@ async def shard_main(args: argparse.Namespace, security: net.Security) -> None:
 
 
 async def worker_main(args: argparse.Namespace, security: net.Security) -> None:
-    from psctl.cluster.worker import Worker
+    from psctl.cluster.worker import Worker, return_freed_memory
 
+    return_freed_memory()
     announce(args.server)
     await Worker(args.server, max_frame_bytes=args.max_frame_bytes, data_path=args.data, model_classes=args.model_class, security=security,
                  partition=args.partition).run()

@@ -9,6 +9,7 @@ partition and report.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import math
 import os
@@ -23,12 +24,13 @@ import numpy as np
 from psctl import net
 from psctl.cluster.client import Acks, ShardClient, ShardTimeout
 from psctl.cluster.session import EventTimeout, Session, SessionClosed
-from psctl.core.batching import batch_indices, epoch_steps
+from psctl.cluster.shard import process_memory
+from psctl.core.batching import epoch_steps
 from psctl.core.job import JobSpec
 from psctl.core.keyplan import KeyPlan
 from psctl.core.shard_errors import NonFiniteGradient
 from psctl.core.sparse import SparseRows
-from psctl.data import arrays, csvfile, formats, parquet, ratings, storage, vocab
+from psctl.data import arrays, csvfile, formats, parquet, ratings, storage, stream, vocab
 from psctl.errors import ConnectError, DataError, JobError, PsctlError
 from psctl.models.base import Model, batch_sums, classes_for, encode_targets
 from psctl.models.registry import model_class
@@ -49,6 +51,33 @@ EPOCH_HOLD_TIMEOUT_S = 600.0
 # here against a 100 us logreg step).
 INLINE_COMPUTE_S = 0.02
 T = TypeVar("T")
+
+
+# glibc's mallopt parameters; the size from which an allocation is its own mapping, and how
+# many arenas the threads share.
+_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
+MMAP_THRESHOLD_BYTES = 256 << 10
+ARENA_MAX = 1
+
+
+def return_freed_memory() -> None:
+    """Make this worker process give the memory it frees back to the system, so its resident
+    size follows what it holds: each slice's parse (a few MiB of temporaries, freed at once)
+    would otherwise stay resident in allocator caches. Set in a worker process only.
+
+    Why: glibc raises its mmap threshold to the largest block freed, after which blocks of that
+    size come from per-thread arenas (the threads of ``asyncio.to_thread``) and stay resident
+    when freed; a fixed threshold keeps every block of 256 KiB or more its own mapping, and one
+    arena keeps the threads from each holding a high-water mark of small blocks (measured: 20-30
+    MB less per worker). pyarrow's own pool (mimalloc) keeps freed pages too: the system
+    allocator is used instead."""
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")  # read when pyarrow first allocates
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        libc.mallopt(_M_ARENA_MAX, ARENA_MAX)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def max_partition_rows(spec: dict[str, Any]) -> int:
@@ -166,6 +195,19 @@ class Prepared:
     n_features: int
 
 
+@dataclass
+class WorkerData:
+    """What the statistics pass gives a worker: the whole data's statistics and classes, its rows
+    (training and held-out, in memory or streamed), the feature count, and the shards to use."""
+
+    stats: dict[str, Any]
+    classes: list[str]
+    rows: stream.MemoryRows | stream.StreamRows
+    val: stream.MemoryRows | stream.StreamRows | None
+    n_features: int
+    shards: dict[str, Any]  # the STATS reply's "shards" and "ranges"
+
+
 def load_partition(spec: dict[str, Any], path: str, part: csvfile.Partition) -> tuple[Any, np.ndarray]:
     """Features and raw labels of one partition, in the job's data format.
 
@@ -230,11 +272,12 @@ def prepare(raw_X: Any, labels: np.ndarray, classes: list[str], stats_reply: dic
         X = ratings.encode_rows(raw_X, stats_reply["vocab"])
         if (X < 0).any():
             raise JobError("an id of this worker's partition is missing from the job's vocabulary")
+        X = X.astype(np.int32)  # a vocabulary holds at most vocab.MAX_VOCAB_SIZE ids
     elif spec["data"].get("format", "csv") == "csv":  # dense numeric features: scaled, float32
         mean_std = csvfile.merge_stats(stats_reply["stats"]) if spec.get("standardize", True) and stats_reply["stats"] else None
         X = csvfile.scaled_float32(raw_X, mean_std)
     else:  # sparse rows over model keys; LIBSVM's feature count comes from the statistics
-        X = formats.to_keys(spec["data"], raw_X, stats_reply["stats"])
+        X = formats.to_keys(spec["data"], raw_X, stats_reply["stats"]).compact()
         n_features = X.n_cols
     if task != "classes":
         y = y.astype(np.float32)
@@ -259,6 +302,12 @@ def split_rows(raw_X: Any, labels: np.ndarray, fraction: float, seed: int, parti
     """The partition's training rows and labels, then its held-out ones (``split_validation``)."""
     train_rows, val_rows = split_validation(labels, fraction, seed, partition, stratify)
     return raw_X[train_rows], labels[train_rows], raw_X[val_rows], labels[val_rows]
+
+
+def is_text_input(data: dict[str, Any] | None) -> bool:
+    """Whether an input is a file read in byte ranges (CSV, hashed CSV, LIBSVM, ratings): what
+    a worker reads slice by slice and may stream; in-memory arrays and Parquet are read whole."""
+    return data is None or not (arrays.is_arrays(data) or parquet.is_parquet_data(data))
 
 
 def plan_rows(client: ShardClient, model: Model, X: Any) -> KeyPlan:
@@ -352,6 +401,7 @@ class Worker:
         # A job spec names its model; a user's class ('pkg.mod:Class') is imported only
         # when this worker was started allowing it, so a job cannot make a worker import code.
         self.model_classes = set(model_classes)
+        self.budget_bytes = 0  # this worker's memory budget for its rows, once the job is known
         self.in_step = False  # between the pull of step `session.clock` and its push
         self.session: Session | None = None  # the control session; its clock and samples feed the heartbeats
         self.coordinator_address = coordinator
@@ -446,27 +496,11 @@ class Worker:
         # ``to_thread`` below): the loop stays free for the coordinator's requests and events
         # and for a partition this process took over. Parsing goes slice by slice, so the
         # heartbeat thread gets the interpreter's lock (load_partition).
-        raw_X, labels = await asyncio.to_thread(load_partition, spec, path, part)
-        val_raw: tuple[Any, np.ndarray] | None = None
-        if job.test_split:
-            split = await asyncio.to_thread(split_rows, raw_X, labels, job.test_split, job.seed, partition, model_cls.task != "regression")
-            raw_X, labels, val_raw = split[0], split[1], (split[2], split[3])
-        elif job.validation:
-            val_part = csvfile.Partition.from_dict(job.validation["partitions"][partition])
-            val_raw = await asyncio.to_thread(load_partition, {**spec, "data": job.validation}, job.validation["path"], val_part)
-
-        body, arrays = await asyncio.to_thread(stats_request, raw_X, labels, spec, model_cls)
-        if val_raw is not None and model_cls.task != "regression":  # classes must cover the held-out labels too
-            held_out = val_raw[1]
-            body["labels"] = await asyncio.to_thread(lambda: sorted(set(body["labels"]) | set(held_out.tolist())))
-        reply = await coord.request(MsgType.STATS, body, arrays, timeout_s=None)
-        self._check_abort()
-        stats = await asyncio.to_thread(vocab.attach, reply.body, reply.arrays)
-        classes = classes_for(model_cls.task, stats["labels"], model_cls.kind)
-        prep = await asyncio.to_thread(prepare, raw_X, labels, classes, stats, spec, model_cls.task)
-        val = await asyncio.to_thread(prepare, *val_raw, classes, stats, spec, model_cls.task) if val_raw is not None else None
+        data = await self._read_data(coord, job, spec, path, part, partition, model_cls)
+        peak_read = process_memory()["peak_rss_bytes"]  # the statistics pass and the rows held
+        stats, classes, rows, val, n_features = data.stats, data.classes, data.rows, data.val, data.n_features
         model = await asyncio.to_thread(
-            lambda: model_cls(prep.n_features, classes, l2=job.l2, **job.model_params, **model_cls.data_params(stats))
+            lambda: model_cls(n_features, classes, l2=job.l2, **job.model_params, **model_cls.data_params(stats))
         )
 
         async def connect_shards(shards: list[str], ranges: dict[str, Any]) -> ShardClient:
@@ -483,12 +517,12 @@ class Worker:
                 answer_timeout_s=job.failure_timeout_s,
             )
 
-        client = await connect_shards(reply.body["shards"], reply.body["ranges"])
+        client = await connect_shards(data.shards["shards"], data.shards["ranges"])
         try:
             start_clock = int(reg.get("start_clock", 0))
             while True:
                 try:
-                    await self._train(coord, client, model, prep, val, spec, partition, start_clock)
+                    await self._train(coord, client, model, rows, val, spec, partition, start_clock)
                     break
                 except (net.ConnectionLost, net.RemoteError) as exc:
                     if isinstance(exc, net.RemoteError) and exc.code == NonFiniteGradient.code:
@@ -508,17 +542,20 @@ class Worker:
                     client = await _with_backoff(lambda: connect_shards(rewind["shards"], rewind["ranges"]), self._check_abort)
                     start_clock = int(rewind["clock"])
             trained_bytes = {"bytes_pulled": client.bytes_pulled, "bytes_pushed": client.bytes_pushed}
+            peak_trained = process_memory()["peak_rss_bytes"]
             await client.leave()
             await coord.request(MsgType.TRAINED, {}, timeout_s=None)
             self._check_abort()
             # Traffic of training only: the evaluation pull below is not part of any epoch.
-            report: dict[str, Any] = {"loss_sum": 0.0, "sums": {}, "n": len(prep.y)}
+            report: dict[str, Any] = {"loss_sum": 0.0, "sums": {}, "n": rows.n}
             report.update(bytes_pulled=client.bytes_pulled, bytes_pushed=client.bytes_pushed)
-            if len(prep.y):
-                # The whole partition at once: the longest computation of the job, so in a thread.
-                params = await client.pull(await asyncio.to_thread(plan_rows, client, model, prep.X))
-                figures = await asyncio.to_thread(evaluate, model, params, prep)
+            if rows.n:
+                # Block by block (a streamed partition: slice by slice from the file), in threads.
+                figures = await self._evaluate(client, model, rows, None)
                 report.update(loss_sum=figures["loss_sum"], sums=figures["sums"])
+            report["memory"] = {"mode": rows.mode, "compact_bytes": int(rows.compact_bytes + (val.compact_bytes if val else 0)),
+                                "budget_bytes": self.budget_bytes, "peak_rss_read_bytes": peak_read,
+                                "peak_rss_trained_bytes": peak_trained, **process_memory()}
             report.update(trained_bytes)  # training traffic only, not the evaluation pull
             coord.notify(MsgType.FINAL_REPORT, report)
             return report
@@ -530,8 +567,8 @@ class Worker:
         coord: Session,
         client: ShardClient,
         model: Model,
-        prep: Prepared,
-        val: Prepared | None,
+        rows: stream.MemoryRows | stream.StreamRows,
+        val: stream.MemoryRows | stream.StreamRows | None,
         spec: dict[str, Any],
         partition: int,
         start_clock: int,
@@ -539,7 +576,7 @@ class Worker:
         """Mini-batch steps from ``start_clock`` (0, or where a lost predecessor's pushes stopped)."""
         epochs, batch_size, seed = int(spec["epochs"]), int(spec["batch_size"]), int(spec.get("seed", 0))
         hold = bool(spec.get("hold_epochs"))
-        n_rows = len(prep.y)
+        n_rows = rows.n
         max_rows = max_partition_rows(spec)
         per_epoch = epoch_steps(n_rows, batch_size, max_rows)
         clock = coord.clock = start_clock
@@ -553,10 +590,17 @@ class Worker:
         for epoch in range(first_epoch, epochs):
             if self.control.stop_requested:
                 break
-            loss_sum, sums, rows = 0.0, {}, 0
+            loss_sum, sums, trained = 0.0, {}, 0
             staleness: dict[str, int] = {}  # clocks behind -> steps, as the gate answered this epoch's pulls
             skip = start_clock - epoch * per_epoch if epoch == first_epoch else 0
-            for step, idx in enumerate(batch_indices(n_rows, batch_size, seed, partition, epoch, max_rows)):
+            batches = rows.epoch(epoch, batch_size, seed, partition, max_rows)
+            step = -1
+            while True:
+                # A streamed epoch reads the file when the next batch opens a new window: in a thread.
+                batch = batches.next() if batches.ready() else await asyncio.to_thread(batches.next)
+                if batch is None:
+                    break
+                step += 1
                 if step < skip:
                     continue
                 await self.control.wait_turn(clock)
@@ -564,7 +608,7 @@ class Worker:
                 if self.control.stop_requested:
                     break
                 self.in_step = True
-                X, y = prep.X[idx], prep.y[idx]
+                X, y = batch
                 # One routing of the batch's keys for the pull and the push of this step.
                 plan = await plan_step(plan_rows, client, model, X)
                 # The pull goes out behind the previous push on each connection,
@@ -575,15 +619,18 @@ class Worker:
                 if acks is not None:
                     await acks
                 loss, grads, figures = await compute_step(step_figures, model, params, X, y, epoch)
-                acks = client.push(grads, clock, len(idx), plan, sums=model.key_sums)
+                n = len(y)
+                acks = client.push(grads, clock, n, plan, sums=model.key_sums)
+                # Not held while the next batch is read (a streamed epoch's next window).
+                batch = X = y = params = grads = plan = None
                 clock = coord.clock = clock + 1
                 self.in_step = False
-                loss_sum += loss * len(idx)
-                rows += len(idx)
-                coord.samples += len(idx)
+                loss_sum += loss * n
+                trained += n
+                coord.samples += n
                 _add(sums, figures)
-                recent_loss += loss * len(idx)
-                recent_n += len(idx)
+                recent_loss += loss * n
+                recent_n += n
                 now = time.monotonic()
                 if now - last_progress >= PROGRESS_INTERVAL_S:
                     coord.notify(
@@ -596,7 +643,7 @@ class Worker:
             if hold and acks is not None:
                 await acks  # the epoch's last push is on the shards before the driver may read them
                 acks = None
-            report: dict[str, Any] = {"epoch": epoch, "loss_sum": loss_sum, "sums": sums, "n": rows, "staleness": staleness}
+            report: dict[str, Any] = {"epoch": epoch, "loss_sum": loss_sum, "sums": sums, "n": trained, "staleness": staleness}
             if val is not None:
                 report["val"] = await self._evaluate(client, model, val, clock)
             coord.notify(MsgType.EPOCH_REPORT, report)
@@ -607,9 +654,94 @@ class Worker:
         if recent_n:
             coord.notify(MsgType.PROGRESS, {"epoch": epochs - 1, "clock": clock, "samples": recent_n, "loss_sum": recent_loss})
 
-    async def _evaluate(self, client: ShardClient, model: Model, rows: Prepared, clock: int) -> dict[str, Any]:
-        """Loss and additive figures of the current parameters on ``rows`` (held-out data)."""
-        if not len(rows.y):
-            return {"loss_sum": 0.0, "n": 0, "sums": {}}
-        params = await client.pull(await asyncio.to_thread(plan_rows, client, model, rows.X), clock)
-        return await asyncio.to_thread(evaluate, model, params, rows)
+    async def _evaluate(self, client: ShardClient, model: Model, rows: stream.MemoryRows | stream.StreamRows, clock: int | None) -> dict[str, Any]:
+        """Loss and additive figures of the current parameters on ``rows`` (held-out data, or at the
+        end the training rows: ``clock`` None), block by block, the figures summed."""
+        total: dict[str, Any] = {"loss_sum": 0.0, "n": 0, "sums": {}}
+        blocks = rows.blocks()
+        while (block := await asyncio.to_thread(next, blocks, None)) is not None:
+            X, y = block
+            plan = await asyncio.to_thread(plan_rows, client, model, X)
+            params = await (client.pull(plan) if clock is None else client.pull(plan, clock))
+            figures = await asyncio.to_thread(evaluate, model, params, Prepared(X, y, [], 0))
+            total["loss_sum"] += figures["loss_sum"]
+            total["n"] += figures["n"]
+            _add(total["sums"], figures["sums"])
+        return total
+
+    async def _read_data(
+        self, coord: Session, job: JobSpec, spec: dict[str, Any], path: str, part: csvfile.Partition, partition: int, model_cls: type[Model]
+    ) -> WorkerData:
+        """The statistics pass and this worker's rows, in the mode the job and its budget choose.
+        Every computation over the data runs in a thread."""
+        stratify = model_cls.task != "regression"
+        self.budget_bytes = job.worker_memory_bytes or stream.default_budget(job.n_workers)
+        text = is_text_input(job.data) and is_text_input(job.validation)
+        if not text:  # in-memory arrays, Parquet: read whole (arrays map their file; no copy)
+            raw_X, labels = await asyncio.to_thread(load_partition, spec, path, part)
+            val_raw: tuple[Any, np.ndarray] | None = None
+            if job.test_split:
+                split = await asyncio.to_thread(split_rows, raw_X, labels, job.test_split, job.seed, partition, stratify)
+                raw_X, labels, val_raw = split[0], split[1], (split[2], split[3])
+            elif job.validation:
+                val_part = csvfile.Partition.from_dict(job.validation["partitions"][partition])
+                val_raw = await asyncio.to_thread(load_partition, {**spec, "data": job.validation}, job.validation["path"], val_part)
+            body, arrays = await asyncio.to_thread(stats_request, raw_X, labels, spec, model_cls)
+            if val_raw is not None and stratify:  # classes must cover the held-out labels too
+                held_out = val_raw[1]
+                body["labels"] = await asyncio.to_thread(lambda: sorted(set(body["labels"]) | set(held_out.tolist())))
+            stats, classes, shards = await self._stats(coord, body, arrays, model_cls)
+            prep = await asyncio.to_thread(prepare, raw_X, labels, classes, stats, spec, model_cls.task)
+            val = await asyncio.to_thread(prepare, *val_raw, classes, stats, spec, model_cls.task) if val_raw is not None else None
+            held_rows = stream.MemoryRows(val.X, val.y) if val else None
+            return WorkerData(stats, classes, stream.MemoryRows(prep.X, prep.y), held_rows, prep.n_features, shards)
+
+        hold = stream.HoldOut(job.test_split, job.seed * 1_000_003 + partition, stratify) if job.test_split else None
+        pf = await asyncio.to_thread(stream.PartitionFile.of, path, part, lambda piece: _load_slice(spec, path, piece), hold)
+        vf = None
+        if job.validation:
+            val_spec, val_path = {**spec, "data": job.validation}, job.validation["path"]
+            val_part = csvfile.Partition.from_dict(job.validation["partitions"][partition])
+            vf = await asyncio.to_thread(stream.PartitionFile.of, val_path, val_part, lambda piece: _load_slice(val_spec, val_path, piece), None, True)
+        counted = stream.Stats(job.data, job.standardize, model_cls.task)
+        await asyncio.to_thread(stream.scan, pf, counted)
+        if vf is not None:  # its labels only: the classes cover them
+            await asyncio.to_thread(stream.scan, vf, counted)
+        stats, classes, shards = await self._stats(coord, *counted.request(), model_cls)
+
+        def compact(raw_X: Any, labels: np.ndarray) -> tuple[Any, np.ndarray]:
+            prep = prepare(raw_X, labels, classes, stats, spec, model_cls.task)
+            return prep.X, prep.y
+
+        held = vf if vf is not None else pf
+        # No rows, in the compact form: its dtypes and row width (the size estimate), the feature count.
+        empty = await asyncio.to_thread(lambda: prepare(*(a[:0] for a in pf.rows(0)[:2]), classes, stats, spec, model_cls.task))
+        sample = (empty.X, empty.y)
+        estimate = stream.estimate_bytes(pf, "train", sample) + stream.estimate_bytes(held, "val", sample)
+        mode = stream.choose_mode(job.partition_mode, estimate, self.budget_bytes)
+        n_held = held.n("val")
+        if mode == "memory":
+            got = await asyncio.to_thread(stream.gather, pf, "train", compact)
+            rows = stream.MemoryRows(*got) if got is not None else stream.MemoryRows(*sample)
+            val_got = await asyncio.to_thread(stream.gather, held, "val", compact) if n_held else None
+            val = stream.MemoryRows(*val_got) if val_got is not None else None
+        else:
+            n_train = pf.n("train")
+            row_bytes = stream.estimate_bytes(pf, "train", sample) / max(n_train, 1)
+            window = stream.window_rows(self.budget_bytes, row_bytes, max((c.rows for c in pf.train), default=0), job.batch_size)
+            rows = stream.StreamRows(pf, "train", compact, window, stream.estimate_bytes(pf, "train", sample))
+            val = stream.StreamRows(held, "val", compact, window, stream.estimate_bytes(held, "val", sample)) if n_held else None
+        if (job.validation or job.test_split) and val is None:  # every worker reports held-out figures
+            val = stream.MemoryRows(sample[0][:0], sample[1][:0])
+        log.info("partition %d: %s mode, %.1f MB compact, budget %.1f MB", partition, mode, estimate / 1e6, self.budget_bytes / 1e6)
+        return WorkerData(stats, classes, rows, val, empty.n_features, shards)
+
+    async def _stats(
+        self, coord: Session, body: dict[str, Any], arrays: list[np.ndarray], model_cls: type[Model]
+    ) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
+        """The statistics pass's exchange: this partition's part out, the whole data's back
+        (statistics, classes, and the reply's shards and key ranges)."""
+        reply = await coord.request(MsgType.STATS, body, arrays, timeout_s=None)
+        self._check_abort()
+        stats = await asyncio.to_thread(vocab.attach, reply.body, reply.arrays)
+        return stats, classes_for(model_cls.task, stats["labels"], model_cls.kind), reply.body

@@ -1378,6 +1378,7 @@ class CoordinatorState:
             "bytes_pulled": sum(r.get("bytes_pulled", 0) for r in reports),
             "bytes_pushed": sum(r.get("bytes_pushed", 0) for r in reports),
             "seconds": self.now_s - job.started_s,
+            "worker_memory": worker_memory(job.final.result),  # type: ignore[arg-type]
         }
         if job.manifests_writing:  # the driver hears of that checkpoint first: 'done' waits for it
             job.done_report = done
@@ -1717,3 +1718,21 @@ class CoordinatorState:
         ModelsAsked: _models,
         ModelDropRequested: _model_drop,
     }
+
+
+_MEMORY_FIELDS = {
+    "mode": str, "compact_bytes": int, "budget_bytes": int, "rss_bytes": int, "peak_rss_bytes": int,
+    "peak_rss_read_bytes": int, "peak_rss_trained_bytes": int,  # the peak once the rows were read, once trained
+}
+
+
+def worker_memory(reports: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each worker's memory figures from its final report (how it held its partition, its compact
+    size, its budget, its peak RSS), by worker id; fields of another type are left out."""
+    out = []
+    for worker_id in sorted(reports):
+        memory = reports[worker_id].get("memory")
+        if isinstance(memory, dict):
+            fields = {k: memory[k] for k, kind in _MEMORY_FIELDS.items() if isinstance(memory.get(k), kind) and not isinstance(memory.get(k), bool)}
+            out.append({"worker_id": worker_id, **fields})
+    return out

@@ -21,6 +21,7 @@ DEFAULT_HEARTBEAT_INTERVAL_S = 0.5
 DEFAULT_FAILURE_TIMEOUT_S = 5.0
 DEFAULT_EPOCHS = 1
 DEFAULT_BATCH_SIZE = 32
+PARTITION_MODES = ("auto", "memory", "stream")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,11 @@ class JobSpec:
     keep: dict[str, Any] | None = None
     # Train a kept model further, in place (its tables are this job's): {"name": NAME}.
     from_kept: dict[str, Any] | None = None
+    # How a worker holds its partition (psctl/data/stream.py): "memory" keeps it whole in its
+    # compact form, "stream" reads it from the file every epoch, "auto" chooses by the budget.
+    partition_mode: str = "auto"
+    # Each worker's memory budget for its rows; None: the worker's default (data/stream.py).
+    worker_memory_bytes: int | None = None
 
     @property
     def takeover_grace_s(self) -> float:
@@ -130,6 +136,7 @@ def _check(name: str, value: Any, kind: str | None = None) -> Any:
         "optimizer": isinstance(value, dict), "checkpoint": isinstance(value, dict), "resume": isinstance(value, dict),
         "keep": isinstance(value, dict), "from_kept": isinstance(value, dict),
         "parts": isinstance(value, list | tuple) and all(isinstance(p, dict) for p in value),
+        "partition_mode": value in PARTITION_MODES,
     }[kind]
     if not ok:
         what = _WHAT[kind]
@@ -149,13 +156,14 @@ _KINDS = {
     "seed": "int", "standardize": "bool", "optimizer": "optimizer", "min_shards": "positive", "data": "dict",
     "test_split": "fraction", "checkpoint": "checkpoint", "heartbeat_interval_s": "seconds", "failure_timeout_s": "seconds",
     "takeover_after_s": "seconds0", "validation": "dict", "resume": "resume", "hold_epochs": "bool",
-    "keep": "keep", "from_kept": "from_kept",
+    "keep": "keep", "from_kept": "from_kept", "partition_mode": "partition_mode", "worker_memory_bytes": "positive",
 }
 _WHAT = {
     "str": "a string", "int": "an integer", "count": "an integer >= 0", "positive": "an integer >= 1",
     "float": "a number", "seconds": "a number of seconds > 0", "seconds0": "a number of seconds >= 0",
     "fraction": "a fraction in [0, 1)", "bool": "true or false", "dict": "an object", "parts": "a list of objects",
     "optimizer": "an object", "checkpoint": "an object", "resume": "an object", "keep": "an object", "from_kept": "an object",
+    "partition_mode": f"one of {', '.join(PARTITION_MODES)}",
 }
 
 # Nested objects every worker and shard reads: their fields checked here, once, so a bad

@@ -68,12 +68,18 @@ def narrow_keys(keys: np.ndarray, rows: int) -> np.ndarray:
     return keys.astype(np.int64, copy=False)
 
 
+_KEY_TYPES = (np.dtype(np.int64), np.dtype(np.uint32), np.dtype(np.int32))
+
+
 class SparseRows:
     """A batch of sparse rows in CSR form. ``X[idx]`` selects rows; ``len(X)`` counts them."""
 
     def __init__(self, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, n_cols: int | None = None):
         self.indptr = np.asarray(indptr, np.int64)
-        self.indices = np.asarray(indices, np.int64)
+        # int64 keys, or narrower ones as given (a worker's compact partition: uint32 for a key
+        # space below 2^32, see :meth:`compact`); every product here reads any integer type.
+        indices = np.asarray(indices)
+        self.indices = indices if indices.dtype in _KEY_TYPES else indices.astype(np.int64)
         self.values = np.asarray(values, np.float32)
         if self.indptr.ndim != 1 or len(self.indptr) < 1 or self.indptr[0] != 0:
             raise ValueError("indptr must be a 1-d array starting at 0")
@@ -108,6 +114,12 @@ class SparseRows:
         indices = np.concatenate([p.indices for p in parts])
         values = np.concatenate([p.values for p in parts])
         return cls(indptr, indices, values, parts[0].n_cols)
+
+    def compact(self) -> SparseRows:
+        """The same rows with keys in uint32 when the key space (``n_cols`` and the bias key after it) fits."""
+        if self.indices.dtype == np.uint32 or self.n_cols is None or self.n_cols >= 2**32 - 1:
+            return self
+        return SparseRows(self.indptr, self.indices.astype(np.uint32), self.values, self.n_cols)
 
     def __len__(self) -> int:
         return len(self.indptr) - 1

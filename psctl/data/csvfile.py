@@ -294,23 +294,44 @@ def slice_partition(path: str | os.PathLike[str], part: Partition, max_bytes: in
     max_bytes = SLICE_BYTES if max_bytes is None else max_bytes
     if part.end - part.start <= max_bytes:
         return [part]
+    targets = part.start + max_bytes * np.arange(1, -(-(part.end - part.start) // max_bytes))
+    # One pass, chunk by chunk, keeping only each slice's figures (a partition of millions of
+    # lines never holds an array per line). A slice: [start offset, its first line (relative),
+    # its first row's relative line or -1, its rows].
+    slices: list[list[int]] = []
+    first_row, first_any, next_target, base = -1, -1, 0, 0
     with _open(path) as fh:
         fh.seek(part.start)
-        scans = list(_scan_lines(_Bounded(fh, part.end), part.start, 0, path))  # type: ignore[arg-type]
-    offsets, lines, is_row = (np.concatenate([s[i] for s in scans]) for i in range(3))
-    # A line's file line number is its index + shift. ``first_line`` names the first row, or
-    # for a partition of blank lines only (cut too: its bytes are read as any others) its start.
-    shift = part.first_line - int(lines[is_row][0] if is_row.any() else lines[0])
-    targets = part.start + max_bytes * np.arange(1, -(-(part.end - part.start) // max_bytes))
-    cuts = np.unique(np.searchsorted(offsets, targets))
-    bounds = [0, *(int(c) for c in cuts if 0 < c < len(offsets)), len(offsets)]
-    out = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        rows = np.flatnonzero(is_row[a:b])
-        first = int(lines[a + rows[0]] if len(rows) else lines[a]) + shift
-        end = int(offsets[b]) if b < len(offsets) else part.end
-        out.append(Partition(part.index, int(offsets[a]), end, first, len(rows)))
-    return out
+        for offsets, lines, is_row in _scan_lines(_Bounded(fh, part.end), part.start, 0, path):  # type: ignore[arg-type]
+            if first_any < 0:
+                first_any = int(lines[0])
+            rows_at = np.flatnonzero(is_row)
+            if first_row < 0 and len(rows_at):
+                first_row = int(lines[rows_at[0]])
+            # Where the slices starting in this chunk begin: the first line start at or after a target.
+            cuts = [0] if not slices else []
+            while next_target < len(targets) and offsets[-1] >= targets[next_target]:
+                at = int(np.searchsorted(offsets, targets[next_target]))
+                if base + at > 0 and (not cuts or cuts[-1] != at) and (not slices or base + at != slices[-1][1]):
+                    cuts.append(at)
+                next_target += 1
+            bounds = [*cuts, len(offsets)]
+            if bounds[0] != 0:  # the chunk's first lines finish the slice under way
+                slices[-1][3] += int(is_row[: bounds[0]].sum())
+                if slices[-1][2] < 0 and is_row[: bounds[0]].any():
+                    slices[-1][2] = int(lines[np.flatnonzero(is_row[: bounds[0]])[0]])
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                rows = np.flatnonzero(is_row[a:b])
+                slices.append([int(offsets[a]), int(lines[a]), int(lines[a + rows[0]]) if len(rows) else -1, len(rows)])
+            base += len(offsets)
+    # A line's file line number is its relative number + shift. ``first_line`` names the first row,
+    # or for a partition of blank lines only (cut too: its bytes are read as any others) its start.
+    shift = part.first_line - (first_row if first_row >= 0 else first_any)
+    ends = [s[0] for s in slices[1:]] + [part.end]
+    return [
+        Partition(part.index, start, end, (row if row >= 0 else line) + shift, n)
+        for (start, line, row, n), end in zip(slices, ends)
+    ]
 
 
 def read_lines(path: str | os.PathLike[str], part: Partition) -> tuple[list[str], list[str]]:
@@ -355,6 +376,27 @@ def _read_arrow(raw: bytes, schema: CsvSchema, n_rows: int) -> tuple[np.ndarray,
     parse as a number, and a row count other than the partition's ``n_rows`` (a lone
     carriage return ends a line for pyarrow, not for the partition planner).
     """
+    label = [] if schema.label_index is None else [schema.label_index]
+    table = _arrow_table(raw, schema, n_rows, list(schema.feature_indices), label)
+    if table is None:
+        return None
+    X = np.empty((table.num_rows, len(schema.feature_indices)))
+    for c, j in enumerate(schema.feature_indices):
+        at = 0
+        for chunk in table.column(f"c{j}").chunks:
+            X[at : at + len(chunk), c] = _values(chunk, np.float64)
+            at += len(chunk)
+    if not np.isfinite(X).all():
+        return None
+    if not label:
+        return X, np.array([], dtype=str)
+    labels = arrow_text(table, label[0])
+    return None if labels is None else (X, labels)
+
+
+def _arrow_table(raw: bytes, schema: CsvSchema, n_rows: int, numeric: list[int], text: list[int]) -> Any:
+    """The columns ``numeric`` (float64, no empty cell) and ``text`` (strings) of a partition's
+    bytes as a pyarrow table (column ``c<index>``), or None where :func:`_read_arrow` says."""
     if not USE_ARROW or len(raw) < ARROW_MIN_BYTES or b'"' in raw or not raw.strip(_BLANK):
         return None
     try:
@@ -363,42 +405,33 @@ def _read_arrow(raw: bytes, schema: CsvSchema, n_rows: int) -> tuple[np.ndarray,
     except ImportError:
         return None
     names = [f"c{i}" for i in range(len(schema.columns))]  # header names may repeat or be empty
-    features = [names[j] for j in schema.feature_indices]
-    types = {name: pa.float64() for name in features}
-    label = None if schema.label_index is None else names[schema.label_index]
-    if label is not None:
-        types[label] = pa.string()
+    types = {names[j]: pa.float64() for j in numeric} | {names[j]: pa.string() for j in text}
     try:
         table = pacsv.read_csv(
             pa.py_buffer(raw),
             read_options=pacsv.ReadOptions(column_names=names, encoding="utf8"),
             parse_options=pacsv.ParseOptions(delimiter=schema.delimiter, quote_char='"', double_quote=True,
                                              escape_char=False, newlines_in_values=False, ignore_empty_lines=True),
-            convert_options=pacsv.ConvertOptions(column_types=types, include_columns=[*features, *([label] if label else [])],
+            convert_options=pacsv.ConvertOptions(column_types=types, include_columns=[names[j] for j in [*numeric, *text]],
                                                  null_values=[], strings_can_be_null=False, quoted_strings_can_be_null=False),
         )  # fmt: skip
     except (pa.ArrowException, UnicodeError, ValueError, TypeError):
         return None
-    if table.num_rows != n_rows or any(table.column(f).null_count for f in features):
+    if table.num_rows != n_rows or any(table.column(names[j]).null_count for j in numeric):
         return None
-    X = np.empty((table.num_rows, len(features)))
-    for c, f in enumerate(features):
-        at = 0
-        for chunk in table.column(f).chunks:
-            X[at : at + len(chunk), c] = _values(chunk, np.float64)
-            at += len(chunk)
-    if not np.isfinite(X).all():
-        return None
-    if label is None:
-        return X, np.array([], dtype=str)
-    # Each distinct label cell cleaned once, as the other paths clean every cell (_cell).
-    cells = table.column(label).combine_chunks().dictionary_encode()
+    return table
+
+
+def arrow_text(table: Any, index: int) -> np.ndarray | None:
+    """Column ``index`` of an :func:`_arrow_table` as cleaned cells (:func:`_cell`) in a str array,
+    each distinct cell cleaned once (no Python string per row); None if a cell is empty."""
+    import pyarrow as pa
+
+    cells = table.column(f"c{index}").combine_chunks().dictionary_encode()
     if not pa.types.is_int32(cells.indices.type):
         return None
-    labels = np.array([_cell(text) for text in cells.dictionary.to_pylist()], dtype=str)[_values(cells.indices, np.int32)]
-    if (labels == "").any():
-        return None
-    return X, labels
+    values = np.array([_cell(text) for text in cells.dictionary.to_pylist()], dtype=str)[_values(cells.indices, np.int32)]
+    return None if (values == "").any() else values
 
 
 def read_partition(path: str | os.PathLike[str], schema: CsvSchema, part: Partition) -> tuple[np.ndarray, np.ndarray]:

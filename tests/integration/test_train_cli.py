@@ -64,10 +64,12 @@ def reference_sync_sgd(path, n_workers, batch_size, epochs, lr, l2, seed):
     return w, [len(b) for b in batches]
 
 
+@pytest.mark.parametrize("partition_mode", ["memory", "stream"])
 @pytest.mark.parametrize(("rows", "workers"), [(203, 3), (3, 4)])
-def test_sync_equals_single_process_sgd(tmp_path, rows, workers):
+def test_sync_equals_single_process_sgd(tmp_path, rows, workers, partition_mode):
     """Uneven partitions (and one empty) included: sync must equal the reference and not deadlock.
-    Every non-empty partition takes the steps of the largest, so no clock trains a few workers alone."""
+    Every non-empty partition takes the steps of the largest, so no clock trains a few workers alone.
+    Streamed, a partition in one shuffle window gives memory mode's batches, so the same result."""
     path = write_logreg_csv(tmp_path / "d.csv", rows=rows, features=5, seed=3)
     # Short lines in the second half: byte-balanced partitions then hold different row counts.
     header, *lines = path.read_text().splitlines()
@@ -77,9 +79,10 @@ def test_sync_equals_single_process_sgd(tmp_path, rows, workers):
     model = tmp_path / "m.npz"
     r = run_psctl("train", "logreg", str(path), "--workers", str(workers), "--shards", "2", "--mode", "sync",
                   "--epochs", "3", "--batch-size", "16", "--lr", "0.3", "--l2", "0.01", "--seed", "9",
-                  "--no-standardize", "--out", str(model))
+                  "--no-standardize", "--partition-mode", partition_mode, "--out", str(model))
     assert r.returncode == 0, r.stderr
-    params, _ = modelfile.load_model(str(model))
+    params, meta = modelfile.load_model(str(model))
+    assert {w["mode"] for w in meta["metrics"]["worker_memory"]} == {partition_mode}
     expected, steps = reference_sync_sgd(path, workers, 16, 3, 0.3, 0.01, 9)
     parts = csvfile.plan_partitions(str(path), workers)
     assert len({p.n_rows for p in parts}) > 1  # the partitions really are uneven

@@ -194,6 +194,9 @@ def test_a_spec_round_trips_and_fills_in_the_defaults():
         (bare(test_split=1.5), "'test_split' must be a fraction"),
         (bare(partitions=[{}, 3]), "'partitions' must be a list of objects"),
         (bare(checkpoint="dir"), "'checkpoint' must be an object"),
+        (bare(partition_mode="disk"), "'partition_mode' must be one of auto, memory, stream"),
+        (bare(partition_mode=["stream"]), "'partition_mode' must be one of auto, memory, stream"),
+        (bare(worker_memory_bytes=0), "'worker_memory_bytes' must be an integer >= 1"),
     ],
 )
 def test_a_bad_field_is_one_sentence(body, says):
@@ -356,3 +359,12 @@ def test_a_lost_shard_fails_the_job_unless_every_shard_can_roll_back_to_a_checkp
     assert shard_lost_verdict(what, JobState.RUNNING, last_checkpoint=50, recovering=True, slots=slots) == what
     slots[0].move(SlotState.TRAINED)  # its rows are in the lost shard's state since the checkpoint
     assert shard_lost_verdict(what, JobState.RUNNING, last_checkpoint=50, **args) == what
+
+
+def test_the_done_event_keeps_each_workers_memory_figures_of_the_right_types():
+    from psctl.core.coordinator import worker_memory
+
+    reports = {1: {"memory": {"mode": "stream", "peak_rss_bytes": 5, "budget_bytes": True, "compact_bytes": "9", "extra": 1}},
+               0: {"memory": {"mode": "memory", "compact_bytes": 3}}, 2: {"memory": "lots"}, 3: {}}
+    assert worker_memory(reports) == [{"worker_id": 0, "mode": "memory", "compact_bytes": 3},
+                                      {"worker_id": 1, "mode": "stream", "peak_rss_bytes": 5}]

@@ -1,7 +1,13 @@
 """The ratings format: columns, partitions, errors that name the line, the statistics pass."""
 
+import tempfile
+from pathlib import Path
+from unittest import mock
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from psctl.data import csvfile, ratings, vocab
 from psctl.data.vocab import Vocab
@@ -110,3 +116,53 @@ def test_random_split_is_seeded_and_complete():
     again = ratings.random_split(100, 0.2, seed=42)
     np.testing.assert_array_equal(test, again[1])
     assert not np.array_equal(test, ratings.random_split(100, 0.2, seed=1)[1])
+
+
+_id_cells = st.sampled_from(["u1", " u2 ", "7", "007", "", " ", "x y", "\xff", '"q"', "1.5", "-3"])
+_rating_cells = st.sampled_from(["4", "3.5", " 2 ", "", "x", "nan", "inf", "1e1", "+1", '"5"', "1_0"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=st.lists(st.tuples(_id_cells, _id_cells, _rating_cells), min_size=1, max_size=8),
+       blank=st.sampled_from(["", "\n", "\n \n"]), ending=st.sampled_from(["\n", "\r\n"]), extra=st.booleans())
+def test_pyarrow_reads_ratings_as_numpy_and_the_exact_path_do(rows, blank, ending, extra):
+    """Ratings partitions parsed by pyarrow first: whatever the cells, the ids, ratings and error
+    sentences are those of the numpy and exact paths."""
+    pytest.importorskip("pyarrow", reason="the fast CSV path needs pyarrow (psctl[parquet])")
+    lines = [",".join([u, i, r, *(["z"] if extra else [])]) for u, i, r in rows]
+    text = "userId,movieId,rating" + (",other" if extra else "") + ending + ending.join(lines) + blank + ending
+    with tempfile.TemporaryDirectory() as folder:
+        path = str(Path(folder) / "r.csv")
+        Path(path).write_bytes(text.encode("utf-8", errors="surrogateescape").replace(b"\xc3\xbf", b"\xff"))
+        try:
+            schema = ratings.read_schema(path)
+            parts = csvfile.plan_partitions(path, 2)
+        except DataError:
+            return
+        results = []
+        for use_arrow in (True, False):
+            with mock.patch.object(csvfile, "USE_ARROW", use_arrow), mock.patch.object(csvfile, "ARROW_MIN_BYTES", 0):
+                try:
+                    results.append([ratings.read_partition(path, schema, part) for part in parts])
+                except DataError as exc:
+                    results.append(str(exc))
+    arrow, numpy_paths = results
+    if isinstance(numpy_paths, str) or isinstance(arrow, str):
+        assert arrow == numpy_paths
+        return
+    for (ia, ra), (in_, rn) in zip(arrow, numpy_paths):
+        assert ia.tolist() == in_.tolist() and ia.shape == in_.shape
+        np.testing.assert_array_equal(ra, rn)
+        assert ra.dtype == rn.dtype
+
+
+def test_pyarrow_is_the_path_taken_for_plain_ratings(tmp_path):
+    pytest.importorskip("pyarrow", reason="the fast CSV path needs pyarrow (psctl[parquet])")
+    p = tmp_path / "r.csv"
+    p.write_text("userId,movieId,rating\nu1,10,4.5\nu2,11,3\n")
+    schema = ratings.read_schema(str(p))
+    [part] = csvfile.plan_partitions(str(p), 1)
+    with mock.patch.object(ratings, "_fast", side_effect=AssertionError("numpy path taken")), \
+            mock.patch.object(csvfile, "ARROW_MIN_BYTES", 0):
+        ids, values = ratings.read_partition(str(p), schema, part)
+    assert ids.tolist() == [["u1", "10"], ["u2", "11"]] and values.tolist() == [4.5, 3.0]
