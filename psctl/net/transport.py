@@ -314,7 +314,7 @@ class Peer(asyncio.BufferedProtocol):
             self.peer_error = str(msg.body.get("message", "error"))
             log.warning("%s reported: %s", self.name, self.peer_error)
             return
-        if msg.flags & Flag.QUIET and msg.type not in self._quiet_types:
+        if msg.is_quiet and msg.type not in self._quiet_types:
             self._reply_error(msg, f"{msg.type.name} cannot be sent quiet (answered only if it fails) here", "bad_request")
             return
         try:
@@ -328,7 +328,7 @@ class Peer(asyncio.BufferedProtocol):
             return
         # Most handlers answer at once; only the others are asked whether they are awaitable.
         if result is not None and not isinstance(result, Message) and inspect.isawaitable(result):
-            if msg.flags & Flag.QUIET:  # a service bug: a later answer would be said out of order
+            if msg.is_quiet:  # a service bug: a later answer would be said out of order
                 log.error("handler for quiet %s did not answer at once", msg.type.name)
                 if inspect.iscoroutine(result):
                     result.close()
@@ -367,7 +367,7 @@ class Peer(asyncio.BufferedProtocol):
             self._reply(msg, result)
 
     def _reply(self, request: Message, result: Reply) -> None:
-        if request.flags & Flag.ONEWAY or not self.is_open or (result is None and request.flags & Flag.QUIET):
+        if request.is_oneway or not self.is_open or (result is None and request.is_quiet):
             return
         reply = result if result is not None else Message(request.type)
         reply.req_id = request.req_id
@@ -381,7 +381,7 @@ class Peer(asyncio.BufferedProtocol):
             self.send(error_message(f"internal error: {exc}", request.req_id, "internal"))
 
     def _reply_error(self, request: Message, text: str, code: str) -> None:
-        if request.flags & Flag.ONEWAY:
+        if request.is_oneway:
             log.warning("%s: one-way %s failed: %s", self.name, request.type.name, text)
             return
         if self.is_open:
