@@ -20,6 +20,7 @@ the address holding the most makes room, told why in an ERROR frame.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import itertools
 import logging
@@ -139,6 +140,9 @@ class Peer(asyncio.BufferedProtocol):
         self._quiet: deque[tuple[int, MsgType]] = deque()  # quiet requests not yet acknowledged, in order
         self._quiet_types: frozenset[MsgType] = getattr(service, "quiet_types", frozenset())
         self._tasks: set[asyncio.Task[None]] = set()
+        # Futures a handler answered with (a pull parked at the gate): replied when done,
+        # cancelled when the connection goes, as a task awaiting them would be.
+        self._answers_due: set[asyncio.Future[Reply]] = set()
         self._write_ready: asyncio.Event | None = None
         # Frames sent during this turn of the loop, written together at its end (see send).
         self._out: list[bytes | memoryview] = []
@@ -261,6 +265,8 @@ class Peer(asyncio.BufferedProtocol):
         self._quiet.clear()
         for task in list(self._tasks):
             task.cancel()
+        for fut in list(self._answers_due):
+            fut.cancel()
         if self._write_ready is not None:
             self._write_ready.set()
         if not self.closed.done():
@@ -334,7 +340,11 @@ class Peer(asyncio.BufferedProtocol):
                     result.close()
                 self._reply_error(msg, f"internal error: {msg.type.name} cannot be answered quiet", "internal")
                 return
-            self.spawn(self._finish(msg, result))
+            if isinstance(result, asyncio.Future):  # answered from a callback: no task to run
+                self._answers_due.add(result)
+                result.add_done_callback(functools.partial(self._finish_future, msg))
+            else:
+                self.spawn(self._finish(msg, result))
         else:
             self._reply(msg, result)
 
@@ -365,6 +375,20 @@ class Peer(asyncio.BufferedProtocol):
             self._reply_error(msg, f"internal error: {exc}", "internal")
         else:
             self._reply(msg, result)
+
+    def _finish_future(self, msg: Message, fut: asyncio.Future[Reply]) -> None:
+        """:meth:`_finish` for a handler's future, when it is done."""
+        self._answers_due.discard(fut)
+        if fut.cancelled():
+            return  # the connection went, or the service withdrew it
+        exc = fut.exception()
+        if exc is None:
+            self._reply(msg, fut.result())
+        elif isinstance(exc, RequestError):
+            self._reply_error(msg, str(exc), exc.code)
+        elif not isinstance(exc, ConnectionLost):
+            log.error("handler for %s failed", msg.type.name, exc_info=exc)
+            self._reply_error(msg, f"internal error: {exc}", "internal")
 
     def _reply(self, request: Message, result: Reply) -> None:
         if request.is_oneway or not self.is_open or (result is None and request.is_quiet):
