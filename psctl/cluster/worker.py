@@ -725,6 +725,8 @@ class Worker:
             rows = stream.MemoryRows(*got) if got is not None else stream.MemoryRows(*sample)
             val_got = await asyncio.to_thread(stream.gather, held, "val", compact) if n_held else None
             val = stream.MemoryRows(*val_got) if val_got is not None else None
+            pf.release()
+            held.release()
         else:
             n_train = pf.n("train")
             row_bytes = stream.estimate_bytes(pf, "train", sample) / max(n_train, 1)

@@ -150,6 +150,9 @@ class PartitionFile:
     val: list[SliceCounts] = field(default_factory=list)
     #: Every row held out (a --validate file's partition)
     all_held: bool = False
+    #: A one-slice partition's parse, kept by :func:`scan` until :meth:`release`: a small
+    #: partition is parsed once, not once a pass (one slice is within a worker's constant).
+    kept: tuple[Any, np.ndarray] | None = None
 
     @classmethod
     def of(cls, path: str, part: csvfile.Partition, load: Load, hold: HoldOut | None = None, all_held: bool = False) -> PartitionFile:
@@ -157,7 +160,13 @@ class PartitionFile:
 
     def rows(self, j: int) -> tuple[Any, np.ndarray, Any, np.ndarray]:
         """Slice ``j``'s raw training rows and labels, then its held-out ones."""
+        if self.kept is not None and j == 0:
+            return self.split(j, *self.kept)
         return self.split(j, *self.load(self.slices[j]))
+
+    def release(self) -> None:
+        """Drop the kept parse (memory mode holds the compact rows from now on)."""
+        self.kept = None
 
     def split(self, j: int, raw_X: Any, labels: np.ndarray) -> tuple[Any, np.ndarray, Any, np.ndarray]:
         """Slice ``j``'s rows as (training rows, labels, held-out rows, labels)."""
@@ -246,6 +255,8 @@ def scan(pf: PartitionFile, stats: Stats | None) -> None:
     pf.held, pf.train, pf.val = [], [], []
     for j, piece in enumerate(pf.slices):
         raw_X, labels = pf.load(piece)
+        if len(pf.slices) == 1:
+            pf.kept = (raw_X, labels)
         pf.held.append(splitter.counts(labels) if splitter is not None and len(labels) else {})
         train_X, train_y, val_X, val_y = pf.split(j, raw_X, labels)
         if stats is not None:

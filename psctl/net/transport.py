@@ -20,6 +20,7 @@ the address holding the most makes room, told why in an ERROR frame.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import itertools
 import logging
@@ -139,6 +140,9 @@ class Peer(asyncio.BufferedProtocol):
         self._quiet: deque[tuple[int, MsgType]] = deque()  # quiet requests not yet acknowledged, in order
         self._quiet_types: frozenset[MsgType] = getattr(service, "quiet_types", frozenset())
         self._tasks: set[asyncio.Task[None]] = set()
+        # Futures a handler answered with (a pull parked at the gate): replied when done,
+        # cancelled when the connection goes, as a task awaiting them would be.
+        self._answers_due: set[asyncio.Future[Reply]] = set()
         self._write_ready: asyncio.Event | None = None
         # Frames sent during this turn of the loop, written together at its end (see send).
         self._out: list[bytes | memoryview] = []
@@ -261,6 +265,8 @@ class Peer(asyncio.BufferedProtocol):
         self._quiet.clear()
         for task in list(self._tasks):
             task.cancel()
+        for fut in list(self._answers_due):
+            fut.cancel()
         if self._write_ready is not None:
             self._write_ready.set()
         if not self.closed.done():
@@ -314,7 +320,7 @@ class Peer(asyncio.BufferedProtocol):
             self.peer_error = str(msg.body.get("message", "error"))
             log.warning("%s reported: %s", self.name, self.peer_error)
             return
-        if msg.flags & Flag.QUIET and msg.type not in self._quiet_types:
+        if msg.is_quiet and msg.type not in self._quiet_types:
             self._reply_error(msg, f"{msg.type.name} cannot be sent quiet (answered only if it fails) here", "bad_request")
             return
         try:
@@ -328,13 +334,17 @@ class Peer(asyncio.BufferedProtocol):
             return
         # Most handlers answer at once; only the others are asked whether they are awaitable.
         if result is not None and not isinstance(result, Message) and inspect.isawaitable(result):
-            if msg.flags & Flag.QUIET:  # a service bug: a later answer would be said out of order
+            if msg.is_quiet:  # a service bug: a later answer would be said out of order
                 log.error("handler for quiet %s did not answer at once", msg.type.name)
                 if inspect.iscoroutine(result):
                     result.close()
                 self._reply_error(msg, f"internal error: {msg.type.name} cannot be answered quiet", "internal")
                 return
-            self.spawn(self._finish(msg, result))
+            if isinstance(result, asyncio.Future):  # answered from a callback: no task to run
+                self._answers_due.add(result)
+                result.add_done_callback(functools.partial(self._finish_future, msg))
+            else:
+                self.spawn(self._finish(msg, result))
         else:
             self._reply(msg, result)
 
@@ -366,8 +376,22 @@ class Peer(asyncio.BufferedProtocol):
         else:
             self._reply(msg, result)
 
+    def _finish_future(self, msg: Message, fut: asyncio.Future[Reply]) -> None:
+        """:meth:`_finish` for a handler's future, when it is done."""
+        self._answers_due.discard(fut)
+        if fut.cancelled():
+            return  # the connection went, or the service withdrew it
+        exc = fut.exception()
+        if exc is None:
+            self._reply(msg, fut.result())
+        elif isinstance(exc, RequestError):
+            self._reply_error(msg, str(exc), exc.code)
+        elif not isinstance(exc, ConnectionLost):
+            log.error("handler for %s failed", msg.type.name, exc_info=exc)
+            self._reply_error(msg, f"internal error: {exc}", "internal")
+
     def _reply(self, request: Message, result: Reply) -> None:
-        if request.flags & Flag.ONEWAY or not self.is_open or (result is None and request.flags & Flag.QUIET):
+        if request.is_oneway or not self.is_open or (result is None and request.is_quiet):
             return
         reply = result if result is not None else Message(request.type)
         reply.req_id = request.req_id
@@ -381,7 +405,7 @@ class Peer(asyncio.BufferedProtocol):
             self.send(error_message(f"internal error: {exc}", request.req_id, "internal"))
 
     def _reply_error(self, request: Message, text: str, code: str) -> None:
-        if request.flags & Flag.ONEWAY:
+        if request.is_oneway:
             log.warning("%s: one-way %s failed: %s", self.name, request.type.name, text)
             return
         if self.is_open:
