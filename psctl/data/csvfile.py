@@ -405,7 +405,9 @@ def _arrow_table(raw: bytes, schema: CsvSchema, n_rows: int, numeric: list[int],
     except ImportError:
         return None
     names = [f"c{i}" for i in range(len(schema.columns))]  # header names may repeat or be empty
-    types = {names[j]: pa.float64() for j in numeric} | {names[j]: pa.string() for j in text}
+    # Text read straight into dictionaries: each distinct cell is one string, not one a row.
+    text_type = pa.dictionary(pa.int32(), pa.string())
+    types = {names[j]: pa.float64() for j in numeric} | {names[j]: text_type for j in text}
     try:
         table = pacsv.read_csv(
             pa.py_buffer(raw),
@@ -427,8 +429,8 @@ def arrow_text(table: Any, index: int) -> np.ndarray | None:
     each distinct cell cleaned once (no Python string per row); None if a cell is empty."""
     import pyarrow as pa
 
-    cells = table.column(f"c{index}").combine_chunks().dictionary_encode()
-    if not pa.types.is_int32(cells.indices.type):
+    cells = table.column(f"c{index}").unify_dictionaries().combine_chunks()  # one dictionary
+    if not pa.types.is_dictionary(cells.type) or not pa.types.is_int32(cells.indices.type):
         return None
     values = np.array([_cell(text) for text in cells.dictionary.to_pylist()], dtype=str)[_values(cells.indices, np.int32)]
     return None if (values == "").any() else values
