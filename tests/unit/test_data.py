@@ -1,6 +1,7 @@
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import numpy as np
@@ -306,6 +307,28 @@ cells_strategy = st.one_of(
 )
 
 
+def read_with_and_without_arrow(text: str, read_schema, read_partition) -> tuple[Any, Any] | None:
+    """``text`` (surrogate-escaped bytes: "\xff" is a lone 0xff byte) as a file, read in two
+    partitions by ``read_partition`` with pyarrow's path and without: per path, the partitions'
+    results or the DataError's sentence. None when the file has no schema or partitions."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = str(Path(folder) / "data.csv")
+        Path(path).write_bytes(text.encode("utf-8", errors="surrogateescape").replace(b"\xc3\xbf", b"\xff"))
+        try:
+            schema = read_schema(path)
+            parts = csvfile.plan_partitions(path, 2)
+        except DataError:
+            return None
+        results: list[Any] = []
+        for use_arrow in (True, False):
+            with mock.patch.object(csvfile, "USE_ARROW", use_arrow), mock.patch.object(csvfile, "ARROW_MIN_BYTES", 0):
+                try:
+                    results.append([read_partition(path, schema, part) for part in parts])
+                except DataError as exc:
+                    results.append(str(exc))
+    return results[0], results[1]
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     rows=st.lists(st.tuples(st.sampled_from(["a", "b", " c ", "", '"d"', "1"]), st.lists(cells_strategy, min_size=3, max_size=3)),
@@ -317,21 +340,9 @@ def test_pyarrow_reads_every_partition_as_numpy_and_the_exact_path_do(rows, blan
     values, labels and error sentences are those of the numpy and exact paths."""
     pytest.importorskip("pyarrow", reason="the fast CSV path needs pyarrow (psctl[parquet])")
     text = "label,a,b,c" + ending + ending.join(",".join([label, *cells]) for label, cells in rows) + blank + ending
-    with tempfile.TemporaryDirectory() as folder:
-        path = str(Path(folder) / "p.csv")
-        Path(path).write_bytes(text.encode("utf-8", errors="surrogateescape").replace(b"\xc3\xbf", b"\xff"))
-        try:
-            schema = csvfile.read_schema(path)
-            parts = csvfile.plan_partitions(path, 2)
-        except DataError:
-            return
-        results = []
-        for use_arrow in (True, False):
-            with mock.patch.object(csvfile, "USE_ARROW", use_arrow), mock.patch.object(csvfile, "ARROW_MIN_BYTES", 0):
-                try:
-                    results.append([csvfile.read_partition(path, schema, part) for part in parts])
-                except DataError as exc:
-                    results.append(str(exc))
+    results = read_with_and_without_arrow(text, csvfile.read_schema, csvfile.read_partition)
+    if results is None:
+        return
     arrow, numpy_paths = results
     if isinstance(numpy_paths, str) or isinstance(arrow, str):
         assert arrow == numpy_paths

@@ -1,7 +1,5 @@
 """The ratings format: columns, partitions, errors that name the line, the statistics pass."""
 
-import tempfile
-from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -12,6 +10,8 @@ from hypothesis import strategies as st
 from psctl.data import csvfile, ratings, vocab
 from psctl.data.vocab import Vocab
 from psctl.errors import DataError
+
+from .test_data import read_with_and_without_arrow
 
 
 def write(tmp_path, text, name="r.csv"):
@@ -131,21 +131,9 @@ def test_pyarrow_reads_ratings_as_numpy_and_the_exact_path_do(rows, blank, endin
     pytest.importorskip("pyarrow", reason="the fast CSV path needs pyarrow (psctl[parquet])")
     lines = [",".join([u, i, r, *(["z"] if extra else [])]) for u, i, r in rows]
     text = "userId,movieId,rating" + (",other" if extra else "") + ending + ending.join(lines) + blank + ending
-    with tempfile.TemporaryDirectory() as folder:
-        path = str(Path(folder) / "r.csv")
-        Path(path).write_bytes(text.encode("utf-8", errors="surrogateescape").replace(b"\xc3\xbf", b"\xff"))
-        try:
-            schema = ratings.read_schema(path)
-            parts = csvfile.plan_partitions(path, 2)
-        except DataError:
-            return
-        results = []
-        for use_arrow in (True, False):
-            with mock.patch.object(csvfile, "USE_ARROW", use_arrow), mock.patch.object(csvfile, "ARROW_MIN_BYTES", 0):
-                try:
-                    results.append([ratings.read_partition(path, schema, part) for part in parts])
-                except DataError as exc:
-                    results.append(str(exc))
+    results = read_with_and_without_arrow(text, ratings.read_schema, ratings.read_partition)
+    if results is None:
+        return
     arrow, numpy_paths = results
     if isinstance(numpy_paths, str) or isinstance(arrow, str):
         assert arrow == numpy_paths

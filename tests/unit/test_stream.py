@@ -9,52 +9,38 @@ import pytest
 from psctl.cluster import worker
 from psctl.core.batching import batch_indices, batch_sizes, stream_windows
 from psctl.core.sparse import SparseRows
-from psctl.data import csvfile, formats, ratings, stream
+from psctl.data import csvfile, stream
 from psctl.models.base import classes_for
 from psctl.models.registry import model_class
+
+from . import test_worker_slices as slices
 
 LogisticRegression, Softmax, MF = model_class("logreg"), model_class("softmax"), model_class("mf")
 
 ROWS = 400
 
 
-def write(tmp_path, text, name):
-    p = tmp_path / name
-    p.write_bytes(text.encode())
-    return str(p)
-
-
 def dense(tmp_path):
-    rng = np.random.default_rng(1)
-    lines = ["label,a,b,c"] + [f"{'yes' if i % 3 else 'no'},{i},{rng.normal():.6f},{rng.integers(9)}" for i in range(ROWS)]
-    lines[40:40] = ["", " "]
-    p = write(tmp_path, "\n".join(lines) + "\n", "d.csv")
-    return p, {"format": "csv", "schema": csvfile.read_schema(p).to_dict()}, True, LogisticRegression
+    return (*slices.dense(tmp_path, ROWS), LogisticRegression)
 
 
 def multiclass(tmp_path):
     rng = np.random.default_rng(2)
     lines = ["label,a,b"] + [f"{['x', 'y', 'rare'][0 if i % 2 else (1 if i % 37 else 2)]},{rng.normal():.5f},{i % 7}" for i in range(ROWS)]
-    p = write(tmp_path, "\n".join(lines) + "\n", "m.csv")
+    p = slices.write(tmp_path, "\n".join(lines) + "\n", "m.csv")
     return p, {"format": "csv", "schema": csvfile.read_schema(p).to_dict()}, True, Softmax
 
 
 def hashed(tmp_path):
-    lines = ["label,n,c"] + [f"{i % 2},{i * 0.5},v{i % 17}" for i in range(ROWS)]
-    p = write(tmp_path, "\r\n".join(lines) + "\r\n", "h.csv")
-    return p, formats.plan_source(p, label="label", categorical=["c"], hash_bits=12).data, True, LogisticRegression
+    return (*slices.hashed(tmp_path, ROWS), LogisticRegression)
 
 
 def libsvm(tmp_path):
-    lines = [f"{i % 2} {1 + i % 5}:{i} {7 + i % 3}:0.5" for i in range(ROWS)]
-    p = write(tmp_path, "\n".join(lines) + "\n", "s.txt")
-    return p, formats.plan_source(p, "libsvm").data, False, LogisticRegression
+    return (*slices.libsvm(tmp_path, ROWS), LogisticRegression)
 
 
 def rated(tmp_path):
-    lines = ["userId,movieId,rating"] + [f"u{i % 23},{i % 31},{1 + i % 5}" for i in range(ROWS)]
-    p = write(tmp_path, "\n".join(lines) + "\n", "r.csv")
-    return p, {"format": "ratings", "schema": ratings.read_schema(p).to_dict()}, True, MF
+    return (*slices.rated(tmp_path, ROWS), MF)
 
 
 FORMATS = [dense, multiclass, hashed, libsvm, rated]

@@ -22,28 +22,28 @@ def write(tmp_path, text, name):
     return str(p)
 
 
-def dense(tmp_path):
+def dense(tmp_path, n_rows=ROWS):
     rng = np.random.default_rng(1)
-    lines = ["label,a,b,c"] + [f"{'yes' if i % 3 else 'no'},{i},{rng.normal():.6f},{rng.integers(9)}" for i in range(ROWS)]
+    lines = ["label,a,b,c"] + [f"{'yes' if i % 3 else 'no'},{i},{rng.normal():.6f},{rng.integers(9)}" for i in range(n_rows)]
     lines[40:40] = ["", " "]  # blank lines shift the line numbers of what follows
     p = write(tmp_path, "\n".join(lines) + "\n", "d.csv")
     return p, {"format": "csv", "schema": csvfile.read_schema(p).to_dict()}, True
 
 
-def hashed(tmp_path):
-    lines = ["label,n,c"] + [f"{i % 2},{i * 0.5},v{i % 17}" for i in range(ROWS)]
+def hashed(tmp_path, n_rows=ROWS):
+    lines = ["label,n,c"] + [f"{i % 2},{i * 0.5},v{i % 17}" for i in range(n_rows)]
     p = write(tmp_path, "\r\n".join(lines) + "\r\n", "h.csv")
     return p, formats.plan_source(p, label="label", categorical=["c"], hash_bits=12).data, True
 
 
-def libsvm(tmp_path):
-    lines = [f"{i % 2} {1 + i % 5}:{i} {7 + i % 3}:0.5" for i in range(ROWS)]
+def libsvm(tmp_path, n_rows=ROWS):
+    lines = [f"{i % 2} {1 + i % 5}:{i} {7 + i % 3}:0.5" for i in range(n_rows)]
     p = write(tmp_path, "\n".join(lines) + "\n", "s.txt")
     return p, formats.plan_source(p, "libsvm").data, False
 
 
-def rated(tmp_path):
-    lines = ["userId,movieId,rating"] + [f"u{i % 23},{i % 31},{1 + i % 5}" for i in range(ROWS)]
+def rated(tmp_path, n_rows=ROWS):
+    lines = ["userId,movieId,rating"] + [f"u{i % 23},{i % 31},{1 + i % 5}" for i in range(n_rows)]
     p = write(tmp_path, "\n".join(lines) + "\n", "r.csv")
     return p, {"format": "ratings", "schema": ratings.read_schema(p).to_dict()}, True
 
