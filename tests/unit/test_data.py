@@ -307,10 +307,11 @@ cells_strategy = st.one_of(
 )
 
 
-def read_with_and_without_arrow(text: str, read_schema, read_partition) -> tuple[Any, Any] | None:
+def read_with_and_without_arrow(text: str, read_schema, read_partition) -> list[tuple[Any, Any]]:
     """``text`` (surrogate-escaped bytes: "\xff" is a lone 0xff byte) as a file, read in two
-    partitions by ``read_partition`` with pyarrow's path and without: per path, the partitions'
-    results or the DataError's sentence. None when the file has no schema or partitions."""
+    partitions by ``read_partition`` with pyarrow's path and without: each partition's two
+    results, to compare. Where either path refuses the file, both must refuse it with the same
+    sentence, and there is nothing more to compare (nor when the file has no schema)."""
     with tempfile.TemporaryDirectory() as folder:
         path = str(Path(folder) / "data.csv")
         Path(path).write_bytes(text.encode("utf-8", errors="surrogateescape").replace(b"\xc3\xbf", b"\xff"))
@@ -318,7 +319,7 @@ def read_with_and_without_arrow(text: str, read_schema, read_partition) -> tuple
             schema = read_schema(path)
             parts = csvfile.plan_partitions(path, 2)
         except DataError:
-            return None
+            return []
         results: list[Any] = []
         for use_arrow in (True, False):
             with mock.patch.object(csvfile, "USE_ARROW", use_arrow), mock.patch.object(csvfile, "ARROW_MIN_BYTES", 0):
@@ -326,7 +327,11 @@ def read_with_and_without_arrow(text: str, read_schema, read_partition) -> tuple
                     results.append([read_partition(path, schema, part) for part in parts])
                 except DataError as exc:
                     results.append(str(exc))
-    return results[0], results[1]
+    arrow, numpy_paths = results
+    if isinstance(numpy_paths, str) or isinstance(arrow, str):
+        assert arrow == numpy_paths
+        return []
+    return list(zip(arrow, numpy_paths))
 
 
 @settings(max_examples=300, deadline=None)
@@ -340,14 +345,7 @@ def test_pyarrow_reads_every_partition_as_numpy_and_the_exact_path_do(rows, blan
     values, labels and error sentences are those of the numpy and exact paths."""
     pytest.importorskip("pyarrow", reason="the fast CSV path needs pyarrow (psctl[parquet])")
     text = "label,a,b,c" + ending + ending.join(",".join([label, *cells]) for label, cells in rows) + blank + ending
-    results = read_with_and_without_arrow(text, csvfile.read_schema, csvfile.read_partition)
-    if results is None:
-        return
-    arrow, numpy_paths = results
-    if isinstance(numpy_paths, str) or isinstance(arrow, str):
-        assert arrow == numpy_paths
-        return
-    for (xa, la), (xn, ln) in zip(arrow, numpy_paths):
+    for (xa, la), (xn, ln) in read_with_and_without_arrow(text, csvfile.read_schema, csvfile.read_partition):
         np.testing.assert_array_equal(xa, xn)
         assert xa.dtype == xn.dtype and la.tolist() == ln.tolist()
 
