@@ -197,6 +197,16 @@ def whole_file(path: str, plan: InputPlan) -> csvfile.Partition:
     return whole
 
 
+def file_slices(path: str, plan: InputPlan) -> list[csvfile.Partition]:
+    """Every row of ``path`` as consecutive slices of about ``csvfile.SLICE_BYTES`` of text, for
+    one process to read and evaluate one at a time: a whole file is never held as text or
+    float64 at once, and each slice's arrays stay small enough to be reused rather than faulted
+    in. A Parquet input is its one partition (pyarrow reads only its columns)."""
+    if plan.dataset(path) is not None:
+        return [whole_file(path, plan)]
+    return csvfile.plan_slices(path, plan.has_header)
+
+
 # -- the pure step: a batch of rows and a model in, outputs (and what metrics need) out ----------
 @dataclass
 class Evaluated:
@@ -285,7 +295,8 @@ def predict(
     pred = load_predictor(model_path, model_class_path)
     cold = check_cold_start(pred, cold_start)
     plan = plan_input(pred, data_path, delimiter)
-    result = combine(pred, [evaluate_rows(pred, read_rows(pred, plan, data_path, whole_file(data_path, plan)), cold)], plan, cold)
+    parts = [evaluate_rows(pred, read_rows(pred, plan, data_path, part), cold) for part in file_slices(data_path, plan)]
+    result = combine(pred, parts, plan, cold)
     if out is not None:
         write_predictions(result, out)
     return result
