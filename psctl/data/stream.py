@@ -153,6 +153,9 @@ class PartitionFile:
     #: A one-slice partition's parse, kept by :func:`scan` until :meth:`release`: a small
     #: partition is parsed once, not once a pass (one slice is within a worker's constant).
     kept: tuple[Any, np.ndarray] | None = None
+    #: No rows, of the raw form slice 0 parses to (set by :func:`scan`): the compact form's dtypes
+    #: and row width come from it without parsing a slice again.
+    empty: tuple[Any, np.ndarray] | None = None
 
     @classmethod
     def of(cls, path: str, part: csvfile.Partition, load: Load, hold: HoldOut | None = None, all_held: bool = False) -> PartitionFile:
@@ -257,6 +260,8 @@ def scan(pf: PartitionFile, stats: Stats | None) -> None:
         raw_X, labels = pf.load(piece)
         if len(pf.slices) == 1:
             pf.kept = (raw_X, labels)
+        if j == 0:  # copies: a view of no rows would keep the slice's arrays alive
+            pf.empty = (raw_X[:0] if isinstance(raw_X, SparseRows) else np.array(raw_X[:0]), labels[:0].copy())
         pf.held.append(splitter.counts(labels) if splitter is not None and len(labels) else {})
         train_X, train_y, val_X, val_y = pf.split(j, raw_X, labels)
         if stats is not None:
