@@ -21,7 +21,7 @@ import numpy as np
 from psctl.apps import recommend
 from psctl.apps.results import json_safe
 from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S
-from psctl.core.sparse import SparseRows
+from psctl.core.sparse import SparseRows, distinct
 from psctl.data import csvfile, formats, parquet, ratings, storage
 from psctl.errors import DataError, Interrupted, ModelFileError, PsctlError, UsageError
 from psctl.files import loading
@@ -228,8 +228,8 @@ def evaluate_rows(pred: Predictor, rows: Rows, cold_start: str = "nan") -> Evalu
     y = None if rows.labels is None else encode_targets(model.task, rows.labels, model.classes)
     if isinstance(X, SparseRows):
         weights, missing = aligned_weights(model, pred.params, X)
-        occurrences = len(rows.outside) + int(np.isin(X.indices, missing).sum())
-        return Evaluated(model.predict(weights, X), y, occurrences, np.unique(rows.outside), missing)
+        occurrences = len(rows.outside) + X.occurrences(distinct(missing))  # tables may share keys
+        return Evaluated(model.predict(weights, X), y, occurrences, distinct(rows.outside), missing)
     if pred.meta.get("standardize"):
         # One new array, divided in place: (X - mean) / std to the bit, without a second
         # temporary of the batch's size (page faults on fresh memory are most of its cost).
@@ -256,8 +256,8 @@ def combine(pred: Predictor, parts: list[Any], plan: InputPlan, cold_start: str 
     if plan.kind == "sparse":
         unknown = {
             "occurrences": sum(p.unknown_occurrences for p in parts),
-            "features": len(np.unique(np.concatenate([p.unknown_outside for p in parts])))
-            + len(np.unique(np.concatenate([p.unknown_missing for p in parts]))),
+            "features": len(distinct(np.concatenate([p.unknown_outside for p in parts])))
+            + len(distinct(np.concatenate([p.unknown_missing for p in parts]))),
         }
     return Prediction(pred.meta, outputs, predicted, scores, unknown)
 

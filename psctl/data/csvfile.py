@@ -420,9 +420,12 @@ def _read_arrow(raw: bytes, schema: CsvSchema, n_rows: int) -> tuple[np.ndarray,
     return None if labels is None else (X, labels)
 
 
-def _arrow_table(raw: bytes, schema: CsvSchema, n_rows: int, numeric: list[int], text: list[int]) -> Any:
+def _arrow_table(raw: bytes, schema: CsvSchema, n_rows: int, numeric: list[int], text: list[int],
+                 empty_numbers: bool = False, text_bytes: bool = False) -> Any:
     """The columns ``numeric`` (float64, no empty cell) and ``text`` (strings) of a partition's
-    bytes as a pyarrow table (column ``c<index>``), or None where :func:`_read_arrow` says."""
+    bytes as a pyarrow table (column ``c<index>``), or None where :func:`_read_arrow` says.
+    ``empty_numbers``: an empty numeric cell is a null (a hashed CSV's absent value), not a
+    refusal; ``text_bytes``: text as the file's bytes, not decoded (as the hashed reader hashes it)."""
     if not USE_ARROW or len(raw) < ARROW_MIN_BYTES or b'"' in raw or not raw.strip(_BLANK):
         return None
     try:
@@ -432,7 +435,7 @@ def _arrow_table(raw: bytes, schema: CsvSchema, n_rows: int, numeric: list[int],
         return None
     names = [f"c{i}" for i in range(len(schema.columns))]  # header names may repeat or be empty
     # Text read straight into dictionaries: each distinct cell is one string, not one a row.
-    text_type = pa.dictionary(pa.int32(), pa.string())
+    text_type = pa.dictionary(pa.int32(), pa.binary() if text_bytes else pa.string())
     types = {names[j]: pa.float64() for j in numeric} | {names[j]: text_type for j in text}
     try:
         table = pacsv.read_csv(
@@ -441,11 +444,12 @@ def _arrow_table(raw: bytes, schema: CsvSchema, n_rows: int, numeric: list[int],
             parse_options=pacsv.ParseOptions(delimiter=schema.delimiter, quote_char='"', double_quote=True,
                                              escape_char=False, newlines_in_values=False, ignore_empty_lines=True),
             convert_options=pacsv.ConvertOptions(column_types=types, include_columns=[names[j] for j in [*numeric, *text]],
-                                                 null_values=[], strings_can_be_null=False, quoted_strings_can_be_null=False),
+                                                 null_values=[""] if empty_numbers else [], strings_can_be_null=False,
+                                                 quoted_strings_can_be_null=False),
         )  # fmt: skip
     except (pa.ArrowException, UnicodeError, ValueError, TypeError):
         return None
-    if table.num_rows != n_rows or any(table.column(names[j]).null_count for j in numeric):
+    if table.num_rows != n_rows or any(table.column(names[j]).null_count for j in ([] if empty_numbers else numeric)):
         return None
     return table
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from psctl.core.batching import batch_indices, stream_windows
-from psctl.core.sparse import SparseRows
+from psctl.core.sparse import SparseRows, distinct
 from psctl.data import csvfile, formats, ratings, vocab
 from psctl.errors import DataError
 
@@ -202,10 +202,10 @@ class Stats:
     def add(self, raw_X: Any, labels: np.ndarray, held_labels: np.ndarray) -> None:
         """One slice's training rows, and the labels of its held-out rows (classes cover them)."""
         if self.task != "regression":
-            self.labels.update(np.unique(labels).tolist(), np.unique(held_labels).tolist())
+            self.labels.update(distinct(labels).tolist(), distinct(held_labels).tolist())
         if self.fmt == "ratings":
             for c, name in enumerate((ratings.USER, ratings.ITEM)):
-                fresh = np.unique(raw_X[:, c]) if len(raw_X) else np.array([], dtype=str)
+                fresh = distinct(raw_X[:, c]) if len(raw_X) else np.array([], dtype=str)
                 self.ids[name] = np.union1d(self.ids[name], fresh) if name in self.ids else fresh
                 vocab.check_size(name, len(self.ids[name]))
             if len(labels):
