@@ -10,6 +10,9 @@ a small file of the same kind, it times on one ``--rows`` file, in one run:
 - plain numpy in this process: dense, ``np.loadtxt`` of the file and ``X @ w``; hashed,
   psctl's own vectorized reader (``formats.read_hashed_csv``) and the sparse product,
   since numpy alone cannot hash the cells (no predictions file is written);
+- dense: pandas ``read_csv`` and the same arithmetic, in this process (issue 18's reading
+  baseline), and ``psctl predict MODEL FILE`` without ``--out``, in ``--rounds`` alternating
+  rounds (medians);
 - ``psctl predict MODEL FILE --out P`` (one process, a fresh ``python -m psctl``);
 - ``psctl predict MODEL FILE --out P --workers N`` for N in ``--workers`` (default 1 2 4),
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -106,13 +110,29 @@ def numpy_hashed(model: Path, data: Path) -> float:
     return time.perf_counter() - started
 
 
+def reading_rounds(model: Path, data: Path, rounds: int) -> tuple[float | None, float, float]:
+    """The issue's reading goal, in alternating rounds (medians): pandas ``read_csv`` + numpy in
+    this process, ``psctl predict MODEL FILE`` (reading, the model, metrics; a fresh process,
+    start-up included) and the same with ``--out`` (the predictions file written too)."""
+    pandas_s, metrics_s, written_s = [], [], []
+    for _ in range(rounds):
+        got = pandas_dense(model, data)
+        if got is not None:
+            pandas_s.append(got)
+        metrics_s.append(psctl("predict", str(model), str(data)))
+        written_s.append(psctl("predict", str(model), str(data), "--out", str(data.with_suffix(".round.csv"))))
+    return (statistics.median(pandas_s) if pandas_s else None), statistics.median(metrics_s), statistics.median(written_s)
+
+
 def measure(name: str, model: Path, data: Path, rows: int, baseline: float, workers: list[int], folder: Path,
-            pandas_s: float | None = None) -> None:
+            pandas_s: float | None = None, metrics_s: float | None = None) -> None:
     single_out = folder / f"{name}-single.csv"
     single = psctl("predict", str(model), str(data), "--out", str(single_out))
     lines = [("plain numpy, in process", baseline)]
     if pandas_s is not None:
         lines.append(("pandas read_csv + numpy, in process", pandas_s))
+    if metrics_s is not None:
+        lines.append(("psctl predict, one process, no --out", metrics_s))
     lines.append(("psctl predict, one process", single))
     identical = []
     for n in workers:
@@ -125,7 +145,8 @@ def measure(name: str, model: Path, data: Path, rows: int, baseline: float, work
     for label, seconds in lines:
         ratio = f"{against / seconds:8.2f}" if pandas_s else " " * 8
         print(f"  {label:36} {seconds:8.2f} {rows / seconds:10.0f} {baseline / seconds:8.2f} {ratio} {single / seconds:14.2f}")
-    print("  (wall time of psctl includes its start-up, model loading and writing the predictions file; the in-process lines only read and compute)")
+    print("  (wall time of psctl includes its start-up and model loading, and but for 'no --out' writing the predictions file;")
+    print("   the in-process lines only read and compute; the pandas line and 'no --out' are medians of --rounds alternating rounds)")
     print(f"  predictions files byte-identical to one process's: {all(identical)} ({len(identical)} of {len(identical)} checked)")
     if not all(identical):
         sys.exit("a --workers predictions file differs from the one-process file")
@@ -136,6 +157,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--features", type=int, default=20, help="dense model: numeric columns")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="alternating rounds of pandas and psctl predict on the dense file (medians)")
     ap.add_argument("--keep", default=None, help="keep the generated files in this folder (default: a temporary one)")
     args = ap.parse_args()
     folder = Path(args.keep or tempfile.mkdtemp(prefix="psctl-bench-predict-"))
@@ -158,8 +181,9 @@ def main() -> None:
     psctl("train", "logreg", str(hashed_train), "--categorical", cats, "--hash-bits", "24", "--optimizer", "ftrl",
           "--workers", "2", "--epochs", "1", "--batch-size", "512", "--out", str(hashed_model))
 
+    pandas_s, metrics_s, _ = reading_rounds(dense_model, dense, args.rounds)
     measure("dense", dense_model, dense, args.rows, numpy_dense(dense_model, dense), args.workers, folder,
-            pandas_s=pandas_dense(dense_model, dense))
+            pandas_s=pandas_s, metrics_s=metrics_s)
     measure("hashed", hashed_model, hashed, args.rows, numpy_hashed(hashed_model, hashed), args.workers, folder)
     if args.keep is None:
         import shutil

@@ -24,6 +24,7 @@ from psctl import net
 from psctl.apps import predict as predicting
 from psctl.apps import serving
 from psctl.core.keyplan import KeyPlan, Routing
+from psctl.core.sparse import distinct
 from psctl.data import csvfile, ratings
 from psctl.data.vocab import Vocab, VocabError
 from psctl.errors import ModelFileError, PsctlError, UsageError
@@ -191,8 +192,8 @@ class KeptModel:
         """The mf model restricted to the (user, item) id rows ``ids``: its vocabularies hold
         only those ids (in the full vocabularies' order) and its tables only their rows."""
         rows = ratings.encode_rows(ids, {ratings.USER: full.users, ratings.ITEM: full.items})
-        u = np.unique(rows[:, 0][rows[:, 0] >= 0])
-        i = np.unique(rows[:, 1][rows[:, 1] >= 0])
+        u = distinct(rows[:, 0][rows[:, 0] >= 0])
+        i = distinct(rows[:, 1][rows[:, 1] >= 0])
         got = await self.rows({"user_factors": u, "user_bias": u, "item_factors": i, "item_bias": i})
         params = {name: values.astype(np.float64, copy=False) for name, (values, _) in got.items()}
         return loading.MFModel(self.model, params, self.meta, Vocab(full.users.ids[u]), Vocab(full.items.ids[i]), full.schema)

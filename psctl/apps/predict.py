@@ -21,7 +21,7 @@ import numpy as np
 from psctl.apps import recommend
 from psctl.apps.results import json_safe
 from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S
-from psctl.core.sparse import SparseRows
+from psctl.core.sparse import SparseRows, distinct
 from psctl.data import csvfile, formats, parquet, ratings, storage
 from psctl.errors import DataError, Interrupted, ModelFileError, PsctlError, UsageError
 from psctl.files import loading
@@ -197,6 +197,16 @@ def whole_file(path: str, plan: InputPlan) -> csvfile.Partition:
     return whole
 
 
+def file_slices(path: str, plan: InputPlan) -> list[csvfile.Partition]:
+    """Every row of ``path`` as consecutive slices of about ``csvfile.SLICE_BYTES`` of text, for
+    one process to read and evaluate one at a time: a whole file is never held as text or
+    float64 at once, and each slice's arrays stay small enough to be reused rather than faulted
+    in. A Parquet input is its one partition (pyarrow reads only its columns)."""
+    if plan.dataset(path) is not None:
+        return [whole_file(path, plan)]
+    return csvfile.plan_slices(path, plan.has_header)
+
+
 # -- the pure step: a batch of rows and a model in, outputs (and what metrics need) out ----------
 @dataclass
 class Evaluated:
@@ -218,8 +228,8 @@ def evaluate_rows(pred: Predictor, rows: Rows, cold_start: str = "nan") -> Evalu
     y = None if rows.labels is None else encode_targets(model.task, rows.labels, model.classes)
     if isinstance(X, SparseRows):
         weights, missing = aligned_weights(model, pred.params, X)
-        occurrences = len(rows.outside) + int(np.isin(X.indices, missing).sum())
-        return Evaluated(model.predict(weights, X), y, occurrences, np.unique(rows.outside), missing)
+        occurrences = len(rows.outside) + X.occurrences(distinct(missing))  # tables may share keys
+        return Evaluated(model.predict(weights, X), y, occurrences, distinct(rows.outside), missing)
     if pred.meta.get("standardize"):
         # One new array, divided in place: (X - mean) / std to the bit, without a second
         # temporary of the batch's size (page faults on fresh memory are most of its cost).
@@ -246,8 +256,8 @@ def combine(pred: Predictor, parts: list[Any], plan: InputPlan, cold_start: str 
     if plan.kind == "sparse":
         unknown = {
             "occurrences": sum(p.unknown_occurrences for p in parts),
-            "features": len(np.unique(np.concatenate([p.unknown_outside for p in parts])))
-            + len(np.unique(np.concatenate([p.unknown_missing for p in parts]))),
+            "features": len(distinct(np.concatenate([p.unknown_outside for p in parts])))
+            + len(distinct(np.concatenate([p.unknown_missing for p in parts]))),
         }
     return Prediction(pred.meta, outputs, predicted, scores, unknown)
 
@@ -285,7 +295,8 @@ def predict(
     pred = load_predictor(model_path, model_class_path)
     cold = check_cold_start(pred, cold_start)
     plan = plan_input(pred, data_path, delimiter)
-    result = combine(pred, [evaluate_rows(pred, read_rows(pred, plan, data_path, whole_file(data_path, plan)), cold)], plan, cold)
+    parts = [evaluate_rows(pred, read_rows(pred, plan, data_path, part), cold) for part in file_slices(data_path, plan)]
+    result = combine(pred, parts, plan, cold)
     if out is not None:
         write_predictions(result, out)
     return result

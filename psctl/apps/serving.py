@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from psctl.apps import predict, recommend
+from psctl.core.sparse import distinct
 from psctl.data import csvfile, formats, storage
 from psctl.errors import ModelFileError, UsageError
 from psctl.models.base import Model, predicted_index
@@ -400,7 +401,7 @@ def recommendations(snap: Snapshot, body: dict[str, Any]) -> dict[str, Any]:
     excluded = None
     if exclude:
         items = mf.items.rows(np.array([_body_id(v, "excluded item") for v in exclude]))
-        items = np.unique(items[items >= 0])
+        items = distinct(items[items >= 0])
         excluded = (np.full(len(items), row), items)
     ranked = recommend.recommend_user(mf, user, top, excluded)
     return {

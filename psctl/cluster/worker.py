@@ -715,7 +715,8 @@ class Worker:
 
         held = vf if vf is not None else pf
         # No rows, in the compact form: its dtypes and row width (the size estimate), the feature count.
-        empty = await asyncio.to_thread(lambda: prepare(*(a[:0] for a in pf.rows(0)[:2]), classes, stats, spec, model_cls.task))
+        assert pf.empty is not None  # set by the statistics pass
+        empty = await asyncio.to_thread(prepare, *pf.empty, classes, stats, spec, model_cls.task)
         sample = (empty.X, empty.y)
         estimate = stream.estimate_bytes(pf, "train", sample) + stream.estimate_bytes(held, "val", sample)
         mode = stream.choose_mode(job.partition_mode, estimate, self.budget_bytes)

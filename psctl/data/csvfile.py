@@ -223,6 +223,14 @@ def _scan_lines(
         offset, line_no, carry = offset + used, line_no + len(newlines), buf[used:]
 
 
+def _data_start(first: bytes, has_header: bool) -> tuple[int, int]:
+    """Where the rows start, after the first line ``first`` when it is a header (or a UTF-8
+    byte-order mark), and the file line number there."""
+    if has_header:
+        return len(first), 2
+    return (len(_UTF8_BOM) if first.startswith(_UTF8_BOM) else 0), 1
+
+
 def plan_partitions(path: str | os.PathLike[str], n_parts: int, has_header: bool = True) -> list[Partition]:
     """Split the rows of ``path`` into exactly ``n_parts`` contiguous byte ranges of about
     equal size, aligned to line starts, counting the rows in each, in one streaming pass.
@@ -234,10 +242,7 @@ def plan_partitions(path: str | os.PathLike[str], n_parts: int, has_header: bool
         raise ValueError("n_parts must be at least 1")
     with _open(path) as fh:
         first = _first_line(fh, path)
-        if has_header:
-            data_start, line_no = len(first), 2
-        else:
-            data_start, line_no = (len(_UTF8_BOM) if first.startswith(_UTF8_BOM) else 0), 1
+        data_start, line_no = _data_start(first, has_header)
         size = storage.text_size(path, fh)
         # Partition k > 0 starts at the first line start at or after targets[k - 1].
         targets = data_start + np.arange(1, n_parts) * (size - data_start) // n_parts
@@ -281,11 +286,32 @@ class _Bounded:
         return self.fh.read(max(0, min(n, self.end - self.fh.tell())))
 
 
-def slice_partition(path: str | os.PathLike[str], part: Partition, max_bytes: int | None = None) -> list[Partition]:
+def plan_slices(path: str | os.PathLike[str], has_header: bool = True, max_bytes: int | None = None) -> list[Partition]:
+    """Every row of ``path`` as consecutive slices of about ``max_bytes`` (:func:`slice_partition`
+    of the one partition :func:`plan_partitions` would give), in one pass over the file: for a
+    reader that goes through a whole file a slice at a time (``psctl predict`` in one process).
+    Raises DataError if the file has no rows."""
+    max_bytes = SLICE_BYTES if max_bytes is None else max_bytes
+    with _open(path) as fh:
+        first = _first_line(fh, path)
+        data_start, line_no = _data_start(first, has_header)
+        size = storage.text_size(path, fh)
+    if size - data_start <= max_bytes:
+        return plan_partitions(path, 1, has_header)
+    slices = slice_partition(path, Partition(0, data_start, size, line_no, 0), max_bytes, start_line=line_no)
+    if not sum(s.n_rows for s in slices):
+        raise DataError(f"data file '{path}' has no data rows")
+    return slices
+
+
+def slice_partition(path: str | os.PathLike[str], part: Partition, max_bytes: int | None = None,
+                    start_line: int | None = None) -> list[Partition]:
     """``part`` cut into consecutive partitions of about ``max_bytes`` each (default
     :data:`SLICE_BYTES`), aligned to line
     starts, each with its row count and its first row's file line number: read one after
     another they give the rows ``part`` gives, and name the same lines in errors.
+    ``start_line``: the file line number at ``part.start``, for a ``part`` whose rows are not
+    counted yet (``part.first_line`` and ``part.n_rows`` are then not read).
 
     Why: numpy's parsers hold the interpreter's lock for a whole call (np.loadtxt over 1M
     rows of 20 numbers held it 8 s), and a worker's heartbeat thread needs that lock to
@@ -326,7 +352,7 @@ def slice_partition(path: str | os.PathLike[str], part: Partition, max_bytes: in
             base += len(offsets)
     # A line's file line number is its relative number + shift. ``first_line`` names the first row,
     # or for a partition of blank lines only (cut too: its bytes are read as any others) its start.
-    shift = part.first_line - (first_row if first_row >= 0 else first_any)
+    shift = start_line if start_line is not None else part.first_line - (first_row if first_row >= 0 else first_any)
     ends = [s[0] for s in slices[1:]] + [part.end]
     return [
         Partition(part.index, start, end, (row if row >= 0 else line) + shift, n)
@@ -394,9 +420,12 @@ def _read_arrow(raw: bytes, schema: CsvSchema, n_rows: int) -> tuple[np.ndarray,
     return None if labels is None else (X, labels)
 
 
-def _arrow_table(raw: bytes, schema: CsvSchema, n_rows: int, numeric: list[int], text: list[int]) -> Any:
+def _arrow_table(raw: bytes, schema: CsvSchema, n_rows: int, numeric: list[int], text: list[int],
+                 empty_numbers: bool = False, text_bytes: bool = False) -> Any:
     """The columns ``numeric`` (float64, no empty cell) and ``text`` (strings) of a partition's
-    bytes as a pyarrow table (column ``c<index>``), or None where :func:`_read_arrow` says."""
+    bytes as a pyarrow table (column ``c<index>``), or None where :func:`_read_arrow` says.
+    ``empty_numbers``: an empty numeric cell is a null (a hashed CSV's absent value), not a
+    refusal; ``text_bytes``: text as the file's bytes, not decoded (as the hashed reader hashes it)."""
     if not USE_ARROW or len(raw) < ARROW_MIN_BYTES or b'"' in raw or not raw.strip(_BLANK):
         return None
     try:
@@ -406,7 +435,7 @@ def _arrow_table(raw: bytes, schema: CsvSchema, n_rows: int, numeric: list[int],
         return None
     names = [f"c{i}" for i in range(len(schema.columns))]  # header names may repeat or be empty
     # Text read straight into dictionaries: each distinct cell is one string, not one a row.
-    text_type = pa.dictionary(pa.int32(), pa.string())
+    text_type = pa.dictionary(pa.int32(), pa.binary() if text_bytes else pa.string())
     types = {names[j]: pa.float64() for j in numeric} | {names[j]: text_type for j in text}
     try:
         table = pacsv.read_csv(
@@ -415,11 +444,12 @@ def _arrow_table(raw: bytes, schema: CsvSchema, n_rows: int, numeric: list[int],
             parse_options=pacsv.ParseOptions(delimiter=schema.delimiter, quote_char='"', double_quote=True,
                                              escape_char=False, newlines_in_values=False, ignore_empty_lines=True),
             convert_options=pacsv.ConvertOptions(column_types=types, include_columns=[names[j] for j in [*numeric, *text]],
-                                                 null_values=[], strings_can_be_null=False, quoted_strings_can_be_null=False),
+                                                 null_values=[""] if empty_numbers else [], strings_can_be_null=False,
+                                                 quoted_strings_can_be_null=False),
         )  # fmt: skip
     except (pa.ArrowException, UnicodeError, ValueError, TypeError):
         return None
-    if table.num_rows != n_rows or any(table.column(names[j]).null_count for j in numeric):
+    if table.num_rows != n_rows or any(table.column(names[j]).null_count for j in ([] if empty_numbers else numeric)):
         return None
     return table
 

@@ -380,7 +380,12 @@ def read_hashed_csv(
     path: str | os.PathLike[str], part: csvfile.Partition, schema: csvfile.CsvSchema, categorical: Sequence[str], hash_bits: int
 ) -> tuple[SparseRows, np.ndarray]:
     """A CSV partition as hashed keys (see the module doc) and its label cells."""
-    lines, rows = _rows_of(path, part)
+    raw = storage.read_range(path, part.start, part.end)
+    fast = _hashed_arrow(raw, part, schema, categorical, hash_bits)
+    if fast is not None:
+        return fast
+    lines = raw.split(b"\n")
+    rows = [ln for ln in lines if ln.strip()]
     n_cols = len(schema.columns)
     sep = schema.delimiter.encode()
     counts = np.fromiter((r.count(sep) for r in rows), np.int64, count=len(rows))
@@ -403,6 +408,63 @@ def read_hashed_csv(
         line_no, _ = _line_numbers(lines, part.first_line)[empty[0]]
         raise DataError(f"'{path}' line {line_no}, column '{schema.columns[schema.label_index]}': the label cell is empty")
     return X, np.array([v.decode("utf-8", errors="replace") for v in labels.tolist()], dtype=str)
+
+
+def _hashed_arrow(
+    raw: bytes, part: csvfile.Partition, schema: csvfile.CsvSchema, categorical: Sequence[str], hash_bits: int
+) -> tuple[SparseRows, np.ndarray] | None:
+    """:func:`read_hashed_csv`'s rows and labels from pyarrow's CSV reader, when it reads the
+    bytes as the cell-by-cell path does; else None (refused as ``csvfile._read_arrow`` refuses,
+    and also for a non-finite number, a numeric cell pyarrow does not parse or an empty label),
+    and that path decides, error sentences included. Categorical and label cells come as
+    dictionaries of the file's bytes: each distinct cell is cleaned and hashed once, where the
+    other path makes a byte string of every cell; an empty numeric cell is absent, as there."""
+    feature_cat = [(j, schema.columns[j] in categorical) for j in schema.feature_indices]
+    label = [] if schema.label_index is None else [schema.label_index]
+    table = csvfile._arrow_table(raw, schema, part.n_rows, [j for j, cat in feature_cat if not cat],
+                                 [j for j, cat in feature_cat if cat] + label, empty_numbers=True, text_bytes=True)
+    if table is None:
+        return None
+    parts_rows, parts_keys, parts_values = [], [], []
+    for j, cat in feature_cat:
+        name = schema.columns[j]
+        if cat:
+            distinct, codes = _arrow_cells(table, j)
+            present = np.flatnonzero(np.strings.str_len(distinct)[codes] > 0)
+            keys = categorical_keys(distinct, name, hash_bits)[codes[present]]
+            values = np.ones(len(present), np.float32)
+        else:
+            column = table.column(f"c{j}").combine_chunks()
+            numbers = csvfile._values(column, np.float64)
+            present = np.arange(len(column)) if not column.null_count else np.flatnonzero(_valid(column))
+            with np.errstate(over="ignore"):
+                values = numbers[present].astype(np.float32)
+            if not np.isfinite(values).all():  # not finite, or past float32's range: the sentence is the other path's
+                return None
+            keys = np.full(len(present), numeric_key(name, hash_bits), np.uint64)
+        parts_rows.append(present)
+        parts_keys.append(keys.astype(np.int64))
+        parts_values.append(values)
+    n_rows = table.num_rows
+    X = SparseRows.from_coo(n_rows, np.concatenate(parts_rows), np.concatenate(parts_keys), np.concatenate(parts_values), 2**hash_bits - 1)
+    if not label:
+        return X, np.array([], dtype=str)
+    distinct, codes = _arrow_cells(table, label[0])
+    if not np.strings.str_len(distinct)[codes].all():
+        return None
+    return X, np.array([v.decode("utf-8", errors="replace") for v in distinct.tolist()], dtype=str)[codes]
+
+
+def _arrow_cells(table: Any, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Column ``index`` of a ``text_bytes`` table: its distinct cells, cleaned (:func:`_clean`), and each row's code into them."""
+    cells = table.column(f"c{index}").unify_dictionaries().combine_chunks()
+    return _clean(np.array(cells.dictionary.to_pylist(), dtype="S")), csvfile._values(cells.indices, np.int32)
+
+
+def _valid(column: Any) -> np.ndarray:
+    """Which entries of a pyarrow array are not null, from its validity bitmap."""
+    bits = np.unpackbits(np.frombuffer(column.buffers()[0], np.uint8), bitorder="little")
+    return bits[column.offset : column.offset + len(column)].astype(bool)
 
 
 def hash_cell_columns(
@@ -447,16 +509,17 @@ def _numbers(
         values = cells.astype(np.float64)
     except ValueError:  # the exact reading, cell by cell, is the reference (as in csvfile.py)
         values = np.array([_number_or_nan(c) for c in cells.tolist()])
-    ok = np.isfinite(values)
+    with np.errstate(over="ignore"):
+        single = values.astype(np.float32)
+    ok = np.isfinite(single)
     if not ok.all():
         bad = int(np.flatnonzero(~ok)[0])
         line_no, _ = _line_numbers(lines, part.first_line)[rows[bad]]
         text = cells[bad].decode("utf-8", errors="replace")[:40]
-        raise DataError(
-            f"'{path}' line {line_no}, column '{name}': '{text}' is not a finite number "
-            "(pass --categorical to hash text columns)"
-        )
-    return values.astype(np.float32)
+        what = ("is past float32's range, the values' type (about 3.4e38)" if np.isfinite(values[bad])
+                else "is not a finite number (pass --categorical to hash text columns)")
+        raise DataError(f"'{path}' line {line_no}, column '{name}': '{text}' {what}")
+    return single
 
 
 def _number_or_nan(cell: bytes) -> float:

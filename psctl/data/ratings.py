@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from psctl.core.sparse import distinct
 from psctl.data import csvfile, storage, vocab
 from psctl.data.vocab import Vocab
 from psctl.errors import DataError
@@ -147,10 +148,10 @@ def _exact(rows: list[tuple[int, str]], schema: csvfile.CsvSchema, path: str | o
 # -- the statistics pass and the rows a model trains on ------------------------------
 def stats_request(ids: np.ndarray, ratings: np.ndarray) -> tuple[dict[str, Any], list[np.ndarray]]:
     """A worker's STATS contribution: count/mean/m2 of its ratings and its distinct ids."""
-    distinct = {USER: np.unique(ids[:, 0]), ITEM: np.unique(ids[:, 1])}
-    for name, values in distinct.items():
+    seen = {USER: distinct(ids[:, 0]), ITEM: distinct(ids[:, 1])}
+    for name, values in seen.items():
         vocab.check_size(name, len(values))
-    names, arrays = vocab.to_message({k: v.tolist() for k, v in distinct.items()})
+    names, arrays = vocab.to_message({k: v.tolist() for k, v in seen.items()})
     stats = csvfile.partial_stats(ratings[:, None]) if len(ratings) else None
     if stats is not None:  # the range predictions are clipped to
         stats.update(min=float(ratings.min()), max=float(ratings.max()))

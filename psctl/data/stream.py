@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from psctl.core.batching import batch_indices, stream_windows
-from psctl.core.sparse import SparseRows
+from psctl.core.sparse import SparseRows, distinct
 from psctl.data import csvfile, formats, ratings, vocab
 from psctl.errors import DataError
 
@@ -153,6 +153,9 @@ class PartitionFile:
     #: A one-slice partition's parse, kept by :func:`scan` until :meth:`release`: a small
     #: partition is parsed once, not once a pass (one slice is within a worker's constant).
     kept: tuple[Any, np.ndarray] | None = None
+    #: No rows, of the raw form slice 0 parses to (set by :func:`scan`): the compact form's dtypes
+    #: and row width come from it without parsing a slice again.
+    empty: tuple[Any, np.ndarray] | None = None
 
     @classmethod
     def of(cls, path: str, part: csvfile.Partition, load: Load, hold: HoldOut | None = None, all_held: bool = False) -> PartitionFile:
@@ -199,10 +202,10 @@ class Stats:
     def add(self, raw_X: Any, labels: np.ndarray, held_labels: np.ndarray) -> None:
         """One slice's training rows, and the labels of its held-out rows (classes cover them)."""
         if self.task != "regression":
-            self.labels.update(np.unique(labels).tolist(), np.unique(held_labels).tolist())
+            self.labels.update(distinct(labels).tolist(), distinct(held_labels).tolist())
         if self.fmt == "ratings":
             for c, name in enumerate((ratings.USER, ratings.ITEM)):
-                fresh = np.unique(raw_X[:, c]) if len(raw_X) else np.array([], dtype=str)
+                fresh = distinct(raw_X[:, c]) if len(raw_X) else np.array([], dtype=str)
                 self.ids[name] = np.union1d(self.ids[name], fresh) if name in self.ids else fresh
                 vocab.check_size(name, len(self.ids[name]))
             if len(labels):
@@ -257,6 +260,8 @@ def scan(pf: PartitionFile, stats: Stats | None) -> None:
         raw_X, labels = pf.load(piece)
         if len(pf.slices) == 1:
             pf.kept = (raw_X, labels)
+        if j == 0:  # copies: a view of no rows would keep the slice's arrays alive
+            pf.empty = (raw_X[:0] if isinstance(raw_X, SparseRows) else np.array(raw_X[:0]), labels[:0].copy())
         pf.held.append(splitter.counts(labels) if splitter is not None and len(labels) else {})
         train_X, train_y, val_X, val_y = pf.split(j, raw_X, labels)
         if stats is not None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from psctl.core.sparse import distinct
 from psctl.errors import PsctlError
 
 #: Most distinct values one vocabulary may hold (each is a table row on the shards).
@@ -53,7 +54,7 @@ def check_size(name: str, n: int) -> None:
 def union(parts: Iterable[np.ndarray], name: str) -> np.ndarray:
     """Sorted distinct values of every part (str arrays). Raises VocabError past the limit."""
     arrays = [p for p in parts if len(p)]
-    values = np.unique(np.concatenate(arrays)) if arrays else np.array([], dtype=str)
+    values = distinct(np.concatenate(arrays)) if arrays else np.array([], dtype=str)
     check_size(name, len(values))
     return values
 
@@ -69,9 +70,9 @@ class Vocab:
     def from_strings(cls, values: Iterable[str] | np.ndarray) -> Vocab:
         text = np.asarray(values if isinstance(values, np.ndarray) else list(values), dtype=str)
         try:
-            return cls(np.unique(text.astype(np.int64)))
+            return cls(distinct(text.astype(np.int64)))
         except (ValueError, OverflowError):
-            return cls(np.unique(text))
+            return cls(distinct(text))
 
     @property
     def kind(self) -> str:

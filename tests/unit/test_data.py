@@ -208,6 +208,25 @@ def test_slices_of_a_partition_read_as_the_partition(lines, n_parts, max_bytes, 
             np.testing.assert_array_equal(np.concatenate([g[1] for g in got]), whole[1])
 
 
+@settings(max_examples=150, deadline=None)
+@given(lines=lines_strategy, has_header=st.booleans(), bom=st.booleans(), max_bytes=st.integers(1, 80),
+       final_newline=st.booleans())
+def test_a_whole_file_sliced_in_one_pass_is_its_one_partition_sliced(lines, has_header, bom, max_bytes, final_newline):
+    """plan_slices (psctl predict in one process) finds the slices slice_partition finds in the
+    one partition plan_partitions plans, without the pass that counts that partition's rows."""
+    text = "\n".join(["label,a", *lines] if has_header else lines) + ("\n" if final_newline else "")
+    raw = ("\ufeff" if bom and not has_header else "").encode() + text.encode()
+    with tempfile.TemporaryDirectory() as folder:
+        path = str(Path(folder) / "p.csv")
+        Path(path).write_bytes(raw)
+        if not raw or not row_lines(text, has_header):
+            with pytest.raises(DataError, match="no data rows|is empty"):
+                csvfile.plan_slices(path, has_header, max_bytes)
+            return
+        [whole] = csvfile.plan_partitions(path, 1, has_header)
+        assert csvfile.plan_slices(path, has_header, max_bytes) == csvfile.slice_partition(path, whole, max_bytes)
+
+
 def test_a_partition_smaller_than_a_slice_is_one_slice(tmp_path):
     p = write(tmp_path, "label,a\n0,1\n1,2\n")
     [part] = csvfile.plan_partitions(p, 1)

@@ -1,10 +1,16 @@
 """LIBSVM and hashed-CSV input: detection, parsing, errors that name the line, layouts."""
 
+from unittest import mock
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from psctl.data import csvfile, formats
 from psctl.errors import DataError
+
+from .test_data import cells_strategy, read_with_and_without_arrow
 
 
 def write(tmp_path, text, name="d.txt"):
@@ -155,3 +161,40 @@ def test_hashed_csv_errors_name_line_and_column(tmp_path):
         hashed(tmp_path, "label,site,ad,price\n1,a,b\n")
     with pytest.raises(DataError, match="line 2, column 'label': the label cell is empty"):
         hashed(tmp_path, "label,site,ad,price\n,a,b,1\n")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.lists(st.tuples(st.sampled_from(["a", "b", " c ", "", '"d"', "1", "\xff"]), st.lists(cells_strategy, min_size=3, max_size=3)),
+                  min_size=1, max_size=8),
+    blank=st.sampled_from(["", "\n", "\n \n", "\r\n"]), ending=st.sampled_from(["\n", "\r\n"]),
+)  # fmt: skip
+def test_pyarrow_hashes_every_partition_as_the_cell_by_cell_path(rows, blank, ending):
+    """Hashed CSV through pyarrow's reader (dictionaries of each column's distinct cells): the
+    same keys, values, labels and error sentences as the byte string a cell path."""
+    pytest.importorskip("pyarrow", reason="the fast CSV path needs pyarrow (psctl[parquet])")
+    text = "label,site,ad,price" + ending + ending.join(",".join([label, *cells]) for label, cells in rows) + blank + ending
+
+    def read(path, schema, part):
+        return formats.read_hashed_csv(path, part, schema, ["site", "ad"], 20)
+
+    for (xa, la), (xn, ln) in read_with_and_without_arrow(text, csvfile.read_schema, read):
+        for name in ("indptr", "indices", "values"):
+            np.testing.assert_array_equal(getattr(xa, name), getattr(xn, name))
+            assert getattr(xa, name).dtype == getattr(xn, name).dtype
+        assert xa.n_cols == xn.n_cols and la.tolist() == ln.tolist()
+
+
+def test_pyarrow_is_the_hashed_path_for_plain_cells(tmp_path):
+    pytest.importorskip("pyarrow", reason="the fast CSV path needs pyarrow (psctl[parquet])")
+    text = "label,site,ad,price\n1,a.com,x,2.5\n0,b.com, ,\n1,a.com,y,-1\n"
+    with mock.patch.object(formats, "_clean", wraps=formats._clean) as clean, mock.patch.object(csvfile, "ARROW_MIN_BYTES", 0):
+        X, labels = hashed(tmp_path, text)
+    assert clean.call_count == 3  # the distinct cells of two categorical columns and the label, once each
+    numpy_path = hashed(tmp_path, text)
+    assert labels.tolist() == numpy_path[1].tolist() and X.indices.tolist() == numpy_path[0].indices.tolist()
+
+
+def test_a_hashed_number_past_float32_is_refused_with_its_line(tmp_path):
+    with pytest.raises(DataError, match=r"line 3, column 'price': '4e38' is past float32's range"):
+        hashed(tmp_path, "label,site,ad,price\n1,a,b,1\n0,a,b,4e38\n")

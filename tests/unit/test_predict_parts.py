@@ -1,6 +1,8 @@
 """The pure prediction step: batches evaluated apart combine exactly; mf ratings are clipped
 to the training range (and old model files without one are not)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -91,6 +93,30 @@ def test_dense_batches_evaluated_apart_combine_to_the_whole(tmp_path):
     assert whole.metrics.keys() == apart.metrics.keys()
     for name, value in whole.metrics.items():
         assert np.array_equal(value, apart.metrics[name]), name
+
+
+def test_one_process_reads_a_file_slice_by_slice_as_one_batch(tmp_path, monkeypatch):
+    """predict() without workers evaluates the file a slice at a time (file_slices): the same
+    outputs and metrics as one batch of every row, and a bad cell's sentence names its line."""
+    path = str(write_logreg_csv(tmp_path / "d.csv", 301, seed=4))
+    meta = {"kind": "logreg", "task": "binary", "classes": ["0", "1"], "label": "label",
+            "schema": csvfile.read_schema(path).to_dict(), "standardize": {"mean": [0.1] * 4, "std": [1.5] * 4}}
+    pred = predict.Predictor(LogReg(4, ["0", "1"]), {"w": np.array([0.7, -0.3, 0.2, 1.1, 0.05])}, meta, None, path)
+    plan = predict.plan_input(pred, path)
+    whole = predict.combine(pred, [predict.evaluate_rows(pred, predict.read_rows(pred, plan, path, predict.whole_file(path, plan)))], plan)
+    monkeypatch.setattr(predict, "load_predictor", lambda *a: pred)
+    monkeypatch.setattr(csvfile, "SLICE_BYTES", 512)
+    assert len(predict.file_slices(path, plan)) > 10
+    sliced = predict.predict("model.npz", path)
+    assert np.array_equal(whole.outputs, sliced.outputs) and whole.predicted == sliced.predicted
+    assert {k: np.asarray(v).tolist() for k, v in whole.metrics.items()} == {k: np.asarray(v).tolist() for k, v in sliced.metrics.items()}
+    lines = Path(path).read_text().split("\n")
+    cells = lines[250].split(",")
+    lines[250] = ",".join([cells[0], "x", *cells[2:]])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("\n".join(lines))
+    with pytest.raises(DataError, match="line 251, column 'x0'"):
+        predict.predict("model.npz", str(bad))
 
 
 def test_mf_batches_evaluated_apart_combine_to_the_whole(tmp_path):

@@ -2,12 +2,15 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from psctl.cluster.shard import ShardState
 from psctl.core import sparse_table
 from psctl.core.optim import FTRL, SGD
 from psctl.core.sparse import (
     SparseRows,
+    distinct,
     key_owner,
     keyed_normal,
     mix64,
@@ -224,3 +227,22 @@ def test_rows_found_before_a_push_still_read_the_pushed_values():
     t.apply(SGD(0.5), np.array([3, 9], np.int64), np.ones(2, np.float32))
     np.testing.assert_array_equal(t.read(keys, rows), t.read(keys))
     assert (t.locate(keys) >= 0).all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.integers(-2**62, 2**62), max_size=60), small=st.booleans())
+def test_distinct_is_what_np_unique_gives(values, small):
+    a = np.array(values, dtype=np.int64) % (7 if small else 2**62)
+    got = distinct(a)
+    np.testing.assert_array_equal(got, np.unique(a))
+    assert got.dtype == a.dtype
+    texts = a.astype(str)
+    np.testing.assert_array_equal(distinct(texts), np.unique(texts))
+
+
+@settings(max_examples=200, deadline=None)
+@given(keys=st.lists(st.integers(0, 30), min_size=0, max_size=40), asked=st.lists(st.integers(0, 35), max_size=10))
+def test_occurrences_counts_the_entries_with_those_keys(keys, asked):
+    X = SparseRows(np.array([0, len(keys)]), np.array(keys, np.int64), np.ones(len(keys), np.float32), 40)
+    wanted = np.unique(np.array(asked, np.int64))
+    assert X.occurrences(wanted) == int(np.isin(np.array(keys, np.int64), wanted).sum())
