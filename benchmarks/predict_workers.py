@@ -24,8 +24,10 @@ each command's start-up, model loading and writing of the predictions file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import filecmp
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -110,18 +112,38 @@ def numpy_hashed(model: Path, data: Path) -> float:
     return time.perf_counter() - started
 
 
+def children_cpu() -> float:
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
 def reading_rounds(model: Path, data: Path, rounds: int) -> tuple[float | None, float, float]:
     """The issue's reading goal, in alternating rounds (medians): pandas ``read_csv`` + numpy in
     this process, ``psctl predict MODEL FILE`` (reading, the model, metrics; a fresh process,
-    start-up included) and the same with ``--out`` (the predictions file written too)."""
-    pandas_s, metrics_s, written_s = [], [], []
+    start-up included) and the same with ``--out`` (the predictions file written too). Prints
+    the CPU time (user + sys) of each beside the wall times, which a loaded machine stretches:
+    pyarrow parses in threads, so psctl's CPU is the stricter of the two comparisons."""
+    wall: dict[str, list[float]] = {"pandas": [], "metrics": [], "written": []}
+    cpu: dict[str, list[float]] = {"pandas": [], "metrics": [], "written": []}
+    with contextlib.suppress(ImportError):
+        import pandas  # noqa: F401  (imported before the rounds: psctl's lines include its imports, pandas' do not)
     for _ in range(rounds):
+        before = time.process_time()
         got = pandas_dense(model, data)
         if got is not None:
-            pandas_s.append(got)
-        metrics_s.append(psctl("predict", str(model), str(data)))
-        written_s.append(psctl("predict", str(model), str(data), "--out", str(data.with_suffix(".round.csv"))))
-    return (statistics.median(pandas_s) if pandas_s else None), statistics.median(metrics_s), statistics.median(written_s)
+            wall["pandas"].append(got)
+            cpu["pandas"].append(time.process_time() - before)
+        for name, extra in (("metrics", []), ("written", ["--out", str(data.with_suffix(".round.csv"))])):
+            before = children_cpu()
+            wall[name].append(psctl("predict", str(model), str(data), *extra))
+            cpu[name].append(children_cpu() - before)
+    med = {name: statistics.median(v) if v else None for name, v in cpu.items()}
+    if med["pandas"]:
+        print(f"\nreading goal, CPU seconds (user + sys), medians of {rounds} alternating rounds: pandas read_csv + numpy "
+              f"{med['pandas']:.2f}, psctl predict {med['metrics']:.2f} ({med['pandas'] / med['metrics']:.2f}x pandas), "
+              f"with --out {med['written']:.2f} ({med['pandas'] / med['written']:.2f}x)")
+    pandas_s = statistics.median(wall["pandas"]) if wall["pandas"] else None
+    return pandas_s, statistics.median(wall["metrics"]), statistics.median(wall["written"])
 
 
 def measure(name: str, model: Path, data: Path, rows: int, baseline: float, workers: list[int], folder: Path,

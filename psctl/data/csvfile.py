@@ -328,7 +328,12 @@ def slice_partition(path: str | os.PathLike[str], part: Partition, max_bytes: in
     first_row, first_any, next_target, base = -1, -1, 0, 0
     with _open(path) as fh:
         fh.seek(part.start)
-        for offsets, lines, is_row in _scan_lines(_Bounded(fh, part.end), part.start, 0, path):  # type: ignore[arg-type]
+        # The scan numbers lines from the file's line at part.start where it is given, so that a
+        # line too long is named by its file line (no pass before this one counted); below they
+        # are numbered from 0 at part.start, as a line's index.
+        base_line = 0 if start_line is None else start_line
+        for offsets, lines, is_row in _scan_lines(_Bounded(fh, part.end), part.start, base_line, path):  # type: ignore[arg-type]
+            lines = lines - base_line
             if first_any < 0:
                 first_any = int(lines[0])
             rows_at = np.flatnonzero(is_row)
