@@ -392,6 +392,9 @@ def main() -> None:
 
     for name in PRELOAD:
         importlib.import_module(name)
+    from psctl.cluster import child
+
+    child.parser()  # what each child would otherwise build again
     control = socket.socket(fileno=control_fd)
     try:
         serve(control)
