@@ -23,6 +23,7 @@ def starts_embedded_cluster(args: list[str]) -> bool:
 
 
 def main() -> None:
+    """Run the ``psctl`` command line (``sys.argv``)."""
     if starts_embedded_cluster(sys.argv[1:]):
         from psctl.apps.prestart import start_cluster_early
 

@@ -150,8 +150,13 @@ class LocalCluster:
         try:
             # `psctl train` started one before it imported itself (cluster/prestart.py)
             launched = prestart.take_early(env) or prestart.launch(env, self.log_dir / "forkserver.log")
-            return ForkServer(launched)
         except OSError as exc:  # the children are exec'd instead
+            logging.getLogger(__name__).warning("no fork server (%s): starting each process on its own", exc)
+            return None
+        try:
+            return ForkServer(launched)
+        except OSError as exc:  # no pidfd to follow it by
+            launched.kill()
             logging.getLogger(__name__).warning("no fork server (%s): starting each process on its own", exc)
             return None
 
