@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import compileall
+import json
 import resource
 import time
 from pathlib import Path
@@ -57,6 +58,45 @@ CLI_PIECES = [
     ("submitted", "job ", "job accepted, shards set up"),
     ("first_step", "epoch 1/", "every worker's first and only step done (cli_first_step_s)"),
     ("exit", None, "the command exited (final pull, model written, processes stopped)"),
+]
+# Runs `psctl train` as psctl.cli.main() does, stamping (s since the exec, in T0) each first
+# driver event and the command process's own CPU; prints them as one JSON line on stderr.
+EVENTS_SHIM = r"""
+import json, os, sys, time
+t0 = float(os.environ.pop("PSCTL_BENCH_T0"))
+stamps = {"interpreter_up": time.monotonic() - t0}
+def stamp(key):
+    stamps.setdefault(key, time.monotonic() - t0)
+    stamps.setdefault("cpu_" + key, time.process_time())
+import psctl.cli
+if psctl.cli.starts_embedded_cluster(sys.argv[1:]):
+    from psctl.apps.prestart import start_cluster_early
+    start_cluster_early()
+import psctl.cli.main
+stamp("commands_imported")
+commands = sys.modules["psctl.cli.main"]
+on_event = commands._TrainView.on_event
+def stamped(view, event):
+    if event["kind"] == "worker_joined":  # the last one counts
+        stamps.pop("last_worker_joined", None), stamps.pop("cpu_last_worker_joined", None)
+        stamp("last_worker_joined")
+    else:
+        stamp(event["kind"])
+    return on_event(view, event)
+commands._TrainView.on_event = stamped
+import atexit
+atexit.register(lambda: print("PSCTL_BENCH " + json.dumps(stamps), file=sys.stderr, flush=True))
+sys.argv = ["psctl", *sys.argv[1:]]
+commands.main()
+"""
+EVENTS = [
+    ("commands_imported", "typer, rich, numpy and psctl.cli.main imported (the fork server already started)"),
+    ("planned", "options parsed (typer), driver imported, partitions planned"),
+    ("cluster_up", "coordinator listening, shards registered, worker processes forked"),
+    ("submitted", "job accepted, shards set up"),
+    ("last_worker_joined", "last worker registered"),
+    ("stats", "every worker read its partition (stats barrier)"),
+    ("progress", "first step done"),
 ]
 IMPORTS = {
     "python -c pass": "pass",
@@ -122,6 +162,21 @@ async def one_cli_start(path: Path, out: Path, env: dict[str, str]) -> dict[str,
     return times
 
 
+async def one_cli_events(path: Path, out: Path, env: dict[str, str]) -> dict[str, float]:
+    """:func:`one_cli_start`'s job through EVENTS_SHIM: the driver's events inside the command
+    (s since exec) and the command process's own CPU at each (``cpu_*``)."""
+    start = time.monotonic()  # the shim's clock: CLOCK_MONOTONIC is one clock for every process
+    proc = await asyncio.create_subprocess_exec(
+        python(), "-c", EVENTS_SHIM, *cli_args(path, out)[2:], stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE, env={**env, "PSCTL_BENCH_T0": repr(start)},
+    )  # fmt: skip
+    _, err = await proc.communicate()
+    line = next((x for x in err.decode(errors="replace").splitlines() if x.startswith("PSCTL_BENCH ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"psctl train failed (exit {proc.returncode}): {err.decode(errors='replace')[-500:]}")
+    return json.loads(line.split(" ", 1)[1])
+
+
 async def spawn_seconds(code: str, n: int) -> float:
     """Wall time for ``n`` concurrent ``python -c code`` processes to start, run and exit."""
     start = time.perf_counter()
@@ -171,6 +226,23 @@ async def run_startup(settings: Settings) -> SectionResult:
         cli_table.rows.append([key, what, cli[key], cli[key] - previous])
         previous = cli[key]
     result.tables.append(cli_table)
+
+    event_runs = [await one_cli_events(path, settings.tmp_dir / "tiny-model.npz", child_env()) for _ in range(repeats)]
+    inside = {key: median([r[key] for r in event_runs]) for key in set.intersection(*(set(r) for r in event_runs))}
+    result.figures["cli_event_runs"] = event_runs
+    events_table = Table(
+        "Inside `psctl train`: the driver's first events, s since exec, and the command process's own CPU",
+        ["event", "what has happened", "s since exec", "s since previous", "CPU s of the command"],
+        command=settings.command("start"),
+        notes=[f"Median of {repeats} runs of the same job through a shim that runs psctl.cli.main() as the command "
+               "does and stamps each event (benchmarks/startup.py EVENTS_SHIM)."],
+    )  # fmt: skip
+    previous = inside["interpreter_up"]
+    events_table.rows.append(["interpreter_up", "python started, site imported", previous, previous, float("nan")])
+    for key, what in EVENTS:
+        events_table.rows.append([key, what, inside[key], inside[key] - previous, inside["cpu_" + key]])
+        previous = inside[key]
+    result.tables.append(events_table)
 
     spawn_repeats = 1 if settings.quick else repeats
     spawn = Table(
