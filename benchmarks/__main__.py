@@ -53,6 +53,13 @@ GOALS: list[tuple[str, str, str, Callable[[dict[str, float]], float | None], Cal
         lambda h: h.get("cluster_start_s"),
         lambda v, h: v < 1.5,
     ),
+    (
+        "cli_first_step_s",
+        "exec of `psctl train` to every worker's first step, 8 workers, s (idle machine)",
+        "< 0.5",
+        lambda h: h.get("cli_first_step_s"),
+        lambda v, h: v < 0.5,
+    ),
 ]
 
 

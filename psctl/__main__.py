@@ -1,3 +1,3 @@
-from psctl.cli.main import main
+from psctl.cli import main
 
 main()

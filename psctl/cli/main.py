@@ -12,12 +12,14 @@ import sys
 import time
 from pathlib import Path
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+
+if TYPE_CHECKING:  # imported where a command draws them: `psctl train` in a pipe never does
+    from rich.progress import Progress
+    from rich.table import Table
 
 from psctl.apps import runtime
 from psctl.errors import Interrupted, PsctlError
@@ -413,6 +415,8 @@ class _TrainView:
             features = "features from the data" if event["features"] is None else f"{event['features']} features"
             self._plain(f"planned: {event['rows']} rows, {features}, {event['workers']} workers")
             if self.interactive:
+                from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
                 self.progress = Progress(
                     TextColumn("[bold]training"),
                     BarColumn(),
@@ -616,6 +620,8 @@ def predict(
         out.print(f"{len(pred.predicted)} rows predicted (no label column, so no metrics)")
     else:
         out.print(f"{pred.meta['kind']} model {model_path} on {data}:", highlight=False)
+        from rich.table import Table
+
         table = Table()
         table.add_column("metric")
         table.add_column("value", justify="right")
@@ -676,6 +682,8 @@ def recommend(
                   "items": [{"rank": r, "item": item, "predicted_rating": score} for r, (item, score) in enumerate(items, 1)]}
         print(json.dumps(json_safe(result), indent=2), flush=True)
         return
+    from rich.table import Table
+
     table = Table(title=f"top {top} items for {mf.user_col} {user}")
     table.add_column("rank", justify="right")
     table.add_column(mf.item_col)
@@ -688,6 +696,8 @@ def recommend(
 
 
 def _confusion_table(cm: Any, classes: list[str]) -> Table:
+    from rich.table import Table
+
     table = Table(title="confusion matrix (rows: true, columns: predicted)")
     table.add_column("true \\ predicted")
     for c in classes:
@@ -966,6 +976,8 @@ def models(
     if not rows:
         out.print(f"no models are kept on {server_address}", highlight=False)
         return
+    from rich.table import Table
+
     table = Table(title=f"models kept on {server_address}")
     for col in ("name", "kind", "state", "trained", "keys", "bytes", "per shard (keys)", "metrics"):
         table.add_column(col, justify="right" if col in ("keys", "bytes") else "left")
@@ -997,6 +1009,7 @@ def _usage(sentence: str) -> None:
 
 def _status_view(body: dict[str, Any], address: str) -> Any:
     from rich.console import Group
+    from rich.table import Table
 
     shards = Table(title=f"psctl server {address}: shards")
     for col in ("shard", "address", "pid", "clock", "keys", "bytes", "updates/s", "samples", "last checkpoint"):

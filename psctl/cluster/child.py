@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import shutil
@@ -111,7 +112,10 @@ def security_from_args(args: argparse.Namespace) -> net.Security:
     return build_security(secret=secret, **{o.name: getattr(args, o.name) for o in SECURITY_OPTIONS})
 
 
+@functools.cache
 def parser() -> argparse.ArgumentParser:
+    """The children's command line, built once a process: the fork server builds it before it
+    forks (argparse's set-up was a fifth of a forked worker's start-up CPU)."""
     p = argparse.ArgumentParser(prog="python -m psctl.cluster.child")
     sub = p.add_subparsers(dest="role", required=True)
     s = sub.add_parser("shard")
@@ -128,8 +132,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES)
         sp.add_argument("--parent-watch", action="store_true")
         sp.add_argument("--parent-log-dir", default=None, help="the parent's log folder: removed when stdin closes")
-        # PSCTL_LOG sets the CLI's level and its children's (their log files are kept with PSCTL_LOG_DIR).
-        sp.add_argument("--log-level", default=os.environ.get("PSCTL_LOG", "WARNING").upper())
+        # Default: PSCTL_LOG, the CLI's level and its children's (their log files are kept with PSCTL_LOG_DIR).
+        sp.add_argument("--log-level", default=None)
         sp.add_argument("--secret-fd", type=int, default=None, help="read the shared secret from this inherited pipe")
         for option in SECURITY_OPTIONS:
             if option.kind is bool:
@@ -142,7 +146,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, security: net.Security | None = None) -> int:
     """Run a shard or worker; ``security`` (from the CLI, in-process) replaces the security flags."""
     args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format=f"%(asctime)s {args.role} %(name)s %(levelname)s %(message)s")
+    level = args.log_level or os.environ.get("PSCTL_LOG", "WARNING").upper()
+    logging.basicConfig(level=level, format=f"%(asctime)s {args.role} %(name)s %(levelname)s %(message)s")
     role_main = shard_main if args.role == "shard" else worker_main
     try:
         if security is None:

@@ -35,23 +35,16 @@ import sys
 import traceback
 from pathlib import Path
 
-from psctl.cluster.processes import start_process
+from psctl.cluster import prestart
+from psctl.cluster.prestart import available as available  # where launch.py and the tests ask
 
 MAX_REQUEST_BYTES = 1 << 16
 MAX_FDS = 8
-# The forked children's command lines are written over the server's own argument area,
-# so the server is started with this much room (an argument of spaces, removed from its
-# own title at once). A longer command line is cut; it only names the process.
-TITLE_ROOM = 4096
 UNKNOWN_EXIT_CODE = 1  # of a child that ended after its fork server
 PRELOAD = (
     "psctl.cluster.child", "psctl.cluster.shard", "psctl.cluster.worker", "uvloop", "numpy.random", "numpy.ma",
     "concurrent.futures.thread", "encodings.idna", "ctypes",
 )  # fmt: skip
-
-
-def available() -> bool:
-    return sys.platform.startswith("linux") and hasattr(socket, "SOCK_SEQPACKET") and hasattr(os, "pidfd_open")
 
 
 def set_cmdline(argv: list[str]) -> None:
@@ -236,33 +229,34 @@ class ForkServer:
     """The parent's handle on a fork server process: :meth:`spawn` a child, learn its exit.
 
     If the server itself dies, its children go on (they need it only to start), and
-    :attr:`alive` turns false so the cluster starts another server for the next child."""
+    :attr:`alive` turns false so the cluster starts another server for the next child.
+    Made from a server process just started (:func:`psctl.cluster.prestart.launch`), in
+    this process's event loop, which from then on reaps it when it exits."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, sock: socket.socket):
-        self._proc = proc
-        self._sock = sock
+    def __init__(self, launched: prestart.Launched):
+        loop = asyncio.get_running_loop()
+        self._proc = launched.proc
+        self._sock = sock = launched.sock
+        sock.setblocking(False)
+        self._exited: asyncio.Future[int] = loop.create_future()
+        self._pidfd = os.pidfd_open(self._proc.pid)  # ours to reap: no one else waits for it
+        loop.add_reader(self._pidfd, self._on_exit)
         self._replies: collections.deque[asyncio.Future[dict]] = collections.deque()
         self._children: dict[int, ForkedProcess] = {}
         self._early: dict[int, int] = {}  # exit codes that came before their pid was ours
         self._lock = asyncio.Lock()
         self.alive = True
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_readable)
+        loop.add_reader(sock.fileno(), self._on_readable)
 
     @classmethod
     async def start(cls, log_path: Path, env: dict[str, str]) -> ForkServer:
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            proc = await start_process(
-                ["-m", "psctl.cluster.forkserver", str(theirs.fileno()), " " * TITLE_ROOM], log_path, env=env,
-                pass_fds=(theirs.fileno(),),
-            )  # fmt: skip
-        except BaseException:
-            mine.close()
-            raise
-        finally:
-            theirs.close()
-        mine.setblocking(False)
-        return cls(proc, mine)
+        return cls(prestart.launch(env, log_path))
+
+    def _on_exit(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        if not self._exited.done():
+            self._exited.set_result(self._proc.wait())  # it has exited: does not block
 
     async def spawn(
         self, argv: list[str], log_path: Path, *, pass_fds: tuple[int, ...] = (), fd_flags: tuple[str, ...] = (),
@@ -384,11 +378,10 @@ class ForkServer:
             self._proc.stdin.close()
         try:
             async with asyncio.timeout(timeout_s):
-                await self._proc.wait()
+                await asyncio.shield(self._exited)
         except TimeoutError:
-            if self._proc.returncode is None:
-                self._proc.kill()
-                await self._proc.wait()
+            self._proc.kill()  # not yet reaped: the pid is still its
+            await asyncio.shield(self._exited)
 
 
 def main() -> None:
@@ -399,6 +392,9 @@ def main() -> None:
 
     for name in PRELOAD:
         importlib.import_module(name)
+    from psctl.cluster import child
+
+    child.parser()  # what each child would otherwise build again
     control = socket.socket(fileno=control_fd)
     try:
         serve(control)

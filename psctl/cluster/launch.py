@@ -17,19 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from psctl import net
-from psctl.cluster import forkserver
+from psctl.cluster import prestart
 from psctl.cluster.child import READY
 from psctl.cluster.forkserver import ForkedProcess, ForkServer
 from psctl.cluster.processes import kill_process_group, start_process
 from psctl.cluster.options import security_args
 from psctl.cluster.coordinator import CoordinatorService, start_coordinator
 from psctl.errors import PsctlError
-from psctl.protocol import handshake
 
 CHILD_READY_TIMEOUT_S = 30.0
-# PSCTL_FORKSERVER=0 execs every child as `python -m psctl.cluster.child` instead of forking
-# it from the cluster's fork server (psctl/cluster/forkserver.py).
-FORKSERVER_ENV = "PSCTL_FORKSERVER"
 STOP_TIMEOUT_S = 3.0
 EMBEDDED_SECRET_BYTES = 32
 
@@ -116,7 +112,7 @@ class LocalCluster:
         self.in_process = in_process
         self.max_frame_bytes = max_frame_bytes
         self.security = security
-        log_dir = log_dir or os.environ.get("PSCTL_LOG_DIR")  # keep the children's logs there
+        log_dir = log_dir or os.environ.get(prestart.LOG_DIR_ENV)  # keep the children's logs there
         self._own_log_dir = log_dir is None
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="psctl-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -143,16 +139,24 @@ class LocalCluster:
         return address
 
     def _child_env(self) -> dict[str, str]:
-        return {k: v for k, v in os.environ.items() if k != handshake.SECRET_ENV}
+        return prestart.child_env()
 
     def _start_forkserver(self) -> None:
-        if self._forkserver is None and not self.in_process and forkserver.available() and os.environ.get(FORKSERVER_ENV) != "0":
+        if self._forkserver is None and not self.in_process and prestart.enabled():
             self._forkserver = asyncio.ensure_future(self._new_forkserver())
 
     async def _new_forkserver(self) -> ForkServer | None:
+        env = self._child_env()
         try:
-            return await ForkServer.start(self.log_dir / "forkserver.log", self._child_env())
+            # `psctl train` started one before it imported itself (cluster/prestart.py)
+            launched = prestart.take_early(env) or prestart.launch(env, self.log_dir / "forkserver.log")
         except OSError as exc:  # the children are exec'd instead
+            logging.getLogger(__name__).warning("no fork server (%s): starting each process on its own", exc)
+            return None
+        try:
+            return ForkServer(launched)
+        except OSError as exc:  # no pidfd to follow it by
+            launched.kill()
             logging.getLogger(__name__).warning("no fork server (%s): starting each process on its own", exc)
             return None
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Protocol
 
-from psctl.protocol import handshake
+from psctl.cluster.prestart import child_env
 
 
 class Running(Protocol):
@@ -27,7 +27,7 @@ async def start_process(
     stdin a pipe the child watches (it exits when the pipe closes, so it never outlives this
     process), stdout a pipe, stderr to ``log_path``, and no shared secret in its environment."""
     if env is None:
-        env = {k: v for k, v in os.environ.items() if k != handshake.SECRET_ENV}
+        env = child_env()
     with open(log_path, "wb") as log_file:
         return await asyncio.create_subprocess_exec(
             sys.executable,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from psctl.cluster import forkserver
+from psctl.cluster import forkserver, prestart
 from psctl.files import modelfile
 
 from ..conftest import EXAMPLES, run_psctl
@@ -149,3 +149,56 @@ async def test_a_child_that_fails_reports_the_code_and_sentence_an_execd_one_doe
             assert last == execd.stderr.strip().splitlines()[-1]
     finally:
         await server.close(10)
+
+
+def _running(marker: str) -> list[int]:
+    """The live processes whose environment holds ``marker`` (this test's own)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "environ").read_bytes() and _alive(int(entry.name)):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_train_that_fails_before_its_cluster_leaves_no_fork_server(tmp_path):
+    """`psctl train` starts its cluster's fork server before it imports itself; one it never
+    used is gone when it exits (here the server takes 30 s to import, so it would be left
+    behind importing), and the error is still one sentence."""
+    marker = f"early-{os.getpid()}-{tmp_path.name}"
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        "import time\n"
+        "if b'psctl.cluster.forkserver' in open('/proc/self/cmdline', 'rb').read():\n"
+        "    time.sleep(30)\n"
+    )  # fmt: skip
+    path = os.pathsep.join(p for p in (str(tmp_path / "site"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PSCTL_TEST_MARKER": marker, "PSCTL_LOG_DIR": str(tmp_path / "logs"), "PYTHONPATH": path}
+    result = subprocess.run([sys.executable, "-m", "psctl", "train", "logreg", str(tmp_path / "missing.csv")],
+                            capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.startswith("psctl: error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert (tmp_path / "logs" / "forkserver.log").exists()  # it was started
+    assert _running(marker) == []
+
+
+async def test_an_early_fork_server_is_taken_over_only_for_the_same_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("PSCTL_LOG_DIR", str(tmp_path))
+    early = prestart.start_early()
+    assert early is not None and prestart.start_early() is early  # one at a time
+    assert prestart.take_early({**prestart.child_env(), "PSCTL_OTHER": "1"}) is None
+    assert early.proc.returncode is not None  # not the cluster's: stopped
+    assert prestart.take_early(prestart.child_env()) is None  # and not offered again
+
+    early = prestart.start_early()
+    assert early is not None and prestart.take_early(prestart.child_env()) is early
+    server = forkserver.ForkServer(early)
+    try:
+        child = await server.spawn(["worker", "--no-such-flag"], tmp_path / "forked.log", timeout_s=30)
+        assert await asyncio.wait_for(child.wait(), 60) == 2  # argparse's usage error, as exec'd
+        child.close()
+    finally:
+        await server.close(10)
+    assert early.proc.returncode == 0
