@@ -742,19 +742,19 @@ async def connect(
     psctl; SecurityError if the other side fails TLS or the handshake. A server that
     refuses or drops the connection because a connection budget is full (ERROR code
     BUSY: many clients in their set-up at once, e.g. 80 workers of one host) is tried
-    again after a growing pause, until ``timeout_s`` from the first attempt has passed.
+    again after a growing pause; no new attempt starts ``timeout_s`` after the first one.
     """
     host, port = parse_address(address) if isinstance(address, str) else address
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     for attempt in itertools.count():
         try:
-            left = timeout_s if not attempt else max(deadline - loop.time(), 0.001)
-            return await _connect_once(host, port, service, max_frame_bytes, left, what, security)
+            return await _connect_once(host, port, service, max_frame_bytes, timeout_s, what, security)
         except _Busy as busy:
-            pause = random.uniform(0.5, 1.0) * min(BUSY_RETRY_MAX_S, BUSY_RETRY_S * 2**attempt)
-            if loop.time() + pause >= deadline:
+            left = deadline - loop.time()
+            if left <= 0:
                 raise ConnectError(str(busy)) from None
+            pause = min(left, random.uniform(0.5, 1.0) * min(BUSY_RETRY_MAX_S, BUSY_RETRY_S * 2**attempt))
             log.info("%s; trying again in %.2f s", busy, pause)
             await asyncio.sleep(pause)
     raise AssertionError("unreachable")
