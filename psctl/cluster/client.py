@@ -92,15 +92,15 @@ class ShardClient:
         security: net.Security = net.LOCAL,
         answer_timeout_s: float = DEFAULT_ANSWER_TIMEOUT_S,
     ) -> ShardClient:
-        peers = await asyncio.gather(
-            *(
-                net.connect(a, max_frame_bytes=max_frame_bytes, what=f"psctl shard {i}", security=security)
-                for i, a in enumerate(addresses)
-            )
-        )
-        client = cls(list(peers), ranges, job_id, hashed, addresses=addresses, answer_timeout_s=answer_timeout_s)
-        hellos = [p.request_nowait(MsgType.HELLO, {"job_id": job_id, **hello}) for p in peers]
-        await client._answers(list(enumerate(hellos)), "HELLO")
+        async def hello_to(i: int, address: str) -> tuple[net.Peer, asyncio.Future[Any]]:
+            # HELLO as soon as the connection is up: until it is read the connection is in its
+            # set-up at the shard, where a full budget drops the one silent longest.
+            peer = await net.connect(address, max_frame_bytes=max_frame_bytes, what=f"psctl shard {i}", security=security)
+            return peer, peer.request_nowait(MsgType.HELLO, {"job_id": job_id, **hello})
+
+        opened = await asyncio.gather(*(hello_to(i, a) for i, a in enumerate(addresses)))
+        client = cls([p for p, _ in opened], ranges, job_id, hashed, addresses=addresses, answer_timeout_s=answer_timeout_s)
+        await client._answers([(i, fut) for i, (_, fut) in enumerate(opened)], "HELLO")
         return client
 
     def plan(self, keys: Mapping[str, np.ndarray | None]) -> KeyPlan:

@@ -24,6 +24,7 @@ import functools
 import inspect
 import itertools
 import logging
+import random
 import socket
 import ssl
 from collections import deque
@@ -57,6 +58,12 @@ log = logging.getLogger("psctl.net")
 
 DEFAULT_REQUEST_TIMEOUT_S = 30.0
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
+#: The code of the ERROR frame a server sends a connection it refuses or drops because a
+#: connection budget is full (not because of anything the connection did): :func:`connect`
+#: tries again, after a pause that doubles from BUSY_RETRY_S (with jitter), until its deadline.
+BUSY = "busy"
+BUSY_RETRY_S = 0.02
+BUSY_RETRY_MAX_S = 0.5
 # Until a peer has proved it knows the secret, it gets a parser this small.
 HANDSHAKE_MAX_FRAME_BYTES = 4096
 _HANDSHAKE_MAX_BODY_BYTES = 1024
@@ -159,6 +166,7 @@ class Peer(asyncio.BufferedProtocol):
         self.first_bytes: bytearray | None = bytearray() if quote_first_bytes else None
         self.protocol_error: ProtocolError | None = None  # why the parser gave up on the peer's bytes
         self.peer_error: str | None = None  # an unsolicited ERROR the peer sent (it is about to close)
+        self.peer_error_code: str | None = None  # and its code (BUSY: a budget was full, try again)
 
     # -- protocol callbacks ----------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -318,6 +326,7 @@ class Peer(asyncio.BufferedProtocol):
         if msg.type is MsgType.ERROR:
             # An unsolicited error: the peer is about to close on us.
             self.peer_error = str(msg.body.get("message", "error"))
+            self.peer_error_code = str(msg.body.get("code", "error"))
             log.warning("%s reported: %s", self.name, self.peer_error)
             return
         if msg.is_quiet and msg.type not in self._quiet_types:
@@ -523,15 +532,15 @@ class Peer(asyncio.BufferedProtocol):
         if n_keys > limit:
             raise RequestError(f"a request may name at most {limit} keys; this one names {n_keys}", code="too_many_keys")
 
-    def abort(self, reason: BaseException, tell_peer: bool = False) -> None:
-        """Close now; with tell_peer, send an ERROR frame first. A peer that does not
-        read even that is cut off after CLOSE_GRACE_S."""
+    def abort(self, reason: BaseException, tell_peer: bool = False, code: str = "protocol") -> None:
+        """Close now; with tell_peer, send an ERROR frame (of ``code``) first. A peer that does
+        not read even that is cut off after CLOSE_GRACE_S."""
         transport = self.transport
         if transport is None:
             return
         if tell_peer and not transport.is_closing():
             try:
-                self.send(error_message(str(reason), 0, "protocol"))
+                self.send(error_message(str(reason), 0, code))
             except ConnectionLost:
                 pass
         self._flush()
@@ -589,7 +598,7 @@ class Server:
         joins the set-up budget, making room there if need be."""
         if len(self.established) >= self.max_connections:
             log.warning("refusing %s: %d connections already", peer.name, len(self.established))
-            peer.abort(ConnectionLost(f"too many connections (limit {self.max_connections})"), tell_peer=True)
+            peer.abort(ConnectionLost(f"too many connections (limit {self.max_connections})"), tell_peer=True, code=BUSY)
             return False
         self._make_room(peer.source)
         self.peers.add(peer)
@@ -622,7 +631,7 @@ class Server:
         victim = min(victims, key=lambda p: p._last_rx_s)
         self.pending.discard(victim)
         log.warning("dropping %s: %s", victim.name, reason)
-        victim.abort(ConnectionLost(reason), tell_peer=True)
+        victim.abort(ConnectionLost(reason), tell_peer=True, code=BUSY)
 
     def _admit(self, peer: _ServerPeer) -> None:
         if peer not in self.pending:
@@ -630,7 +639,7 @@ class Server:
         self.pending.discard(peer)
         if len(self.established) >= self.max_connections:
             log.warning("refusing %s: %d connections already", peer.name, len(self.established))
-            peer.abort(ConnectionLost(f"too many connections (limit {self.max_connections})"), tell_peer=True)
+            peer.abort(ConnectionLost(f"too many connections (limit {self.max_connections})"), tell_peer=True, code=BUSY)
             return
         self.established.add(peer)
 
@@ -730,9 +739,39 @@ async def connect(
     here and not at the first real request.
 
     ConnectError with one sentence if it cannot be made or the other side is not
-    psctl; SecurityError if the other side fails TLS or the handshake.
+    psctl; SecurityError if the other side fails TLS or the handshake. A server that
+    refuses or drops the connection because a connection budget is full (ERROR code
+    BUSY: many clients in their set-up at once, e.g. 80 workers of one host) is tried
+    again after a growing pause; no new attempt starts ``timeout_s`` after the first one.
     """
     host, port = parse_address(address) if isinstance(address, str) else address
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    for attempt in itertools.count():
+        try:
+            return await _connect_once(host, port, service, max_frame_bytes, timeout_s, what, security)
+        except _Busy as busy:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise ConnectError(str(busy)) from None
+            pause = min(left, random.uniform(0.5, 1.0) * min(BUSY_RETRY_MAX_S, BUSY_RETRY_S * 2**attempt))
+            log.info("%s; trying again in %.2f s", busy, pause)
+            await asyncio.sleep(pause)
+    raise AssertionError("unreachable")
+
+
+class _Busy(ConnectError):
+    """The server refused or dropped the connection because a connection budget was full (code BUSY)."""
+
+
+def _refused(peer: Peer, where: str) -> ConnectError:
+    error = _Busy if peer.peer_error_code == BUSY else ConnectError
+    return error(f"{where} refused the connection: {peer.peer_error}")
+
+
+async def _connect_once(
+    host: str, port: int, service: Service | None, max_frame_bytes: int, timeout_s: float, what: str, security: Security
+) -> Peer:
     where = f"{what} at {host}:{port}"
     loop = asyncio.get_running_loop()
     svc = service or NullService()
@@ -792,7 +831,7 @@ async def _probe(peer: Peer, what: str, hostport: str, timeout_s: float) -> None
         if (sentence := _not_psctl(peer, hostport)) is not None:
             raise ConnectError(sentence) from None
         if peer.peer_error is not None:
-            raise ConnectError(f"{where} refused the connection: {peer.peer_error}") from None
+            raise _refused(peer, where) from None
         if not peer.is_open:
             raise ConnectError(f"{hostport} closed the connection without answering as psctl; is it the {what}?") from None
         raise ConnectError(f"{hostport} did not answer as psctl within {timeout_s:g} s; is it the {what}?") from None
@@ -843,7 +882,7 @@ async def _authenticate(peer: Peer, security: Security, what: str, hostport: str
         if (sentence := _not_psctl(peer, hostport)) is not None:
             raise ConnectError(sentence) from None
         if peer.peer_error is not None:
-            raise ConnectError(f"{where} refused the connection: {peer.peer_error}") from None
+            raise _refused(peer, where) from None
         if peer.is_open:
             raise ConnectError(
                 f"{hostport} did not answer the psctl handshake within {timeout_s:g} s; is it the {what}?"
