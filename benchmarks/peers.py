@@ -74,7 +74,8 @@ def _round_trips(call: Any, duration_s: float) -> dict[str, Any]:
             return {"samples_s": samples}
 
 
-def _torch_rpc(rank: int, port: int, transport: str, duration_s: float, payload_bytes: int = 0) -> dict[str, Any] | None:
+def _torch_rpc(rank: int, world: int, port: int, transport: str, duration_s: float, payload_bytes: int = 0) -> dict[str, Any] | None:
+    """Rank 0 is the server; every other rank a worker that prints its own figures."""
     import torch
     import torch.distributed.rpc as rpc
 
@@ -82,8 +83,8 @@ def _torch_rpc(rank: int, port: int, transport: str, duration_s: float, payload_
     options = rpc.TensorPipeRpcBackendOptions(num_worker_threads=4)
     if transport == "tcp":
         options = rpc.TensorPipeRpcBackendOptions(num_worker_threads=4, _transports=["uv"], _channels=["basic"])
-    name = "ps" if rank == 0 else "worker"
-    rpc.init_rpc(name, rank=rank, world_size=2, rpc_backend_options=options)
+    name = "ps" if rank == 0 else f"worker{rank}"
+    rpc.init_rpc(name, rank=rank, world_size=world, rpc_backend_options=options)
     out = None
     if rank == 0:
         _state["w"] = torch.zeros(ROWS, dtype=torch.float32)
@@ -164,7 +165,8 @@ def _gloo_logreg(rank: int, world: int, port: int, data: str, epochs: int, batch
     return {"samples_s": samples / seconds, "seconds": seconds, "samples": samples, "accuracy": accuracy}
 
 
-def _ray(duration_s: float, payload_bytes: int = 0) -> dict[str, Any]:
+def _ray(duration_s: float, payload_bytes: int = 0, workers: int = 1) -> dict[str, Any]:
+    """One actor; the driver is the worker, or with ``workers`` > 1 as many tasks (its/s summed)."""
     import numpy as np
     import ray
 
@@ -185,27 +187,39 @@ def _ray(duration_s: float, payload_bytes: int = 0) -> dict[str, Any]:
             return payload
 
     ps = ParameterServer.remote()
-    if payload_bytes:
+
+    def pull_push(ps: Any, duration_s: float) -> float:
+        """What one worker does: pull, push, until the time is up (after 5 warm-up steps); its it/s."""
+        grad = np.ones(ROWS, np.float32)
+        for _ in range(5):
+            ray.get(ps.pull.remote())
+            ray.get(ps.push.remote(grad))
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < duration_s:
+            ray.get(ps.pull.remote())
+            ray.get(ps.push.remote(grad))
+            n += 1
+        return n / (time.perf_counter() - start)
+
+    if workers > 1:  # as many tasks, each its own process
+        task = ray.remote(pull_push)
+        out = {"its": sum(ray.get([task.remote(ps, duration_s) for _ in range(workers)]))}
+    elif payload_bytes:
         payload = np.zeros(payload_bytes, np.uint8)
         out = _round_trips(lambda: ray.get(ps.echo.remote(payload)), duration_s)
-        ray.shutdown()
-        return out
-    grad = np.ones(ROWS, np.float32)
-    for _ in range(5):
-        ray.get(ps.pull.remote())
-        ray.get(ps.push.remote(grad))
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < duration_s:
-        ray.get(ps.pull.remote())
-        ray.get(ps.push.remote(grad))
-        n += 1
-    out = {"its": n / (time.perf_counter() - start)}
+    else:
+        out = {"its": pull_push(ps, duration_s)}
     ray.shutdown()
     return out
 
 
 def _run_pair(args: list[str], world: int = 2, timeout_s: float = PEER_TIMEOUT_S) -> dict[str, Any]:
-    """Start ranks 0 to ``world - 1`` of a peer; one of them prints the JSON result."""
+    """Start ranks 0 to ``world - 1`` of a peer; the first JSON result printed."""
+    return _run_ranks(args, world, timeout_s)[0]
+
+
+def _run_ranks(args: list[str], world: int, timeout_s: float = PEER_TIMEOUT_S) -> list[dict[str, Any]]:
+    """Start ranks 0 to ``world - 1`` of a peer; every JSON result they print, in rank order."""
     port = str(_free_port())
     procs = [
         subprocess.Popen(
@@ -229,11 +243,10 @@ def _run_pair(args: list[str], world: int = 2, timeout_s: float = PEER_TIMEOUT_S
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for out in outs:
-        for line in out.splitlines():
-            if line.startswith("{"):
-                return json.loads(line)
-    raise RuntimeError("no result printed")
+    results = [json.loads(line) for out in outs for line in out.splitlines() if line.startswith("{")]
+    if not results:
+        raise RuntimeError("no result printed")
+    return results
 
 
 def available() -> dict[str, str | None]:
@@ -303,19 +316,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--transport", choices=("tcp", "default"), default="tcp")
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--payload-bytes", type=int, default=0, help="torch-rpc, ray: time round trips of this many bytes")
+    p.add_argument("--workers", type=int, default=1, help="ray: worker tasks (torch-rpc: --world, workers + 1)")
     p.add_argument("--data", help="gloo-logreg: the prefix of DATA-X.npy and DATA-y.npy")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--lr", type=float, default=0.1)
     args = p.parse_args(argv)
     if args.peer == "torch-rpc":
-        out = _torch_rpc(args.rank, args.port, args.transport, args.seconds, args.payload_bytes)
+        out = _torch_rpc(args.rank, args.world, args.port, args.transport, args.seconds, args.payload_bytes)
     elif args.peer == "gloo":
         out = _gloo(args.rank, args.port, args.seconds)
     elif args.peer == "gloo-logreg":
         out = _gloo_logreg(args.rank, args.world, args.port, args.data, args.epochs, args.batch_size, args.lr)
     else:
-        out = _ray(args.seconds, args.payload_bytes)
+        out = _ray(args.seconds, args.payload_bytes, args.workers)
     if out is not None:
         print(json.dumps(out), flush=True)
 
