@@ -249,11 +249,17 @@ def _run_ranks(args: list[str], world: int, timeout_s: float = PEER_TIMEOUT_S) -
     return results
 
 
+def importable(module: str) -> bool:
+    """Installed, not a folder of that name on the path (Ray leaves /tmp/ray: a namespace package from cwd /tmp)."""
+    spec = importlib.util.find_spec(module)
+    return spec is not None and spec.origin is not None
+
+
 def available() -> dict[str, str | None]:
     """Each peer's module -> None if importable, else why not."""
     reasons: dict[str, str | None] = {}
     for module in ("torch", "ray"):
-        reasons[module] = None if importlib.util.find_spec(module) else f"{module} is not installed (not a psctl dependency)"
+        reasons[module] = None if importable(module) else f"{module} is not installed (pip install -e '.[benchmarks]')"
     return reasons
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import shutil
@@ -111,7 +110,9 @@ def _ahead(mine: float, theirs: float, higher_is_better: bool) -> float:
 
 def missing(module: str) -> str | None:
     """Why a peer's module cannot be used here, or None."""
-    if importlib.util.find_spec(module) is None:
+    from benchmarks.peers import importable
+
+    if not importable(module):
         return f"{module} is not installed ({INSTALL})"
     if module == "pyspark" and shutil.which("java") is None:
         return "java (17 or newer) is not on the PATH"
