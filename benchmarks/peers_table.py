@@ -51,7 +51,7 @@ PEER_MODULES = {
 
 @dataclass(frozen=True)
 class Plan:
-    """How big and how many rounds; ``quick`` finishes in a few minutes on 2 cores."""
+    """How big and how many rounds; ``quick`` finishes in about 10 minutes on a loaded 2-core machine."""
 
     quick: bool
     rounds: int  # timed rows (dense, rtt): rounds of round_s seconds per contender
@@ -519,7 +519,8 @@ async def row_mf(plan: Plan, tmp: Path, shared: Path) -> list[Figure]:
 # -- the command ------------------------------------------------------------------------------
 
 
-async def run_rows(plan: Plan, rows: list[str], tmp: Path, shared: Path, report: Callable[[str], None]) -> list[Figure]:
+async def run_rows(plan: Plan, rows: list[str], tmp: Path, shared: Path, out: Any) -> list[Figure]:
+    """Every row's figures; each row's table is printed as soon as it is done (a long run stopped keeps them)."""
     runners: dict[str, Callable[[], Awaitable[list[Figure]]]] = {
         "dense": lambda: row_dense(plan, 1),
         "dense-2w": lambda: row_dense(plan, 2),
@@ -534,19 +535,19 @@ async def run_rows(plan: Plan, rows: list[str], tmp: Path, shared: Path, report:
     for name in rows:
         started = time.perf_counter()
         got = await runners[name]()
-        load = os.getloadavg()[0]
-        report(f"({name}: {time.perf_counter() - started:.0f} s, load {load:.1f})")
+        out.table(assemble(got))
+        out.line(f"({name}: {time.perf_counter() - started:.0f} s, load {os.getloadavg()[0]:.1f})")
         figures += got
     return figures
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.peers_table", description=__doc__.split("\n", 1)[0])
-    p.add_argument("--quick", action="store_true", help="smaller data, 1 run per whole job: a few minutes on 2 cores")
-    p.add_argument("--only", help=f"rows, comma-separated: {','.join(ROWS)}")
+    p.add_argument("--quick", action="store_true", help="smaller data, 2 timed rounds, 1 run per whole job: about 10 min on a loaded 2-core machine")
+    p.add_argument("--only", metavar="ROW,...", help=f"rows, comma-separated: {','.join(ROWS)}")
     p.add_argument("--json", metavar="FILE", help="write every figure, the machine and the load as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write the table as Markdown")
-    p.add_argument("--shared", type=Path, help="the data sets folder with a9a and MovieLens (default: shared/data beside the repository)")
+    p.add_argument("--shared", type=Path, metavar="DIR", help="the data sets folder with a9a and MovieLens (default: shared/data beside the repository)")
     p.add_argument("--plain", action="store_true", help="plain-text table even when rich is importable")
     args = p.parse_args(argv)
     rows = [r for r in (args.only or ",".join(ROWS)).split(",") if r]
@@ -570,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="psctl-peers-"))
     try:
-        figures = net.run(lambda: run_rows(plan, rows, tmp, args.shared or SHARED, out.line))
+        figures = net.run(lambda: run_rows(plan, rows, tmp, args.shared or SHARED, out))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     table = assemble(figures)
