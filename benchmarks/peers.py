@@ -12,8 +12,8 @@
   regression: every process takes its share of each batch, and the gradients
   are averaged with ``all_reduce`` at every step.
 
-None of these are psctl dependencies, and nothing installs them: each peer is
-skipped, with the reason printed, unless it imports. Each runs in child
+None of these are psctl dependencies; ``pip install -e '.[benchmarks]'`` installs
+them. Each peer is skipped, with the reason printed, unless it imports. Each runs in child
 processes (``python -m benchmarks.peers ...``) that print one JSON line.
 The code paths for peers that were not importable where BENCHMARKS.md was
 produced have not been run there; BENCHMARKS.md says which.
