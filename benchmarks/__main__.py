@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO, SectionResult, Settings, Table, fmt, machine_info
+from benchmarks.common import SectionResult, Settings, Table, fmt, machine_info, use_this_checkout
 
 SECTIONS = ("dense", "sparse", "latency", "limits", "train", "start", "peers")
 # Robustness runs, not speed: minutes each, so only when named (--only fuzz, --only faults).
@@ -193,8 +193,7 @@ def evaluate_goals(headline: dict[str, float]) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # Child processes (shards, workers, baseline servers) import this checkout, like this process.
-    os.environ["PYTHONPATH"] = str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+    use_this_checkout()
     from psctl import net
 
     out = Printer(args.plain)

@@ -151,13 +151,15 @@ def call_samples(call: Callable[[], Awaitable[Any]]) -> Sampler:
     return run
 
 
-async def _interleave(contenders: dict[str, Callable[[float], Awaitable[Any]]], rounds: int, round_s: float) -> dict[str, list[Any]]:
+async def _interleave(
+    contenders: dict[str, Callable[[float], Awaitable[Any]]], rounds: int, round_s: float, warmup: bool = True
+) -> dict[str, list[Any]]:
     """Each contender's result of every round, in alternating rounds so drift hits all alike.
 
-    Each contender first runs a short warm-up round that is not counted.
+    With ``warmup``, each contender first runs a short warm-up round that is not counted.
     """
     names = list(contenders)
-    for name in names:
+    for name in names if warmup else ():
         await contenders[name](min(round_s, 0.1))
     results: dict[str, list[Any]] = {name: [] for name in names}
     for r in range(rounds):
@@ -177,6 +179,16 @@ async def interleave_samples(contenders: dict[str, Sampler], rounds: int, round_
     """Per-operation durations of each contender, pooled over the rounds (see _interleave)."""
     rounds_done = await _interleave(contenders, rounds, round_s)
     return {name: [d for done in per_round for d in done] for name, per_round in rounds_done.items()}
+
+
+async def interleave_runs(
+    contenders: dict[str, Callable[[float], Awaitable[Any]]], rounds: int, round_s: float = 0.0, warmup: bool = False
+) -> dict[str, list[Any]]:
+    """Whatever each contender returns, one per round, in rotating order (see _interleave).
+
+    For contenders that warm up by themselves, or whose every run is a whole job.
+    """
+    return await _interleave(contenders, rounds, round_s, warmup)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -239,6 +251,11 @@ def machine_info() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         pass
     return info
+
+
+def use_this_checkout() -> None:
+    """Child processes (shards, workers, baseline servers) import this checkout, like this process."""
+    os.environ["PYTHONPATH"] = str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
 
 
 def child_env() -> dict[str, str]:

@@ -61,29 +61,38 @@ class BenchCluster:
     @asynccontextmanager
     async def job(self, spec: dict[str, Any]) -> AsyncIterator[ShardClient]:
         """Submit ``spec`` (one worker), register as its worker; yield the worker's client."""
+        async with self.workers(spec) as clients:
+            yield clients[0]
+
+    @asynccontextmanager
+    async def workers(self, spec: dict[str, Any]) -> AsyncIterator[list[ShardClient]]:
+        """Submit ``spec``, register as each of its ``n_workers`` workers; yield their clients."""
         # Sessions, as every party uses: the worker heartbeats from its own thread, so a
         # benchmark that keeps this loop busy longer than the failure timeout is not declared lost.
         driver = await Session.open(self.address, max_frame_bytes=self.max_frame_bytes, keep_events=False)
-        control: Session | None = None
-        client: ShardClient | None = None
+        controls: list[Session] = []
+        clients: list[ShardClient] = []
         try:
             submitted = await driver.submit(spec, timeout_s=SETUP_TIMEOUT_S)
             placed = (await driver.request(MsgType.TABLES, {"tables": spec["tables"]}, timeout_s=SETUP_TIMEOUT_S)).body
-            control = await Session.open(self.address, max_frame_bytes=self.max_frame_bytes)
-            reg = await control.register_worker({"pid": 0, "host": "benchmark"}, timeout_s=SETUP_TIMEOUT_S)
-            client = await ShardClient.connect(
-                placed["shards"],
-                placed["ranges"],
-                reg["job_id"],
-                {"role": "worker", "worker_id": reg["worker_id"], "session": reg["session"]},
-                max_frame_bytes=self.max_frame_bytes,
-            )
-            yield client
+            for _ in range(spec["n_workers"]):
+                controls.append(await Session.open(self.address, max_frame_bytes=self.max_frame_bytes))
+                reg = await controls[-1].register_worker({"pid": 0, "host": "benchmark"}, timeout_s=SETUP_TIMEOUT_S)
+                clients.append(
+                    await ShardClient.connect(
+                        placed["shards"],
+                        placed["ranges"],
+                        reg["job_id"],
+                        {"role": "worker", "worker_id": reg["worker_id"], "session": reg["session"]},
+                        max_frame_bytes=self.max_frame_bytes,
+                    )
+                )
+            yield clients
             driver.notify(MsgType.JOB_END, {"job_id": submitted["job_id"]})
         finally:
-            if client is not None:
+            for client in clients:
                 client.close()
-            if control is not None:
+            for control in controls:
                 control.close()
             driver.close()
             await self._job_gone()

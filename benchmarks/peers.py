@@ -6,9 +6,14 @@
   (shared memory where it can).
 - gloo ``all_reduce`` of the same tensor between two processes.
 - A Ray actor with ``pull`` / ``push`` methods.
+- With ``--payload-bytes N``, PyTorch RPC and Ray time one round trip of an
+  N-byte array (the server returns it) instead.
+- ``gloo-logreg``: the data-parallel loop PyTorch users write for logistic
+  regression: every process takes its share of each batch, and the gradients
+  are averaged with ``all_reduce`` at every step.
 
-None of these are psctl dependencies, and nothing installs them: each peer is
-skipped, with the reason printed, unless it imports. Each runs in child
+None of these are psctl dependencies; ``pip install -e '.[benchmarks]'`` installs
+them. Each peer is skipped, with the reason printed, unless it imports. Each runs in child
 processes (``python -m benchmarks.peers ...``) that print one JSON line.
 The code paths for peers that were not importable where BENCHMARKS.md was
 produced have not been run there; BENCHMARKS.md says which.
@@ -50,7 +55,27 @@ def _ps_push(grad: Any) -> None:
     _state["w"].sub_(grad, alpha=1e-6)
 
 
-def _torch_rpc(rank: int, port: int, transport: str, duration_s: float) -> dict[str, Any] | None:
+def _ps_echo(payload: Any) -> Any:
+    return payload
+
+
+def _round_trips(call: Any, duration_s: float) -> dict[str, Any]:
+    """Each ``call()``'s duration in seconds, until ``duration_s`` is up (after a warm-up of 50)."""
+    for _ in range(50):
+        call()
+    samples, clock = [], time.perf_counter
+    end = clock() + duration_s
+    while True:
+        t0 = clock()
+        call()
+        t1 = clock()
+        samples.append(t1 - t0)
+        if t1 >= end:
+            return {"samples_s": samples}
+
+
+def _torch_rpc(rank: int, world: int, port: int, transport: str, duration_s: float, payload_bytes: int = 0) -> dict[str, Any] | None:
+    """Rank 0 is the server; every other rank a worker that prints its own figures."""
     import torch
     import torch.distributed.rpc as rpc
 
@@ -58,11 +83,14 @@ def _torch_rpc(rank: int, port: int, transport: str, duration_s: float) -> dict[
     options = rpc.TensorPipeRpcBackendOptions(num_worker_threads=4)
     if transport == "tcp":
         options = rpc.TensorPipeRpcBackendOptions(num_worker_threads=4, _transports=["uv"], _channels=["basic"])
-    name = "ps" if rank == 0 else "worker"
-    rpc.init_rpc(name, rank=rank, world_size=2, rpc_backend_options=options)
+    name = "ps" if rank == 0 else f"worker{rank}"
+    rpc.init_rpc(name, rank=rank, world_size=world, rpc_backend_options=options)
     out = None
     if rank == 0:
         _state["w"] = torch.zeros(ROWS, dtype=torch.float32)
+    elif payload_bytes:
+        payload = torch.zeros(payload_bytes, dtype=torch.uint8)
+        out = _round_trips(lambda: rpc.rpc_sync("ps", _ps_echo, args=(payload,)), duration_s)
     else:
         grad = torch.ones(ROWS, dtype=torch.float32)
         for _ in range(5):
@@ -96,7 +124,49 @@ def _gloo(rank: int, port: int, duration_s: float) -> dict[str, Any] | None:
     return {"its": count / elapsed} if rank == 0 else None
 
 
-def _ray(duration_s: float) -> dict[str, Any]:
+def _gloo_logreg(rank: int, world: int, port: int, data: str, epochs: int, batch_size: int, lr: float) -> dict[str, Any] | None:
+    """Data-parallel mini-batch SGD: the same batches, order and step as ``training.numpy_sgd``.
+
+    ``data`` is a prefix: ``{data}-X.npy`` (standardized float32 rows) and ``{data}-y.npy`` (0/1).
+    Each rank takes every ``world``-th row of each batch and its gradient's share of the batch
+    mean; ``all_reduce`` sums the shares, so every step is numpy's step.
+    """
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    X_all = np.load(f"{data}-X.npy", mmap_mode="r")  # one copy in the page cache for all ranks
+    y_all = np.load(f"{data}-y.npy", mmap_mode="r")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    w = torch.zeros(X_all.shape[1] + 1, dtype=torch.float32)
+    grad = torch.empty_like(w)
+    dist.barrier()
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        order = np.random.default_rng([0, epoch]).permutation(len(y_all))
+        for s in range(0, len(y_all), batch_size):
+            batch = order[s : s + batch_size]
+            mine = np.sort(batch[rank::world])
+            X, y = torch.from_numpy(X_all[mine]), torch.from_numpy(np.asarray(y_all[mine]))
+            err = (torch.sigmoid(X @ w[:-1] + w[-1]) - y) / len(batch)
+            grad[:-1] = X.T @ err
+            grad[-1] = err.sum()
+            dist.all_reduce(grad)
+            w -= lr * grad
+    dist.barrier()
+    seconds = time.perf_counter() - start
+    dist.destroy_process_group()
+    if rank != 0:
+        return None
+    X, y = torch.from_numpy(np.asarray(X_all)), torch.from_numpy(np.asarray(y_all))
+    accuracy = float(((torch.sigmoid(X @ w[:-1] + w[-1]) >= 0.5).float() == y).float().mean())
+    samples = epochs * len(y_all)
+    return {"samples_s": samples / seconds, "seconds": seconds, "samples": samples, "accuracy": accuracy}
+
+
+def _ray(duration_s: float, payload_bytes: int = 0, workers: int = 1) -> dict[str, Any]:
+    """One actor; the driver is the worker, or with ``workers`` > 1 as many tasks (its/s summed)."""
     import numpy as np
     import ray
 
@@ -113,38 +183,58 @@ def _ray(duration_s: float) -> dict[str, Any]:
         def push(self, grad: Any) -> None:
             self.w -= 1e-6 * grad
 
+        def echo(self, payload: Any) -> Any:
+            return payload
+
     ps = ParameterServer.remote()
-    grad = np.ones(ROWS, np.float32)
-    for _ in range(5):
-        ray.get(ps.pull.remote())
-        ray.get(ps.push.remote(grad))
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < duration_s:
-        ray.get(ps.pull.remote())
-        ray.get(ps.push.remote(grad))
-        n += 1
-    out = {"its": n / (time.perf_counter() - start)}
+
+    def pull_push(ps: Any, duration_s: float) -> float:
+        """What one worker does: pull, push, until the time is up (after 5 warm-up steps); its it/s."""
+        grad = np.ones(ROWS, np.float32)
+        for _ in range(5):
+            ray.get(ps.pull.remote())
+            ray.get(ps.push.remote(grad))
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < duration_s:
+            ray.get(ps.pull.remote())
+            ray.get(ps.push.remote(grad))
+            n += 1
+        return n / (time.perf_counter() - start)
+
+    if workers > 1:  # as many tasks, each its own process
+        task = ray.remote(pull_push)
+        out = {"its": sum(ray.get([task.remote(ps, duration_s) for _ in range(workers)]))}
+    elif payload_bytes:
+        payload = np.zeros(payload_bytes, np.uint8)
+        out = _round_trips(lambda: ray.get(ps.echo.remote(payload)), duration_s)
+    else:
+        out = {"its": pull_push(ps, duration_s)}
     ray.shutdown()
     return out
 
 
-def _run_pair(args: list[str]) -> dict[str, Any]:
-    """Start rank 0 and rank 1 of a two-process peer; rank 0 or 1 prints the JSON result."""
+def _run_pair(args: list[str], world: int = 2, timeout_s: float = PEER_TIMEOUT_S) -> dict[str, Any]:
+    """Start ranks 0 to ``world - 1`` of a peer; the first JSON result printed."""
+    return _run_ranks(args, world, timeout_s)[0]
+
+
+def _run_ranks(args: list[str], world: int, timeout_s: float = PEER_TIMEOUT_S) -> list[dict[str, Any]]:
+    """Start ranks 0 to ``world - 1`` of a peer; every JSON result they print, in rank order."""
     port = str(_free_port())
     procs = [
         subprocess.Popen(
-            [python(), "-m", "benchmarks.peers", *args, "--rank", str(rank), "--port", port],
+            [python(), "-m", "benchmarks.peers", *args, "--rank", str(rank), "--world", str(world), "--port", port],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=child_env(),
         )
-        for rank in (0, 1)
+        for rank in range(world)
     ]
     outs = []
     try:
         for p in procs:
-            out, err = p.communicate(timeout=PEER_TIMEOUT_S)
+            out, err = p.communicate(timeout=timeout_s)
             if p.returncode:
                 raise RuntimeError(err.strip().splitlines()[-1] if err.strip() else f"exit {p.returncode}")
             outs.append(out)
@@ -153,18 +243,23 @@ def _run_pair(args: list[str]) -> dict[str, Any]:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for out in outs:
-        for line in out.splitlines():
-            if line.startswith("{"):
-                return json.loads(line)
-    raise RuntimeError("no result printed")
+    results = [json.loads(line) for out in outs for line in out.splitlines() if line.startswith("{")]
+    if not results:
+        raise RuntimeError("no result printed")
+    return results
+
+
+def importable(module: str) -> bool:
+    """Installed, not a folder of that name on the path (Ray leaves /tmp/ray: a namespace package from cwd /tmp)."""
+    spec = importlib.util.find_spec(module)
+    return spec is not None and spec.origin is not None
 
 
 def available() -> dict[str, str | None]:
     """Each peer's module -> None if importable, else why not."""
     reasons: dict[str, str | None] = {}
     for module in ("torch", "ray"):
-        reasons[module] = None if importlib.util.find_spec(module) else f"{module} is not installed (not a psctl dependency)"
+        reasons[module] = None if importable(module) else f"{module} is not installed (pip install -e '.[benchmarks]')"
     return reasons
 
 
@@ -209,9 +304,9 @@ async def run_peers(settings: Settings, dense_4mb_its: float | None) -> SectionR
     return result
 
 
-def _run_single(args: list[str]) -> dict[str, Any]:
+def _run_single(args: list[str], timeout_s: float = PEER_TIMEOUT_S) -> dict[str, Any]:
     out = subprocess.run(
-        [python(), "-m", "benchmarks.peers", *args], capture_output=True, text=True, timeout=PEER_TIMEOUT_S, env=child_env()
+        [python(), "-m", "benchmarks.peers", *args], capture_output=True, text=True, timeout=timeout_s, env=child_env()
     )
     if out.returncode:
         raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}")
@@ -220,18 +315,27 @@ def _run_single(args: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.peers")
-    p.add_argument("peer", choices=("torch-rpc", "gloo", "ray"))
+    p.add_argument("peer", choices=("torch-rpc", "gloo", "gloo-logreg", "ray"))
     p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--world", type=int, default=2)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--transport", choices=("tcp", "default"), default="tcp")
     p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--payload-bytes", type=int, default=0, help="torch-rpc, ray: time round trips of this many bytes")
+    p.add_argument("--workers", type=int, default=1, help="ray: worker tasks (torch-rpc: --world, workers + 1)")
+    p.add_argument("--data", help="gloo-logreg: the prefix of DATA-X.npy and DATA-y.npy")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=0.1)
     args = p.parse_args(argv)
     if args.peer == "torch-rpc":
-        out = _torch_rpc(args.rank, args.port, args.transport, args.seconds)
+        out = _torch_rpc(args.rank, args.world, args.port, args.transport, args.seconds, args.payload_bytes)
     elif args.peer == "gloo":
         out = _gloo(args.rank, args.port, args.seconds)
+    elif args.peer == "gloo-logreg":
+        out = _gloo_logreg(args.rank, args.world, args.port, args.data, args.epochs, args.batch_size, args.lr)
     else:
-        out = _ray(args.seconds)
+        out = _ray(args.seconds, args.payload_bytes, args.workers)
     if out is not None:
         print(json.dumps(out), flush=True)
 

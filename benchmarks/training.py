@@ -136,7 +136,7 @@ def training_rates(events: list[tuple[float, dict[str, Any]]]) -> dict[str, floa
     return out
 
 
-async def run_job(path: Path, out_dir: Path, workers: int, mode: str, epochs: int) -> dict[str, Any]:
+async def run_job(path: Path, out_dir: Path, workers: int, mode: str, epochs: int, batch_size: int = BATCH_SIZE) -> dict[str, Any]:
     clock = Clock()
     events: list[tuple[float, dict[str, Any]]] = []
     cfg = TrainConfig(
@@ -147,7 +147,7 @@ async def run_job(path: Path, out_dir: Path, workers: int, mode: str, epochs: in
         mode=mode,
         staleness=STALENESS if mode == "ssp" else 0,
         epochs=epochs,
-        batch_size=BATCH_SIZE,
+        batch_size=batch_size,
         lr=LR,
         out=str(out_dir / f"model-{workers}w-{mode}.npz"),
     )
