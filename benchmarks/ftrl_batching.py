@@ -1,7 +1,7 @@
 """What FTRL's accumulator does to large batches: a sync run of the hashed file replayed in
 this process, with psctl's rule and with the accumulators a per-example learner would keep.
 
-    python benchmarks/ftrl_batching.py [--batches 32,512,2048] [--alphas 0.1] [--rules batch,example,count,newton]
+    python benchmarks/ftrl_batching.py [--batches 32,512,2048] [--alphas 0.1] [--rules batch,example,count,newton,pushes]
                                        [--workers 8] [--workdir /tmp/psctl-hashed-vw] [--bands]
 
 A sync clock applies the per-key sums of every worker's batch at once, and every batch of
@@ -22,7 +22,10 @@ FTRL-Proximal's in each:
   squared sums beside the gradient, and a clock adds them as it adds the gradients);
 - ``count``: n += (sum_i g_i)^2 / k, k the rows that touched the key (a pushed count);
 - ``newton``: ``example``, with each key's change clipped to its own rows' Newton step,
-  |sum_i g_i| / sum_i p_i (1 - p_i) x_i^2 (a curvature sum pushed as well).
+  |sum_i g_i| / sum_i p_i (1 - p_i) x_i^2 (a curvature sum pushed as well);
+- ``pushes``: n += sum over the clock's pushes of (that push's sum g)^2, each worker's push one
+  round, as async mode counts them (the shard would square each push as it comes; nothing more
+  on the wire). Sync then no longer equals one process pushing the union batch for FTRL.
 
 ``--bands`` says where batch 512 loses to batch 32 under psctl's rule: keys banded by the
 training rows that touch them, and for each band the held-out loss of batch 512's weights with
@@ -53,7 +56,7 @@ from psctl.models import metrics  # noqa: E402
 from psctl.models.logreg import LogReg  # noqa: E402
 
 HASH_BITS = 24
-RULES = ("batch", "example", "count", "newton")
+RULES = ("batch", "example", "count", "newton", "pushes")
 
 
 @dataclass
@@ -113,6 +116,7 @@ def replay(parts: list[tuple[SparseRows, np.ndarray]], batch_size: int, alpha: f
             if clock < len(own):
                 rows = own[clock]
                 keys, sums = key_moments(model, values[np.append(X[rows].keys, space)], X[rows], y[rows])
+                sums["push_sq"] = sums["g"].astype(np.float64) ** 2
                 acc.add(clock, {name: (keys, v) for name, v in sums.items()}, len(rows), sums=True)
         [(_, combined)] = acc.complete(None)
         keys, g = combined["g"]
@@ -123,6 +127,8 @@ def replay(parts: list[tuple[SparseRows, np.ndarray]], batch_size: int, alpha: f
             ftrl.step(values, g, combined["sq"][1], state, keys)
             bound = np.abs(g) / np.maximum(combined["curv"][1], 1e-12)
             values[keys] = np.clip(values[keys], before - bound, before + bound)
+        elif rule == "pushes":
+            ftrl.step(values, g, combined["push_sq"][1], state, keys)
         else:
             dn = combined["sq"][1] if rule == "example" else g * g / combined["count"][1]
             ftrl.step(values, g, dn, state, keys)
