@@ -442,6 +442,9 @@ def resume_options(cfg: TrainConfig, spec: JobSpec) -> tuple[JobSpec, list[str]]
         else:
             shown = "" if flag.startswith("the ") else f" {mine}"
             contradicting.append(f"{flag}{shown} (the checkpoint has {theirs})")
+    # The checkpoint's shards hold its tables as they were placed: a resume goes on as many.
+    if cfg.min_shard_bytes is not None and min_shard_bytes(cfg) != spec.min_shard_bytes:
+        contradicting.append(f"--min-shard-bytes {cfg.min_shard_bytes} (the checkpoint has {spec.min_shard_bytes})")
     if contradicting:
         n = len(contradicting)
         raise UsageError(

@@ -437,7 +437,8 @@ class _TrainView:
         elif kind == "cluster_up":
             self._note(f"cluster up in {event['seconds']:.2f} s at {event['address']}")
         elif kind == "kept":
-            self._note(f"model kept on the server as {event['name']} (version {event['version']}, {len(event['shards'])} shards)")
+            n = len(event["shards"])
+            self._note(f"model kept on the server as {event['name']} (version {event['version']}, {n} shard{'s' * (n != 1)})")
         elif kind == "submitted":
             self.started = time.monotonic()
             self.n_shards = len(event["shards"])
