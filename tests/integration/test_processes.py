@@ -400,7 +400,7 @@ def test_psctl_server_restarts_a_lost_shard_and_the_job_recovers(tmp_path):
     try:
         data = EXAMPLES / "seed_pytorch" / "data.csv"
         proc, _ = start_train(
-            ["logreg", str(data), "--label", "1", "--drop", "0", "--server", server.address, "--workers", "3",
+            ["logreg", str(data), "--label", "1", "--drop", "0", "--server", server.address, "--workers", "3", *EVERY_SHARD,
              "--epochs", "50", "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "50",
              "--out", str(tmp_path / "m.npz")],
             until="checkpoint at clock 150",
