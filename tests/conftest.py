@@ -9,6 +9,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 EXAMPLES = REPO / "examples"
+# The example models are a few KB: `psctl train` puts such a model on one shard. Tests of a
+# job on several shards (a shard killed or stopped, per-shard status and files) spread it
+# over every shard, as a model of 256 KB per shard would be.
+EVERY_SHARD = ("--min-shard-bytes", "0")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

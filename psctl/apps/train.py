@@ -27,7 +27,7 @@ from psctl.core.consistency import staleness_for
 from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S, PARTITION_MODES, JobSpec
 from psctl.core.kept import name_problem
 from psctl.core.optim import OPTIMIZERS
-from psctl.core.tables import TableSpec
+from psctl.core.tables import MIN_SHARD_BYTES, TableSpec, table_bytes
 from psctl.data import arrays, csvfile, formats, parquet, ratings, storage, stream, vocab
 from psctl.errors import DataError, Interrupted, JobError, PsctlError, RequestError, UsageError
 from psctl.files import checkpoint, modelfile
@@ -137,6 +137,9 @@ class TrainConfig:
     # by the workers started here).
     partition_mode: str = "auto"
     worker_memory: str | None = None
+    # Split the model over one shard per this many bytes of its tables, as in 1MB ("0": over
+    # every shard; None: core.tables.MIN_SHARD_BYTES).
+    min_shard_bytes: str | None = None
     # Set by resolve_defaults: the options it filled in, and whether the job stops once converged.
     defaulted: tuple[str, ...] | None = None
     converge: bool = False
@@ -220,6 +223,10 @@ class TrainConfig:
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
         try:
+            min_shard_bytes(self)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        try:
             staleness_for(self.mode, self.staleness)
         except ValueError as exc:
             raise PsctlError(f"{exc}") from None
@@ -281,6 +288,15 @@ def worker_memory_bytes(cfg: TrainConfig) -> int:
     return stream.default_budget(local or cfg.workers)
 
 
+def min_shard_bytes(cfg: TrainConfig) -> int:
+    """--min-shard-bytes in bytes: 0 spreads the tables over every shard."""
+    if cfg.min_shard_bytes is None:
+        return MIN_SHARD_BYTES
+    if str(cfg.min_shard_bytes).strip() == "0":
+        return 0
+    return stream.parse_size(cfg.min_shard_bytes, "--min-shard-bytes", minimum=1)
+
+
 def build_spec(cfg: TrainConfig, source: formats.Source, partitions: list[csvfile.Partition]) -> JobSpec:
     """The job as the coordinator and workers see it. Tables come after the statistics pass."""
     if cfg.partition_mode == "stream" and (arrays.is_arrays(source.data) or parquet.is_parquet_data(source.data)):
@@ -322,6 +338,7 @@ def build_spec(cfg: TrainConfig, source: formats.Source, partitions: list[csvfil
         takeover_after_s=takeover_after_s(cfg, source),
         partition_mode=cfg.partition_mode,
         worker_memory_bytes=worker_memory_bytes(cfg),
+        min_shard_bytes=min_shard_bytes(cfg),
     )
 
 
@@ -372,7 +389,9 @@ def resume_spec(cfg: TrainConfig, fresh: JobSpec) -> tuple[list[str], JobSpec]:
         hold_epochs=fresh.hold_epochs,  # early stopping is this run's choice
         # How the workers hold their rows changes no result's meaning: this run's choice too.
         partition_mode=fresh.partition_mode, worker_memory_bytes=fresh.worker_memory_bytes,
-        min_shards=int(manifest["n_shards"]), resume={"dir": here, "clock": int(manifest["clock"]), "job_id": manifest.get("job_id")},
+        min_shards=int(manifest["n_shards"]), resume={
+            "dir": here, "clock": int(manifest["clock"]), "job_id": manifest.get("job_id"), "n_shards": int(manifest["n_shards"]),
+        },
         checkpoint={**(spec.checkpoint or {"every": 0, "every_s": 0.0}), "dir": here},
     )
 
@@ -423,6 +442,9 @@ def resume_options(cfg: TrainConfig, spec: JobSpec) -> tuple[JobSpec, list[str]]
         else:
             shown = "" if flag.startswith("the ") else f" {mine}"
             contradicting.append(f"{flag}{shown} (the checkpoint has {theirs})")
+    # The checkpoint's shards hold its tables as they were placed: a resume goes on as many.
+    if cfg.min_shard_bytes is not None and min_shard_bytes(cfg) != spec.min_shard_bytes:
+        contradicting.append(f"--min-shard-bytes {cfg.min_shard_bytes} (the checkpoint has {spec.min_shard_bytes})")
     if contradicting:
         n = len(contradicting)
         raise UsageError(
@@ -876,6 +898,10 @@ async def _follow(
                     session.client = None
                 if event["kind"] == "stats":
                     await session.on_stats(event)
+                    assert session.placed is not None
+                    tables = session.model.tables()
+                    on_event({"kind": "placed", "shards": len(session.placed["shards"]), "sparse": any(t.sparse for t in tables),
+                              "bytes": sum(table_bytes(t) for t in tables)})  # fmt: skip
                 event = session.with_metrics(event)
                 if event["kind"] != "progress":
                     event["since_submit_s"] = time.monotonic() - followed

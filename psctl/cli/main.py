@@ -157,6 +157,10 @@ def train(
     worker_memory: str | None = typer.Option(
         None, "--worker-memory", help="Each worker's memory budget for its rows, as in 64MB or 2GiB (default: half this host's memory / local workers)."
     ),
+    min_shard_bytes: str | None = typer.Option(
+        None, "--min-shard-bytes",
+        help="Split the model over one shard per this many bytes of its tables, as in 1MB (0: over every shard) [default: 256KB].",
+    ),
     max_restarts: int = typer.Option(3, "--max-restarts", help="Replace up to N lost local worker processes."),
     checkpoint_dir: str | None = typer.Option(None, "--checkpoint-dir", help="Folder for shard checkpoints (shared by all shards)."),
     checkpoint_every: str = typer.Option(
@@ -239,6 +243,7 @@ def train(
         patience=patience,
         partition_mode=partition_mode,
         worker_memory=worker_memory,
+        min_shard_bytes=min_shard_bytes,
         heartbeat_interval_s=heartbeat_interval_s,
         max_restarts=max_restarts,
         checkpoint_dir=checkpoint_dir,
@@ -407,6 +412,7 @@ class _TrainView:
         self.started = time.monotonic()
         self.progress: Progress | None = None
         self.task: Any = None
+        self.n_shards = 0  # the server's shards, from the "submitted" event
 
     def on_event(self, event: dict[str, Any]) -> None:
         kind = event["kind"]
@@ -431,10 +437,15 @@ class _TrainView:
         elif kind == "cluster_up":
             self._note(f"cluster up in {event['seconds']:.2f} s at {event['address']}")
         elif kind == "kept":
-            self._note(f"model kept on the server as {event['name']} (version {event['version']}, {len(event['shards'])} shards)")
+            n = len(event["shards"])
+            self._note(f"model kept on the server as {event['name']} (version {event['version']}, {n} shard{'s' * (n != 1)})")
         elif kind == "submitted":
             self.started = time.monotonic()
-            self._note(f"job {event['job_id']} on {len(event['shards'])} shards")
+            self.n_shards = len(event["shards"])
+            self._note(f"job {event['job_id']} on {self.n_shards} shards")
+        elif kind == "placed":
+            if event["shards"] < self.n_shards:
+                self._note(f"tables of {_bytes(event['bytes'])} on {event['shards']} of the {self.n_shards} shards (--min-shard-bytes)")
         elif kind == "progress":
             self.clocks[event["worker_id"]] = event["clock"]
             self.samples += event["samples"]

@@ -70,7 +70,7 @@ from psctl.core.events import (  # noqa: F401 (the events and effects are part o
 from psctl.core.job import DEFAULT_FAILURE_TIMEOUT_S, DEFAULT_HEARTBEAT_INTERVAL_S
 from psctl.core.kept import KEPT_TRANSITIONS, KeptState, name_problem
 from psctl.core.reports import count_dicts, merge_reports, pool
-from psctl.core.tables import TableSpec, table_ranges
+from psctl.core.tables import TableSpec, shards_needed, table_ranges
 from psctl.errors import RequestError
 from psctl.protocol.wire import MsgType
 
@@ -914,8 +914,19 @@ class CoordinatorState:
             tables = [TableSpec.from_dict(t) for t in event.body["tables"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise RequestError(f"bad tables: {exc}") from None
-        ranges = {t.name: table_ranges(t, len(job.shards)) for t in tables}
         kept = job.kept_from
+        # The tables go on as few of the shards as their size needs; a checkpoint resumes on
+        # as many as wrote it, a kept model stays where it lives. The rest sit this job out.
+        if kept is not None:
+            used = len(kept.shards)
+        elif job.spec.resume:
+            used = int(job.spec.resume.get("n_shards") or len(job.shards))
+        else:
+            used = shards_needed(tables, len(job.shards), job.spec.min_shard_bytes)
+        if used > len(job.shards):
+            raise RequestError(f"the job needs {used} shards and only {len(job.shards)} are registered", code="no_shards")
+        job.shards = job.shards[:used]
+        ranges = {t.name: table_ranges(t, len(job.shards)) for t in tables}
         if kept is not None:
             problem = _not_trainable(kept, [t.to_dict() for t in tables], ranges, job.shards)
             if problem is not None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from psctl.core.consistency import staleness_for
+from psctl.core.tables import MIN_SHARD_BYTES
 from psctl.errors import RequestError
 
 DEFAULT_HEARTBEAT_INTERVAL_S = 0.5
@@ -65,6 +66,9 @@ class JobSpec:
     partition_mode: str = "auto"
     # Each worker's memory budget for its rows; None: the worker's default (data/stream.py).
     worker_memory_bytes: int | None = None
+    # The job's dense tables are split over one shard per this many bytes (at least one,
+    # at most every registered shard); 0: over every shard (core/tables.py, shards_needed).
+    min_shard_bytes: int = MIN_SHARD_BYTES
 
     @property
     def takeover_grace_s(self) -> float:
@@ -157,6 +161,7 @@ _KINDS = {
     "test_split": "fraction", "checkpoint": "checkpoint", "heartbeat_interval_s": "seconds", "failure_timeout_s": "seconds",
     "takeover_after_s": "seconds0", "validation": "dict", "resume": "resume", "hold_epochs": "bool",
     "keep": "keep", "from_kept": "from_kept", "partition_mode": "partition_mode", "worker_memory_bytes": "positive",
+    "min_shard_bytes": "count",
 }
 _WHAT = {
     "str": "a string", "int": "an integer", "count": "an integer >= 0", "positive": "an integer >= 1",
@@ -170,7 +175,7 @@ _WHAT = {
 # value (a hand-edited manifest's "every": "five") is one sentence, not a crash on the cluster.
 _NESTED: dict[str, dict[str, tuple[str, bool]]] = {  # field -> (kind, required)
     "checkpoint": {"dir": ("str", True), "every": ("count", False), "every_s": ("seconds0", False)},
-    "resume": {"dir": ("str", True), "clock": ("count", True), "job_id": ("str", False)},
+    "resume": {"dir": ("str", True), "clock": ("count", True), "job_id": ("str", False), "n_shards": ("positive", False)},
     "optimizer": {"name": ("str", True), "params": ("dict", False)},
     "keep": {"name": ("str", True), "replace": ("bool", False)},
     "from_kept": {"name": ("str", True)},

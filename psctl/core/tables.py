@@ -87,3 +87,23 @@ def hash_name(name: str) -> int:
     for byte in name.encode():
         h = ((h ^ byte) * 16777619) & 0xFFFFFFFF
     return h
+
+
+# A job's tables go on as few shards as their size needs (TensorFlow's
+# MinSizePartitioner): below this many bytes per shard, another shard costs a round trip
+# per step and per worker more than it saves in bandwidth or memory.
+MIN_SHARD_BYTES = 256 * 1024
+
+
+def table_bytes(spec: TableSpec) -> int:
+    return spec.rows * spec.dim * np.dtype(spec.dtype).itemsize
+
+
+def shards_needed(tables: list[TableSpec], n_shards: int, min_shard_bytes: int = MIN_SHARD_BYTES) -> int:
+    """How many of ``n_shards`` a job's tables are split over: one per ``min_shard_bytes`` of
+    dense tables, at least one; every shard for a sparse (hash-routed) table, whose size is
+    not known up front, and when ``min_shard_bytes`` is 0."""
+    if min_shard_bytes <= 0 or any(t.sparse for t in tables):
+        return n_shards
+    total = sum(table_bytes(t) for t in tables)
+    return max(1, min(n_shards, total // min_shard_bytes))

@@ -52,16 +52,23 @@ Load = Callable[[csvfile.Partition], tuple[Any, np.ndarray]]
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
-def parse_size(text: str, flag: str = "--worker-memory") -> int:
+def parse_size(text: str, flag: str = "--worker-memory", minimum: int = 1 << 20) -> int:
     """Bytes from ``64MB``, ``2GiB``, ``512k`` or a plain number of bytes (MB and MiB both mean
     2^20: memory is counted in pages); ValueError with one sentence for anything else."""
     m = _SIZE.match(str(text))
     if not m:
         raise ValueError(f"{flag} must be a size such as 64MB, 2GiB or a number of bytes; got '{text}'")
     value = float(m.group(1)) * 1024 ** " kmgt".index(m.group(2).lower() or " ")
-    if value < 1 << 20:
-        raise ValueError(f"{flag} must be at least 1MB; got '{text}'")
+    if value < minimum:
+        raise ValueError(f"{flag} must be at least {_size_text(minimum)}; got '{text}'")
     return int(value)
+
+
+def _size_text(n: int) -> str:
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return f"{n} bytes" if n != 1 else "1 byte"
 
 
 def host_memory_bytes() -> int:

@@ -116,6 +116,9 @@ def bare_spec(n_workers: int, mode: str, staleness: int = 0, rows: int = 8, lr: 
         "staleness": staleness,
         "optimizer": {"name": "sgd", "params": {"lr": lr}},
         "partitions": [{} for _ in range(n_workers)],
+        # Its 8 rows go on every shard, not on as few as their bytes need (core/tables.py),
+        # so that tests of several shards have several.
+        "min_shard_bytes": 0,
     }
 
 

@@ -83,8 +83,14 @@ def test_the_manifests_pods_train_the_job_as_local_processes(tmp_path):
         for (pod, kind), (code, _, err) in zip(probes, results):
             assert code == 0, (pod.name, kind, err)
         assert "2 shards registered" in results[0][1], results[0]
-    finally:
+    except BaseException:
+        # What every pod said is the only clue to a failure here (a coordinator that never
+        # listened, a shard that could not register): pytest shows this with the failure.
         outputs = cluster.stop("Job/psctl-train", "Job/psctl-workers", "StatefulSet/psctl-shard")
+        for name, (code, out, err) in outputs.items():
+            print(f"--- {name}: exit {code}\n{(out or '')[-2000:]}\n{(err or '')[-4000:]}")
+        raise
+    outputs = cluster.stop("Job/psctl-train", "Job/psctl-workers", "StatefulSet/psctl-shard")
     for pod in [coordinator, *shards]:
         code, _, err = outputs[pod.name]
         assert code == 0 and "Traceback" not in err, (pod.name, code, err)

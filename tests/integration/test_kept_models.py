@@ -14,7 +14,7 @@ import pytest
 from psctl.apps.results import json_safe
 from psctl.files import modelfile
 
-from ..conftest import EXAMPLES, psctl_json, run_psctl
+from ..conftest import EVERY_SHARD, EXAMPLES, psctl_json, run_psctl
 from .cluster import ServerProcess
 from .test_bad_input import assert_clean_error
 from .test_sparse_cli import write_hashed
@@ -73,7 +73,8 @@ def test_a_kept_model_is_listed_predicted_from_and_dropped(tmp_path, server):
     train(server, "logreg", str(TRAIN), "--keep", "bc", "--out", str(model))
     (row,) = models(server)
     assert (row["name"], row["kind"], row["state"]) == ("bc", "logreg", "kept")
-    assert [s["keys"] for s in row["shards"]] == [15, 16] and all(s["bytes"] >= 4 * 15 for s in row["shards"])
+    # 31 float32 weights: the job put them on one of the two shards (--min-shard-bytes).
+    assert [(s["index"], s["keys"], s["bytes"]) for s in row["shards"]] == [(0, 31, 4 * 31)]
     assert abs(row["trained_at"] - time.time()) < 600 and row["metrics"]["train_accuracy"] > 0.8
     human = ok(run_psctl("models", "--server", server.address)).stdout
     assert "bc" in human and "logreg" in human and "kept" in human
@@ -86,9 +87,9 @@ def test_a_kept_model_is_listed_predicted_from_and_dropped(tmp_path, server):
                   "--workers", "1", "--out", str(tmp_path / "x.npz"), timeout_s=240)  # fmt: skip
     assert_clean_error(r, "a model named 'bc' is kept on this server already")
     model2 = tmp_path / "bc2.npz"
-    train(server, "logreg", str(TRAIN), "--keep", "bc", "--replace", "--lr", "0.5", "--out", str(model2))
+    train(server, "logreg", str(TRAIN), "--keep", "bc", "--replace", "--lr", "0.5", *EVERY_SHARD, "--out", str(model2))
     (row2,) = models(server)
-    assert row2["version"] != row["version"]
+    assert row2["version"] != row["version"] and [s["keys"] for s in row2["shards"]] == [15, 16]
     same_predictions(tmp_path, server, "bc", model2, TEST)
 
     dropped = ok(run_psctl("models", "--server", server.address, "--drop", "bc"))
@@ -201,7 +202,7 @@ def test_an_mf_model_predicts_the_same_from_the_server(tmp_path, server):
 def test_a_kept_model_survives_a_killed_shard_with_checkpoints_on(tmp_path, server):
     model = tmp_path / "bc.npz"
     folder = tmp_path / "ck"
-    train(server, "logreg", str(TRAIN), "--keep", "bc", "--checkpoint-dir", str(folder), "--out", str(model))
+    train(server, "logreg", str(TRAIN), "--keep", "bc", "--checkpoint-dir", str(folder), *EVERY_SHARD, "--out", str(model))
     assert len(list((folder / "kept").glob("bc-*-shard-*.npz"))) == 2
     before = psctl_json("status", "--server", server.address)["shards"]
     os.kill(before[1]["pid"], signal.SIGKILL)

@@ -15,7 +15,7 @@ import pytest
 
 from psctl.files import checkpoint, modelfile
 
-from ..conftest import EXAMPLES, run_psctl
+from ..conftest import EVERY_SHARD, EXAMPLES, run_psctl
 from .cluster import ServerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -254,7 +254,7 @@ def test_status_reports_shards_and_workers(tmp_path):
     train = None
     try:
         train = subprocess.Popen(
-            [sys.executable, "-m", "psctl", "train", "logreg", str(TRAIN), "--workers", "2", "--server", server.address,
+            [sys.executable, "-m", "psctl", "train", "logreg", str(TRAIN), "--workers", "2", "--server", server.address, *EVERY_SHARD,
              "--epochs", "100000", "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "50",
              "--out", str(tmp_path / "m.npz")],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -371,7 +371,7 @@ def kill_a_shard_mid_run(tmp_path: Path, common: list[str], every: int, after_cl
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find child processes")
 def test_killed_shard_comes_back_from_its_checkpoint_and_the_job_goes_on(tmp_path):
     common = ["logreg", str(SEED), "--label", "1", "--drop", "0", "--workers", "4", "--epochs", "40", "--mode", "sync",
-              "--optimizer", "sgd"]
+              "--optimizer", "sgd", *EVERY_SHARD]
     a, b, meta, _ = kill_a_shard_mid_run(tmp_path, common, every=50, after_clock=200)
     # Sync replays the same batches from the checkpoint: the same model as without the failure.
     np.testing.assert_allclose(b["w"], a["w"], rtol=1e-5, atol=1e-7)
@@ -400,7 +400,7 @@ def test_psctl_server_restarts_a_lost_shard_and_the_job_recovers(tmp_path):
     try:
         data = EXAMPLES / "seed_pytorch" / "data.csv"
         proc, _ = start_train(
-            ["logreg", str(data), "--label", "1", "--drop", "0", "--server", server.address, "--workers", "3",
+            ["logreg", str(data), "--label", "1", "--drop", "0", "--server", server.address, "--workers", "3", *EVERY_SHARD,
              "--epochs", "50", "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "50",
              "--out", str(tmp_path / "m.npz")],
             until="checkpoint at clock 150",
@@ -420,7 +420,7 @@ def test_psctl_server_restarts_a_lost_shard_and_the_job_recovers(tmp_path):
 
 def seed_args(mode: str, epochs: int, workers: int = 4) -> list[str]:
     return ["logreg", str(SEED), "--label", "1", "--drop", "0", "--workers", str(workers), "--epochs", str(epochs), "--mode", mode,
-            "--optimizer", "sgd"]
+            "--optimizer", "sgd", *EVERY_SHARD]
 
 
 def interrupt(proc: subprocess.Popen, address: str) -> tuple[str, str]:

@@ -14,7 +14,7 @@ import pytest
 
 from psctl.files import modelfile
 
-from ..conftest import EXAMPLES, run_psctl
+from ..conftest import EVERY_SHARD, EXAMPLES, run_psctl
 from .test_processes import psctl_children, start_train, worker_pids
 
 pytestmark = [
@@ -31,7 +31,7 @@ LIVENESS = ["--heartbeat-interval-s", "0.2", "--failure-timeout-s", str(FAILURE_
 def seed_job(mode: str, epochs: int) -> list[str]:
     # A decaying step, as in test_processes.train_args: async runs then agree to a point.
     return ["logreg", str(SEED), "--label", "1", "--drop", "0", "--workers", "4", "--mode", mode,
-            "--epochs", str(epochs), "--lr-decay", "0.01"]
+            "--epochs", str(epochs), "--lr-decay", "0.01", *EVERY_SHARD]
 
 
 def shard_pids(address: str) -> list[int]:

@@ -10,7 +10,7 @@ from psctl.data import csvfile
 from psctl.files import modelfile
 from psctl.models import logreg
 
-from ..conftest import EXAMPLES, psctl_json, run_psctl, write_logreg_csv
+from ..conftest import EVERY_SHARD, EXAMPLES, psctl_json, run_psctl, write_logreg_csv
 from .cluster import ServerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -65,11 +65,13 @@ def reference_sync_sgd(path, n_workers, batch_size, epochs, lr, l2, seed):
 
 
 @pytest.mark.parametrize("partition_mode", ["memory", "stream"])
-@pytest.mark.parametrize(("rows", "workers"), [(203, 3), (3, 4)])
-def test_sync_equals_single_process_sgd(tmp_path, rows, workers, partition_mode):
+@pytest.mark.parametrize(("rows", "workers", "spread"), [(203, 3, True), (3, 4, True), (203, 3, False)])
+def test_sync_equals_single_process_sgd(tmp_path, rows, workers, spread, partition_mode):
     """Uneven partitions (and one empty) included: sync must equal the reference and not deadlock.
     Every non-empty partition takes the steps of the largest, so no clock trains a few workers alone.
-    Streamed, a partition in one shuffle window gives memory mode's batches, so the same result."""
+    Streamed, a partition in one shuffle window gives memory mode's batches, so the same result.
+    The same whether the weights are split over both shards (``spread``) or, as their few
+    bytes get by default, on one."""
     path = write_logreg_csv(tmp_path / "d.csv", rows=rows, features=5, seed=3)
     # Short lines in the second half: byte-balanced partitions then hold different row counts.
     header, *lines = path.read_text().splitlines()
@@ -79,8 +81,9 @@ def test_sync_equals_single_process_sgd(tmp_path, rows, workers, partition_mode)
     model = tmp_path / "m.npz"
     r = run_psctl("train", "logreg", str(path), "--workers", str(workers), "--shards", "2", "--mode", "sync",
                   "--epochs", "3", "--batch-size", "16", "--lr", "0.3", "--l2", "0.01", "--seed", "9",
-                  "--no-standardize", "--partition-mode", partition_mode, "--out", str(model))
+                  "--no-standardize", "--partition-mode", partition_mode, *(EVERY_SHARD if spread else ()), "--out", str(model))
     assert r.returncode == 0, r.stderr
+    assert ("tables of" in r.stdout) != spread, r.stdout  # "tables of 24 B on 1 of the 2 shards"
     params, meta = modelfile.load_model(str(model))
     assert {w["mode"] for w in meta["metrics"]["worker_memory"]} == {partition_mode}
     expected, steps = reference_sync_sgd(path, workers, 16, 3, 0.3, 0.01, 9)

@@ -23,6 +23,7 @@ from psctl.core.coordinator import (
     WriteManifest,
 )
 from psctl.core.job import JobSpec
+from psctl.core.tables import MIN_SHARD_BYTES, TableSpec, shards_needed, table_bytes
 from psctl.errors import RequestError
 from psctl.protocol.wire import MsgType
 
@@ -31,7 +32,9 @@ TABLES = {"tables": [{"name": "w", "rows": 10}]}
 
 def spec(n_workers: int = 2, **over) -> JobSpec:
     body = {"model": "logreg", "n_workers": n_workers, "mode": "sync", "partitions": [{"i": i} for i in range(n_workers)]}
-    body.update(heartbeat_interval_s=0.25, failure_timeout_s=1.0)
+    # The tables here are tiny: min_shard_bytes 0 spreads them over every shard anyway, so
+    # the tests of several shards have several (placement by size has its own tests below).
+    body.update(heartbeat_interval_s=0.25, failure_timeout_s=1.0, min_shard_bytes=0)
     return JobSpec.from_wire({**body, **over})
 
 
@@ -450,6 +453,54 @@ def test_a_lost_shard_without_a_checkpoint_fails_the_job():
     out = sim(core.ConnectionClosed("s0"))
     assert {"kind": "failed", "reason": "shard 0 at h:0 was lost (no checkpoint to recover from)"} in sim.driver_events(out)
     assert sim.core.job is None
+
+
+# -- placement: as few shards as the tables' size needs ----------------------------
+
+
+def test_shards_needed_is_one_per_min_shard_bytes_of_dense_tables_and_every_shard_for_sparse_ones():
+    small, big = TableSpec("w", 1000), TableSpec("v", 1 << 20, dim=2)  # 4 KB and 8 MiB of float32
+    assert shards_needed([small], 4) == 1
+    assert shards_needed([small, big], 4, min_shard_bytes=4 << 20) == 2
+    assert shards_needed([big], 4, min_shard_bytes=1 << 20) == 4  # never more than there are
+    assert shards_needed([small], 4, min_shard_bytes=0) == 4
+    assert shards_needed([small, TableSpec("h", 1 << 32, sparse=True)], 3) == 3
+    assert table_bytes(TableSpec("d", 10, dim=3, dtype="float64")) == 240
+
+
+def test_a_small_model_lives_on_one_shard_and_a_lost_unused_shard_leaves_the_job_alone():
+    sim = start(n_shards=3, tables=False, min_shard_bytes=MIN_SHARD_BYTES)
+    out = sim(core.TablesGiven("tab", "d", TABLES))
+    (setup,) = [e for e in out if isinstance(e, Ask)]
+    assert [c for c, _ in setup.targets] == ["s0"]  # only the shard that holds the tables is set up
+    placed = released(sim.answer(out, MsgType.JOB_SETUP, {}), "tab")
+    assert placed == {"shards": ["h:0"], "ranges": {"w": [(0, 10)]}}
+    out = sim(core.ConnectionClosed("s2"))
+    assert sim.core.job is not None and not [e for e in sim.driver_events(out) if e["kind"] in ("failed", "shard_lost")]
+    out = sim(core.ConnectionClosed("s0"))
+    assert [e["kind"] for e in sim.driver_events(out)] == ["failed"] and sim.core.job is None
+
+
+def test_a_larger_model_is_split_over_as_many_shards_as_its_bytes_need():
+    sim = start(n_shards=3, tables=False, min_shard_bytes=40 * 1024)
+    out = sim(core.TablesGiven("tab", "d", {"tables": [{"name": "w", "rows": 20 * 1024}]}))  # 80 KB: two shards
+    placed = released(sim.answer(out, MsgType.JOB_SETUP, {}), "tab")
+    assert placed == {"shards": ["h:0", "h:1"], "ranges": {"w": [(0, 10240), (10240, 20480)]}}
+    assert [s.conn for s in sim.job.shards] == ["s0", "s1"]
+
+
+def test_a_resumed_job_goes_on_the_shards_its_checkpoint_was_written_by():
+    resume = {"dir": "/tmp/ck", "clock": 3, "n_shards": 2}
+    sim = start(n_shards=3, tables=False, min_shard_bytes=MIN_SHARD_BYTES, resume=resume)
+    out = sim(core.TablesGiven("tab", "d", TABLES))
+    (setup,) = [e for e in out if isinstance(e, Ask)]
+    assert [c for c, _ in setup.targets] == ["s0", "s1"] and all(b["restore"]["clock"] == 3 for _, b in setup.targets)
+    assert released(sim.answer(out, MsgType.JOB_SETUP, {}), "tab")["shards"] == ["h:0", "h:1"]
+
+
+def test_a_resumed_job_needs_as_many_shards_as_wrote_its_checkpoint():
+    with pytest.raises(RequestError, match="an integer >= 1"):
+        spec(resume={"dir": "/tmp/ck", "clock": 3, "n_shards": 0})
 
 
 # -- the failure detector -----------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 from psctl.core import coordinator as core
 from psctl.core.coordinator import Answered, Ask, InvalidTransition, NoAnswer
 from psctl.core.kept import KeptState, name_problem
+from psctl.core.tables import MIN_SHARD_BYTES
 from psctl.errors import RequestError
 from psctl.protocol.wire import MsgType
 from tests.unit.test_coordinator_handle import refused, released, spec, start
@@ -215,6 +216,16 @@ def test_a_kept_model_is_trained_further_in_place_and_kept_again_under_its_name(
     out = sim(Answered(ask.ask, ({"keys": 5},) * 2))
     assert sim.core.models["ctr"].version == sim.job.job_id
     assert {b["version"] for _, b in asks(out, MsgType.KEEP_DROP)[0].targets} == {old.version}
+
+
+def test_a_kept_model_split_over_two_shards_is_trained_further_on_both_whatever_its_size():
+    sim = kept_job()  # min_shard_bytes 0: its 40 bytes over both shards
+    sim(core.JobEndRequested("d"))
+    resumed(sim, min_shard_bytes=MIN_SHARD_BYTES)  # alone, 40 bytes would go on one shard
+    out = sim(core.TablesGiven("tab", "d", {"tables": [{"name": "w", "rows": 10}]}))
+    (setup,) = asks(out, MsgType.JOB_SETUP)
+    assert [c for c, _ in setup.targets] == ["s0", "s1"]
+    assert released(sim(Answered(setup.ask, ({}, {}))), "tab")["ranges"] == {"w": [(0, 5), (5, 10)]}
 
 
 def test_training_a_kept_model_further_is_refused_for_another_layout_or_name():

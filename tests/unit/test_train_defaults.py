@@ -8,6 +8,7 @@ import pytest
 from psctl.apps import train as train_app
 from psctl.apps.train import CONVERGE_EPOCHS, CONVERGE_TOL, TrainConfig, optimizer_spec, resolve_defaults, resume_options
 from psctl.core.job import JobSpec
+from psctl.core.tables import MIN_SHARD_BYTES
 from psctl.errors import PsctlError, UsageError
 from psctl.models.base import Model
 from psctl.models.registry import model_class
@@ -102,6 +103,23 @@ def test_resume_refuses_a_given_option_the_checkpoint_contradicts():
     spec = JobSpec(model="softmax", n_workers=8, mode="sync", partitions=(), epochs=10, batch_size=32, optimizer={"name": "sgd", "params": {"lr": 0.1}})
     with pytest.raises(UsageError, match="--batch-size 64"):
         resume_options(cfg, spec)
+
+
+def test_resume_refuses_another_min_shard_bytes_and_takes_the_same_one():
+    spec = JobSpec(model="softmax", n_workers=8, mode="sync", partitions=(), epochs=10, batch_size=32,
+                   optimizer={"name": "sgd", "params": {"lr": 0.1}}, min_shard_bytes=0)  # fmt: skip
+    with pytest.raises(UsageError, match=r"--min-shard-bytes 1MB \(the checkpoint has 0\)"):
+        resume_options(resolved("softmax", min_shard_bytes="1MB"), spec)
+    resume_options(resolved("softmax", min_shard_bytes="0"), spec)
+    resume_options(resolved("softmax"), spec)
+
+
+def test_min_shard_bytes_takes_a_size_or_0_and_refuses_anything_else():
+    assert train_app.min_shard_bytes(TrainConfig("logreg", "d.csv")) == MIN_SHARD_BYTES
+    assert train_app.min_shard_bytes(TrainConfig("logreg", "d.csv", min_shard_bytes="0")) == 0
+    assert train_app.min_shard_bytes(TrainConfig("logreg", "d.csv", min_shard_bytes="64k")) == 64 * 1024
+    with pytest.raises(UsageError, match="--min-shard-bytes must be a size such as 64MB"):
+        TrainConfig("logreg", "d.csv", min_shard_bytes="lots").check()
 
 
 class _Control:
