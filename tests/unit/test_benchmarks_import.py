@@ -60,7 +60,7 @@ def test_the_scale_tables_read_where_a_job_stops_scaling():
     from benchmarks.scale import QUICK, Config, rows_table, shards_table, workers_table
 
     def fig(samples_s, wall_s=10.0):
-        return {"samples_s": samples_s, "wall_s": wall_s, "cpu_s": 1.0, "worker_peak_mib": 50.0, "accuracy": 0.8}
+        return {"samples_s": samples_s, "first_epoch_s": 1.0, "wall_s": wall_s, "cpu_s": 1.0, "worker_peak_mib": 50.0, "accuracy": 0.8}
 
     w = [Config(100, n, 2) for n in (1, 2, 4)]
     table = workers_table(QUICK, dict(zip(w, [fig(100.0), fig(150.0), fig(120.0)])), w)
