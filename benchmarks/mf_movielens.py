@@ -46,7 +46,6 @@ from psctl.data import ratings  # noqa: E402
 from psctl.files import modelfile  # noqa: E402
 from psctl.models import metrics  # noqa: E402
 from psctl.apps.recommend import load_mf, predict_ratings  # noqa: E402
-from psctl.core.tables import shard_ranges  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "movielens-ml-latest-small" / "ratings.csv"
 LR = 0.015  # SGD's step per rating, every mode
@@ -74,30 +73,31 @@ def run(cmd: list[str]) -> float:
     return seconds
 
 
-def psctl_mode(mode: str, train: Path, test: Path, workdir: Path, args: argparse.Namespace) -> dict:
-    model = workdir / f"model-{mode}.npz"
+def psctl_mode(mode: str, train: Path, test: Path, workdir: Path, args: argparse.Namespace, defaults: bool = False) -> dict:
+    """``psctl train mf`` then ``psctl predict``; with ``defaults``, only ``--workers`` is given
+    (the model's own rank, epochs, batch, learning rate and mode)."""
+    model = workdir / f"model-{'defaults' if defaults else mode}.npz"
     psctl = [sys.executable, "-m", "psctl"]
-    train_s = run([*psctl, "train", "mf", str(train), "--workers", str(args.workers), "--rank", str(args.rank),
-                   "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(LR),
-                   "--l2", str(args.l2), "--mode", mode, *(["--staleness", str(args.staleness)] if mode == "ssp" else []),
-                   "--out", str(model)])
+    if defaults:
+        flags = ["--workers", str(args.workers)]
+    else:
+        flags = ["--workers", str(args.workers), "--rank", str(args.rank), "--epochs", str(args.epochs),
+                 "--batch-size", str(args.batch_size), "--lr", str(LR), "--l2", str(args.l2), "--mode", mode,
+                 *(["--staleness", str(args.staleness)] if mode == "ssp" else [])]  # fmt: skip
+    train_s = run([*psctl, "train", "mf", str(train), *flags, "--out", str(model)])
     predict_s = run([*psctl, "predict", str(model), str(test), "--cold-start", "drop",
                      "--out", str(workdir / f"predictions-{mode}.csv")])
     pred = predict_ratings(load_mf(str(model)), str(test), "drop")
     _, meta = modelfile.load_model(str(model))
-    traffic = meta["metrics"]["traffic"]
-    tables = load_mf(str(model)).model.tables()
-    # What each shard holds: its key range of every table (the coordinator's shard_ranges).
-    per_shard = [sum((hi - lo) * t.dim * 4 for t in tables for lo, hi in [shard_ranges(t.rows, 2)[i]]) for i in range(2)]
     return {
-        "name": f"psctl mf {mode}",
+        "name": "psctl mf, default flags" if defaults else f"psctl mf {mode}",
         "rmse": pred.metrics["rmse"],
         "mae": pred.metrics["mae"],
         "rows": pred.metrics["rows"],
         "cold": pred.cold_start["cold_rows"],
         "seconds": {"train": train_s, "predict": predict_s, "total": train_s + predict_s},
-        "traffic": traffic,
-        "shard_bytes": per_shard,
+        "traffic": meta["metrics"]["traffic"],
+        "shard_bytes": meta["metrics"]["shard_table_bytes"],  # what each shard the job used holds
     }
 
 
@@ -166,7 +166,8 @@ def report(results: list[dict], baseline: float) -> None:
                   f"(pulled {t['pulled_per_epoch'] / t['dense_per_epoch']:.1%} of it)")
     held = next((r["shard_bytes"] for r in results if "shard_bytes" in r), None)
     if held:
-        print(f"tables: {mb(sum(held))} in all; each of the 2 shards holds its key range: {', '.join(mb(b) for b in held)}")
+        print(f"tables: {mb(sum(held))} in all; each of the {len(held)} shards the job used holds its key range: "
+              f"{', '.join(mb(b) for b in held)}")
     cold = [r["cold"] for r in results if r["cold"] is not None]
     if cold:
         print(f"cold-start test rows (item or user not in train.csv), dropped: {cold[0]}")

@@ -53,3 +53,26 @@ def test_the_peers_table_puts_psctl_first_and_says_how_far_it_is_ahead():
     assert [row[3] for row in table.rows[:4]] == [1.0, 0.5, 1.0, 4.0]  # twice as fast: 0.5; four times the time: 4
     assert all(math.isnan(row[3]) for row in table.rows[4:])  # nothing to compare: no figure, or no psctl figure
     assert table.rows[4][4] == "skipped: not installed"
+
+
+@pytest.mark.timeout(60)
+def test_the_scale_tables_read_where_a_job_stops_scaling():
+    from benchmarks.scale import QUICK, Config, rows_table, shards_table, workers_table
+
+    def fig(samples_s, wall_s=10.0):
+        return {"samples_s": samples_s, "first_epoch_s": 1.0, "wall_s": wall_s, "cpu_s": 1.0, "worker_peak_mib": 50.0, "accuracy": 0.8}
+
+    w = [Config(100, n, 2) for n in (1, 2, 4)]
+    table = workers_table(QUICK, dict(zip(w, [fig(100.0), fig(150.0), fig(120.0)])), w)
+    assert [row[3] for row in table.rows][1:] == [1.5, 0.8]  # 4 workers: 0.8x the best of fewer (2 workers)
+    assert "Most samples/s at 2 workers" in table.notes[0] and "4 workers at -20%" in table.notes[0] and "past the goal" in table.notes[0]
+
+    s = [Config(100, 8, 1), Config(100, 8, 2), Config(100, 8, 2, spread=True)]
+    table = shards_table(QUICK, dict(zip(s, [fig(100.0), fig(95.0), fig(60.0)])), s)
+    assert [row[1] for row in table.rows] == ["as placed", "as placed", "every shard"]
+    assert "at worst -5% samples/s as placed" in table.notes[0] and "-40% spread" in table.notes[0]
+
+    r = [Config(n, 8, 2) for n in (50_000, 100_000, 200_000)]
+    table = rows_table(QUICK, dict(zip(r, [fig(0.0, 4.0), fig(0.0, 6.0), fig(0.0, 13.2)])), r)
+    assert [round(row[3], 6) for row in table.rows][1:] == [0.75, 1.1]  # 6 s against a linear 8; 13.2 against 12
+    assert "grows 1.10x a linear growth" in table.notes[0] and "peak RSS grows 1.00x while its partition grows 4x" in table.notes[0]
