@@ -43,9 +43,19 @@ def enabled() -> bool:
     return available() and os.environ.get(FORKSERVER_ENV) != "0"
 
 
+# Each shard and worker computes with one BLAS/OpenMP thread unless the environment says
+# otherwise, as dask's nanny and torchrun set for their worker processes: eight workers on two
+# cores, each with an OpenBLAS pool as large as the machine, spent 15-30% more CPU (the pools'
+# threads spin between calls), and one worker alone was no faster with more (BENCHMARKS.md 13).
+# Read when numpy loads, so set before the fork server or an exec'd child imports it.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def child_env() -> dict[str, str]:
-    """The environment of psctl's child processes: this one's, without the shared secret."""
-    return {k: v for k, v in os.environ.items() if k != SECRET_ENV}
+    """The environment of psctl's child processes: this one's, without the shared secret, and
+    one BLAS thread each where this one does not set their number (ONE_THREAD)."""
+    env = {k: v for k, v in os.environ.items() if k != SECRET_ENV}
+    return {**ONE_THREAD, **env}
 
 
 class Launched:

@@ -73,6 +73,9 @@ def test_forked_children_read_as_execd_ones_each_in_a_session_and_sharing_no_pip
         (server,) = servers
         assert (server / "cmdline").read_bytes().rstrip(b"\0").split(b"\0") == [
             os.fsencode(sys.executable), b"-m", b"psctl.cluster.forkserver"]  # its room for titles is not shown
+        environ = dict(item.split(b"=", 1) for item in (server / "environ").read_bytes().split(b"\0") if b"=" in item)
+        for name, value in prestart.ONE_THREAD.items():  # numpy loads in the server: one BLAS thread a child
+            assert environ.get(name.encode()) == os.environ.get(name, value).encode(), name
         roles = []
         for child in children:
             argv = (child / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")

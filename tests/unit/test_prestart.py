@@ -37,6 +37,14 @@ def test_the_children_get_the_environment_without_the_secret(monkeypatch):
     assert handshake.SECRET_ENV not in env and env["PSCTL_SOMETHING"] == "kept"
 
 
+def test_the_children_compute_with_one_blas_thread_unless_the_environment_says_otherwise(monkeypatch):
+    for name in prestart.ONE_THREAD:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    env = prestart.child_env()
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1" and env["OPENBLAS_NUM_THREADS"] == "2"
+
+
 def test_psctl_forkserver_0_starts_none(monkeypatch):
     monkeypatch.setenv(prestart.FORKSERVER_ENV, "0")
     assert not prestart.enabled()
