@@ -406,16 +406,21 @@ def vw_libsvm(train: Path, test: Path) -> dict[str, Any]:
 
 
 class TreeMemory(threading.Thread):
-    """The largest summed RSS of this process and all its descendants, sampled every 50 ms."""
+    """The largest summed PSS (and summed RSS) of this process and all its descendants, sampled
+    every 50 ms. PSS (proportional set size, ``/proc/PID/smaps_rollup``) counts a page shared
+    by n processes as 1/n in each, so the fork server's imports, which its children share
+    copy-on-write, count once; summed RSS counts them once per process (smem's reasoning)."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.peak_bytes = 0
+        self.peak_bytes = 0  # PSS
+        self.peak_rss_bytes = 0
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
-            self.peak_bytes = max(self.peak_bytes, tree_rss_bytes(os.getpid()))
+            rss, pss = tree_memory_bytes(os.getpid())
+            self.peak_bytes, self.peak_rss_bytes = max(self.peak_bytes, pss), max(self.peak_rss_bytes, rss)
             self.stop.wait(0.05)
 
     def __enter__(self) -> TreeMemory:
@@ -427,17 +432,15 @@ class TreeMemory(threading.Thread):
         self.join()
 
 
-def tree_rss_bytes(root: int) -> int:
+def tree_memory_bytes(root: int) -> tuple[int, int]:
+    """(summed RSS, summed PSS) of ``root`` and its descendants."""
     parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            parents[int(entry)] = int(fields[1])
-            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+                parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
     tree, frontier = {root}, [root]
@@ -446,18 +449,30 @@ def tree_rss_bytes(root: int) -> int:
         children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
         tree.update(children)
         frontier += children
-    return sum(rss.get(pid, 0) for pid in tree)
+    rss = pss = 0
+    for pid in tree:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as fh:
+                for line in fh:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1]) * 1024
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1]) * 1024
+        except OSError:  # gone meanwhile
+            continue
+    return rss, pss
 
 
 def measured(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """``fn``'s result with the process tree's peak memory above where it started, in ``peak_mb``."""
+    """``fn``'s result with the process tree's peak memory above where it started: PSS in
+    ``peak_mb``, summed RSS in ``peak_rss_mb``."""
 
     def run() -> Any:
-        before = tree_rss_bytes(os.getpid())
+        rss_before, pss_before = tree_memory_bytes(os.getpid())
         with TreeMemory() as memory:
             out = fn()
         if isinstance(out, dict):
-            out = {**out, "peak_mb": (memory.peak_bytes - before) / 1e6}
+            out = {**out, "peak_mb": (memory.peak_bytes - pss_before) / 1e6, "peak_rss_mb": (memory.peak_rss_bytes - rss_before) / 1e6}
         return out
 
     return run
@@ -468,7 +483,7 @@ async def row_hashed(plan: Plan, tmp: Path) -> list[Figure]:
 
     rows = f"{plan.hashed_rows / 1e6:g}M rows" if plan.hashed_rows >= 1_000_000 else f"{plan.hashed_rows // 1000}k rows"
     time_workload = f"hashed CTR-like, {rows} x 26 categorical, 1 epoch, train s"
-    memory_workload = f"hashed CTR-like, {rows}, peak memory of the process tree above its start, MB"
+    memory_workload = f"hashed CTR-like, {rows}, peak memory (PSS) of the process tree above its start, MB"
     psctl = "psctl train logreg, 8 workers, defaults"
     vw_name = "Vowpal Wabbit, one pass"
     if missing("vowpalwabbit"):
@@ -486,7 +501,11 @@ async def row_hashed(plan: Plan, tmp: Path) -> list[Figure]:
     out = figures_of(time_workload, results, lambda runs: median([r["seconds"] for r in runs]), False, psctl)
     notes = {n: f"held-out log loss {runs[-1]['log_loss']:.4f}" for n, runs in results.items() if isinstance(runs[-1], dict)}
     out = [Figure(**{**asdict(f), "note": f.note or notes.get(f.contender, "")}) for f in out]
-    out += figures_of(memory_workload, results, lambda runs: max(r["peak_mb"] for r in runs), False, psctl)
+    memory = figures_of(memory_workload, results, lambda runs: max(r["peak_mb"] for r in runs), False, psctl)
+    rss = {n: max(r["peak_rss_mb"] for r in runs if isinstance(r, dict)) for n, runs in results.items()
+           if any(isinstance(r, dict) for r in runs)}  # fmt: skip
+    out += [Figure(**{**asdict(f), "note": f.note or (f"summed RSS {rss[f.contender]:,.0f} MB" if f.contender in rss else "")})
+            for f in memory]  # fmt: skip
     return out + peer_skip
 
 

@@ -76,3 +76,25 @@ def test_the_scale_tables_read_where_a_job_stops_scaling():
     table = rows_table(QUICK, dict(zip(r, [fig(0.0, 4.0), fig(0.0, 6.0), fig(0.0, 13.2)])), r)
     assert [round(row[3], 6) for row in table.rows][1:] == [0.75, 1.1]  # 6 s against a linear 8; 13.2 against 12
     assert "grows 1.10x a linear growth" in table.notes[0] and "peak RSS grows 1.00x while its partition grows 4x" in table.notes[0]
+
+
+@pytest.mark.timeout(60)
+def test_a_process_trees_memory_counts_shared_pages_once_in_pss():
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks.peers_table import tree_memory_bytes
+
+    child = subprocess.Popen([sys.executable, "-c", "import sys; print(flush=True); sys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+    try:
+        child.stdout.readline()  # its interpreter is up
+        child_rss, child_pss = tree_memory_bytes(child.pid)
+        mine_rss, mine_pss = tree_memory_bytes(os.getpid())
+        with open(f"/proc/{os.getpid()}/smaps_rollup") as fh:
+            own_rss = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("Rss:"))
+        assert child_rss >= child_pss > 0  # a page shared with another process counts less in PSS
+        assert mine_rss > own_rss  # the child is in this process's tree
+    finally:
+        child.communicate(b"", timeout=30)
